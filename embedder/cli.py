@@ -1,0 +1,134 @@
+"""Command line interface.
+
+Examples:
+    embedder models
+    embedder embed photos/ extra.jpg --out vectors.npy
+    EMBEDDER_RUNTIME=openvino embedder embed photos/ --out vectors.npy --model efficientnet_lite2
+
+``embed`` writes ``vectors.npy`` (float32, one row per embedded file) and ``vectors.json`` beside it:
+the model id, the runtime, the paths in row order, and every file that could not be embedded with why.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .backbones import list_backbones
+from .config import Config
+from .errors import EmbedderError
+from .runtimes import RUNTIMES, installed, resolve_runtime
+
+log = logging.getLogger("embedder.cli")
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (also EMBEDDER_* env vars)")
+    g.add_argument("--model", help="backbone name (see `embedder models`); default mobilenet_v2")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    g.add_argument("--runtime", choices=("auto", *RUNTIMES), help="inference runtime (default auto)")
+    g.add_argument("--batch-size", type=int, help="items per runtime call on CUDA (default 64)")
+    g.add_argument("--micro-batch", type=int, help="items per forward pass (default: 4 on CPU, batch size on CUDA)")
+    g.add_argument("--decode-workers", type=int, help="decode/resize threads (default: one per core)")
+    g.add_argument("--runtime-threads", type=int, help="CPU runtime intra-op threads (default: one per core)")
+    g.add_argument("--max-pixels", type=int, help="refuse larger images (default 64,000,000)")
+    g.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 is opt-in, OpenVINO only")
+    g.add_argument("--no-normalize", dest="normalize", action="store_const", const=False,
+                   help="return raw pooled features instead of L2-normalised vectors")
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return Config.from_env(
+        model=args.model, device=args.device, runtime=args.runtime, batch_size=args.batch_size,
+        micro_batch=args.micro_batch, decode_workers=args.decode_workers, runtime_threads=args.runtime_threads,
+        max_pixels=args.max_pixels, precision=args.precision, normalize=args.normalize,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="embedder", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list the registered backbones and whether their weights are installed")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("embed", help="embed image files and folders (recursively) into a .npy file")
+    p.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--out", type=Path, required=True, help="output .npy; a .json with paths and failures goes beside it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the summary line")
+    _add_model_options(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "models":
+            return _models(args)
+        return _embed(args)
+    except (EmbedderError, ValueError, FileNotFoundError) as e:
+        print(f"embedder: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _models(args: argparse.Namespace) -> int:
+    cpu_runtime = resolve_runtime("auto", "cpu")
+    rows = [{"name": s.name, "model_id": s.model_id, "dim": s.dim, "input_size": s.preprocessing.crop,
+             "weights": "installed" if s.weights.present() else f"missing: {s.weights.install}",
+             "description": s.description} for s in list_backbones()]
+    if args.json:
+        print(json.dumps({"models": rows, "cpu_runtime": cpu_runtime,
+                          "runtimes_installed": [r for r in RUNTIMES if installed(r)]}, indent=2))
+        return 0
+    print(f"{'name':<20} {'dim':>5} {'input':>5}  {'model id':<44} weights")
+    for r in rows:
+        print(f"{r['name']:<20} {r['dim']:>5} {r['input_size']:>5}  {r['model_id']:<44} {r['weights']}")
+    print(f"\nCPU runtime: {cpu_runtime} (installed: {', '.join(r for r in RUNTIMES if installed(r))})")
+    return 0
+
+
+def collect_images(paths: Sequence[Path]) -> tuple[list[Path], list[dict[str, str]]]:
+    """Expand folders recursively (image suffixes only, sorted); missing paths are reported, not dropped."""
+    files: list[Path] = []
+    missing: list[dict[str, str]] = []
+    for p in paths:
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            files.append(p)
+        else:
+            missing.append({"path": str(p), "error": "no such file or directory"})
+    return files, missing
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from .pipeline import Embedder  # imports torch: keep `embedder models --help` fast
+
+    files, failed = collect_images(args.paths)
+    if not files:
+        raise FileNotFoundError(f"no image files found under {', '.join(map(str, args.paths))}")
+    with Embedder(config=_config(args)) as emb:
+        result = emb.embed_batch(files, progress=not args.quiet)
+        info = emb.info()
+    ok = result.ok
+    failed += [{"path": str(f), "error": e} for f, e in zip(files, result.errors) if e is not None]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, result.vectors[ok])
+    meta = {**info, "count": int(ok.sum()), "paths": [str(f) for f, good in zip(files, ok) if good], "failed": failed}
+    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    for f in failed:
+        print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
+    print(f"embedded {int(ok.sum())} images ({len(failed)} skipped) with {info['model_id']} via {info['runtime']} "
+          f"-> {args.out} (+ {args.out.with_suffix('.json').name})")
+    return 0 if not failed else 1
