@@ -2,6 +2,7 @@
 
 Examples:
     embedder models
+    embedder demo
     embedder embed photos/ extra.jpg --out vectors.npy
     EMBEDDER_RUNTIME=openvino embedder embed photos/ --out vectors.npy --model efficientnet_lite2
 
@@ -34,8 +35,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="backbone name (see `embedder models`); default mobilenet_v2")
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
     g.add_argument("--runtime", choices=("auto", *RUNTIMES), help="inference runtime (default auto)")
-    g.add_argument("--batch-size", type=int, help="items per runtime call on CUDA (default 64)")
-    g.add_argument("--micro-batch", type=int, help="items per forward pass (default: 4 on CPU, batch size on CUDA)")
+    g.add_argument("--max-batch", type=int, help="items per runtime call (default 64)")
+    g.add_argument("--micro-batch", type=int, help="items per forward pass (default: 4 on CPU, max batch on CUDA)")
     g.add_argument("--decode-workers", type=int, help="decode/resize threads (default: one per core)")
     g.add_argument("--runtime-threads", type=int, help="CPU runtime intra-op threads (default: one per core)")
     g.add_argument("--max-pixels", type=int, help="refuse larger images (default 64,000,000)")
@@ -46,7 +47,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 def _config(args: argparse.Namespace) -> Config:
     return Config.from_env(
-        model=args.model, device=args.device, runtime=args.runtime, batch_size=args.batch_size,
+        model=args.model, device=args.device, runtime=args.runtime, max_batch=args.max_batch,
         micro_batch=args.micro_batch, decode_workers=args.decode_workers, runtime_threads=args.runtime_threads,
         max_pixels=args.max_pixels, precision=args.precision, normalize=args.normalize,
     )
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the registered backbones and whether their weights are installed")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+
+    p = sub.add_parser("demo", help="the main job on the default backbone: embed bundled sample photos")
+    _add_model_options(p)
 
     p = sub.add_parser("embed", help="embed image files and folders (recursively) into a .npy file")
     p.add_argument("paths", nargs="+", type=Path, help="image files or folders")
@@ -76,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "models":
             return _models(args)
+        if args.command == "demo":
+            from .demo import run
+
+            run(_config(args))
+            return 0
         return _embed(args)
     except (EmbedderError, ValueError, FileNotFoundError) as e:
         print(f"embedder: error: {e}", file=sys.stderr)

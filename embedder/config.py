@@ -29,8 +29,8 @@ class Config:
     model: str = "mobilenet_v2"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     runtime: str = "auto"  # auto | torch | onnxruntime | openvino
-    batch_size: int = 64  # items gathered per call to the runtime
-    micro_batch: int = 0  # items per forward pass; 0 = per-device default (4 on CPU, batch_size on CUDA)
+    max_batch: int = 64  # items the batcher gathers per runtime call
+    micro_batch: int = 0  # items per forward pass; 0 = per-device default (4 on CPU, max_batch on CUDA)
     decode_workers: int = 0  # threads that decode and resize; 0 = one per core
     runtime_threads: int = 0  # CPU runtime intra-op threads; 0 = one per core
     max_pixels: int = 64_000_000  # larger images are refused as likely decompression bombs
@@ -39,9 +39,28 @@ class Config:
     compile: bool = False  # torch.compile the torch runtime's module
     cache_dir: Path = field(default_factory=_default_cache_dir)  # exported ONNX files live here
 
+    # --- service ---
+    host: str = "127.0.0.1"
+    port: int = 50051
+    max_delay_ms: float = 5.0  # how long the batcher waits to fill a batch
+    max_batch_pixels: int = 64 * 1024 * 1024  # decoded source pixels per batch, so bursts of huge images cannot OOM
+    max_queue: int = 4096  # queued items before calls fail fast with RESOURCE_EXHAUSTED
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC send/receive limit, both directions
+    max_items: int = 1024  # items per request
+    token: str = ""  # bearer token required in `authorization` metadata when set
+    tls_cert: str = ""  # PEM paths; TLS is on when both are set
+    tls_key: str = ""
+    metrics_port: int = 0  # Prometheus metrics HTTP port; 0 = off
+    grace_seconds: float = 10.0  # in-flight work allowed to finish on SIGTERM
+
+    # --- store ---
+    data_dir: Path = Path("embedder-data")  # SQLite metadata, FAISS snapshots, heads
+    cache_max_items: int = 1_000_000  # cached vectors outside any collection, LRU-evicted beyond this
+
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()
-        for name in ("batch_size", "max_pixels"):
+        self.data_dir = Path(self.data_dir).expanduser()
+        for name in ("max_batch", "max_pixels", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("micro_batch", "decode_workers", "runtime_threads"):
@@ -72,6 +91,8 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
             return raw.strip().lower() in ("1", "true", "yes", "on")
         if kind == "int":
             return int(raw)
+        if kind == "float":
+            return float(raw)
         if kind == "Path":
             return Path(raw)
     except ValueError:

@@ -64,7 +64,7 @@ class Embedder:
         runtime_name = resolve_runtime(config.runtime, self.device)
         cores = os.cpu_count() or 1
         on_cpu = self.device == "cpu"
-        self.micro_batch = config.micro_batch or (CPU_MICRO_BATCH if on_cpu else config.batch_size)
+        self.micro_batch = config.micro_batch or (CPU_MICRO_BATCH if on_cpu else config.max_batch)
         module = FrozenBackbone(load_backbone(self.spec), self.spec.preprocessing)
         self.runtime = create_runtime(
             runtime_name, self.spec, module, self.device, cache_dir=config.cache_dir,
