@@ -145,7 +145,7 @@ class Embedder:
         ahead = max(2 * self.micro_batch, 4 * self._workers)
         pending: deque[tuple[int, Future]] = deque()
         for i, item in enumerate(items):
-            pending.append((i, self._pool.submit(self._prepare, item)))
+            pending.append((i, self.submit(item)))
             if len(pending) >= ahead:
                 j, fut = pending.popleft()
                 yield j, fut.result()
@@ -153,7 +153,12 @@ class Embedder:
             j, fut = pending.popleft()
             yield j, fut.result()
 
-    def _prepare(self, item: ImageInput) -> np.ndarray | str:
+    def submit(self, item: ImageInput) -> Future:
+        """Decode and preprocess one item in the decode pool; the future holds :meth:`prepare`'s result."""
+        return self._pool.submit(self.prepare, item)
+
+    def prepare(self, item: ImageInput) -> np.ndarray | str:
+        """One item -> uint8 ``(crop, crop, 3)`` array ready for :meth:`embed_arrays`, or an error message."""
         try:
             return self.preprocessor(item)
         except ImageDecodeError as e:
