@@ -19,6 +19,10 @@ from .errors import ImageDecodeError
 
 ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image, os.PathLike]
 
+# Our own max_pixels check runs on the header before any pixel is decoded, with a message that says how to
+# raise it; Pillow's global bomb guard would otherwise cap it at ~179 MP with a message we cannot control.
+Image.MAX_IMAGE_PIXELS = None
+
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _EXIF_ORIENTATION = 0x0112
 

@@ -1,0 +1,438 @@
+"""Dynamic batching: items from many callers -> decode ahead -> one model worker running full batches.
+
+Data flow (no gRPC in here; the server adapts it)::
+
+    submit(items)  -- bounded: at most max_queue items admitted and not yet answered, else QueueFullError
+      -> pending requests, served round-robin so one caller's 1000 images cannot starve another's one
+      -> feeder thread -> Embedder.submit (the decode pool), as the decode budget allows
+      -> decoded crop -> ready queue (a bad item fails only its own future, here)
+      -> worker thread: up to max_batch ready items, or what is ready max_delay_ms after the oldest
+         became ready, whichever comes first -> Embedder.embed_arrays -> each item's future
+
+Memory: decoding is where image size costs memory (a 64 MP JPEG is ~190 MB of RGB while it decodes); after
+the resize-crop every item is the same small ``(crop, crop, 3)`` array, so the model batch is already bounded
+by ``max_batch``. ``max_batch_pixels`` therefore caps the *source* pixels (read from the image header, or a
+tensor's shape) of the items being decoded at once, and ``max_ahead`` caps how many crops wait for the model.
+A single image larger than the budget still runs, alone. So a burst of huge images slows down instead of
+blowing up memory, and a batch never holds more than ``max_batch_pixels`` source pixels' worth of work.
+
+Callers that are gone (deadline passed, or ``is_active()`` false) are dropped before decode and again before
+the model. When the model raises on a batch, its items are retried one by one, so only the items that fail
+alone get the error (no caller's item can fail another's) and the worker carries on; if a batcher
+thread itself dies, every queued future fails, ``on_death`` fires (the server turns health NOT_SERVING) and
+further submissions raise :class:`BatcherClosedError`.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol, Sequence
+
+import numpy as np
+from PIL import Image
+
+from .errors import EmbedderError
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(EmbedderError):
+    """The batcher's queue has no room for the request; the caller should back off and retry."""
+
+
+class BatcherClosedError(EmbedderError):
+    """The batcher is shutting down or its worker died; nothing more will be embedded."""
+
+
+class ItemError(EmbedderError, ValueError):
+    """One item could not be decoded or preprocessed; the message says why."""
+
+
+class DroppedError(EmbedderError):
+    """The item was dropped before reaching the model because its caller was gone or its deadline passed."""
+
+
+class BatchFailedError(EmbedderError):
+    """The model raised on a batch containing this item; a server fault, not the input's."""
+
+
+class SupportsBatching(Protocol):
+    """What the batcher needs from :class:`embedder.pipeline.Embedder`."""
+
+    config: Any  # reads .max_pixels
+
+    def submit(self, item: Any) -> "Future[np.ndarray | str]": ...
+
+    def embed_arrays(self, images: np.ndarray) -> np.ndarray: ...
+
+
+def source_pixels(item: Any, max_pixels: int) -> int:
+    """Pixels the decoder will materialise for ``item``, from its header or shape, without decoding.
+
+    0 when unknown or refused anyway (unreadable header, or above ``max_pixels``, which the
+    preprocessor rejects before decoding any pixel data).
+    """
+    try:
+        if isinstance(item, np.ndarray):
+            px = int(item.shape[0]) * int(item.shape[1]) if item.ndim >= 2 else 0
+        elif isinstance(item, Image.Image):
+            px = item.width * item.height
+        elif isinstance(item, (bytes, bytearray, memoryview)):
+            with Image.open(io.BytesIO(item)) as img:  # lazy: reads the header only
+                px = img.width * img.height
+        elif isinstance(item, os.PathLike):
+            with Image.open(item) as img:
+                px = img.width * img.height
+        else:
+            return 0
+    except Exception:  # the decoder reports the real problem, per item
+        return 0
+    return px if px <= max_pixels else 0
+
+
+@dataclass(eq=False)
+class _Request:
+    """One caller's submission; its items are dispatched round-robin with other requests."""
+
+    works: deque
+    deadline: float | None
+    is_active: Callable[[], bool] | None
+
+    def alive(self, now: float) -> bool:
+        if self.deadline is not None and now >= self.deadline:
+            return False
+        return self.is_active is None or bool(self.is_active())
+
+
+@dataclass(eq=False)
+class _Work:
+    item: Any
+    request: _Request
+    pixels: int
+    future: Future = field(default_factory=Future)
+    array: np.ndarray | None = None
+    ready_at: float = 0.0
+    finished: bool = False
+
+
+class Batcher:
+    """Gathers items from concurrent callers into model batches; see the module docstring.
+
+    >>> batcher = Batcher(embedder, max_batch=64, max_delay_ms=5)
+    >>> futures = batcher.submit([jpeg_bytes, other_bytes], deadline=time.monotonic() + 30)
+    >>> vectors = [f.result() for f in futures]   # float32 (dim,) each, or raises ItemError etc.
+
+    ``on_batch(size, seconds)``, ``on_drop(count)`` and ``on_death(reason)`` are hooks for metrics and
+    health; they run on the batcher's threads and must not block.
+    """
+
+    def __init__(self, embedder: SupportsBatching, *, max_batch: int = 64, max_delay_ms: float = 5.0,
+                 max_batch_pixels: int = 64 * 1024 * 1024, max_queue: int = 4096, max_ahead: int | None = None,
+                 on_batch: Callable[[int, float], None] | None = None,
+                 on_drop: Callable[[int], None] | None = None,
+                 on_death: Callable[[str], None] | None = None) -> None:
+        for name, value in (("max_batch", max_batch), ("max_batch_pixels", max_batch_pixels),
+                            ("max_queue", max_queue)):
+            if value < 1:
+                raise ValueError(f"Batcher {name} must be >= 1, got {value}")
+        if max_delay_ms < 0:
+            raise ValueError(f"Batcher max_delay_ms must be >= 0, got {max_delay_ms}")
+        self._embedder = embedder
+        self._max_pixels = int(getattr(embedder.config, "max_pixels", 1 << 62))
+        self.max_batch = max_batch
+        self.max_delay = max_delay_ms / 1000.0
+        self.max_batch_pixels = max_batch_pixels
+        self.max_queue = max_queue
+        # Decoded crops waiting for the model: enough to fill the next few batches, bounded memory.
+        self.max_ahead = max_ahead or 4 * max_batch
+        self._on_batch = on_batch
+        self._on_drop = on_drop
+        self._on_death = on_death
+
+        self._cond = threading.Condition()
+        self._pending: deque[_Request] = deque()  # requests with items not yet sent to decode
+        self._ready: deque[_Work] = deque()  # decoded, waiting for the model
+        self._running: list[_Work] = []  # in the model right now
+        self._queued = 0  # admitted and not yet finished: what max_queue bounds
+        self._decoding = 0
+        self._decoding_pixels = 0
+        self._closing = False
+        self._dead: str | None = None
+        self._stats = {"batches": 0, "embedded": 0, "failed": 0, "dropped": 0}
+
+        self._threads = [threading.Thread(target=self._guard, args=(self._feed, "feeder"),
+                                          name="embedder-batch-feeder", daemon=True),
+                         threading.Thread(target=self._guard, args=(self._work, "worker"),
+                                          name="embedder-batch-worker", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    # ------------------------------------------------------------------ public
+
+    def submit(self, items: Sequence[Any], *, deadline: float | None = None,
+               is_active: Callable[[], bool] | None = None, block: bool = False) -> list[Future]:
+        """Queue ``items``; one future per item, resolving to a float32 ``(dim,)`` vector.
+
+        ``deadline`` is a :func:`time.monotonic` time; ``is_active`` says whether the caller still wants
+        the answer. Futures fail with :class:`ItemError` (bad input), :class:`DroppedError` (caller gone),
+        :class:`BatchFailedError` (model fault) or :class:`BatcherClosedError`.
+
+        When the queue is full: ``block=False`` raises :class:`QueueFullError` at once (fail fast);
+        ``block=True`` waits for room until the deadline or until ``is_active()`` turns false, and then
+        raises :class:`DroppedError`. The request is admitted whole or not at all.
+        """
+        n = len(items)
+        if n > self.max_queue:
+            raise QueueFullError(
+                f"a request of {n} items can never fit the batcher queue of {self.max_queue} items; "
+                "send fewer items per request or raise --max-queue / EMBEDDER_MAX_QUEUE")
+        # Header reads happen here, in the caller's thread, so they run in parallel across callers.
+        pixels = [source_pixels(item, self._max_pixels) for item in items]
+        request = _Request(deque(), deadline, is_active)
+        for item, px in zip(items, pixels):
+            work = _Work(item, request, px)
+            work.future.set_running_or_notify_cancel()  # callers cannot cancel; they go inactive instead
+            request.works.append(work)
+        futures = [w.future for w in request.works]
+        if n == 0:
+            return futures
+        with self._cond:
+            while True:
+                self._raise_if_closed()
+                if self._queued + n <= self.max_queue:
+                    break
+                if not block:
+                    raise QueueFullError(
+                        f"the server queue is full ({self._queued} of {self.max_queue} items waiting); "
+                        "retry with backoff, or raise --max-queue / EMBEDDER_MAX_QUEUE")
+                if not request.alive(time.monotonic()):
+                    raise DroppedError("the caller went away or its deadline passed while waiting for queue room")
+                self._cond.wait(0.05)  # short: is_active() cannot notify us
+            self._queued += n
+            self._pending.append(request)
+            self._cond.notify_all()
+        return futures
+
+    @property
+    def queue_depth(self) -> int:
+        """Items admitted and not yet answered."""
+        return self._queued
+
+    @property
+    def alive(self) -> bool:
+        """False once a batcher thread has died or :meth:`close` was called."""
+        return self._dead is None and not self._closing
+
+    def stats(self) -> dict[str, float]:
+        """Counters since start: batches, embedded, failed and dropped items, mean batch size."""
+        with self._cond:
+            s: dict[str, float] = dict(self._stats)
+        s["mean_batch_size"] = s["embedded"] / s["batches"] if s["batches"] else 0.0
+        return s
+
+    def close(self, timeout: float | None = 10.0) -> None:
+        """Refuse new work, let admitted work finish (up to ``timeout`` seconds), then stop the threads."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        end = None if timeout is None else time.monotonic() + timeout
+        for t in self._threads:
+            t.join(None if end is None else max(0.0, end - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
+            self._die(f"closed with work still queued after {timeout}s", death=False)
+
+    def __enter__(self) -> "Batcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ threads
+
+    def _guard(self, loop: Callable[[], None], name: str) -> None:
+        try:
+            loop()
+        except BaseException as e:  # noqa: BLE001 - the point is to notice *any* death
+            log.critical("batcher %s thread died (%r); failing all queued work", name, e, exc_info=True)
+            self._die(f"the batch {name} thread died: {e!r}", death=True)
+
+    def _done_when_closing(self) -> bool:
+        return self._closing and self._queued == 0
+
+    def _feed(self) -> None:
+        """Send pending items to the decode pool, round-robin over requests, within the decode budget."""
+        while True:
+            with self._cond:
+                while self._dead is None and not self._done_when_closing() and not self._can_dispatch():
+                    self._cond.wait()
+                if self._dead is not None or self._done_when_closing():
+                    return
+                request = self._pending.popleft()
+                work = request.works.popleft()
+                if request.works:
+                    self._pending.append(request)
+                alive = request.alive(time.monotonic())
+                if alive:
+                    self._decoding += 1
+                    self._decoding_pixels += work.pixels
+                else:  # drop the rest of this request too, before any decode
+                    dropped = [work, *request.works]
+                    request.works.clear()
+                    if self._pending and self._pending[-1] is request:
+                        self._pending.pop()
+            if not alive:
+                self._drop(dropped)
+                continue
+            try:
+                decode = self._embedder.submit(work.item)
+            except Exception as e:  # decode pool shut down: the embedder was closed under us
+                decode = Future()
+                decode.set_exception(e)
+            decode.add_done_callback(lambda f, w=work: self._decoded(w, f))
+
+    def _can_dispatch(self) -> bool:
+        if not self._pending:
+            return False
+        if self._decoding + len(self._ready) >= self.max_ahead:
+            return False
+        nxt = self._pending[0].works[0]
+        return self._decoding == 0 or self._decoding_pixels + nxt.pixels <= self.max_batch_pixels
+
+    def _decoded(self, work: _Work, decode: Future) -> None:
+        """Decode-pool callback: route the crop to the ready queue, or fail just this item."""
+        try:
+            result = decode.result()
+        except BaseException as e:  # noqa: BLE001 - prepare() never raises; this is the pool failing
+            result = f"could not decode image ({type(e).__name__}: {e})"
+        with self._cond:
+            self._decoding -= 1
+            self._decoding_pixels -= work.pixels
+            if isinstance(result, np.ndarray) and self._dead is None:
+                work.array = result
+                work.ready_at = time.monotonic()
+                self._ready.append(work)
+            self._cond.notify_all()
+        if isinstance(result, str):
+            self._finish(work, error=ItemError(result), stat="failed")
+        elif self._dead is not None:
+            self._finish(work, error=BatcherClosedError(f"not embedded: {self._dead}"), stat="failed")
+
+    def _work(self) -> None:
+        """Form batches (max_batch, or max_delay after the oldest ready item) and run the model."""
+        while True:
+            with self._cond:
+                while self._dead is None and not self._ready and not self._done_when_closing():
+                    self._cond.wait()
+                if self._dead is not None or (not self._ready and self._done_when_closing()):
+                    return
+                oldest = self._ready[0].ready_at
+                while len(self._ready) < self.max_batch and not self._closing and self._dead is None:
+                    remaining = oldest + self.max_delay - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                take = min(self.max_batch, len(self._ready))
+                batch = [self._ready.popleft() for _ in range(take)]
+                self._cond.notify_all()  # room ahead: the feeder may dispatch more
+            now = time.monotonic()
+            alive = [w.request.alive(now) for w in batch]
+            self._drop([w for w, a in zip(batch, alive) if not a])
+            live = [w for w, a in zip(batch, alive) if a]
+            if live:
+                self._run(live)
+
+    def _run(self, batch: list[_Work]) -> None:
+        with self._cond:
+            self._running = batch
+        # A BaseException (not caught below) leaves self._running set, so _die() can fail these futures.
+        try:
+            self._forward(batch)
+        except Exception as e:
+            if len(batch) == 1:
+                self._fail_batch(batch, e)
+            else:
+                # Isolate the culprit: one caller's item must not fail the others' (and a batch that is
+                # too big for the device may still fit one at a time).
+                log.warning("model failed on a batch of %d items (%r); retrying them one by one", len(batch), e)
+                for w in batch:
+                    try:
+                        self._forward([w])
+                    except Exception as e1:
+                        self._fail_batch([w], e1)
+        with self._cond:
+            self._running = []
+
+    def _forward(self, batch: list[_Work]) -> None:
+        start = time.monotonic()
+        vectors = self._embedder.embed_arrays(np.stack([w.array for w in batch]))
+        if vectors.shape[0] != len(batch):
+            raise RuntimeError(f"model returned {vectors.shape[0]} vectors for a batch of {len(batch)}")
+        with self._cond:
+            self._stats["batches"] += 1
+        for w, v in zip(batch, vectors):
+            w.array = None  # the crop is no longer needed
+            self._finish(w, result=v, stat="embedded")
+        if self._on_batch is not None:
+            self._on_batch(len(batch), time.monotonic() - start)
+
+    def _fail_batch(self, batch: list[_Work], e: Exception) -> None:
+        log.error("model failed on %d item(s): %r", len(batch), e, exc_info=e)
+        err = BatchFailedError(f"the model failed on this item ({type(e).__name__}: {e}); "
+                               "this is a server fault, not your input; retry")
+        for w in batch:
+            self._finish(w, error=err, stat="failed")
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _finish(self, work: _Work, *, result: np.ndarray | None = None, error: BaseException | None = None,
+                stat: str) -> None:
+        """Resolve one item's future exactly once and give its queue slot back."""
+        with self._cond:
+            if work.finished:
+                return
+            work.finished = True
+            self._queued -= 1
+            self._stats[stat] += 1
+            self._cond.notify_all()
+        if error is not None:
+            work.future.set_exception(error)
+        else:
+            work.future.set_result(result)
+
+    def _drop(self, works: list[_Work]) -> None:
+        for w in works:
+            self._finish(w, error=DroppedError("dropped before the model: the caller went away or its "
+                                               "deadline passed"), stat="dropped")
+        if works and self._on_drop is not None:
+            self._on_drop(len(works))
+
+    def _raise_if_closed(self) -> None:
+        if self._dead is not None:
+            raise BatcherClosedError(f"the embedding worker is not running ({self._dead}); restart the server")
+        if self._closing:
+            raise BatcherClosedError("the server is shutting down; retry against another instance")
+
+    def _die(self, reason: str, *, death: bool) -> None:
+        """Stop both threads and fail every unfinished item (a thread died, or close() timed out)."""
+        with self._cond:
+            if self._dead is not None:
+                return
+            self._dead = reason
+            doomed = [w for r in self._pending for w in r.works] + list(self._ready) + list(self._running)
+            self._pending.clear()
+            self._ready.clear()
+            self._cond.notify_all()
+        if death and self._on_death is not None:
+            try:  # first: health must say NOT_SERVING before any caller hears of it
+                self._on_death(reason)
+            except Exception:
+                log.exception("on_death hook failed")
+        err = BatcherClosedError(f"not embedded: {reason}")
+        for w in doomed:
+            self._finish(w, error=err, stat="failed")

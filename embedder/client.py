@@ -1,0 +1,456 @@
+"""Python client for the embedding service (``embedder serve``).
+
+    from embedder.client import EmbedderClient
+
+    with EmbedderClient("127.0.0.1:50051", token="s3cret") as client:
+        vectors = client.embed([jpeg_bytes, "dog.png", rgb_array])     # float32 (3, dim), input order
+        result = client.embed(images, errors="return")                 # BatchResult: per-item errors
+        for r in client.embed_iter(Path("photos").rglob("*.jpg")):     # streaming, input order
+            print(r.id, r.ok, r.vector.shape if r.ok else r.error)
+
+Inputs: encoded image bytes; file paths (``str`` or ``os.PathLike``, read here, on the client); numpy arrays
+``(H, W)`` / ``(H, W, C)`` of uint8 or float in [0, 1] (sent as raw tensors); PIL images (sent as RGB pixels).
+
+Errors, one design throughout: an item that cannot be embedded (corrupt, too large, unreadable file) is a
+*per-item* error and never fails the others. ``embed(errors="raise")`` (the default) raises
+:class:`RemoteBatchError` listing every bad item after the rest were embedded; ``errors="return"`` returns a
+:class:`embedder.pipeline.BatchResult` exactly like the local ``Embedder.embed_batch``: zero rows for failed
+items and ``errors[i]`` saying why. ``embed_iter`` yields :class:`ItemResult` objects carrying their own
+``error``. Whole-call failures (unreachable server, bad token, limits) raise :class:`ServiceError` with the
+gRPC code and what to do about it.
+
+Large inputs are split into requests of at most ``max_items`` items and ``max_message_bytes`` bytes (the
+server's defaults; pass the server's values if you changed them there). UNAVAILABLE (server down, restarting,
+still warming up) and a server-side CANCELLED (it was shutting down) are retried with bounded exponential
+backoff and jitter; a broken stream resumes with the first unanswered request.
+"""
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from ._proto import embedder_pb2 as pb
+from ._proto import embedder_pb2_grpc as pb_grpc
+from .errors import BatchError, EmbedderError
+from .pipeline import BatchResult
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # = Config.max_message_bytes
+DEFAULT_MAX_ITEMS = 1024  # = Config.max_items
+_ENVELOPE = 64 * 1024  # room for the request's own fields and per-item framing
+_DIM_BOUND = 4096  # assumed vector size until the server tells us, to keep responses under the limit too
+
+
+class ServiceError(EmbedderError):
+    """A whole call failed; ``code`` is the :class:`grpc.StatusCode`, the message says what to do."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code = code
+        super().__init__(f"{code.name}: {message}")
+
+
+class RemoteBatchError(BatchError):
+    """Some items could not be embedded; ``errors`` maps input index to message, ``ids`` are the item ids."""
+
+    def __init__(self, errors: dict[int, str], ids: Sequence[str]) -> None:
+        self.errors = errors
+        self.ids = list(ids)
+        shown = "; ".join(f"item {i} ({self.ids[i]!r}): {msg}" for i, msg in list(errors.items())[:5])
+        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+        EmbedderError.__init__(self, f"{len(errors)} of {len(ids)} items could not be embedded: {shown}{more}. "
+                                     'Pass errors="return" to get the other vectors and per-item errors.')
+
+
+@dataclass
+class ItemResult:
+    """One item's outcome: ``vector`` is float32 ``(dim,)`` when ``ok``, else ``error`` says why."""
+
+    id: str
+    vector: np.ndarray | None
+    error: str | None = None
+    code: grpc.StatusCode = grpc.StatusCode.OK
+    cached: bool = False
+    model_id: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(eq=False)
+class _Chunk:
+    """Consecutive input items: the request with the sendable ones, and one slot per input item.
+
+    Slots of items refused on the client are filled at once; the rest are filled from the response.
+    Every chunk is sent, even with no sendable items, so results always come back in input order.
+    """
+
+    request: pb.EmbedRequest
+    slots: list[ItemResult | None] = field(default_factory=list)
+    sent_in: int = -1  # stream attempt that last sent it
+    done: bool = False
+
+
+_STATUS_BY_NUMBER = {s.value[0]: s for s in grpc.StatusCode}
+# Retried: the server is down, restarting or warming up (UNAVAILABLE), or was shutting down when the call
+# arrived (gRPC core answers CANCELLED then; this client never cancels a call it still wants).
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
+class EmbedderClient:
+    """Talks to an ``embedder serve`` instance; see the module docstring.
+
+    ``target`` is ``host:port``. ``token`` is sent as ``authorization: Bearer <token>``. ``tls_ca`` is the
+    PEM file of the CA (or self-signed certificate) to trust; without it the channel is plaintext.
+    ``timeout`` bounds each unary call in seconds; ``stream_timeout`` bounds a whole stream (default none).
+    ``model`` (a backbone name or model id) makes the server refuse requests if it runs a different model.
+    """
+
+    def __init__(self, target: str, token: str | None = None, timeout: float = 30.0,
+                 tls_ca: str | os.PathLike | None = None, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 max_items: int = DEFAULT_MAX_ITEMS, retries: int = 5, backoff: float = 0.2,
+                 max_backoff: float = 2.0, stream_timeout: float | None = None, model: str | None = None) -> None:
+        if max_message_bytes <= _ENVELOPE:
+            raise ValueError(f"max_message_bytes must be above {_ENVELOPE}, got {max_message_bytes}")
+        if max_items < 1 or retries < 0:
+            raise ValueError(f"max_items must be >= 1 and retries >= 0, got {max_items} and {retries}")
+        self.target = target
+        self.timeout = timeout
+        self.stream_timeout = stream_timeout
+        self.max_message_bytes = max_message_bytes
+        self.max_items = max_items
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.model = model or ""  # sent with every request: the server refuses a different model
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._dim = _DIM_BOUND
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes),
+                   # reconnect quickly after a server restart; our own retry loop bounds the total wait
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self._channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
+        self._stub = pb_grpc.EmbedderStub(self._channel)
+
+    # ------------------------------------------------------------------ public
+
+    def embed(self, images: Sequence[Any], ids: Sequence[str] | None = None, errors: str = "raise",
+              *, chunk: int = 64, window: int = 4) -> np.ndarray | BatchResult:
+        """Embed ``images`` -> float32 ``(N, dim)`` in input order (``errors="raise"``), or a
+        :class:`~embedder.pipeline.BatchResult` with per-item errors (``errors="return"``).
+
+        Up to ``chunk`` images (that fit one message) go in one ``Embed`` call, bounded by ``timeout``; more
+        go over one stream in chunks, ``window`` in flight, so a large input never races the per-call timeout.
+        """
+        if errors not in ("raise", "return"):
+            raise ValueError(f'errors must be "raise" or "return", got {errors!r}')
+        if chunk < 1 or window < 1:
+            raise ValueError(f"chunk and window must be >= 1, got {chunk} and {window}")
+        images = list(images)
+        ids = [str(i) for i in range(len(images))] if ids is None else [str(i) for i in ids]
+        if len(ids) != len(images):
+            raise ValueError(f"got {len(ids)} ids for {len(images)} images; pass one id per image or none")
+        chunks = list(self._chunks(zip(ids, images), min(chunk, self.max_items)))
+        if len(chunks) == 1:
+            results = self._unary(chunks[0])
+        else:
+            results = list(self._stream(iter(chunks), window))
+        dim = next((r.vector.shape[0] for r in results if r.ok), self._dim if self._dim != _DIM_BOUND else 0)
+        vectors = np.zeros((len(results), dim), np.float32)
+        errs: list[str | None] = []
+        for i, r in enumerate(results):
+            if r.ok:
+                vectors[i] = r.vector
+            errs.append(r.error)
+        if errors == "return":
+            return BatchResult(vectors, errs)
+        failed = {i: e for i, e in enumerate(errs) if e is not None}
+        if failed:
+            raise RemoteBatchError(failed, ids)
+        return vectors
+
+    def embed_iter(self, items: Iterable[Any], *, chunk: int = 64, window: int = 4) -> Iterator[ItemResult]:
+        """Stream ``items`` (inputs, or ``(id, input)`` pairs) and yield an :class:`ItemResult` per item, in order.
+
+        Items are read lazily, ``chunk`` per request, with ``window`` requests in flight, so memory stays
+        bounded for any input length. Ids default to the running index as a string.
+        """
+        if chunk < 1 or window < 1:
+            raise ValueError(f"chunk and window must be >= 1, got {chunk} and {window}")
+
+        def pairs() -> Iterator[tuple[str, Any]]:
+            for i, x in enumerate(items):
+                yield (str(x[0]), x[1]) if isinstance(x, tuple) and len(x) == 2 else (str(i), x)
+
+        return self._stream(self._chunks(pairs(), min(chunk, self.max_items)), window)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """The server's model(s), with the same keys as the local ``Embedder.info()``."""
+        response = self._call(self._stub.ListModels, pb.ListModelsRequest())
+        return [{"name": m.name, "model_id": m.model_id, "dim": m.dim, "device": m.device, "runtime": m.runtime,
+                 "precision": m.precision, "input_size": m.input_size, "normalize": m.normalize}
+                for m in response.models]
+
+    def server_limits(self) -> dict[str, int]:
+        """The server's max_message_bytes, max_items and max_pixels, to size a client to a non-default server."""
+        lim = self._call(self._stub.ListModels, pb.ListModelsRequest()).limits
+        return {"max_message_bytes": lim.max_message_bytes, "max_items": lim.max_items, "max_pixels": lim.max_pixels}
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "EmbedderClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ requests
+
+    def _chunks(self, pairs: Iterable[tuple[str, Any]], size: int) -> Iterator[_Chunk]:
+        """Group items into chunks of at most ``size`` items whose request and response fit the message limit."""
+        budget = self.max_message_bytes - _ENVELOPE
+        chunk, used = _Chunk(pb.EmbedRequest(model=self.model)), 0
+        for item_id, x in pairs:
+            try:
+                item = to_item(x, item_id)
+            except (ValueError, TypeError, OSError) as e:
+                chunk.slots.append(ItemResult(item_id, None, str(e), grpc.StatusCode.INVALID_ARGUMENT))
+            else:
+                n = item.ByteSize() + 16
+                if n > budget:
+                    chunk.slots.append(ItemResult(item_id, None, (
+                        f"item is {n:,} bytes encoded, above the {self.max_message_bytes:,}-byte message limit; "
+                        "downscale or re-encode it, or raise the limit on the server (--max-message-bytes / "
+                        "EMBEDDER_MAX_MESSAGE_BYTES) and here (EmbedderClient(max_message_bytes=...))"),
+                        grpc.StatusCode.RESOURCE_EXHAUSTED))
+                else:
+                    # responses carry dim float32s per item: keep them under the limit as well
+                    per_response = budget // (4 * self._dim + 128)
+                    sendable = len(chunk.request.items)
+                    if sendable and (used + n > budget or sendable >= per_response):
+                        yield chunk
+                        chunk, used = _Chunk(pb.EmbedRequest(model=self.model)), 0
+                    chunk.request.items.append(item)
+                    chunk.slots.append(None)
+                    used += n
+            if len(chunk.slots) >= size:
+                yield chunk
+                chunk, used = _Chunk(pb.EmbedRequest(model=self.model)), 0
+        if chunk.slots:
+            yield chunk
+
+    def _fill(self, chunk: _Chunk, response: pb.EmbedResponse) -> None:
+        expected = sum(s is None for s in chunk.slots)
+        if len(response.results) != expected:
+            raise ServiceError(grpc.StatusCode.INTERNAL,
+                               f"server answered {len(response.results)} results for {expected} items")
+        if response.dim:
+            self._dim = response.dim
+        answers = iter(response.results)
+        for i, slot in enumerate(chunk.slots):
+            if slot is None:
+                r = next(answers)
+                code = _STATUS_BY_NUMBER.get(r.status.code, grpc.StatusCode.UNKNOWN)
+                if code == grpc.StatusCode.OK:
+                    vec = np.frombuffer(r.vector, dtype="<f4").astype(np.float32)
+                    chunk.slots[i] = ItemResult(r.id, vec, None, code, r.cached, r.model_id)
+                else:
+                    chunk.slots[i] = ItemResult(r.id, None, r.status.message or code.name, code, r.cached,
+                                                r.model_id)
+        chunk.done = True
+
+    def _unary(self, chunk: _Chunk) -> list[ItemResult]:
+        if chunk.request.items:
+            self._fill(chunk, self._call(self._stub.Embed, chunk.request))
+        return chunk.slots  # type: ignore[return-value] - all filled now
+
+    def _call(self, method: Any, request: Any) -> Any:
+        """A unary call, retrying UNAVAILABLE with bounded exponential backoff."""
+        for attempt in range(self.retries + 1):
+            try:
+                return method(request, timeout=self.timeout, metadata=self._metadata)
+            except grpc.RpcError as e:
+                if e.code() in RETRYABLE and attempt < self.retries:
+                    time.sleep(self._delay(attempt))
+                    continue
+                raise self._error(e) from None
+        raise AssertionError("unreachable")
+
+    def _delay(self, attempt: int) -> float:
+        # full jitter keeps many clients from retrying in lockstep after a restart
+        return min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
+
+    def _stream(self, chunks: Iterator[_Chunk], window: int) -> Iterator[ItemResult]:
+        feed = _StreamFeed(chunks, window)
+        failures = 0
+        while True:
+            call = self._stub.EmbedStream(feed.requests(), metadata=self._metadata, timeout=self.stream_timeout)
+            try:
+                for response in call:
+                    chunk = feed.oldest_unanswered()
+                    if chunk is None:
+                        raise ServiceError(grpc.StatusCode.INTERNAL, "server sent more responses than requests")
+                    self._fill(chunk, response)
+                    failures = 0  # progress: the retry budget is per outage, not per job
+                    for done in feed.pop_done():
+                        yield from done.slots  # type: ignore[misc]
+                if feed.source_error is not None:
+                    raise feed.source_error
+                if not feed.finished():
+                    raise ServiceError(grpc.StatusCode.INTERNAL, "the stream ended before every request was answered")
+                return
+            except grpc.RpcError as e:
+                if feed.source_error is not None:
+                    raise feed.source_error from None
+                if e.code() in RETRYABLE and failures < self.retries:
+                    time.sleep(self._delay(failures))
+                    failures += 1
+                    continue  # a new stream; unanswered chunks are sent again first
+                raise self._error(e) from None
+            finally:
+                call.cancel()  # no-op when finished; stops the server if our caller stopped iterating
+                feed.end_attempt()
+
+    def _error(self, e: grpc.RpcError) -> ServiceError:
+        """Turn a gRPC error into a ServiceError whose message says what to do."""
+        code, details = e.code(), e.details() or ""
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details.lower():
+            msg = (f"{details}. A request or response exceeded a gRPC message size limit: this client sends at "
+                   f"most {self.max_message_bytes:,} bytes per message (EmbedderClient(max_message_bytes=...)); "
+                   "the server accepts --max-message-bytes / EMBEDDER_MAX_MESSAGE_BYTES (default 64 MiB). Raise "
+                   "the server's limit, or give the client the server's smaller value so it splits requests to fit")
+        elif code == grpc.StatusCode.UNAVAILABLE:
+            msg = (f"no serving embedder at {self.target} after {self.retries + 1} attempts ({details}); check that "
+                   "`embedder serve` runs there and its health check says SERVING")
+        elif code == grpc.StatusCode.UNAUTHENTICATED:
+            msg = f"{details} (server {self.target})"
+        elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            msg = (f"no answer within the timeout ({details}); pass a larger EmbedderClient(timeout=...) or send "
+                   "fewer items per call")
+        else:
+            msg = details or "no details"
+        return ServiceError(code, msg)
+
+
+class _StreamFeed:
+    """Request side of a resumable stream: pulls chunks lazily, keeps unanswered ones for resending.
+
+    ``requests(attempt)`` runs in gRPC's request thread; results are consumed in the caller's thread.
+    """
+
+    def __init__(self, chunks: Iterator[_Chunk], window: int) -> None:
+        self._chunks = chunks
+        self._window = window
+        self._cond = threading.Condition()
+        self._queue: deque[_Chunk] = deque()  # pulled and not yet yielded, in input order
+        self._attempt = 0
+        self._pulling = False
+        self._exhausted = False
+        self.source_error: BaseException | None = None
+
+    def requests(self) -> Iterator[pb.EmbedRequest]:
+        """The request iterator for one stream attempt: unanswered chunks first, then new ones."""
+        with self._cond:
+            attempt = self._attempt
+        return self._requests(attempt)
+
+    def _requests(self, attempt: int) -> Iterator[pb.EmbedRequest]:
+        while True:
+            with self._cond:
+                while True:
+                    if self._attempt != attempt:
+                        return
+                    unsent = next((c for c in self._queue if not c.done and c.sent_in != attempt), None)
+                    if unsent is not None:
+                        unsent.sent_in = attempt
+                        break
+                    if self._exhausted:
+                        return  # half-close: the server answers what it has and ends the stream
+                    inflight = sum(not c.done for c in self._queue)
+                    if inflight < self._window and not self._pulling:
+                        self._pulling = True
+                        break
+                    self._cond.wait()
+            if unsent is not None:
+                yield unsent.request
+                continue
+            try:  # outside the lock: reading the caller's iterable may read files
+                chunk = next(self._chunks, None)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                chunk, self.source_error = None, e
+            with self._cond:
+                self._pulling = False
+                if chunk is None:
+                    self._exhausted = True
+                else:
+                    self._queue.append(chunk)
+                self._cond.notify_all()
+
+    def oldest_unanswered(self) -> _Chunk | None:
+        with self._cond:
+            return next((c for c in self._queue if not c.done), None)
+
+    def pop_done(self) -> list[_Chunk]:
+        with self._cond:
+            out = []
+            while self._queue and self._queue[0].done:
+                out.append(self._queue.popleft())
+            self._cond.notify_all()  # window room
+            return out
+
+    def finished(self) -> bool:
+        with self._cond:
+            return self._exhausted and not self._queue
+
+    def end_attempt(self) -> None:
+        """The current stream is over: its request generator (maybe blocked on the window) must stop."""
+        with self._cond:
+            self._attempt += 1
+            self._cond.notify_all()
+
+
+def to_item(x: Any, item_id: str = "") -> pb.Item:
+    """One input -> an ``embedder.v1.Item``; ValueError/OSError with a fix when it cannot be sent."""
+    if isinstance(x, (bytes, bytearray, memoryview)):
+        return pb.Item(id=item_id, image=bytes(x))
+    if isinstance(x, (str, os.PathLike)):
+        try:
+            return pb.Item(id=item_id, image=Path(x).read_bytes())
+        except OSError as e:
+            raise OSError(f"could not read file {str(x)!r}: {e.strerror or e}") from None
+    if isinstance(x, np.ndarray):
+        return pb.Item(id=item_id, tensor=to_tensor(x))
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None
+    if Image is not None and isinstance(x, Image.Image):
+        return pb.Item(id=item_id, tensor=to_tensor(np.asarray(x.convert("RGB"))))
+    raise TypeError(f"cannot send a {type(x).__name__}; pass encoded image bytes, a file path, "
+                    "a numpy array (H, W[, C]) or a PIL image")
+
+
+def to_tensor(arr: np.ndarray) -> pb.Tensor:
+    """A uint8 or float (values in [0, 1]) image array -> Tensor, little-endian, channels last."""
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"array of shape {arr.shape} is not an image; expected (H, W) or (H, W, C)")
+    if arr.dtype == np.uint8:
+        dtype, data = pb.DTYPE_UINT8, np.ascontiguousarray(arr)
+    elif np.issubdtype(arr.dtype, np.floating):
+        dtype, data = pb.DTYPE_FLOAT32, np.ascontiguousarray(arr, dtype="<f4")
+    else:
+        raise ValueError(f"array dtype {arr.dtype} cannot be sent; convert to uint8 (0..255) or float32 (0..1)")
+    return pb.Tensor(shape=list(arr.shape), dtype=dtype, data=data.tobytes())

@@ -1,0 +1,238 @@
+"""EmbedderClient and `embedder embed --server` against real in-process servers on loopback."""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedder.cli import main as cli_main
+from embedder.client import EmbedderClient, ItemResult, RemoteBatchError, ServiceError
+from embedder.config import Config
+from embedder.pipeline import BatchResult
+from embedder.server import EmbedderServer
+
+MAX_MESSAGE = 2 * 1024 * 1024
+MAX_ITEMS = 16
+
+
+@contextmanager
+def running_server(model, *, load: bool = True, **settings):
+    config = Config.from_env(environ={}, port=settings.pop("port", 0), grace_seconds=2.0, **settings)
+    server = EmbedderServer(config, embedder=model)
+    server.start()
+    try:
+        if load:
+            server.load()
+        yield server
+    finally:
+        server.stop(grace=0.5)
+
+
+@pytest.fixture(scope="module")
+def server(embedder):
+    with running_server(embedder, max_message_bytes=MAX_MESSAGE, max_items=MAX_ITEMS) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with EmbedderClient(f"127.0.0.1:{server.port}", max_message_bytes=MAX_MESSAGE, max_items=MAX_ITEMS) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def expected(embedder, photos):
+    return embedder.embed(photos)
+
+
+def requests_seen(server, method: str, code: str = "OK") -> float:
+    return server.metrics.registry.get_sample_value("embedder_requests_total", {"method": method, "code": code}) or 0
+
+
+def test_embed_matches_the_in_process_pipeline_for_every_input_kind(client, photos, photo_arrays, expected,
+                                                                     embedder, tmp_path):
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(photos[1])
+    arr = photo_arrays["chelsea"]
+    got = client.embed([photos[0], path, str(path), arr, Image.fromarray(arr), arr.astype(np.float32) / 255])
+    assert got.dtype == np.float32 and got.shape == (6, embedder.dim)
+    ref = embedder.embed([arr])[0]
+    np.testing.assert_allclose(got[:3], expected[[0, 1, 1]], atol=1e-6)
+    np.testing.assert_allclose(got[3:], np.stack([ref] * 3), atol=1e-6)
+
+
+def test_large_inputs_are_split_under_the_server_limits(client, server, photos, photo_arrays, expected):
+    n = len(photos)
+    order = [i % n for i in range(3 * MAX_ITEMS + 5)]  # more items than one request may carry
+    streams_before = requests_seen(server, "EmbedStream")
+    got = client.embed([photos[i] for i in order])
+    np.testing.assert_allclose(got, expected[order], atol=1e-6)
+    assert requests_seen(server, "EmbedStream") == streams_before + 1
+    # ~1.5 MB each: only one fits in a 2 MiB message, so this needs one request per item
+    big = [np.ascontiguousarray(np.resize(photo_arrays["coffee"], (700, 700, 3))) for _ in range(3)]
+    assert client.embed(big).shape == (3, expected.shape[1])
+
+
+def test_errors_raise_lists_the_bad_items_after_embedding_the_rest(client, photos):
+    with pytest.raises(RemoteBatchError) as e:
+        client.embed([photos[0], b"junk", photos[1], b""], ids=["a", "b", "c", "d"])
+    assert sorted(e.value.errors) == [1, 3]
+    assert "'b'" in str(e.value) and "'d'" in str(e.value) and 'errors="return"' in str(e.value)
+
+
+def test_errors_return_gives_a_batch_result_like_the_local_api(client, photos, expected, tmp_path):
+    result = client.embed([photos[0], b"junk", tmp_path / "missing.jpg", np.zeros((4, 4), np.int64), photos[2]],
+                          errors="return")
+    assert isinstance(result, BatchResult)
+    assert result.ok.tolist() == [True, False, False, False, True]
+    assert "not a recognised image format" in result.errors[1]
+    assert "could not read file" in result.errors[2] and "int64" in result.errors[3]
+    np.testing.assert_allclose(result.vectors[[0, 4]], expected[[0, 2]], atol=1e-6)
+    assert not result.vectors[1:4].any()  # failed rows are zeros, as in Embedder.embed_batch
+
+
+def test_embed_iter_streams_lazily_in_order_with_ids(client, photos, expected):
+    n = len(photos)
+    pulled = []
+
+    def source():
+        for k in range(20):
+            pulled.append(k)
+            yield (f"id{k}", photos[k % n] if k != 7 else b"broken")
+
+    results = client.embed_iter(source(), chunk=3, window=2)
+    first = next(results)
+    assert first.id == "id0" and len(pulled) < 20  # read lazily, not all up front
+    rest = [first, *results]
+    assert [r.id for r in rest] == [f"id{k}" for k in range(20)]
+    assert all(isinstance(r, ItemResult) for r in rest)
+    assert [k for k, r in enumerate(rest) if not r.ok] == [7]
+    got = np.stack([r.vector for k, r in enumerate(rest) if k != 7])
+    np.testing.assert_allclose(got, expected[[k % n for k in range(20) if k != 7]], atol=1e-6)
+
+
+def test_oversized_items_get_an_error_that_says_how_to_raise_the_limit(server, client, photos):
+    big = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)  # 3 MiB
+    result = client.embed([photos[0], big], errors="return")  # the client knows the limit: per-item error
+    assert result.ok.tolist() == [True, False]
+    assert "--max-message-bytes" in result.errors[1] and "max_message_bytes=" in result.errors[1]
+    # A client that believes the limit is higher gets gRPC's RESOURCE_EXHAUSTED, explained:
+    with EmbedderClient(f"127.0.0.1:{server.port}") as unaware:
+        with pytest.raises(ServiceError) as e:
+            unaware.embed([big])
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "--max-message-bytes" in str(e.value) and "EMBEDDER_MAX_MESSAGE_BYTES" in str(e.value)
+
+
+def test_list_models_matches_the_local_info(client, embedder):
+    (info,) = client.list_models()
+    assert info == embedder.info()
+    assert client.server_limits()["max_items"] == MAX_ITEMS
+
+
+def test_client_retries_while_the_server_warms_up(embedder, photos, expected):
+    with running_server(embedder, load=False) as s:
+        target = f"127.0.0.1:{s.port}"
+        with EmbedderClient(target, retries=0) as impatient:
+            with pytest.raises(ServiceError) as e:
+                impatient.embed(photos[:1])
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE and "SERVING" in str(e.value)
+        with EmbedderClient(target, retries=8, backoff=0.05, max_backoff=0.5) as patient, ThreadPoolExecutor(2) as pool:
+            unary = pool.submit(patient.embed, photos[:2])
+            stream = pool.submit(lambda: [r.vector for r in patient.embed_iter(photos[:3], chunk=1)])
+            while requests_seen(s, "Embed", "UNAVAILABLE") < 1 or requests_seen(s, "EmbedStream", "UNAVAILABLE") < 1:
+                threading.Event().wait(0.01)  # both were refused at least once...
+            s.load()  # ...and succeed once the model is warm
+            np.testing.assert_allclose(unary.result(timeout=60), expected[:2], atol=1e-6)
+            np.testing.assert_allclose(np.stack(stream.result(timeout=60)), expected[:3], atol=1e-6)
+
+
+def test_a_broken_stream_resumes_with_the_unanswered_requests(embedder, photos, expected):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    n = len(photos)
+    with running_server(embedder, port=port) as first:
+        with EmbedderClient(f"127.0.0.1:{port}", retries=10, backoff=0.05, max_backoff=0.5) as client:
+            results = client.embed_iter([photos[k % n] for k in range(12)], chunk=2, window=2)
+            head = [next(results), next(results)]
+            first.stop(grace=0)  # the server goes away mid-stream...
+            with running_server(embedder, port=port) as second:  # ...and comes back on the same port
+                got = [*head, *results]
+                assert requests_seen(second, "EmbedStream") == 1  # the rest came over a new stream
+    assert [r.id for r in got] == [str(k) for k in range(12)]
+    np.testing.assert_allclose(np.stack([r.vector for r in got]), expected[[k % n for k in range(12)]], atol=1e-6)
+
+
+def test_token(embedder, photos):
+    with running_server(embedder, token="s3cret") as s:
+        target = f"127.0.0.1:{s.port}"
+        with EmbedderClient(target, token="s3cret") as good:
+            assert good.embed(photos[:1]).shape[0] == 1
+        for token in (None, "wrong"):
+            with EmbedderClient(target, token=token) as bad, pytest.raises(ServiceError) as e:
+                bad.embed(photos[:1])
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED and "EMBEDDER_TOKEN" in str(e.value)
+
+
+def self_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def test_tls_round_trip(embedder, photos, expected, tmp_path):
+    cert, key = self_signed(tmp_path)
+    with running_server(embedder, tls_cert=str(cert), tls_key=str(key)) as s:
+        target = f"127.0.0.1:{s.port}"
+        with EmbedderClient(target, tls_ca=cert) as secure:
+            np.testing.assert_allclose(secure.embed(photos[:2]), expected[:2], atol=1e-6)
+        with EmbedderClient(target, retries=0, timeout=5) as plaintext, pytest.raises(ServiceError) as e:
+            plaintext.embed(photos[:1])
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_cli_embed_with_server_writes_the_same_files(server, embedder, photos, tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, data in enumerate(photos[:4]):
+        (folder / f"p{i}.jpg").write_bytes(data)
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "v.npy"
+    code = cli_main(["embed", str(folder), "--out", str(out), "--server", f"127.0.0.1:{server.port}", "-q"])
+    assert code == 1  # one file was skipped, as locally
+    meta = json.loads(out.with_suffix(".json").read_text())
+    files = sorted(folder.glob("*.jpg"))
+    good = [f for f in files if f.name != "broken.jpg"]
+    assert meta["paths"] == [str(f) for f in good] and meta["count"] == 4
+    assert meta["model_id"] == embedder.model_id and meta["server"] == f"127.0.0.1:{server.port}"
+    assert [f["path"] for f in meta["failed"]] == [str(folder / "broken.jpg")]
+    np.testing.assert_allclose(np.load(out), embedder.embed([f.read_bytes() for f in good]), atol=1e-6)
+    assert "skipped" in capsys.readouterr().err
