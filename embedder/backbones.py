@@ -41,7 +41,7 @@ class Preprocessing:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bilinear"  # bilinear | bicubic, antialiased as PIL always does
-    version: int = 1
+    version: int = 2
 
     def __post_init__(self) -> None:
         if self.interpolation not in ("bilinear", "bicubic"):

@@ -7,6 +7,7 @@ message that says what was wrong, so one bad item never takes a batch down.
 from __future__ import annotations
 
 import io
+import math
 import os
 from pathlib import Path
 from typing import Union
@@ -24,6 +25,7 @@ ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image, os.Pat
 Image.MAX_IMAGE_PIXELS = None
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+_SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # Pillow's filter support radius before antialias scaling
 _EXIF_ORIENTATION = 0x0112
 
 
@@ -136,7 +138,8 @@ class Preprocessor:
 
     Equivalent to torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image, but the
     resize is computed only over the source region that survives the crop (Pillow's ``box``): the
-    same filter taps and the same pixels, less work, and an extreme aspect ratio cannot blow up memory.
+    same filter taps, the same pixels up to rare ±1 rounding, less work, and an extreme aspect ratio
+    cannot blow up memory.
     """
 
     def __init__(self, preprocessing: Preprocessing, *, max_pixels: int) -> None:
@@ -161,5 +164,12 @@ class Preprocessor:
         top = int(round((new_h - crop) / 2.0))
         left = int(round((new_w - crop) / 2.0))
         sx, sy = w / new_w, h / new_h
-        box = (left * sx, top * sy, (left + crop) * sx, (top + crop) * sy)
-        return img.resize((crop, crop), self._resample, box=box)
+        # Two explicit passes, horizontal then vertical, each rounding to uint8 in between exactly as
+        # Pillow's full-image resize does (a single boxed resize reorders them and drifts by 1 on many pixels).
+        # The horizontal pass only covers the source rows the vertical filter will read.
+        reach = _SUPPORT[self.pp.interpolation] * max(sy, 1.0)
+        y0, y1 = top * sy, (top + crop) * sy
+        r0, r1 = max(0, int(y0 - reach) - 1), min(h, math.ceil(y1 + reach) + 1)
+        rows = img.crop((0, r0, w, r1)).resize((crop, r1 - r0), self._resample,
+                                               box=(left * sx, 0, (left + crop) * sx, r1 - r0))
+        return rows.resize((crop, crop), self._resample, box=(0, y0 - r0, crop, y1 - r0))
