@@ -6,8 +6,9 @@ Data flow (no gRPC in here; the server adapts it)::
       -> pending requests, served round-robin so one caller's 1000 images cannot starve another's one
       -> feeder thread -> Embedder.submit (the decode pool), as the decode budget allows
       -> decoded crop -> ready queue (a bad item fails only its own future, here)
-      -> worker thread: up to max_batch ready items, or what is ready max_delay_ms after the oldest
-         became ready, whichever comes first -> Embedder.embed_arrays -> each item's future
+      -> worker thread: as soon as a full batch is ready (the model's micro-batch: ~4 on CPU, max_batch
+         on CUDA), or what is ready max_delay_ms after the oldest became ready, whichever comes first;
+         at most max_batch items -> Embedder.embed_arrays -> each item's future
 
 Memory: decoding is where image size costs memory (a 64 MP JPEG is ~190 MB of RGB while it decodes); after
 the resize-crop every item is the same small ``(crop, crop, 3)`` array, so the model batch is already bounded
@@ -66,6 +67,7 @@ class SupportsBatching(Protocol):
     """What the batcher needs from :class:`embedder.pipeline.Embedder`."""
 
     config: Any  # reads .max_pixels
+    micro_batch: int  # the model's efficient batch: a batch this full leaves without waiting
 
     def submit(self, item: Any) -> "Future[np.ndarray | str]": ...
 
@@ -146,6 +148,9 @@ class Batcher:
         self._embedder = embedder
         self._max_pixels = int(getattr(embedder.config, "max_pixels", 1 << 62))
         self.max_batch = max_batch
+        # On CPU the model runs micro-batches of ~4 and gains nothing from waiting for 64 items; on CUDA
+        # micro_batch == max_batch, so the batcher waits for a full batch as usual.
+        self.full_batch = min(max_batch, int(getattr(embedder, "micro_batch", max_batch)))
         self.max_delay = max_delay_ms / 1000.0
         self.max_batch_pixels = max_batch_pixels
         self.max_queue = max_queue
@@ -324,7 +329,7 @@ class Batcher:
             self._finish(work, error=BatcherClosedError(f"not embedded: {self._dead}"), stat="failed")
 
     def _work(self) -> None:
-        """Form batches (max_batch, or max_delay after the oldest ready item) and run the model."""
+        """Form batches (full_batch ready, or max_delay after the oldest ready item; at most max_batch) and run."""
         while True:
             with self._cond:
                 while self._dead is None and not self._ready and not self._done_when_closing():
@@ -332,7 +337,7 @@ class Batcher:
                 if self._dead is not None or (not self._ready and self._done_when_closing()):
                     return
                 oldest = self._ready[0].ready_at
-                while len(self._ready) < self.max_batch and not self._closing and self._dead is None:
+                while len(self._ready) < self.full_batch and not self._closing and self._dead is None:
                     remaining = oldest + self.max_delay - time.monotonic()
                     if remaining <= 0:
                         break

@@ -17,7 +17,7 @@ from embedder import BatchError, Embedder, ImageDecodeError, get_backbone
 from embedder.backbones import load_backbone
 from embedder.errors import UnknownModelError
 from embedder.preprocess import Preprocessor
-from embedder.runtimes import installed, resolve_runtime
+from embedder.runtimes import CPU_PREFERENCE, installed, resolve_runtime
 
 from conftest import jpeg_bytes
 
@@ -91,8 +91,13 @@ def test_every_runtime_is_fp32_exact(runtime, photos, reference_vectors, cache_d
     np.testing.assert_allclose(got, reference_vectors, rtol=2e-2, atol=5e-3)  # raw features; ±1/255 resize rounding
 
 
-def test_default_cpu_runtime_is_an_onnx_runtime():
-    assert resolve_runtime("auto", "cpu") == "onnxruntime"
+def test_default_cpu_runtime_is_the_fastest_installed():
+    """auto on CPU takes the first installed runtime of the measured preference order, never torch if one is."""
+    expected = next(r for r in CPU_PREFERENCE if installed(r))
+    assert resolve_runtime("auto", "cpu") == expected
+    assert resolve_runtime("auto", "cuda") == "torch"
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_runtime("onnxruntime", "cuda")
     with pytest.raises(ValueError, match="runtime"):
         resolve_runtime("tensorrt", "cpu")
 
