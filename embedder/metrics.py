@@ -38,9 +38,15 @@ class Metrics:
                                "Items dropped before the model because their caller was gone", registry=r)
         self.cache_hits = Counter("embedder_cache_hits", "Vectors served from the cache", registry=r)
         self.serving = Gauge("embedder_serving", "1 while the health status is SERVING", registry=r)
+        # The runtime sits beside the model id, not in it: fp32 outputs of every runtime agree.
+        self.model = Gauge("embedder_model_info", "The loaded backbone (value 1)",
+                           ["model_id", "runtime", "device", "precision"], registry=r)
         for outcome in ("ok", "error"):  # export zeros before the first request
             self.images.labels(outcome)
         self._http = None
+
+    def set_model(self, info: dict) -> None:
+        self.model.labels(info["model_id"], info["runtime"], info["device"], info["precision"]).set(1)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

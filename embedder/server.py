@@ -146,6 +146,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     def attach(self, embedder: Any, batcher: Batcher) -> None:
         self._model_info = embedder.info()
+        self.metrics.set_model(self._model_info)
         self._embedder, self._batcher = embedder, batcher
 
     # --- RPCs

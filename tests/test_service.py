@@ -414,6 +414,10 @@ def test_metrics_endpoint_exposes_the_counters(stub, photos, metrics_port):
     assert samples[("embedder_queue_depth", ())] == 0
     assert samples[("embedder_cache_hits_total", ())] == 0
     assert samples[("embedder_serving", ())] == 1
+    info = stub.ListModels(pb.ListModelsRequest(), timeout=10).models[0]
+    labels = (("device", info.device), ("model_id", info.model_id), ("precision", info.precision),
+              ("runtime", info.runtime))
+    assert samples[("embedder_model_info", labels)] == 1
 
 
 def test_sigterm_lets_the_in_flight_call_finish_and_exits_0(embedder, cache_dir, photos, expected, tmp_path):
