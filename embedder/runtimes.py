@@ -176,8 +176,12 @@ def export_onnx(spec: BackboneSpec, module: FrozenBackbone, cache_dir: Path) -> 
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
+            model = module.cpu().eval()
+            if spec.torchscript:
+                # The legacy exporter cannot trace into a loaded TorchScript submodule; it exports a traced wrapper.
+                model = torch.jit.trace(model, (dummy,))
             torch.onnx.export(
-                module.cpu().eval(), (dummy,), tmp, dynamo=False, opset_version=OPSET,
+                model, (dummy,), tmp, dynamo=False, opset_version=OPSET,
                 input_names=["images"], output_names=["features"],
                 dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
             )

