@@ -19,7 +19,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from .backbones import list_backbones
 from .config import Config
 from .errors import EmbedderError
 from .runtimes import RUNTIMES, installed, resolve_runtime
+
+if TYPE_CHECKING:
+    from .pipeline import BatchResult
 
 log = logging.getLogger("embedder.cli")
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -60,31 +61,21 @@ def _runtime_embedder(runtime, default, cache_dir):
     return Embedder(model="mobilenet_v2", device="cpu", runtime=runtime, cache_dir=cache_dir)
 
 
-@pytest.fixture(scope="session")
-def torch_embedder(embedder, cache_dir):
-    """mobilenet_v2 on the torch runtime (CPU), shared by every test that needs it."""
-    emb = _runtime_embedder("torch", embedder, cache_dir)
-    yield emb
-    if emb is not embedder:
-        emb.close()
+def _runtime_fixture(runtime: str, doc: str):
+    @pytest.fixture(scope="session", name=f"{'ort' if runtime == 'onnxruntime' else runtime}_embedder")
+    def fixture(embedder, cache_dir):
+        emb = _runtime_embedder(runtime, embedder, cache_dir)
+        yield emb
+        if emb is not embedder:
+            emb.close()
+
+    fixture.__doc__ = doc
+    return fixture
 
 
-@pytest.fixture(scope="session")
-def ort_embedder(embedder, cache_dir):
-    """mobilenet_v2 on ONNX Runtime, shared."""
-    emb = _runtime_embedder("onnxruntime", embedder, cache_dir)
-    yield emb
-    if emb is not embedder:
-        emb.close()
-
-
-@pytest.fixture(scope="session")
-def openvino_embedder(embedder, cache_dir):
-    """mobilenet_v2 on OpenVINO (fp32), shared."""
-    emb = _runtime_embedder("openvino", embedder, cache_dir)
-    yield emb
-    if emb is not embedder:
-        emb.close()
+torch_embedder = _runtime_fixture("torch", "mobilenet_v2 on the torch runtime (CPU), shared by every test that needs it.")
+ort_embedder = _runtime_fixture("onnxruntime", "mobilenet_v2 on ONNX Runtime, shared.")
+openvino_embedder = _runtime_fixture("openvino", "mobilenet_v2 on OpenVINO (fp32), shared.")
 
 
 @pytest.fixture(scope="session")
@@ -120,3 +111,20 @@ def restore_registry():
     with backbones._registry_lock:
         backbones._REGISTRY.clear()
         backbones._REGISTRY.update(saved)
+
+
+@contextmanager
+def running_server(model, *, load: bool = True, grace: float = 1.0, **settings):
+    """An in-process gRPC server on an ephemeral loopback port around ``model``; stopped on exit."""
+    from embedder.config import Config
+    from embedder.server import EmbedderServer
+
+    config = Config.from_env(environ={}, port=settings.pop("port", 0), grace_seconds=2.0, **settings)
+    server = EmbedderServer(config, embedder=model)
+    server.start()
+    try:
+        if load:
+            server.load()
+        yield server
+    finally:
+        server.stop(grace=grace)

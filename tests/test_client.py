@@ -7,34 +7,19 @@ import json
 import socket
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 
 import grpc
 import numpy as np
 import pytest
+from conftest import running_server
 from PIL import Image
 
 from embedder.cli import main as cli_main
 from embedder.client import EmbedderClient, ItemResult, RemoteBatchError, ServiceError
-from embedder.config import Config
 from embedder.pipeline import BatchResult
-from embedder.server import EmbedderServer
 
 MAX_MESSAGE = 2 * 1024 * 1024
 MAX_ITEMS = 16
-
-
-@contextmanager
-def running_server(model, *, load: bool = True, **settings):
-    config = Config.from_env(environ={}, port=settings.pop("port", 0), grace_seconds=2.0, **settings)
-    server = EmbedderServer(config, embedder=model)
-    server.start()
-    try:
-        if load:
-            server.load()
-        yield server
-    finally:
-        server.stop(grace=0.5)
 
 
 @pytest.fixture(scope="module")

@@ -20,10 +20,10 @@ from contextlib import contextmanager
 import grpc
 import numpy as np
 import pytest
+from conftest import running_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from embedder.config import Config
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
 from embedder.server import SERVICE_NAME, EmbedderServer
@@ -40,20 +40,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def running_server(model, *, load: bool = True, **settings):
-    """An in-process server on an ephemeral port around ``model``; stopped on exit."""
-    config = Config.from_env(environ={}, port=0, grace_seconds=2.0, **settings)
-    server = EmbedderServer(config, embedder=model)
-    server.start()
-    try:
-        if load:
-            server.load()
-        yield server
-    finally:
-        server.stop(grace=1.0)
 
 
 @contextmanager
