@@ -40,3 +40,26 @@ class BatchError(EmbedderError, ValueError):
             f"{len(errors)} of {total} items could not be embedded: {shown}{more}. "
             "Use Embedder.embed_batch() to get per-item results instead of an exception."
         )
+
+
+class NotFoundError(EmbedderError, KeyError):
+    """A collection or stored item does not exist (gRPC: NOT_FOUND)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class CollectionMismatchError(EmbedderError):
+    """Vectors do not fit the collection they were sent to (gRPC: FAILED_PRECONDITION)."""
+
+
+class ModelMismatchError(CollectionMismatchError):
+    """The vectors come from another model than the one the collection is bound to."""
+
+
+class DimensionMismatchError(CollectionMismatchError):
+    """The vectors have another dimension than the collection's."""
+
+
+class StoreLockedError(EmbedderError):
+    """Another process has the store's data directory open."""

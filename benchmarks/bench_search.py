@@ -1,0 +1,253 @@
+"""Store benchmark: cache hit vs miss on real JPEGs, then exact vs HNSW search over 100k stored 1280-d vectors.
+
+Usage::
+
+    python benchmarks/bench_search.py            # 100k vectors, 1000 queries
+    python benchmarks/bench_search.py --quick    # smoke test: 20k vectors, 200 queries
+
+Measured, all through :class:`embedder.store.Store` (SQLite commits, FAISS, metadata fetch included):
+
+1. cache: ``embed_cached`` on one real JPEG (benchmarks/images.py) the first time (a miss: hash, decode,
+   model, store) and again (a hit: hash and one SQLite lookup); median over the photos. Target: hit >= 50x faster.
+2. add throughput: batches of 1000 into an exact (flat) and an HNSW collection.
+3. search at k=10, one query per call from one thread: p50/p99 latency and QPS; QPS for batches of 100
+   queries; a label filter matching 10% of items; HNSW recall@10 against exact search, over ``ef_search``.
+   Target: recall@10 >= 0.95 at the default :class:`embedder.index.IndexSpec`.
+4. memory: index bytes per vector (its snapshot's size: the FAISS index as serialised, ~ its RAM) and
+   SQLite bytes per vector (disk); per million vectors: RAM = index, disk = SQLite + snapshot.
+5. restart: open with current snapshots, and open rebuilding the exact index from SQLite.
+
+The stored vectors are synthetic, with neighbourhood structure at two scales (see :func:`clustered`),
+because embedding 100k photos on a CPU takes too long for a benchmark. Uniform random vectors have no
+neighbourhoods at all, which makes any graph index look bad; their HNSW recall is reported as a worst case.
+Results go to ``benchmarks/results/bench_search.json`` (``bench_search_quick.json`` with ``--quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from embedder import Embedder
+from embedder.index import IndexSpec, VectorIndex
+from embedder.store import Store, content_hash, embed_cached
+from images import real_jpegs, write_json
+
+log = logging.getLogger("bench_search")
+
+DIM = 1280  # mobilenet_v2
+MODEL_ID = "synthetic-1280"
+K = 10
+EF_SEARCH = (16, 32, 64, 128, 256)
+ADD_BATCH = 1000
+QUERY_BATCH = 100
+HIT_SPEEDUP_TARGET = 50.0
+RECALL_TARGET = 0.95
+DATA_SEED = 1
+
+
+def clustered(n: int, *, seed: int, clusters: int = 1000, subclusters: int = 10) -> np.ndarray:
+    """``n`` L2-normalised synthetic embeddings: ``mean + cluster + sub-cluster + own noise``.
+
+    Per-dimension Gaussian scales 1.0, 0.8, 0.5 and 0.9; the shared mean and the ``clusters x subclusters``
+    centres are fixed (DATA_SEED), ``seed`` draws which centre each vector belongs to and its noise. Random
+    pairs then have cosine ~0.37 and nearest neighbours ~0.7, as CNN image embeddings do.
+    """
+    centres = np.random.default_rng(DATA_SEED)
+    mean = centres.standard_normal(DIM, dtype=np.float32)
+    cluster = centres.standard_normal((clusters, DIM), dtype=np.float32) * np.float32(0.8)
+    sub = centres.standard_normal((clusters * subclusters, DIM), dtype=np.float32) * np.float32(0.5)
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, DIM), dtype=np.float32)
+    for start in range(0, n, 10_000):
+        m = min(10_000, n - start)
+        s = rng.integers(0, clusters * subclusters, m)
+        noise = rng.standard_normal((m, DIM), dtype=np.float32) * np.float32(0.9)
+        x = mean + cluster[s // subclusters] + sub[s] + noise
+        out[start:start + m] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def uniform(n: int, *, seed: int) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, DIM), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def ms(seconds: list[float], q: float) -> float:
+    return round(float(np.quantile(seconds, q)) * 1e3, 3)
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def bench_cache(root: Path, n: int) -> dict[str, Any]:
+    jpegs = real_jpegs(n + 1, seed=0)
+    with Embedder(model="mobilenet_v2", device="cpu") as embedder, Store(root / "cache") as store:
+        embed_cached(embedder, jpegs[-1:], store=store)  # warm-up, not timed
+        miss, hit, by_sha = [], [], []
+        for jpeg in jpegs[:-1]:
+            t, first = timed(lambda: embed_cached(embedder, [jpeg], store=store))
+            miss.append(t)
+            t, again = timed(lambda: embed_cached(embedder, [jpeg], store=store))
+            hit.append(t)
+            assert not first.cached[0] and again.cached[0] and np.array_equal(first.vectors, again.vectors)
+            sha = content_hash(jpeg)
+            by_sha.append(timed(lambda: store.lookup(embedder.model_id, [sha]))[0])
+        runtime = embedder.runtime.name
+    kb = statistics.median(len(j) for j in jpegs[:-1]) / 1e3
+    speedup = statistics.median(miss) / statistics.median(hit)
+    return {"images": n, "median_jpeg_kb": round(kb, 1), "runtime": runtime,
+            "miss_ms_p50": ms(miss, 0.5), "miss_ms_p99": ms(miss, 0.99),
+            "hit_ms_p50": ms(hit, 0.5), "hit_ms_p99": ms(hit, 0.99), "hit_speedup": round(speedup, 1),
+            "lookup_by_sha256_ms_p50": ms(by_sha, 0.5),  # a client that sends the hash skips hashing too
+            "target": f"hit >= {HIT_SPEEDUP_TARGET:.0f}x faster than miss", "passed": speedup >= HIT_SPEEDUP_TARGET}
+
+
+def bench_add(store: Store, name: str, x: np.ndarray, labels: list[str]) -> float:
+    ids = [f"v{i}" for i in range(len(x))]
+    start = time.perf_counter()
+    for s in range(0, len(x), ADD_BATCH):
+        store.add(name, ids[s:s + ADD_BATCH], x[s:s + ADD_BATCH], model_id=MODEL_ID, labels=labels[s:s + ADD_BATCH])
+    return len(x) / (time.perf_counter() - start)
+
+
+def bench_queries(store: Store, name: str, q: np.ndarray, *, label: str | None = None,
+                  ef_search: int | None = None) -> tuple[dict[str, float], list[list[str]]]:
+    """One query per call for p50/p99 and QPS, then batches of QUERY_BATCH for batched QPS."""
+    store.search(name, q[:5], k=K, label=label, ef_search=ef_search)  # warm-up
+    lat, ids = [], []
+    for row in q:
+        t, hits = timed(lambda: store.search(name, row[None], k=K, label=label, ef_search=ef_search))
+        lat.append(t)
+        ids.append([h.id for h in hits[0]])
+    t, _ = timed(lambda: [store.search(name, q[s:s + QUERY_BATCH], k=K, label=label, ef_search=ef_search)
+                          for s in range(0, len(q), QUERY_BATCH)])
+    return {"p50_ms": ms(lat, 0.5), "p99_ms": ms(lat, 0.99), "qps": round(len(q) / sum(lat), 1),
+            "qps_batched": round(len(q) / t, 1)}, ids
+
+
+def recall(found: list[list[str]], truth: list[list[str]]) -> float:
+    return round(float(np.mean([len(set(f) & set(t)) / K for f, t in zip(found, truth)])), 4)
+
+
+def bench_search(root: Path, n: int, n_queries: int) -> dict[str, Any]:
+    spec = IndexSpec("hnsw")
+    x = clustered(n, seed=0)
+    q = clustered(n_queries, seed=1)
+    labels = [f"l{i % 10}" for i in range(n)]
+    sample = x[:2000] @ x[2000:4000].T
+    data = {"n": n, "dim": DIM, "queries": n_queries, "k": K,
+            "vectors": "synthetic clustered (mean + 1000 clusters x 10 sub-clusters + noise), L2-normalised",
+            "random_pair_cosine": round(float(sample.mean()), 3)}
+    results: dict[str, Any] = {}
+    sqlite = root / "store" / "store.sqlite3"
+    with Store(root / "store") as store:
+        store.create_collection("exact", model_id=MODEL_ID, dim=DIM)
+        store.create_collection("hnsw", model_id=MODEL_ID, dim=DIM, index=spec)
+        log.info("adding %d vectors to the exact collection", n)
+        exact_add = bench_add(store, "exact", x, labels)
+        sqlite_bytes = sqlite.stat().st_size + Path(f"{sqlite}-wal").stat().st_size
+        log.info("adding %d vectors to the HNSW collection (%s)", n, spec)
+        hnsw_add = bench_add(store, "hnsw", x, labels)
+
+        log.info("searching")
+        results["exact"], truth = bench_queries(store, "exact", q)
+        results["exact"]["add_per_s"] = round(exact_add, 1)
+        data["nearest_neighbour_cosine"] = round(float(np.mean(
+            [store.search("exact", row[None], k=1)[0][0].score for row in q[:200]])), 3)
+        results["exact, label filter 10%"], truth_l3 = bench_queries(store, "exact", q, label="l3")
+        for ef in EF_SEARCH:
+            row, found = bench_queries(store, "hnsw", q, ef_search=ef)
+            results[f"hnsw ef_search={ef}"] = {**row, "recall_at_10": recall(found, truth)}
+        results[f"hnsw ef_search={spec.ef_search}"]["add_per_s"] = round(hnsw_add, 1)
+        row, found = bench_queries(store, "hnsw", q, label="l3")
+        results[f"hnsw ef_search={spec.ef_search}, label filter 10%"] = {**row, "recall_at_10": recall(found, truth_l3)}
+
+        store.save()
+        snapshots = {c: (root / "store" / "snapshots" / f"c{i}.faiss").stat().st_size  # cids in creation order
+                     for c, i in (("exact", 1), ("hnsw", 2))}
+    memory = {  # the index lives in RAM (its snapshot is its serialised form); SQLite lives on disk
+        "index_bytes_per_vector": {c: round(b / n) for c, b in snapshots.items()},
+        "sqlite_bytes_per_vector": round(sqlite_bytes / n),
+        "ram_gb_per_million": {c: round(b / n * 1e6 / 1e9, 2) for c, b in snapshots.items()},
+        "disk_gb_per_million": {c: round((sqlite_bytes + b) / n * 1e6 / 1e9, 2) for c, b in snapshots.items()},
+    }
+
+    t_open, _ = timed(lambda: Store(root / "store").close())
+    (root / "store" / "snapshots" / "c1.faiss").unlink()
+    t_rebuild, _ = timed(lambda: Store(root / "store").close())
+    restart = {"open_with_snapshots_s": round(t_open, 2), "open_rebuilding_exact_from_sqlite_s": round(t_rebuild, 2)}
+
+    default = results[f"hnsw ef_search={spec.ef_search}"]["recall_at_10"]
+    target = {"target": f"recall@10 >= {RECALL_TARGET} at the default {spec}", "recall_at_10": default,
+              "passed": default >= RECALL_TARGET}
+    return {"data": data, "search": results, "memory": memory, "restart": restart, "hnsw_default": target}
+
+
+def bench_worst_case(n: int, n_queries: int) -> dict[str, Any]:
+    """HNSW on uniform random unit vectors (no neighbourhoods): how far recall falls without structure."""
+    spec = IndexSpec("hnsw")
+    x, q = uniform(n, seed=2), uniform(n_queries, seed=3)
+    exact, hnsw = VectorIndex(DIM, IndexSpec()), VectorIndex(DIM, spec)
+    ids = np.arange(n)
+    exact.add(ids, x)
+    hnsw.add(ids, x)
+    truth = exact.search(q, K)[1].tolist()
+    return {"n": n, "vectors": "uniform random unit vectors", **{
+        f"recall_at_10_ef_search={ef}": recall(hnsw.search(q, K, ef_search=ef)[1].tolist(), truth)
+        for ef in (spec.ef_search, 256, 1024)}}
+
+
+def print_table(out: dict[str, Any]) -> None:
+    c = out["cache"]
+    print(f"\ncache ({c['images']} real JPEGs, median {c['median_jpeg_kb']} KB, {c['runtime']}): "
+          f"miss p50 {c['miss_ms_p50']} ms, hit p50 {c['hit_ms_p50']} ms -> {c['hit_speedup']}x "
+          f"[{'PASS' if c['passed'] else 'FAIL'}: {c['target']}]; lookup by sha256 alone "
+          f"{c['lookup_by_sha256_ms_p50']} ms")
+    s = out["search"]
+    d = s["data"]
+    print(f"\nsearch: {d['n']} x {d['dim']}-d ({d['vectors']}; cosine of random pairs {d['random_pair_cosine']}, "
+          f"of nearest neighbours {d['nearest_neighbour_cosine']}), {d['queries']} queries, k={K}, one thread")
+    print(f"{'index':<40}{'p50 ms':>9}{'p99 ms':>9}{'QPS':>9}{'QPS b100':>10}{'recall@10':>11}{'add/s':>9}")
+    for name, r in s["search"].items():
+        print(f"{name:<40}{r['p50_ms']:>9}{r['p99_ms']:>9}{r['qps']:>9}{r['qps_batched']:>10}"
+              f"{r.get('recall_at_10', 1.0):>11}{r.get('add_per_s', ''):>9}")
+    print(f"\nmemory: {s['memory']}\nrestart: {s['restart']}")
+    print(f"HNSW default: [{'PASS' if s['hnsw_default']['passed'] else 'FAIL'}] {s['hnsw_default']}")
+    print(f"worst case: {out['worst_case']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20k vectors, 200 queries, 16 photos")
+    parser.add_argument("--n", type=int, help="stored vectors (default 100000, 20000 with --quick)")
+    parser.add_argument("--queries", type=int, help="queries (default 1000, 200 with --quick)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    n = args.n or (20_000 if args.quick else 100_000)
+    n_queries = args.queries or (200 if args.quick else 1000)
+    root = Path(tempfile.mkdtemp(prefix="bench_search-"))
+    try:
+        out = {"quick": args.quick, "cache": bench_cache(root, 16 if args.quick else 64),
+               "search": bench_search(root, n, n_queries),
+               "worst_case": bench_worst_case(min(n, 20_000), min(n_queries, 200))}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print_table(out)
+    path = write_json("bench_search_quick" if args.quick else "bench_search", out)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,471 @@
+"""The vector store on real FAISS and real SQLite: cache, collections, search, restarts, snapshots, threads.
+
+Semantics are checked against brute-force numpy cosine on random unit vectors; the cache and a search
+sanity check run on real photos through the session's real model.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+
+import numpy as np
+import pytest
+
+from embedder.errors import (DimensionMismatchError, EmbedderError, ModelMismatchError, NotFoundError,
+                             StoreLockedError)
+from embedder.index import IndexSpec, VectorIndex
+from embedder.store import Store, content_hash, embed_cached
+
+from conftest import jpeg_bytes
+
+M = "test-model@1"
+
+
+def unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def sha(i: int) -> str:
+    return hashlib.sha256(f"image {i}".encode()).hexdigest()
+
+
+def brute_force(x: np.ndarray, ids: list[str], q: np.ndarray, k: int) -> list[list[str]]:
+    scores = q @ x.T
+    return [[ids[j] for j in np.argsort(-row, kind="stable")[:k]] for row in scores]
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "data") as s:
+        yield s
+
+
+# --- collections: add, upsert, get, delete, labels ---
+
+def test_add_then_get_returns_exact_vectors_and_metadata(store):
+    x = unit(3, 16) * 3.0  # not normalised: the store keeps vectors exactly as given
+    result = store.add("pets", ["a", "b", "c"], x, model_id=M, sha256s=[sha(0), None, sha(2)],
+                       labels=["cat", None, "dog"], metadata=[{"src": "x.jpg", "n": [1, 2]}, None, {"ü": True}])
+    assert (result.added, result.replaced) == (3, 0)
+    a, missing, c = store.get("pets", ["a", "nope", "c"])
+    assert missing is None
+    np.testing.assert_array_equal(a.vector, x[0])
+    assert (a.sha256, a.label, a.metadata) == (sha(0), "cat", {"src": "x.jpg", "n": [1, 2]})
+    assert (c.label, c.metadata) == ("dog", {"ü": True})
+    assert "vector=<float32[16]>" in repr(a)
+
+
+def test_re_adding_an_id_replaces_vector_label_and_metadata(store):
+    x = unit(4, 16)
+    store.add("c", ["a", "b"], x[:2], model_id=M, labels=["old", "old"], metadata=[{"v": 1}, None])
+    before = store.get("c", ["a"])[0]
+    result = store.add("c", ["a", "z"], x[2:4], model_id=M, labels=["new", None], metadata=[{"v": 2}, None])
+    assert (result.added, result.replaced) == (1, 1)
+    after = store.get("c", ["a"])[0]
+    np.testing.assert_array_equal(after.vector, x[2])
+    assert (after.label, after.metadata, after.created) == ("new", {"v": 2}, before.created)
+    assert after.updated >= before.updated
+    assert store.collection("c").count == 3
+    top = store.search("c", x[:1], k=3)[0]
+    assert "a" not in [h.id for h in top if h.score > 0.999]  # the old vector is gone from the index
+    assert store.search("c", x[2:3], k=1)[0][0].id == "a"
+
+
+def test_delete_removes_items_and_reports_missing_ids(store):
+    x = unit(50, 16)
+    ids = [f"i{i}" for i in range(50)]
+    store.add("c", ids, x, model_id=M)
+    result = store.delete("c", ["i3", "i7", "ghost"])
+    assert (result.deleted, result.missing) == (2, ["ghost"])
+    assert store.get("c", ["i3", "i4"])[0] is None
+    hits = store.search("c", x[[3, 7]], k=48)
+    assert all(h.id not in ("i3", "i7") for row in hits for h in row)
+    assert [len(row) for row in hits] == [48, 48]
+
+
+def test_set_labels_is_all_or_nothing(store):
+    store.add("c", ["a", "b"], unit(2, 8), model_id=M, labels=["x", "x"])
+    assert store.set_labels("c", {"a": "y", "b": None}) == 2
+    assert [i.label for i in store.get("c", ["a", "b"])] == ["y", None]
+    with pytest.raises(NotFoundError, match="'ghost'"):
+        store.set_labels("c", {"a": "z", "ghost": "z"})
+    assert store.get("c", ["a"])[0].label == "y"
+    info = store.collection("c")
+    assert (info.labels, info.unlabeled) == ({"y": 1}, 1)
+
+
+# --- search ---
+
+def test_exact_search_matches_brute_force(store):
+    x, q = unit(2000, 32), unit(5, 32, seed=1)
+    ids = [f"i{i}" for i in range(2000)]
+    store.add("c", ids, x, model_id=M)
+    hits = store.search("c", q, k=10)
+    assert [[h.id for h in row] for row in hits] == brute_force(x, ids, q, 10)
+    for row, qv in zip(hits, q):
+        np.testing.assert_allclose([h.score for h in row], np.sort(x @ qv)[::-1][:10], rtol=1e-5, atol=1e-6)
+    assert len(store.search("c", q[:1], k=5000)[0]) == 2000  # k beyond the collection: everything, once
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_label_filter_returns_k_matching_hits(store, index):
+    x, q = unit(3000, 32), unit(4, 32, seed=1)
+    ids = [f"i{i}" for i in range(3000)]
+    labels = ["common" if i % 10 < 6 else f"l{i % 10}" for i in range(3000)]
+    labels[17], labels[2500] = "rare", "rare"
+    store.create_collection("c", model_id=M, dim=32, index=index)
+    store.add("c", ids, x, model_id=M, labels=labels)
+
+    def expected(label: str) -> list[list[str]]:
+        keep = [i for i, lab in enumerate(labels) if lab == label]
+        return brute_force(x[keep], [ids[i] for i in keep], q, 10)
+
+    for label in ("l7", "common"):  # 10% of items (HNSW: answered exactly), 60% (HNSW: filtered graph walk)
+        hits = store.search("c", q, k=10, label=label)
+        assert all(len(row) == 10 and all(h.label == label for h in row) for row in hits)
+        got = [[h.id for h in row] for row in hits]
+        if index == "flat" or label == "l7":
+            assert got == expected(label)
+        else:
+            assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, expected(label))]) >= 0.9
+    assert [sorted(h.id for h in row) for row in store.search("c", q, k=10, label="rare")] == [["i17", "i2500"]] * 4
+    assert store.search("c", q, k=10, label="no such label") == [[], [], [], []]
+
+
+def test_search_across_collections_merges_and_keeps_models_apart(store):
+    x = unit(300, 16)
+    store.add("a", [f"a{i}" for i in range(150)], x[:150], model_id=M)
+    store.add("b", [f"b{i}" for i in range(150)], x[150:], model_id=M)
+    q = unit(3, 16, seed=5)
+    hits = store.search(None, q, k=10)
+    all_ids = [f"a{i}" for i in range(150)] + [f"b{i}" for i in range(150)]
+    assert [[h.id for h in row] for row in hits] == brute_force(x, all_ids, q, 10)
+    assert {h.collection for row in hits for h in row} == {"a", "b"}
+    store.add("other", ["o"], unit(1, 16), model_id="another-model")
+    with pytest.raises(ValueError, match="pass model_id="):
+        store.search(None, q, k=10)
+    assert store.search(None, q, k=10, model_id=M) == hits
+    assert [h.collection for h in store.search(None, q, k=10, model_id="another-model")[0]] == ["other"]
+
+
+def test_search_by_id_excludes_the_item_itself(store):
+    x = unit(100, 16)
+    store.add("c", [f"i{i}" for i in range(100)], x, model_id=M)
+    hits = store.search_by_id("c", "i5", k=5)
+    assert len(hits) == 5 and "i5" not in [h.id for h in hits]
+    assert [h.id for h in hits] == brute_force(x, [f"i{i}" for i in range(100)], x[5:6], 6)[0][1:]
+    assert store.search_by_id("c", "i5", k=1, exclude_self=False)[0].id == "i5"
+    with pytest.raises(NotFoundError, match="'ghost'"):
+        store.search_by_id("c", "ghost")
+
+
+# --- errors ---
+
+def test_wrong_model_or_dimension_is_a_precondition_error(store):
+    store.add("c", ["a"], unit(1, 16), model_id=M)
+    with pytest.raises(DimensionMismatchError, match="16-d"):
+        store.add("c", ["b"], unit(1, 32), model_id=M)
+    with pytest.raises(ModelMismatchError, match="another-model"):
+        store.add("c", ["b"], unit(1, 16), model_id="another-model")
+    with pytest.raises(DimensionMismatchError):
+        store.search("c", unit(1, 8), k=1)
+    with pytest.raises(ModelMismatchError):
+        store.search("c", unit(1, 16), k=1, model_id="another-model")
+    with pytest.raises(ModelMismatchError):
+        store.create_collection("c", model_id="another-model", dim=16)
+    with pytest.raises(ValueError, match="exists with index 'flat'"):
+        store.create_collection("c", model_id=M, dim=16, index="hnsw")
+    assert store.create_collection("c", model_id=M, dim=16).count == 1  # same binding: a no-op
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s: s.add("c", "a", unit(1, 4), model_id=M), "must be a list"),
+    (lambda s: s.add("c", ["a", "a"], unit(2, 4), model_id=M), "more than once"),
+    (lambda s: s.add("c", ["a"], unit(2, 4), model_id=M), "2 rows but 1 ids"),
+    (lambda s: s.add("c", ["a"], unit(1, 4)[0], model_id=M), r"shape \(N, dim\)"),
+    (lambda s: s.add("c", ["a"], np.zeros((1, 4)), model_id=M), "all zeros"),
+    (lambda s: s.add("c", ["a"], np.full((1, 4), np.nan), model_id=M), "not finite"),
+    (lambda s: s.add("c", ["a"], unit(1, 4), model_id=""), "model_id"),
+    (lambda s: s.add("c", [""], unit(1, 4), model_id=M), "non-empty strings"),
+    (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, labels=[""]), "label"),
+    (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, sha256s=["abc"]), "64 hex"),
+    (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, metadata=[{"x": object()}]), "JSON"),
+    (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, labels=["x", "y"]), "one per id"),
+    (lambda s: s.search(None, unit(1, 4), k=0), r"k must be an int in \[1,"),
+    (lambda s: s.search(None, unit(1, 4), k=10, ef_search=0), "ef_search"),
+    (lambda s: s.create_collection("c", model_id=M, dim=4, index="ivf"), "'flat'.*'hnsw'"),
+    (lambda s: s.create_collection("c", model_id=M, dim=4, index="flat:m=8"), "HNSW settings"),
+    (lambda s: s.lookup(M, ["not-a-hash"]), "64 hex"),
+])
+def test_bad_input_is_a_value_error_that_says_what_to_do(store, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(store)
+    assert store.list_collections() == []  # nothing half-done
+
+
+def test_unknown_collection_is_not_found(store):
+    store.add("known", ["a"], unit(1, 4), model_id=M)
+    for call in (lambda: store.search("nope", unit(1, 4)), lambda: store.get("nope", ["a"]),
+                 lambda: store.delete("nope", ["a"]), lambda: store.set_labels("nope", {"a": "x"}),
+                 lambda: store.delete_collection("nope"), lambda: store.collection("nope")):
+        with pytest.raises(NotFoundError, match="no collection 'nope' \\(collections: 'known'\\)"):
+            call()
+
+
+def test_list_stats_and_delete_collection(store):
+    store.add("b", ["x", "y"], unit(2, 8), model_id=M, labels=["l", None])
+    store.create_collection("a", model_id=M, dim=4, index="hnsw:m=16,ef_search=32")
+    infos = store.list_collections()
+    assert [(c.name, c.count, c.dim, c.index) for c in infos] == [
+        ("a", 0, 4, "hnsw:m=16,ef_construction=40,ef_search=32"), ("b", 2, 8, "flat")]
+    stats = store.stats()
+    assert (stats.items, stats.cache_items) == (2, 0) and stats.disk_bytes > 0
+    store.delete_collection("b")
+    assert [c.name for c in store.list_collections()] == ["a"]
+    assert store.search(None, unit(1, 4), k=3) == [[]]
+
+
+def test_a_data_dir_opens_in_one_store_at_a_time(tmp_path):
+    with Store(tmp_path):
+        with pytest.raises(StoreLockedError, match="open in another process"):
+            Store(tmp_path)
+    Store(tmp_path).close()
+
+
+def test_a_closed_store_refuses_calls(tmp_path):
+    store = Store(tmp_path)
+    store.add("c", ["a"], unit(1, 4), model_id=M)
+    store.close()
+    store.close()  # idempotent
+    with pytest.raises(EmbedderError, match="closed"):
+        store.search("c", unit(1, 4))
+    with pytest.raises(EmbedderError, match="closed"):
+        store.lookup(M, [sha(0)])
+
+
+def test_index_spec_round_trips_through_its_string():
+    spec = IndexSpec.parse("hnsw:m=16,ef_search=200")
+    assert (spec.kind, spec.m, spec.ef_construction, spec.ef_search) == ("hnsw", 16, 40, 200)
+    assert IndexSpec.parse(str(spec)) == spec and str(IndexSpec.parse("FLAT")) == "flat"
+
+
+def test_hnsw_deletes_are_tombstones_until_compaction():
+    index = VectorIndex(16, IndexSpec("hnsw"))
+    x = unit(100, 16)
+    index.add(np.arange(100), x)
+    index.remove(np.arange(20))
+    assert (len(index), index.tombstones) == (80, 20)
+    _, found = index.search(x[:20], 5)
+    assert not np.isin(found, np.arange(20)).any() and (found >= 0).all()
+    index.remove(np.arange(20, 30))  # 30% dead: the graph is rebuilt from the live vectors
+    assert (len(index), index.tombstones) == (70, 0)
+    np.testing.assert_array_equal(index.ids(), np.arange(30, 100))
+    assert (index.search(x[30:], 1)[1][:, 0] == np.arange(30, 100)).all()
+
+
+# --- the cache ---
+
+class CountingEmbedder:
+    """The real embedder, recording how many items reach its model."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls: list[int] = []
+
+    @property
+    def model_id(self) -> str:
+        return self.inner.model_id
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def embed_batch(self, items):
+        self.calls.append(len(items))
+        return self.inner.embed_batch(items)
+
+
+def test_cache_hits_skip_decode_and_model(tmp_path, embedder, photos):
+    counting = CountingEmbedder(embedder)
+    with Store(tmp_path) as store:
+        first = embed_cached(counting, [*photos, photos[0], b"not an image"], store=store)
+        assert counting.calls == [len(photos) + 1]  # the repeated photo is embedded once
+        assert not first.cached.any() and first.errors[-1] is not None and first.ok[:-1].all()
+        np.testing.assert_allclose(first.vectors[:-2], embedder.embed(photos), atol=1e-5)
+        np.testing.assert_array_equal(first.vectors[len(photos)], first.vectors[0])
+
+        again = embed_cached(counting, photos[::-1], store=store)
+        assert counting.calls == [len(photos) + 1]  # nothing reached the model
+        assert again.cached.all()
+        np.testing.assert_array_equal(again.vectors, first.vectors[:len(photos)][::-1])
+        assert store.stats().cache_items == len(photos)  # the failed item was not cached
+
+    with Store(tmp_path) as store:  # the cache is on disk
+        assert embed_cached(counting, photos[:2], store=store).cached.all()
+        assert counting.calls == [len(photos) + 1]
+        with pytest.raises(ValueError, match="pass bytes"):
+            embed_cached(counting, [np.zeros((8, 8, 3), np.uint8)], store=store)
+
+
+def test_real_photos_find_themselves_after_reencoding(tmp_path, embedder, photos, photo_arrays):
+    names = list(photo_arrays)
+    with Store(tmp_path) as store:
+        batch = embed_cached(embedder, photos, store=store)
+        store.add("photos", names, batch.vectors, model_id=embedder.model_id,
+                  sha256s=[content_hash(p) for p in photos], labels=names)
+        assert store.stats().cache_items == 0  # the items now hold those vectors
+        assert embed_cached(embedder, photos, store=store).cached.all()  # ...and still serve as the cache
+        query = embedder.embed([jpeg_bytes(photo_arrays["chelsea"], quality=60)])
+        top = store.search("photos", query, k=3)[0]
+        assert top[0].id == "chelsea" and top[0].score > 0.9 > top[1].score
+
+
+def test_lru_evicts_only_cache_entries_outside_collections(tmp_path):
+    x = unit(10, 8)
+    with Store(tmp_path, cache_max_items=4) as store:
+        store.put(M, [sha(i) for i in range(4)], x[:4])
+        assert store.lookup(M, [sha(0)])[0] is not None  # 0 is now the most recently used; 1 the least
+        store.put(M, [sha(4)], x[4:5])
+        assert [v is not None for v in store.lookup(M, [sha(i) for i in range(5)])] == [True, False, True, True, True]
+        store.add("c", ["member"], x[2:3], model_id=M, sha256s=[sha(2)])  # 2 moves into the collection
+        assert store.stats().cache_items == 3
+        store.put(M, [sha(i) for i in range(5, 10)], x[5:10])
+        assert store.stats().cache_items == 4
+        np.testing.assert_array_equal(store.lookup(M, [sha(2)])[0], x[2])  # members are never evicted
+        assert [v is not None for v in store.lookup(M, [sha(i) for i in range(6, 10)])] == [True] * 4
+        store.put(M, [sha(2)], x[2:3])  # a member is not cached twice
+        assert store.stats().cache_items == 4
+        assert store.lookup("another-model", [sha(9)]) == [None]
+        store.lookup(M, [sha(6)])
+    with Store(tmp_path, cache_max_items=4) as store:  # recency survives a restart
+        store.put(M, [sha(0)], x[:1])
+        assert [v is not None for v in store.lookup(M, [sha(i) for i in range(6, 10)])] == [True, False, True, True]
+
+
+# --- restarts and snapshots ---
+
+def _fill(store: Store, index: str) -> tuple[np.ndarray, list[str]]:
+    x = unit(3000, 64)
+    ids = [f"i{i}" for i in range(3000)]
+    store.create_collection("c", model_id=M, dim=64, index=index)
+    for start in range(0, 3000, 1000):
+        store.add("c", ids[start:start + 1000], x[start:start + 1000], model_id=M,
+                  labels=[f"l{i % 5}" for i in range(start, start + 1000)],
+                  metadata=[{"i": i} for i in range(start, start + 1000)])
+    store.delete("c", ids[::7])
+    store.add("c", ids[1:50:7], unit(7, 64, seed=3), model_id=M)  # upserts
+    return x, ids
+
+
+def _searches(store: Store) -> list:
+    q = unit(25, 64, seed=9)
+    return [store.search("c", q, k=10), store.search("c", q, k=10, label="l2"), store.search_by_id("c", "i8", k=10)]
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_restart_gives_identical_results(tmp_path, index, caplog):
+    with Store(tmp_path) as store:
+        _fill(store, index)
+        before = _searches(store)
+    with caplog.at_level(logging.WARNING, logger="embedder.store"), Store(tmp_path) as store:
+        assert _searches(store) == before
+    assert not caplog.records  # a clean shutdown leaves a current snapshot
+
+
+@pytest.mark.parametrize("damage", ["delete", "flip a byte", "truncate", "garbage"])
+def test_missing_or_corrupt_snapshot_is_rebuilt_with_a_warning(tmp_path, damage, caplog):
+    with Store(tmp_path) as store:
+        _fill(store, "flat")
+        before = _searches(store)
+    path = next((tmp_path / "snapshots").glob("*.faiss"))
+    data = bytearray(path.read_bytes())
+    if damage == "delete":
+        path.unlink()
+    elif damage == "flip a byte":
+        data[len(data) // 2] ^= 0x40
+        path.write_bytes(data)
+    elif damage == "truncate":
+        path.write_bytes(data[:len(data) // 3])
+    else:
+        path.write_bytes(b"\0" * 1000)
+    with caplog.at_level(logging.WARNING, logger="embedder.store"), Store(tmp_path) as store:
+        assert _searches(store) == before
+    assert any("rebuilding its index from SQLite" in r.getMessage() for r in caplog.records
+               if r.levelno == logging.WARNING)
+    with caplog.at_level(logging.WARNING, logger="embedder.store"):
+        caplog.clear()
+        Store(tmp_path).close()  # the rebuilt index was snapshotted on close
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_stale_snapshot_is_detected_and_caught_up(tmp_path, index, caplog):
+    x = unit(400, 32)
+    ids = [f"i{i}" for i in range(400)]
+    with Store(tmp_path) as store:
+        store.create_collection("c", model_id=M, dim=32, index=index)
+        store.add("c", ids[:300], x[:300], model_id=M)
+    path = next((tmp_path / "snapshots").glob("*.faiss"))
+    old = path.read_bytes()
+    with Store(tmp_path) as store:
+        store.add("c", ids[300:], x[300:], model_id=M)
+        store.delete("c", ids[:150])  # half the snapshot's vectors are gone from SQLite
+    path.write_bytes(old)  # as if the process died before writing the newer snapshot
+    with caplog.at_level(logging.WARNING, logger="embedder.store"), Store(tmp_path) as store:
+        assert store.collection("c").count == 250
+        hits = store.search("c", x, k=1)
+        assert [row[0].id for row in hits[150:]] == ids[150:]
+        assert all(row[0].id not in ids[:150] for row in hits[:150])
+    assert any("stale" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+# --- threads ---
+
+@pytest.mark.parametrize("index", ["flat", "hnsw"])
+def test_concurrent_searches_during_adds_and_deletes(tmp_path, index):
+    anchors = unit(500, 32)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    searches = []
+    with Store(tmp_path) as store:
+        store.create_collection("c", model_id=M, dim=32, index=index)
+        store.add("c", [f"a{i}" for i in range(500)], anchors, model_id=M)
+
+        def search(seed: int) -> None:
+            rng = np.random.default_rng(seed)
+            try:
+                while not stop.is_set():
+                    rows = rng.integers(0, 500, 4)
+                    for row, hits in zip(rows, store.search("c", anchors[rows], k=5)):
+                        assert hits[0].id == f"a{row}" and hits[0].score > 0.999, hits
+                        assert len({h.id for h in hits}) == 5
+                        assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+                    assert store.get("c", [f"a{rows[0]}"])[0] is not None
+                    searches.append(1)
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+                stop.set()
+
+        def write() -> None:
+            try:
+                for r in range(80):
+                    churn = unit(50, 32, seed=100 + r) * 0.5 + anchors[r:r + 50] * 0.1  # near, never equal
+                    store.add("c", [f"w{r}-{j}" for j in range(50)], churn, model_id=M)
+                    if r:
+                        store.delete("c", [f"w{r - 1}-{j}" for j in range(50)])
+                    store.set_labels("c", {f"a{r}": f"l{r}"})
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+            finally:
+                stop.set()
+
+        threads = [threading.Thread(target=search, args=(s,)) for s in range(3)] + [threading.Thread(target=write)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not errors, errors[0]
+        assert len(searches) >= 20  # they really ran alongside the writes
+        assert store.collection("c").count == 550
