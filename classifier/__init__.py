@@ -1,0 +1,24 @@
+"""Classifier heads trained on cached embeddings: fit in seconds, evaluate, save and load without pickle.
+
+    from classifier import make_head, evaluate, save_head, load_head
+
+    head = make_head("logreg").fit(vectors, labels, model_id=embedder.model_id)
+    head.predict(new_vectors, model_id=embedder.model_id)      # labels; predict_proba for probabilities
+    save_head(head, "heads/", head_id="shoes", metrics=evaluate(make_head("logreg"), vectors, labels).to_dict())
+    head = load_head("heads/shoes", expected_model_id=embedder.model_id)
+
+Plain arrays in and out; nothing here knows about the service (the service reads vectors from its store
+and calls these functions).
+"""
+from .evaluate import ClassReport, Evaluation, evaluate, evaluation_from_predictions, plot_confusion
+from .heads import (HEADS, Head, HeadError, LinearSVMHead, LogRegHead, ModelMismatchError, SVMHead, check_features,
+                    head_params, make_head)
+from .persist import (FORMAT_VERSION, HeadFormatError, HeadInfo, HeadNotFoundError, check_head_id, delete_head,
+                      list_heads, load_head, new_head_id, read_head_info, save_head)
+
+__all__ = [
+    "FORMAT_VERSION", "HEADS", "ClassReport", "Evaluation", "Head", "HeadError", "HeadFormatError", "HeadInfo",
+    "HeadNotFoundError", "LinearSVMHead", "LogRegHead", "ModelMismatchError", "SVMHead", "check_features",
+    "check_head_id", "delete_head", "evaluate", "evaluation_from_predictions", "head_params", "list_heads",
+    "load_head", "make_head", "new_head_id", "plot_confusion", "read_head_info", "save_head",
+]

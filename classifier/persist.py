@@ -1,0 +1,305 @@
+"""Saving and loading heads without pickle: arrays in safetensors, everything else in JSON.
+
+A saved head is a directory ``<root>/<head_id>/`` holding::
+
+    head.safetensors   the arrays prediction needs (Head.to_arrays()), read by a parser that never runs code
+    head.json          kind, classes, backbone model id, dim, params, metrics, created, versions, the arrays' sha256
+
+Writes are atomic: both files go to a hidden temporary directory next to the target, are fsynced, and
+the directory is renamed into place, so a reader sees a whole head or none. Loading checks the format
+version, the arrays' checksum, their names and shapes against the JSON, and (when given) the backbone
+model id, and refuses anything that does not fit together.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
+from safetensors.numpy import save as save_safetensors
+
+from .heads import HEADS, Head, HeadError, ModelMismatchError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+ARRAYS_FILE = "head.safetensors"
+META_FILE = "head.json"
+MAX_META_BYTES = 16 * 1024 * 1024  # a head.json larger than this is not one of ours
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+class HeadFormatError(HeadError):
+    """A saved head that is corrupt, edited, of an unknown format, or not a head at all."""
+
+
+class HeadNotFoundError(HeadError, FileNotFoundError):
+    """No saved head at that path or id."""
+
+
+@dataclass(frozen=True)
+class HeadInfo:
+    """What ``head.json`` says about a saved head (everything but the arrays)."""
+
+    head_id: str
+    kind: str
+    model_id: str
+    dim: int
+    classes: list[Any]
+    class_counts: list[int]
+    params: dict[str, Any]
+    metrics: dict[str, Any] | None
+    created: str
+    library_version: str
+    format_version: int
+    path: Path
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``path`` as a string)."""
+        return {"head_id": self.head_id, "kind": self.kind, "model_id": self.model_id, "dim": self.dim,
+                "classes": self.classes, "class_counts": self.class_counts, "params": self.params,
+                "metrics": self.metrics, "created": self.created, "library_version": self.library_version,
+                "format_version": self.format_version, "path": str(self.path)}
+
+
+def check_head_id(head_id: str) -> str:
+    """``head_id`` if it is a safe directory name (letters, digits, ``.``, ``_``, ``-``; up to 128), else raise."""
+    if not isinstance(head_id, str) or not _ID_RE.fullmatch(head_id):
+        raise HeadError(f"invalid head id {head_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                        "starting with a letter or digit")
+    return head_id
+
+
+def new_head_id(kind: str) -> str:
+    """A fresh id such as ``logreg-20260101T120000-3f9a1c``."""
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return f"{kind}-{stamp}-{secrets.token_hex(3)}"
+
+
+def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None,
+              metrics: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write a fitted head to ``root/<head_id>/`` atomically; returns that directory.
+
+    The head must have been fitted with ``model_id=``: a saved head is only ever used with features of
+    the backbone it was trained on. ``metrics`` (e.g. ``Evaluation.to_dict()``) must be JSON-serialisable.
+    With ``overwrite``, an existing head of that id is replaced (readers see the old or the new one; a
+    crash in between leaves the new one in place and the old one in a hidden ``.old-*`` directory).
+    """
+    if not hasattr(head, "classes_"):
+        raise HeadError("cannot save an unfitted head; call fit(X, y, model_id=...) first")
+    if not head.model_id_:
+        raise HeadError("this head does not know which backbone its features came from; fit it with "
+                        "fit(X, y, model_id=embedder.model_id) so it can never be used with another model's vectors")
+    head_id = check_head_id(new_head_id(head.kind) if head_id is None else head_id)
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / head_id
+    if final.exists() and not overwrite:
+        raise FileExistsError(f"a head with id {head_id!r} already exists in {root}; "
+                              "pass overwrite=True or delete it first")
+
+    arrays = head.to_arrays()
+    blob = save_safetensors(arrays)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "head_id": head_id,
+        "kind": head.kind,
+        "model_id": head.model_id_,
+        "dim": int(head.n_features_in_),
+        "classes": [v.item() if isinstance(v, np.generic) else v for v in head.classes_],
+        "class_counts": [int(c) for c in head.class_counts_],
+        "params": head.get_params(),
+        "metrics": dict(metrics) if metrics is not None else None,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "library_version": _library_version(),
+        "arrays": {"file": ARRAYS_FILE, "sha256": hashlib.sha256(blob).hexdigest(),
+                   "names": sorted(arrays)},
+    }
+    try:
+        meta_text = json.dumps(meta, indent=2, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise HeadError(f"metrics and params must be JSON-serialisable (finite numbers, strings, lists, dicts): {e}") \
+            from None
+
+    tmp = root / f".tmp-{head_id}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        _write_synced(tmp / ARRAYS_FILE, blob)
+        _write_synced(tmp / META_FILE, meta_text.encode())
+        _fsync_dir(tmp)
+        if final.exists():
+            old = root / f".old-{head_id}-{secrets.token_hex(4)}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved %s head %s (%d classes, model %s) to %s", head.kind, head_id, len(head.classes_),
+             head.model_id_, final)
+    return final
+
+
+def read_head_info(path: str | os.PathLike) -> HeadInfo:
+    """Read and validate ``head.json`` of the head directory ``path`` (the arrays are not read)."""
+    return _info_from_meta(_read_meta(Path(path)), Path(path))
+
+
+def load_head(path: str | os.PathLike, *, expected_model_id: str | None = None) -> Head:
+    """Load the head saved in directory ``path``; no code from the files is ever executed.
+
+    With ``expected_model_id``, a head trained on another backbone's features is refused with a
+    :class:`ModelMismatchError` naming both ids.
+    """
+    path = Path(path)
+    meta = _read_meta(path)
+    info = _info_from_meta(meta, path)
+    if expected_model_id is not None and info.model_id != expected_model_id:
+        raise ModelMismatchError(
+            f"head {info.head_id!r} was trained on features of model {info.model_id!r}, but model "
+            f"{expected_model_id!r} was expected; use a head trained for {expected_model_id!r} or train one",
+            head_model_id=info.model_id, other_model_id=expected_model_id)
+    try:
+        blob = (path / ARRAYS_FILE).read_bytes()
+    except FileNotFoundError:
+        raise HeadFormatError(f"{path / ARRAYS_FILE} is missing; the head is incomplete, save it again") from None
+    if hashlib.sha256(blob).hexdigest() != meta["arrays"]["sha256"]:
+        raise HeadFormatError(f"{path / ARRAYS_FILE} does not match the checksum in {META_FILE}: the head is "
+                              "corrupt or was modified; save or train it again")
+    try:
+        arrays = load_safetensors(blob)  # a plain header + raw buffers parser: never unpickles
+    except (SafetensorError, ValueError) as e:
+        raise HeadFormatError(f"{path / ARRAYS_FILE} is not a valid safetensors file ({e}); "
+                              "save or train the head again") from None
+    if sorted(arrays) != meta["arrays"]["names"]:
+        raise HeadFormatError(f"{path / ARRAYS_FILE} holds arrays {sorted(arrays)}, "
+                              f"{META_FILE} lists {meta['arrays']['names']}")
+    try:
+        head = HEADS[info.kind].from_arrays(arrays, classes=info.classes, params=info.params, model_id=info.model_id)
+    except HeadError as e:
+        raise HeadFormatError(f"head {info.head_id!r} in {path} does not fit together: {e}") from None
+    if head.n_features_in_ != info.dim or head.class_counts_.tolist() != info.class_counts:
+        raise HeadFormatError(f"head {info.head_id!r} in {path}: {META_FILE} says dim {info.dim} and class counts "
+                              f"{info.class_counts}, the arrays say {head.n_features_in_} and "
+                              f"{head.class_counts_.tolist()}")
+    return head
+
+
+def list_heads(root: str | os.PathLike) -> list[HeadInfo]:
+    """Every valid saved head under ``root``, sorted by id; unreadable ones are logged and skipped."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    infos = []
+    for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") or not entry.is_dir():
+            continue  # temporary and replaced directories of interrupted writes
+        try:
+            infos.append(read_head_info(entry))
+        except HeadError as e:
+            log.warning("skipping %s: %s", entry, e)
+    return infos
+
+
+def delete_head(root: str | os.PathLike, head_id: str) -> None:
+    """Delete the saved head ``head_id`` under ``root``; :class:`HeadNotFoundError` if there is none."""
+    path = Path(root) / check_head_id(head_id)
+    if not (path / META_FILE).is_file():
+        raise HeadNotFoundError(f"no head with id {head_id!r} in {root}")
+    # rename first, so a concurrent reader never sees a half-deleted head
+    doomed = Path(root) / f".del-{head_id}-{secrets.token_hex(4)}"
+    path.rename(doomed)
+    _fsync_dir(Path(root))
+    shutil.rmtree(doomed)
+
+
+# --- internals -----------------------------------------------------------------------------------
+
+
+def _library_version() -> str:
+    try:
+        return metadata.version("embedder")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    meta_path = path / META_FILE
+    if not meta_path.is_file():
+        raise HeadNotFoundError(f"no saved head at {path} ({META_FILE} is missing)")
+    if meta_path.stat().st_size > MAX_META_BYTES:
+        raise HeadFormatError(f"{meta_path} is larger than {MAX_META_BYTES} bytes; it is not a head file")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HeadFormatError(f"{meta_path} is not valid JSON ({e}); the head is corrupt, save it again") from None
+    if not isinstance(meta, dict):
+        raise HeadFormatError(f"{meta_path} must hold a JSON object")
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise HeadFormatError(f"{meta_path} has format_version {version!r}; this library reads version "
+                              f"{FORMAT_VERSION}. Upgrade the library or train the head again")
+    return meta
+
+
+_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "head_id": str, "kind": str, "model_id": str, "dim": int, "classes": list, "class_counts": list,
+    "params": dict, "metrics": (dict, type(None)), "created": str, "library_version": str, "arrays": dict,
+}
+
+
+def _info_from_meta(meta: dict[str, Any], path: Path) -> HeadInfo:
+    where = path / META_FILE
+    for name, types in _FIELDS.items():
+        if not isinstance(meta.get(name), types) or isinstance(meta.get(name), bool):
+            raise HeadFormatError(f"{where}: field {name!r} is missing or has the wrong type")
+    if meta["kind"] not in HEADS:
+        raise HeadFormatError(f"{where}: unknown head kind {meta['kind']!r} (known: {', '.join(HEADS)})")
+    classes = meta["classes"]
+    if (len(classes) < 2 or len(set(map(repr, classes))) != len(classes)
+            or not (all(isinstance(c, str) for c in classes)
+                    or all(isinstance(c, int) and not isinstance(c, bool) for c in classes))):
+        raise HeadFormatError(f"{where}: classes must be two or more distinct strings or integers")
+    counts = meta["class_counts"]
+    if len(counts) != len(classes) or not all(isinstance(c, int) and c >= 1 for c in counts):
+        raise HeadFormatError(f"{where}: class_counts must hold one positive integer per class")
+    arrays = meta["arrays"]
+    if (arrays.get("file") != ARRAYS_FILE or not isinstance(arrays.get("sha256"), str)
+            or not isinstance(arrays.get("names"), list)):
+        raise HeadFormatError(f"{where}: the 'arrays' entry must name {ARRAYS_FILE}, its sha256 and array names")
+    if meta["head_id"] != path.name:
+        raise HeadFormatError(f"{where}: head_id {meta['head_id']!r} does not match its directory {path.name!r}")
+    return HeadInfo(head_id=meta["head_id"], kind=meta["kind"], model_id=meta["model_id"], dim=meta["dim"],
+                    classes=classes, class_counts=counts, params=meta["params"], metrics=meta["metrics"],
+                    created=meta["created"], library_version=meta["library_version"],
+                    format_version=meta["format_version"], path=path)

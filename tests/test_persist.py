@@ -1,0 +1,170 @@
+"""Saving and loading heads: exact round trips, no pickle, refusal of edited files and of other models."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+from test_heads import NAMES, embed_digits, single_torch_thread  # noqa: F401 (autouse)
+
+from classifier import (FORMAT_VERSION, HEADS, HeadError, HeadFormatError, HeadNotFoundError, ModelMismatchError,
+                        delete_head, list_heads, load_head, make_head, read_head_info, save_head)
+from embedder import __version__
+
+MODEL = "mobilenet_v2:test"
+
+
+@pytest.fixture(scope="module")
+def data(embedder):
+    X, y = embed_digits(embedder)
+    return X[::2], y[::2], X[1::2]  # 200 to train, 200 to predict
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    """One fitted head of each kind, with string labels."""
+    X, y, _ = data
+    return {kind: make_head(kind).fit(X, NAMES[y], model_id=MODEL) for kind in HEADS}
+
+
+@pytest.mark.parametrize("kind", list(HEADS))
+def test_round_trip_predicts_identically(tmp_path, data, fitted, kind):
+    head = fitted[kind]
+    path = save_head(head, tmp_path, head_id="h1", metrics={"accuracy": 0.9})
+    loaded = load_head(path, expected_model_id=MODEL)
+    _, _, X_new = data
+    assert type(loaded) is type(head)
+    np.testing.assert_array_equal(loaded.predict_proba(X_new), head.predict_proba(X_new))
+    np.testing.assert_array_equal(loaded.predict(X_new), head.predict(X_new))
+    np.testing.assert_array_equal(loaded.classes_, head.classes_)
+    assert loaded.get_params() == head.get_params()
+    assert loaded.model_id_ == MODEL and loaded.n_features_in_ == 1280
+
+
+def test_integer_labels_stay_integers(tmp_path, data):
+    X, y, X_new = data
+    head = make_head("logreg").fit(X, y, model_id=MODEL)
+    loaded = load_head(save_head(head, tmp_path, head_id="ints"))
+    assert loaded.classes_.tolist() == list(range(10))
+    assert isinstance(loaded.predict(X_new[:1])[0], np.integer)
+
+
+def test_json_describes_the_head(tmp_path, fitted):
+    path = save_head(fitted["logreg"], tmp_path, head_id="described", metrics={"accuracy": 0.9})
+    meta = json.loads((path / "head.json").read_text())
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["kind"] == "logreg" and meta["model_id"] == MODEL and meta["dim"] == 1280
+    assert meta["classes"] == sorted(NAMES.tolist())
+    assert meta["params"] == fitted["logreg"].get_params()
+    assert meta["metrics"] == {"accuracy": 0.9}
+    assert meta["library_version"] == __version__ and meta["created"].endswith("+00:00")
+    assert meta["arrays"]["sha256"] == hashlib.sha256((path / "head.safetensors").read_bytes()).hexdigest()
+    info = read_head_info(path)
+    assert info.head_id == "described" and info.classes == meta["classes"]
+    json.dumps(info.to_dict())
+
+
+def test_loading_never_unpickles(tmp_path, fitted, monkeypatch):
+    path = save_head(fitted["svm"], tmp_path, head_id="h")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_head must not unpickle")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    load_head(path)
+
+
+class _Payload:
+    """Unpickling this runs os.mkdir(marker): proof of code execution if it ever happens."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_a_pickle_in_place_of_the_arrays_is_refused(tmp_path, fitted):
+    path = save_head(fitted["logreg"], tmp_path, head_id="h")
+    marker = tmp_path / "pwned"
+    blob = pickle.dumps(_Payload(marker))
+    (path / "head.safetensors").write_bytes(blob)
+    with pytest.raises(HeadFormatError, match="does not match the checksum"):
+        load_head(path)
+    # even with the checksum edited to match, the safetensors parser refuses it
+    meta = json.loads((path / "head.json").read_text())
+    meta["arrays"]["sha256"] = hashlib.sha256(blob).hexdigest()
+    (path / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(HeadFormatError, match="not a valid safetensors file"):
+        load_head(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(dim=512), "says dim 512"),
+    (lambda m: m.update(classes=m["classes"][:-1]), "class_counts must hold one positive integer per class"),
+    (lambda m: m.update(classes=m["classes"][:-1], class_counts=m["class_counts"][:-1]), "do not match"),
+    (lambda m: m.update(kind="linear_svm"), "needs arrays"),
+    (lambda m: m.update(kind="pickle"), "unknown head kind 'pickle'"),
+    (lambda m: m.update(format_version=99), "format_version 99"),
+    (lambda m: m["params"].update(C=-1), "C must be a positive number"),
+    (lambda m: m["params"].update(__class__="os.system"), "no option '__class__'"),
+    (lambda m: m.pop("model_id"), "'model_id' is missing"),
+    (lambda m: m.update(head_id="other"), "does not match its directory"),
+])
+def test_an_edited_json_is_refused(tmp_path, fitted, edit, message):
+    path = save_head(fitted["logreg"], tmp_path, head_id="h")
+    meta = json.loads((path / "head.json").read_text())
+    edit(meta)
+    (path / "head.json").write_text(json.dumps(meta))
+    with pytest.raises(HeadFormatError, match=message):
+        load_head(path)
+
+
+def test_a_json_that_is_not_json_is_refused(tmp_path, fitted):
+    path = save_head(fitted["logreg"], tmp_path, head_id="h")
+    (path / "head.json").write_text("{not json")
+    with pytest.raises(HeadFormatError, match="not valid JSON"):
+        load_head(path)
+
+
+def test_a_head_of_another_model_is_refused(tmp_path, fitted):
+    path = save_head(fitted["logreg"], tmp_path, head_id="h")
+    with pytest.raises(ModelMismatchError, match="trained on features of model 'mobilenet_v2:test'.*'resnet50:x'"):
+        load_head(path, expected_model_id="resnet50:x")
+
+
+def test_saving_needs_a_model_id_and_a_fit(tmp_path, data):
+    X, y, _ = data
+    with pytest.raises(HeadError, match="model_id=embedder.model_id"):
+        save_head(make_head("logreg").fit(X, y), tmp_path)
+    with pytest.raises(HeadError, match="unfitted"):
+        save_head(make_head("logreg"), tmp_path)
+
+
+def test_ids_overwrite_list_and_delete(tmp_path, fitted, data):
+    _, _, X_new = data
+    first = save_head(fitted["logreg"], tmp_path)
+    assert first.name.startswith("logreg-")
+    save_head(fitted["svm"], tmp_path, head_id="mine")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_head(fitted["linear_svm"], tmp_path, head_id="mine")
+    save_head(fitted["linear_svm"], tmp_path, head_id="mine", overwrite=True)
+    np.testing.assert_array_equal(load_head(tmp_path / "mine").predict_proba(X_new),
+                                  fitted["linear_svm"].predict_proba(X_new))
+    (tmp_path / ".tmp-crashed-write").mkdir()  # what an interrupted save leaves behind
+    assert [(i.head_id, i.kind) for i in list_heads(tmp_path)] == [(first.name, "logreg"), ("mine", "linear_svm")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([".tmp-crashed-write", first.name, "mine"])
+    delete_head(tmp_path, "mine")
+    assert [i.head_id for i in list_heads(tmp_path)] == [first.name]
+    with pytest.raises(HeadNotFoundError, match="no head with id 'mine'"):
+        delete_head(tmp_path, "mine")
+    with pytest.raises(HeadNotFoundError):
+        load_head(tmp_path / "mine")
+    for bad in ("../escape", ".hidden", "a/b", ""):
+        with pytest.raises(HeadError, match="invalid head id"):
+            save_head(fitted["logreg"], tmp_path, head_id=bad)
