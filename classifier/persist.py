@@ -30,6 +30,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
+from embedder.durable import fsync_dir, write_synced
+
 from .heads import HEADS, Head, HeadError, ModelMismatchError
 
 log = logging.getLogger(__name__)
@@ -136,9 +138,9 @@ def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None
     tmp = root / f".tmp-{head_id}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
-        _write_synced(tmp / ARRAYS_FILE, blob)
-        _write_synced(tmp / META_FILE, meta_text.encode())
-        _fsync_dir(tmp)
+        write_synced(tmp / ARRAYS_FILE, blob)
+        write_synced(tmp / META_FILE, meta_text.encode())
+        fsync_dir(tmp)
         if final.exists():
             old = root / f".old-{head_id}-{secrets.token_hex(4)}"
             final.rename(old)
@@ -146,7 +148,7 @@ def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None
             shutil.rmtree(old)
         else:
             tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -224,7 +226,7 @@ def delete_head(root: str | os.PathLike, head_id: str) -> None:
     # rename first, so a concurrent reader never sees a half-deleted head
     doomed = Path(root) / f".del-{head_id}-{secrets.token_hex(4)}"
     path.rename(doomed)
-    _fsync_dir(Path(root))
+    fsync_dir(Path(root))
     shutil.rmtree(doomed)
 
 
@@ -236,21 +238,6 @@ def _library_version() -> str:
         return metadata.version("embedder")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from typing import Any, BinaryIO, Iterator
 import faiss
 import numpy as np
 
+from .durable import replace_durably, temp_path
 from .errors import EmbedderError
 
 COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once this share of its nodes are tombstones
@@ -226,7 +227,7 @@ class VectorIndex:
         Tombstones are not written: the store re-derives them from SQLite on load.
         """
         header = json.dumps({"dim": self.dim, "spec": str(self.spec), "marker": marker}).encode()
-        tmp = path.with_name(f"{path.name}.tmp")
+        tmp = temp_path(path)
         crc, size = 0, 0
 
         def write(chunk: bytes) -> None:
@@ -235,15 +236,18 @@ class VectorIndex:
             size += len(chunk)
             f.write(chunk)
 
-        with open(tmp, "wb") as f:
-            f.write(_MAGIC)
-            write(struct.pack("<I", len(header)) + header)
-            faiss.write_index(self._index, faiss.PyCallbackIOWriter(write, _CHUNK))
-            f.write(_TRAILER.pack(size, crc) + _END)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(_MAGIC)
+                write(struct.pack("<I", len(header)) + header)
+                faiss.write_index(self._index, faiss.PyCallbackIOWriter(write, _CHUNK))
+                f.write(_TRAILER.pack(size, crc) + _END)
+                f.flush()
+                os.fsync(f.fileno())
+            replace_durably(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return len(_MAGIC) + size + _TRAILER.size + len(_END)
 
     @classmethod
@@ -296,12 +300,3 @@ def _omp_threads(n: int) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(before)
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or unlink in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

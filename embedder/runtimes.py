@@ -10,7 +10,6 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from .backbones import BackboneSpec, FrozenBackbone, sha256_file
+from .durable import fsync_file, replace_durably, temp_path, write_atomic
 from .errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -171,8 +171,7 @@ def export_onnx(spec: BackboneSpec, module: FrozenBackbone, cache_dir: Path) -> 
     crop = spec.preprocessing.crop
     dummy = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
     log.info("exporting %s to ONNX (opset %d) at %s", spec.model_id, OPSET, path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
+    tmp = temp_path(path)
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
@@ -185,15 +184,12 @@ def export_onnx(spec: BackboneSpec, module: FrozenBackbone, cache_dir: Path) -> 
                 input_names=["images"], output_names=["features"],
                 dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
             )
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        fsync_file(tmp)
+        replace_durably(tmp, path)
     except Exception as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise ExportError(f"exporting {spec.model_id} to ONNX failed: {e}; use runtime='torch' meanwhile") from e
     meta = {"model_id": spec.model_id, "sha256": sha256_file(path), "opset": OPSET,
             "export_version": EXPORT_VERSION, "torch": torch.__version__}
-    tmp_meta = meta_path.with_suffix(".json.tmp")
-    tmp_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp_meta, meta_path)
+    write_atomic(meta_path, json.dumps(meta, indent=2).encode())
     return path
