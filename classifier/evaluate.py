@@ -19,7 +19,7 @@ from sklearn.base import clone
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from .heads import Head, HeadError, _plain, check_features
+from .heads import Head, HeadError, InsufficientDataError, _plain, check_features
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ def evaluate(head: Head, X: Any, y: Sequence[Any], *, folds: int | None = None, 
         raise HeadError(f"got {len(X)} feature rows but {len(y)} labels; pass one label per row")
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
-        raise HeadError("need at least two classes to evaluate a classifier; add labelled examples of another class")
+        raise InsufficientDataError("need at least two classes to evaluate a classifier; "
+                                    "add labelled examples of another class")
     if folds is not None:
         if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
             raise HeadError(f"folds must be an integer >= 2, got {folds!r}")
@@ -83,8 +84,9 @@ def evaluate(head: Head, X: Any, y: Sequence[Any], *, folds: int | None = None, 
     _require_per_class(classes, counts, 2, "a stratified hold-out")
     n_test = int(np.ceil(test_size * len(y)))
     if n_test < len(classes) or len(y) - n_test < len(classes):
-        raise HeadError(f"a hold-out of {n_test} of {len(y)} rows cannot hold every one of the {len(classes)} "
-                        "classes on both sides; change test_size, use folds=..., or label more examples")
+        raise InsufficientDataError(f"a hold-out of {n_test} of {len(y)} rows cannot hold every one of the "
+                                    f"{len(classes)} classes on both sides; change test_size, use folds=..., "
+                                    "or label more examples")
     X_train, X_test, y_train, y_test = train_test_split(X, y, test_size=test_size, stratify=y, random_state=seed)
     pred = clone(head).fit(X_train, y_train).predict(X_test)
     return evaluation_from_predictions(y_test, pred, classes=classes, method="holdout", test_size=test_size,
@@ -159,6 +161,6 @@ def _require_per_class(classes: np.ndarray, counts: np.ndarray, need: int, what:
     few = [(_plain(c), int(n)) for c, n in zip(classes, counts) if n < need]
     if few:
         shown = ", ".join(f"{c!r} has {n}" for c, n in few[:10]) + (" ..." if len(few) > 10 else "")
-        raise HeadError(f"{what} needs at least {need} examples per class: {shown}; "
+        raise InsufficientDataError(f"{what} needs at least {need} examples per class: {shown}; "
                         "label more examples of those classes, leave them out, or use fewer folds")
 

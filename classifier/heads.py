@@ -55,6 +55,10 @@ class HeadError(EmbedderError, ValueError):
     """Training data or a prediction input a head cannot use; the message says how to fix it."""
 
 
+class InsufficientDataError(HeadError):
+    """Too few classes, or too few examples of a class, to train or evaluate: label more data."""
+
+
 class ModelMismatchError(HeadError):
     """Features, or a saved head, from a different backbone model than expected.
 
@@ -204,14 +208,15 @@ class Head(ClassifierMixin, BaseEstimator):
 
     def _check_counts(self, classes: np.ndarray, counts: np.ndarray) -> None:
         if len(classes) < 2:
-            raise HeadError(f"need at least two classes to train a classifier, got only {_plain(classes[0])!r}; "
-                            "add labelled examples of another class")
+            raise InsufficientDataError(f"need at least two classes to train a classifier, got only "
+                                        f"{_plain(classes[0])!r}; add labelled examples of another class")
         need = self.min_per_class
         few = [(_plain(c), int(n)) for c, n in zip(classes, counts) if n < need]
         if few:
             shown = ", ".join(f"{c!r} has {n}" for c, n in few[:10]) + (" ..." if len(few) > 10 else "")
-            raise HeadError(f"the {self.kind} head needs at least {need} examples per class{self._why_min()}: "
-                            f"{shown}; label more examples of those classes or leave them out")
+            raise InsufficientDataError(f"the {self.kind} head needs at least {need} examples per class"
+                                        f"{self._why_min()}: {shown}; label more examples of those classes "
+                                        "or leave them out")
 
     def _why_min(self) -> str:
         return ""

@@ -67,13 +67,14 @@ class HeadInfo:
     library_version: str
     format_version: int
     path: Path
+    source: dict[str, Any] | None = None  # what it was trained on, e.g. {"collection": ..., "samples": ...}
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``path`` as a string)."""
         return {"head_id": self.head_id, "kind": self.kind, "model_id": self.model_id, "dim": self.dim,
                 "classes": self.classes, "class_counts": self.class_counts, "params": self.params,
                 "metrics": self.metrics, "created": self.created, "library_version": self.library_version,
-                "format_version": self.format_version, "path": str(self.path)}
+                "format_version": self.format_version, "path": str(self.path), "source": self.source}
 
 
 def check_head_id(head_id: str) -> str:
@@ -91,11 +92,13 @@ def new_head_id(kind: str) -> str:
 
 
 def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None,
-              metrics: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
+              metrics: Mapping[str, Any] | None = None, source: Mapping[str, Any] | None = None,
+              overwrite: bool = False) -> Path:
     """Write a fitted head to ``root/<head_id>/`` atomically; returns that directory.
 
     The head must have been fitted with ``model_id=``: a saved head is only ever used with features of
-    the backbone it was trained on. ``metrics`` (e.g. ``Evaluation.to_dict()``) must be JSON-serialisable.
+    the backbone it was trained on. ``metrics`` (e.g. ``Evaluation.to_dict()``) and ``source`` (what the
+    head was trained on) must be JSON-serialisable.
     With ``overwrite``, an existing head of that id is replaced (readers see the old or the new one; a
     crash in between leaves the new one in place and the old one in a hidden ``.old-*`` directory).
     """
@@ -124,6 +127,7 @@ def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None
         "class_counts": [int(c) for c in head.class_counts_],
         "params": head.get_params(),
         "metrics": dict(metrics) if metrics is not None else None,
+        "source": dict(source) if source is not None else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "library_version": _library_version(),
         "arrays": {"file": ARRAYS_FILE, "sha256": hashlib.sha256(blob).hexdigest(),
@@ -284,9 +288,11 @@ def _info_from_meta(meta: dict[str, Any], path: Path) -> HeadInfo:
     if (arrays.get("file") != ARRAYS_FILE or not isinstance(arrays.get("sha256"), str)
             or not isinstance(arrays.get("names"), list)):
         raise HeadFormatError(f"{where}: the 'arrays' entry must name {ARRAYS_FILE}, its sha256 and array names")
+    if not isinstance(meta.get("source"), (dict, type(None))):
+        raise HeadFormatError(f"{where}: field 'source' must be an object or null")
     if meta["head_id"] != path.name:
         raise HeadFormatError(f"{where}: head_id {meta['head_id']!r} does not match its directory {path.name!r}")
     return HeadInfo(head_id=meta["head_id"], kind=meta["kind"], model_id=meta["model_id"], dim=meta["dim"],
                     classes=classes, class_counts=counts, params=meta["params"], metrics=meta["metrics"],
                     created=meta["created"], library_version=meta["library_version"],
-                    format_version=meta["format_version"], path=path)
+                    format_version=meta["format_version"], path=path, source=meta.get("source"))

@@ -26,6 +26,7 @@ backoff and jitter; a broken stream resumes with the first unanswered request.
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import threading
@@ -33,7 +34,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -41,7 +42,10 @@ import numpy as np
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
 from .errors import BatchError, EmbedderError
+from .messages import (collection_from_pb, head_from_pb, hit_from_pb, stored_from_pb, to_tensor,
+                       vector_bytes)
 from .pipeline import BatchResult
+from .store import DeleteResult, Hit, StoredItem
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # = Config.max_message_bytes
 DEFAULT_MAX_ITEMS = 1024  # = Config.max_items
@@ -60,13 +64,13 @@ class ServiceError(EmbedderError):
 class RemoteBatchError(BatchError):
     """Some items could not be embedded; ``errors`` maps input index to message, ``ids`` are the item ids."""
 
-    def __init__(self, errors: dict[int, str], ids: Sequence[str]) -> None:
+    def __init__(self, errors: dict[int, str], ids: Sequence[str], *, action: str = "embedded") -> None:
         self.errors = errors
         self.ids = list(ids)
         shown = "; ".join(f"item {i} ({self.ids[i]!r}): {msg}" for i, msg in list(errors.items())[:5])
         more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        EmbedderError.__init__(self, f"{len(errors)} of {len(ids)} items could not be embedded: {shown}{more}. "
-                                     'Pass errors="return" to get the other vectors and per-item errors.')
+        EmbedderError.__init__(self, f"{len(errors)} of {len(ids)} items could not be {action}: {shown}{more}. "
+                                     'Pass errors="return" to get the other results and per-item errors.')
 
 
 @dataclass
@@ -85,6 +89,39 @@ class ItemResult:
         return self.error is None
 
 
+@dataclass(frozen=True)
+class Cached:
+    """An image the server has embedded before, named by the sha256 of its bytes (nothing is re-sent)."""
+
+    sha256: str
+
+
+@dataclass
+class AddSummary:
+    """What an :meth:`EmbedderClient.add` stored: counts, and per-item errors by index for the rest."""
+
+    collection: str
+    added: int
+    replaced: int
+    cached: int  # items whose vector came from the server's cache (no model pass)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    """Top labels of one item, best first, with probabilities; or ``error``."""
+
+    id: str
+    labels: list[str]
+    probabilities: list[float]
+    error: str | None = None
+    cached: bool = False
+
+    @property
+    def label(self) -> str | None:
+        return self.labels[0] if self.labels else None
+
+
 @dataclass(eq=False)
 class _Chunk:
     """Consecutive input items: the request with the sendable ones, and one slot per input item.
@@ -100,6 +137,7 @@ class _Chunk:
 
 
 _STATUS_BY_NUMBER = {s.value[0]: s for s in grpc.StatusCode}
+_OK = grpc.StatusCode.OK.value[0]
 # Retried: the server is down, restarting or warming up (UNAVAILABLE), or was shutting down when the call
 # arrived (gRPC core answers CANCELLED then; this client never cancels a call it still wants).
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
@@ -208,6 +246,151 @@ class EmbedderClient:
         lim = self._call(self._stub.ListModels, pb.ListModelsRequest()).limits
         return {"max_message_bytes": lim.max_message_bytes, "max_items": lim.max_items, "max_pixels": lim.max_pixels}
 
+    # ------------------------------------------------------------------ store
+
+    def add(self, collection: str, images: Sequence[Any], ids: Sequence[str], *,
+            labels: Sequence[str | None] | None = None, metadata: Sequence[Mapping[str, Any] | None] | None = None,
+            index: str | None = None, errors: str = "raise") -> AddSummary:
+        """Embed ``images`` (through the server's cache) and upsert them into ``collection`` under ``ids``.
+
+        Inputs as for :meth:`embed`, plus :class:`Cached` (a sha256 the server knows). ``labels`` and
+        ``metadata`` (JSON-able dicts) are optional, one per item. ``index`` ("flat" or "hnsw[:...]") applies
+        when the collection is created. Items that fail are reported (``errors="return"``) or raised as
+        :class:`RemoteBatchError` after the good ones were stored.
+        """
+        if errors not in ("raise", "return"):
+            raise ValueError(f'errors must be "raise" or "return", got {errors!r}')
+        images, ids = list(images), [str(i) for i in ids]
+        labels = [None] * len(ids) if labels is None else list(labels)
+        metadata = [None] * len(ids) if metadata is None else list(metadata)
+        if not len(images) == len(ids) == len(labels) == len(metadata):
+            raise ValueError(f"got {len(images)} images, {len(ids)} ids, {len(labels)} labels and {len(metadata)} "
+                             "metadata entries; pass one of each per item")
+        summary = AddSummary(collection, 0, 0, 0)
+        entries: list[tuple[int, pb.AddItem]] = []
+        for i, (x, item_id, label, meta) in enumerate(zip(images, ids, labels, metadata)):
+            try:
+                entry = pb.AddItem(item=to_item(x, item_id), label=label,
+                                   metadata_json=json.dumps(meta) if meta is not None else "")
+            except (ValueError, TypeError, OSError) as e:
+                summary.failed[i] = str(e)
+                continue
+            entries.append((i, entry))
+        for batch in self._batches(entries, summary.failed):
+            response = self._call(self._stub.Add, pb.AddRequest(collection=collection, index=index or "",
+                                                                items=[e for _, e in batch]))
+            summary.added += response.added
+            summary.replaced += response.replaced
+            for (i, _), r in zip(batch, response.results):
+                if r.status.code != _OK:
+                    summary.failed[i] = r.status.message or _STATUS_BY_NUMBER[r.status.code].name
+                summary.cached += r.cached
+        summary.failed = dict(sorted(summary.failed.items()))
+        if summary.failed and errors == "raise":
+            raise RemoteBatchError(summary.failed, ids, action="added")
+        return summary
+
+    def delete(self, collection: str, ids: Sequence[str]) -> DeleteResult:
+        """Delete items; ids that were not there come back in ``missing``."""
+        r = self._call(self._stub.Delete, pb.DeleteRequest(collection=collection, ids=list(ids)))
+        return DeleteResult(collection, r.deleted, list(r.missing))
+
+    def delete_collection(self, collection: str) -> int:
+        """Delete a collection and all its items; returns how many items it held."""
+        return self._call(self._stub.Delete, pb.DeleteRequest(collection=collection, whole_collection=True)).deleted
+
+    def set_labels(self, collection: str, labels: Mapping[str, str | None]) -> int:
+        """Set labels (None clears one) of stored items, all or nothing; returns the number changed."""
+        request = pb.SetLabelsRequest(collection=collection, labels={k: v for k, v in labels.items() if v is not None},
+                                      clear=[k for k, v in labels.items() if v is None])
+        return self._call(self._stub.SetLabels, request).updated
+
+    def get(self, collection: str, ids: Sequence[str], *, vectors: bool = True) -> list[StoredItem | None]:
+        """Stored items in the order of ``ids``, None where an id is not in the collection."""
+        ids = [str(i) for i in ids]
+        r = self._call(self._stub.Get, pb.GetRequest(collection=collection, ids=ids, omit_vectors=not vectors))
+        found = {s.id: stored_from_pb(s) for s in r.items}
+        return [found.get(i) for i in ids]
+
+    def search(self, image: Any = None, *, collection: str | None = None, item_id: str | None = None,
+               vector: np.ndarray | None = None, k: int = 10, label: str | None = None,
+               ef_search: int | None = None) -> list[Hit]:
+        """The ``k`` stored items most similar to one query: an ``image`` (as for :meth:`embed`, or
+        :class:`Cached`), a stored ``item_id`` of ``collection``, or a raw ``vector``. Best first."""
+        given = [name for name, v in (("image", image), ("item_id", item_id), ("vector", vector)) if v is not None]
+        if len(given) != 1:
+            raise ValueError(f"pass exactly one query (image, item_id or vector), got {given or 'none'}")
+        request = pb.SearchRequest(collection=collection or "", k=k, label=label, ef_search=ef_search or 0)
+        if image is not None:
+            request.item.CopyFrom(to_item(image, "query"))
+        elif item_id is not None:
+            request.item_id = item_id
+        else:
+            request.vector = vector_bytes(np.asarray(vector, np.float32).ravel())
+        return [hit_from_pb(h) for h in self._call(self._stub.Search, request).hits]
+
+    def stats(self) -> dict[str, Any]:
+        """Collections (count, labels, model, index), cache fill, disk use and number of heads."""
+        r = self._call(self._stub.Stats, pb.StatsRequest())
+        return {"collections": [collection_from_pb(c) for c in r.collections], "items": r.items,
+                "cache_items": r.cache_items, "cache_max_items": r.cache_max_items, "disk_bytes": r.disk_bytes,
+                "heads": r.heads}
+
+    # ------------------------------------------------------------------ heads
+
+    def train(self, collection: str, head: str = "logreg", *, labels: Sequence[str] | None = None,
+              ids: Sequence[str] | None = None, params: Mapping[str, Any] | None = None,
+              test_size: float | None = None, seed: int = 0, head_id: str | None = None,
+              timeout: float | None = None) -> dict[str, Any]:
+        """Train a head on the labelled vectors of ``collection`` (no image is embedded again).
+
+        Returns the head's info (``head_id``, ``classes``, ``metrics`` from a stratified hold-out) plus
+        ``samples``, ``train_seconds`` and ``total_seconds``. ``timeout`` defaults to 10x the client's.
+        """
+        request = pb.TrainRequest(collection=collection, head=head, labels=list(labels or ()), ids=list(ids or ()),
+                                  params_json=json.dumps(dict(params)) if params else "",
+                                  test_size=test_size or 0.0, seed=seed, head_id=head_id or "")
+        r = self._call(self._stub.Train, request, timeout=timeout or 10 * self.timeout)
+        return {**head_from_pb(r.head), "samples": r.samples, "train_seconds": r.train_seconds,
+                "total_seconds": r.total_seconds}
+
+    def predict(self, head_id: str, images: Sequence[Any] = (), *, ids: Sequence[str] = (),
+                collection: str | None = None, top_k: int = 1) -> list[Prediction]:
+        """Top-``k`` labels for ``images`` (through the cache) and/or stored ``ids`` of ``collection``.
+
+        One :class:`Prediction` per input, images first, then ids; an item that fails carries ``error``.
+        """
+        images, ids = list(images), [str(i) for i in ids]
+        out: list[Prediction | None] = [None] * (len(images) + len(ids))
+        failed: dict[int, str] = {}
+        entries: list[tuple[int, pb.Item]] = []
+        for i, x in enumerate(images):
+            try:
+                entries.append((i, to_item(x, str(i))))
+            except (ValueError, TypeError, OSError) as e:
+                failed[i] = str(e)
+        batches = list(self._batches(entries, failed))
+        for i, message in failed.items():
+            out[i] = Prediction(str(i), [], [], message)
+        calls = [(pb.PredictRequest(head_id=head_id, items=[e for _, e in b], top_k=top_k), [i for i, _ in b])
+                 for b in batches]
+        for start in range(0, len(ids), self.max_items):
+            chunk = ids[start:start + self.max_items]
+            calls.append((pb.PredictRequest(head_id=head_id, collection=collection or "", ids=chunk, top_k=top_k),
+                          [len(images) + start + j for j in range(len(chunk))]))
+        for request, where in calls:
+            for i, p in zip(where, self._call(self._stub.Predict, request).predictions):
+                error = None if p.status.code == _OK else (p.status.message or _STATUS_BY_NUMBER[p.status.code].name)
+                out[i] = Prediction(p.id, [t.label for t in p.top], [float(t.probability) for t in p.top], error,
+                                    p.cached)
+        return out  # type: ignore[return-value] - every slot is filled
+
+    def list_heads(self) -> list[dict[str, Any]]:
+        return [head_from_pb(h) for h in self._call(self._stub.ListHeads, pb.ListHeadsRequest()).heads]
+
+    def delete_head(self, head_id: str) -> None:
+        self._call(self._stub.DeleteHead, pb.DeleteHeadRequest(head_id=head_id))
+
     def close(self) -> None:
         self._channel.close()
 
@@ -252,6 +435,26 @@ class EmbedderClient:
         if chunk.slots:
             yield chunk
 
+    def _batches(self, entries: list[tuple[int, Any]], failed: dict[int, str]) -> Iterator[list[tuple[int, Any]]]:
+        """Group ``(index, message)`` entries into requests within ``max_items`` and the message size limit;
+        an entry too large for any request goes to ``failed``."""
+        budget = self.max_message_bytes - _ENVELOPE
+        batch: list[tuple[int, Any]] = []
+        used = 0
+        for i, entry in entries:
+            n = entry.ByteSize() + 16
+            if n > budget:
+                failed[i] = (f"item is {n:,} bytes encoded, above the {self.max_message_bytes:,}-byte message "
+                             "limit; downscale or re-encode it, or raise the limit on the server and here")
+                continue
+            if batch and (used + n > budget or len(batch) >= self.max_items):
+                yield batch
+                batch, used = [], 0
+            batch.append((i, entry))
+            used += n
+        if batch:
+            yield batch
+
     def _fill(self, chunk: _Chunk, response: pb.EmbedResponse) -> None:
         expected = sum(s is None for s in chunk.slots)
         if len(response.results) != expected:
@@ -277,11 +480,11 @@ class EmbedderClient:
             self._fill(chunk, self._call(self._stub.Embed, chunk.request))
         return chunk.slots  # type: ignore[return-value] - all filled now
 
-    def _call(self, method: Any, request: Any) -> Any:
+    def _call(self, method: Any, request: Any, *, timeout: float | None = None) -> Any:
         """A unary call, retrying UNAVAILABLE with bounded exponential backoff."""
         for attempt in range(self.retries + 1):
             try:
-                return method(request, timeout=self.timeout, metadata=self._metadata)
+                return method(request, timeout=timeout or self.timeout, metadata=self._metadata)
             except grpc.RpcError as e:
                 if e.code() in RETRYABLE and attempt < self.retries:
                     time.sleep(self._delay(attempt))
@@ -426,6 +629,8 @@ def to_item(x: Any, item_id: str = "") -> pb.Item:
     """One input -> an ``embedder.v1.Item``; ValueError/OSError with a fix when it cannot be sent."""
     if isinstance(x, (bytes, bytearray, memoryview)):
         return pb.Item(id=item_id, image=bytes(x))
+    if isinstance(x, Cached):
+        return pb.Item(id=item_id, content_sha256=x.sha256)
     if isinstance(x, (str, os.PathLike)):
         try:
             return pb.Item(id=item_id, image=Path(x).read_bytes())
@@ -441,16 +646,3 @@ def to_item(x: Any, item_id: str = "") -> pb.Item:
         return pb.Item(id=item_id, tensor=to_tensor(np.asarray(x.convert("RGB"))))
     raise TypeError(f"cannot send a {type(x).__name__}; pass encoded image bytes, a file path, "
                     "a numpy array (H, W[, C]) or a PIL image")
-
-
-def to_tensor(arr: np.ndarray) -> pb.Tensor:
-    """A uint8 or float (values in [0, 1]) image array -> Tensor, little-endian, channels last."""
-    if arr.ndim not in (2, 3):
-        raise ValueError(f"array of shape {arr.shape} is not an image; expected (H, W) or (H, W, C)")
-    if arr.dtype == np.uint8:
-        dtype, data = pb.DTYPE_UINT8, np.ascontiguousarray(arr)
-    elif np.issubdtype(arr.dtype, np.floating):
-        dtype, data = pb.DTYPE_FLOAT32, np.ascontiguousarray(arr, dtype="<f4")
-    else:
-        raise ValueError(f"array dtype {arr.dtype} cannot be sent; convert to uint8 (0..255) or float32 (0..1)")
-    return pb.Tensor(shape=list(arr.shape), dtype=dtype, data=data.tobytes())

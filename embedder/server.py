@@ -1,11 +1,13 @@
 """The gRPC embedding service: ``embedder.v1.Embedder`` + grpc.health.v1 + server reflection.
 
-Data flow: RPC handler (validates, converts items) -> :class:`embedder.batcher.Batcher` (one queue for all
-callers, decode ahead, dynamic batches) -> :class:`embedder.pipeline.Embedder` -> per-item results.
+Data flow: RPC handler (:mod:`embedder.servicer`: validates, converts items, serves cache hits from the
+store) -> :class:`embedder.batcher.Batcher` (one queue for all callers, decode ahead, dynamic batches) ->
+:class:`embedder.pipeline.Embedder` -> per-item results. Collections and the cache live in a
+:class:`embedder.store.Store`, classifier heads in a :class:`classifier.HeadRegistry`, both under ``data_dir``.
 
 Life cycle (:class:`EmbedderServer`): ``start()`` binds the port with health NOT_SERVING, so probes get an
-answer while the model loads; ``load()`` loads the model, starts the batcher and runs one warm-up image through
-the whole path, and only then turns health SERVING. Health goes NOT_SERVING again when a batcher thread dies
+answer while the model loads; ``load()`` opens the data dir, loads the model, starts the batcher and runs one
+warm-up image through the whole path, and only then turns health SERVING. Health goes NOT_SERVING again when a batcher thread dies
 or on ``stop()`` (SIGTERM/SIGINT under :func:`serve`), which then stops accepting calls and gives in-flight
 ones ``grace_seconds`` to finish.
 
@@ -18,28 +20,30 @@ from __future__ import annotations
 
 import hmac
 import logging
-import math
 import os
-import queue
 import signal
 import threading
 import time
 from concurrent import futures
-from concurrent.futures import Future
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import grpc
 import numpy as np
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from classifier import HeadRegistry
+
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
-from .batcher import (Batcher, BatcherClosedError, BatchFailedError, DroppedError, ItemError,
-                      QueueFullError)
+from .batcher import Batcher
 from .config import Config
 from .errors import EmbedderError
 from .metrics import Metrics
+from .pipeline import Embedder
+from .servicer import EmbedderServicer
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -48,261 +52,10 @@ _METHOD_PREFIX = f"/{SERVICE_NAME}/"
 # Handler threads: a unary call holds one while its items are in the batcher, a stream holds one plus a
 # reader thread; 64 concurrent callers must all be inside the batcher for it to form full batches.
 HANDLER_THREADS = 128
-STREAM_WINDOW = 4  # requests of one stream in the batcher at once: pipelining without hogging the queue
-
-_DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
-_OK = grpc.StatusCode.OK.value[0]
-
-
-def _code(status: grpc.StatusCode) -> int:
-    return status.value[0]
 
 
 def _host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"  # IPv6
-
-
-# ---------------------------------------------------------------------------------------------- requests
-
-def item_input(item: pb.Item) -> Any:
-    """An :class:`embedder.v1.Item` -> what the pipeline decodes (bytes or an array); ItemError if malformed."""
-    kind = item.WhichOneof("input")
-    if kind == "image":
-        return item.image
-    if kind == "tensor":
-        return tensor_array(item.tensor)
-    raise ItemError("item has neither `image` (encoded bytes) nor `tensor` (raw pixels) set")
-
-
-def tensor_array(t: pb.Tensor) -> np.ndarray:
-    """Validate a Tensor message and view its data as an ``(H, W[, C])`` array without copying."""
-    dtype = _DTYPES.get(t.dtype)
-    if dtype is None:
-        raise ItemError(f"tensor dtype {pb.DType.Name(t.dtype) if t.dtype in pb.DType.values() else t.dtype} "
-                        "is not supported; use DTYPE_UINT8 (0..255) or DTYPE_FLOAT32 (0..1)")
-    shape = tuple(t.shape)
-    if len(shape) not in (2, 3) or any(d < 1 for d in shape) or (len(shape) == 3 and shape[2] not in (1, 3, 4)):
-        raise ItemError(f"tensor shape {list(shape)} is not an image; expected [H, W] or [H, W, C] "
-                        "with C in 1, 3, 4 (channels last)")
-    expected = math.prod(shape) * dtype.itemsize  # Python ints: a hostile shape cannot overflow
-    if len(t.data) != expected:
-        raise ItemError(f"tensor data is {len(t.data)} bytes, but shape {list(shape)} of {dtype.name} "
-                        f"needs {expected}; send the pixels row-major, channels last, little-endian")
-    return np.frombuffer(t.data, dtype=dtype).reshape(shape)
-
-
-def _time_left(context: grpc.ServicerContext) -> float | None:
-    """Seconds until the call's deadline, or None without one (grpc reports "no deadline" as ~forever)."""
-    left = context.time_remaining()
-    return None if left is None or left > 1e7 else max(0.0, left)
-
-
-def _item_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
-    if isinstance(error, ItemError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
-    if isinstance(error, DroppedError):
-        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
-    if isinstance(error, BatcherClosedError):
-        return grpc.StatusCode.UNAVAILABLE, str(error)
-    if isinstance(error, BatchFailedError):
-        return grpc.StatusCode.INTERNAL, str(error)
-    log.error("unexpected per-item error: %r", error)
-    return grpc.StatusCode.INTERNAL, f"server fault, not your input ({type(error).__name__}); retry"
-
-
-class _Pending:
-    """A request whose items are in the batcher: futures for the good ones, ready errors for the rest."""
-
-    def __init__(self, request: pb.EmbedRequest, slots: list[Future | BaseException]) -> None:
-        self.request = request
-        self.slots = slots
-
-    def futures(self) -> list[Future]:
-        return [s for s in self.slots if isinstance(s, Future)]
-
-
-class _Abort:
-    """A stream reader's request to end the stream with a status (the reader thread cannot abort)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        self.code, self.message = code, message
-
-
-_END = object()
-
-
-# ---------------------------------------------------------------------------------------------- servicer
-
-class EmbedderServicer(pb_grpc.EmbedderServicer):
-    """Handlers for ``embedder.v1.Embedder``. Answers UNAVAILABLE until :meth:`attach` is called."""
-
-    def __init__(self, config: Config, metrics: Metrics) -> None:
-        self.config = config
-        self.metrics = metrics
-        self._embedder: Any = None
-        self._batcher: Batcher | None = None
-        self._model_info: dict[str, Any] = {}
-        self.shutting_down = False
-
-    def attach(self, embedder: Any, batcher: Batcher) -> None:
-        self._model_info = embedder.info()
-        self.metrics.set_model(self._model_info)
-        self._embedder, self._batcher = embedder, batcher
-
-    # --- RPCs
-
-    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
-        batcher = self._ready(context)
-        self._validate(request, context)
-        try:
-            pending = self._submit(request, context, batcher, block=False)
-        except QueueFullError as e:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except BatcherClosedError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
-        return self._collect(pending, context)
-
-    def EmbedStream(self, request_iterator: Iterator[pb.EmbedRequest],
-                    context: grpc.ServicerContext) -> Iterator[pb.EmbedResponse]:
-        batcher = self._ready(context)
-        # A reader thread submits requests while earlier ones are still in the batcher (pipelining); the
-        # bounded queue between them is the stream's window, and a full window stops reading: flow control.
-        window: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
-        threading.Thread(target=self._read_stream, args=(request_iterator, context, batcher, window),
-                         name="embedder-stream-reader", daemon=True).start()
-        while True:
-            entry = window.get()
-            if entry is _END:
-                return
-            if isinstance(entry, _Abort):
-                context.abort(entry.code, entry.message)
-            yield self._collect(entry, context)
-
-    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
-        self._ready(context)
-        info = self._model_info
-        model = pb.ModelInfo(name=info["name"], model_id=info["model_id"], dim=info["dim"], device=info["device"],
-                             runtime=info["runtime"], precision=info["precision"], input_size=info["input_size"],
-                             normalize=info["normalize"])
-        limits = pb.ServerLimits(max_message_bytes=self.config.max_message_bytes, max_items=self.config.max_items,
-                                 max_pixels=getattr(self._embedder.config, "max_pixels", self.config.max_pixels))
-        return pb.ListModelsResponse(models=[model], limits=limits)
-
-    # --- helpers
-
-    def _ready(self, context: grpc.ServicerContext) -> Batcher:
-        batcher = self._batcher
-        if self.shutting_down:
-            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry another instance")
-        if batcher is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          "the model is still loading and warming up; retry shortly (health turns SERVING when ready)")
-        if not batcher.alive:
-            context.abort(grpc.StatusCode.UNAVAILABLE,
-                          "the embedding worker is not running; the server must be restarted")
-        return batcher
-
-    def _request_error(self, request: pb.EmbedRequest) -> _Abort | None:
-        n, limit = len(request.items), self.config.max_items
-        if n > limit:
-            return _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"request has {n} items, above the server's limit of {limit} per request (max_items); "
-                          "send fewer per request (EmbedderClient splits for you) or raise the limit on the server "
-                          "with --max-items / EMBEDDER_MAX_ITEMS")
-        info = self._model_info
-        if request.model and request.model not in (info["name"], info["model_id"]):
-            return _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"this server embeds with {info['name']} ({info['model_id']}), not {request.model!r}; "
-                          "leave `model` empty or ask a server that runs that model")
-        return None
-
-    def _validate(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> None:
-        error = self._request_error(request)
-        if error is not None:
-            context.abort(error.code, error.message)
-
-    def _submit(self, request: pb.EmbedRequest, context: grpc.ServicerContext, batcher: Batcher,
-                *, block: bool) -> _Pending:
-        """Convert the items and queue the good ones; malformed ones get their error without queueing."""
-        slots: list[Future | BaseException | None] = []
-        inputs: list[Any] = []
-        for item in request.items:
-            try:
-                inputs.append(item_input(item))
-                slots.append(None)  # its future, below
-            except ItemError as e:
-                slots.append(e)
-            except Exception as e:  # whatever a malformed item does, it fails alone
-                slots.append(ItemError(f"malformed item ({type(e).__name__}: {e})"))
-        left = _time_left(context)
-        deadline = None if left is None else time.monotonic() + left
-        queued = iter(batcher.submit(inputs, deadline=deadline, is_active=context.is_active, block=block))
-        return _Pending(request, [next(queued) if s is None else s for s in slots])
-
-    def _collect(self, pending: _Pending, context: grpc.ServicerContext) -> pb.EmbedResponse:
-        """Wait for a request's futures (within the call's deadline) and build its response."""
-        futs = pending.futures()
-        _, not_done = futures.wait(futs, timeout=_time_left(context))
-        if not_done:
-            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                          f"deadline passed with {len(not_done)} of {len(pending.slots)} items still queued or "
-                          "embedding; give the call a longer timeout or send fewer items per call")
-        info = self._model_info
-        model_id, dim = info["model_id"], info["dim"]
-        results, ok, failed = [], 0, 0
-        for item, slot in zip(pending.request.items, pending.slots):
-            error = slot if isinstance(slot, BaseException) else slot.exception()
-            if error is None:
-                vector = np.asarray(slot.result(), dtype="<f4").tobytes()
-                results.append(pb.Result(id=item.id, vector=vector, dim=dim, model_id=model_id,
-                                         status=pb.Status(code=_OK)))
-                ok += 1
-                continue
-            code, message = _item_status(error)
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                # Not the item's fault: fail the call so the client's retry/timeout logic sees it.
-                context.abort(code, message)
-            results.append(pb.Result(id=item.id, dim=dim, model_id=model_id,
-                                     status=pb.Status(code=_code(code), message=message)))
-            failed += 1
-        self.metrics.images.labels("ok").inc(ok)
-        self.metrics.images.labels("error").inc(failed)
-        return pb.EmbedResponse(results=results, model_id=model_id, dim=dim)
-
-    def _read_stream(self, request_iterator: Iterator[pb.EmbedRequest], context: grpc.ServicerContext,
-                     batcher: Batcher, window: queue.Queue) -> None:
-        """Stream reader thread: validate and submit each request in order, then hand it to the writer."""
-        try:
-            for request in request_iterator:
-                error = self._request_error(request)
-                if error is not None:
-                    self._put(window, error, context)
-                    return
-                # Streams wait for queue room instead of failing: a bulk job should slow down, not die.
-                if not self._put(window, self._submit(request, context, batcher, block=True), context):
-                    return
-        except BatcherClosedError as e:
-            self._put(window, _Abort(grpc.StatusCode.UNAVAILABLE, str(e)), context)
-        except DroppedError:
-            pass  # the caller went away while we waited for room
-        except grpc.RpcError:
-            pass  # the client cancelled or the call ended; nothing to answer
-        except Exception as e:  # never let a reader bug hang the writer
-            log.exception("stream reader failed")
-            self._put(window, _Abort(grpc.StatusCode.INTERNAL, f"server fault reading the stream ({e!r})"), context)
-        finally:
-            self._put(window, _END, context)
-
-    @staticmethod
-    def _put(window: queue.Queue, entry: Any, context: grpc.ServicerContext) -> bool:
-        """Put into the window, waiting while it is full, unless the call ends meanwhile."""
-        while True:
-            try:
-                window.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                if not context.is_active():
-                    return False
 
 
 # ---------------------------------------------------------------------------------------------- interceptors
@@ -426,6 +179,8 @@ class EmbedderServer:
         self.embedder = embedder
         self._owns_embedder = embedder is None
         self.batcher: Batcher | None = None
+        self.store: Store | None = None
+        self.heads: HeadRegistry | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._stop_lock = threading.Lock()
@@ -477,23 +232,30 @@ class EmbedderServer:
         return self.port
 
     def load(self) -> None:
-        """Load the model (unless given), start the batcher, warm up with one image, then health SERVING."""
+        """Open the data dir, load the model (unless given), start the batcher, warm up, then health SERVING."""
         cfg = self.config
+        # The store first: a data dir held by another server fails in a second, not after the model loads.
+        self.store = Store.from_config(cfg)
+        self.heads = HeadRegistry(cfg.data_dir / "heads")
+        log.info("data dir %s: %s", cfg.data_dir, self.store)
         if self.embedder is None:
-            from .pipeline import Embedder  # imports torch: keep `import embedder.server` light
-
             self.embedder = Embedder(config=cfg)
         self.batcher = Batcher(self.embedder, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms,
                                max_batch_pixels=cfg.max_batch_pixels, max_queue=cfg.max_queue,
                                on_batch=self.metrics.observe_batch, on_drop=self.metrics.dropped.inc,
                                on_death=self._worker_died)
         self.metrics.track_queue(lambda: self.batcher.queue_depth if self.batcher else 0)
-        crop = int(self.embedder.info()["input_size"])
+        info = self.embedder.info()
+        if info["runtime"] != "torch" and info["device"] == "cpu":
+            # torch only trains heads here; two OpenMP threads beside the embedding runtime's stall each other
+            # (logreg on 60k vectors: 17 s with 2 threads under load, 5 s with 1)
+            torch.set_num_threads(1)
+        crop = int(info["input_size"])
         warm = np.full((crop, crop, 3), 128, np.uint8)
         start = time.monotonic()
         self.batcher.submit([warm])[0].result()  # one forward through decode, batcher and model
         log.info("warm-up forward took %.2fs", time.monotonic() - start)
-        self.servicer.attach(self.embedder, self.batcher)
+        self.servicer.attach(self.embedder, self.batcher, self.store, self.heads)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
@@ -510,6 +272,8 @@ class EmbedderServer:
         self._server.stop(grace).wait()
         if self.batcher is not None:
             self.batcher.close(timeout=grace)
+        if self.store is not None:
+            self.store.close()  # snapshots the indexes, so the next start loads instead of rebuilding
         self.metrics.stop_http()
         if self._owns_embedder and self.embedder is not None:
             self.embedder.close()

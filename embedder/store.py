@@ -312,7 +312,9 @@ class Store:
         rows = dict(zip(shas, x))  # one row per image
         with self._db_lock:
             db = self._conn()
-            with _transaction(db):
+            # A cache row is recomputable, so its commit skips the fsync (NORMAL: survives kill -9, may lose the
+            # latest rows on power loss); the next FULL commit syncs it with everything before it.
+            with _transaction(db, durable=False):
                 self._flush_touched(db)
                 members = {s for (s,) in _chunked_query(
                     db, "SELECT i.sha256 FROM items i JOIN collections c ON c.cid = i.cid "
@@ -474,6 +476,42 @@ class Store:
                                                     "FROM items WHERE cid = ? AND item_id IN ({})", [c.cid], ids)
         found = {r[0]: StoredItem(r[0], c.name, _vector(r[2]), r[1], r[3], json.loads(r[4]), r[5], r[6]) for r in rows}
         return [found.get(i) for i in ids]
+
+    def labelled(self, collection: str, *, labels: Sequence[str] | None = None,
+                 ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+        """A training set from a collection: ``(ids, vectors (N, dim), labels)`` of its labelled items.
+
+        ``labels`` keeps only those classes; ``ids`` only those items (each must exist and carry a label,
+        else :class:`NotFoundError` / ValueError naming them). Items come in insertion order.
+        """
+        wanted = None if labels is None else [_check_label(lab) for lab in _check_list(labels, "labels")]
+        chosen = None if ids is None else _check_ids(ids)
+        with self._rw.read():
+            c = self._get(collection)
+            with self._db_lock:
+                db = self._conn()
+                if chosen is None:
+                    rows = db.execute("SELECT item_id, vector, label FROM items WHERE cid = ? AND label IS NOT NULL "
+                                      "ORDER BY fid", (c.cid,)).fetchall()
+                else:
+                    rows = sorted(_chunked_query(db, "SELECT fid, item_id, vector, label FROM items "
+                                                     "WHERE cid = ? AND item_id IN ({})", [c.cid], chosen))
+                    rows = [r[1:] for r in rows]
+        if chosen is not None:
+            found = {r[0] for r in rows}
+            missing = [i for i in chosen if i not in found]
+            if missing:
+                raise NotFoundError(_missing_message(missing, c.name))
+            unlabelled = [r[0] for r in rows if r[2] is None]
+            if unlabelled:
+                shown = ", ".join(repr(i) for i in unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
+                raise ValueError(f"{len(unlabelled)} of the chosen items have no label ({shown}); "
+                                 "label them with set_labels, or leave them out")
+        if wanted is not None:
+            keep = set(wanted)
+            rows = [r for r in rows if r[2] in keep]
+        x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), c.dim).astype(np.float32)
+        return [r[0] for r in rows], x, [r[2] for r in rows]
 
     def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
                model_id: str | None = None, ef_search: int | None = None) -> list[list[Hit]]:
@@ -762,8 +800,13 @@ def embed_cached(embedder: SupportsEmbedBatch, items: Sequence[bytes], *, store:
 # --- SQLite helpers ---
 
 @contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    """One write transaction; the caller holds the connection's mutex. Rolled back on any error."""
+def _transaction(db: sqlite3.Connection, *, durable: bool = True) -> Iterator[None]:
+    """One write transaction; the caller holds the connection's mutex. Rolled back on any error.
+
+    ``durable=False`` commits without fsync (for data that can be recomputed, like cache rows).
+    """
+    if not durable:
+        db.execute("PRAGMA synchronous = NORMAL")
     db.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -772,6 +815,9 @@ def _transaction(db: sqlite3.Connection) -> Iterator[None]:
         if db.in_transaction:
             db.execute("ROLLBACK")
         raise
+    finally:
+        if not durable:
+            db.execute("PRAGMA synchronous = FULL")
 
 
 def _chunked_query(db: sqlite3.Connection, sql: str, params: list[Any], values: Sequence[Any]) -> list[tuple]:

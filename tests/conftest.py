@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import shutil
+import tempfile
 from contextlib import contextmanager
 
 import numpy as np
@@ -115,11 +117,16 @@ def restore_registry():
 
 @contextmanager
 def running_server(model, *, load: bool = True, grace: float = 1.0, **settings):
-    """An in-process gRPC server on an ephemeral loopback port around ``model``; stopped on exit."""
+    """An in-process gRPC server on an ephemeral loopback port around ``model``; stopped on exit.
+
+    Its data dir is a fresh temporary one (removed afterwards) unless ``data_dir=`` is given.
+    """
     from embedder.config import Config
     from embedder.server import EmbedderServer
 
-    config = Config.from_env(environ={}, port=settings.pop("port", 0), grace_seconds=2.0, **settings)
+    scratch = None if "data_dir" in settings else tempfile.mkdtemp(prefix="embedder-test-")
+    config = Config.from_env(environ={}, port=settings.pop("port", 0), grace_seconds=2.0,
+                             data_dir=settings.pop("data_dir", scratch), **settings)
     server = EmbedderServer(config, embedder=model)
     server.start()
     try:
@@ -128,3 +135,5 @@ def running_server(model, *, load: bool = True, grace: float = 1.0, **settings):
         yield server
     finally:
         server.stop(grace=grace)
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)

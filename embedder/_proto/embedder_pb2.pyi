@@ -27,14 +27,16 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("id", "image", "tensor")
+    __slots__ = ("id", "image", "tensor", "content_sha256")
     ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     id: str
     image: bytes
     tensor: Tensor
-    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    content_sha256: str
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., content_sha256: _Optional[str] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
@@ -45,20 +47,22 @@ class Status(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("id", "vector", "dim", "model_id", "status", "cached")
+    __slots__ = ("id", "vector", "dim", "model_id", "status", "cached", "sha256")
     ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
     id: str
     vector: bytes
     dim: int
     model_id: str
     status: Status
     cached: bool
-    def __init__(self, id: _Optional[str] = ..., vector: _Optional[bytes] = ..., dim: _Optional[int] = ..., model_id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., cached: _Optional[bool] = ...) -> None: ...
+    sha256: str
+    def __init__(self, id: _Optional[str] = ..., vector: _Optional[bytes] = ..., dim: _Optional[int] = ..., model_id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., cached: _Optional[bool] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("items", "model")
@@ -119,3 +123,325 @@ class ListModelsResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     limits: ServerLimits
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ...) -> None: ...
+
+class AddItem(_message.Message):
+    __slots__ = ("item", "label", "metadata_json")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    item: Item
+    label: str
+    metadata_json: str
+    def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ..., label: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+
+class AddRequest(_message.Message):
+    __slots__ = ("collection", "items", "index")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    items: _containers.RepeatedCompositeFieldContainer[AddItem]
+    index: str
+    def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[AddItem, _Mapping]]] = ..., index: _Optional[str] = ...) -> None: ...
+
+class AddResponse(_message.Message):
+    __slots__ = ("results", "added", "replaced", "collection")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[Result]
+    added: int
+    replaced: int
+    collection: str
+    def __init__(self, results: _Optional[_Iterable[_Union[Result, _Mapping]]] = ..., added: _Optional[int] = ..., replaced: _Optional[int] = ..., collection: _Optional[str] = ...) -> None: ...
+
+class DeleteRequest(_message.Message):
+    __slots__ = ("collection", "ids", "whole_collection")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    whole_collection: bool
+    def __init__(self, collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., whole_collection: _Optional[bool] = ...) -> None: ...
+
+class DeleteResponse(_message.Message):
+    __slots__ = ("deleted", "missing")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, deleted: _Optional[int] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetLabelsRequest(_message.Message):
+    __slots__ = ("collection", "labels", "clear")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    CLEAR_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    labels: _containers.ScalarMap[str, str]
+    clear: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collection: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., clear: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SetLabelsResponse(_message.Message):
+    __slots__ = ("updated",)
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    updated: int
+    def __init__(self, updated: _Optional[int] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("collection", "ids", "omit_vectors")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    OMIT_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    omit_vectors: bool
+    def __init__(self, collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., omit_vectors: _Optional[bool] = ...) -> None: ...
+
+class StoredItem(_message.Message):
+    __slots__ = ("id", "collection", "vector", "dim", "sha256", "label", "metadata_json", "created", "updated")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    collection: str
+    vector: bytes
+    dim: int
+    sha256: str
+    label: str
+    metadata_json: str
+    created: float
+    updated: float
+    def __init__(self, id: _Optional[str] = ..., collection: _Optional[str] = ..., vector: _Optional[bytes] = ..., dim: _Optional[int] = ..., sha256: _Optional[str] = ..., label: _Optional[str] = ..., metadata_json: _Optional[str] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ...) -> None: ...
+
+class GetResponse(_message.Message):
+    __slots__ = ("items", "missing")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[StoredItem]
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, items: _Optional[_Iterable[_Union[StoredItem, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("collection", "item", "item_id", "vector", "k", "label", "ef_search")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    item: Item
+    item_id: str
+    vector: bytes
+    k: int
+    label: str
+    ef_search: int
+    def __init__(self, collection: _Optional[str] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., item_id: _Optional[str] = ..., vector: _Optional[bytes] = ..., k: _Optional[int] = ..., label: _Optional[str] = ..., ef_search: _Optional[int] = ...) -> None: ...
+
+class Hit(_message.Message):
+    __slots__ = ("id", "score", "collection", "label", "metadata_json")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    collection: str
+    label: str
+    metadata_json: str
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., collection: _Optional[str] = ..., label: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("hits", "model_id", "cached")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[Hit]
+    model_id: str
+    cached: bool
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., model_id: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CollectionStats(_message.Message):
+    __slots__ = ("name", "model_id", "dim", "index", "count", "labels", "unlabeled", "created")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    UNLABELED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_id: str
+    dim: int
+    index: str
+    count: int
+    labels: _containers.ScalarMap[str, int]
+    unlabeled: int
+    created: float
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., dim: _Optional[int] = ..., index: _Optional[str] = ..., count: _Optional[int] = ..., labels: _Optional[_Mapping[str, int]] = ..., unlabeled: _Optional[int] = ..., created: _Optional[float] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("collections", "items", "cache_items", "cache_max_items", "disk_bytes", "heads")
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    CACHE_MAX_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    DISK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    collections: _containers.RepeatedCompositeFieldContainer[CollectionStats]
+    items: int
+    cache_items: int
+    cache_max_items: int
+    disk_bytes: int
+    heads: int
+    def __init__(self, collections: _Optional[_Iterable[_Union[CollectionStats, _Mapping]]] = ..., items: _Optional[int] = ..., cache_items: _Optional[int] = ..., cache_max_items: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., heads: _Optional[int] = ...) -> None: ...
+
+class HeadInfo(_message.Message):
+    __slots__ = ("head_id", "kind", "model_id", "dim", "classes", "class_counts", "params_json", "metrics_json", "created", "collection")
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    head_id: str
+    kind: str
+    model_id: str
+    dim: int
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    class_counts: _containers.RepeatedScalarFieldContainer[int]
+    params_json: str
+    metrics_json: str
+    created: str
+    collection: str
+    def __init__(self, head_id: _Optional[str] = ..., kind: _Optional[str] = ..., model_id: _Optional[str] = ..., dim: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., class_counts: _Optional[_Iterable[int]] = ..., params_json: _Optional[str] = ..., metrics_json: _Optional[str] = ..., created: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("collection", "head", "labels", "ids", "params_json", "test_size", "seed", "head_id")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TEST_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    head: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    params_json: str
+    test_size: float
+    seed: int
+    head_id: str
+    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., head_id: _Optional[str] = ...) -> None: ...
+
+class TrainResponse(_message.Message):
+    __slots__ = ("head", "samples", "train_seconds", "total_seconds")
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    head: HeadInfo
+    samples: int
+    train_seconds: float
+    total_seconds: float
+    def __init__(self, head: _Optional[_Union[HeadInfo, _Mapping]] = ..., samples: _Optional[int] = ..., train_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+
+class PredictRequest(_message.Message):
+    __slots__ = ("head_id", "items", "collection", "ids", "top_k")
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    head_id: str
+    items: _containers.RepeatedCompositeFieldContainer[Item]
+    collection: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    def __init__(self, head_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class LabelScore(_message.Message):
+    __slots__ = ("label", "probability")
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    label: str
+    probability: float
+    def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
+
+class Prediction(_message.Message):
+    __slots__ = ("id", "status", "top", "cached")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    status: Status
+    top: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    cached: bool
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class PredictResponse(_message.Message):
+    __slots__ = ("predictions", "head_id", "model_id")
+    PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
+    head_id: str
+    model_id: str
+    def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ..., head_id: _Optional[str] = ..., model_id: _Optional[str] = ...) -> None: ...
+
+class ListHeadsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListHeadsResponse(_message.Message):
+    __slots__ = ("heads",)
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    heads: _containers.RepeatedCompositeFieldContainer[HeadInfo]
+    def __init__(self, heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteHeadRequest(_message.Message):
+    __slots__ = ("head_id",)
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    head_id: str
+    def __init__(self, head_id: _Optional[str] = ...) -> None: ...
+
+class DeleteHeadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -51,6 +51,56 @@ class EmbedderStub:
                 request_serializer=embedder_dot_v1_dot_embedder__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=embedder_dot_v1_dot_embedder__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.Add = channel.unary_unary(
+                '/embedder.v1.Embedder/Add',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.AddRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.AddResponse.FromString,
+                _registered_method=True)
+        self.Delete = channel.unary_unary(
+                '/embedder.v1.Embedder/Delete',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.DeleteRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.DeleteResponse.FromString,
+                _registered_method=True)
+        self.SetLabels = channel.unary_unary(
+                '/embedder.v1.Embedder/SetLabels',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.SetLabelsRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.SetLabelsResponse.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/embedder.v1.Embedder/Get',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.GetRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.GetResponse.FromString,
+                _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/embedder.v1.Embedder/Search',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.SearchRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.SearchResponse.FromString,
+                _registered_method=True)
+        self.Stats = channel.unary_unary(
+                '/embedder.v1.Embedder/Stats',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.StatsRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.StatsResponse.FromString,
+                _registered_method=True)
+        self.Train = channel.unary_unary(
+                '/embedder.v1.Embedder/Train',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.TrainRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.TrainResponse.FromString,
+                _registered_method=True)
+        self.Predict = channel.unary_unary(
+                '/embedder.v1.Embedder/Predict',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.PredictRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.PredictResponse.FromString,
+                _registered_method=True)
+        self.ListHeads = channel.unary_unary(
+                '/embedder.v1.Embedder/ListHeads',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.ListHeadsRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.ListHeadsResponse.FromString,
+                _registered_method=True)
+        self.DeleteHead = channel.unary_unary(
+                '/embedder.v1.Embedder/DeleteHead',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedderServicer:
@@ -82,6 +132,84 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Add(self, request, context):
+        """--- vector store: named collections of vectors with labels and metadata (FAISS + SQLite) ---
+        Store errors: NOT_FOUND (unknown collection or item id), FAILED_PRECONDITION (the collection holds
+        another model's or dim's vectors), INVALID_ARGUMENT (bad ids, labels, metadata, k, vectors).
+
+        Embed images (cache hits skip the model) or take cached vectors by sha256, and upsert them into a
+        collection under the items' ids. Per-item errors as in Embed; the good items are stored. Durable
+        once answered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Delete(self, request, context):
+        """Delete items by id (unknown ids are reported, not an error), or a whole collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLabels(self, request, context):
+        """Set or clear labels of stored items; all-or-nothing (NOT_FOUND names missing ids, nothing changes).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """Stored items (vectors exactly as added, labels, metadata) by id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Search(self, request, context):
+        """The k most similar stored items to an image, a raw vector, or a stored item; cosine scores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stats(self, request, context):
+        """Collections (counts per label), cache fill, disk use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Train(self, request, context):
+        """--- classifier heads trained on stored vectors (no backbone pass) ---
+        Errors: NOT_FOUND (unknown head or collection), FAILED_PRECONDITION (too few classes or examples per
+        class; a head of another model), INVALID_ARGUMENT (unknown head type, bad params).
+
+        Train a head on a collection's labelled vectors, evaluate it on a stratified hold-out, save it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Predict(self, request, context):
+        """Top-k labels with probabilities for images (via the cache) or stored items.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListHeads(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteHead(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -99,6 +227,56 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=embedder_dot_v1_dot_embedder__pb2.ListModelsRequest.FromString,
                     response_serializer=embedder_dot_v1_dot_embedder__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'Add': grpc.unary_unary_rpc_method_handler(
+                    servicer.Add,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.AddRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.AddResponse.SerializeToString,
+            ),
+            'Delete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delete,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.DeleteRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.DeleteResponse.SerializeToString,
+            ),
+            'SetLabels': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLabels,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.SetLabelsRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.SetLabelsResponse.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.GetRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.GetResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.SearchRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.SearchResponse.SerializeToString,
+            ),
+            'Stats': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stats,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.StatsRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.StatsResponse.SerializeToString,
+            ),
+            'Train': grpc.unary_unary_rpc_method_handler(
+                    servicer.Train,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.TrainRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.TrainResponse.SerializeToString,
+            ),
+            'Predict': grpc.unary_unary_rpc_method_handler(
+                    servicer.Predict,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.PredictRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.PredictResponse.SerializeToString,
+            ),
+            'ListHeads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListHeads,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.ListHeadsRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.ListHeadsResponse.SerializeToString,
+            ),
+            'DeleteHead': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteHead,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -184,6 +362,276 @@ class Embedder:
             '/embedder.v1.Embedder/ListModels',
             embedder_dot_v1_dot_embedder__pb2.ListModelsRequest.SerializeToString,
             embedder_dot_v1_dot_embedder__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Add(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/Add',
+            embedder_dot_v1_dot_embedder__pb2.AddRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.AddResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/Delete',
+            embedder_dot_v1_dot_embedder__pb2.DeleteRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLabels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/SetLabels',
+            embedder_dot_v1_dot_embedder__pb2.SetLabelsRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.SetLabelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/Get',
+            embedder_dot_v1_dot_embedder__pb2.GetRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/Search',
+            embedder_dot_v1_dot_embedder__pb2.SearchRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/Stats',
+            embedder_dot_v1_dot_embedder__pb2.StatsRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Train(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/Train',
+            embedder_dot_v1_dot_embedder__pb2.TrainRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.TrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Predict(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/Predict',
+            embedder_dot_v1_dot_embedder__pb2.PredictRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.PredictResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListHeads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/ListHeads',
+            embedder_dot_v1_dot_embedder__pb2.ListHeadsRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.ListHeadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteHead(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/DeleteHead',
+            embedder_dot_v1_dot_embedder__pb2.DeleteHeadRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.DeleteHeadResponse.FromString,
             options,
             channel_credentials,
             insecure,

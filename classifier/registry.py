@@ -1,0 +1,141 @@
+"""The heads of one directory, as a service uses them: train + evaluate + save, cached loading, top-k predict.
+
+    registry = HeadRegistry("embedder-data/heads")
+    result = registry.train(vectors, labels, model_id=embedder.model_id, kind="logreg",
+                            source={"collection": "shoes"})
+    top = registry.predict(result.info.head_id, new_vectors, model_id=embedder.model_id, top_k=3)
+
+Plain arrays in and out: no gRPC and no store here (the service reads the vectors from its store).
+Thread-safe. Trainings run one at a time, since each already uses every core; predictions run alongside.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .evaluate import evaluate
+from .heads import Head, HeadError, InsufficientDataError, _plain, head_params, make_head
+from .persist import (META_FILE, HeadInfo, HeadNotFoundError, check_head_id, delete_head, list_heads, load_head, read_head_info,
+                      save_head)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    info: HeadInfo
+    samples: int  # rows the saved head was fitted on
+    train_seconds: float  # the final fit
+    total_seconds: float  # hold-out evaluation + final fit + save
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Best ``k`` labels per row, best first, with their probabilities."""
+
+    labels: list[list[Any]]
+    probabilities: np.ndarray  # float (N, k)
+
+
+class HeadRegistry:
+    """Saved heads under ``root``; up to ``max_loaded`` of them stay loaded in memory (least recently used out)."""
+
+    def __init__(self, root: str | Path, *, max_loaded: int = 16) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.max_loaded = max_loaded
+        self._loaded: OrderedDict[str, Head] = OrderedDict()
+        self._lock = threading.Lock()
+        self._train_lock = threading.Lock()
+
+    def train(self, X: np.ndarray, y: Sequence[Any], *, model_id: str, kind: str = "logreg",
+              params: Mapping[str, Any] | None = None, test_size: float = 0.2, seed: int = 0,
+              head_id: str | None = None, source: Mapping[str, Any] | None = None) -> TrainResult:
+        """Evaluate ``kind`` on a stratified hold-out of ``X``/``y``, fit it on all of them, save it.
+
+        The metrics in the saved head come from the hold-out; the saved head is fitted on every row.
+        When the data is too small for a hold-out but enough to train, the head is trained and its metrics
+        say why there are none. An existing head named ``head_id`` is replaced.
+        """
+        params = dict(params or {})
+        if "seed" in head_params(kind) and "seed" not in params:
+            params["seed"] = seed
+        head = make_head(kind, **params)  # HeadError for an unknown kind or bad params, before any work
+        if head_id is not None:
+            check_head_id(head_id)
+        with self._train_lock:
+            started = time.perf_counter()
+            try:
+                metrics: dict[str, Any] = evaluate(head, X, y, test_size=test_size, seed=seed).to_dict()
+            except InsufficientDataError as e:
+                metrics = {"method": "none", "reason": f"no hold-out evaluation: {e}"}
+            fit_start = time.perf_counter()
+            head.fit(X, y, model_id=model_id)  # InsufficientDataError when the head itself cannot train
+            train_seconds = time.perf_counter() - fit_start
+            path = save_head(head, self.root, head_id=head_id, metrics=metrics, source=source,
+                             overwrite=head_id is not None)
+            total = time.perf_counter() - started
+        with self._lock:
+            self._remember(path.name, head)
+        samples = int(head.class_counts_.sum())
+        log.info("trained %s head %s on %d vectors in %.2f s (hold-out accuracy %s)", kind, path.name, samples,
+                 total, metrics.get("accuracy", "n/a"))
+        return TrainResult(read_head_info(path), samples, train_seconds, total)
+
+    def get(self, head_id: str) -> Head:
+        """The loaded head ``head_id``; :class:`HeadNotFoundError` if there is none."""
+        with self._lock:
+            head = self._loaded.get(head_id)
+            if head is not None:
+                self._loaded.move_to_end(head_id)
+                return head
+        head = load_head(self._path(head_id))  # outside the lock: loading may take a moment
+        with self._lock:
+            if (self.root / head_id).is_dir():  # not deleted meanwhile
+                self._remember(head_id, head)
+        return head
+
+    def info(self, head_id: str) -> HeadInfo:
+        return read_head_info(self._path(head_id))
+
+    def predict(self, head_id: str, X: np.ndarray, *, model_id: str, top_k: int = 1) -> TopK:
+        """The ``top_k`` most probable labels of each row of ``X`` (features of ``model_id``)."""
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise HeadError(f"top_k must be a positive integer, got {top_k!r}")
+        head = self.get(head_id)
+        proba = head.predict_proba(X, model_id=model_id)  # ModelMismatchError for another backbone's vectors
+        k = min(top_k, proba.shape[1])
+        order = np.argsort(-proba, axis=1, kind="stable")[:, :k]
+        labels = [[_plain(head.classes_[j]) for j in row] for row in order]
+        return TopK(labels, np.take_along_axis(proba, order, axis=1))
+
+    def list(self) -> list[HeadInfo]:
+        return list_heads(self.root)
+
+    def delete(self, head_id: str) -> None:
+        """Delete a saved head; :class:`HeadNotFoundError` if there is none."""
+        self._path(head_id)
+        delete_head(self.root, head_id)
+        with self._lock:
+            self._loaded.pop(head_id, None)
+
+    def _path(self, head_id: str) -> Path:
+        """The directory of an existing head. Errors name the id only: callers may be remote, paths are ours."""
+        path = self.root / check_head_id(head_id)
+        if not (path / META_FILE).is_file():
+            raise HeadNotFoundError(f"no head {head_id!r}; list the heads there are with ListHeads "
+                                    "(`embedder heads`)")
+        return path
+
+    def _remember(self, head_id: str, head: Head) -> None:
+        self._loaded[head_id] = head
+        self._loaded.move_to_end(head_id)
+        while len(self._loaded) > self.max_loaded:
+            self._loaded.popitem(last=False)

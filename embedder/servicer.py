@@ -1,0 +1,558 @@
+"""Handlers of the ``embedder.v1.Embedder`` RPCs: embedding, the vector store, classifier heads.
+
+Every image goes through one path, :meth:`EmbedderServicer._submit` + :meth:`EmbedderServicer._wait`:
+encoded images are looked up in the store's cache by the sha256 of their bytes (a hit is neither decoded nor
+run through the model), misses go to the batcher, and their vectors are cached when they come back.
+Embed, Add, Search and Predict all use it, so an image is embedded at most once, whichever RPC brings it.
+
+Errors are mapped once, in :func:`_status_for`: unknown collection/item/head -> NOT_FOUND; another model's or
+dim's vectors, too few classes or examples -> FAILED_PRECONDITION; bad arguments -> INVALID_ARGUMENT.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent import futures
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from classifier import HeadFormatError, HeadNotFoundError, HeadRegistry, InsufficientDataError
+from classifier import ModelMismatchError as HeadModelMismatchError
+
+from ._proto import embedder_pb2 as pb
+from ._proto import embedder_pb2_grpc as pb_grpc
+from .batcher import (Batcher, BatcherClosedError, BatchFailedError, DroppedError, ItemError,
+                      QueueFullError)
+from .config import Config
+from .errors import CollectionMismatchError, EmbedderError, NotFoundError
+from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, parse_json_object, stats_to_pb,
+                       stored_to_pb, tensor_array, vector_bytes)
+from .metrics import Metrics
+from .store import Store, content_hash
+
+log = logging.getLogger(__name__)
+
+STREAM_WINDOW = 4  # requests of one stream in the batcher at once: pipelining without hogging the queue
+DEFAULT_K = 10
+_OK = grpc.StatusCode.OK.value[0]
+
+
+def _code(status: grpc.StatusCode) -> int:
+    return status.value[0]
+
+
+def _time_left(context: grpc.ServicerContext) -> float | None:
+    """Seconds until the call's deadline, or None without one (grpc reports "no deadline" as ~forever)."""
+    left = context.time_remaining()
+    return None if left is None or left > 1e7 else max(0.0, left)
+
+
+class _ItemNotFound(EmbedderError):
+    """An item the server does not hold: a content_sha256 not in the cache, a stored id not in the collection."""
+
+
+def _item_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(error, ItemError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, _ItemNotFound):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, DroppedError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(error)
+    if isinstance(error, BatcherClosedError):
+        return grpc.StatusCode.UNAVAILABLE, str(error)
+    if isinstance(error, BatchFailedError):
+        return grpc.StatusCode.INTERNAL, str(error)
+    log.error("unexpected per-item error: %r", error)
+    return grpc.StatusCode.INTERNAL, f"server fault, not your input ({type(error).__name__}); retry"
+
+
+def _status_for(error: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The gRPC status of a store/classifier error, or None for errors that are not the caller's."""
+    if isinstance(error, (NotFoundError, HeadNotFoundError)):
+        return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, (CollectionMismatchError, HeadModelMismatchError, InsufficientDataError)):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(error)
+    if isinstance(error, HeadFormatError):
+        return grpc.StatusCode.DATA_LOSS, f"{error}"
+    if isinstance(error, ValueError):  # HeadError and the store's argument checks are ValueErrors
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    return None
+
+
+@dataclass
+class _Slot:
+    """One requested image: a cache hit, a future in the batcher, or an error."""
+
+    item_id: str
+    sha256: str = ""
+    vector: np.ndarray | None = None
+    future: Future | None = None
+    error: BaseException | None = None
+    cached: bool = False
+
+
+class _Pending:
+    """A request's images on their way: :meth:`EmbedderServicer._wait` turns it into finished slots."""
+
+    def __init__(self, slots: list[_Slot]) -> None:
+        self.slots = slots
+
+    def futures(self) -> list[Future]:
+        return [s.future for s in self.slots if s.future is not None]
+
+
+class _Abort:
+    """A stream reader's request to end the stream with a status (the reader thread cannot abort)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        self.code, self.message = code, message
+
+
+_END = object()
+
+
+class EmbedderServicer(pb_grpc.EmbedderServicer):
+    """Handlers for ``embedder.v1.Embedder``. Answers UNAVAILABLE until :meth:`attach` is called."""
+
+    def __init__(self, config: Config, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._embedder: Any = None
+        self._batcher: Batcher | None = None
+        self._store: Store | None = None
+        self._heads: HeadRegistry | None = None
+        self._model_info: dict[str, Any] = {}
+        self.shutting_down = False
+
+    def attach(self, embedder: Any, batcher: Batcher, store: Store, heads: HeadRegistry) -> None:
+        self._model_info = embedder.info()
+        self.metrics.set_model(self._model_info)
+        self._store, self._heads = store, heads
+        self._embedder, self._batcher = embedder, batcher
+
+    @property
+    def model_id(self) -> str:
+        return self._model_info["model_id"]
+
+    @property
+    def dim(self) -> int:
+        return self._model_info["dim"]
+
+    # ------------------------------------------------------------------ embedding
+
+    def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
+        batcher = self._ready(context)
+        self._validate(request, context)
+        pending = self._submit_or_abort(request.items, context, batcher)
+        return self._embed_response(self._wait(pending, context))
+
+    def EmbedStream(self, request_iterator: Iterator[pb.EmbedRequest],
+                    context: grpc.ServicerContext) -> Iterator[pb.EmbedResponse]:
+        batcher = self._ready(context)
+        # A reader thread submits requests while earlier ones are still in the batcher (pipelining); the
+        # bounded queue between them is the stream's window, and a full window stops reading: flow control.
+        window: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
+        threading.Thread(target=self._read_stream, args=(request_iterator, context, batcher, window),
+                         name="embedder-stream-reader", daemon=True).start()
+        while True:
+            entry = window.get()
+            if entry is _END:
+                return
+            if isinstance(entry, _Abort):
+                context.abort(entry.code, entry.message)
+            yield self._embed_response(self._wait(entry, context))
+
+    def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        self._ready(context)
+        info = self._model_info
+        model = pb.ModelInfo(name=info["name"], model_id=info["model_id"], dim=info["dim"], device=info["device"],
+                             runtime=info["runtime"], precision=info["precision"], input_size=info["input_size"],
+                             normalize=info["normalize"])
+        limits = pb.ServerLimits(max_message_bytes=self.config.max_message_bytes, max_items=self.config.max_items,
+                                 max_pixels=getattr(self._embedder.config, "max_pixels", self.config.max_pixels))
+        return pb.ListModelsResponse(models=[model], limits=limits)
+
+    # ------------------------------------------------------------------ store
+
+    def Add(self, request: pb.AddRequest, context: grpc.ServicerContext) -> pb.AddResponse:
+        batcher = self._ready(context)
+        self._check_items(len(request.items), context)
+        store = self._store
+        with self._errors(context):
+            ids = [a.item.id for a in request.items]
+            if not request.collection:
+                raise ValueError("`collection` is empty; name the collection to add to")
+            missing_id = next((i for i, x in enumerate(ids) if not x), None)
+            if missing_id is not None:
+                raise ValueError(f"item {missing_id} has no id; every item added to a collection needs an "
+                                 "id (Item.id), unique within the collection")
+            if request.index:
+                store.create_collection(request.collection, model_id=self.model_id, dim=self.dim, index=request.index)
+            metadata: list[dict | None] = []
+            bad_meta: dict[int, str] = {}
+            for i, a in enumerate(request.items):
+                try:
+                    metadata.append(parse_json_object(a.metadata_json, f"metadata_json of item {a.item.id!r}"))
+                except ValueError as e:
+                    metadata.append(None)
+                    bad_meta[i] = str(e)
+            pending = self._submit_or_abort([a.item for a in request.items], context, batcher, skip=bad_meta)
+            slots = self._wait(pending, context)
+            for i, message in bad_meta.items():
+                slots[i].error = ItemError(message)
+            good = [i for i, s in enumerate(slots) if s.error is None]
+            added = replaced = 0
+            if good:
+                result = store.add(request.collection, [ids[i] for i in good],
+                                   np.stack([slots[i].vector for i in good]), model_id=self.model_id,
+                                   sha256s=[slots[i].sha256 or None for i in good],
+                                   labels=[request.items[i].label if request.items[i].HasField("label") else None
+                                           for i in good],
+                                   metadata=[metadata[i] for i in good])
+                added, replaced = result.added, result.replaced
+        return pb.AddResponse(results=[self._result(s, with_vector=False) for s in slots], added=added,
+                              replaced=replaced, collection=request.collection)
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        self._ready(context)
+        with self._errors(context):
+            if request.whole_collection:
+                if request.ids:
+                    raise ValueError("whole_collection deletes every item; leave `ids` empty with it")
+                count = self._store.collection(request.collection).count
+                self._store.delete_collection(request.collection)
+                return pb.DeleteResponse(deleted=count)
+            result = self._store.delete(request.collection, list(request.ids))
+        return pb.DeleteResponse(deleted=result.deleted, missing=result.missing)
+
+    def SetLabels(self, request: pb.SetLabelsRequest, context: grpc.ServicerContext) -> pb.SetLabelsResponse:
+        self._ready(context)
+        with self._errors(context):
+            both = sorted(set(request.labels) & set(request.clear))
+            if both:
+                raise ValueError(f"item(s) {', '.join(map(repr, both[:5]))} are both labelled and cleared; "
+                                 "name each item once")
+            changes: dict[str, str | None] = {**dict(request.labels), **{i: None for i in request.clear}}
+            updated = self._store.set_labels(request.collection, changes)
+        return pb.SetLabelsResponse(updated=updated)
+
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
+        self._ready(context)
+        self._check_items(len(request.ids), context)
+        with self._errors(context):
+            found = self._store.get(request.collection, list(request.ids))
+        return pb.GetResponse(items=[stored_to_pb(s, with_vector=not request.omit_vectors) for s in found if s],
+                              missing=[i for i, s in zip(request.ids, found) if s is None])
+
+    def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
+        batcher = self._ready(context)
+        kind = request.WhichOneof("query")
+        cached = False
+        with self._errors(context):
+            k = request.k or DEFAULT_K
+            label = request.label if request.HasField("label") else None
+            ef = request.ef_search or None
+            collection = request.collection or None
+            if kind == "item_id":
+                if collection is None:
+                    raise ValueError("a query by item_id needs `collection`, the collection that holds the item")
+                hits = self._store.search_by_id(collection, request.item_id, k=k, label=label, ef_search=ef)
+            else:
+                if kind == "vector":
+                    query = bytes_vector(request.vector, "the query vector")
+                elif kind == "item":
+                    slot = self._wait(self._submit_or_abort([request.item], context, batcher), context)[0]
+                    if slot.error is not None:
+                        code, message = _item_status(slot.error)
+                        context.abort(code, f"the query image: {message}")
+                    query, cached = slot.vector, slot.cached
+                else:
+                    raise ValueError("the query is empty; set one of `item` (an image), `item_id` or `vector`")
+                hits = self._store.search(collection, query[None], k=k, label=label, model_id=self.model_id,
+                                          ef_search=ef)[0]
+        return pb.SearchResponse(hits=[hit_to_pb(h) for h in hits], model_id=self.model_id, cached=cached)
+
+    def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
+        self._ready(context)
+        return stats_to_pb(self._store.stats(), heads=len(self._heads.list()))
+
+    # ------------------------------------------------------------------ heads
+
+    def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> pb.TrainResponse:
+        self._ready(context)
+        with self._errors(context):
+            params = parse_json_object(request.params_json, "params_json")
+            ids, X, y = self._store.labelled(request.collection, labels=list(request.labels) or None,
+                                             ids=list(request.ids) or None)
+            if not ids:
+                which = f" with label(s) {', '.join(map(repr, request.labels))}" if request.labels else ""
+                raise InsufficientDataError(
+                    f"collection {request.collection!r} has no labelled items{which}; add items with labels "
+                    "(Add with AddItem.label, or SetLabels) and train again")
+            info = self._store.collection(request.collection)
+            source = {"collection": request.collection, "labels": list(request.labels), "ids": len(request.ids)}
+            result = self._heads.train(X, y, model_id=info.model_id, kind=request.head or "logreg", params=params,
+                                       test_size=request.test_size or 0.2, seed=request.seed,
+                                       head_id=request.head_id or None, source=source)
+        return pb.TrainResponse(head=head_to_pb(result.info), samples=result.samples,
+                                train_seconds=result.train_seconds, total_seconds=result.total_seconds)
+
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        batcher = self._ready(context)
+        self._check_items(len(request.items) + len(request.ids), context)
+        with self._errors(context):
+            head = self._heads.get(request.head_id)  # NOT_FOUND before any embedding
+            if request.ids and not request.collection:
+                raise ValueError("predicting stored items needs `collection`, the collection that holds the ids")
+            slots: list[_Slot] = []
+            if request.items:
+                if head.model_id_ != self.model_id:
+                    raise HeadModelMismatchError(
+                        f"head {request.head_id!r} takes vectors of model {head.model_id_}, but this server embeds "
+                        f"with {self.model_id}; predict on a server of that model, or train a head here",
+                        head_model_id=head.model_id_, other_model_id=self.model_id)
+                slots = self._wait(self._submit_or_abort(request.items, context, batcher), context)
+            if request.ids:
+                model_id = self._store.collection(request.collection).model_id
+                if model_id != head.model_id_:
+                    raise HeadModelMismatchError(
+                        f"collection {request.collection!r} holds vectors of model {model_id}, but head "
+                        f"{request.head_id!r} takes vectors of model {head.model_id_}",
+                        head_model_id=head.model_id_, other_model_id=model_id)
+                for item_id, stored in zip(request.ids, self._store.get(request.collection, list(request.ids))):
+                    slot = _Slot(item_id, cached=True)
+                    if stored is None:
+                        slot.error = _ItemNotFound(f"no item {item_id!r} in collection {request.collection!r}")
+                    else:
+                        slot.vector = stored.vector
+                    slots.append(slot)
+            good = [s for s in slots if s.error is None]
+            top = (self._heads.predict(request.head_id, np.stack([s.vector for s in good]), model_id=head.model_id_,
+                                       top_k=request.top_k or 1) if good else None)
+        predictions, row = [], 0
+        for s in slots:
+            p = pb.Prediction(id=s.item_id, cached=s.cached)
+            if s.error is None:
+                p.status.code = _OK
+                p.top.extend(pb.LabelScore(label=str(lab), probability=float(prob))
+                             for lab, prob in zip(top.labels[row], top.probabilities[row]))
+                row += 1
+            else:
+                code, message = _item_status(s.error)
+                p.status.code, p.status.message = _code(code), message
+            predictions.append(p)
+        return pb.PredictResponse(predictions=predictions, head_id=request.head_id, model_id=head.model_id_)
+
+    def ListHeads(self, request: pb.ListHeadsRequest, context: grpc.ServicerContext) -> pb.ListHeadsResponse:
+        self._ready(context)
+        return pb.ListHeadsResponse(heads=[head_to_pb(h) for h in self._heads.list()])
+
+    def DeleteHead(self, request: pb.DeleteHeadRequest, context: grpc.ServicerContext) -> pb.DeleteHeadResponse:
+        self._ready(context)
+        with self._errors(context):
+            self._heads.delete(request.head_id)
+        return pb.DeleteHeadResponse()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _ready(self, context: grpc.ServicerContext) -> Batcher:
+        batcher = self._batcher
+        if self.shutting_down:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry another instance")
+        if batcher is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the model is still loading and warming up; retry shortly (health turns SERVING when ready)")
+        if not batcher.alive:
+            context.abort(grpc.StatusCode.UNAVAILABLE,
+                          "the embedding worker is not running; the server must be restarted")
+        return batcher
+
+    @contextmanager
+    def _errors(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Abort with the status that fits a store/classifier error; other exceptions propagate."""
+        try:
+            yield
+        except (EmbedderError, ValueError, KeyError) as e:
+            status = _status_for(e)
+            if status is None:
+                log.exception("store or classifier failure")
+                context.abort(grpc.StatusCode.INTERNAL, f"server fault, not your input ({type(e).__name__}: {e})")
+            context.abort(*status)
+
+    def _check_items(self, n: int, context: grpc.ServicerContext) -> None:
+        error = self._count_error(n)
+        if error is not None:
+            context.abort(error.code, error.message)
+
+    def _count_error(self, n: int) -> _Abort | None:
+        limit = self.config.max_items
+        if n > limit:
+            return _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"request has {n} items, above the server's limit of {limit} per request (max_items); "
+                          "send fewer per request (EmbedderClient splits for you) or raise the limit on the server "
+                          "with --max-items / EMBEDDER_MAX_ITEMS")
+        return None
+
+    def _request_error(self, request: pb.EmbedRequest) -> _Abort | None:
+        error = self._count_error(len(request.items))
+        if error is not None:
+            return error
+        info = self._model_info
+        if request.model and request.model not in (info["name"], info["model_id"]):
+            return _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"this server embeds with {info['name']} ({info['model_id']}), not {request.model!r}; "
+                          "leave `model` empty or ask a server that runs that model")
+        return None
+
+    def _validate(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> None:
+        error = self._request_error(request)
+        if error is not None:
+            context.abort(error.code, error.message)
+
+    def _submit_or_abort(self, items: Sequence[pb.Item], context: grpc.ServicerContext, batcher: Batcher,
+                         *, skip: Any = ()) -> _Pending:
+        try:
+            return self._submit(items, context, batcher, block=False, skip=skip)
+        except QueueFullError as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+        except BatcherClosedError as e:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+
+    def _submit(self, items: Sequence[pb.Item], context: grpc.ServicerContext, batcher: Batcher,
+                *, block: bool, skip: Any = ()) -> _Pending:
+        """Serve cache hits, queue the misses in the batcher; malformed items get their error without queueing.
+
+        Items whose index is in ``skip`` are left out (their caller has already failed them).
+        """
+        slots = [_Slot(item.id) for item in items]
+        lookups: dict[int, str] = {}
+        inputs: dict[int, Any] = {}
+        for i, (item, slot) in enumerate(zip(items, slots)):
+            if i in skip:
+                continue
+            try:
+                kind = item.WhichOneof("input")
+                if kind == "image":
+                    slot.sha256 = lookups[i] = content_hash(item.image)
+                    inputs[i] = item.image
+                elif kind == "content_sha256":
+                    sha = item.content_sha256.lower()
+                    if len(sha) != 64 or any(ch not in "0123456789abcdef" for ch in sha):
+                        raise ItemError(f"content_sha256 must be 64 hex digits (sha256 of the image bytes), "
+                                        f"got {item.content_sha256!r}")
+                    slot.sha256 = lookups[i] = sha
+                elif kind == "tensor":
+                    inputs[i] = tensor_array(item.tensor)
+                else:
+                    raise ItemError("item has neither `image` (encoded bytes), `tensor` (raw pixels) nor "
+                                    "`content_sha256` (a cached image) set")
+            except ItemError as e:
+                slot.error = e
+            except Exception as e:  # whatever a malformed item does, it fails alone
+                slot.error = ItemError(f"malformed item ({type(e).__name__}: {e})")
+        if lookups:
+            found = self._store.lookup(self.model_id, list(lookups.values()))
+            for i, vector in zip(lookups, found):
+                if vector is not None:
+                    slots[i].vector, slots[i].cached = vector, True
+                    inputs.pop(i, None)
+                elif i not in inputs:
+                    slots[i].error = _ItemNotFound(
+                        f"no cached vector for content_sha256 {slots[i].sha256} under model {self.model_id}; "
+                        "send the image bytes instead")
+            self.metrics.cache_hits.inc(sum(v is not None for v in found))
+        left = _time_left(context)
+        deadline = None if left is None else time.monotonic() + left
+        queued = batcher.submit(list(inputs.values()), deadline=deadline, is_active=context.is_active, block=block)
+        for i, fut in zip(inputs, queued):
+            slots[i].future = fut
+        return _Pending(slots)
+
+    def _wait(self, pending: _Pending, context: grpc.ServicerContext) -> list[_Slot]:
+        """Wait for the misses (within the call's deadline), cache their vectors, return the finished slots."""
+        futs = pending.futures()
+        _, not_done = futures.wait(futs, timeout=_time_left(context))
+        if not_done:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"deadline passed with {len(not_done)} of {len(pending.slots)} items still queued or "
+                          "embedding; give the call a longer timeout or send fewer items per call")
+        fresh: dict[str, np.ndarray] = {}
+        for slot in pending.slots:
+            if slot.future is None:
+                continue
+            slot.error = slot.future.exception()
+            if slot.error is None:
+                slot.vector = np.asarray(slot.future.result(), dtype=np.float32)
+                if slot.sha256:
+                    fresh[slot.sha256] = slot.vector
+                continue
+            code, message = _item_status(slot.error)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                # Not the item's fault: fail the call so the client's retry/timeout logic sees it.
+                context.abort(code, message)
+        if fresh:
+            try:
+                self._store.put(self.model_id, list(fresh), np.stack(list(fresh.values())))
+            except Exception:  # the vectors are good; a cache write failure must not fail the call
+                log.exception("could not write %d vectors to the cache", len(fresh))
+        ok = sum(s.error is None for s in pending.slots)
+        self.metrics.images.labels("ok").inc(ok)
+        self.metrics.images.labels("error").inc(len(pending.slots) - ok)
+        return pending.slots
+
+    def _result(self, slot: _Slot, *, with_vector: bool = True) -> pb.Result:
+        result = pb.Result(id=slot.item_id, dim=self.dim, model_id=self.model_id, cached=slot.cached,
+                           sha256=slot.sha256)
+        if slot.error is None:
+            result.status.code = _OK
+            if with_vector:
+                result.vector = vector_bytes(slot.vector)
+        else:
+            code, message = _item_status(slot.error)
+            result.status.code, result.status.message = _code(code), message
+        return result
+
+    def _embed_response(self, slots: list[_Slot]) -> pb.EmbedResponse:
+        return pb.EmbedResponse(results=[self._result(s) for s in slots], model_id=self.model_id, dim=self.dim)
+
+    def _read_stream(self, request_iterator: Iterator[pb.EmbedRequest], context: grpc.ServicerContext,
+                     batcher: Batcher, window: queue.Queue) -> None:
+        """Stream reader thread: validate and submit each request in order, then hand it to the writer."""
+        try:
+            for request in request_iterator:
+                error = self._request_error(request)
+                if error is not None:
+                    self._put(window, error, context)
+                    return
+                # Streams wait for queue room instead of failing: a bulk job should slow down, not die.
+                if not self._put(window, self._submit(request.items, context, batcher, block=True), context):
+                    return
+        except BatcherClosedError as e:
+            self._put(window, _Abort(grpc.StatusCode.UNAVAILABLE, str(e)), context)
+        except DroppedError:
+            pass  # the caller went away while we waited for room
+        except grpc.RpcError:
+            pass  # the client cancelled or the call ended; nothing to answer
+        except Exception as e:  # never let a reader bug hang the writer
+            log.exception("stream reader failed")
+            self._put(window, _Abort(grpc.StatusCode.INTERNAL, f"server fault reading the stream ({e!r})"), context)
+        finally:
+            self._put(window, _END, context)
+
+    @staticmethod
+    def _put(window: queue.Queue, entry: Any, context: grpc.ServicerContext) -> bool:
+        """Put into the window, waiting while it is full, unless the call ends meanwhile."""
+        while True:
+            try:
+                window.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                if not context.is_active():
+                    return False
