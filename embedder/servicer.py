@@ -193,6 +193,9 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             if missing_id is not None:
                 raise ValueError(f"item {missing_id} has no id; every item added to a collection needs an "
                                  "id (Item.id), unique within the collection")
+            if len(set(ids)) != len(ids):
+                dup = next(i for i in ids if ids.count(i) > 1)
+                raise ValueError(f"item id {dup!r} appears more than once in one request; pass each id once")
             if request.index:
                 store.create_collection(request.collection, model_id=self.model_id, dim=self.dim, index=request.index)
             metadata: list[dict | None] = []

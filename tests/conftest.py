@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 
 import numpy as np
@@ -137,3 +138,45 @@ def running_server(model, *, load: bool = True, grace: float = 1.0, **settings):
         server.stop(grace=grace)
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+class CountingModel:
+    """The real model, counting what reaches it: ``decoded`` images and ``embedded`` model rows."""
+
+    def __init__(self, real) -> None:
+        self.real, self.config = real, real.config
+        self.decoded = self.embedded = 0
+        self._lock = threading.Lock()
+
+    def info(self):
+        return self.real.info()
+
+    def submit(self, item):
+        with self._lock:
+            self.decoded += 1
+        return self.real.submit(item)
+
+    def embed_arrays(self, images):
+        with self._lock:
+            self.embedded += len(images)
+        return self.real.embed_arrays(images)
+
+
+def small_jpegs(arrays, size: int = 64) -> list[bytes]:
+    """Real images, downscaled to ``size`` x ``size`` JPEGs: cheap to decode, still real content."""
+    out = []
+    for arr in arrays:
+        img = Image.fromarray(np.ascontiguousarray(arr)).convert("RGB").resize((size, size), Image.BILINEAR)
+        out.append(jpeg_bytes(np.asarray(img)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def digit_images() -> tuple[list[bytes], list[str]]:
+    """scikit-learn's bundled handwritten digits 0, 1 and 7 (30 of each) as 64x64 JPEGs, with labels."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    picked = [i for c in (0, 1, 7) for i in np.flatnonzero(d.target == c)[:30]]
+    arrays = [(np.kron(d.images[i], np.ones((8, 8))) * 255 / 16).astype(np.uint8) for i in picked]
+    return small_jpegs(arrays), [str(d.target[i]) for i in picked]

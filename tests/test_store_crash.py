@@ -1,5 +1,7 @@
 """kill -9 in the middle of a stream of adds: every acknowledged add survives, exactly, and nothing is torn.
 
+Twice: the store library in a child process, and the whole service (``embedder serve``) under a client.
+
 A child process adds one item at a time and prints each id once ``add`` has returned (flushed), with a
 snapshot every 40 adds so a kill can also land inside a snapshot write. The parent SIGKILLs it mid-stream,
 twice (the second child starts on the crashed data dir), then reopens the store and checks it.
@@ -14,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -95,5 +98,63 @@ def test_acknowledged_adds_survive_kill_9(tmp_path, caplog):
         hits = store.search("c", np.stack([expected(i) for i in sample]), k=1)
         assert [row[0].id for row in hits] == [f"id{i}" for i in sample]
     assert all(p.suffix == ".faiss" for p in (data_dir / "snapshots").iterdir())  # no temp file left behind
+    with sqlite3.connect(data_dir / "store.sqlite3") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_kill_9_of_the_server_mid_adds_loses_nothing_acknowledged(tmp_path, cache_dir, embedder, photo_arrays):
+    """The real service in its own process; a client adds one image per call; SIGKILL lands mid-stream."""
+    from conftest import jpeg_bytes
+
+    from embedder.client import EmbedderClient, ServiceError
+
+    base = photo_arrays["astronaut"]
+    images = [jpeg_bytes(base[i:i + 96, 2 * i:2 * i + 96]) for i in range(200)]  # 200 distinct real crops
+    data_dir = tmp_path / "data"
+    env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir), "EMBEDDER_DATA_DIR": str(data_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "embedder.cli", "serve", "--port", "0"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    acked: list[int] = []
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        address = line.split()[-1]
+        stop = threading.Event()
+
+        def add_forever() -> None:
+            with EmbedderClient(address, timeout=30, retries=20) as client:  # retries while the model loads
+                for i, image in enumerate(images):
+                    try:
+                        client.add("crash", [image], [f"id{i}"], labels=[f"l{i % 3}"], metadata=[{"i": i}])
+                    except ServiceError:
+                        return  # the server is gone
+                    acked.append(i)
+                    if stop.is_set():
+                        return
+
+        adder = threading.Thread(target=add_forever, daemon=True)
+        adder.start()
+        deadline = time.monotonic() + 180
+        while len(acked) < 40 and adder.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(acked) >= 40, "the server did not acknowledge 40 adds"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # while the adder is mid-call
+        proc.wait()
+        stop.set()
+    adder.join(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+
+    with Store(data_dir) as store:
+        count = store.collection("crash").count
+        assert len(acked) <= count <= len(acked) + 1  # at most the call in flight was committed, unanswered
+        items = store.get("crash", [f"id{i}" for i in range(len(images))])
+        present = [i for i, item in enumerate(items) if item is not None]
+        assert set(acked) <= set(present)
+        expected_vectors = embedder.embed([images[i] for i in present])
+        for i, want in zip(present, expected_vectors):  # present means complete and correct
+            item = items[i]
+            np.testing.assert_allclose(item.vector, want, atol=1e-5)
+            assert (item.label, item.metadata) == (f"l{i % 3}", {"i": i})
     with sqlite3.connect(data_dir / "store.sqlite3") as db:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
