@@ -22,7 +22,7 @@ from sklearn.linear_model import LogisticRegression
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fashion_mnist import load  # noqa: E402
+from embedder.datasets import fashion_mnist as load  # noqa: E402
 from images import real_jpegs, write_json  # noqa: E402
 
 from embedder import Embedder  # noqa: E402

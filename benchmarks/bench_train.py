@@ -42,7 +42,7 @@ from sklearn.svm import LinearSVC
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fashion_mnist import load  # noqa: E402
+from embedder.datasets import fashion_mnist as load  # noqa: E402
 from images import write_json  # noqa: E402
 
 from classifier import make_head  # noqa: E402

@@ -8,8 +8,26 @@ Examples:
     EMBEDDER_TOKEN=s3cret embedder serve --port 50051 --metrics-port 9100
     EMBEDDER_TOKEN=s3cret embedder embed photos/ --out vectors.npy --server 127.0.0.1:50051
 
+Store and classifier commands (on a running `embedder serve`: --server, else EMBEDDER_SERVER, else 127.0.0.1:50051;
+token from --token or EMBEDDER_TOKEN):
+    embedder add pets/ --collection pets --label-from-folder
+    embedder search query.jpg --collection pets -k 5
+    embedder search --id cat/tom.jpg --collection pets --json
+    embedder get cat/tom.jpg dog/rex.jpg --collection pets
+    embedder labels --collection pets cat/tom.jpg=cat dog/rex.jpg=dog --clear cat/blurry.jpg
+    embedder stats
+    embedder train --collection pets --head logreg --param C=0.5 --head-id pets
+    embedder predict --head pets new/ one.jpg --top-k 3
+    embedder predict --head pets --collection pets --ids cat/tom.jpg
+    embedder heads
+    embedder delete cat/tom.jpg --collection pets
+    embedder delete --collection pets --all
+    embedder delete-head pets
+
 ``embed`` writes ``vectors.npy`` (float32, one row per embedded file) and ``vectors.json`` beside it:
 the model id, the runtime, the paths in row order, and every file that could not be embedded with why.
+``add`` stores files under their path relative to the folder given (the file name for a file given); it
+prints ``added N, replaced M, K from cache, F failed -> collection X`` and exits 1 if any file failed.
 """
 from __future__ import annotations
 
@@ -17,9 +35,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
@@ -29,11 +48,14 @@ from .errors import EmbedderError
 from .runtimes import RUNTIMES, installed, resolve_runtime
 
 if TYPE_CHECKING:
+    from .client import EmbedderClient
     from .pipeline import BatchResult
 
 log = logging.getLogger("embedder.cli")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_SERVER = "127.0.0.1:50051"
+CHUNK = 64  # files per Add / Predict call: only this many are read into memory at once
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -68,25 +90,128 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered backbones and whether their weights are installed")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    p = sub.add_parser("demo", help="the main job on the default backbone: embed bundled sample photos")
+    p = sub.add_parser("demo", help="the main job through the service: add labelled images, train a head, "
+                                    "predict held-out images, search")
+    p.add_argument("--data-dir", type=Path, help="where the collection, cache and head are kept "
+                                                  "(default ./embedder-data; a second run is served from its cache)")
+    p.add_argument("--train-size", type=int, default=5000, help="labelled images to add (default 5000)")
+    p.add_argument("--test-size", type=int, default=1000, help="held-out images to predict (default 1000)")
+    p.add_argument("--head", choices=("logreg", "linear_svm", "svm"), default="logreg", help="head type")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_options(p)
 
     p = sub.add_parser("embed", help="embed image files and folders (recursively) into a .npy file")
     p.add_argument("paths", nargs="+", type=Path, help="image files or folders")
     p.add_argument("--out", type=Path, required=True, help="output .npy; a .json with paths and failures goes beside it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the summary line")
-    g = p.add_argument_group("remote (embed on an `embedder serve` instance instead of locally)")
-    g.add_argument("--server", metavar="HOST:PORT",
-                   help="send the images to this server (--model, if given, must match the server's)")
-    g.add_argument("--token", help="bearer token for the server (default: EMBEDDER_TOKEN)")
-    g.add_argument("--tls-ca", type=Path, help="PEM certificate to trust for a TLS server (plaintext without it)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    _add_remote_options(p, title="remote (embed on an `embedder serve` instance instead of locally)",
+                        server_help="send the images to this server (--model, if given, must match the server's)")
     _add_model_options(p)
 
     p = sub.add_parser("serve", help="run the gRPC embedding service (health, reflection, metrics)")
     _add_model_options(p)
     _add_service_options(p)
+    _add_store_commands(sub)
     return parser
+
+
+def _add_remote_options(p: argparse.ArgumentParser, *, server_help: str | None = None,
+                        title: str = "server (also EMBEDDER_SERVER, EMBEDDER_TOKEN)") -> None:
+    g = p.add_argument_group(title)
+    g.add_argument("--server", metavar="HOST:PORT", help=server_help or (
+        f"the `embedder serve` instance to talk to (default: EMBEDDER_SERVER, else {DEFAULT_SERVER})"))
+    g.add_argument("--token", help="bearer token for the server (default: EMBEDDER_TOKEN)")
+    g.add_argument("--tls-ca", type=Path, help="PEM certificate to trust for a TLS server (plaintext without it)")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+
+
+def _param(text: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` of ``train --param``: the value as JSON when it parses (0.1, true, [1, 2]), else a string."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=VALUE, e.g. C=0.1")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _add_store_commands(sub: Any) -> None:
+    """The commands that talk to a running `embedder serve`: store, search and classifier heads."""
+    p = sub.add_parser("add", help="embed image files and folders on the server and store them in a collection")
+    p.add_argument("paths", nargs="+", type=Path, help="image files or folders (recursively)")
+    p.add_argument("--collection", required=True, help="collection to add to (created on first use)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--label-from-folder", action="store_true", help="label each file with its parent folder's name")
+    g.add_argument("--label", help="label every file with LABEL")
+    p.add_argument("--index", metavar="INDEX", help="index of a new collection: flat (exact, the default) or "
+                                                    "hnsw[:m=..,ef_construction=..,ef_search=..]")
+    p.add_argument("--id-from", choices=("relative", "name", "path"), default="relative",
+                   help="item ids: the path relative to the folder given, or the file name for a file given "
+                        "(relative, default); the file name (name); the path as found (path)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the summary line")
+    _add_remote_options(p)
+
+    p = sub.add_parser("search", help="the stored items most similar to an image or to a stored item")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("image", nargs="?", type=Path, help="query image file")
+    q.add_argument("--id", metavar="ITEM_ID", help="query by this stored item of --collection instead")
+    p.add_argument("--collection", required=True, help="collection to search")
+    p.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("--label", help="only items with this label")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_remote_options(p)
+
+    p = sub.add_parser("get", help="print stored items as JSON")
+    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--vectors", action="store_true", help="include the vectors (as lists of floats)")
+    _add_remote_options(p)
+
+    p = sub.add_parser("delete", help="delete stored items, or a whole collection with --all")
+    p.add_argument("ids", nargs="*", metavar="ID")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--all", action="store_true", help="delete the collection and every item in it")
+    _add_remote_options(p)
+
+    p = sub.add_parser("labels", help="set or clear labels of stored items (all or nothing)")
+    p.add_argument("assignments", nargs="*", metavar="ID=LABEL", help="the label is after the last '='")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--clear", nargs="+", default=[], metavar="ID", help="remove these items' labels")
+    _add_remote_options(p)
+
+    p = sub.add_parser("stats", help="collections (items, labels, model, index), cache fill and heads")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_remote_options(p)
+
+    p = sub.add_parser("train", help="train a classifier head on the labelled items of a collection")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--head", default="logreg", choices=("logreg", "linear_svm", "svm"), help="kind (default logreg)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="train on these labels only (default: all)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="head parameter, repeatable; values are JSON when they parse (C=0.1), else strings")
+    p.add_argument("--test-size", type=float, default=0.2, help="hold-out fraction for the metrics (default 0.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--head-id", metavar="NAME", help="name of the head (replaces one of that name); default: generated")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_remote_options(p)
+
+    p = sub.add_parser("predict", help="top labels of images, or of stored items, from a trained head")
+    p.add_argument("images", nargs="*", type=Path, metavar="IMAGE", help="image files or folders (recursively)")
+    p.add_argument("--head", required=True, metavar="HEAD_ID")
+    p.add_argument("--collection", help="collection of --ids")
+    p.add_argument("--ids", nargs="+", default=[], metavar="ID", help="stored items to predict")
+    p.add_argument("--top-k", type=int, default=3, help="labels per input (default 3)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_remote_options(p)
+
+    p = sub.add_parser("heads", help="list the trained classifier heads")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_remote_options(p)
+
+    p = sub.add_parser("delete-head", help="delete a trained classifier head")
+    p.add_argument("head_id", metavar="HEAD_ID")
+    _add_remote_options(p)
 
 
 def _add_service_options(p: argparse.ArgumentParser) -> None:
@@ -128,11 +253,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from .demo import run
 
-            run(_config(args))
+            config = _config(args)
+            if args.data_dir is not None:
+                config = dataclasses.replace(config, data_dir=args.data_dir)
+            run(config, train_size=args.train_size, test_size=args.test_size, head=args.head, progress=not args.quiet)
             return 0
         if args.command == "serve":
             return _serve(args)
+        if args.command in REMOTE_COMMANDS:
+            return REMOTE_COMMANDS[args.command](args)
         return _embed(args)
+    # EmbedderError covers the client's ServiceError (unreachable server, bad token, NOT_FOUND, ...)
     except (EmbedderError, ValueError, FileNotFoundError) as e:
         print(f"embedder: error: {e}", file=sys.stderr)
         return 2
@@ -179,11 +310,7 @@ def _embed_remote(args: argparse.Namespace, files: list[Path]) -> tuple[np.ndarr
     """Embed ``files`` on ``--server``; same outputs as the local path (the server's model info)."""
     from tqdm.auto import tqdm
 
-    from .client import EmbedderClient
-
-    token = args.token if args.token is not None else Config.from_env().token
-    with EmbedderClient(args.server, token=token or None, timeout=args.timeout, tls_ca=args.tls_ca,
-                        model=args.model) as client:
+    with _client(args) as client:
         info = {**client.list_models()[0], "server": args.server}
         rows, errors = [], []
         results = client.embed_iter((str(f), f) for f in files)
@@ -223,6 +350,257 @@ def _write_embeddings(args: argparse.Namespace, files: list[Path], failed: list[
     print(f"embedded {int(ok.sum())} images ({len(failed)} skipped) with {info['model_id']} via {info['runtime']} "
           f"-> {args.out} (+ {args.out.with_suffix('.json').name})")
     return 0 if not failed else 1
+
+
+# ---------------------------------------------------------------------------- store and classifier commands
+
+
+def _client(args: argparse.Namespace) -> "EmbedderClient":
+    """A client for --server (else EMBEDDER_SERVER, else 127.0.0.1:50051) with --token (else EMBEDDER_TOKEN)."""
+    from .client import EmbedderClient
+
+    server = args.server or os.environ.get("EMBEDDER_SERVER") or DEFAULT_SERVER
+    token = args.token if args.token is not None else Config.from_env().token
+    return EmbedderClient(server, token=token or None, timeout=args.timeout, tls_ca=args.tls_ca,
+                          model=getattr(args, "model", None))
+
+
+def _report(failed: list[dict[str, str]]) -> None:
+    for f in failed:
+        print(f"skipped {f['path']}: {f['error']}", file=sys.stderr)
+
+
+def _files_to_add(args: argparse.Namespace) -> tuple[list[tuple[Path, str, str | None]], list[dict[str, str]]]:
+    """``(file, item id, label)`` per image found under ``args.paths``, and the paths that do not exist."""
+    entries: list[tuple[Path, str, str | None]] = []
+    missing: list[dict[str, str]] = []
+    for root in args.paths:
+        files, gone = collect_images([root])
+        missing += gone
+        for f in files:
+            if args.id_from == "path":
+                item_id = f.as_posix()
+            elif args.id_from == "name" or not root.is_dir():
+                item_id = f.name
+            else:
+                item_id = f.relative_to(root).as_posix()
+            label = f.absolute().parent.name if args.label_from_folder else args.label
+            entries.append((f, item_id, label))
+    seen: dict[str, Path] = {}
+    for f, item_id, _ in entries:
+        if item_id in seen:
+            raise ValueError(f"{seen[item_id]} and {f} would both be stored as id {item_id!r}; pass --id-from path, "
+                             "or add them to different collections")
+        seen[item_id] = f
+    return entries, missing
+
+
+def _add(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    entries, failed = _files_to_add(args)
+    if not entries:
+        raise FileNotFoundError(f"no image files found under {', '.join(map(str, args.paths))}")
+    added = replaced = cached = 0
+    with _client(args) as client:
+        bar = tqdm(total=len(entries), disable=args.quiet, unit="img", desc=f"adding ({client.target})")
+        for start in range(0, len(entries), CHUNK):
+            chunk = entries[start:start + CHUNK]
+            # paths, not bytes: the client reads each chunk's files when it sends them
+            summary = client.add(args.collection, [f for f, _, _ in chunk], [i for _, i, _ in chunk],
+                                 labels=[label for _, _, label in chunk], index=args.index, errors="return")
+            added, replaced, cached = added + summary.added, replaced + summary.replaced, cached + summary.cached
+            failed += [{"path": str(chunk[i][0]), "error": e} for i, e in summary.failed.items()]
+            bar.update(len(chunk))
+        bar.close()
+    _report(failed)
+    print(f"added {added}, replaced {replaced}, {cached} from cache, {len(failed)} failed "
+          f"-> collection {args.collection}")
+    return 0 if not failed else 1
+
+
+def _search(args: argparse.Namespace) -> int:
+    if args.image is not None and not args.image.is_file():
+        raise FileNotFoundError(f"no such file: {args.image}")
+    with _client(args) as client:
+        hits = client.search(args.image, collection=args.collection, item_id=args.id, k=args.k, label=args.label)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(h) for h in hits], indent=2))
+        return 0
+    if not hits:
+        print(f"no matching items in collection {args.collection}")
+        return 0
+    width = max(2, *(len(h.id) for h in hits))
+    print(f"{'rank':>4} {'score':>7}  {'id':<{width}}  label")
+    for rank, h in enumerate(hits, 1):
+        print(f"{rank:>4} {h.score:>7.4f}  {h.id:<{width}}  {h.label if h.label is not None else '-'}")
+    return 0
+
+
+def _get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        items = client.get(args.collection, args.ids, vectors=args.vectors)
+    rows = []
+    for s in items:
+        if s is not None:
+            row = {"id": s.id, "collection": s.collection, "label": s.label, "metadata": s.metadata,
+                   "sha256": s.sha256, "created": s.created, "updated": s.updated}
+            if args.vectors:
+                row["vector"] = s.vector.tolist()
+            rows.append(row)
+    print(json.dumps(rows, indent=2))
+    missing = [i for i, s in zip(args.ids, items) if s is None]
+    for item_id in missing:
+        print(f"not found in collection {args.collection}: {item_id}", file=sys.stderr)
+    return 0 if not missing else 1
+
+
+def _delete(args: argparse.Namespace) -> int:
+    if args.all == bool(args.ids):
+        raise ValueError("pass the ids to delete, or --all to delete the whole collection (not both)")
+    with _client(args) as client:
+        if args.all:
+            count = client.delete_collection(args.collection)
+            print(f"deleted collection {args.collection} ({count} items)")
+            return 0
+        result = client.delete(args.collection, args.ids)
+    print(f"deleted {result.deleted} of {len(args.ids)} items from collection {args.collection}")
+    if result.missing:  # deleting what is not there is a no-op, not an error
+        print(f"not found (nothing deleted): {', '.join(result.missing)}")
+    return 0
+
+
+def _labels(args: argparse.Namespace) -> int:
+    changes: dict[str, str | None] = {}
+    for a in args.assignments:
+        item_id, sep, label = a.rpartition("=")
+        if not sep or not item_id or not label:
+            raise ValueError(f"{a!r} is not ID=LABEL; to remove a label use --clear ID")
+        changes[item_id] = label
+    for item_id in args.clear:
+        if item_id in changes:
+            raise ValueError(f"{item_id!r} is both labelled and cleared; name each item once")
+        changes[item_id] = None
+    if not changes:
+        raise ValueError("nothing to change; pass ID=LABEL pairs and/or --clear ID ...")
+    with _client(args) as client:
+        updated = client.set_labels(args.collection, changes)
+    cleared = len(args.clear)
+    print(f"updated {updated} items in collection {args.collection} "
+          f"({len(changes) - cleared} labelled, {cleared} cleared)")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.stats()
+    if args.json:
+        print(json.dumps({**stats, "collections": [dataclasses.asdict(c) for c in stats["collections"]]}, indent=2))
+        return 0
+    cols = stats["collections"]
+    if cols:
+        name_w = max(10, *(len(c.name) for c in cols))
+        model_w = max(5, *(len(c.model_id) for c in cols))
+        index_w = max(5, *(len(c.index) for c in cols))
+        print(f"{'collection':<{name_w}} {'items':>7}  {'model':<{model_w}}  {'index':<{index_w}}  labels")
+        for c in cols:
+            labels = ", ".join(f"{k} {v}" for k, v in sorted(c.labels.items()))
+            if c.unlabeled:
+                labels += f"{', ' if labels else ''}unlabeled {c.unlabeled}"
+            print(f"{c.name:<{name_w}} {c.count:>7}  {c.model_id:<{model_w}}  {c.index:<{index_w}}  {labels or '-'}")
+        print()
+    else:
+        print("no collections\n")
+    print(f"items: {stats['items']} in {len(cols)} collection{'' if len(cols) == 1 else 's'}; "
+          f"cache: {stats['cache_items']} / {stats['cache_max_items']} vectors; heads: {stats['heads']}; "
+          f"disk: {stats['disk_bytes'] / 1e6:.1f} MB")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        r = client.train(args.collection, args.head, labels=args.labels, params=dict(args.param),
+                         test_size=args.test_size, seed=args.seed, head_id=args.head_id)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"trained {r['kind']} head {r['head_id']} on {r['samples']} samples ({len(r['classes'])} classes) "
+          f"from collection {args.collection} in {r['total_seconds']:.2f} s")
+    metrics = r["metrics"] or {}
+    if "accuracy" not in metrics:
+        print(metrics.get("reason") or "no hold-out metrics")
+        return 0
+    what = "hold-out" if metrics.get("method") == "holdout" else metrics.get("method", "hold-out")
+    print(f"{what}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
+          f"on {metrics.get('n_evaluated', '?')} samples")
+    per_class = metrics.get("per_class") or {}
+    if per_class:
+        width = max(5, *(len(c) for c in per_class))
+        print(f"{'class':<{width}} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")
+        for c, m in per_class.items():
+            print(f"{c:<{width}} {m['precision']:>9.4f} {m['recall']:>7.4f} {m['f1']:>7.4f} {m['support']:>8}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    if args.ids and not args.collection:
+        raise ValueError("--ids needs --collection, the collection that holds them")
+    if args.collection and not args.ids:
+        raise ValueError("--collection is for --ids; pass the stored ids to predict")
+    files, failed = collect_images(args.images)
+    if args.images and not files and not args.ids:
+        raise FileNotFoundError(f"no image files found under {', '.join(map(str, args.images))}")
+    if not files and not args.ids:
+        raise ValueError("nothing to predict; pass image files or folders, or --collection X --ids ID ...")
+    rows: list[tuple[str, Any]] = []
+    with _client(args) as client:
+        for start in range(0, len(files), CHUNK):
+            chunk = files[start:start + CHUNK]
+            rows += zip(map(str, chunk), client.predict(args.head, chunk, top_k=args.top_k))
+        if args.ids:
+            rows += zip(args.ids, client.predict(args.head, ids=args.ids, collection=args.collection,
+                                                 top_k=args.top_k))
+    if args.json:  # missing paths too, so every input is in the output
+        print(json.dumps([{"input": name, "labels": p.labels, "probabilities": p.probabilities, "error": p.error}
+                          for name, p in rows] + [{"input": f["path"], "labels": [], "probabilities": [],
+                                                   "error": f["error"]} for f in failed], indent=2))
+    else:
+        for name, p in rows:
+            if p.error is None:
+                print(f"{name}  " + "  ".join(f"{label} {prob:.4f}" for label, prob in zip(p.labels, p.probabilities)))
+    failed += [{"path": name, "error": p.error} for name, p in rows if p.error is not None]
+    _report(failed)
+    return 0 if not failed else 1
+
+
+def _heads(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        heads = client.list_heads()
+    if args.json:
+        print(json.dumps(heads, indent=2))
+        return 0
+    if not heads:
+        print("no heads")
+        return 0
+    width = max(7, *(len(h["head_id"]) for h in heads))
+    print(f"{'head id':<{width}}  {'kind':<10} {'classes':>7} {'accuracy':>8}  {'created':<25}  collection")
+    for h in heads:
+        accuracy = (h["metrics"] or {}).get("accuracy")
+        shown = f"{accuracy:.4f}" if accuracy is not None else "-"
+        print(f"{h['head_id']:<{width}}  {h['kind']:<10} {len(h['classes']):>7} {shown:>8}  {h['created']:<25}  "
+              f"{h['collection'] or '-'}")
+    return 0
+
+
+def _delete_head(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.delete_head(args.head_id)
+    print(f"deleted head {args.head_id}")
+    return 0
+
+
+REMOTE_COMMANDS = {"add": _add, "search": _search, "get": _get, "delete": _delete, "labels": _labels,
+                   "stats": _stats, "train": _train, "predict": _predict, "heads": _heads, "delete-head": _delete_head}
 
 
 if __name__ == "__main__":  # `python -m embedder.cli ...`, e.g. to run the service under a supervisor

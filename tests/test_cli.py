@@ -1,4 +1,5 @@
-"""The `embedder` command line: `models` and `embed`, in-process and through the installed console script."""
+"""The `embedder` command line: `models` and `embed`, in-process and through the installed console script;
+the store and classifier commands against an in-process server."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,7 +17,7 @@ from embedder.backbones import WeightsFile, get_backbone, register_backbone
 from embedder.cli import main
 from embedder.runtimes import CPU_PREFERENCE, RUNTIMES, installed
 
-from conftest import cosine
+from conftest import cosine, running_server
 
 NAMES = ["efficientnet_lite0", "efficientnet_lite2", "mobilenet_v2"]
 
@@ -191,3 +192,229 @@ def test_console_script(tree, tmp_path, cache_dir):
     assert proc.stdout.startswith("embedded 4 images (1 skipped)")
     assert "skipped" in proc.stderr and "broken.jpg" in proc.stderr
     assert np.load(out_path).shape == (len(good), 1280)
+
+
+# ---------------------------------------------------------------------------- store and classifier commands
+# One in-process server (around the session's model) for all of them; each test uses its own collection.
+
+
+def small_jpeg(arr: np.ndarray, path: Path, size: int = 64) -> Path:
+    Image.fromarray(np.ascontiguousarray(arr)).convert("RGB").resize((size, size), Image.BILINEAR).save(path, "JPEG")
+    return path
+
+
+def crops(arr: np.ndarray) -> list[np.ndarray]:
+    """Four different views of one photo: corners and the centre, one mirrored."""
+    h, w = arr.shape[:2]
+    return [arr[: h * 3 // 4, : w * 3 // 4], arr[h // 4:, w // 4:], arr[h // 8: h * 7 // 8, w // 8: w * 7 // 8, ::-1],
+            arr[: h * 3 // 4, w // 4:]]
+
+
+@pytest.fixture(scope="module")
+def pets(tmp_path_factory, photo_arrays):
+    """pets/cat/ (4 views of chelsea) and pets/cup/ (4 of coffee) as 64x64 JPEGs, plus an unseen cat view."""
+    root = tmp_path_factory.mktemp("store") / "pets"
+    for label, name in (("cat", "chelsea"), ("cup", "coffee")):
+        (root / label).mkdir(parents=True)
+        for i, view in enumerate(crops(photo_arrays[name])):
+            small_jpeg(view, root / label / f"{i}.jpg")
+    h, w = photo_arrays["chelsea"].shape[:2]
+    query = small_jpeg(photo_arrays["chelsea"][h // 6:, : w * 5 // 6], root.parent / "query-cat.jpg")
+    return root, query
+
+
+@pytest.fixture(scope="module")
+def store_server(embedder):
+    with running_server(embedder) as s:
+        yield f"127.0.0.1:{s.port}"
+
+
+@pytest.fixture
+def remote(store_server, capsys, env):
+    """Runs a store command against the module's server: ``remote("stats", "--json") -> (code, out, err)``."""
+    def call(*argv):
+        return run([*argv, "--server", store_server], capsys)
+
+    return call
+
+
+def add_pets(remote, pets, collection, *extra):
+    root, _ = pets
+    code, out, err = remote("add", root, "--collection", collection, "--label-from-folder", "-q", *extra)
+    assert code == 0, err
+    return out
+
+
+IDS = [f"{label}/{i}.jpg" for label in ("cat", "cup") for i in range(4)]
+
+
+def test_add_labels_from_folders_and_stats_shows_them(remote, pets, embedder):
+    out = add_pets(remote, pets, "stats-pets", "--index", "hnsw")
+    assert out.startswith("added 8, replaced 0, ") and out.rstrip().endswith("0 failed -> collection stats-pets")
+    code, out, _ = remote("stats", "--json")
+    stats = json.loads(out)
+    col = next(c for c in stats["collections"] if c["name"] == "stats-pets")
+    assert code == 0 and col["count"] == 8 and col["labels"] == {"cat": 4, "cup": 4} and col["unlabeled"] == 0
+    assert col["model_id"] == embedder.model_id and col["index"].startswith("hnsw")
+    assert stats["cache_max_items"] > 0 and stats["heads"] >= 0
+    code, out, _ = remote("stats")
+    line = next(line for line in out.splitlines() if line.startswith("stats-pets "))
+    assert code == 0 and "cat 4, cup 4" in line and " 8 " in line and "hnsw" in line
+    code, out, _ = remote("get", *IDS, "--collection", "stats-pets")
+    assert code == 0 and [i["id"] for i in json.loads(out)] == IDS  # ids: paths relative to the folder given
+
+
+def test_readding_comes_from_the_cache_and_replaces(remote, pets):
+    add_pets(remote, pets, "cache-pets")
+    out = add_pets(remote, pets, "cache-pets")
+    assert out.strip() == "added 0, replaced 8, 8 from cache, 0 failed -> collection cache-pets"
+    root, _ = pets
+    code, out, _ = remote("add", root / "cat" / "0.jpg", "--collection", "cache-pets", "--label", "kitten", "-q")
+    assert code == 0 and out.strip() == "added 1, replaced 0, 1 from cache, 0 failed -> collection cache-pets"
+    code, out, _ = remote("get", "0.jpg", "--collection", "cache-pets")  # a file given: stored by its name
+    assert code == 0 and json.loads(out)[0]["label"] == "kitten"
+
+
+def test_search_by_image_and_by_id(remote, pets, capsys):
+    root, _ = pets
+    add_pets(remote, pets, "search-pets")
+    code, out, _ = remote("search", root / "cup" / "2.jpg", "--collection", "search-pets", "-k", "3")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].split() == ["rank", "score", "id", "label"] and len(lines) == 4
+    rank, score, item_id, label = lines[1].split()
+    assert (rank, item_id, label) == ("1", "cup/2.jpg", "cup") and float(score) > 0.999 and len(score) == 6
+    code, out, _ = remote("search", "--id", "cat/1.jpg", "--collection", "search-pets", "--json", "--label", "cat")
+    hits = json.loads(out)
+    # the query item itself is left out: the other three cats, best first
+    assert code == 0 and sorted(h["id"] for h in hits) == ["cat/0.jpg", "cat/2.jpg", "cat/3.jpg"]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert {h["label"] for h in hits} == {"cat"} and set(hits[0]) == {"id", "score", "collection", "label", "metadata"}
+    assert hits[0]["collection"] == "search-pets"
+    with pytest.raises(SystemExit) as e:  # exactly one query
+        main(["search", str(root / "cup" / "2.jpg"), "--id", "cat/1.jpg", "--collection", "search-pets"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_get_vectors_and_missing_ids(remote, pets, embedder):
+    root, _ = pets
+    add_pets(remote, pets, "get-pets")
+    code, out, err = remote("get", "cat/0.jpg", "nope.jpg", "--collection", "get-pets", "--vectors")
+    items = json.loads(out)
+    assert code == 1 and [i["id"] for i in items] == ["cat/0.jpg"] and items[0]["label"] == "cat"
+    assert "nope.jpg" in err and "cat/0.jpg" not in err
+    np.testing.assert_allclose(items[0]["vector"], embedder.embed([root / "cat" / "0.jpg"])[0], atol=1e-5)
+    code, out, err = remote("get", "cat/0.jpg", "--collection", "get-pets")
+    assert code == 0 and "vector" not in json.loads(out)[0] and err == ""
+
+
+def test_labels_set_and_clear(remote, pets):
+    add_pets(remote, pets, "label-pets")
+    code, out, _ = remote("labels", "--collection", "label-pets", "cat/0.jpg=tabby", "cup/0.jpg=mug",
+                          "--clear", "cat/1.jpg")
+    assert code == 0 and out.startswith("updated 3 items in collection label-pets")
+    code, out, _ = remote("get", "cat/0.jpg", "cup/0.jpg", "cat/1.jpg", "--collection", "label-pets")
+    assert [i["label"] for i in json.loads(out)] == ["tabby", "mug", None]
+    code, _, err = remote("labels", "--collection", "label-pets", "cat/0.jpg")
+    assert code == 2 and "is not ID=LABEL" in err
+
+
+def test_delete_items_and_the_whole_collection(remote, pets):
+    add_pets(remote, pets, "delete-pets")
+    code, out, _ = remote("delete", "cat/0.jpg", "cat/1.jpg", "gone.jpg", "--collection", "delete-pets")
+    assert code == 0 and "deleted 2 of 3 items" in out and "gone.jpg" in out
+    code, out, _ = remote("get", "cat/0.jpg", "cat/2.jpg", "--collection", "delete-pets")
+    assert code == 1 and [i["id"] for i in json.loads(out)] == ["cat/2.jpg"]
+    code, out, _ = remote("delete", "--collection", "delete-pets", "--all")
+    assert code == 0 and out.strip() == "deleted collection delete-pets (6 items)"
+    code, out, _ = remote("stats", "--json")
+    assert "delete-pets" not in [c["name"] for c in json.loads(out)["collections"]]
+    code, _, err = remote("delete", "--collection", "delete-pets")  # neither ids nor --all
+    assert code == 2 and "--all" in err
+
+
+def test_train_predict_list_and_delete_a_head(remote, pets):
+    root, query = pets
+    add_pets(remote, pets, "train-pets")
+    code, out, _ = remote("train", "--collection", "train-pets", "--head-id", "pets-cli", "--param", "C=1.0",
+                          "--test-size", "0.25")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("trained logreg head pets-cli on 8 samples (2 classes)")
+    assert lines[1].startswith("hold-out: accuracy ") and "macro-F1" in lines[1] and "on 2 samples" in lines[1]
+    assert lines[2].split() == ["class", "precision", "recall", "f1", "support"]
+    assert sorted(line.split()[0] for line in lines[3:5]) == ["cat", "cup"]
+    assert sum(int(line.split()[-1]) for line in lines[3:5]) == 2  # the support of the hold-out
+
+    code, out, err = remote("predict", "--head", "pets-cli", query, root / "cup" / "3.jpg", "--top-k", "2")
+    rows = [line.split() for line in out.splitlines()]
+    assert code == 0 and err == "" and [r[0] for r in rows] == [str(query), str(root / "cup" / "3.jpg")]
+    assert rows[0][1] == "cat" and rows[1][1] == "cup" and {rows[0][1], rows[0][3]} == {"cat", "cup"}
+    assert abs(float(rows[0][2]) + float(rows[0][4]) - 1) < 1e-3 and float(rows[0][2]) > 0.5
+    missing = root / "missing.jpg"
+    code, out, err = remote("predict", "--head", "pets-cli", missing, "--collection", "train-pets", "--ids",
+                            "cup/1.jpg", "nope.jpg", "--json")
+    preds = json.loads(out)
+    assert code == 1 and [p["input"] for p in preds] == ["cup/1.jpg", "nope.jpg", str(missing)]
+    assert preds[0]["labels"][0] == "cup" and preds[0]["error"] is None and len(preds[0]["labels"]) == 2
+    assert "nope.jpg" in preds[1]["error"] and preds[2]["error"] == "no such file or directory"
+    assert "skipped nope.jpg" in err and f"skipped {missing}" in err
+
+    code, out, _ = remote("heads")
+    line = next(line for line in out.splitlines() if line.startswith("pets-cli "))
+    assert code == 0 and line.split()[1:3] == ["logreg", "2"] and line.rstrip().endswith("train-pets")
+    code, out, _ = remote("delete-head", "pets-cli")
+    assert code == 0 and out.strip() == "deleted head pets-cli"
+    code, out, _ = remote("heads", "--json")
+    assert "pets-cli" not in [h["head_id"] for h in json.loads(out)]
+    code, _, err = remote("delete-head", "pets-cli")
+    assert code == 2 and err.startswith("embedder: error: NOT_FOUND")
+
+
+def test_train_too_small_for_a_hold_out_says_why(remote, pets):
+    root, _ = pets
+    code, _, err = remote("add", root / "cat" / "0.jpg", root / "cat" / "1.jpg", root / "cup" / "0.jpg",
+                          root / "cup" / "1.jpg", "--collection", "tiny-pets", "--id-from", "path",
+                          "--label-from-folder", "-q")
+    assert code == 0, err
+    code, out, _ = remote("train", "--collection", "tiny-pets", "--head-id", "tiny", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["samples"] == 4 and sorted(result["classes"]) == ["cat", "cup"]
+    assert result["metrics"]["method"] == "none"
+    code, out, _ = remote("train", "--collection", "tiny-pets", "--head-id", "tiny")
+    assert code == 0 and "no hold-out evaluation" in out.splitlines()[1]
+    remote("delete-head", "tiny")
+
+
+def test_unknown_collection_is_exit_2_with_not_found(remote, pets):
+    root, _ = pets
+    for argv in (["get", "x", "--collection", "no-such-collection"],
+                 ["search", root / "cat" / "0.jpg", "--collection", "no-such-collection"],
+                 ["train", "--collection", "no-such-collection"]):
+        code, out, err = remote(*argv)
+        assert code == 2 and out == "" and err.startswith("embedder: error: NOT_FOUND") and "no-such-collection" in err
+
+
+def test_add_skips_unreadable_files_and_adds_the_rest(remote, pets, tmp_path):
+    root, _ = pets
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    code, out, err = remote("add", root / "cat", tmp_path / "broken.jpg", tmp_path / "missing.jpg",
+                            "--collection", "broken-pets", "-q")
+    assert code == 1
+    assert out.startswith("added 4, replaced 0, ") and out.rstrip().endswith("2 failed -> collection broken-pets")
+    assert f"skipped {tmp_path / 'broken.jpg'}: " in err and f"skipped {tmp_path / 'missing.jpg'}: " in err
+    code, out, _ = remote("get", "0.jpg", "3.jpg", "broken.jpg", "--collection", "broken-pets")
+    assert code == 1 and [i["id"] for i in json.loads(out)] == ["0.jpg", "3.jpg"]
+
+
+def test_add_refuses_ids_that_collide(remote, pets):
+    root, _ = pets
+    code, out, err = remote("add", root, "--collection", "clash-pets", "--id-from", "name")
+    assert code == 2 and "would both be stored as id '0.jpg'" in err and "--id-from path" in err
+
+
+def test_server_from_env_and_unreachable_server(store_server, capsys, env, monkeypatch):
+    monkeypatch.setenv("EMBEDDER_SERVER", store_server)
+    code, out, _ = run(["stats", "--json"], capsys)
+    assert code == 0 and "collections" in json.loads(out)
+    monkeypatch.setenv("EMBEDDER_SERVER", "127.0.0.1:1")
+    code, _, err = run(["heads", "--timeout", "2"], capsys)
+    assert code == 2 and err.startswith("embedder: error: UNAVAILABLE") and "127.0.0.1:1" in err
