@@ -193,6 +193,7 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--test-size", type=float, default=0.2, help="hold-out fraction for the metrics (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--head-id", metavar="NAME", help="name of the head (replaces one of that name); default: generated")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="write the hold-out confusion matrix to this PNG")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_remote_options(p)
 
@@ -521,12 +522,21 @@ def _train(args: argparse.Namespace) -> int:
     with _client(args) as client:
         r = client.train(args.collection, args.head, labels=args.labels, params=dict(args.param),
                          test_size=args.test_size, seed=args.seed, head_id=args.head_id)
+    metrics = r["metrics"] or {}
+    if args.plot is not None:
+        if "confusion" not in metrics:
+            raise ValueError(f"no confusion matrix to plot: {metrics.get('reason', 'the head has no hold-out metrics')}")
+        from classifier import plot_confusion
+
+        plot_confusion(metrics["confusion"], metrics["classes"], args.plot,
+                       title=f"{r['head_id']}: hold-out accuracy {metrics['accuracy']:.1%}")
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
     print(f"trained {r['kind']} head {r['head_id']} on {r['samples']} samples ({len(r['classes'])} classes) "
           f"from collection {args.collection} in {r['total_seconds']:.2f} s")
-    metrics = r["metrics"] or {}
+    if args.plot is not None:
+        print(f"confusion matrix -> {args.plot}")
     if "accuracy" not in metrics:
         print(metrics.get("reason") or "no hold-out metrics")
         return 0

@@ -332,12 +332,14 @@ def test_delete_items_and_the_whole_collection(remote, pets):
     assert code == 2 and "--all" in err
 
 
-def test_train_predict_list_and_delete_a_head(remote, pets):
+def test_train_predict_list_and_delete_a_head(remote, pets, tmp_path):
     root, query = pets
     add_pets(remote, pets, "train-pets")
+    png = tmp_path / "confusion.png"
     code, out, _ = remote("train", "--collection", "train-pets", "--head-id", "pets-cli", "--param", "C=1.0",
-                          "--test-size", "0.25")
-    lines = out.splitlines()
+                          "--test-size", "0.25", "--plot", png)
+    lines = [line for line in out.splitlines() if not line.startswith("confusion matrix -> ")]
+    assert png.read_bytes().startswith(b"\x89PNG") and f"confusion matrix -> {png}" in out
     assert code == 0 and lines[0].startswith("trained logreg head pets-cli on 8 samples (2 classes)")
     assert lines[1].startswith("hold-out: accuracy ") and "macro-F1" in lines[1] and "on 2 samples" in lines[1]
     assert lines[2].split() == ["class", "precision", "recall", "f1", "support"]
