@@ -63,3 +63,7 @@ class DimensionMismatchError(CollectionMismatchError):
 
 class StoreLockedError(EmbedderError):
     """Another process has the store's data directory open."""
+
+
+class StoreClosedError(EmbedderError):
+    """The store was closed (the server is shutting down); retry on a running instance."""

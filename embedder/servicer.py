@@ -31,7 +31,7 @@ from ._proto import embedder_pb2_grpc as pb_grpc
 from .batcher import (Batcher, BatcherClosedError, BatchFailedError, DroppedError, ItemError,
                       QueueFullError)
 from .config import Config
-from .errors import CollectionMismatchError, EmbedderError, NotFoundError
+from .errors import CollectionMismatchError, EmbedderError, NotFoundError, StoreClosedError
 from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, parse_json_object, stats_to_pb,
                        stored_to_pb, tensor_array, vector_bytes)
 from .metrics import Metrics
@@ -81,6 +81,8 @@ def _status_for(error: Exception) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     if isinstance(error, HeadFormatError):
         return grpc.StatusCode.DATA_LOSS, f"{error}"
+    if isinstance(error, StoreClosedError):
+        return grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry another instance"
     if isinstance(error, ValueError):  # HeadError and the store's argument checks are ValueErrors
         return grpc.StatusCode.INVALID_ARGUMENT, str(error)
     return None
@@ -425,8 +427,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             return self._submit(items, context, batcher, block=False, skip=skip)
         except QueueFullError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
-        except BatcherClosedError as e:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        except (BatcherClosedError, StoreClosedError):
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry another instance")
 
     def _submit(self, items: Sequence[pb.Item], context: grpc.ServicerContext, batcher: Batcher,
                 *, block: bool, skip: Any = ()) -> _Pending:
@@ -503,6 +505,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         if fresh:
             try:
                 self._store.put(self.model_id, list(fresh), np.stack(list(fresh.values())))
+            except StoreClosedError:
+                pass  # shutting down: the vectors are still good, only not cached
             except Exception:  # the vectors are good; a cache write failure must not fail the call
                 log.exception("could not write %d vectors to the cache", len(fresh))
         ok = sum(s.error is None for s in pending.slots)
@@ -537,8 +541,9 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 # Streams wait for queue room instead of failing: a bulk job should slow down, not die.
                 if not self._put(window, self._submit(request.items, context, batcher, block=True), context):
                     return
-        except BatcherClosedError as e:
-            self._put(window, _Abort(grpc.StatusCode.UNAVAILABLE, str(e)), context)
+        except (BatcherClosedError, StoreClosedError):
+            self._put(window, _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry another "
+                                     "instance"), context)
         except DroppedError:
             pass  # the caller went away while we waited for room
         except grpc.RpcError:

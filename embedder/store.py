@@ -60,7 +60,7 @@ import numpy as np
 
 from .config import Config
 from .errors import (DimensionMismatchError, EmbedderError, ModelMismatchError, NotFoundError,
-                     StoreLockedError)
+                     StoreClosedError, StoreLockedError)
 from .index import IndexSpec, SnapshotError, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -574,10 +574,11 @@ class Store:
             return
         with self._rw.write():
             self._save()
+            # Under the mutex: cache lookups and puts take only the mutex, and SQLite must not close under them.
             with self._db_lock:
                 with _transaction(self._db):
                     self._flush_touched(self._db)
-            self._release()
+                self._release()
 
     # --- internals ---
 
@@ -615,7 +616,7 @@ class Store:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            raise EmbedderError("the store is closed")
+            raise StoreClosedError(f"the store in {self.data_dir} is closed")
         return self._db
 
     def _snapshot_path(self, cid: int) -> Path:

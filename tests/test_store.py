@@ -245,6 +245,34 @@ def test_a_closed_store_refuses_calls(tmp_path):
         store.lookup(M, [sha(0)])
 
 
+def test_cache_calls_racing_close_never_crash(tmp_path):
+    """The service closes its store while stream threads may still look up or cache vectors."""
+    from embedder.errors import StoreClosedError
+
+    for attempt in range(5):
+        store = Store(tmp_path / str(attempt))
+        store.put(M, [sha(i) for i in range(50)], unit(50, 4))
+        outcomes: list[str] = []
+
+        def hammer() -> None:
+            for i in range(10_000):
+                try:
+                    store.lookup(M, [sha(j) for j in range(50)])
+                    store.put(M, [sha(100 + i)], unit(1, 4))
+                except StoreClosedError:
+                    outcomes.append("closed")
+                    return
+            outcomes.append("finished")
+
+        threads = [threading.Thread(target=hammer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        store.close()
+        for t in threads:
+            t.join(timeout=60)
+        assert outcomes.count("closed") + outcomes.count("finished") == 3
+
+
 def test_index_spec_round_trips_through_its_string():
     spec = IndexSpec.parse("hnsw:m=16,ef_search=200")
     assert (spec.kind, spec.m, spec.ef_construction, spec.ef_search) == ("hnsw", 16, 40, 200)
