@@ -234,6 +234,36 @@ def delete_head(root: str | os.PathLike, head_id: str) -> None:
     shutil.rmtree(doomed)
 
 
+def recover_interrupted(root: str | os.PathLike) -> list[str]:
+    """Clean up what writes interrupted by a crash left under ``root``; returns one line per action.
+
+    A crash can leave ``.tmp-*`` (a head being written: never published, removed), ``.del-*`` (a head being
+    deleted: removed) and ``.old-<id>-*`` (a head being replaced). For the last: if the new ``<id>`` landed
+    the old copy is removed, else the old head is put back, since the replacing save never returned.
+    Call it only while no other process writes to ``root``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    actions = []
+    for entry in sorted(root.iterdir()):
+        name = entry.name
+        if name.startswith(".old-"):
+            final = root / name[len(".old-"):].rsplit("-", 1)[0]
+            if (final / META_FILE).is_file():
+                shutil.rmtree(entry)
+                actions.append(f"removed {name} (replaced by {final.name})")
+            else:
+                entry.rename(final)
+                actions.append(f"restored {final.name} from {name} (its replacement was interrupted)")
+        elif name.startswith((".tmp-", ".del-")) and entry.is_dir():
+            shutil.rmtree(entry)
+            actions.append(f"removed {name} (an interrupted {'save' if name.startswith('.tmp-') else 'delete'})")
+    if actions:
+        fsync_dir(root)
+    return actions
+
+
 # --- internals -----------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from .evaluate import evaluate
 from .heads import Head, HeadError, InsufficientDataError, _plain, head_params, make_head
 from .persist import (META_FILE, HeadInfo, HeadNotFoundError, check_head_id, delete_head, list_heads, load_head, read_head_info,
-                      save_head)
+                      recover_interrupted, save_head)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,8 @@ class HeadRegistry:
     def __init__(self, root: str | Path, *, max_loaded: int = 16) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        for action in recover_interrupted(self.root):
+            log.warning("heads in %s: %s", self.root, action)
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, Head] = OrderedDict()
         self._lock = threading.Lock()

@@ -168,3 +168,23 @@ def test_ids_overwrite_list_and_delete(tmp_path, fitted, data):
     for bad in ("../escape", ".hidden", "a/b", ""):
         with pytest.raises(HeadError, match="invalid head id"):
             save_head(fitted["logreg"], tmp_path, head_id=bad)
+
+
+def test_recover_interrupted_undoes_or_finishes_what_a_crash_left(fitted, tmp_path):
+    import shutil
+
+    from classifier import recover_interrupted
+
+    save_head(fitted["logreg"], tmp_path, head_id="kept-old")
+    save_head(fitted["svm"], tmp_path, head_id="replaced")
+    # a crash between the two renames of an overwrite: the old head is aside, the new one not yet in place
+    (tmp_path / "kept-old").rename(tmp_path / ".old-kept-old-0badc0de")
+    # a crash after the replacement landed, before the old copy was removed
+    shutil.copytree(tmp_path / "replaced", tmp_path / ".old-replaced-12345678")
+    (tmp_path / ".tmp-half-written-abcdef01").mkdir()
+    (tmp_path / ".del-going-away-abcdef01").mkdir()
+    actions = recover_interrupted(tmp_path)
+    assert len(actions) == 4 and any("restored kept-old" in a for a in actions)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept-old", "replaced"]
+    assert load_head(tmp_path / "kept-old").kind == "logreg" and load_head(tmp_path / "replaced").kind == "svm"
+    assert recover_interrupted(tmp_path) == []  # nothing left to do
