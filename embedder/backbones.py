@@ -143,6 +143,7 @@ class BackboneSpec:
     build: Builder = field(repr=False, compare=False)
     description: str = ""
     torchscript: bool = False  # a TorchScript file returns features directly; it has no head to strip
+    parent: str | None = None  # model id of the backbone this one was fine-tuned or adapted from
 
     @property
     def model_id(self) -> str:
@@ -339,3 +340,64 @@ def register_local(
                         build=build, torchscript=arch is None,
                         description=f"local {'torchvision ' + arch if arch else 'TorchScript'} file {path}")
     return register_backbone(spec, overwrite=overwrite)
+
+
+# --- derived backbones: fine-tuned or adapted versions saved in a data dir -------------------------
+
+DERIVED_META = "backbone.json"
+DERIVED_WEIGHTS = "weights.safetensors"
+
+
+def _safetensors_builder(arch: str, num_classes: int) -> Builder:
+    def build(path: Path) -> nn.Module:
+        import torchvision
+        from safetensors.torch import load_file
+
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        model.load_state_dict(load_file(str(path)))  # plain tensors: nothing in the file is executed
+        return model
+
+    return build
+
+
+def register_derived(directory: str | Path, *, overwrite: bool = False) -> BackboneSpec:
+    """Register the derived backbone saved in ``directory`` (``backbone.json`` + ``weights.safetensors``).
+
+    Its weights are checked against the recorded sha256 when loaded, like any backbone's; its parent must be
+    registered (its preprocessing is the parent's).
+    """
+    directory = Path(directory)
+    try:
+        meta = json.loads((directory / DERIVED_META).read_text())
+        name, arch, sha, parent = meta["name"], meta["arch"], meta["sha256"], meta["parent_model_id"]
+        num_classes = int(meta["num_classes"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WeightsNotFoundError(f"{directory} does not hold a derived backbone ({type(e).__name__}: {e})") from None
+    parent_spec = get_backbone(parent)  # UnknownModelError names the missing parent
+    if arch not in ("mobilenet_v2",):
+        raise ValueError(f"{directory}: derived backbones of architecture {arch!r} are not supported")
+    spec = BackboneSpec(
+        name=name, dim=parent_spec.dim, preprocessing=parent_spec.preprocessing,
+        weights=WeightsFile(sha256=sha, path=directory / DERIVED_WEIGHTS, filename=DERIVED_WEIGHTS),
+        build=_safetensors_builder(arch, num_classes), parent=parent,
+        description=f"{meta.get('how', 'derived')} from {parent_spec.name} ({parent})")
+    with _registry_lock:
+        existing = _REGISTRY.get(name)
+    if existing is not None and existing.model_id == spec.model_id:
+        return existing  # already registered: loading a data dir twice is a no-op
+    return register_backbone(spec, overwrite=overwrite)
+
+
+def load_derived(root: str | Path) -> list[BackboneSpec]:
+    """Register every derived backbone under ``root`` (e.g. ``<data_dir>/backbones``); bad ones are logged."""
+    root = Path(root)
+    specs = []
+    if root.is_dir():
+        for entry in sorted(root.iterdir()):
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue  # an interrupted save: never registered
+            try:
+                specs.append(register_derived(entry))
+            except (WeightsNotFoundError, UnknownModelError, ValueError) as e:
+                log.warning("skipping derived backbone %s: %s", entry, e)
+    return specs

@@ -1,0 +1,337 @@
+"""Fine-tune the later layers of a backbone on cached trunk activations; the result is a new backbone version.
+
+The network is cut in two. The *trunk* (every layer before the cut, frozen) runs once per image and its
+output is cached (:class:`embedder.activations.ActivationCache`, keyed by image sha256, model id and cut).
+The *top* (the last ``unfreeze`` inverted-residual blocks plus the final 1x1 conv, pooling, and a new task
+head) trains for every epoch from that cache, so an epoch costs only the top's forward and backward pass.
+
+What this trades away: pixel-space augmentation (random crops, flips, colour jitter) needs the trunk to run
+again on every augmented image. Instead the top is regularised in feature space: dropout before the task
+head, Gaussian noise on the cached activations (``noise``, relative to their spread) and mixup
+(``mixup``: convex combinations of activation pairs and their labels).
+
+The result is saved under ``<data_dir>/backbones/<name>/`` (safetensors weights with their sha256 +
+``backbone.json`` recording the parent's model id), atomically: a crash or a cancel leaves nothing
+registered. It is registered as a backbone named ``<parent>.<suffix>`` with its own model id, so its
+embeddings never mix with the parent's in any cache or index; the parent and its caches are untouched.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import hashlib
+import json
+import logging
+import shutil
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .activations import ActivationCache
+from .backbones import (DERIVED_META, DERIVED_WEIGHTS, BackboneSpec, FrozenBackbone, get_backbone, load_backbone,
+                        register_derived, sha256_file)
+from .config import Config
+from .durable import fsync_dir, fsync_file
+from .errors import EmbedderError
+from .preprocess import Preprocessor
+from .store import content_hash
+
+log = logging.getLogger(__name__)
+
+SUPPORTED = ("mobilenet_v2",)  # torchvision MobileNetV2: features[0..17] blocks, features[18] the final 1x1 conv
+TRUNK_BATCH = 32
+
+
+class FineTuneError(EmbedderError, ValueError):
+    """The fine-tune cannot run as asked (unsupported backbone, too few labels, bad settings)."""
+
+
+class FineTuneCancelled(EmbedderError):
+    """The fine-tune was cancelled; nothing was saved or registered."""
+
+
+@dataclass(frozen=True)
+class FineTuneConfig:
+    """Settings of one fine-tune. Seeded: the same settings and images give the same split, batches and
+    hold-out accuracies, and weights equal to ~1e-3 (CPU BLAS sums are not bit-identical from run to run,
+    and Adam's per-weight scaling magnifies that last-bit noise in weights whose gradients are near zero)."""
+
+    unfreeze: int = 1  # inverted-residual blocks trained, counted from the end, plus the final 1x1 conv
+    epochs: int = 10
+    lr: float = 1e-3  # the new task head's learning rate; the unfrozen pretrained layers get lr / 10
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    val_fraction: float = 0.2  # stratified hold-out for early stopping and the reported accuracy
+    patience: int = 3  # epochs without a better hold-out accuracy before stopping
+    dropout: float = 0.2
+    noise: float = 0.0  # std of Gaussian noise on activations, relative to their std
+    mixup: float = 0.0  # mixup alpha; 0 turns it off
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.unfreeze <= 17:
+            raise FineTuneError(f"unfreeze must be 1..17 blocks for mobilenet_v2, got {self.unfreeze}")
+        for name in ("epochs", "batch_size", "patience"):
+            if getattr(self, name) < 1:
+                raise FineTuneError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.val_fraction < 1:
+            raise FineTuneError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.noise < 0 or self.mixup < 0 or not 0 <= self.dropout < 1:
+            raise FineTuneError("lr must be > 0; weight_decay, noise and mixup >= 0; dropout in [0, 1)")
+
+
+@dataclass
+class FineTuneResult:
+    spec: BackboneSpec  # the new backbone, registered
+    path: Path  # its directory under <data_dir>/backbones
+    classes: list[str]
+    history: list[dict[str, float]]  # per epoch: train loss, hold-out accuracy, seconds
+    best_epoch: int
+    val_accuracy: float
+    trunk_passes: int  # images that went through the trunk in this run (0 when every activation was cached)
+    trunk_seconds: float
+    train_seconds: float
+    failed: dict[int, str] = field(default_factory=dict)  # input index -> why it could not be used
+
+
+class Split(nn.Module):
+    """A MobileNetV2 cut at ``features[cut]``: ``trunk`` (frozen) and ``top`` (trainable)."""
+
+    def __init__(self, spec: BackboneSpec, unfreeze: int) -> None:
+        super().__init__()
+        if spec.parent is not None or spec.name not in SUPPORTED:
+            raise FineTuneError(f"fine-tuning supports {', '.join(SUPPORTED)} for now, not {spec.name!r}; "
+                                "fine-tune the original backbone")
+        full = load_backbone(spec)  # verified weights, classifier removed
+        self.cut = len(full.features) - 1 - unfreeze
+        self.trunk = FrozenBackbone(full.features[:self.cut], spec.preprocessing).eval()
+        self.top = nn.Sequential(*copy.deepcopy(list(full.features[self.cut:])),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        for p in self.top.parameters():
+            p.requires_grad_(True)
+
+
+def finetune(images: Sequence[bytes], labels: Sequence[str], *, data_dir: str | Path, suffix: str,
+             model: str = "mobilenet_v2", config: FineTuneConfig = FineTuneConfig(),
+             cache: ActivationCache | None = None, progress: bool = False,
+             cancel: threading.Event | None = None,
+             on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> FineTuneResult:
+    """Fine-tune ``model`` on encoded ``images`` with ``labels``; save and register ``<model>.<suffix>``.
+
+    Images that cannot be decoded are left out and reported in ``failed``. ``cancel`` (set from another
+    thread) stops between batches with :class:`FineTuneCancelled`; ``on_epoch(epoch, stats)`` reports progress.
+    """
+    if len(images) != len(labels):
+        raise FineTuneError(f"got {len(images)} images and {len(labels)} labels; pass one label per image")
+    if not suffix or not all(ch.isalnum() or ch in "-_" for ch in suffix):
+        raise FineTuneError(f"suffix must be letters, digits, '-' or '_', got {suffix!r}")
+    parent = get_backbone(model)
+    name = f"{parent.name}.{suffix}"
+    root = Path(data_dir) / "backbones"
+    if (root / name).exists():
+        raise FineTuneError(f"a backbone named {name!r} already exists in {root}; choose another suffix")
+    _check_labels(labels, config)
+    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if config.device == "auto" else config.device))
+    split = Split(parent, config.unfreeze)
+    own_cache = cache is None
+    cache = cache or ActivationCache(Path(data_dir) / "activations.sqlite3")
+    try:
+        started = time.perf_counter()
+        acts, keep, failed, passes = _activations(split, parent, images, cache, device, progress, cancel)
+        trunk_seconds = time.perf_counter() - started
+    finally:
+        if own_cache:
+            cache.close()
+    y_text = [labels[i] for i in keep]
+    _check_labels(y_text, config)
+    classes = sorted(set(y_text))
+    y = np.array([classes.index(v) for v in y_text], dtype=np.int64)
+    started = time.perf_counter()
+    head, history, best_epoch, best_acc = _train(split.top, acts, y, len(classes), config, device, progress,
+                                                 cancel, on_epoch)
+    train_seconds = time.perf_counter() - started
+    path = _save(root, name, parent, split, head, classes, config, history, best_acc)
+    spec = register_derived(path)
+    log.info("fine-tuned %s -> %s (hold-out accuracy %.3f at epoch %d; %d trunk passes)", parent.model_id,
+             spec.model_id, best_acc, best_epoch, passes)
+    return FineTuneResult(spec, path, classes, history, best_epoch, best_acc, passes, trunk_seconds, train_seconds,
+                          failed)
+
+
+def _check_labels(labels: Sequence[str], config: FineTuneConfig) -> None:
+    values, counts = np.unique(np.asarray(list(labels), dtype=object).astype(str), return_counts=True)
+    if len(values) < 2:
+        raise FineTuneError("need labelled images of at least two classes to fine-tune")
+    few = [f"{v!r} has {n}" for v, n in zip(values, counts) if n < 2]
+    if few:
+        raise FineTuneError(f"every class needs at least 2 labelled images (one for the hold-out): "
+                            f"{', '.join(few[:10])}; label more or leave those classes out")
+
+
+def _activations(split: Split, spec: BackboneSpec, images: Sequence[bytes], cache: ActivationCache,
+                 device: torch.device, progress: bool,
+                 cancel: threading.Event | None) -> tuple[np.ndarray, list[int], dict[int, str], int]:
+    """Trunk outputs (float16) of every decodable image, from the cache or computed once and cached."""
+    shas = [content_hash(b) for b in images]
+    cached = cache.get(spec.model_id, split.cut, shas)
+    todo = [i for i, a in enumerate(cached) if a is None]
+    failed: dict[int, str] = {}
+    pre = Preprocessor(spec.preprocessing, max_pixels=Config().max_pixels)
+    trunk = split.trunk.to(device)
+    with tqdm(total=len(todo), unit="img", desc="trunk (once per image)", disable=not progress or not todo) as bar:
+        for start in range(0, len(todo), TRUNK_BATCH):
+            if cancel is not None and cancel.is_set():
+                raise FineTuneCancelled("fine-tune cancelled while computing trunk activations")
+            batch, idx = [], []
+            for i in todo[start:start + TRUNK_BATCH]:
+                try:
+                    batch.append(pre(images[i]))
+                    idx.append(i)
+                except EmbedderError as e:
+                    failed[i] = str(e)
+            if batch:
+                with torch.inference_mode():
+                    out = trunk.features((torch.from_numpy(np.stack(batch)).to(device).permute(0, 3, 1, 2).float()
+                                          - trunk.mean) * trunk.inv_scale).cpu().numpy().astype(np.float16)
+                cache.put(spec.model_id, split.cut, [shas[i] for i in idx], out)
+                for i, a in zip(idx, out):
+                    cached[i] = a
+            bar.update(len(todo[start:start + TRUNK_BATCH]))
+    keep = [i for i, a in enumerate(cached) if a is not None]
+    if not keep:
+        raise FineTuneError("none of the images could be decoded")
+    return np.stack([cached[i] for i in keep]), keep, failed, len(todo) - len(failed)
+
+
+def _train(top: nn.Sequential, acts: np.ndarray, y: np.ndarray, k: int, config: FineTuneConfig,
+           device: torch.device, progress: bool, cancel: threading.Event | None,
+           on_epoch: Callable[[int, dict[str, float]], None] | None) -> tuple[nn.Linear, list[dict], int, float]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(y))
+    n_val = max(k, int(round(config.val_fraction * len(y))))
+    tr, va = train_test_split(idx, test_size=n_val, stratify=y, random_state=config.seed)
+    torch.manual_seed(config.seed)  # here, not earlier: the head's init and dropout draw from the global RNG
+    gen = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    x_all = torch.from_numpy(acts)  # float16; batches are converted as they are used
+    y_all = torch.from_numpy(y)
+    scale = float(x_all[tr[:512]].float().std()) or 1.0
+    head = nn.Linear(_feature_dim(top, acts.shape[1:]), k)
+    model = nn.Sequential(top, nn.Dropout(config.dropout), head).to(device)
+    # BatchNorm keeps its pretrained statistics: batches of a few labelled images would only add noise.
+    optimizer = torch.optim.AdamW([{"params": top.parameters(), "lr": config.lr / 10},
+                                   {"params": head.parameters(), "lr": config.lr}], weight_decay=config.weight_decay)
+    best = (-1.0, 0, None)
+    history: list[dict[str, float]] = []
+    bad_epochs = 0
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        _freeze_bn(model)
+        order = torch.randperm(len(tr), generator=gen).numpy()
+        total, seen = 0.0, 0
+        for s in tqdm(range(0, len(tr), config.batch_size), desc=f"epoch {epoch}/{config.epochs}",
+                      unit="batch", disable=not progress, leave=False):
+            if cancel is not None and cancel.is_set():
+                raise FineTuneCancelled(f"fine-tune cancelled in epoch {epoch}")
+            b = tr[order[s:s + config.batch_size]]
+            x = x_all[b].to(device).float()
+            target = nn.functional.one_hot(y_all[b], k).float().to(device)
+            if config.noise:
+                x = x + torch.randn(x.shape, generator=gen).to(device) * (config.noise * scale)
+            if config.mixup:
+                lam = float(rng.beta(config.mixup, config.mixup))
+                perm = torch.randperm(len(b), generator=gen).to(device)
+                x, target = lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]
+            loss = torch.sum(-target * torch.log_softmax(model(x), dim=1), dim=1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(b)
+            seen += len(b)
+        accuracy = _accuracy(model, x_all[va], y_all[va], device, config.batch_size)
+        stats = {"epoch": epoch, "train_loss": total / max(seen, 1), "val_accuracy": accuracy,
+                 "seconds": time.perf_counter() - started}
+        history.append(stats)
+        if on_epoch is not None:
+            on_epoch(epoch, stats)
+        log.info("epoch %d: loss %.4f, hold-out accuracy %.4f (%.1f s)", epoch, stats["train_loss"], accuracy,
+                 stats["seconds"])
+        if accuracy > best[0]:
+            best, bad_epochs = (accuracy, epoch, copy.deepcopy(model.state_dict())), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= config.patience:
+                break
+    model.load_state_dict(best[2])
+    return head.cpu(), history, best[1], best[0]
+
+
+def _feature_dim(top: nn.Sequential, shape: tuple[int, ...]) -> int:
+    with torch.inference_mode():
+        return int(top.eval()(torch.zeros(1, *shape)).shape[1])
+
+
+def _freeze_bn(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.eval()
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, batch: int) -> float:
+    model.eval()
+    right = 0
+    with torch.inference_mode():
+        for s in range(0, len(y), batch):
+            right += int((model(x[s:s + batch].to(device).float()).argmax(1).cpu() == y[s:s + batch]).sum())
+    return right / max(len(y), 1)
+
+
+def _save(root: Path, name: str, parent: BackboneSpec, split: Split, head: nn.Linear, classes: list[str],
+          config: FineTuneConfig, history: list[dict], val_accuracy: float) -> Path:
+    """Write weights + metadata into a temp dir, fsync, then rename: the backbone appears whole or not at all."""
+    import torchvision
+    from safetensors.torch import save_file
+
+    model = torchvision.models.get_model("mobilenet_v2", weights=None, num_classes=len(classes))
+    full = load_backbone(parent)
+    state = {f"features.{k}": v for k, v in full.features.state_dict().items()}
+    top_state = split.top.cpu().state_dict()
+    for key, value in top_state.items():
+        layer, _, rest = key.partition(".")
+        if int(layer) < len(full.features) - split.cut:  # the pooling and flatten layers hold no state
+            state[f"features.{split.cut + int(layer)}.{rest}"] = value
+    state["classifier.1.weight"], state["classifier.1.bias"] = head.weight.detach(), head.bias.detach()
+    model.load_state_dict(state)  # proves the state dict is complete before anything is written
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{name}-{hashlib.sha256(str(time.time()).encode()).hexdigest()[:8]}"
+    tmp.mkdir()
+    try:
+        weights = tmp / DERIVED_WEIGHTS
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        fsync_file(weights)
+        meta = {"name": name, "arch": "mobilenet_v2", "parent_model_id": parent.model_id, "parent": parent.name,
+                "how": f"fine-tuned (last {config.unfreeze} block(s) + final conv)", "sha256": sha256_file(weights),
+                "num_classes": len(classes), "classes": classes, "cut": split.cut, "config": asdict(config),
+                "history": history, "val_accuracy": val_accuracy,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+        (tmp / DERIVED_META).write_text(json.dumps(meta, indent=2))
+        fsync_file(tmp / DERIVED_META)
+        fsync_dir(tmp)
+        final = root / name
+        tmp.rename(final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
