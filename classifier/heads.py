@@ -288,7 +288,11 @@ def _balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise HeadError(f"device {device!r} is not available here ({found}); use device='auto' or 'cpu'")
+    return dev
 
 
 def _softmax_loss(z: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,6 +66,8 @@ class HeadRegistry:
         When the data is too small for a hold-out but enough to train, the head is trained and its metrics
         say why there are none. An existing head named ``head_id`` is replaced.
         """
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise HeadError(f"seed must be an integer in [0, 2**32), got {seed!r}")
         params = dict(params or {})
         if "seed" in head_params(kind) and "seed" not in params:
             params["seed"] = seed

@@ -50,6 +50,10 @@ class SnapshotError(EmbedderError):
     """A snapshot file is missing, torn, corrupt or does not match; the store rebuilds from SQLite."""
 
 
+# FAISS HNSW crashes with M=1 and cannot allocate absurd graphs; these bounds hold every useful setting.
+HNSW_LIMITS = {"m": (2, 256), "ef_construction": (1, 4096), "ef_search": (1, 32768)}
+
+
 @dataclass(frozen=True)
 class IndexSpec:
     """How a collection is indexed.
@@ -68,9 +72,10 @@ class IndexSpec:
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "hnsw"):
             raise ValueError(f"index kind must be 'flat' (exact) or 'hnsw' (approximate), got {self.kind!r}")
-        for name in ("m", "ef_construction", "ef_search"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"IndexSpec.{name} must be a positive int, got {getattr(self, name)!r}")
+        for name, (low, high) in HNSW_LIMITS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"HNSW setting {name} must be an int in [{low}, {high}], got {value!r}")
 
     @classmethod
     def parse(cls, value: str | IndexSpec) -> IndexSpec:
@@ -95,10 +100,13 @@ class IndexSpec:
 
 
 def normalized(vectors: np.ndarray) -> np.ndarray:
-    """Float32 ``(N, D)`` rows scaled to unit length (a copy); callers refuse zero rows beforehand."""
-    out = np.array(vectors, dtype=np.float32, order="C", copy=True)
-    faiss.normalize_L2(out)
-    return out
+    """Float32 ``(N, D)`` rows scaled to unit length (a copy); callers refuse zero rows beforehand.
+
+    The norms are taken in float64: in float32 a row scaled by 1e25 overflows and one scaled by 1e-25
+    underflows to zero, and FAISS would score it 0 against everything.
+    """
+    x = np.asarray(vectors, dtype=np.float64)
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
 
 
 class VectorIndex:

@@ -68,13 +68,19 @@ def parse_json_object(text: str, what: str) -> dict[str, Any]:
     if not text:
         return {}
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} is not valid JSON ({e}); send a JSON object such as {{\"source\": \"cam-1\"}}") \
-            from None
+        value = json.loads(text, parse_constant=_no_constant)
+        # what cannot be stored must fail here, per item: infinities (1e999) and lone surrogates
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{what} is not storable JSON ({type(e).__name__}: {str(e)[:200]}); send a JSON object "
+                         "of strings, finite numbers, booleans, null, lists and objects") from None
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object ({{...}}), got {type(value).__name__}")
     return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def dump_json(value: Any) -> str:

@@ -73,6 +73,13 @@ def _item_status(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"server fault, not your input ({type(error).__name__}); retry"
 
 
+MAX_DETAILS = 2000  # characters of an error message: gRPC trailers are limited (16 KiB by default)
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS else message[:MAX_DETAILS - 20] + " ... (shortened)"
+
+
 def _status_for(error: Exception) -> tuple[grpc.StatusCode, str] | None:
     """The gRPC status of a store/classifier error, or None for errors that are not the caller's."""
     if isinstance(error, (NotFoundError, HeadNotFoundError)):
@@ -388,8 +395,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             status = _status_for(e)
             if status is None:
                 log.exception("store or classifier failure")
-                context.abort(grpc.StatusCode.INTERNAL, f"server fault, not your input ({type(e).__name__}: {e})")
-            context.abort(*status)
+                context.abort(grpc.StatusCode.INTERNAL, _clip(f"server fault, not your input ({type(e).__name__}: {e})"))
+            context.abort(status[0], _clip(status[1]))
 
     def _check_items(self, n: int, context: grpc.ServicerContext) -> None:
         error = self._count_error(n)
@@ -412,7 +419,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         info = self._model_info
         if request.model and request.model not in (info["name"], info["model_id"]):
             return _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"this server embeds with {info['name']} ({info['model_id']}), not {request.model!r}; "
+                          f"this server embeds with {info['name']} ({info['model_id']}), not {request.model[:200]!r}; "
                           "leave `model` empty or ask a server that runs that model")
         return None
 

@@ -61,7 +61,7 @@ import numpy as np
 from .config import Config
 from .errors import (DimensionMismatchError, EmbedderError, ModelMismatchError, NotFoundError,
                      StoreClosedError, StoreLockedError)
-from .index import IndexSpec, SnapshotError, VectorIndex
+from .index import HNSW_LIMITS, IndexSpec, SnapshotError, VectorIndex
 
 log = logging.getLogger(__name__)
 
@@ -525,8 +525,7 @@ class Store:
         q = _check_vectors(queries, name="queries")
         k = _check_k(k)
         label = _check_label(label)
-        if ef_search is not None and (not isinstance(ef_search, int) or ef_search < 1):
-            raise ValueError(f"ef_search must be a positive int or None, got {ef_search!r}")
+        ef_search = _check_ef(ef_search)
         with self._rw.read():
             return self._search(self._targets(collection, model_id, q.shape[1]), q, k, label, ef_search)
 
@@ -536,6 +535,7 @@ class Store:
         (item_id,) = _check_ids([item_id])
         k = _check_k(k)
         label = _check_label(label)
+        ef_search = _check_ef(ef_search)
         with self._rw.read():
             c = self._get(collection)
             with self._db_lock:
@@ -690,8 +690,10 @@ class Store:
         self._conn()
         c = self._collections.get(name)
         if c is None:
-            known = ", ".join(repr(n) for n in sorted(self._collections)) or "none yet"
-            raise NotFoundError(f"no collection {name!r} (collections: {known})")
+            names = sorted(self._collections)
+            known = ", ".join(_shown(n) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10
+                                                                  else "") if names else "none yet"
+            raise NotFoundError(f"no collection {_shown(name)} (collections: {known})")
         return c
 
     def _targets(self, collection: str | None, model_id: str | None, dim: int) -> list[_Collection]:
@@ -848,9 +850,19 @@ def _vector(blob: bytes) -> np.ndarray:
 
 # --- input checks (messages name what was received and how to fix it) ---
 
+MAX_NAME = 256  # collection names and labels, in characters
+MAX_ID = 1024  # item ids
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, shortened: messages travel in gRPC trailers, which have a size limit."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 15]}...' ({len(value) if isinstance(value, str) else '?'} chars)"
+
+
 def _check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a collection name must be a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        raise ValueError(f"a collection name must be a string of 1 to {MAX_NAME} characters, got {_shown(name)}")
     return name
 
 
@@ -863,29 +875,32 @@ def _check_list(values: Any, what: str) -> list:
 def _check_ids(ids: Any) -> list[str]:
     ids = _check_list(ids, "ids")
     for i in ids:
-        if not isinstance(i, str) or not i:
-            raise ValueError(f"item ids must be non-empty strings, got {i!r}")
+        if not isinstance(i, str) or not i or len(i) > MAX_ID:
+            raise ValueError(f"item ids must be strings of 1 to {MAX_ID} characters, got {_shown(i)}")
     if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"item id {dup!r} appears more than once in one call; pass each id once")
+        seen: set[str] = set()
+        dup = next(i for i in ids if i in seen or seen.add(i))
+        raise ValueError(f"item id {_shown(dup)} appears more than once in one call; pass each id once")
     return ids
 
 
 def _check_sha256(sha: Any) -> str:
     if not isinstance(sha, str) or not _SHA256.fullmatch(sha.lower()):
-        raise ValueError(f"a sha256 must be 64 hex digits (hashlib.sha256(image_bytes).hexdigest()), got {sha!r}")
+        raise ValueError("a sha256 must be 64 hex digits (hashlib.sha256(image_bytes).hexdigest()), "
+                         f"got {_shown(sha)}")
     return sha.lower()
 
 
 def _check_model_id(model_id: Any) -> str:
     if not isinstance(model_id, str) or not model_id:
-        raise ValueError(f"model_id must be a non-empty string (Embedder.model_id), got {model_id!r}")
+        raise ValueError(f"model_id must be a non-empty string (Embedder.model_id), got {_shown(model_id)}")
     return model_id
 
 
 def _check_label(label: Any) -> str | None:
-    if label is not None and (not isinstance(label, str) or not label):
-        raise ValueError(f"a label must be a non-empty string, or None for no label; got {label!r}")
+    if label is not None and (not isinstance(label, str) or not label or len(label) > MAX_NAME):
+        raise ValueError(f"a label must be a string of 1 to {MAX_NAME} characters, or None for no label; "
+                         f"got {_shown(label)}")
     return label
 
 
@@ -893,6 +908,14 @@ def _check_k(k: Any) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= MAX_K:
         raise ValueError(f"k must be an int in [1, {MAX_K}], got {k!r}")
     return int(k)
+
+
+def _check_ef(ef_search: Any) -> int | None:
+    low, high = HNSW_LIMITS["ef_search"]
+    if ef_search is not None and (isinstance(ef_search, bool) or not isinstance(ef_search, int)
+                                  or not low <= ef_search <= high):
+        raise ValueError(f"ef_search must be an int in [{low}, {high}] or None, got {ef_search!r}")
+    return ef_search
 
 
 def _check_vectors(x: Any, *, n: int | None = None, name: str = "vectors", nonzero: bool = True) -> np.ndarray:
@@ -936,14 +959,16 @@ def _metadata_json(metadata: Any, item_id: str) -> str:
     if metadata is None:
         return "{}"
     if not isinstance(metadata, Mapping):
-        raise ValueError(f"metadata of item {item_id!r} must be a dict, got {type(metadata).__name__}")
+        raise ValueError(f"metadata of item {_shown(item_id)} must be a dict, got {type(metadata).__name__}")
     try:
-        return json.dumps(dict(metadata), sort_keys=True, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"metadata of item {item_id!r} is not JSON-serialisable ({e}); use str, number, bool, "
-                         "None, list and dict values") from None
+        text = json.dumps(dict(metadata), sort_keys=True, allow_nan=False, ensure_ascii=False)
+        text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8
+        return text
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"metadata of item {_shown(item_id)} is not storable JSON ({type(e).__name__}: "
+                         f"{str(e)[:200]}); use str, finite numbers, bool, None, list and dict values") from None
 
 
 def _missing_message(ids: list[str], collection: str) -> str:
-    shown = ", ".join(repr(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-    return f"no item {shown} in collection {collection!r}"
+    shown = ", ".join(_shown(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
+    return f"no item {shown} in collection {_shown(collection)}"
