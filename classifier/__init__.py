@@ -10,15 +10,17 @@
 Plain arrays in and out; nothing here knows about the service (the service reads vectors from its store
 and calls these functions).
 """
+from .adapt import AdaptationError, DomainAdapter
 from .evaluate import ClassReport, Evaluation, evaluate, evaluation_from_predictions, plot_confusion
 from .heads import (HEADS, Head, HeadError, InsufficientDataError, LinearSVMHead, LogRegHead, ModelMismatchError, SVMHead, check_features,
                     head_params, make_head)
 from .persist import (FORMAT_VERSION, HeadFormatError, HeadInfo, HeadNotFoundError, check_head_id, delete_head,
                       list_heads, load_head, new_head_id, read_head_info, recover_interrupted, save_head)
+from .multitask import MultiTaskHead
 from .registry import HeadRegistry, TopK, TrainResult
 
 __all__ = [
-    "FORMAT_VERSION", "HEADS", "ClassReport", "Evaluation", "Head", "HeadError", "HeadFormatError", "HeadInfo",
+    "AdaptationError", "DomainAdapter", "MultiTaskHead", "FORMAT_VERSION", "HEADS", "ClassReport", "Evaluation", "Head", "HeadError", "HeadFormatError", "HeadInfo",
     "HeadNotFoundError", "HeadRegistry", "InsufficientDataError", "TopK", "TrainResult", "LinearSVMHead", "LogRegHead", "ModelMismatchError", "SVMHead", "check_features",
     "check_head_id", "delete_head", "evaluate", "evaluation_from_predictions", "head_params", "list_heads",
     "load_head", "make_head", "new_head_id", "plot_confusion", "read_head_info", "recover_interrupted", "save_head",

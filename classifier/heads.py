@@ -127,6 +127,7 @@ class Head(ClassifierMixin, BaseEstimator):
 
     kind: ClassVar[str]
     min_per_class: ClassVar[int] = 2
+    adapter_: Any = None  # a fitted classifier.adapt.DomainAdapter when the head was trained for another domain
     _model_arrays: ClassVar[tuple[str, ...]]  # fitted attributes (without the trailing _) saved as arrays
 
     def fit(self, X: Any, y: Sequence[Any], *, model_id: str | None = None) -> "Head":
@@ -197,7 +198,10 @@ class Head(ClassifierMixin, BaseEstimator):
                 f"these features come from model {model_id!r} but the head was trained on features of model "
                 f"{self.model_id_!r}; embed the images with {self.model_id_!r}, or train a new head on "
                 f"{model_id!r} features", head_model_id=self.model_id_, other_model_id=model_id)
-        return self._standardize(check_features(X, dim=self.n_features_in_, model_id=self.model_id_))
+        X = check_features(X, dim=self.n_features_in_, model_id=self.model_id_)
+        if self.adapter_ is not None:  # trained on adapted source features: map target features the same way
+            X = self.adapter_.transform_target(X)
+        return self._standardize(X)
 
     def _standardize(self, X: np.ndarray) -> np.ndarray:
         return (X - self.mean_) / self.scale_

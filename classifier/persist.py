@@ -32,6 +32,7 @@ from safetensors.numpy import save as save_safetensors
 
 from embedder.durable import fsync_dir, write_synced
 
+from .adapt import DomainAdapter
 from .heads import HEADS, Head, HeadError, ModelMismatchError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 ARRAYS_FILE = "head.safetensors"
 META_FILE = "head.json"
+ADAPTER_PREFIX = "adapter."  # arrays of a head's DomainAdapter, beside the head's own
 MAX_META_BYTES = 16 * 1024 * 1024  # a head.json larger than this is not one of ours
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -68,13 +70,15 @@ class HeadInfo:
     format_version: int
     path: Path
     source: dict[str, Any] | None = None  # what it was trained on, e.g. {"collection": ..., "samples": ...}
+    adaptation: dict[str, Any] | None = None  # how it was adapted to a target domain (DomainAdapter.describe())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``path`` as a string)."""
         return {"head_id": self.head_id, "kind": self.kind, "model_id": self.model_id, "dim": self.dim,
                 "classes": self.classes, "class_counts": self.class_counts, "params": self.params,
                 "metrics": self.metrics, "created": self.created, "library_version": self.library_version,
-                "format_version": self.format_version, "path": str(self.path), "source": self.source}
+                "format_version": self.format_version, "path": str(self.path), "source": self.source,
+                "adaptation": self.adaptation}
 
 
 def check_head_id(head_id: str) -> str:
@@ -116,6 +120,9 @@ def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None
                               "pass overwrite=True or delete it first")
 
     arrays = head.to_arrays()
+    adapter = head.adapter_
+    if adapter is not None:
+        arrays.update({f"{ADAPTER_PREFIX}{k}": v for k, v in adapter.to_arrays().items()})
     blob = save_safetensors(arrays)
     meta = {
         "format_version": FORMAT_VERSION,
@@ -128,6 +135,7 @@ def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None
         "params": head.get_params(),
         "metrics": dict(metrics) if metrics is not None else None,
         "source": dict(source) if source is not None else None,
+        "adaptation": adapter.describe() if adapter is not None else None,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "library_version": _library_version(),
         "arrays": {"file": ARRAYS_FILE, "sha256": hashlib.sha256(blob).hexdigest(),
@@ -195,8 +203,15 @@ def load_head(path: str | os.PathLike, *, expected_model_id: str | None = None) 
     if sorted(arrays) != meta["arrays"]["names"]:
         raise HeadFormatError(f"{path / ARRAYS_FILE} holds arrays {sorted(arrays)}, "
                               f"{META_FILE} lists {meta['arrays']['names']}")
+    adapter_arrays = {k[len(ADAPTER_PREFIX):]: v for k, v in arrays.items() if k.startswith(ADAPTER_PREFIX)}
+    arrays = {k: v for k, v in arrays.items() if not k.startswith(ADAPTER_PREFIX)}
     try:
         head = HEADS[info.kind].from_arrays(arrays, classes=info.classes, params=info.params, model_id=info.model_id)
+        if info.adaptation is not None:
+            head.adapter_ = DomainAdapter.from_arrays(adapter_arrays, method=info.adaptation.get("method"),
+                                                      params=info.adaptation.get("params", {}))
+        elif adapter_arrays:
+            raise HeadError("it holds adapter arrays but head.json records no adaptation")
     except HeadError as e:
         raise HeadFormatError(f"head {info.head_id!r} in {path} does not fit together: {e}") from None
     if head.n_features_in_ != info.dim or head.class_counts_.tolist() != info.class_counts:
@@ -318,11 +333,13 @@ def _info_from_meta(meta: dict[str, Any], path: Path) -> HeadInfo:
     if (arrays.get("file") != ARRAYS_FILE or not isinstance(arrays.get("sha256"), str)
             or not isinstance(arrays.get("names"), list)):
         raise HeadFormatError(f"{where}: the 'arrays' entry must name {ARRAYS_FILE}, its sha256 and array names")
-    if not isinstance(meta.get("source"), (dict, type(None))):
-        raise HeadFormatError(f"{where}: field 'source' must be an object or null")
+    for name in ("source", "adaptation"):
+        if not isinstance(meta.get(name), (dict, type(None))):
+            raise HeadFormatError(f"{where}: field {name!r} must be an object or null")
     if meta["head_id"] != path.name:
         raise HeadFormatError(f"{where}: head_id {meta['head_id']!r} does not match its directory {path.name!r}")
     return HeadInfo(head_id=meta["head_id"], kind=meta["kind"], model_id=meta["model_id"], dim=meta["dim"],
                     classes=classes, class_counts=counts, params=meta["params"], metrics=meta["metrics"],
                     created=meta["created"], library_version=meta["library_version"],
-                    format_version=meta["format_version"], path=path, source=meta.get("source"))
+                    format_version=meta["format_version"], path=path, source=meta.get("source"),
+                    adaptation=meta.get("adaptation"))

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .adapt import DomainAdapter
 from .evaluate import evaluate
 from .heads import Head, HeadError, InsufficientDataError, _plain, head_params, make_head
 from .persist import (META_FILE, HeadInfo, HeadNotFoundError, check_head_id, delete_head, list_heads, load_head, read_head_info,
@@ -59,12 +60,18 @@ class HeadRegistry:
 
     def train(self, X: np.ndarray, y: Sequence[Any], *, model_id: str, kind: str = "logreg",
               params: Mapping[str, Any] | None = None, test_size: float = 0.2, seed: int = 0,
-              head_id: str | None = None, source: Mapping[str, Any] | None = None) -> TrainResult:
+              head_id: str | None = None, source: Mapping[str, Any] | None = None,
+              adapt_to: np.ndarray | None = None, adapt_method: str = "coral") -> TrainResult:
         """Evaluate ``kind`` on a stratified hold-out of ``X``/``y``, fit it on all of them, save it.
 
         The metrics in the saved head come from the hold-out; the saved head is fitted on every row.
         When the data is too small for a hold-out but enough to train, the head is trained and its metrics
         say why there are none. An existing head named ``head_id`` is replaced.
+
+        ``adapt_to``: unlabelled vectors of the domain the head will predict on. A
+        :class:`~classifier.adapt.DomainAdapter` (``adapt_method``) fitted on ``X`` and them maps the training
+        vectors before training (and the hold-out metrics are on those); the saved head maps every vector it
+        predicts on the target way, and records how it was adapted.
         """
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise HeadError(f"seed must be an integer in [0, 2**32), got {seed!r}")
@@ -76,12 +83,17 @@ class HeadRegistry:
             check_head_id(head_id)
         with self._train_lock:
             started = time.perf_counter()
+            adapter = None
+            if adapt_to is not None:
+                adapter = DomainAdapter(adapt_method).fit(X, adapt_to)
+                X = adapter.transform_source(X)
             try:
                 metrics: dict[str, Any] = evaluate(head, X, y, test_size=test_size, seed=seed).to_dict()
             except InsufficientDataError as e:
                 metrics = {"method": "none", "reason": f"no hold-out evaluation: {e}"}
             fit_start = time.perf_counter()
             head.fit(X, y, model_id=model_id)  # InsufficientDataError when the head itself cannot train
+            head.adapter_ = adapter
             train_seconds = time.perf_counter() - fit_start
             path = save_head(head, self.root, head_id=head_id, metrics=metrics, source=source,
                              overwrite=head_id is not None)

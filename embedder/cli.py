@@ -194,6 +194,9 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--head-id", metavar="NAME", help="name of the head (replaces one of that name); default: generated")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the hold-out confusion matrix to this PNG")
+    p.add_argument("--adapt-to", metavar="COLLECTION",
+                   help="adapt to the domain of this collection's (unlabelled) images, e.g. another camera")
+    p.add_argument("--adapt-method", choices=("coral", "standardize"), help="how to adapt (default coral)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_remote_options(p)
 
@@ -521,7 +524,8 @@ def _stats(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     with _client(args) as client:
         r = client.train(args.collection, args.head, labels=args.labels, params=dict(args.param),
-                         test_size=args.test_size, seed=args.seed, head_id=args.head_id)
+                         test_size=args.test_size, seed=args.seed, head_id=args.head_id, adapt_to=args.adapt_to,
+                         adapt_method=args.adapt_method)
     metrics = r["metrics"] or {}
     if args.plot is not None:
         if "confusion" not in metrics:
@@ -537,6 +541,9 @@ def _train(args: argparse.Namespace) -> int:
           f"from collection {args.collection} in {r['total_seconds']:.2f} s")
     if args.plot is not None:
         print(f"confusion matrix -> {args.plot}")
+    if r["adaptation"]:
+        a = r["adaptation"]
+        print(f"adapted to collection {a['adapt_to']} ({a['n_target']} images) by {a['method']}")
     if "accuracy" not in metrics:
         print(metrics.get("reason") or "no hold-out metrics")
         return 0

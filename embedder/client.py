@@ -341,15 +341,19 @@ class EmbedderClient:
     def train(self, collection: str, head: str = "logreg", *, labels: Sequence[str] | None = None,
               ids: Sequence[str] | None = None, params: Mapping[str, Any] | None = None,
               test_size: float | None = None, seed: int = 0, head_id: str | None = None,
+              adapt_to: str | None = None, adapt_method: str | None = None,
               timeout: float | None = None) -> dict[str, Any]:
         """Train a head on the labelled vectors of ``collection`` (no image is embedded again).
 
         Returns the head's info (``head_id``, ``classes``, ``metrics`` from a stratified hold-out) plus
-        ``samples``, ``train_seconds`` and ``total_seconds``. ``timeout`` defaults to 10x the client's.
+        ``samples``, ``train_seconds`` and ``total_seconds``. ``adapt_to`` names a collection of unlabelled
+        images of the domain the head will predict on (``adapt_method``: coral or standardize).
+        ``timeout`` defaults to 10x the client's.
         """
         request = pb.TrainRequest(collection=collection, head=head, labels=list(labels or ()), ids=list(ids or ()),
                                   params_json=json.dumps(dict(params)) if params else "",
-                                  test_size=test_size or 0.0, seed=seed, head_id=head_id or "")
+                                  test_size=test_size or 0.0, seed=seed, head_id=head_id or "",
+                                  adapt_to=adapt_to or "", adapt_method=adapt_method or "")
         r = self._call(self._stub.Train, request, timeout=timeout or 10 * self.timeout)
         return {**head_from_pb(r.head), "samples": r.samples, "train_seconds": r.train_seconds,
                 "total_seconds": r.total_seconds}

@@ -137,7 +137,9 @@ def head_to_pb(info: Any) -> pb.HeadInfo:
     return pb.HeadInfo(head_id=info.head_id, kind=info.kind, model_id=info.model_id, dim=info.dim,
                        classes=[str(c) for c in info.classes], class_counts=info.class_counts,
                        params_json=dump_json(info.params), metrics_json=dump_json(info.metrics),
-                       created=info.created, collection=str(source.get("collection", "")))
+                       created=info.created, collection=str(source.get("collection", "")),
+                       adaptation_json=dump_json(info.adaptation and {**info.adaptation,
+                                                                      "adapt_to": source.get("adapt_to")}))
 
 
 def head_from_pb(h: pb.HeadInfo) -> dict[str, Any]:
@@ -145,4 +147,4 @@ def head_from_pb(h: pb.HeadInfo) -> dict[str, Any]:
     return {"head_id": h.head_id, "kind": h.kind, "model_id": h.model_id, "dim": h.dim, "classes": list(h.classes),
             "class_counts": list(h.class_counts), "params": parse_json_object(h.params_json, "params"),
             "metrics": parse_json_object(h.metrics_json, "metrics") or None, "created": h.created,
-            "collection": h.collection}
+            "collection": h.collection, "adaptation": parse_json_object(h.adaptation_json, "adaptation") or None}

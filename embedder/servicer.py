@@ -310,9 +310,19 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                     "(Add with AddItem.label, or SetLabels) and train again")
             info = self._store.collection(request.collection)
             source = {"collection": request.collection, "labels": list(request.labels), "ids": len(request.ids)}
+            target = None
+            if request.adapt_to:
+                target_info = self._store.collection(request.adapt_to)
+                if target_info.model_id != info.model_id:
+                    raise CollectionMismatchError(
+                        f"adapt_to collection {request.adapt_to!r} holds vectors of model {target_info.model_id}, "
+                        f"but {request.collection!r} holds {info.model_id}; adapt between collections of one model")
+                _, target = self._store.vectors(request.adapt_to)
+                source["adapt_to"] = request.adapt_to
             result = self._heads.train(X, y, model_id=info.model_id, kind=request.head or "logreg", params=params,
                                        test_size=request.test_size or 0.2, seed=request.seed,
-                                       head_id=request.head_id or None, source=source)
+                                       head_id=request.head_id or None, source=source, adapt_to=target,
+                                       adapt_method=request.adapt_method or "coral")
         return pb.TrainResponse(head=head_to_pb(result.info), samples=result.samples,
                                 train_seconds=result.train_seconds, total_seconds=result.total_seconds)
 

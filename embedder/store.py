@@ -513,6 +513,16 @@ class Store:
         x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), c.dim).astype(np.float32)
         return [r[0] for r in rows], x, [r[2] for r in rows]
 
+    def vectors(self, collection: str) -> tuple[list[str], np.ndarray]:
+        """Every item of a collection, labelled or not: ``(ids, vectors (N, dim))`` in insertion order."""
+        with self._rw.read():
+            c = self._get(collection)
+            with self._db_lock:
+                rows = self._conn().execute("SELECT item_id, vector FROM items WHERE cid = ? ORDER BY fid",
+                                            (c.cid,)).fetchall()
+        x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), c.dim).astype(np.float32)
+        return [r[0] for r in rows], x
+
     def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
                model_id: str | None = None, ef_search: int | None = None) -> list[list[Hit]]:
         """The ``k`` most similar stored items to each of the ``(Q, dim)`` queries, best first, per query.

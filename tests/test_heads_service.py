@@ -172,3 +172,33 @@ def test_heads_survive_a_restart(embedder, digit_images, tmp_path):
         assert [h.head_id for h in stub.ListHeads(pb.ListHeadsRequest(), timeout=30).heads] == ["kept"]
         assert stub.Predict(query, timeout=60) == before
         assert stub.Stats(pb.StatsRequest(), timeout=30).heads == 1
+
+
+def test_train_adapted_to_another_domain_records_it_and_maps_target_images(stub, digits, digit_images):
+    from PIL import Image
+    import io
+
+    images, labels = digit_images
+
+    def inverted(jpeg: bytes) -> bytes:
+        buf = io.BytesIO()
+        Image.eval(Image.open(io.BytesIO(jpeg)).convert("RGB"), lambda v: 255 - v).save(buf, "JPEG")
+        return buf.getvalue()
+
+    target = [inverted(img) for img in images[1::3]]  # the "other camera": no labels
+    stub.Add(pb.AddRequest(collection="digits-inverted", items=[
+        pb.AddItem(item=pb.Item(id=f"t{i}", image=img)) for i, img in enumerate(target)]), timeout=120)
+    adapted = stub.Train(pb.TrainRequest(collection="digits", head_id="adapted", adapt_to="digits-inverted",
+                                         adapt_method="standardize"), timeout=120)
+    info = json.loads(adapted.head.adaptation_json)
+    assert info["method"] == "standardize" and info["adapt_to"] == "digits-inverted" and info["n_target"] == 30
+    plain = stub.Train(pb.TrainRequest(collection="digits", head_id="plain"), timeout=120)
+    assert plain.head.adaptation_json == ""
+    query = [pb.Item(image=inverted(img)) for img in images[2::3]]
+    answers = {h: stub.Predict(pb.PredictRequest(head_id=h, items=query), timeout=60) for h in ("adapted", "plain")}
+    truth = labels[2::3]
+    right = {h: sum(p.top[0].label == y for p, y in zip(r.predictions, truth)) for h, r in answers.items()}
+    assert right["adapted"] > right["plain"], right  # the adapter really maps target vectors before the head
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Train(pb.TrainRequest(collection="digits", adapt_to="nowhere"), timeout=60)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND

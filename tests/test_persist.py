@@ -188,3 +188,26 @@ def test_recover_interrupted_undoes_or_finishes_what_a_crash_left(fitted, tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept-old", "replaced"]
     assert load_head(tmp_path / "kept-old").kind == "logreg" and load_head(tmp_path / "replaced").kind == "svm"
     assert recover_interrupted(tmp_path) == []  # nothing left to do
+
+
+def test_an_adapted_head_saves_its_adapter_and_predicts_identically_after_loading(data, tmp_path):
+    import json as _json
+
+    from classifier import HeadRegistry
+
+    X, y, X_new = data
+    target = X_new[:, ::-1].copy()  # a stand-in "other domain": the same digits, features permuted
+    registry = HeadRegistry(tmp_path)
+    result = registry.train(X, NAMES[y], model_id=MODEL, adapt_to=target, adapt_method="coral", head_id="adapted")
+    assert result.info.adaptation["method"] == "coral" and result.info.adaptation["n_target"] == len(target)
+    in_memory = registry.get("adapted")
+    loaded = load_head(tmp_path / "adapted")
+    assert loaded.adapter_ is not None
+    np.testing.assert_array_equal(loaded.predict_proba(target), in_memory.predict_proba(target))
+    plain = make_head("logreg").fit(X, NAMES[y], model_id=MODEL)
+    assert not np.allclose(plain.predict_proba(target), loaded.predict_proba(target))  # the adapter is applied
+    meta = _json.loads((tmp_path / "adapted" / "head.json").read_text())
+    meta["adaptation"] = None  # arrays of an adapter that head.json no longer mentions
+    (tmp_path / "adapted" / "head.json").write_text(_json.dumps(meta))
+    with pytest.raises(HeadFormatError, match="adapter arrays"):
+        load_head(tmp_path / "adapted")

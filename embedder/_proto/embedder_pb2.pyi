@@ -327,7 +327,7 @@ class StatsResponse(_message.Message):
     def __init__(self, collections: _Optional[_Iterable[_Union[CollectionStats, _Mapping]]] = ..., items: _Optional[int] = ..., cache_items: _Optional[int] = ..., cache_max_items: _Optional[int] = ..., disk_bytes: _Optional[int] = ..., heads: _Optional[int] = ...) -> None: ...
 
 class HeadInfo(_message.Message):
-    __slots__ = ("head_id", "kind", "model_id", "dim", "classes", "class_counts", "params_json", "metrics_json", "created", "collection")
+    __slots__ = ("head_id", "kind", "model_id", "dim", "classes", "class_counts", "params_json", "metrics_json", "created", "collection", "adaptation_json")
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +338,7 @@ class HeadInfo(_message.Message):
     METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    ADAPTATION_JSON_FIELD_NUMBER: _ClassVar[int]
     head_id: str
     kind: str
     model_id: str
@@ -348,10 +349,11 @@ class HeadInfo(_message.Message):
     metrics_json: str
     created: str
     collection: str
-    def __init__(self, head_id: _Optional[str] = ..., kind: _Optional[str] = ..., model_id: _Optional[str] = ..., dim: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., class_counts: _Optional[_Iterable[int]] = ..., params_json: _Optional[str] = ..., metrics_json: _Optional[str] = ..., created: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
+    adaptation_json: str
+    def __init__(self, head_id: _Optional[str] = ..., kind: _Optional[str] = ..., model_id: _Optional[str] = ..., dim: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., class_counts: _Optional[_Iterable[int]] = ..., params_json: _Optional[str] = ..., metrics_json: _Optional[str] = ..., created: _Optional[str] = ..., collection: _Optional[str] = ..., adaptation_json: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("collection", "head", "labels", "ids", "params_json", "test_size", "seed", "head_id")
+    __slots__ = ("collection", "head", "labels", "ids", "params_json", "test_size", "seed", "head_id", "adapt_to", "adapt_method")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +362,8 @@ class TrainRequest(_message.Message):
     TEST_SIZE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_TO_FIELD_NUMBER: _ClassVar[int]
+    ADAPT_METHOD_FIELD_NUMBER: _ClassVar[int]
     collection: str
     head: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -368,7 +372,9 @@ class TrainRequest(_message.Message):
     test_size: float
     seed: int
     head_id: str
-    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., head_id: _Optional[str] = ...) -> None: ...
+    adapt_to: str
+    adapt_method: str
+    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., head_id: _Optional[str] = ..., adapt_to: _Optional[str] = ..., adapt_method: _Optional[str] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("head", "samples", "train_seconds", "total_seconds")
