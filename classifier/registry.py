@@ -55,8 +55,11 @@ class HeadRegistry:
             log.warning("heads in %s: %s", self.root, action)
         self.max_loaded = max_loaded
         self._loaded: OrderedDict[str, Head] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the loaded heads
         self._train_lock = threading.Lock()
+        # Replacing a head renames it aside and the new one in: readers of the directory wait for both renames,
+        # so a head being replaced never looks missing.
+        self._disk_lock = threading.Lock()
 
     def train(self, X: np.ndarray, y: Sequence[Any], *, model_id: str, kind: str = "logreg",
               params: Mapping[str, Any] | None = None, test_size: float = 0.2, seed: int = 0,
@@ -95,8 +98,9 @@ class HeadRegistry:
             head.fit(X, y, model_id=model_id)  # InsufficientDataError when the head itself cannot train
             head.adapter_ = adapter
             train_seconds = time.perf_counter() - fit_start
-            path = save_head(head, self.root, head_id=head_id, metrics=metrics, source=source,
-                             overwrite=head_id is not None)
+            with self._disk_lock:
+                path = save_head(head, self.root, head_id=head_id, metrics=metrics, source=source,
+                                 overwrite=head_id is not None)
             total = time.perf_counter() - started
         with self._lock:
             self._remember(path.name, head)
@@ -112,14 +116,16 @@ class HeadRegistry:
             if head is not None:
                 self._loaded.move_to_end(head_id)
                 return head
-        head = load_head(self._path(head_id))  # outside the lock: loading may take a moment
+        with self._disk_lock:  # not the loaded-heads lock: predictions of loaded heads go on meanwhile
+            head = load_head(self._path(head_id))
         with self._lock:
             if (self.root / head_id).is_dir():  # not deleted meanwhile
                 self._remember(head_id, head)
         return head
 
     def info(self, head_id: str) -> HeadInfo:
-        return read_head_info(self._path(head_id))
+        with self._disk_lock:
+            return read_head_info(self._path(head_id))
 
     def predict(self, head_id: str, X: np.ndarray, *, model_id: str, top_k: int = 1) -> TopK:
         """The ``top_k`` most probable labels of each row of ``X`` (features of ``model_id``)."""
@@ -133,12 +139,14 @@ class HeadRegistry:
         return TopK(labels, np.take_along_axis(proba, order, axis=1))
 
     def list(self) -> list[HeadInfo]:
-        return list_heads(self.root)
+        with self._disk_lock:
+            return list_heads(self.root)
 
     def delete(self, head_id: str) -> None:
         """Delete a saved head; :class:`HeadNotFoundError` if there is none."""
-        self._path(head_id)
-        delete_head(self.root, head_id)
+        with self._disk_lock:
+            self._path(head_id)
+            delete_head(self.root, head_id)
         with self._lock:
             self._loaded.pop(head_id, None)
 

@@ -109,13 +109,18 @@ class AddSummary:
 
 @dataclass
 class Prediction:
-    """Top labels of one item, best first, with probabilities; or ``error``."""
+    """Top labels of one item, best first, with probabilities; or ``error``.
+
+    With several heads, ``by_head`` maps each head id to its ``(labels, probabilities)``; ``labels`` and
+    ``probabilities`` are the first head's.
+    """
 
     id: str
     labels: list[str]
     probabilities: list[float]
     error: str | None = None
     cached: bool = False
+    by_head: dict[str, tuple[list[str], list[float]]] = field(default_factory=dict)
 
     @property
     def label(self) -> str | None:
@@ -358,12 +363,15 @@ class EmbedderClient:
         return {**head_from_pb(r.head), "samples": r.samples, "train_seconds": r.train_seconds,
                 "total_seconds": r.total_seconds}
 
-    def predict(self, head_id: str, images: Sequence[Any] = (), *, ids: Sequence[str] = (),
+    def predict(self, head_id: str | Sequence[str], images: Sequence[Any] = (), *, ids: Sequence[str] = (),
                 collection: str | None = None, top_k: int = 1) -> list[Prediction]:
         """Top-``k`` labels for ``images`` (through the cache) and/or stored ``ids`` of ``collection``.
 
         One :class:`Prediction` per input, images first, then ids; an item that fails carries ``error``.
+        ``head_id`` may be a list of heads of one backbone: each image is embedded once and every head
+        answers (``Prediction.by_head``).
         """
+        head_ids = [head_id] if isinstance(head_id, str) else list(head_id)
         images, ids = list(images), [str(i) for i in ids]
         out: list[Prediction | None] = [None] * (len(images) + len(ids))
         failed: dict[int, str] = {}
@@ -376,17 +384,19 @@ class EmbedderClient:
         batches = list(self._batches(entries, failed))
         for i, message in failed.items():
             out[i] = Prediction(str(i), [], [], message)
-        calls = [(pb.PredictRequest(head_id=head_id, items=[e for _, e in b], top_k=top_k), [i for i, _ in b])
+        calls = [(pb.PredictRequest(head_ids=head_ids, items=[e for _, e in b], top_k=top_k), [i for i, _ in b])
                  for b in batches]
         for start in range(0, len(ids), self.max_items):
             chunk = ids[start:start + self.max_items]
-            calls.append((pb.PredictRequest(head_id=head_id, collection=collection or "", ids=chunk, top_k=top_k),
+            calls.append((pb.PredictRequest(head_ids=head_ids, collection=collection or "", ids=chunk, top_k=top_k),
                           [len(images) + start + j for j in range(len(chunk))]))
         for request, where in calls:
             for i, p in zip(where, self._call(self._stub.Predict, request).predictions):
                 error = None if p.status.code == _OK else (p.status.message or _STATUS_BY_NUMBER[p.status.code].name)
-                out[i] = Prediction(p.id, [t.label for t in p.top], [float(t.probability) for t in p.top], error,
-                                    p.cached)
+                by_head = {h.head_id: ([t.label for t in h.top], [float(t.probability) for t in h.top])
+                           for h in p.heads}
+                first = by_head.get(head_ids[0], ([], []))
+                out[i] = Prediction(p.id, first[0], first[1], error, p.cached, by_head)
         return out  # type: ignore[return-value] - every slot is filled
 
     def list_heads(self) -> list[dict[str, Any]]:

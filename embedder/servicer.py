@@ -330,24 +330,34 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         batcher = self._ready(context)
         self._check_items(len(request.items) + len(request.ids), context)
         with self._errors(context):
-            head = self._heads.get(request.head_id)  # NOT_FOUND before any embedding
+            head_ids = list(request.head_ids) or [request.head_id]
+            if len(set(head_ids)) != len(head_ids):
+                raise ValueError("a head id appears more than once in head_ids; name each head once")
+            heads = [self._heads.get(h) for h in head_ids]  # NOT_FOUND before any embedding
+            model_id = heads[0].model_id_
+            other = next((h for h, head in zip(head_ids, heads) if head.model_id_ != model_id), None)
+            if other is not None:
+                raise HeadModelMismatchError(
+                    f"heads {head_ids[0]!r} and {other!r} take vectors of different models; one Predict embeds "
+                    "once, so ask for heads of one backbone together", head_model_id=model_id,
+                    other_model_id=self._heads.get(other).model_id_)
             if request.ids and not request.collection:
                 raise ValueError("predicting stored items needs `collection`, the collection that holds the ids")
             slots: list[_Slot] = []
             if request.items:
-                if head.model_id_ != self.model_id:
+                if model_id != self.model_id:
                     raise HeadModelMismatchError(
-                        f"head {request.head_id!r} takes vectors of model {head.model_id_}, but this server embeds "
+                        f"head {head_ids[0]!r} takes vectors of model {model_id}, but this server embeds "
                         f"with {self.model_id}; predict on a server of that model, or train a head here",
-                        head_model_id=head.model_id_, other_model_id=self.model_id)
+                        head_model_id=model_id, other_model_id=self.model_id)
                 slots = self._wait(self._submit_or_abort(request.items, context, batcher), context)
             if request.ids:
-                model_id = self._store.collection(request.collection).model_id
-                if model_id != head.model_id_:
+                stored_model = self._store.collection(request.collection).model_id
+                if stored_model != model_id:
                     raise HeadModelMismatchError(
-                        f"collection {request.collection!r} holds vectors of model {model_id}, but head "
-                        f"{request.head_id!r} takes vectors of model {head.model_id_}",
-                        head_model_id=head.model_id_, other_model_id=model_id)
+                        f"collection {request.collection!r} holds vectors of model {stored_model}, but head "
+                        f"{head_ids[0]!r} takes vectors of model {model_id}",
+                        head_model_id=model_id, other_model_id=stored_model)
                 for item_id, stored in zip(request.ids, self._store.get(request.collection, list(request.ids))):
                     slot = _Slot(item_id, cached=True)
                     if stored is None:
@@ -356,21 +366,27 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                         slot.vector = stored.vector
                     slots.append(slot)
             good = [s for s in slots if s.error is None]
-            top = (self._heads.predict(request.head_id, np.stack([s.vector for s in good]), model_id=head.model_id_,
-                                       top_k=request.top_k or 1) if good else None)
+            # one embedding (or cache hit) per item, every head applied to it
+            tops = [self._heads.predict(h, np.stack([s.vector for s in good]), model_id=model_id,
+                                        top_k=request.top_k or 1) for h in head_ids] if good else []
         predictions, row = [], 0
         for s in slots:
             p = pb.Prediction(id=s.item_id, cached=s.cached)
             if s.error is None:
                 p.status.code = _OK
-                p.top.extend(pb.LabelScore(label=str(lab), probability=float(prob))
-                             for lab, prob in zip(top.labels[row], top.probabilities[row]))
+                for h, top in zip(head_ids, tops):
+                    scores = [pb.LabelScore(label=str(lab), probability=float(prob))
+                              for lab, prob in zip(top.labels[row], top.probabilities[row])]
+                    if request.head_ids:
+                        p.heads.add(head_id=h, top=scores)
+                    else:
+                        p.top.extend(scores)
                 row += 1
             else:
                 code, message = _item_status(s.error)
                 p.status.code, p.status.message = _code(code), message
             predictions.append(p)
-        return pb.PredictResponse(predictions=predictions, head_id=request.head_id, model_id=head.model_id_)
+        return pb.PredictResponse(predictions=predictions, head_id=head_ids[0], model_id=model_id)
 
     def ListHeads(self, request: pb.ListHeadsRequest, context: grpc.ServicerContext) -> pb.ListHeadsResponse:
         self._ready(context)

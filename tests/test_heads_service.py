@@ -202,3 +202,29 @@ def test_train_adapted_to_another_domain_records_it_and_maps_target_images(stub,
     with pytest.raises(grpc.RpcError) as e:
         stub.Train(pb.TrainRequest(collection="digits", adapt_to="nowhere"), timeout=60)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_predict_with_several_heads_embeds_each_image_once(server, counting, trained, digit_images):
+    from embedder.client import EmbedderClient
+
+    import io
+
+    from PIL import Image
+
+    images, labels = digit_images
+    queries = []
+    for i in (27, 58, 89):  # re-encoded: bytes no earlier test has sent, so each is a cache miss
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(images[i])).save(buf, "PNG")
+        queries.append(buf.getvalue())
+    with EmbedderClient(server.address) as client:
+        client.train("digits", "linear_svm", head_id="second")
+        decoded, embedded = counting.decoded, counting.embedded
+        both = client.predict(["digits-logreg", "second"], queries, top_k=2)
+        assert (counting.decoded - decoded, counting.embedded - embedded) == (3, 3)  # once per image, not per head
+        alone = client.predict("second", queries, top_k=2)
+        for p, q in zip(both, alone):
+            assert set(p.by_head) == {"digits-logreg", "second"} and p.by_head["second"][0] == q.labels
+            assert p.labels == p.by_head["digits-logreg"][0]
+        with pytest.raises(Exception, match="more than once"):
+            client.predict(["second", "second"], queries)

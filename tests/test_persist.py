@@ -211,3 +211,39 @@ def test_an_adapted_head_saves_its_adapter_and_predicts_identically_after_loadin
     (tmp_path / "adapted" / "head.json").write_text(_json.dumps(meta))
     with pytest.raises(HeadFormatError, match="adapter arrays"):
         load_head(tmp_path / "adapted")
+
+
+def test_a_head_being_replaced_never_looks_missing(data, tmp_path, monkeypatch):
+    """ListHeads racing Train(head_id=existing): the replaced head is listed throughout (found by the soak)."""
+    import pathlib
+    import threading
+    import time
+
+    from classifier import HeadRegistry
+
+    rename = pathlib.Path.rename
+
+    def slow_rename(self, target):  # widen the gap between moving the old head aside and the new one in
+        out = rename(self, target)
+        if pathlib.Path(target).name.startswith(".old-"):
+            time.sleep(0.05)
+        return out
+
+    monkeypatch.setattr(pathlib.Path, "rename", slow_rename)
+    X, y, _ = data
+    registry = HeadRegistry(tmp_path)
+    registry.train(X, NAMES[y], model_id=MODEL, head_id="stable")
+    registry.train(X, NAMES[y], model_id=MODEL, head_id="replaced")
+    stop, seen = threading.Event(), []
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append({i.head_id for i in registry.list()})
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for _ in range(8):
+        registry.train(X[:60], NAMES[y[:60]], model_id=MODEL, head_id="replaced")
+    stop.set()
+    watcher.join()
+    assert seen and all(ids == {"stable", "replaced"} for ids in seen)

@@ -389,18 +389,20 @@ class TrainResponse(_message.Message):
     def __init__(self, head: _Optional[_Union[HeadInfo, _Mapping]] = ..., samples: _Optional[int] = ..., train_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("head_id", "items", "collection", "ids", "top_k")
+    __slots__ = ("head_id", "items", "collection", "ids", "top_k", "head_ids")
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    HEAD_IDS_FIELD_NUMBER: _ClassVar[int]
     head_id: str
     items: _containers.RepeatedCompositeFieldContainer[Item]
     collection: str
     ids: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
-    def __init__(self, head_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    head_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, head_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., collection: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., head_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LabelScore(_message.Message):
     __slots__ = ("label", "probability")
@@ -410,17 +412,27 @@ class LabelScore(_message.Message):
     probability: float
     def __init__(self, label: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
+class HeadResult(_message.Message):
+    __slots__ = ("head_id", "top")
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    TOP_FIELD_NUMBER: _ClassVar[int]
+    head_id: str
+    top: _containers.RepeatedCompositeFieldContainer[LabelScore]
+    def __init__(self, head_id: _Optional[str] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ...) -> None: ...
+
 class Prediction(_message.Message):
-    __slots__ = ("id", "status", "top", "cached")
+    __slots__ = ("id", "status", "top", "cached", "heads")
     ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     TOP_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    HEADS_FIELD_NUMBER: _ClassVar[int]
     id: str
     status: Status
     top: _containers.RepeatedCompositeFieldContainer[LabelScore]
     cached: bool
-    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., cached: _Optional[bool] = ...) -> None: ...
+    heads: _containers.RepeatedCompositeFieldContainer[HeadResult]
+    def __init__(self, id: _Optional[str] = ..., status: _Optional[_Union[Status, _Mapping]] = ..., top: _Optional[_Iterable[_Union[LabelScore, _Mapping]]] = ..., cached: _Optional[bool] = ..., heads: _Optional[_Iterable[_Union[HeadResult, _Mapping]]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
     __slots__ = ("predictions", "head_id", "model_id")
