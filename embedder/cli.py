@@ -209,6 +209,23 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_remote_options(p)
 
+    p = sub.add_parser("finetune", help="fine-tune the last block(s) on a labelled collection -> a new backbone")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--suffix", required=True, help="the new backbone is <parent>.<suffix>")
+    p.add_argument("--unfreeze", type=int, default=1, help="blocks trained, from the end (default 1)")
+    p.add_argument("--epochs", type=int, default=10, help="at most this many epochs (default 10; early stopping)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these labels (default: all)")
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                   help="further settings: lr, weight_decay, batch_size, val_fraction, patience, dropout, noise, "
+                        "mixup, seed")
+    p.add_argument("--no-wait", dest="wait", action="store_false", help="print the job id and return")
+    _add_remote_options(p)
+
+    p = sub.add_parser("job", help="a job's state, progress and result (--cancel stops it)")
+    p.add_argument("job_id", metavar="JOB_ID")
+    p.add_argument("--cancel", action="store_true", help="ask the job to stop")
+    _add_remote_options(p)
+
     p = sub.add_parser("heads", help="list the trained classifier heads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_remote_options(p)
@@ -230,6 +247,8 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-message-bytes", type=int, help="gRPC message limit, both directions (default 64 MiB)")
     g.add_argument("--max-items", type=int, help="items per request (default 1024)")
     g.add_argument("--data-dir", type=Path, help="store and classifier data (default ./embedder-data)")
+    g.add_argument("--no-keep-images", dest="keep_images", action="store_const", const=False,
+                   help="do not keep added images' bytes (then collections cannot be fine-tuned on)")
     g.add_argument("--token",
                    help="require `authorization: Bearer TOKEN` (prefer EMBEDDER_TOKEN: flags show in ps)")
     g.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key the port speaks TLS only")
@@ -242,7 +261,7 @@ def _serve_config(args: argparse.Namespace) -> Config:
     """Flag > EMBEDDER_* env var > default, for the model and the service fields alike."""
     service = {k: getattr(args, k) for k in (
         "host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
-        "data_dir", "token", "tls_cert", "tls_key", "metrics_port", "grace_seconds")}
+        "data_dir", "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "grace_seconds")}
     # _config() already read every EMBEDDER_* variable; replace() re-runs Config's validation.
     return dataclasses.replace(_config(args), **{k: v for k, v in service.items() if v is not None})
 
@@ -559,6 +578,43 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.finetune(args.collection, args.suffix, unfreeze=args.unfreeze, epochs=args.epochs,
+                              labels=args.labels, params=dict(args.param))
+        parent = job["params"]["parent"].split(":")[0]
+        print(f"job {job['job_id']}: fine-tuning collection {args.collection} -> {parent}.{args.suffix} "
+              f"({job['params']['images']} images)")
+        if not args.wait:
+            return 0
+        shown: set[int] = set()
+
+        def progress(j: dict) -> None:
+            p = j["progress"]
+            if p.get("epoch") and p["epoch"] not in shown:
+                shown.add(p["epoch"])
+                print(f"  epoch {p['epoch']}/{p['epochs']}: loss {p['train_loss']:.4f}, hold-out accuracy "
+                      f"{p['val_accuracy']:.4f} ({p['seconds']:.1f} s)", flush=True)
+
+        job = client.wait_job(job["job_id"], on_progress=progress)
+    return _print_job(job)
+
+
+def _job(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        job = client.cancel_job(args.job_id) if args.cancel else client.get_job(args.job_id)
+    return _print_job(job)
+
+
+def _print_job(job: dict) -> int:
+    print(f"job {job['job_id']}: {job['state']}" + (f" ({job['error']})" if job["error"] else ""))
+    r = job["result"]
+    if r:
+        print(f"new backbone {r['name']} ({r['model_id']}), hold-out accuracy {r['val_accuracy']:.4f} at epoch "
+              f"{r['best_epoch']}; {r['trunk_passes']} trunk passes; embed with it: {r['use']}")
+    return 0 if job["state"] in ("finished", "queued", "running") else 1
+
+
 def _predict(args: argparse.Namespace) -> int:
     if args.ids and not args.collection:
         raise ValueError("--ids needs --collection, the collection that holds them")
@@ -617,7 +673,8 @@ def _delete_head(args: argparse.Namespace) -> int:
 
 
 REMOTE_COMMANDS = {"add": _add, "search": _search, "get": _get, "delete": _delete, "labels": _labels,
-                   "stats": _stats, "train": _train, "predict": _predict, "heads": _heads, "delete-head": _delete_head}
+                   "stats": _stats, "train": _train, "predict": _predict, "heads": _heads, "delete-head": _delete_head,
+                   "finetune": _finetune, "job": _job}
 
 
 if __name__ == "__main__":  # `python -m embedder.cli ...`, e.g. to run the service under a supervisor

@@ -42,7 +42,7 @@ import numpy as np
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
 from .errors import BatchError, EmbedderError
-from .messages import (collection_from_pb, head_from_pb, hit_from_pb, stored_from_pb, to_tensor,
+from .messages import (collection_from_pb, head_from_pb, hit_from_pb, job_from_pb, stored_from_pb, to_tensor,
                        vector_bytes)
 from .pipeline import BatchResult
 from .store import DeleteResult, Hit, StoredItem
@@ -404,6 +404,42 @@ class EmbedderClient:
 
     def delete_head(self, head_id: str) -> None:
         self._call(self._stub.DeleteHead, pb.DeleteHeadRequest(head_id=head_id))
+
+    # ------------------------------------------------------------------ jobs
+
+    def finetune(self, collection: str, suffix: str, *, unfreeze: int = 1, epochs: int = 10,
+                 labels: Sequence[str] | None = None, ids: Sequence[str] | None = None,
+                 params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Start fine-tuning the collection's backbone on its labelled (kept) images; returns the job.
+
+        The new backbone is ``<parent>.<suffix>``. Follow it with :meth:`wait_job` or :meth:`get_job`.
+        """
+        request = pb.FineTuneRequest(collection=collection, suffix=suffix, unfreeze=unfreeze, epochs=epochs,
+                                     labels=list(labels or ()), ids=list(ids or ()),
+                                     params_json=json.dumps(dict(params)) if params else "")
+        return job_from_pb(self._call(self._stub.FineTune, request))
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        """A job's ``state`` (queued, running, finished, failed, cancelled), ``progress``, ``result``, ``error``."""
+        return job_from_pb(self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)))
+
+    def cancel_job(self, job_id: str) -> dict[str, Any]:
+        return job_from_pb(self._call(self._stub.CancelJob, pb.GetJobRequest(job_id=job_id)))
+
+    def wait_job(self, job_id: str, *, poll: float = 1.0, timeout: float | None = None,
+                 on_progress: Any = None) -> dict[str, Any]:
+        """Poll until the job ends (finished, failed or cancelled); ``on_progress(job)`` sees every poll."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.get_job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job["state"] not in ("queued", "running"):
+                return job
+            if deadline is not None and time.monotonic() > deadline:
+                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"job {job_id} still {job['state']} after "
+                                   f"{timeout} s; wait longer or check it with get_job")
+            time.sleep(poll)
 
     def close(self) -> None:
         self._channel.close()

@@ -56,6 +56,7 @@ class Config:
     # --- store ---
     data_dir: Path = Path("embedder-data")  # SQLite metadata, FAISS snapshots, heads
     cache_max_items: int = 1_000_000  # cached vectors outside any collection, LRU-evicted beyond this
+    keep_images: bool = True  # keep collection items' image bytes, for fine-tuning and new backbone versions
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()

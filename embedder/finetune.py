@@ -40,6 +40,7 @@ from .backbones import (DERIVED_META, DERIVED_WEIGHTS, BackboneSpec, FrozenBackb
 from .config import Config
 from .durable import fsync_dir, fsync_file
 from .errors import EmbedderError
+from .jobs import JobCancelled
 from .preprocess import Preprocessor
 from .store import content_hash
 
@@ -53,7 +54,11 @@ class FineTuneError(EmbedderError, ValueError):
     """The fine-tune cannot run as asked (unsupported backbone, too few labels, bad settings)."""
 
 
-class FineTuneCancelled(EmbedderError):
+class TooFewLabelsError(FineTuneError):
+    """Fewer than two classes, or a class with fewer than two labelled images: label more."""
+
+
+class FineTuneCancelled(JobCancelled):
     """The fine-tune was cancelled; nothing was saved or registered."""
 
 
@@ -75,6 +80,23 @@ class FineTuneConfig:
     mixup: float = 0.0  # mixup alpha; 0 turns it off
     seed: int = 0
     device: str = "auto"
+
+    @classmethod
+    def from_params(cls, params: dict) -> "FineTuneConfig":
+        """From a dict of settings (e.g. a request's JSON); unknown names and wrong types are FineTuneErrors."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise FineTuneError(f"unknown fine-tune setting(s) {', '.join(map(repr, unknown))}; "
+                                f"known: {', '.join(sorted(known))}")
+        for name, value in params.items():
+            kind = cls.__dataclass_fields__[name].type
+            ok = (isinstance(value, str) if kind == "str" else
+                  isinstance(value, int) and not isinstance(value, bool) if kind == "int" else
+                  isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok:
+                raise FineTuneError(f"fine-tune setting {name!r} must be a {kind}, got {value!r}")
+        return cls(**params)
 
     def __post_init__(self) -> None:
         if not 1 <= self.unfreeze <= 17:
@@ -131,14 +153,10 @@ def finetune(images: Sequence[bytes], labels: Sequence[str], *, data_dir: str | 
     """
     if len(images) != len(labels):
         raise FineTuneError(f"got {len(images)} images and {len(labels)} labels; pass one label per image")
-    if not suffix or not all(ch.isalnum() or ch in "-_" for ch in suffix):
-        raise FineTuneError(f"suffix must be letters, digits, '-' or '_', got {suffix!r}")
     parent = get_backbone(model)
-    name = f"{parent.name}.{suffix}"
+    name = check_suffix(suffix, parent, data_dir)
     root = Path(data_dir) / "backbones"
-    if (root / name).exists():
-        raise FineTuneError(f"a backbone named {name!r} already exists in {root}; choose another suffix")
-    _check_labels(labels, config)
+    check_labels(labels)
     device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if config.device == "auto" else config.device))
     split = Split(parent, config.unfreeze)
@@ -152,7 +170,7 @@ def finetune(images: Sequence[bytes], labels: Sequence[str], *, data_dir: str | 
         if own_cache:
             cache.close()
     y_text = [labels[i] for i in keep]
-    _check_labels(y_text, config)
+    check_labels(y_text)
     classes = sorted(set(y_text))
     y = np.array([classes.index(v) for v in y_text], dtype=np.int64)
     started = time.perf_counter()
@@ -167,13 +185,24 @@ def finetune(images: Sequence[bytes], labels: Sequence[str], *, data_dir: str | 
                           failed)
 
 
-def _check_labels(labels: Sequence[str], config: FineTuneConfig) -> None:
+def check_suffix(suffix: str, parent: BackboneSpec, data_dir: str | Path) -> str:
+    """The new backbone's name ``<parent>.<suffix>``, if the suffix is valid and the name free."""
+    if not suffix or len(suffix) > 64 or not all(ch.isascii() and (ch.isalnum() or ch in "-_") for ch in suffix):
+        raise FineTuneError(f"suffix must be 1-64 letters, digits, '-' or '_', got {suffix[:80]!r}")
+    name = f"{parent.name}.{suffix}"
+    if (Path(data_dir) / "backbones" / name).exists():
+        raise FineTuneError(f"a backbone named {name!r} already exists; choose another suffix")
+    return name
+
+
+def check_labels(labels: Sequence[str]) -> None:
+    """Labels a fine-tune can hold out from: two classes or more, each with two examples or more."""
     values, counts = np.unique(np.asarray(list(labels), dtype=object).astype(str), return_counts=True)
     if len(values) < 2:
-        raise FineTuneError("need labelled images of at least two classes to fine-tune")
+        raise TooFewLabelsError("need labelled images of at least two classes to fine-tune")
     few = [f"{v!r} has {n}" for v, n in zip(values, counts) if n < 2]
     if few:
-        raise FineTuneError(f"every class needs at least 2 labelled images (one for the hold-out): "
+        raise TooFewLabelsError(f"every class needs at least 2 labelled images (one for the hold-out): "
                             f"{', '.join(few[:10])}; label more or leave those classes out")
 
 

@@ -148,3 +148,19 @@ def head_from_pb(h: pb.HeadInfo) -> dict[str, Any]:
             "class_counts": list(h.class_counts), "params": parse_json_object(h.params_json, "params"),
             "metrics": parse_json_object(h.metrics_json, "metrics") or None, "created": h.created,
             "collection": h.collection, "adaptation": parse_json_object(h.adaptation_json, "adaptation") or None}
+
+
+# --- jobs ---
+
+def job_to_pb(job: Any) -> pb.Job:
+    """A :class:`embedder.jobs.Job` -> Job message."""
+    return pb.Job(job_id=job.job_id, kind=job.kind, state=job.state, progress_json=dump_json(job.progress or None),
+                  result_json=dump_json(job.result), error=job.error or "", created=job.created, updated=job.updated,
+                  params_json=dump_json(job.params))
+
+
+def job_from_pb(j: pb.Job) -> dict[str, Any]:
+    return {"job_id": j.job_id, "kind": j.kind, "state": j.state,
+            "progress": parse_json_object(j.progress_json, "progress"),
+            "result": parse_json_object(j.result_json, "result") or None, "error": j.error or None,
+            "created": j.created, "updated": j.updated, "params": parse_json_object(j.params_json, "params")}

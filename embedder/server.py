@@ -37,9 +37,11 @@ from classifier import HeadRegistry
 
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
+from .backbones import load_derived
 from .batcher import Batcher
 from .config import Config
 from .errors import EmbedderError
+from .jobs import JobRunner
 from .metrics import Metrics
 from .pipeline import Embedder
 from .servicer import EmbedderServicer
@@ -181,6 +183,7 @@ class EmbedderServer:
         self.batcher: Batcher | None = None
         self.store: Store | None = None
         self.heads: HeadRegistry | None = None
+        self.jobs: JobRunner | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._stop_lock = threading.Lock()
@@ -237,6 +240,8 @@ class EmbedderServer:
         # The store first: a data dir held by another server fails in a second, not after the model loads.
         self.store = Store.from_config(cfg)
         self.heads = HeadRegistry(cfg.data_dir / "heads")
+        self.jobs = JobRunner(cfg.data_dir / "jobs")
+        load_derived(cfg.data_dir / "backbones")  # fine-tuned versions: named by collections, heads and jobs
         log.info("data dir %s: %s", cfg.data_dir, self.store)
         if self.embedder is None:
             self.embedder = Embedder(config=cfg)
@@ -255,7 +260,7 @@ class EmbedderServer:
         start = time.monotonic()
         self.batcher.submit([warm])[0].result()  # one forward through decode, batcher and model
         log.info("warm-up forward took %.2fs", time.monotonic() - start)
-        self.servicer.attach(self.embedder, self.batcher, self.store, self.heads)
+        self.servicer.attach(self.embedder, self.batcher, self.store, self.heads, self.jobs)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def stop(self, grace: float | None = None) -> None:
@@ -270,6 +275,8 @@ class EmbedderServer:
         self.metrics.serving.set(0)
         self.health.enter_graceful_shutdown()
         self._server.stop(grace).wait()
+        if self.jobs is not None:
+            self.jobs.close(timeout=grace)  # a running fine-tune stops between batches, registering nothing
         if self.batcher is not None:
             self.batcher.close(timeout=grace)
         if self.store is not None:

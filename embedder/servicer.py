@@ -17,7 +17,7 @@ import time
 from concurrent import futures
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Sequence
 
 import grpc
@@ -31,9 +31,12 @@ from ._proto import embedder_pb2_grpc as pb_grpc
 from .batcher import (Batcher, BatcherClosedError, BatchFailedError, DroppedError, ItemError,
                       QueueFullError)
 from .config import Config
+from .backbones import get_backbone
 from .errors import CollectionMismatchError, EmbedderError, NotFoundError, StoreClosedError
-from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, parse_json_object, stats_to_pb,
-                       stored_to_pb, tensor_array, vector_bytes)
+from .finetune import FineTuneConfig, TooFewLabelsError, check_labels, check_suffix, finetune
+from .jobs import JobRunner
+from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, job_to_pb, parse_json_object,
+                       stats_to_pb, stored_to_pb, tensor_array, vector_bytes)
 from .metrics import Metrics
 from .store import Store, content_hash
 
@@ -84,7 +87,7 @@ def _status_for(error: Exception) -> tuple[grpc.StatusCode, str] | None:
     """The gRPC status of a store/classifier error, or None for errors that are not the caller's."""
     if isinstance(error, (NotFoundError, HeadNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, str(error)
-    if isinstance(error, (CollectionMismatchError, HeadModelMismatchError, InsufficientDataError)):
+    if isinstance(error, (CollectionMismatchError, HeadModelMismatchError, InsufficientDataError, TooFewLabelsError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     if isinstance(error, HeadFormatError):
         return grpc.StatusCode.DATA_LOSS, f"{error}"
@@ -137,13 +140,14 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self._batcher: Batcher | None = None
         self._store: Store | None = None
         self._heads: HeadRegistry | None = None
+        self._jobs: JobRunner | None = None
         self._model_info: dict[str, Any] = {}
         self.shutting_down = False
 
-    def attach(self, embedder: Any, batcher: Batcher, store: Store, heads: HeadRegistry) -> None:
+    def attach(self, embedder: Any, batcher: Batcher, store: Store, heads: HeadRegistry, jobs: JobRunner) -> None:
         self._model_info = embedder.info()
         self.metrics.set_model(self._model_info)
-        self._store, self._heads = store, heads
+        self._store, self._heads, self._jobs = store, heads, jobs
         self._embedder, self._batcher = embedder, batcher
 
     @property
@@ -227,7 +231,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                                    sha256s=[slots[i].sha256 or None for i in good],
                                    labels=[request.items[i].label if request.items[i].HasField("label") else None
                                            for i in good],
-                                   metadata=[metadata[i] for i in good])
+                                   metadata=[metadata[i] for i in good],
+                                   images=[self._kept_image(request.items[i].item) for i in good])
                 added, replaced = result.added, result.replaced
         return pb.AddResponse(results=[self._result(s, with_vector=False) for s in slots], added=added,
                               replaced=replaced, collection=request.collection)
@@ -398,6 +403,58 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             self._heads.delete(request.head_id)
         return pb.DeleteHeadResponse()
 
+    # ------------------------------------------------------------------ jobs
+
+    def FineTune(self, request: pb.FineTuneRequest, context: grpc.ServicerContext) -> pb.Job:
+        self._ready(context)
+        with self._errors(context):
+            params = parse_json_object(request.params_json, "params_json")
+            config = FineTuneConfig.from_params({**params, "unfreeze": request.unfreeze or 1,
+                                                 "epochs": request.epochs or 10})
+            parent = get_backbone(self._store.collection(request.collection).model_id)
+            check_suffix(request.suffix, parent, self.config.data_dir)
+            ids, _, labels = self._store.labelled(request.collection, labels=list(request.labels) or None,
+                                                  ids=list(request.ids) or None)
+            images = self._store.images(request.collection, ids)
+            missing = [i for i, img in zip(ids, images) if img is None]
+            if missing:
+                raise InsufficientDataError(
+                    f"{len(missing)} of {len(ids)} labelled items have no kept image (added as tensors, by hash, or "
+                    f"by a server run with --no-keep-images), e.g. {missing[0][:100]!r}; add them again as image "
+                    "bytes, or leave them out with `ids`/`labels`")
+            check_labels(labels)
+            job_params = {"collection": request.collection, "suffix": request.suffix, "parent": parent.model_id,
+                          "images": len(ids), "config": asdict(config)}
+            job = self._jobs.submit("finetune", job_params, self._finetune_work(parent, images, labels, request.suffix,
+                                                                                 config))
+        return job_to_pb(job)
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        self._ready(context)
+        with self._errors(context):
+            return job_to_pb(self._jobs.get(request.job_id))
+
+    def CancelJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        self._ready(context)
+        with self._errors(context):
+            return job_to_pb(self._jobs.cancel(request.job_id))
+
+    def _finetune_work(self, parent: Any, images: list[bytes], labels: list[str], suffix: str,
+                       config: FineTuneConfig) -> Any:
+        data_dir = self.config.data_dir
+
+        def work(job: Any, cancel: threading.Event, report: Any) -> dict[str, Any]:
+            result = finetune(images, labels, data_dir=data_dir, suffix=suffix, model=parent.model_id, config=config,
+                              cancel=cancel,
+                              on_epoch=lambda epoch, stats: report({**stats, "epochs": config.epochs}))
+            return {"name": result.spec.name, "model_id": result.spec.model_id, "parent": parent.model_id,
+                    "classes": result.classes, "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
+                    "trunk_passes": result.trunk_passes, "trunk_seconds": result.trunk_seconds,
+                    "train_seconds": result.train_seconds, "history": result.history,
+                    "use": f"embedder serve --model {result.spec.name} --data-dir {data_dir}"}
+
+        return work
+
     # ------------------------------------------------------------------ helpers
 
     def _ready(self, context: grpc.ServicerContext) -> Batcher:
@@ -546,6 +603,10 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         self.metrics.images.labels("ok").inc(ok)
         self.metrics.images.labels("error").inc(len(pending.slots) - ok)
         return pending.slots
+
+    def _kept_image(self, item: pb.Item) -> bytes | None:
+        """The bytes an Add keeps for later fine-tuning (``keep_images``): encoded images only."""
+        return item.image if self.config.keep_images and item.WhichOneof("input") == "image" else None
 
     def _result(self, slot: _Slot, *, with_vector: bool = True) -> pb.Result:
         result = pb.Result(id=slot.item_id, dim=self.dim, model_id=self.model_id, cached=slot.cached,

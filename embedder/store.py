@@ -17,7 +17,10 @@ Everything lives in ``data_dir``: ``store.sqlite3`` (+ WAL), ``snapshots/c<cid>.
   ``last_used`` clock for LRU eviction beyond ``cache_max_items``. Adding an item with a sha256 moves its
   cache row into the item, so members are never evicted and no vector is stored twice; a lookup checks
   the cache, then collection items of the same model. Lookups only read: their recency is written with
-  the next put or at close (a crash loses only some LRU order).
+  the next put or at close (a crash loses only some LRU order);
+- ``images``: ``sha256 -> encoded bytes`` of collection items added with their image (schema version 2),
+  stored once per content and deleted with the last item that refers to them: what a fine-tune or a new
+  backbone version needs to see the pixels again.
 
 **FAISS holds one index per collection** (:class:`embedder.index.VectorIndex`: exact ``IndexFlatIP`` or
 approximate HNSW over L2-normalised vectors, so scores are cosine similarities). Per-collection indexes
@@ -65,7 +68,7 @@ from .index import HNSW_LIMITS, IndexSpec, SnapshotError, VectorIndex
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_K = 10_000  # hits per query; a bound on what one request can make the server allocate
 _CHUNK = 900  # ids per `IN (...)`: under SQLite's historic 999-variable limit
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -103,7 +106,12 @@ CREATE TABLE cache (
     PRIMARY KEY (model_id, sha256)
 );
 CREATE INDEX cache_lru ON cache (last_used);
+CREATE TABLE images (                              -- encoded bytes of collection items, by content (version 2)
+    sha256 TEXT PRIMARY KEY,
+    data   BLOB NOT NULL
+);
 """
+_MIGRATIONS = {1: "CREATE TABLE images (sha256 TEXT PRIMARY KEY, data BLOB NOT NULL);"}  # from version -> next
 
 
 # --- results ---
@@ -365,12 +373,15 @@ class Store:
 
     def add(self, collection: str, ids: Sequence[str], vectors: np.ndarray, *, model_id: str,
             sha256s: Sequence[str | None] | None = None, labels: Sequence[str | None] | None = None,
-            metadata: Sequence[Mapping[str, Any] | None] | None = None) -> AddResult:
+            metadata: Sequence[Mapping[str, Any] | None] | None = None,
+            images: Sequence[bytes | None] | None = None) -> AddResult:
         """Insert or replace items: ``ids[i]`` gets ``vectors[i]`` (``(N, dim)``) and the optional columns.
 
         Re-adding an id replaces its vector, sha256, label and metadata (``created`` is kept). The collection
         is created (flat) on first use; afterwards its model id and dim must match, else
-        :class:`ModelMismatchError` / :class:`DimensionMismatchError`. Durable when it returns.
+        :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``images`` keeps the encoded bytes of
+        items (their ``sha256s`` must be the bytes' hash), stored once per content, so they can be fine-tuned
+        on or embedded again by another backbone version later. Durable when it returns.
         """
         name, model_id = _check_name(collection), _check_model_id(model_id)
         ids = _check_ids(ids)
@@ -378,6 +389,11 @@ class Store:
         shas = _column(sha256s, ids, "sha256s", lambda s: None if s is None else _check_sha256(s))
         labs = _column(labels, ids, "labels", _check_label)
         metas = [_metadata_json(m, i) for m, i in zip(_column(metadata, ids, "metadata", lambda m: m), ids)]
+        blobs = _column(images, ids, "images", lambda b: b)
+        for sha, blob, item_id in zip(shas, blobs, ids):
+            if blob is not None and (sha is None or content_hash(blob) != sha):
+                raise ValueError(f"the image of item {_shown(item_id)} does not hash to its sha256; pass "
+                                 "sha256s=[content_hash(image) ...] for the images you keep")
         now = time.time()
         with self._rw.write():
             c = new = None
@@ -389,10 +405,13 @@ class Store:
                 with _transaction(db):
                     if c is None:
                         c = new = self._insert_collection(db, name, model_id, x.shape[1], IndexSpec())
-                    old = {i: (fid, created) for i, fid, created in _chunked_query(
-                        db, "SELECT item_id, fid, created FROM items WHERE cid = ? AND item_id IN ({})", [c.cid], ids)}
-                    old_fids = np.array([fid for fid, _ in old.values()], dtype=np.int64)
+                    old = {i: (fid, created, sha) for i, fid, created, sha in _chunked_query(
+                        db, "SELECT item_id, fid, created, sha256 FROM items WHERE cid = ? AND item_id IN ({})",
+                        [c.cid], ids)}
+                    old_fids = np.array([fid for fid, _, _ in old.values()], dtype=np.int64)
                     _chunked_execute(db, "DELETE FROM items WHERE fid IN ({})", old_fids.tolist())
+                    db.executemany("INSERT OR IGNORE INTO images (sha256, data) VALUES (?, ?)",
+                                   [(sha, blob) for sha, blob in zip(shas, blobs) if blob is not None])
                     fids = np.empty(len(ids), dtype=np.int64)
                     for j, (item_id, sha, vec, label, meta) in enumerate(zip(ids, shas, x, labs, metas)):
                         created = old[item_id][1] if item_id in old else now
@@ -404,6 +423,7 @@ class Store:
                     promoted = _chunked_execute(db, "DELETE FROM cache WHERE model_id = ? AND sha256 IN ({})",
                                                 sorted({s for s in shas if s}), prefix=[model_id])
                     db.execute("UPDATE collections SET generation = generation + 1 WHERE cid = ?", (c.cid,))
+                    _drop_orphan_images(db, [sha for _, _, sha in old.values()])
                 self._cache_count -= promoted
             if new is not None:
                 self._collections[name] = new
@@ -423,9 +443,11 @@ class Store:
             with self._db_lock:
                 db = self._conn()
                 with _transaction(db):
-                    found = dict(_chunked_query(db, "SELECT item_id, fid FROM items WHERE cid = ? AND item_id IN ({})",
-                                                [c.cid], ids))
+                    rows = _chunked_query(db, "SELECT item_id, fid, sha256 FROM items WHERE cid = ? AND item_id IN ({})",
+                                          [c.cid], ids)
+                    found = {item_id: fid for item_id, fid, _ in rows}
                     _chunked_execute(db, "DELETE FROM items WHERE fid IN ({})", list(found.values()))
+                    _drop_orphan_images(db, [sha for _, _, sha in rows])
                     db.execute("UPDATE collections SET generation = generation + 1 WHERE cid = ?", (c.cid,))
             c.generation += 1
             c.index.remove(np.fromiter(found.values(), dtype=np.int64, count=len(found)))
@@ -460,7 +482,9 @@ class Store:
             with self._db_lock:
                 db = self._conn()
                 with _transaction(db):
+                    shas = [sha for (sha,) in db.execute("SELECT sha256 FROM items WHERE cid = ?", (c.cid,))]
                     db.execute("DELETE FROM collections WHERE cid = ?", (c.cid,))
+                    _drop_orphan_images(db, shas)
             del self._collections[c.name]
             self._snapshot_path(c.cid).unlink(missing_ok=True)
 
@@ -512,6 +536,18 @@ class Store:
             rows = [r for r in rows if r[2] in keep]
         x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), c.dim).astype(np.float32)
         return [r[0] for r in rows], x, [r[2] for r in rows]
+
+    def images(self, collection: str, ids: Sequence[str]) -> list[bytes | None]:
+        """The kept encoded image of each item, in the order of ``ids``; None where there is none (an item
+        added as a tensor, by hash, or without keeping images) or the id is not in the collection."""
+        ids = _check_ids(ids)
+        with self._rw.read():
+            c = self._get(collection)
+            with self._db_lock:
+                found = dict(_chunked_query(self._conn(), "SELECT i.item_id, m.data FROM items i JOIN images m "
+                                                          "ON m.sha256 = i.sha256 WHERE i.cid = ? AND i.item_id IN ({})",
+                                            [c.cid], ids))
+        return [found.get(i) for i in ids]
 
     def vectors(self, collection: str) -> tuple[list[str], np.ndarray]:
         """Every item of a collection, labelled or not: ``(ids, vectors (N, dim))`` in insertion order."""
@@ -618,7 +654,11 @@ class Store:
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version == 0:
             db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        elif version != SCHEMA_VERSION:
+        while version in _MIGRATIONS:
+            log.info("upgrading %s/store.sqlite3 from schema version %d", self.data_dir, version)
+            db.executescript(f"BEGIN IMMEDIATE; {_MIGRATIONS[version]}; PRAGMA user_version = {version + 1}; COMMIT;")
+            version += 1
+        if version not in (0, SCHEMA_VERSION):
             db.close()
             raise EmbedderError(f"{self.data_dir}/store.sqlite3 has schema version {version}; this embedder "
                                 f"reads version {SCHEMA_VERSION}. Use a matching embedder version.")
@@ -848,6 +888,12 @@ def _chunked_execute(db: sqlite3.Connection, sql: str, values: Sequence[Any], *,
         chunk = list(values[start:start + _CHUNK])
         changed += db.execute(sql.format(", ".join("?" * len(chunk))), [*prefix, *chunk]).rowcount
     return changed
+
+
+def _drop_orphan_images(db: sqlite3.Connection, shas: Sequence[str | None]) -> None:
+    """Delete kept images no item refers to any more (inside the caller's transaction)."""
+    _chunked_execute(db, "DELETE FROM images WHERE sha256 IN ({}) AND NOT EXISTS "
+                         "(SELECT 1 FROM items WHERE items.sha256 = images.sha256)", sorted({s for s in shas if s}))
 
 
 def _blob(vector: np.ndarray) -> bytes:

@@ -503,3 +503,34 @@ def test_concurrent_searches_during_adds_and_deletes(tmp_path, index):
         assert not errors, errors[0]
         assert len(searches) >= 20  # they really ran alongside the writes
         assert store.collection("c").count == 550
+
+
+def test_kept_images_are_stored_once_and_go_with_their_last_item(tmp_path):
+    a, b = b"\x89PNG fake image a", b"\x89PNG fake image b"
+    with Store(tmp_path) as store:
+        store.add("c", ["x", "y"], unit(2, 4), model_id=M, sha256s=[content_hash(a), content_hash(a)], images=[a, a])
+        store.add("d", ["z"], unit(1, 4), model_id=M, sha256s=[content_hash(a)], images=[a])
+        assert store.images("c", ["x", "y", "nope"]) == [a, a, None]
+        count = lambda: store._conn().execute("SELECT count(*) FROM images").fetchone()[0]  # noqa: E731
+        assert count() == 1  # by content: one copy for three items
+        store.delete("c", ["x"])
+        store.delete_collection("d")
+        assert store.images("c", ["y"]) == [a] and count() == 1  # "y" still refers to it
+        store.add("c", ["y"], unit(1, 4), model_id=M, sha256s=[content_hash(b)], images=[b])  # replaced
+        assert store.images("c", ["y"]) == [b] and count() == 1  # a went with its last item
+        with pytest.raises(ValueError, match="does not hash to its sha256"):
+            store.add("c", ["w"], unit(1, 4), model_id=M, sha256s=[content_hash(a)], images=[b])
+
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path):
+    import sqlite3
+
+    with Store(tmp_path) as store:
+        store.add("c", ["x"], unit(1, 4), model_id=M)
+    with sqlite3.connect(tmp_path / "store.sqlite3") as db:  # what session-1 data dirs look like
+        db.execute("DROP TABLE images")
+        db.execute("PRAGMA user_version = 1")
+    with Store(tmp_path) as store:
+        assert store.get("c", ["x"])[0] is not None
+        store.add("c", ["y"], unit(1, 4), model_id=M, sha256s=[content_hash(b"img")], images=[b"img"])
+        assert store.images("c", ["y"]) == [b"img"]

@@ -463,3 +463,49 @@ class DeleteHeadRequest(_message.Message):
 class DeleteHeadResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class FineTuneRequest(_message.Message):
+    __slots__ = ("collection", "labels", "ids", "suffix", "unfreeze", "epochs", "params_json")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SUFFIX_FIELD_NUMBER: _ClassVar[int]
+    UNFREEZE_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    suffix: str
+    unfreeze: int
+    epochs: int
+    params_json: str
+    def __init__(self, collection: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., suffix: _Optional[str] = ..., unfreeze: _Optional[int] = ..., epochs: _Optional[int] = ..., params_json: _Optional[str] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "kind", "state", "progress_json", "result_json", "error", "created", "updated", "params_json")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_JSON_FIELD_NUMBER: _ClassVar[int]
+    RESULT_JSON_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    kind: str
+    state: str
+    progress_json: str
+    result_json: str
+    error: str
+    created: float
+    updated: float
+    params_json: str
+    def __init__(self, job_id: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[str] = ..., progress_json: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., params_json: _Optional[str] = ...) -> None: ...

@@ -101,6 +101,21 @@ class EmbedderStub:
                 request_serializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadRequest.SerializeToString,
                 response_deserializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadResponse.FromString,
                 _registered_method=True)
+        self.FineTune = channel.unary_unary(
+                '/embedder.v1.Embedder/FineTune',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.FineTuneRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/embedder.v1.Embedder/GetJob',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/embedder.v1.Embedder/CancelJob',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.Job.FromString,
+                _registered_method=True)
 
 
 class EmbedderServicer:
@@ -210,6 +225,31 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FineTune(self, request, context):
+        """--- fine-tuning: a new backbone version from a labelled collection (runs as a job) ---
+        The collection's kept images (Add keeps them unless the server runs with --no-keep-images) go through
+        the frozen trunk once (cached); the last block(s) train from that cache. The result is registered as
+        backbone "<parent>.<suffix>" with its own model id. Errors up front: NOT_FOUND (collection),
+        FAILED_PRECONDITION (too few labels, images not kept), INVALID_ARGUMENT (settings, name taken).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """A job's state (queued, running, finished, failed, cancelled), per-epoch progress and result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Ask a queued or running job to stop (between batches); nothing is registered.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -277,6 +317,21 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.DeleteHead,
                     request_deserializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadRequest.FromString,
                     response_serializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadResponse.SerializeToString,
+            ),
+            'FineTune': grpc.unary_unary_rpc_method_handler(
+                    servicer.FineTune,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.FineTuneRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.GetJobRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.GetJobRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.Job.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -632,6 +687,87 @@ class Embedder:
             '/embedder.v1.Embedder/DeleteHead',
             embedder_dot_v1_dot_embedder__pb2.DeleteHeadRequest.SerializeToString,
             embedder_dot_v1_dot_embedder__pb2.DeleteHeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FineTune(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/FineTune',
+            embedder_dot_v1_dot_embedder__pb2.FineTuneRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/GetJob',
+            embedder_dot_v1_dot_embedder__pb2.GetJobRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/CancelJob',
+            embedder_dot_v1_dot_embedder__pb2.GetJobRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.Job.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,92 @@
+"""FineTune over gRPC: a job on a labelled collection's kept images -> a registered backbone version."""
+from __future__ import annotations
+
+import json
+import time
+
+import grpc
+import pytest
+from conftest import running_server
+
+from embedder import Embedder, backbones
+from embedder._proto import embedder_pb2 as pb
+from embedder._proto import embedder_pb2_grpc as pb_grpc
+from embedder.client import EmbedderClient, ServiceError
+from embedder.jobs import JobRunner
+
+
+@pytest.fixture
+def served(embedder, digit_images, tmp_path, restore_registry):
+    images, labels = digit_images
+    with running_server(embedder, data_dir=tmp_path) as s, EmbedderClient(s.address, timeout=120) as client:
+        client.add("digits", images[::2], [f"d{i}" for i in range(0, len(images), 2)], labels=labels[::2])
+        yield s, client, tmp_path
+
+
+def test_a_fine_tune_job_registers_a_new_backbone(served, digit_images):
+    server, client, data_dir = served
+    seen: list[dict] = []
+    job = client.finetune("digits", "ft", epochs=3)
+    assert job["state"] in ("queued", "running") and job["params"]["images"] == 45
+    done = client.wait_job(job["job_id"], poll=0.2, timeout=300, on_progress=seen.append)
+    assert done["state"] == "finished", done["error"]
+    result = done["result"]
+    assert result["name"] == "mobilenet_v2.ft" and result["parent"] == server.servicer.model_id
+    assert result["trunk_passes"] == 45 and 0 < result["val_accuracy"] <= 1
+    assert any(j["progress"].get("epoch") for j in seen)  # per-epoch progress was visible while it ran
+    with Embedder(model=result["name"], device="cpu", runtime="torch", data_dir=data_dir) as tuned:
+        assert tuned.model_id == result["model_id"] and tuned.embed(digit_images[0][:2]).shape == (2, 1280)
+    with pytest.raises(ServiceError) as e:  # the name is taken now
+        client.finetune("digits", "ft")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "already exists" in str(e.value)
+
+
+def test_bad_fine_tune_requests_fail_up_front(served, embedder):
+    server, client, _ = served
+    cases = [
+        (dict(collection="nope", suffix="x"), grpc.StatusCode.NOT_FOUND),
+        (dict(collection="digits", suffix="../x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(collection="digits", suffix="x", labels=["0"]), grpc.StatusCode.FAILED_PRECONDITION),
+        (dict(collection="digits", suffix="x", params={"lr": "fast"}), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(collection="digits", suffix="x", params={"depth": 3}), grpc.StatusCode.INVALID_ARGUMENT),
+    ]
+    for kwargs, code in cases:
+        with pytest.raises(ServiceError) as e:
+            client.finetune(**kwargs)
+        assert e.value.code == code, (kwargs, e.value)
+    arr = pb.Tensor(shape=[32, 32, 3], dtype=pb.DTYPE_UINT8, data=bytes(32 * 32 * 3))
+    with grpc.insecure_channel(server.address) as ch:  # items added as tensors keep no image
+        pb_grpc.EmbedderStub(ch).Add(pb.AddRequest(collection="tensors", items=[
+            pb.AddItem(item=pb.Item(id=f"t{i}", tensor=arr), label=str(i % 2)) for i in range(4)]), timeout=60)
+    with pytest.raises(ServiceError) as e:
+        client.finetune("tensors", "x")
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "no kept image" in str(e.value)
+    with pytest.raises(ServiceError) as e:
+        client.get_job("nope")
+    assert e.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_cancelled_job_registers_nothing(served):
+    _, client, data_dir = served
+    job = client.finetune("digits", "cancelled", epochs=50, params={"patience": 50})
+    client.wait_job(job["job_id"], poll=0.1, timeout=300,
+                    on_progress=lambda j: j["progress"].get("epoch") and client.cancel_job(j["job_id"]))
+    done = client.get_job(job["job_id"])
+    assert done["state"] == "cancelled" and done["result"] is None
+    assert not (data_dir / "backbones" / "mobilenet_v2.cancelled").exists()
+
+
+def test_a_job_interrupted_by_a_stop_reads_as_failed_after_a_restart(tmp_path):
+    first = JobRunner(tmp_path)
+    started = []
+    job = first.submit("finetune", {"x": 1}, lambda j, cancel, report: started.append(1) or cancel.wait(30) or {})
+    deadline = time.monotonic() + 10
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert first.get(job.job_id).state == "running"
+    # a process that dies here leaves the file saying "running"; the next runner fixes that
+    second = JobRunner(tmp_path)
+    again = second.get(job.job_id)
+    assert again.state == "failed" and "interrupted" in again.error
+    assert json.loads((tmp_path / f"{job.job_id}.json").read_text())["state"] == "failed"
+    first.close(timeout=10)
