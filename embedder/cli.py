@@ -218,6 +218,8 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="further settings: lr, weight_decay, batch_size, val_fraction, patience, dropout, noise, "
                         "mixup, seed")
+    p.add_argument("--adabn", action="store_true",
+                   help="no labels: re-estimate BatchNorm statistics on the collection's images (a target domain)")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="print the job id and return")
     _add_remote_options(p)
 
@@ -581,7 +583,8 @@ def _train(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.finetune(args.collection, args.suffix, unfreeze=args.unfreeze, epochs=args.epochs,
-                              labels=args.labels, params=dict(args.param))
+                              labels=args.labels, params=dict(args.param),
+                              method="adabn" if args.adabn else "finetune")
         parent = job["params"]["parent"].split(":")[0]
         print(f"job {job['job_id']}: fine-tuning collection {args.collection} -> {parent}.{args.suffix} "
               f"({job['params']['images']} images)")
@@ -610,8 +613,9 @@ def _print_job(job: dict) -> int:
     print(f"job {job['job_id']}: {job['state']}" + (f" ({job['error']})" if job["error"] else ""))
     r = job["result"]
     if r:
-        print(f"new backbone {r['name']} ({r['model_id']}), hold-out accuracy {r['val_accuracy']:.4f} at epoch "
-              f"{r['best_epoch']}; {r['trunk_passes']} trunk passes; embed with it: {r['use']}")
+        how = (f"hold-out accuracy {r['val_accuracy']:.4f} at epoch {r['best_epoch']}; {r['trunk_passes']} trunk "
+               "passes" if "val_accuracy" in r else f"BatchNorm statistics of {r['images']} images")
+        print(f"new backbone {r['name']} ({r['model_id']}), {how}; embed with it: {r['use']}")
     return 0 if job["state"] in ("finished", "queued", "running") else 1
 
 

@@ -409,13 +409,15 @@ class EmbedderClient:
 
     def finetune(self, collection: str, suffix: str, *, unfreeze: int = 1, epochs: int = 10,
                  labels: Sequence[str] | None = None, ids: Sequence[str] | None = None,
-                 params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 params: Mapping[str, Any] | None = None, method: str = "finetune") -> dict[str, Any]:
         """Start fine-tuning the collection's backbone on its labelled (kept) images; returns the job.
 
-        The new backbone is ``<parent>.<suffix>``. Follow it with :meth:`wait_job` or :meth:`get_job`.
+        ``method="adabn"`` instead re-estimates the BatchNorm statistics on the collection's (unlabelled)
+        images, adapting the backbone to their domain. The new backbone is ``<parent>.<suffix>``. Follow the
+        job with :meth:`wait_job` or :meth:`get_job`.
         """
         request = pb.FineTuneRequest(collection=collection, suffix=suffix, unfreeze=unfreeze, epochs=epochs,
-                                     labels=list(labels or ()), ids=list(ids or ()),
+                                     labels=list(labels or ()), ids=list(ids or ()), method=method,
                                      params_json=json.dumps(dict(params)) if params else "")
         return job_from_pb(self._call(self._stub.FineTune, request))
 

@@ -177,7 +177,9 @@ def finetune(images: Sequence[bytes], labels: Sequence[str], *, data_dir: str | 
     head, history, best_epoch, best_acc = _train(split.top, acts, y, len(classes), config, device, progress,
                                                  cancel, on_epoch)
     train_seconds = time.perf_counter() - started
-    path = _save(root, name, parent, split, head, classes, config, history, best_acc)
+    path = save_version(root, name, parent, _tuned_model(parent, split, head, len(classes)),
+                        num_classes=len(classes), how=f"fine-tuned (last {config.unfreeze} block(s) + final conv)",
+                        classes=classes, cut=split.cut, config=asdict(config), history=history, val_accuracy=best_acc)
     spec = register_derived(path)
     log.info("fine-tuned %s -> %s (hold-out accuracy %.3f at epoch %d; %d trunk passes)", parent.model_id,
              spec.model_id, best_acc, best_epoch, passes)
@@ -326,22 +328,28 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.
     return right / max(len(y), 1)
 
 
-def _save(root: Path, name: str, parent: BackboneSpec, split: Split, head: nn.Linear, classes: list[str],
-          config: FineTuneConfig, history: list[dict], val_accuracy: float) -> Path:
-    """Write weights + metadata into a temp dir, fsync, then rename: the backbone appears whole or not at all."""
+def _tuned_model(parent: BackboneSpec, split: Split, head: nn.Linear, n_classes: int) -> nn.Module:
+    """The parent's frozen layers + the trained top and task head, as one torchvision MobileNetV2."""
     import torchvision
-    from safetensors.torch import save_file
 
-    model = torchvision.models.get_model("mobilenet_v2", weights=None, num_classes=len(classes))
+    model = torchvision.models.get_model("mobilenet_v2", weights=None, num_classes=n_classes)
     full = load_backbone(parent)
     state = {f"features.{k}": v for k, v in full.features.state_dict().items()}
-    top_state = split.top.cpu().state_dict()
-    for key, value in top_state.items():
+    for key, value in split.top.cpu().state_dict().items():
         layer, _, rest = key.partition(".")
         if int(layer) < len(full.features) - split.cut:  # the pooling and flatten layers hold no state
             state[f"features.{split.cut + int(layer)}.{rest}"] = value
     state["classifier.1.weight"], state["classifier.1.bias"] = head.weight.detach(), head.bias.detach()
     model.load_state_dict(state)  # proves the state dict is complete before anything is written
+    return model
+
+
+def save_version(root: Path, name: str, parent: BackboneSpec, model: nn.Module, *, num_classes: int, how: str,
+                 **details: object) -> Path:
+    """Write a derived backbone (weights + ``backbone.json``) into a temp dir, fsync, then rename it into
+    ``root/name``: the version appears whole or not at all."""
+    from safetensors.torch import save_file
+
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".tmp-{name}-{hashlib.sha256(str(time.time()).encode()).hexdigest()[:8]}"
     tmp.mkdir()
@@ -350,9 +358,7 @@ def _save(root: Path, name: str, parent: BackboneSpec, split: Split, head: nn.Li
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         fsync_file(weights)
         meta = {"name": name, "arch": "mobilenet_v2", "parent_model_id": parent.model_id, "parent": parent.name,
-                "how": f"fine-tuned (last {config.unfreeze} block(s) + final conv)", "sha256": sha256_file(weights),
-                "num_classes": len(classes), "classes": classes, "cut": split.cut, "config": asdict(config),
-                "history": history, "val_accuracy": val_accuracy,
+                "how": how, "sha256": sha256_file(weights), "num_classes": num_classes, **details,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         (tmp / DERIVED_META).write_text(json.dumps(meta, indent=2))
         fsync_file(tmp / DERIVED_META)
@@ -364,3 +370,69 @@ def _save(root: Path, name: str, parent: BackboneSpec, split: Split, head: nn.Li
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+# --- AdaBN: the same weights, BatchNorm statistics of the target domain ---------------------------
+
+ADABN_MIN_IMAGES = 8
+ADABN_BATCH = 32
+
+
+@dataclass
+class AdaptResult:
+    spec: BackboneSpec  # the new backbone, registered
+    path: Path
+    images: int  # target images the statistics were estimated on
+    seconds: float
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+def adabn(images: Sequence[bytes], *, data_dir: str | Path, suffix: str, model: str = "mobilenet_v2",
+          progress: bool = False, cancel: threading.Event | None = None) -> AdaptResult:
+    """AdaBN (Li et al. 2016): re-estimate every BatchNorm layer's statistics on unlabelled target images.
+
+    No label and no gradient: the weights stay the parent's, only the per-channel means and variances
+    become the target domain's, which undoes much of a shift in lighting, contrast or camera. The result is
+    registered as ``<parent>.<suffix>`` like a fine-tune; heads for it are trained on its own vectors.
+    """
+    parent = get_backbone(model)
+    if parent.parent is not None or parent.name not in SUPPORTED:
+        raise FineTuneError(f"AdaBN supports {', '.join(SUPPORTED)} for now, not {parent.name!r}")
+    name = check_suffix(suffix, parent, data_dir)
+    if len(images) < ADABN_MIN_IMAGES:
+        raise TooFewLabelsError(f"AdaBN needs at least {ADABN_MIN_IMAGES} target images to estimate statistics, "
+                                f"got {len(images)}; add more unlabelled images of the target domain")
+    started = time.perf_counter()
+    net = load_backbone(parent, with_head=True)  # keep the ImageNet classifier: the version stays a full network
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None  # a cumulative average over every target image, not an exponential one
+            m.train()
+    pre = Preprocessor(parent.preprocessing, max_pixels=Config().max_pixels)
+    normalize = FrozenBackbone(nn.Identity(), parent.preprocessing)
+    failed: dict[int, str] = {}
+    used = 0
+    with torch.no_grad(), tqdm(total=len(images), unit="img", desc="AdaBN statistics", disable=not progress) as bar:
+        for start in range(0, len(images), ADABN_BATCH):
+            if cancel is not None and cancel.is_set():
+                raise FineTuneCancelled("AdaBN cancelled while estimating statistics")
+            batch = []
+            for i in range(start, min(start + ADABN_BATCH, len(images))):
+                try:
+                    batch.append(pre(images[i]))
+                except EmbedderError as e:
+                    failed[i] = str(e)
+            if len(batch) > 1:  # BatchNorm in training mode needs two or more images per batch
+                x = (torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() - normalize.mean) * normalize.inv_scale
+                net.features(x)
+                used += len(batch)
+            bar.update(min(ADABN_BATCH, len(images) - start))
+    if used < ADABN_MIN_IMAGES:
+        raise TooFewLabelsError(f"only {used} target images could be used (need {ADABN_MIN_IMAGES})")
+    net.eval()
+    path = save_version(Path(data_dir) / "backbones", name, parent, net, num_classes=1000,
+                        how=f"AdaBN (BatchNorm statistics of {used} target images)", images=used)
+    spec = register_derived(path)
+    log.info("AdaBN %s -> %s on %d images", parent.model_id, spec.model_id, used)
+    return AdaptResult(spec, path, used, time.perf_counter() - started, failed)

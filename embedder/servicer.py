@@ -33,7 +33,8 @@ from .batcher import (Batcher, BatcherClosedError, BatchFailedError, DroppedErro
 from .config import Config
 from .backbones import get_backbone
 from .errors import CollectionMismatchError, EmbedderError, NotFoundError, StoreClosedError
-from .finetune import FineTuneConfig, TooFewLabelsError, check_labels, check_suffix, finetune
+from .finetune import (ADABN_MIN_IMAGES, FineTuneConfig, TooFewLabelsError, adabn, check_labels, check_suffix,
+                       finetune)
 from .jobs import JobRunner
 from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, job_to_pb, parse_json_object,
                        stats_to_pb, stored_to_pb, tensor_array, vector_bytes)
@@ -407,7 +408,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     def FineTune(self, request: pb.FineTuneRequest, context: grpc.ServicerContext) -> pb.Job:
         self._ready(context)
+        if request.method == "adabn":
+            return self._adabn(request, context)
         with self._errors(context):
+            if request.method not in ("", "finetune"):
+                raise ValueError(f"method must be 'finetune' or 'adabn', got {request.method[:50]!r}")
             params = parse_json_object(request.params_json, "params_json")
             config = FineTuneConfig.from_params({**params, "unfreeze": request.unfreeze or 1,
                                                  "epochs": request.epochs or 10})
@@ -427,6 +432,27 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                           "images": len(ids), "config": asdict(config)}
             job = self._jobs.submit("finetune", job_params, self._finetune_work(parent, images, labels, request.suffix,
                                                                                  config))
+        return job_to_pb(job)
+
+    def _adabn(self, request: pb.FineTuneRequest, context: grpc.ServicerContext) -> pb.Job:
+        with self._errors(context):
+            parent = get_backbone(self._store.collection(request.collection).model_id)
+            check_suffix(request.suffix, parent, self.config.data_dir)
+            ids, _ = self._store.vectors(request.collection)
+            images = [img for img in self._store.images(request.collection, ids) if img is not None]
+            if len(images) < ADABN_MIN_IMAGES:
+                raise TooFewLabelsError(f"collection {request.collection!r} has {len(images)} kept images; AdaBN needs "
+                                        f"at least {ADABN_MIN_IMAGES} images of the target domain (added as image bytes)")
+            data_dir, suffix = self.config.data_dir, request.suffix
+
+            def work(job: Any, cancel: threading.Event, report: Any) -> dict[str, Any]:
+                result = adabn(images, data_dir=data_dir, suffix=suffix, model=parent.model_id, cancel=cancel)
+                return {"name": result.spec.name, "model_id": result.spec.model_id, "parent": parent.model_id,
+                        "images": result.images, "seconds": result.seconds,
+                        "use": f"embedder serve --model {result.spec.name} --data-dir {data_dir}"}
+
+            job = self._jobs.submit("adabn", {"collection": request.collection, "suffix": suffix,
+                                              "parent": parent.model_id, "images": len(images)}, work)
         return job_to_pb(job)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:

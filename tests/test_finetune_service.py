@@ -90,3 +90,32 @@ def test_a_job_interrupted_by_a_stop_reads_as_failed_after_a_restart(tmp_path):
     assert again.state == "failed" and "interrupted" in again.error
     assert json.loads((tmp_path / f"{job.job_id}.json").read_text())["state"] == "failed"
     first.close(timeout=10)
+
+
+def test_adabn_adapts_the_backbone_to_a_collection_of_unlabelled_images(served, digit_images, embedder):
+    import io
+
+    from PIL import Image
+
+    _, client, data_dir = served
+    inverted = []
+    for img in digit_images[0][::3]:
+        buf = io.BytesIO()
+        Image.eval(Image.open(io.BytesIO(img)).convert("RGB"), lambda v: 255 - v).save(buf, "JPEG")
+        inverted.append(buf.getvalue())
+    client.add("target", inverted, [f"t{i}" for i in range(len(inverted))])  # no labels needed
+    done = client.wait_job(client.finetune("target", "inverted", method="adabn")["job_id"], poll=0.2, timeout=300)
+    assert done["state"] == "finished", done["error"]
+    assert done["result"]["images"] == len(inverted) and done["result"]["name"] == "mobilenet_v2.inverted"
+    meta = json.loads((data_dir / "backbones" / "mobilenet_v2.inverted" / backbones.DERIVED_META).read_text())
+    assert meta["how"].startswith("AdaBN")
+    with Embedder(model="mobilenet_v2.inverted", device="cpu", runtime="torch", data_dir=data_dir) as adapted:
+        a, b = adapted.embed(inverted[:4]), embedder.embed(inverted[:4])
+    assert float((a * b).sum(1).mean()) < 0.99  # new statistics, new vectors
+    with pytest.raises(ServiceError) as e:
+        client.finetune("digits", "x", method="nonsense")
+    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    client.add("tiny", inverted[:3], ["a", "b", "c"])
+    with pytest.raises(ServiceError) as e:
+        client.finetune("tiny", "x", method="adabn")
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "at least 8" in str(e.value)

@@ -465,7 +465,7 @@ class DeleteHeadResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class FineTuneRequest(_message.Message):
-    __slots__ = ("collection", "labels", "ids", "suffix", "unfreeze", "epochs", "params_json")
+    __slots__ = ("collection", "labels", "ids", "suffix", "unfreeze", "epochs", "params_json", "method")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
@@ -473,6 +473,7 @@ class FineTuneRequest(_message.Message):
     UNFREEZE_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
     collection: str
     labels: _containers.RepeatedScalarFieldContainer[str]
     ids: _containers.RepeatedScalarFieldContainer[str]
@@ -480,7 +481,8 @@ class FineTuneRequest(_message.Message):
     unfreeze: int
     epochs: int
     params_json: str
-    def __init__(self, collection: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., suffix: _Optional[str] = ..., unfreeze: _Optional[int] = ..., epochs: _Optional[int] = ..., params_json: _Optional[str] = ...) -> None: ...
+    method: str
+    def __init__(self, collection: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., suffix: _Optional[str] = ..., unfreeze: _Optional[int] = ..., epochs: _Optional[int] = ..., params_json: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
