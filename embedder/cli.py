@@ -248,6 +248,8 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
                    help="queued items before calls fail with RESOURCE_EXHAUSTED (default 4096)")
     g.add_argument("--max-message-bytes", type=int, help="gRPC message limit, both directions (default 64 MiB)")
     g.add_argument("--max-items", type=int, help="items per request (default 1024)")
+    g.add_argument("--max-models", type=int,
+                   help="backbones held at once: the default plus versions loaded on first use (default 3)")
     g.add_argument("--data-dir", type=Path, help="store and classifier data (default ./embedder-data)")
     g.add_argument("--no-keep-images", dest="keep_images", action="store_const", const=False,
                    help="do not keep added images' bytes (then collections cannot be fine-tuned on)")
@@ -262,7 +264,7 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
 def _serve_config(args: argparse.Namespace) -> Config:
     """Flag > EMBEDDER_* env var > default, for the model and the service fields alike."""
     service = {k: getattr(args, k) for k in (
-        "host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
+        "host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items", "max_models",
         "data_dir", "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "grace_seconds")}
     # _config() already read every EMBEDDER_* variable; replace() re-runs Config's validation.
     return dataclasses.replace(_config(args), **{k: v for k, v in service.items() if v is not None})

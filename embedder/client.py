@@ -255,12 +255,13 @@ class EmbedderClient:
 
     def add(self, collection: str, images: Sequence[Any], ids: Sequence[str], *,
             labels: Sequence[str | None] | None = None, metadata: Sequence[Mapping[str, Any] | None] | None = None,
-            index: str | None = None, errors: str = "raise") -> AddSummary:
+            index: str | None = None, model: str | None = None, errors: str = "raise") -> AddSummary:
         """Embed ``images`` (through the server's cache) and upsert them into ``collection`` under ``ids``.
 
         Inputs as for :meth:`embed`, plus :class:`Cached` (a sha256 the server knows). ``labels`` and
-        ``metadata`` (JSON-able dicts) are optional, one per item. ``index`` ("flat" or "hnsw[:...]") applies
-        when the collection is created. Items that fail are reported (``errors="return"``) or raised as
+        ``metadata`` (JSON-able dicts) are optional, one per item. ``index`` ("flat" or "hnsw[:...]") and
+        ``model`` (a backbone name or model id, e.g. a fine-tuned version; default: the server's) apply when the
+        collection is created; an existing collection embeds with its own model. Items that fail are reported (``errors="return"``) or raised as
         :class:`RemoteBatchError` after the good ones were stored.
         """
         if errors not in ("raise", "return"):
@@ -283,6 +284,7 @@ class EmbedderClient:
             entries.append((i, entry))
         for batch in self._batches(entries, summary.failed):
             response = self._call(self._stub.Add, pb.AddRequest(collection=collection, index=index or "",
+                                                                model=model or self.model,
                                                                 items=[e for _, e in batch]))
             summary.added += response.added
             summary.replaced += response.replaced

@@ -52,6 +52,7 @@ class Config:
     tls_key: str = ""
     metrics_port: int = 0  # Prometheus metrics HTTP port; 0 = off
     grace_seconds: float = 10.0  # in-flight work allowed to finish on SIGTERM
+    max_models: int = 3  # backbones one server holds: the default plus versions loaded on first use
 
     # --- store ---
     data_dir: Path = Path("embedder-data")  # SQLite metadata, FAISS snapshots, heads
@@ -61,7 +62,8 @@ class Config:
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()
         self.data_dir = Path(self.data_dir).expanduser()
-        for name in ("max_batch", "max_pixels", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items"):
+        for name in ("max_batch", "max_pixels", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
+                     "max_models"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("micro_batch", "decode_workers", "runtime_threads"):

@@ -18,6 +18,7 @@ With ``tls_cert`` and ``tls_key`` set the port speaks TLS only.
 """
 from __future__ import annotations
 
+import dataclasses
 import hmac
 import logging
 import os
@@ -44,7 +45,7 @@ from .errors import EmbedderError
 from .jobs import JobRunner
 from .metrics import Metrics
 from .pipeline import Embedder
-from .servicer import EmbedderServicer
+from .servicer import EmbedderServicer, LoadedModel
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,8 @@ class EmbedderServer:
         self.servicer = EmbedderServicer(config, self.metrics)
         self.embedder = embedder
         self._owns_embedder = embedder is None
-        self.batcher: Batcher | None = None
+        self.batcher: Batcher | None = None  # the default model's
+        self._started: list[tuple[Batcher, Any]] = []
         self.store: Store | None = None
         self.heads: HeadRegistry | None = None
         self.jobs: JobRunner | None = None
@@ -245,23 +247,39 @@ class EmbedderServer:
         log.info("data dir %s: %s", cfg.data_dir, self.store)
         if self.embedder is None:
             self.embedder = Embedder(config=cfg)
-        self.batcher = Batcher(self.embedder, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms,
-                               max_batch_pixels=cfg.max_batch_pixels, max_queue=cfg.max_queue,
-                               on_batch=self.metrics.observe_batch, on_drop=self.metrics.dropped.inc,
-                               on_death=self._worker_died)
-        self.metrics.track_queue(lambda: self.batcher.queue_depth if self.batcher else 0)
-        info = self.embedder.info()
-        if info["runtime"] != "torch" and info["device"] == "cpu":
+        default = self._start_model(self.embedder)
+        self.batcher = default.batcher
+        self.metrics.track_queue(lambda: sum(m.batcher.queue_depth for m in self.servicer.models))
+        if default.info["runtime"] != "torch" and default.info["device"] == "cpu":
             # torch only trains heads here; two OpenMP threads beside the embedding runtime's stall each other
             # (logreg on 60k vectors: 17 s with 2 threads under load, 5 s with 1)
             torch.set_num_threads(1)
-        crop = int(info["input_size"])
-        warm = np.full((crop, crop, 3), 128, np.uint8)
-        start = time.monotonic()
-        self.batcher.submit([warm])[0].result()  # one forward through decode, batcher and model
-        log.info("warm-up forward took %.2fs", time.monotonic() - start)
-        self.servicer.attach(self.embedder, self.batcher, self.store, self.heads, self.jobs)
+        self.servicer.attach(default, self.store, self.heads, self.jobs, self._load_model)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _start_model(self, embedder: Any) -> LoadedModel:
+        """A batcher around ``embedder``, warmed up with one image through decode, batcher and model."""
+        cfg = self.config
+        batcher = Batcher(embedder, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms,
+                          max_batch_pixels=cfg.max_batch_pixels, max_queue=cfg.max_queue,
+                          on_batch=self.metrics.observe_batch, on_drop=self.metrics.dropped.inc,
+                          on_death=self._worker_died)
+        self._started.append((batcher, embedder))  # closed by stop(), even if the warm-up below fails
+        info = embedder.info()
+        crop = int(info["input_size"])
+        start = time.monotonic()
+        batcher.submit([np.full((crop, crop, 3), 128, np.uint8)])[0].result()
+        log.info("%s: warm-up forward took %.2fs", info["model_id"], time.monotonic() - start)
+        return LoadedModel(embedder, batcher, info)
+
+    def _load_model(self, name: str) -> LoadedModel:
+        """Load another backbone (e.g. a fine-tuned version) when a request, collection or head needs it."""
+        embedder = Embedder(config=dataclasses.replace(self.config, model=name))
+        try:
+            return self._start_model(embedder)
+        except BaseException:
+            embedder.close()
+            raise
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, give in-flight ones ``grace`` seconds, release everything."""
@@ -277,8 +295,10 @@ class EmbedderServer:
         self._server.stop(grace).wait()
         if self.jobs is not None:
             self.jobs.close(timeout=grace)  # a running fine-tune stops between batches, registering nothing
-        if self.batcher is not None:
-            self.batcher.close(timeout=grace)
+        for batcher, embedder in self._started:
+            batcher.close(timeout=grace)
+            if embedder is not self.embedder:  # models loaded on demand are always ours
+                embedder.close()
         if self.store is not None:
             self.store.close()  # snapshots the indexes, so the next start loads instead of rebuilding
         self.metrics.stop_http()

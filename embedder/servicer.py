@@ -18,7 +18,7 @@ from concurrent import futures
 from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -32,7 +32,8 @@ from .batcher import (Batcher, BatcherClosedError, BatchFailedError, DroppedErro
                       QueueFullError)
 from .config import Config
 from .backbones import get_backbone
-from .errors import CollectionMismatchError, EmbedderError, NotFoundError, StoreClosedError
+from .errors import (CollectionMismatchError, EmbedderError, NotFoundError, StoreClosedError, UnknownModelError,
+                     WeightsNotFoundError)
 from .finetune import (ADABN_MIN_IMAGES, FineTuneConfig, TooFewLabelsError, adabn, check_labels, check_suffix,
                        finetune)
 from .jobs import JobRunner
@@ -88,6 +89,10 @@ def _status_for(error: Exception) -> tuple[grpc.StatusCode, str] | None:
     """The gRPC status of a store/classifier error, or None for errors that are not the caller's."""
     if isinstance(error, (NotFoundError, HeadNotFoundError)):
         return grpc.StatusCode.NOT_FOUND, str(error)
+    if isinstance(error, UnknownModelError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(error)
+    if isinstance(error, TooManyModelsError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(error)
     if isinstance(error, (CollectionMismatchError, HeadModelMismatchError, InsufficientDataError, TooFewLabelsError)):
         return grpc.StatusCode.FAILED_PRECONDITION, str(error)
     if isinstance(error, HeadFormatError):
@@ -111,11 +116,37 @@ class _Slot:
     cached: bool = False
 
 
+@dataclass
+class LoadedModel:
+    """One backbone the server embeds with: its pipeline, its batcher and its info."""
+
+    embedder: Any
+    batcher: Batcher
+    info: dict[str, Any]
+
+    @property
+    def model_id(self) -> str:
+        return self.info["model_id"]
+
+    @property
+    def dim(self) -> int:
+        return self.info["dim"]
+
+    @property
+    def name(self) -> str:
+        return self.info["name"]
+
+
+class TooManyModelsError(EmbedderError):
+    """The server holds ``max_models`` models already."""
+
+
 class _Pending:
     """A request's images on their way: :meth:`EmbedderServicer._wait` turns it into finished slots."""
 
-    def __init__(self, slots: list[_Slot]) -> None:
+    def __init__(self, slots: list[_Slot], model: LoadedModel) -> None:
         self.slots = slots
+        self.model = model
 
     def futures(self) -> list[Future]:
         return [s.future for s in self.slots if s.future is not None]
@@ -137,43 +168,53 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     def __init__(self, config: Config, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self._embedder: Any = None
-        self._batcher: Batcher | None = None
+        self._default: LoadedModel | None = None
+        self._models: dict[str, LoadedModel] = {}  # by model id; the default first
+        self._loader: Callable[[str], LoadedModel] | None = None
+        self._load_lock = threading.Lock()
         self._store: Store | None = None
         self._heads: HeadRegistry | None = None
         self._jobs: JobRunner | None = None
-        self._model_info: dict[str, Any] = {}
         self.shutting_down = False
 
-    def attach(self, embedder: Any, batcher: Batcher, store: Store, heads: HeadRegistry, jobs: JobRunner) -> None:
-        self._model_info = embedder.info()
-        self.metrics.set_model(self._model_info)
-        self._store, self._heads, self._jobs = store, heads, jobs
-        self._embedder, self._batcher = embedder, batcher
+    def attach(self, default: LoadedModel, store: Store, heads: HeadRegistry, jobs: JobRunner,
+               loader: Callable[[str], LoadedModel]) -> None:
+        """Start answering: ``default`` embeds requests that name no model; ``loader`` loads any other one."""
+        self.metrics.set_model(default.info)
+        self._store, self._heads, self._jobs, self._loader = store, heads, jobs, loader
+        self._models[default.model_id] = default
+        self._default = default
 
     @property
     def model_id(self) -> str:
-        return self._model_info["model_id"]
+        """The default model's id."""
+        return self._default.model_id
 
     @property
     def dim(self) -> int:
-        return self._model_info["dim"]
+        return self._default.dim
+
+    @property
+    def models(self) -> list[LoadedModel]:
+        return list(self._models.values())
 
     # ------------------------------------------------------------------ embedding
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
-        batcher = self._ready(context)
-        self._validate(request, context)
-        pending = self._submit_or_abort(request.items, context, batcher)
+        self._ready(context)
+        self._check_items(len(request.items), context)
+        with self._errors(context):
+            model = self._model(request.model)
+        pending = self._submit_or_abort(request.items, context, model)
         return self._embed_response(self._wait(pending, context))
 
     def EmbedStream(self, request_iterator: Iterator[pb.EmbedRequest],
                     context: grpc.ServicerContext) -> Iterator[pb.EmbedResponse]:
-        batcher = self._ready(context)
+        self._ready(context)
         # A reader thread submits requests while earlier ones are still in the batcher (pipelining); the
         # bounded queue between them is the stream's window, and a full window stops reading: flow control.
         window: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
-        threading.Thread(target=self._read_stream, args=(request_iterator, context, batcher, window),
+        threading.Thread(target=self._read_stream, args=(request_iterator, context, window),
                          name="embedder-stream-reader", daemon=True).start()
         while True:
             entry = window.get()
@@ -184,22 +225,23 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             yield self._embed_response(self._wait(entry, context))
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
+        """The loaded models, the default first (others load on first use)."""
         self._ready(context)
-        info = self._model_info
-        model = pb.ModelInfo(name=info["name"], model_id=info["model_id"], dim=info["dim"], device=info["device"],
-                             runtime=info["runtime"], precision=info["precision"], input_size=info["input_size"],
-                             normalize=info["normalize"])
+        models = [pb.ModelInfo(name=i["name"], model_id=i["model_id"], dim=i["dim"], device=i["device"],
+                               runtime=i["runtime"], precision=i["precision"], input_size=i["input_size"],
+                               normalize=i["normalize"]) for i in (m.info for m in self.models)]
         limits = pb.ServerLimits(max_message_bytes=self.config.max_message_bytes, max_items=self.config.max_items,
-                                 max_pixels=getattr(self._embedder.config, "max_pixels", self.config.max_pixels))
-        return pb.ListModelsResponse(models=[model], limits=limits)
+                                 max_pixels=getattr(self._default.embedder.config, "max_pixels", self.config.max_pixels))
+        return pb.ListModelsResponse(models=models, limits=limits)
 
     # ------------------------------------------------------------------ store
 
     def Add(self, request: pb.AddRequest, context: grpc.ServicerContext) -> pb.AddResponse:
-        batcher = self._ready(context)
+        self._ready(context)
         self._check_items(len(request.items), context)
         store = self._store
         with self._errors(context):
+            model = self._collection_model(request.collection, request.model)
             ids = [a.item.id for a in request.items]
             if not request.collection:
                 raise ValueError("`collection` is empty; name the collection to add to")
@@ -211,7 +253,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 dup = next(i for i in ids if ids.count(i) > 1)
                 raise ValueError(f"item id {dup!r} appears more than once in one request; pass each id once")
             if request.index:
-                store.create_collection(request.collection, model_id=self.model_id, dim=self.dim, index=request.index)
+                store.create_collection(request.collection, model_id=model.model_id, dim=model.dim,
+                                        index=request.index)
             metadata: list[dict | None] = []
             bad_meta: dict[int, str] = {}
             for i, a in enumerate(request.items):
@@ -220,22 +263,22 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 except ValueError as e:
                     metadata.append(None)
                     bad_meta[i] = str(e)
-            pending = self._submit_or_abort([a.item for a in request.items], context, batcher, skip=bad_meta)
-            slots = self._wait(pending, context)
+            pending = self._submit_or_abort([a.item for a in request.items], context, model, skip=bad_meta)
+            slots = self._wait(pending, context).slots
             for i, message in bad_meta.items():
                 slots[i].error = ItemError(message)
             good = [i for i, s in enumerate(slots) if s.error is None]
             added = replaced = 0
             if good:
                 result = store.add(request.collection, [ids[i] for i in good],
-                                   np.stack([slots[i].vector for i in good]), model_id=self.model_id,
+                                   np.stack([slots[i].vector for i in good]), model_id=model.model_id,
                                    sha256s=[slots[i].sha256 or None for i in good],
                                    labels=[request.items[i].label if request.items[i].HasField("label") else None
                                            for i in good],
                                    metadata=[metadata[i] for i in good],
                                    images=[self._kept_image(request.items[i].item) for i in good])
                 added, replaced = result.added, result.replaced
-        return pb.AddResponse(results=[self._result(s, with_vector=False) for s in slots], added=added,
+        return pb.AddResponse(results=[self._result(s, model, with_vector=False) for s in slots], added=added,
                               replaced=replaced, collection=request.collection)
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
@@ -270,9 +313,10 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                               missing=[i for i, s in zip(request.ids, found) if s is None])
 
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
-        batcher = self._ready(context)
+        self._ready(context)
         kind = request.WhichOneof("query")
         cached = False
+        model_id = ""
         with self._errors(context):
             k = request.k or DEFAULT_K
             label = request.label if request.HasField("label") else None
@@ -282,20 +326,24 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 if collection is None:
                     raise ValueError("a query by item_id needs `collection`, the collection that holds the item")
                 hits = self._store.search_by_id(collection, request.item_id, k=k, label=label, ef_search=ef)
+                model_id = self._store.collection(collection).model_id
             else:
+                model = (self._collection_model(collection, request.model) if collection is not None
+                         else self._model(request.model))
+                model_id = model.model_id
                 if kind == "vector":
                     query = bytes_vector(request.vector, "the query vector")
                 elif kind == "item":
-                    slot = self._wait(self._submit_or_abort([request.item], context, batcher), context)[0]
+                    slot = self._wait(self._submit_or_abort([request.item], context, model), context).slots[0]
                     if slot.error is not None:
                         code, message = _item_status(slot.error)
                         context.abort(code, f"the query image: {message}")
                     query, cached = slot.vector, slot.cached
                 else:
                     raise ValueError("the query is empty; set one of `item` (an image), `item_id` or `vector`")
-                hits = self._store.search(collection, query[None], k=k, label=label, model_id=self.model_id,
+                hits = self._store.search(collection, query[None], k=k, label=label, model_id=model_id,
                                           ef_search=ef)[0]
-        return pb.SearchResponse(hits=[hit_to_pb(h) for h in hits], model_id=self.model_id, cached=cached)
+        return pb.SearchResponse(hits=[hit_to_pb(h) for h in hits], model_id=model_id, cached=cached)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         self._ready(context)
@@ -333,7 +381,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                                 train_seconds=result.train_seconds, total_seconds=result.total_seconds)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        batcher = self._ready(context)
+        self._ready(context)
         self._check_items(len(request.items) + len(request.ids), context)
         with self._errors(context):
             head_ids = list(request.head_ids) or [request.head_id]
@@ -351,12 +399,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 raise ValueError("predicting stored items needs `collection`, the collection that holds the ids")
             slots: list[_Slot] = []
             if request.items:
-                if model_id != self.model_id:
-                    raise HeadModelMismatchError(
-                        f"head {head_ids[0]!r} takes vectors of model {model_id}, but this server embeds "
-                        f"with {self.model_id}; predict on a server of that model, or train a head here",
-                        head_model_id=model_id, other_model_id=self.model_id)
-                slots = self._wait(self._submit_or_abort(request.items, context, batcher), context)
+                model = self._model_for(model_id, f"head {head_ids[0]!r}")
+                slots = self._wait(self._submit_or_abort(request.items, context, model), context).slots
             if request.ids:
                 stored_model = self._store.collection(request.collection).model_id
                 if stored_model != model_id:
@@ -449,7 +493,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 result = adabn(images, data_dir=data_dir, suffix=suffix, model=parent.model_id, cancel=cancel)
                 return {"name": result.spec.name, "model_id": result.spec.model_id, "parent": parent.model_id,
                         "images": result.images, "seconds": result.seconds,
-                        "use": f"embedder serve --model {result.spec.name} --data-dir {data_dir}"}
+                        "use": f"model={result.spec.name!r} in Embed/Add/Search (loaded on first use)"}
 
             job = self._jobs.submit("adabn", {"collection": request.collection, "suffix": suffix,
                                               "parent": parent.model_id, "images": len(images)}, work)
@@ -477,23 +521,59 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                     "classes": result.classes, "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
                     "trunk_passes": result.trunk_passes, "trunk_seconds": result.trunk_seconds,
                     "train_seconds": result.train_seconds, "history": result.history,
-                    "use": f"embedder serve --model {result.spec.name} --data-dir {data_dir}"}
+                    "use": f"model={result.spec.name!r} in Embed/Add/Search (loaded on first use)"}
 
         return work
 
     # ------------------------------------------------------------------ helpers
 
-    def _ready(self, context: grpc.ServicerContext) -> Batcher:
-        batcher = self._batcher
+    def _ready(self, context: grpc.ServicerContext) -> None:
+        default = self._default
         if self.shutting_down:
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry another instance")
-        if batcher is None:
+        if default is None:
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           "the model is still loading and warming up; retry shortly (health turns SERVING when ready)")
-        if not batcher.alive:
+        if not default.batcher.alive:
             context.abort(grpc.StatusCode.UNAVAILABLE,
                           "the embedding worker is not running; the server must be restarted")
-        return batcher
+
+    def _model(self, name: str) -> LoadedModel:
+        """The model ``name`` (a backbone name or model id; empty: the default), loaded on first use."""
+        if not name:
+            return self._default
+        found = next((m for m in self.models if name in (m.name, m.model_id)), None)
+        if found is not None:
+            return found
+        with self._load_lock:  # one load at a time; a second caller of the same model waits for the first
+            found = next((m for m in self.models if name in (m.name, m.model_id)), None)
+            if found is not None:
+                return found
+            if len(self._models) >= self.config.max_models:
+                raise TooManyModelsError(
+                    f"this server already holds {len(self._models)} models ({', '.join(m.name for m in self.models)}), "
+                    "its limit (max_models); raise --max-models / EMBEDDER_MAX_MODELS, or ask another server")
+            model = self._loader(name)  # UnknownModelError names the models there are
+            self._models[model.model_id] = model
+            self.metrics.set_model(model.info)
+            log.info("loaded model %s on first use", model.model_id)
+            return model
+
+    def _model_for(self, model_id: str, what: str) -> LoadedModel:
+        """The model a collection or head is bound to; one this server cannot load is FAILED_PRECONDITION."""
+        try:
+            return self._model(model_id)
+        except (UnknownModelError, WeightsNotFoundError) as e:
+            raise CollectionMismatchError(f"{what} holds vectors of model {model_id}, which this server cannot load "
+                                          f"({e})") from None
+
+    def _collection_model(self, collection: str, requested: str) -> LoadedModel:
+        """An existing collection's model; for a new one the requested model (or the default)."""
+        try:
+            model_id = self._store.collection(collection).model_id
+        except NotFoundError:
+            return self._model(requested)
+        return self._model_for(model_id, f"collection {collection!r}")
 
     @contextmanager
     def _errors(self, context: grpc.ServicerContext) -> Iterator[None]:
@@ -521,32 +601,16 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                           "with --max-items / EMBEDDER_MAX_ITEMS")
         return None
 
-    def _request_error(self, request: pb.EmbedRequest) -> _Abort | None:
-        error = self._count_error(len(request.items))
-        if error is not None:
-            return error
-        info = self._model_info
-        if request.model and request.model not in (info["name"], info["model_id"]):
-            return _Abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"this server embeds with {info['name']} ({info['model_id']}), not {request.model[:200]!r}; "
-                          "leave `model` empty or ask a server that runs that model")
-        return None
-
-    def _validate(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> None:
-        error = self._request_error(request)
-        if error is not None:
-            context.abort(error.code, error.message)
-
-    def _submit_or_abort(self, items: Sequence[pb.Item], context: grpc.ServicerContext, batcher: Batcher,
+    def _submit_or_abort(self, items: Sequence[pb.Item], context: grpc.ServicerContext, model: LoadedModel,
                          *, skip: Any = ()) -> _Pending:
         try:
-            return self._submit(items, context, batcher, block=False, skip=skip)
+            return self._submit(items, context, model, block=False, skip=skip)
         except QueueFullError as e:
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
         except (BatcherClosedError, StoreClosedError):
             context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry another instance")
 
-    def _submit(self, items: Sequence[pb.Item], context: grpc.ServicerContext, batcher: Batcher,
+    def _submit(self, items: Sequence[pb.Item], context: grpc.ServicerContext, model: LoadedModel,
                 *, block: bool, skip: Any = ()) -> _Pending:
         """Serve cache hits, queue the misses in the batcher; malformed items get their error without queueing.
 
@@ -579,24 +643,25 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             except Exception as e:  # whatever a malformed item does, it fails alone
                 slot.error = ItemError(f"malformed item ({type(e).__name__}: {e})")
         if lookups:
-            found = self._store.lookup(self.model_id, list(lookups.values()))
+            found = self._store.lookup(model.model_id, list(lookups.values()))
             for i, vector in zip(lookups, found):
                 if vector is not None:
                     slots[i].vector, slots[i].cached = vector, True
                     inputs.pop(i, None)
                 elif i not in inputs:
                     slots[i].error = _ItemNotFound(
-                        f"no cached vector for content_sha256 {slots[i].sha256} under model {self.model_id}; "
+                        f"no cached vector for content_sha256 {slots[i].sha256} under model {model.model_id}; "
                         "send the image bytes instead")
             self.metrics.cache_hits.inc(sum(v is not None for v in found))
         left = _time_left(context)
         deadline = None if left is None else time.monotonic() + left
-        queued = batcher.submit(list(inputs.values()), deadline=deadline, is_active=context.is_active, block=block)
+        queued = model.batcher.submit(list(inputs.values()), deadline=deadline, is_active=context.is_active,
+                                      block=block)
         for i, fut in zip(inputs, queued):
             slots[i].future = fut
-        return _Pending(slots)
+        return _Pending(slots, model)
 
-    def _wait(self, pending: _Pending, context: grpc.ServicerContext) -> list[_Slot]:
+    def _wait(self, pending: _Pending, context: grpc.ServicerContext) -> _Pending:
         """Wait for the misses (within the call's deadline), cache their vectors, return the finished slots."""
         futs = pending.futures()
         _, not_done = futures.wait(futs, timeout=_time_left(context))
@@ -620,7 +685,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 context.abort(code, message)
         if fresh:
             try:
-                self._store.put(self.model_id, list(fresh), np.stack(list(fresh.values())))
+                self._store.put(pending.model.model_id, list(fresh), np.stack(list(fresh.values())))
             except StoreClosedError:
                 pass  # shutting down: the vectors are still good, only not cached
             except Exception:  # the vectors are good; a cache write failure must not fail the call
@@ -628,14 +693,14 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         ok = sum(s.error is None for s in pending.slots)
         self.metrics.images.labels("ok").inc(ok)
         self.metrics.images.labels("error").inc(len(pending.slots) - ok)
-        return pending.slots
+        return pending
 
     def _kept_image(self, item: pb.Item) -> bytes | None:
         """The bytes an Add keeps for later fine-tuning (``keep_images``): encoded images only."""
         return item.image if self.config.keep_images and item.WhichOneof("input") == "image" else None
 
-    def _result(self, slot: _Slot, *, with_vector: bool = True) -> pb.Result:
-        result = pb.Result(id=slot.item_id, dim=self.dim, model_id=self.model_id, cached=slot.cached,
+    def _result(self, slot: _Slot, model: LoadedModel, *, with_vector: bool = True) -> pb.Result:
+        result = pb.Result(id=slot.item_id, dim=model.dim, model_id=model.model_id, cached=slot.cached,
                            sha256=slot.sha256)
         if slot.error is None:
             result.status.code = _OK
@@ -646,20 +711,28 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             result.status.code, result.status.message = _code(code), message
         return result
 
-    def _embed_response(self, slots: list[_Slot]) -> pb.EmbedResponse:
-        return pb.EmbedResponse(results=[self._result(s) for s in slots], model_id=self.model_id, dim=self.dim)
+    def _embed_response(self, pending: _Pending) -> pb.EmbedResponse:
+        model = pending.model
+        return pb.EmbedResponse(results=[self._result(s, model) for s in pending.slots], model_id=model.model_id,
+                                dim=model.dim)
 
     def _read_stream(self, request_iterator: Iterator[pb.EmbedRequest], context: grpc.ServicerContext,
-                     batcher: Batcher, window: queue.Queue) -> None:
+                     window: queue.Queue) -> None:
         """Stream reader thread: validate and submit each request in order, then hand it to the writer."""
         try:
             for request in request_iterator:
-                error = self._request_error(request)
+                error = self._count_error(len(request.items))
+                if error is None:
+                    try:
+                        model = self._model(request.model)
+                    except (EmbedderError, ValueError) as e:
+                        code, message = _status_for(e) or (grpc.StatusCode.INTERNAL, f"server fault ({e!r})")
+                        error = _Abort(code, _clip(message))
                 if error is not None:
                     self._put(window, error, context)
                     return
                 # Streams wait for queue room instead of failing: a bulk job should slow down, not die.
-                if not self._put(window, self._submit(request.items, context, batcher, block=True), context):
+                if not self._put(window, self._submit(request.items, context, model, block=True), context):
                     return
         except (BatcherClosedError, StoreClosedError):
             self._put(window, _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry another "

@@ -40,6 +40,29 @@ def test_a_fine_tune_job_registers_a_new_backbone(served, digit_images):
         client.finetune("digits", "ft")
     assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "already exists" in str(e.value)
 
+    # the new version serves like any backbone on the same server: its own vectors, cache, collections, heads
+    images, labels = digit_images
+    with grpc.insecure_channel(server.address) as ch:
+        stub = pb_grpc.EmbedderStub(ch)
+        first = stub.Embed(pb.EmbedRequest(model="mobilenet_v2.ft", items=[pb.Item(image=images[1])]), timeout=300)
+        again = stub.Embed(pb.EmbedRequest(model=result["model_id"], items=[pb.Item(image=images[1])]), timeout=60)
+        parent = stub.Embed(pb.EmbedRequest(items=[pb.Item(image=images[1])]), timeout=60)
+        assert first.model_id == again.model_id == result["model_id"] != parent.model_id
+        assert not first.results[0].cached and again.results[0].cached  # its own cache entries
+        assert first.results[0].vector != parent.results[0].vector
+        models = stub.ListModels(pb.ListModelsRequest(), timeout=30).models
+        assert [m.name for m in models] == ["mobilenet_v2", "mobilenet_v2.ft"]
+        stub.Add(pb.AddRequest(collection="tuned", model="mobilenet_v2.ft", items=[
+            pb.AddItem(item=pb.Item(id=f"u{i}", image=images[i]), label=labels[i]) for i in range(1, 90, 2)]),
+            timeout=300)
+    stats = {c.name: c for c in client.stats()["collections"]}
+    assert stats["tuned"].model_id == result["model_id"] and stats["digits"].model_id == server.servicer.model_id
+    head = client.train("tuned", head_id="tuned-head")
+    assert head["model_id"] == result["model_id"]
+    prediction = client.predict("tuned-head", [images[0]])[0]
+    assert prediction.error is None and prediction.label in ("0", "1", "7")
+    assert client.search(images[3], collection="tuned", k=1)[0].id == "u3"
+
 
 def test_bad_fine_tune_requests_fail_up_front(served, embedder):
     server, client, _ = served

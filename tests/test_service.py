@@ -472,3 +472,12 @@ def test_serve_settings_come_from_flags_then_env_then_defaults(monkeypatch):
     assert (config.port, config.max_items, config.max_batch, config.metrics_port) == (0, 8, 16, 9100)  # flags
     assert (config.max_queue, config.token) == (100, "from-env")  # env
     assert (config.host, config.max_message_bytes) == ("127.0.0.1", 64 * 1024 * 1024)  # defaults
+
+
+def test_a_server_holds_at_most_max_models(embedder, photos):
+    with running_server(embedder, max_models=1) as s, channel_to(s) as ch:
+        with pytest.raises(grpc.RpcError) as e:  # a registered backbone, but no room: nothing is loaded
+            pb_grpc.EmbedderStub(ch).Embed(pb.EmbedRequest(items=[pb.Item(image=photos[0])],
+                                                           model="efficientnet_lite0"), timeout=60)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-models" in e.value.details()
+        assert [m.name for m in s.servicer.models] == ["mobilenet_v2"]

@@ -135,14 +135,16 @@ class AddItem(_message.Message):
     def __init__(self, item: _Optional[_Union[Item, _Mapping]] = ..., label: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
 
 class AddRequest(_message.Message):
-    __slots__ = ("collection", "items", "index")
+    __slots__ = ("collection", "items", "index", "model")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     collection: str
     items: _containers.RepeatedCompositeFieldContainer[AddItem]
     index: str
-    def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[AddItem, _Mapping]]] = ..., index: _Optional[str] = ...) -> None: ...
+    model: str
+    def __init__(self, collection: _Optional[str] = ..., items: _Optional[_Iterable[_Union[AddItem, _Mapping]]] = ..., index: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class AddResponse(_message.Message):
     __slots__ = ("results", "added", "replaced", "collection")
@@ -238,7 +240,7 @@ class GetResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[StoredItem, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "item", "item_id", "vector", "k", "label", "ef_search")
+    __slots__ = ("collection", "item", "item_id", "vector", "k", "label", "ef_search", "model")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -246,6 +248,7 @@ class SearchRequest(_message.Message):
     K_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     collection: str
     item: Item
     item_id: str
@@ -253,7 +256,8 @@ class SearchRequest(_message.Message):
     k: int
     label: str
     ef_search: int
-    def __init__(self, collection: _Optional[str] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., item_id: _Optional[str] = ..., vector: _Optional[bytes] = ..., k: _Optional[int] = ..., label: _Optional[str] = ..., ef_search: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, collection: _Optional[str] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., item_id: _Optional[str] = ..., vector: _Optional[bytes] = ..., k: _Optional[int] = ..., label: _Optional[str] = ..., ef_search: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "collection", "label", "metadata_json")
