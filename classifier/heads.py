@@ -94,6 +94,15 @@ def check_features(X: Any, *, dim: int | None = None, model_id: str | None = Non
     return X
 
 
+def check_same_model(head_model_id: str | None, model_id: str | None) -> None:
+    """Refuse features of another backbone than the one a head was trained on (either id may be unknown)."""
+    if model_id is not None and head_model_id is not None and model_id != head_model_id:
+        raise ModelMismatchError(
+            f"these features come from model {model_id!r} but the head was trained on features of model "
+            f"{head_model_id!r}; embed the images with {head_model_id!r}, or train a new head on "
+            f"{model_id!r} features", head_model_id=head_model_id, other_model_id=model_id)
+
+
 def _check_labels(y: Any, n: int) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
@@ -193,11 +202,7 @@ class Head(ClassifierMixin, BaseEstimator):
     def _prepare(self, X: Any, model_id: str | None) -> np.ndarray:
         """Check a prediction input against the fitted head; return it standardised."""
         self._check_fitted()
-        if model_id is not None and self.model_id_ is not None and model_id != self.model_id_:
-            raise ModelMismatchError(
-                f"these features come from model {model_id!r} but the head was trained on features of model "
-                f"{self.model_id_!r}; embed the images with {self.model_id_!r}, or train a new head on "
-                f"{model_id!r} features", head_model_id=self.model_id_, other_model_id=model_id)
+        check_same_model(self.model_id_, model_id)
         X = check_features(X, dim=self.n_features_in_, model_id=self.model_id_)
         if self.adapter_ is not None:  # trained on adapted source features: map target features the same way
             X = self.adapter_.transform_target(X)

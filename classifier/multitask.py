@@ -43,8 +43,8 @@ import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from .heads import (HeadError, InsufficientDataError, ModelMismatchError, _plain, _resolve_device, check_features,
-                    standardization)
+from .heads import (HeadError, InsufficientDataError, _plain, _resolve_device, check_features,
+                    check_same_model, standardization)
 
 log = logging.getLogger(__name__)
 
@@ -343,11 +343,7 @@ class MultiTaskHead(BaseEstimator):
     def _prepare(self, X: Any, model_id: str | None) -> np.ndarray:
         """Check a prediction input against the fitted head; return it standardised."""
         self._check_fitted()
-        if model_id is not None and self.model_id_ is not None and model_id != self.model_id_:
-            raise ModelMismatchError(
-                f"these features come from model {model_id!r} but the head was trained on features of model "
-                f"{self.model_id_!r}; embed the images with {self.model_id_!r}, or train a new head on "
-                f"{model_id!r} features", head_model_id=self.model_id_, other_model_id=model_id)
+        check_same_model(self.model_id_, model_id)
         return self._standardize(check_features(X, dim=self.n_features_in_, model_id=self.model_id_))
 
     def _standardize(self, X: np.ndarray) -> np.ndarray:
