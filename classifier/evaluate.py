@@ -10,6 +10,7 @@ The head passed in is never fitted: each split trains a fresh clone of it.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -110,6 +111,95 @@ def evaluation_from_predictions(y_true: Sequence[Any], y_pred: Sequence[Any], *,
         confusion=confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         method=method, n_evaluated=len(y_true), folds=folds, test_size=test_size, seed=seed,
     )
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """Hold-out accuracy of a head trained on ``per_class`` labelled examples of each class, over ``repeats``
+    random draws; ``ci_low``/``ci_high`` bound the mean with 95% confidence (Student's t)."""
+
+    per_class: int
+    n_train: int
+    accuracy_mean: float
+    accuracy_std: float
+    ci_low: float
+    ci_high: float
+    repeats: int
+    fit_seconds: float  # mean per fit
+
+
+DEFAULT_CURVE = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+def learning_curve(head: Head, X: Any, y: Sequence[Any], *, per_class: Sequence[int] | None = None,
+                   repeats: int = 5, test_size: float = 0.2, seed: int = 0) -> list[CurvePoint]:
+    """Accuracy at growing numbers of labels per class: does labelling more pay off?
+
+    One stratified hold-out (``test_size``) is fixed; for each size a fresh ``head`` clone is trained on
+    ``repeats`` seeded random draws of that many examples per class from the rest. Sizes the smallest class
+    cannot fill, or below the head's minimum per class, are left out.
+    """
+    from scipy import stats
+
+    X = check_features(X)
+    y = np.asarray(y)
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
+        raise InsufficientDataError("need at least two classes for a learning curve; label another class")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
+        raise HeadError(f"repeats must be an integer >= 2 (for a confidence interval), got {repeats!r}")
+    _require_per_class(classes, counts, 3, "a learning curve")
+    train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed)
+    pools = {c: train_idx[y[train_idx] == c] for c in classes}
+    most = min(len(p) for p in pools.values())
+    sizes = sorted({int(n) for n in (per_class or DEFAULT_CURVE) if head.min_per_class <= n <= most})
+    if not sizes:
+        raise InsufficientDataError(f"the smallest class has {most} training examples after the hold-out; a "
+                                    f"curve needs at least {head.min_per_class} per class: label more examples")
+    rng = np.random.default_rng(seed)
+    points = []
+    for n in sizes:
+        scores, seconds = [], []
+        for _ in range(repeats):
+            pick = np.concatenate([rng.choice(pool, n, replace=False) for pool in pools.values()])
+            started = time.perf_counter()
+            fitted = clone(head).fit(X[pick], y[pick])
+            seconds.append(time.perf_counter() - started)
+            scores.append(float(accuracy_score(y[test_idx], fitted.predict(X[test_idx]))))
+        mean, std = float(np.mean(scores)), float(np.std(scores, ddof=1))
+        half = float(stats.t.ppf(0.975, repeats - 1) * std / np.sqrt(repeats))
+        points.append(CurvePoint(n, n * len(classes), mean, std, max(0.0, mean - half), min(1.0, mean + half),
+                                 repeats, float(np.mean(seconds))))
+    return points
+
+
+def plot_learning_curve(points: Sequence[CurvePoint], path: str | os.PathLike, *, title: str | None = None) -> Path:
+    """Write accuracy vs labels per class (log scale, 95% confidence band) as a PNG at ``path``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not points:
+        raise HeadError("no curve points to plot")
+    fig = Figure(figsize=(6, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = [p.per_class for p in points]
+    ax.fill_between(x, [p.ci_low for p in points], [p.ci_high for p in points], alpha=0.25, label="95% CI")
+    ax.plot(x, [p.accuracy_mean for p in points], marker="o", label="hold-out accuracy")
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled examples per class")
+    ax.set_ylabel("accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right")
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png", dpi=100)
+    tmp.replace(path)
+    return path
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]] | np.ndarray, classes: Sequence[Any],

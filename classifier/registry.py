@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .adapt import DomainAdapter
-from .evaluate import evaluate
+from .evaluate import CurvePoint, evaluate, learning_curve
 from .heads import Head, HeadError, InsufficientDataError, _plain, head_params, make_head
 from .persist import (META_FILE, HeadInfo, HeadNotFoundError, check_head_id, delete_head, list_heads, load_head, read_head_info,
                       recover_interrupted, save_head)
@@ -108,6 +108,13 @@ class HeadRegistry:
         log.info("trained %s head %s on %d vectors in %.2f s (hold-out accuracy %s)", kind, path.name, samples,
                  total, metrics.get("accuracy", "n/a"))
         return TrainResult(read_head_info(path), samples, train_seconds, total)
+
+    def learning_curve(self, X: np.ndarray, y: Sequence[Any], *, kind: str = "logreg",
+                       params: Mapping[str, Any] | None = None, **options: Any) -> list[CurvePoint]:
+        """:func:`classifier.evaluate.learning_curve` of a ``kind`` head, in turn with trainings."""
+        head = make_head(kind, **dict(params or {}))
+        with self._train_lock:
+            return learning_curve(head, X, y, **options)
 
     def get(self, head_id: str) -> Head:
         """The loaded head ``head_id``; :class:`HeadNotFoundError` if there is none."""

@@ -228,6 +228,17 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--cancel", action="store_true", help="ask the job to stop")
     _add_remote_options(p)
 
+    p = sub.add_parser("evaluate", help="learning curve: would labelling more pay off? (accuracy vs labels per class)")
+    p.add_argument("--collection", required=True)
+    p.add_argument("--curve", action="store_true", required=True, help="accuracy at growing labels per class")
+    p.add_argument("--head", default="logreg", choices=("logreg", "linear_svm", "svm"), help="kind (default logreg)")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these labels (default: all)")
+    p.add_argument("--per-class", nargs="+", type=int, metavar="N", help="sizes (default 1 2 5 10 20 50 ...)")
+    p.add_argument("--repeats", type=int, default=5, help="random draws per size (default 5)")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="write the curve with its 95%% band to this PNG")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_remote_options(p)
+
     p = sub.add_parser("heads", help="list the trained classifier heads")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_remote_options(p)
@@ -582,6 +593,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        points = client.learning_curve(args.collection, args.head, labels=args.labels, per_class=args.per_class,
+                                       repeats=args.repeats)
+    if args.plot is not None:
+        from classifier import plot_learning_curve
+
+        plot_learning_curve(points, args.plot, title=f"{args.collection}: {args.head} head")
+    if args.json:
+        print(json.dumps([dataclasses.asdict(p) for p in points], indent=2))
+        return 0
+    print(f"{'per class':>9} {'train':>7} {'accuracy':>9} {'95% CI':>15} {'fit s':>7}")
+    for p in points:
+        print(f"{p.per_class:>9} {p.n_train:>7} {p.accuracy_mean:>9.4f} {p.ci_low:>7.4f}-{p.ci_high:<7.4f} "
+              f"{p.fit_seconds:>7.3f}")
+    if args.plot is not None:
+        print(f"curve -> {args.plot}")
+    return 0
+
+
 def _finetune(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.finetune(args.collection, args.suffix, unfreeze=args.unfreeze, epochs=args.epochs,
@@ -680,7 +711,7 @@ def _delete_head(args: argparse.Namespace) -> int:
 
 REMOTE_COMMANDS = {"add": _add, "search": _search, "get": _get, "delete": _delete, "labels": _labels,
                    "stats": _stats, "train": _train, "predict": _predict, "heads": _heads, "delete-head": _delete_head,
-                   "finetune": _finetune, "job": _job}
+                   "finetune": _finetune, "job": _job, "evaluate": _evaluate}
 
 
 if __name__ == "__main__":  # `python -m embedder.cli ...`, e.g. to run the service under a supervisor

@@ -39,6 +39,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import grpc
 import numpy as np
 
+from classifier.evaluate import CurvePoint
+
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
 from .errors import BatchError, EmbedderError
@@ -400,6 +402,19 @@ class EmbedderClient:
                 first = by_head.get(head_ids[0], ([], []))
                 out[i] = Prediction(p.id, first[0], first[1], error, p.cached, by_head)
         return out  # type: ignore[return-value] - every slot is filled
+
+    def learning_curve(self, collection: str, head: str = "logreg", *, labels: Sequence[str] | None = None,
+                       per_class: Sequence[int] | None = None, repeats: int = 5, test_size: float | None = None,
+                       seed: int = 0, params: Mapping[str, Any] | None = None,
+                       timeout: float | None = None) -> list[CurvePoint]:
+        """Hold-out accuracy at growing numbers of labels per class, with 95% confidence intervals."""
+        request = pb.LearningCurveRequest(collection=collection, head=head, labels=list(labels or ()),
+                                          per_class=list(per_class or ()), repeats=repeats,
+                                          test_size=test_size or 0.0, seed=seed,
+                                          params_json=json.dumps(dict(params)) if params else "")
+        r = self._call(self._stub.LearningCurve, request, timeout=timeout or 10 * self.timeout)
+        return [CurvePoint(p.per_class, p.n_train, p.accuracy_mean, p.accuracy_std, p.ci_low, p.ci_high, p.repeats,
+                           p.fit_seconds) for p in r.points]
 
     def list_heads(self) -> list[dict[str, Any]]:
         return [head_from_pb(h) for h in self._call(self._stub.ListHeads, pb.ListHeadsRequest()).heads]

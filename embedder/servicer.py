@@ -438,6 +438,18 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             predictions.append(p)
         return pb.PredictResponse(predictions=predictions, head_id=head_ids[0], model_id=model_id)
 
+    def LearningCurve(self, request: pb.LearningCurveRequest,
+                      context: grpc.ServicerContext) -> pb.LearningCurveResponse:
+        self._ready(context)
+        with self._errors(context):
+            params = parse_json_object(request.params_json, "params_json")
+            _, X, y = self._store.labelled(request.collection, labels=list(request.labels) or None)
+            points = self._heads.learning_curve(X, y, kind=request.head or "logreg", params=params,
+                                                per_class=list(request.per_class) or None,
+                                                repeats=request.repeats or 5, test_size=request.test_size or 0.2,
+                                                seed=request.seed)
+        return pb.LearningCurveResponse(points=[pb.CurvePoint(**asdict(p)) for p in points])
+
     def ListHeads(self, request: pb.ListHeadsRequest, context: grpc.ServicerContext) -> pb.ListHeadsResponse:
         self._ready(context)
         return pb.ListHeadsResponse(heads=[head_to_pb(h) for h in self._heads.list()])

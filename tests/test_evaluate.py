@@ -96,3 +96,19 @@ def test_plot_confusion_writes_a_png(tmp_path, digits):
 def test_plot_confusion_checks_the_shape(tmp_path):
     with pytest.raises(HeadError, match="shape \\(2, 2\\) but there are 3 classes"):
         plot_confusion([[1, 0], [0, 1]], ["a", "b", "c"], tmp_path / "x.png")
+
+
+def test_learning_curve_rises_with_labels_and_bounds_its_mean():
+    from classifier import learning_curve, make_head
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((900, 16)).astype(np.float32)
+    y = (X[:, 0] + X[:, 1] + 0.7 * rng.standard_normal(900) > 0).astype(int)
+    points = learning_curve(make_head("logreg"), X, y, per_class=[1, 2, 10, 100, 10_000], repeats=4, seed=3)
+    assert [p.per_class for p in points] == [2, 10, 100]  # 1 < the head's minimum; 10,000 > the smallest class
+    assert points[-1].accuracy_mean > points[0].accuracy_mean + 0.1
+    assert all(p.ci_low <= p.accuracy_mean <= p.ci_high and p.n_train == 2 * p.per_class for p in points)
+    again = learning_curve(make_head("logreg"), X, y, per_class=[2, 10, 100], repeats=4, seed=3)
+    assert [p.accuracy_mean for p in again] == [p.accuracy_mean for p in points]  # seeded
+    with pytest.raises(HeadError, match="repeats"):
+        learning_curve(make_head("logreg"), X, y, repeats=1)

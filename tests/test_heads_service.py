@@ -228,3 +228,17 @@ def test_predict_with_several_heads_embeds_each_image_once(server, counting, tra
             assert p.labels == p.by_head["digits-logreg"][0]
         with pytest.raises(Exception, match="more than once"):
             client.predict(["second", "second"], queries)
+
+
+def test_learning_curve_of_a_collection_says_whether_more_labels_pay_off(server, digits, tmp_path):
+    from embedder import cli
+    from embedder.client import EmbedderClient
+
+    code = cli.main(["evaluate", "--collection", "digits", "--curve", "--per-class", "1", "2", "5", "10", "50",
+                     "--repeats", "3", "--plot", str(tmp_path / "curve.png"), "--json", "--server", server.address])
+    assert code == 0 and (tmp_path / "curve.png").read_bytes().startswith(b"\x89PNG")
+    with EmbedderClient(server.address) as client:
+        points = client.learning_curve("digits", per_class=[2, 5, 10], repeats=3)
+    assert [p.per_class for p in points] == [2, 5, 10]  # 1 is below the head's minimum; 50 above what 24 allow
+    assert all(p.ci_low <= p.accuracy_mean <= p.ci_high and p.repeats == 3 for p in points)
+    assert points[-1].accuracy_mean >= points[0].accuracy_mean - 0.05 and points[-1].accuracy_mean > 0.6

@@ -468,6 +468,52 @@ class DeleteHeadResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LearningCurveRequest(_message.Message):
+    __slots__ = ("collection", "head", "labels", "per_class", "repeats", "test_size", "seed", "params_json")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    TEST_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    head: str
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    per_class: _containers.RepeatedScalarFieldContainer[int]
+    repeats: int
+    test_size: float
+    seed: int
+    params_json: str
+    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., per_class: _Optional[_Iterable[int]] = ..., repeats: _Optional[int] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., params_json: _Optional[str] = ...) -> None: ...
+
+class CurvePoint(_message.Message):
+    __slots__ = ("per_class", "n_train", "accuracy_mean", "accuracy_std", "ci_low", "ci_high", "repeats", "fit_seconds")
+    PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    N_TRAIN_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_MEAN_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_STD_FIELD_NUMBER: _ClassVar[int]
+    CI_LOW_FIELD_NUMBER: _ClassVar[int]
+    CI_HIGH_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    FIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    per_class: int
+    n_train: int
+    accuracy_mean: float
+    accuracy_std: float
+    ci_low: float
+    ci_high: float
+    repeats: int
+    fit_seconds: float
+    def __init__(self, per_class: _Optional[int] = ..., n_train: _Optional[int] = ..., accuracy_mean: _Optional[float] = ..., accuracy_std: _Optional[float] = ..., ci_low: _Optional[float] = ..., ci_high: _Optional[float] = ..., repeats: _Optional[int] = ..., fit_seconds: _Optional[float] = ...) -> None: ...
+
+class LearningCurveResponse(_message.Message):
+    __slots__ = ("points",)
+    POINTS_FIELD_NUMBER: _ClassVar[int]
+    points: _containers.RepeatedCompositeFieldContainer[CurvePoint]
+    def __init__(self, points: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ...) -> None: ...
+
 class FineTuneRequest(_message.Message):
     __slots__ = ("collection", "labels", "ids", "suffix", "unfreeze", "epochs", "params_json", "method")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]

@@ -101,6 +101,11 @@ class EmbedderStub:
                 request_serializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadRequest.SerializeToString,
                 response_deserializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadResponse.FromString,
                 _registered_method=True)
+        self.LearningCurve = channel.unary_unary(
+                '/embedder.v1.Embedder/LearningCurve',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.LearningCurveRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.LearningCurveResponse.FromString,
+                _registered_method=True)
         self.FineTune = channel.unary_unary(
                 '/embedder.v1.Embedder/FineTune',
                 request_serializer=embedder_dot_v1_dot_embedder__pb2.FineTuneRequest.SerializeToString,
@@ -225,6 +230,14 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LearningCurve(self, request, context):
+        """Would labelling more pay off? Hold-out accuracy of a head trained on growing numbers of labels per class
+        of a collection (seeded random draws), with 95% confidence intervals. Stored vectors only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FineTune(self, request, context):
         """--- fine-tuning: a new backbone version from a labelled collection (runs as a job) ---
         The collection's kept images (Add keeps them unless the server runs with --no-keep-images) go through
@@ -317,6 +330,11 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.DeleteHead,
                     request_deserializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadRequest.FromString,
                     response_serializer=embedder_dot_v1_dot_embedder__pb2.DeleteHeadResponse.SerializeToString,
+            ),
+            'LearningCurve': grpc.unary_unary_rpc_method_handler(
+                    servicer.LearningCurve,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.LearningCurveRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.LearningCurveResponse.SerializeToString,
             ),
             'FineTune': grpc.unary_unary_rpc_method_handler(
                     servicer.FineTune,
@@ -687,6 +705,33 @@ class Embedder:
             '/embedder.v1.Embedder/DeleteHead',
             embedder_dot_v1_dot_embedder__pb2.DeleteHeadRequest.SerializeToString,
             embedder_dot_v1_dot_embedder__pb2.DeleteHeadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LearningCurve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/LearningCurve',
+            embedder_dot_v1_dot_embedder__pb2.LearningCurveRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.LearningCurveResponse.FromString,
             options,
             channel_credentials,
             insecure,
