@@ -259,6 +259,11 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
                    help="queued items before calls fail with RESOURCE_EXHAUSTED (default 4096)")
     g.add_argument("--max-message-bytes", type=int, help="gRPC message limit, both directions (default 64 MiB)")
     g.add_argument("--max-items", type=int, help="items per request (default 1024)")
+    g.add_argument("--role", choices=("all", "embed", "store"),
+                   help="all (default); embed: a stateless embedding replica; store: the data dir, with cache misses "
+                        "sent to --embed-target")
+    g.add_argument("--embed-target", metavar="IP:PORT,...",
+                   help="store role: the embedding replicas (round-robin, unhealthy ones skipped)")
     g.add_argument("--max-models", type=int,
                    help="backbones held at once: the default plus versions loaded on first use (default 3)")
     g.add_argument("--data-dir", type=Path, help="store and classifier data (default ./embedder-data)")
@@ -275,8 +280,8 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
 def _serve_config(args: argparse.Namespace) -> Config:
     """Flag > EMBEDDER_* env var > default, for the model and the service fields alike."""
     service = {k: getattr(args, k) for k in (
-        "host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items", "max_models",
-        "data_dir", "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "grace_seconds")}
+        "host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
+        "max_models", "role", "embed_target", "data_dir", "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "grace_seconds")}
     # _config() already read every EMBEDDER_* variable; replace() re-runs Config's validation.
     return dataclasses.replace(_config(args), **{k: v for k, v in service.items() if v is not None})
 

@@ -156,13 +156,15 @@ class EmbedderClient:
     ``target`` is ``host:port``. ``token`` is sent as ``authorization: Bearer <token>``. ``tls_ca`` is the
     PEM file of the CA (or self-signed certificate) to trust; without it the channel is plaintext.
     ``timeout`` bounds each unary call in seconds; ``stream_timeout`` bounds a whole stream (default none).
-    ``model`` (a backbone name or model id) makes the server refuse requests if it runs a different model.
+    ``model`` (a backbone name or model id) is the backbone requests embed with (default: the server's).
+    ``channel_options`` are extra gRPC channel arguments (e.g. a service config for load balancing).
     """
 
     def __init__(self, target: str, token: str | None = None, timeout: float = 30.0,
                  tls_ca: str | os.PathLike | None = None, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  max_items: int = DEFAULT_MAX_ITEMS, retries: int = 5, backoff: float = 0.2,
-                 max_backoff: float = 2.0, stream_timeout: float | None = None, model: str | None = None) -> None:
+                 max_backoff: float = 2.0, stream_timeout: float | None = None, model: str | None = None,
+                 channel_options: Sequence[tuple[str, Any]] = ()) -> None:
         if max_message_bytes <= _ENVELOPE:
             raise ValueError(f"max_message_bytes must be above {_ENVELOPE}, got {max_message_bytes}")
         if max_items < 1 or retries < 0:
@@ -175,13 +177,14 @@ class EmbedderClient:
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
-        self.model = model or ""  # sent with every request: the server refuses a different model
+        self.model = model or ""  # sent with every request: the backbone to embed with
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._dim = _DIM_BOUND
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes),
                    # reconnect quickly after a server restart; our own retry loop bounds the total wait
-                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+                   ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
+                   *channel_options]
         if tls_ca is not None:
             creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
             self._channel = grpc.secure_channel(target, creds, options=options)

@@ -53,6 +53,8 @@ class Config:
     metrics_port: int = 0  # Prometheus metrics HTTP port; 0 = off
     grace_seconds: float = 10.0  # in-flight work allowed to finish on SIGTERM
     max_models: int = 3  # backbones one server holds: the default plus versions loaded on first use
+    role: str = "all"  # all | embed (a stateless replica: embedding only) | store (misses go to --embed-target)
+    embed_target: str = ""  # store role: the embedding replicas, IP:PORT,IP:PORT,... or one dns:/// name
 
     # --- store ---
     data_dir: Path = Path("embedder-data")  # SQLite metadata, FAISS snapshots, heads
@@ -69,6 +71,11 @@ class Config:
         for name in ("micro_batch", "decode_workers", "runtime_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Config.{name} must be >= 0 (0 means automatic), got {getattr(self, name)}")
+        if self.role not in ("all", "embed", "store"):
+            raise ValueError(f"Config.role must be 'all', 'embed' or 'store', got {self.role!r}")
+        if (self.role == "store") != bool(self.embed_target):
+            raise ValueError("--role store and --embed-target go together: a store node sends cache misses to the "
+                             "embedding replicas at --embed-target (IP:PORT,IP:PORT,...)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"Config.precision must be 'fp32' or 'bf16', got {self.precision!r}")
 

@@ -41,10 +41,11 @@ from ._proto import embedder_pb2_grpc as pb_grpc
 from .backbones import load_derived
 from .batcher import Batcher
 from .config import Config
-from .errors import EmbedderError
+from .errors import EmbedderError, UnknownModelError
 from .jobs import JobRunner
 from .metrics import Metrics
 from .pipeline import Embedder
+from .remote import RemoteBatcher, RemoteEmbedder, pool_client
 from .servicer import EmbedderServicer, LoadedModel
 from .store import Store
 
@@ -237,17 +238,29 @@ class EmbedderServer:
         return self.port
 
     def load(self) -> None:
-        """Open the data dir, load the model (unless given), start the batcher, warm up, then health SERVING."""
+        """Open the data dir, load the model (unless given), start the batcher, warm up, then health SERVING.
+
+        ``role="embed"``: no data dir, embedding only. ``role="store"``: no local model; cache misses go to
+        the embedding replicas at ``embed_target``.
+        """
         cfg = self.config
-        # The store first: a data dir held by another server fails in a second, not after the model loads.
-        self.store = Store.from_config(cfg)
-        self.heads = HeadRegistry(cfg.data_dir / "heads")
-        self.jobs = JobRunner(cfg.data_dir / "jobs")
-        load_derived(cfg.data_dir / "backbones")  # fine-tuned versions: named by collections, heads and jobs
-        log.info("data dir %s: %s", cfg.data_dir, self.store)
-        if self.embedder is None:
-            self.embedder = Embedder(config=cfg)
-        default = self._start_model(self.embedder)
+        if cfg.role != "embed":
+            # The store first: a data dir held by another server fails in a second, not after the model loads.
+            self.store = Store.from_config(cfg)
+            self.heads = HeadRegistry(cfg.data_dir / "heads")
+            self.jobs = JobRunner(cfg.data_dir / "jobs")
+            load_derived(cfg.data_dir / "backbones")  # fine-tuned versions: named by collections, heads and jobs
+            log.info("data dir %s: %s", cfg.data_dir, self.store)
+        if cfg.role == "store":
+            batcher = RemoteBatcher(pool_client(cfg), on_death=self._worker_died)
+            self._started.append((batcher, None))
+            default = LoadedModel(RemoteEmbedder(cfg, batcher), batcher, {})
+            default.info.update(default.embedder.info())
+            log.info("embedding through the pool at %s (%s)", cfg.embed_target, default.model_id)
+        else:
+            if self.embedder is None:
+                self.embedder = Embedder(config=cfg)
+            default = self._start_model(self.embedder)
         self.batcher = default.batcher
         self.metrics.track_queue(lambda: sum(m.batcher.queue_depth for m in self.servicer.models))
         if default.info["runtime"] != "torch" and default.info["device"] == "cpu":
@@ -274,6 +287,9 @@ class EmbedderServer:
 
     def _load_model(self, name: str) -> LoadedModel:
         """Load another backbone (e.g. a fine-tuned version) when a request, collection or head needs it."""
+        if self.config.role == "store":
+            raise UnknownModelError(f"this store node embeds only with its pool's model, not {name[:100]!r}; "
+                                    "run replicas of that model and a store node for them")
         embedder = Embedder(config=dataclasses.replace(self.config, model=name))
         try:
             return self._start_model(embedder)
@@ -297,7 +313,7 @@ class EmbedderServer:
             self.jobs.close(timeout=grace)  # a running fine-tune stops between batches, registering nothing
         for batcher, embedder in self._started:
             batcher.close(timeout=grace)
-            if embedder is not self.embedder:  # models loaded on demand are always ours
+            if embedder is not None and embedder is not self.embedder:  # models loaded on demand are always ours
                 embedder.close()
         if self.store is not None:
             self.store.close()  # snapshots the indexes, so the next start loads instead of rebuilding

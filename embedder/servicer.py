@@ -237,7 +237,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     # ------------------------------------------------------------------ store
 
     def Add(self, request: pb.AddRequest, context: grpc.ServicerContext) -> pb.AddResponse:
-        self._ready(context)
+        self._stateful(context)
         self._check_items(len(request.items), context)
         store = self._store
         with self._errors(context):
@@ -282,7 +282,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                               replaced=replaced, collection=request.collection)
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
-        self._ready(context)
+        self._stateful(context)
         with self._errors(context):
             if request.whole_collection:
                 if request.ids:
@@ -294,7 +294,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return pb.DeleteResponse(deleted=result.deleted, missing=result.missing)
 
     def SetLabels(self, request: pb.SetLabelsRequest, context: grpc.ServicerContext) -> pb.SetLabelsResponse:
-        self._ready(context)
+        self._stateful(context)
         with self._errors(context):
             both = sorted(set(request.labels) & set(request.clear))
             if both:
@@ -305,7 +305,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return pb.SetLabelsResponse(updated=updated)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
-        self._ready(context)
+        self._stateful(context)
         self._check_items(len(request.ids), context)
         with self._errors(context):
             found = self._store.get(request.collection, list(request.ids))
@@ -313,7 +313,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                               missing=[i for i, s in zip(request.ids, found) if s is None])
 
     def Search(self, request: pb.SearchRequest, context: grpc.ServicerContext) -> pb.SearchResponse:
-        self._ready(context)
+        self._stateful(context)
         kind = request.WhichOneof("query")
         cached = False
         model_id = ""
@@ -346,13 +346,13 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return pb.SearchResponse(hits=[hit_to_pb(h) for h in hits], model_id=model_id, cached=cached)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
-        self._ready(context)
+        self._stateful(context)
         return stats_to_pb(self._store.stats(), heads=len(self._heads.list()))
 
     # ------------------------------------------------------------------ heads
 
     def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> pb.TrainResponse:
-        self._ready(context)
+        self._stateful(context)
         with self._errors(context):
             params = parse_json_object(request.params_json, "params_json")
             ids, X, y = self._store.labelled(request.collection, labels=list(request.labels) or None,
@@ -381,7 +381,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                                 train_seconds=result.train_seconds, total_seconds=result.total_seconds)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        self._ready(context)
+        self._stateful(context)
         self._check_items(len(request.items) + len(request.ids), context)
         with self._errors(context):
             head_ids = list(request.head_ids) or [request.head_id]
@@ -440,7 +440,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     def LearningCurve(self, request: pb.LearningCurveRequest,
                       context: grpc.ServicerContext) -> pb.LearningCurveResponse:
-        self._ready(context)
+        self._stateful(context)
         with self._errors(context):
             params = parse_json_object(request.params_json, "params_json")
             _, X, y = self._store.labelled(request.collection, labels=list(request.labels) or None)
@@ -451,11 +451,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return pb.LearningCurveResponse(points=[pb.CurvePoint(**asdict(p)) for p in points])
 
     def ListHeads(self, request: pb.ListHeadsRequest, context: grpc.ServicerContext) -> pb.ListHeadsResponse:
-        self._ready(context)
+        self._stateful(context)
         return pb.ListHeadsResponse(heads=[head_to_pb(h) for h in self._heads.list()])
 
     def DeleteHead(self, request: pb.DeleteHeadRequest, context: grpc.ServicerContext) -> pb.DeleteHeadResponse:
-        self._ready(context)
+        self._stateful(context)
         with self._errors(context):
             self._heads.delete(request.head_id)
         return pb.DeleteHeadResponse()
@@ -463,7 +463,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     # ------------------------------------------------------------------ jobs
 
     def FineTune(self, request: pb.FineTuneRequest, context: grpc.ServicerContext) -> pb.Job:
-        self._ready(context)
+        self._stateful(context)
         if request.method == "adabn":
             return self._adabn(request, context)
         with self._errors(context):
@@ -512,12 +512,12 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return job_to_pb(job)
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        self._ready(context)
+        self._stateful(context)
         with self._errors(context):
             return job_to_pb(self._jobs.get(request.job_id))
 
     def CancelJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        self._ready(context)
+        self._stateful(context)
         with self._errors(context):
             return job_to_pb(self._jobs.cancel(request.job_id))
 
@@ -538,6 +538,14 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return work
 
     # ------------------------------------------------------------------ helpers
+
+    def _stateful(self, context: grpc.ServicerContext) -> None:
+        """Store, head and job RPCs: not on a stateless embedding replica."""
+        self._ready(context)
+        if self._store is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                          "this server is an embedding replica (--role embed): it only embeds; send store, head "
+                          "and job calls to the store node (--role store or all)")
 
     def _ready(self, context: grpc.ServicerContext) -> None:
         default = self._default
@@ -654,7 +662,12 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                 slot.error = e
             except Exception as e:  # whatever a malformed item does, it fails alone
                 slot.error = ItemError(f"malformed item ({type(e).__name__}: {e})")
-        if lookups:
+        if lookups and self._store is None:  # an embedding replica keeps no cache
+            for i in lookups:
+                if i not in inputs:
+                    slots[i].error = _ItemNotFound("this embedding replica keeps no cache (--role embed); send the "
+                                                   "image bytes, or ask the store node")
+        elif lookups:
             found = self._store.lookup(model.model_id, list(lookups.values()))
             for i, vector in zip(lookups, found):
                 if vector is not None:
@@ -695,7 +708,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 # Not the item's fault: fail the call so the client's retry/timeout logic sees it.
                 context.abort(code, message)
-        if fresh:
+        if fresh and self._store is not None:
             try:
                 self._store.put(pending.model.model_id, list(fresh), np.stack(list(fresh.values())))
             except StoreClosedError:
