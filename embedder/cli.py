@@ -24,6 +24,10 @@ token from --token or EMBEDDER_TOKEN):
     embedder delete --collection pets --all
     embedder delete-head pets
 
+Bulk jobs on Ray Data (`pip install 'embedder[scale]'`), then an import into a local data dir (no backbone pass):
+    embedder bulk-embed photos/ --out vectors/ [--ray-address ray://head:10001]
+    embedder add --from-parquet vectors/ --collection pets --label-from-folder --data-dir embedder-data
+
 ``embed`` writes ``vectors.npy`` (float32, one row per embedded file) and ``vectors.json`` beside it:
 the model id, the runtime, the paths in row order, and every file that could not be embedded with why.
 ``add`` stores files under their path relative to the folder given (the file name for a file given); it
@@ -42,9 +46,11 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from . import bulk
 from .backbones import list_backbones
 from .config import Config
-from .errors import EmbedderError
+from .errors import EmbedderError, StoreLockedError
+from .preprocess import IMAGE_SUFFIXES
 from .runtimes import RUNTIMES, installed, resolve_runtime
 
 if TYPE_CHECKING:
@@ -53,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("embedder.cli")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_SERVER = "127.0.0.1:50051"
 CHUNK = 64  # files per Add / Predict call: only this many are read into memory at once
 
@@ -111,9 +116,73 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the gRPC embedding service (health, reflection, metrics)")
     _add_model_options(p)
     _add_service_options(p)
+    _add_bulk_parser(sub)
     _add_store_commands(sub)
     return parser
 
+
+def _add_bulk_parser(sub: Any) -> None:
+    p = sub.add_parser("bulk-embed", help="embed a folder tree, a list of paths or a Parquet dataset on Ray "
+                                          "into Parquet shards + manifest.json (resumable)")
+    p.add_argument("src", type=Path, help="a folder of images (recursively), a text file of image paths (one per "
+                                          "line), or a .parquet file / folder of them with an image-bytes column")
+    p.add_argument("--out", type=Path, required=True, help="folder for part-NNNNN.parquet and manifest.json; "
+                                                           "a rerun skips the shards already complete")
+    p.add_argument("--ray-address", metavar="ADDR", help="Ray cluster to submit to (ray://HOST:10001, or auto); "
+                                                         "default: start a local Ray on this machine")
+    p.add_argument("--actors", type=int, help="embedding actors, each holding one model (default: one per GPU; "
+                                              "without GPUs one per 4 CPUs)")
+    p.add_argument("--shard-size", type=int, default=bulk.DEFAULT_SHARD_SIZE,
+                   help=f"inputs per output shard (default {bulk.DEFAULT_SHARD_SIZE}); change it and every shard "
+                        "is redone")
+    p.add_argument("--batch-size", type=int, default=bulk.DEFAULT_BATCH_SIZE,
+                   help=f"images per decode batch and per actor call (default {bulk.DEFAULT_BATCH_SIZE})")
+    p.add_argument("--bytes-column", default="image", help="Parquet input: column of encoded images (default image)")
+    p.add_argument("--id-column", default="id", help="Parquet input: column of ids (default id; '' for FILE#ROW)")
+    p.add_argument("--label-column", help="Parquet input: carry this column into the shards as `label`")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the summary line")
+    _add_model_options(p)
+
+
+def _bulk_embed(args: argparse.Namespace) -> int:
+    """``embedder bulk-embed``: 0 when every input was embedded, 1 when some failed (listed on stderr)."""
+    settings = {k: getattr(args, k) for k in ("device", "runtime", "max_batch", "micro_batch", "runtime_threads",
+                                              "max_pixels", "precision", "normalize")}
+    manifest = bulk.bulk_embed(args.src, args.out, model=args.model, ray_address=args.ray_address,
+                               actors=args.actors, batch_size=args.batch_size, shard_size=args.shard_size,
+                               progress=not args.quiet, bytes_column=args.bytes_column,
+                               id_column=args.id_column or None, label_column=args.label_column,
+                               **{k: v for k, v in settings.items() if v is not None})
+    for f in manifest["failures"]:
+        print(f"skipped {f['id']}: {f['error']}", file=sys.stderr)
+    c = manifest["counts"]
+    print(f"embedded {c['embedded']} of {c['inputs']} inputs ({c['failed']} failed) with {manifest['model_id']} "
+          f"-> {args.out}: {c['shards']} shards ({c['skipped_shards']} already complete), "
+          f"{bulk.MANIFEST} in {manifest['seconds']:.1f} s")
+    return 0 if not c["failed"] else 1
+
+
+def _import_parquet(args: argparse.Namespace) -> int:
+    """``embedder add --from-parquet DIR --collection X [--data-dir D]``: into a local data dir, no server.
+
+    The store is opened directly: a server running on that data dir holds its lock, and this refuses with a
+    message saying so rather than writing behind the server's back.
+    """
+    from .store import Store
+
+    config = Config.from_env(data_dir=args.data_dir)
+    try:
+        store = Store(config.data_dir, cache_max_items=config.cache_max_items)
+    except StoreLockedError as e:
+        raise StoreLockedError(f"{e}. If `embedder serve` runs on {config.data_dir}, stop it for the import "
+                               "(it picks the items up when it starts again)") from None
+    with store:
+        r = bulk.import_parquet(args.from_parquet, store, args.collection,
+                                labels_from="folder" if args.label_from_folder else None, label=args.label,
+                                index=args.index, progress=not args.quiet)
+    print(f"imported {r['items']} vectors of {r['model_id']} from {r['shards']} shards: added {r['added']}, "
+          f"replaced {r['replaced']} -> collection {args.collection} in {config.data_dir} (no backbone pass)")
+    return 0
 
 def _add_remote_options(p: argparse.ArgumentParser, *, server_help: str | None = None,
                         title: str = "server (also EMBEDDER_SERVER, EMBEDDER_TOKEN)") -> None:
@@ -139,7 +208,7 @@ def _param(text: str) -> tuple[str, Any]:
 def _add_store_commands(sub: Any) -> None:
     """The commands that talk to a running `embedder serve`: store, search and classifier heads."""
     p = sub.add_parser("add", help="embed image files and folders on the server and store them in a collection")
-    p.add_argument("paths", nargs="+", type=Path, help="image files or folders (recursively)")
+    p.add_argument("paths", nargs="*", type=Path, help="image files or folders (recursively)")
     p.add_argument("--collection", required=True, help="collection to add to (created on first use)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--label-from-folder", action="store_true", help="label each file with its parent folder's name")
@@ -151,6 +220,11 @@ def _add_store_commands(sub: Any) -> None:
                         "(relative, default); the file name (name); the path as found (path)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the summary line")
     _add_remote_options(p)
+    g = p.add_argument_group("import bulk-embed output (into a local data dir: no server, no backbone pass)")
+    g.add_argument("--from-parquet", type=Path, metavar="DIR",
+                   help="import the shards of `embedder bulk-embed --out DIR` instead of embedding paths")
+    g.add_argument("--data-dir", type=Path, help="the store to import into (default: EMBEDDER_DATA_DIR, else "
+                                                 "./embedder-data); `embedder serve` must not have it open")
 
     p = sub.add_parser("search", help="the stored items most similar to an image or to a stored item")
     q = p.add_mutually_exclusive_group(required=True)
@@ -303,6 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bulk-embed":
+            return _bulk_embed(args)
         if args.command in REMOTE_COMMANDS:
             return REMOTE_COMMANDS[args.command](args)
         return _embed(args)
@@ -441,6 +517,14 @@ def _files_to_add(args: argparse.Namespace) -> tuple[list[tuple[Path, str, str |
 def _add(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    if args.from_parquet is not None:
+        if args.paths:
+            raise ValueError("give image paths or --from-parquet DIR, not both")
+        return _import_parquet(args)
+    if args.data_dir is not None:
+        raise ValueError("--data-dir goes with --from-parquet; a server's add writes to the server's own data dir")
+    if not args.paths:
+        raise ValueError("nothing to add: give image files or folders, or --from-parquet DIR (bulk-embed output)")
     entries, failed = _files_to_add(args)
     if not entries:
         raise FileNotFoundError(f"no image files found under {', '.join(map(str, args.paths))}")
