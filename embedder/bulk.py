@@ -627,9 +627,16 @@ def _run_ray(inputs: Inputs, todo: list[tuple[int, int, int]], out: Path, spec: 
         total = sum(e - s for _, s, e in todo)
         kind = "GPU" if plan["num_gpus"] else "CPU"
         desc = f"bulk-embed ({spec.name}, {plan['actors']} {kind} actor{'s' if plan['actors'] > 1 else ''})"
+        # When the first rows and half of them came back: start-up (planning, actors importing torch and loading
+        # the model) and the steady rate of the second half, reported in the manifest's settings.
+        started, timing, returned = time.perf_counter(), {}, 0
         with tqdm(total=total, disable=not progress, unit="img", desc=desc) as bar:
             try:
                 for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    returned += len(batch["shard"])
+                    timing.setdefault("first_result_s", round(time.perf_counter() - started, 3))
+                    if 2 * returned >= total and "half_result_s" not in timing:
+                        timing.update(half_result_s=round(time.perf_counter() - started, 3), half_result_rows=returned)
                     for k in np.unique(batch["shard"]).tolist():
                         s, e = shards[k]
                         acc = partial.get(k)
@@ -654,7 +661,7 @@ def _run_ray(inputs: Inputs, todo: list[tuple[int, int, int]], out: Path, spec: 
                                     "shards are kept: rerun to resume") from e
         if partial:
             raise EmbedderError(f"Ray Data returned incomplete shards {sorted(partial)[:5]}; rerun to resume")
-        return plan
+        return {**plan, **timing, "ray_seconds": round(time.perf_counter() - started, 3)}
     finally:
         if ours:
             ray.shutdown()

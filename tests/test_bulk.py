@@ -77,6 +77,8 @@ def test_folder_bulk_embed_matches_the_local_embedder(bulk_out, tree, embedder):
                                                                   "part-00002.parquet"]
     assert json.loads((out / MANIFEST).read_text()) == manifest
     assert manifest["complete"] is True and manifest["model_id"] == embedder.model_id and manifest["dim"] == 1280
+    run = manifest["settings"]  # what the Ray run was: its plan, and when the first result came back
+    assert run["actors"] == 1 and run["device"] == "cpu" and 0 < run["first_result_s"] <= run["half_result_s"] <= run["ray_seconds"]
     c = manifest["counts"]
     assert (c["inputs"], c["embedded"], c["failed"], c["shards"], c["skipped_shards"], c["written_shards"]) == \
         (25, 24, 1, 3, 0, 3)
