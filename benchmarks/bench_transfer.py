@@ -21,8 +21,9 @@ Methods, per labels-per-class ``n``:
   stopping, so it needs >= 2 labels per class and does not run at n=1), then the logreg head on the fine-tuned
   backbone's features of all 10n labelled images. Also reported: the fine-tune's own task head. All runs share
   one ``ActivationCache`` (``benchmarks/.cache/transfer/activations.sqlite3``), which the benchmark fills once
-  up front with the same computation (trunk in micro-batches of 4; ``finetune``'s own trunk pass, batches of
-  32, is timed beside it on 64 images and gives the same activations). The fine-tuned backbone's features
+  up front with the same computation (trunk in micro-batches of 4; ``finetune``'s own trunk pass, which reads
+  images 32 at a time and also runs micro-batches of 4 on CPU, is timed beside it on 64 images and gives the
+  same activations). The fine-tuned backbone's features
   come from running only its trained top on the cached trunk activations (the identical network; each run
   checks 16 test images against ``Embedder(model=result.spec.name, runtime="torch", data_dir=...)`` and reports
   the min cosine). Training seconds = ``result.train_seconds`` (the epochs) + the head's fit; the trunk's cost
@@ -246,7 +247,7 @@ class Trunk:
         return np.stack(acts)
 
     def compare_batching(self, pngs: Sequence[bytes]) -> dict[str, Any]:
-        """finetune's own trunk pass (batches of 32, via ``_activations``) vs ours, side by side on ``pngs``."""
+        """finetune's own trunk pass (via ``_activations``) vs ours, side by side on ``pngs``."""
         from embedder.activations import ActivationCache
         from embedder.finetune import TRUNK_BATCH, _activations
 
@@ -790,7 +791,7 @@ def _print_tables(summary, ns, n_test, speed, batching, da, source_acc, mt_summa
           f"= {speed['ratio']:.2f}x, {s[f'full, trunk batch {EPOCH_BATCH}']:.2f} s (trunk batch {EPOCH_BATCH}) = "
           f"{speed['ratio_trunk_batch_64']:.2f}x")
     print(f"trunk: {batching['img_s_micro_batch']} img/s in micro-batches of {batching['micro_batch']} vs "
-          f"{batching['img_s_finetune']} img/s in finetune's own pass (batch {batching['finetune_trunk_batch']}); "
+          f"{batching['img_s_finetune']} img/s in finetune's own pass; "
           f"max |diff| {batching['max_abs_diff']:.2g}")
     print(f"\ndomain adaptation: target accuracy % (source domain, untransformed: {100 * source_acc:.1f})")
     methods = ("unadapted", "standardize", "coral eps=1", "coral eps=1e-4", "in-domain")

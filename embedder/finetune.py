@@ -41,13 +41,14 @@ from .config import Config
 from .durable import fsync_dir, fsync_file
 from .errors import EmbedderError
 from .jobs import JobCancelled
+from .pipeline import CPU_MICRO_BATCH
 from .preprocess import Preprocessor
 from .store import content_hash
 
 log = logging.getLogger(__name__)
 
 SUPPORTED = ("mobilenet_v2",)  # torchvision MobileNetV2: features[0..17] blocks, features[18] the final 1x1 conv
-TRUNK_BATCH = 32
+TRUNK_BATCH = 32  # images decoded, cached and checked for cancel at a time
 
 
 class FineTuneError(EmbedderError, ValueError):
@@ -230,9 +231,14 @@ def _activations(split: Split, spec: BackboneSpec, images: Sequence[bytes], cach
                 except EmbedderError as e:
                     failed[i] = str(e)
             if batch:
+                # On CPU the trunk runs in micro-batches, as the pipeline does (measured 3x faster than 32 at once:
+                # large batches fall out of cache); on CUDA the whole batch.
+                step = CPU_MICRO_BATCH if device.type == "cpu" else len(batch)
+                x_all = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2)
                 with torch.inference_mode():
-                    out = trunk.features((torch.from_numpy(np.stack(batch)).to(device).permute(0, 3, 1, 2).float()
-                                          - trunk.mean) * trunk.inv_scale).cpu().numpy().astype(np.float16)
+                    out = np.concatenate([trunk.features((x_all[s:s + step].to(device).float() - trunk.mean)
+                                                         * trunk.inv_scale).cpu().numpy().astype(np.float16)
+                                          for s in range(0, len(batch), step)])
                 cache.put(spec.model_id, split.cut, [shas[i] for i in idx], out)
                 for i, a in zip(idx, out):
                     cached[i] = a
