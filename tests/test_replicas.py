@@ -50,8 +50,20 @@ def test_a_store_node_embeds_through_replicas_round_robin(embedder, photo_arrays
             assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED and "--role embed" in e.value.details()
 
 
+def same_ranking(hits, expected) -> None:
+    """Equal scores, and equal ids wherever the scores are not tied (a tie may list its items either way)."""
+    np.testing.assert_allclose([h.score for h in hits], [h.score for h in expected], atol=1e-5)
+    for i, (h, e) in enumerate(zip(hits, expected)):
+        tied = any(abs(e.score - x.score) < 1e-5 for j, x in enumerate(expected) if j != i)
+        assert h.id == e.id or tied, (i, h, e)
+
+
 def test_kill_9_of_a_replica_mid_load_loses_nothing(embedder, photo_arrays, cache_dir, tmp_path):
+    """Three replicas (two processes), a store node, four Add callers and two Embed callers; one replica is
+    killed with SIGKILL mid-load. Every call succeeds on the replicas left, every vector equals the
+    single-process one, and search on the store node ranks exactly as a single-node server does."""
     images = crops(photo_arrays["astronaut"], 120)
+    probes = crops(photo_arrays["rocket"], 24)  # Embed-only traffic: cache misses sent to the pool
     env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir)}
     procs = [subprocess.Popen([sys.executable, "-m", "embedder.cli", "serve", "--port", "0", "--role", "embed"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
@@ -61,6 +73,7 @@ def test_kill_9_of_a_replica_mid_load_loses_nothing(embedder, photo_arrays, cach
         with running_server(embedder, role="embed") as local, \
                 running_server(None, role="store", embed_target=",".join([*addresses, local.address])) as store:
             acked: list[int] = []
+            embedded: dict[int, np.ndarray] = {}
             errors: list[str] = []
             lock = threading.Lock()
             killed = threading.Event()
@@ -72,7 +85,7 @@ def test_kill_9_of_a_replica_mid_load_loses_nothing(embedder, photo_arrays, cach
                             client.add("survivor", [images[i]], [f"i{i}"])
                         except Exception as e:  # noqa: BLE001 - any failure is reported below
                             with lock:
-                                errors.append(f"{i}: {e}")
+                                errors.append(f"add {i}: {e}")
                             continue
                         with lock:
                             acked.append(i)
@@ -82,7 +95,20 @@ def test_kill_9_of_a_replica_mid_load_loses_nothing(embedder, photo_arrays, cach
                         if kill:
                             os.kill(procs[0].pid, signal.SIGKILL)  # mid-load: other calls are in flight
 
+            def embed(worker: int) -> None:
+                with EmbedderClient(store.address, timeout=120) as client:
+                    for i in range(worker, len(probes), 2):
+                        try:
+                            vector = client.embed([probes[i]])[0]
+                        except Exception as e:  # noqa: BLE001
+                            with lock:
+                                errors.append(f"embed {i}: {e}")
+                            continue
+                        with lock:
+                            embedded[i] = vector
+
             threads = [threading.Thread(target=add, args=(w,)) for w in range(4)]
+            threads += [threading.Thread(target=embed, args=(w,)) for w in range(2)]
             for t in threads:
                 t.start()
             for t in threads:
@@ -91,8 +117,18 @@ def test_kill_9_of_a_replica_mid_load_loses_nothing(embedder, photo_arrays, cach
             assert not errors, errors[:3]  # every call succeeded, on the replicas left
             with EmbedderClient(store.address) as client:
                 stored = client.get("survivor", [f"i{i}" for i in range(len(images))])
+                pooled = [client.search(images[q], collection="survivor", k=10) for q in (0, 33, 77, 119)]
         assert sorted(acked) == list(range(len(images)))
         np.testing.assert_allclose(np.stack([s.vector for s in stored]), embedder.embed(images), atol=1e-5)
+        assert sorted(embedded) == list(range(len(probes)))
+        np.testing.assert_allclose(np.stack([embedded[i] for i in range(len(probes))]), embedder.embed(probes),
+                                   atol=1e-5)
+        with running_server(embedder) as single, EmbedderClient(single.address, timeout=120) as client:
+            client.add("survivor", images, [f"i{i}" for i in range(len(images))])
+            for q, hits in zip((0, 33, 77, 119), pooled):
+                expected = client.search(images[q], collection="survivor", k=10)
+                assert hits[0].id == f"i{q}"
+                same_ranking(hits, expected)
     finally:
         for p in procs:
             if p.poll() is None:
