@@ -13,6 +13,9 @@ Cases, all on the default backbone with default settings (batcher: max_batch 64,
    call through :class:`embedder.client.EmbedderClient`: the case dynamic batching exists for;
 3. service, stream: one caller streaming the whole list with ``EmbedderClient.embed_iter``.
 
+The service's content cache is turned off (``cache_max_items=0``) so that every call runs the model; a cache
+lookup still happens per item, as in production (``bench_search.py`` measures hits).
+
 The server runs in this process on an ephemeral loopback port; every case gets one untimed warm-up pass, and
 the timed rounds interleave the cases so a burst of load on a shared machine skews all of them alike. Reported
 per case: img/s (median over rounds), its ratio to in-process, per-call latency p50/p99 (unary), the mean
@@ -24,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -122,7 +127,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("embedder").setLevel(logging.WARNING)
 
-    config = Config.from_env(device=args.device, port=0)
+    # The content cache is off (cache_max_items=0): every round must run the model, or the rounds after the
+    # warm-up would time cache hits (bench_search measures those). A scratch data dir, removed at the end.
+    scratch = tempfile.mkdtemp(prefix="bench-service-")
+    config = Config.from_env(device=args.device, port=0, cache_max_items=0, data_dir=scratch)
     embedder = Embedder(config=config)
     on_cuda = embedder.device.startswith("cuda")
     n = args.n or (64 if args.quick else (1024 if on_cuda else 256))
@@ -145,6 +153,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             client.close()
         server.stop(grace=5)
         embedder.close()
+        shutil.rmtree(scratch, ignore_errors=True)
 
     outputs = res.pop("_outputs")
     base = res["in-process"]["img_s"]
