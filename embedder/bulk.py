@@ -610,6 +610,13 @@ def _run_ray(inputs: Inputs, todo: list[tuple[int, int, int]], out: Path, spec: 
             where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray instance"
             raise EmbedderError(f"could not start or reach {where}: {e}") from None
         ours = True
+    # Ray Data logs every execution at INFO and warns that its progress bars are off (ours is the one bar):
+    # quiet unless this package logs at INFO (`embedder -v`).
+    quiet = {} if log.isEnabledFor(logging.INFO) else {"ray.data": logging.WARNING,
+                                                       "ray.data._internal.progress": logging.ERROR}
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)
     try:
         plan = _resources_plan(ray.cluster_resources(), actors, config)
         plan["decode_memory"] = (512 + 2 * batch_size) * 2**20  # a worker with torch imported, plus a batch
@@ -663,6 +670,8 @@ def _run_ray(inputs: Inputs, todo: list[tuple[int, int, int]], out: Path, spec: 
             raise EmbedderError(f"Ray Data returned incomplete shards {sorted(partial)[:5]}; rerun to resume")
         return {**plan, **timing, "ray_seconds": round(time.perf_counter() - started, 3)}
     finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
         if ours:
             ray.shutdown()
 
