@@ -70,10 +70,11 @@ class Embedder:
         cores = os.cpu_count() or 1
         on_cpu = self.device == "cpu"
         self.micro_batch = config.micro_batch or (CPU_MICRO_BATCH if on_cpu else config.max_batch)
-        module = FrozenBackbone(load_backbone(self.spec), self.spec.preprocessing)
+        spec = self.spec
         self.runtime = create_runtime(
-            runtime_name, self.spec, module, self.device, cache_dir=config.cache_dir,
-            threads=config.runtime_threads or cores, precision=config.precision, compile=config.compile,
+            runtime_name, spec, lambda: FrozenBackbone(load_backbone(spec), spec.preprocessing), self.device,
+            cache_dir=config.cache_dir, threads=config.runtime_threads or cores, precision=config.precision,
+            compile=config.compile,
         )
         self.preprocessor = Preprocessor(self.spec.preprocessing, max_pixels=config.max_pixels)
         self._workers = config.decode_workers or cores

@@ -13,7 +13,7 @@ import os
 import threading
 import warnings
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -137,21 +137,24 @@ class OpenVinoRuntime:
 
 
 def create_runtime(
-    name: str, spec: BackboneSpec, module: FrozenBackbone, device: str, *,
+    name: str, spec: BackboneSpec, build: Callable[[], FrozenBackbone], device: str, *,
     cache_dir: Path, threads: int = 0, precision: str = "fp32", compile: bool = False,
 ) -> Runtime:
+    """``build`` makes the torch module; the ONNX runtimes call it only to export, so a process whose export is
+    cached never builds the network or imports torchvision (~1.6 s of every start on this CPU)."""
     if precision != "fp32" and name != "openvino":
         raise ValueError(f"precision={precision!r} is only offered on the openvino runtime; use fp32")
     if name == "torch":
-        return TorchRuntime(module, device, threads=threads, compile=compile)
-    path = export_onnx(spec, module, cache_dir)
+        return TorchRuntime(build(), device, threads=threads, compile=compile)
+    path = export_onnx(spec, build, cache_dir)
     if name == "onnxruntime":
         return OnnxRuntime(path, threads=threads)
     return OpenVinoRuntime(path, threads=threads, precision=precision)
 
 
-def export_onnx(spec: BackboneSpec, module: FrozenBackbone, cache_dir: Path) -> Path:
-    """Export ``module`` to ONNX once per model id; reuse the cached file while its sha256 matches.
+def export_onnx(spec: BackboneSpec, build: Callable[[], FrozenBackbone], cache_dir: Path) -> Path:
+    """Export the module ``build()`` makes to ONNX once per model id; reuse the cached file while its sha256
+    matches (then ``build`` is not called: the file was exported from verified weights and is verified itself).
 
     The sidecar JSON records the file's sha256, the opset and the export recipe version; a missing,
     corrupt or stale file is rebuilt (with a log line). The write is atomic: temp file, then rename.
@@ -175,7 +178,7 @@ def export_onnx(spec: BackboneSpec, module: FrozenBackbone, cache_dir: Path) -> 
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
-            model = module.cpu().eval()
+            model = build().cpu().eval()
             if spec.torchscript:
                 # The legacy exporter cannot trace into a loaded TorchScript submodule; it exports a traced wrapper.
                 model = torch.jit.trace(model, (dummy,))
