@@ -23,7 +23,7 @@ On this 2-core machine every case shares the same two cores, so the honest figur
 single process), not speed-up. Target: Ray Data local >= 0.8x the single-process pipeline. Also measured, for
 the README's per-GPU-node projection: decode + preprocess core-ms per image on one thread, and the mean JPEG size
 (network bytes per image). Vectors of every case are checked against the single process (min cosine).
-Results: ``benchmarks/results/bench_scale.json`` (``_quick`` for --quick).
+Results: ``benchmarks/results/bench_scale.json`` (``_quick`` for --quick, ``_nN`` for another --n).
 """
 from __future__ import annotations
 
@@ -246,7 +246,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                "replica_callers": CALLERS, "replica_images_per_call": PER_CALL,
                "mean_jpeg_kb": round(float(np.mean([len(j) for j in jpegs])) / 1024, 1),
                "decode_core_ms_per_img": round(core_ms, 2), "cases": res, "targets": targets}
-    print(f"\nwrote {write_json('bench_scale' + ('_quick' if args.quick else ''), payload)}")
+    name = "bench_scale" + ("_quick" if args.quick else f"_n{n}" if args.n else "")
+    print(f"\nwrote {write_json(name, payload)}")
 
 
 if __name__ == "__main__":
