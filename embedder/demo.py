@@ -93,7 +93,7 @@ def _job(client: EmbedderClient, server: EmbedderServer, train: LabelledImages, 
 
     # 4. similarity search with a held-out image (its vector is cached since Predict)
     hits = client.search(test.png(0), collection=collection, k=5)
-    print(f"\nnearest stored images to test-0 (a {test.labels[0]}):")
+    print(f"\nnearest stored images to test-0 (label {test.labels[0]}):")
     for rank, h in enumerate(hits, 1):
         print(f"  {rank}. {h.id:<12} {h.label:<14} cosine {h.score:.3f}")
     same = sum(h.label == test.labels[0] for h in hits)
