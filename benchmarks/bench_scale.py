@@ -96,12 +96,12 @@ def _stop(p: subprocess.Popen) -> None:
 
 def replica_case(addresses: Sequence[str], folder: Path, names: Sequence[str]) -> Callable[[], np.ndarray]:
     client = pool_client(Config.from_env(environ={}, role="store", embed_target=",".join(addresses)))
-    client.list_models()  # connected to every replica before the clock starts
+    dim = client.list_models()[0]["dim"]  # connected to every replica before the clock starts
 
     def run() -> np.ndarray:
         data = read_folder(folder, names)
         chunks = [list(range(s, min(s + PER_CALL, len(data)))) for s in range(0, len(data), PER_CALL)]
-        out = np.zeros((len(data), 1280), np.float32)
+        out = np.zeros((len(data), dim), np.float32)
 
         def call(chunk: list[int]) -> None:
             out[chunk] = client.embed([data[i] for i in chunk])

@@ -388,6 +388,15 @@ def register_derived(directory: str | Path, *, overwrite: bool = False) -> Backb
     return register_backbone(spec, overwrite=overwrite)
 
 
+def find_backbone(name: str, data_dir: str | Path) -> BackboneSpec:
+    """``get_backbone(name)``, registering the fine-tuned or adapted versions saved in ``data_dir`` on first use."""
+    try:
+        return get_backbone(name)
+    except UnknownModelError:
+        load_derived(Path(data_dir) / "backbones")
+        return get_backbone(name)
+
+
 def load_derived(root: str | Path) -> list[BackboneSpec]:
     """Register every derived backbone under ``root`` (e.g. ``<data_dir>/backbones``); bad ones are logged."""
     root = Path(root)

@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
-from .backbones import BackboneSpec, get_backbone, load_derived
+from .backbones import BackboneSpec, find_backbone
 from .config import Config
 from .durable import fsync_file, replace_durably, temp_path, write_atomic
-from .errors import EmbedderError, ModelMismatchError, UnknownModelError
+from .errors import EmbedderError, ModelMismatchError
 from .pipeline import Embedder
-from .preprocess import IMAGE_SUFFIXES, Preprocessor
+from .preprocess import IMAGE_SUFFIXES, Preprocessor, image_files
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -112,7 +112,7 @@ def read_inputs(src: str | os.PathLike, *, bytes_column: str = "image", id_colum
                 label_column: str | None = None) -> Inputs:
     """The inputs ``src`` names, in a deterministic order.
 
-    - a folder: its image files (``preprocess.IMAGE_SUFFIXES``), recursively, sorted; ids are paths relative to it
+    - a folder: its image files (``preprocess.image_files``), recursively, sorted; ids are paths relative to it
       (as ``embedder add`` names them), so a rerun on the same tree finds the same shards;
     - a ``.parquet`` file, or a folder of ``*.parquet`` files (and no images; sorted, recursively): one input per
       row, the encoded image in ``bytes_column`` (binary, or a struct with a binary ``bytes`` field as Hugging
@@ -127,7 +127,7 @@ def read_inputs(src: str | os.PathLike, *, bytes_column: str = "image", id_colum
     if not root.exists():
         raise FileNotFoundError(f"no such file or directory: {root}")
     if root.is_dir():
-        images = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        images = image_files(root)
         if images:
             ids = [f.relative_to(root).as_posix() for f in images]
             return Inputs("files", str(root), ids, paths=[str(f.absolute()) for f in images])
@@ -264,15 +264,8 @@ class _Decoder:
     prepare = Embedder.prepare
 
     def __init__(self, config: Config) -> None:
-        self.preprocessor = Preprocessor(_spec(config).preprocessing, max_pixels=config.max_pixels)
-
-
-def _spec(config: Config) -> BackboneSpec:
-    try:
-        return get_backbone(config.model)
-    except UnknownModelError:  # a fine-tuned or adapted version in the data dir, as Embedder finds it
-        load_derived(config.data_dir / "backbones")
-        return get_backbone(config.model)
+        spec = find_backbone(config.model, config.data_dir)
+        self.preprocessor = Preprocessor(spec.preprocessing, max_pixels=config.max_pixels)
 
 
 def _load(unit: dict[str, Any]) -> list[tuple[bytes | None, str | None]]:
@@ -471,7 +464,7 @@ def bulk_embed(src: str | os.PathLike, out: str | os.PathLike, *, model: str | N
     if actors is not None and (isinstance(actors, bool) or not isinstance(actors, int) or actors < 1):
         raise ValueError(f"actors must be a positive int or None, got {actors!r}")
     config = Config.from_env(model=model, **embedder_settings)
-    spec = _spec(config)
+    spec = find_backbone(config.model, config.data_dir)
     fingerprint = _fingerprint(spec, config)
     out = Path(out).expanduser()
     inputs = read_inputs(src, bytes_column=bytes_column, id_column=id_column, label_column=label_column)

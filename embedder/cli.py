@@ -50,7 +50,7 @@ from . import bulk
 from .backbones import list_backbones
 from .config import Config
 from .errors import EmbedderError, StoreLockedError
-from .preprocess import IMAGE_SUFFIXES
+from .preprocess import image_files
 from .runtimes import RUNTIMES, installed, resolve_runtime
 
 if TYPE_CHECKING:
@@ -172,7 +172,7 @@ def _import_parquet(args: argparse.Namespace) -> int:
 
     config = Config.from_env(data_dir=args.data_dir)
     try:
-        store = Store(config.data_dir, cache_max_items=config.cache_max_items)
+        store = Store.from_config(config)
     except StoreLockedError as e:
         raise StoreLockedError(f"{e}. If `embedder serve` runs on {config.data_dir}, stop it for the import "
                                "(it picks the items up when it starts again)") from None
@@ -410,7 +410,7 @@ def collect_images(paths: Sequence[Path]) -> tuple[list[Path], list[dict[str, st
     missing: list[dict[str, str]] = []
     for p in paths:
         if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+            files.extend(image_files(p))
         elif p.is_file():
             files.append(p)
         else:

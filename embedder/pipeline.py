@@ -16,9 +16,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .backbones import BackboneSpec, FrozenBackbone, get_backbone, load_backbone, load_derived
+from .backbones import BackboneSpec, FrozenBackbone, find_backbone, load_backbone
 from .config import Config
-from .errors import BatchError, ImageDecodeError, UnknownModelError
+from .errors import BatchError, ImageDecodeError
 from .preprocess import ImageInput, Preprocessor
 from .runtimes import create_runtime, resolve_device, resolve_runtime
 
@@ -59,12 +59,7 @@ class Embedder:
         elif model is not None or device is not None or overrides:
             raise ValueError("pass either config= or individual settings, not both")
         self.config = config
-        try:
-            self.spec: BackboneSpec = get_backbone(config.model)
-        except UnknownModelError:
-            # a fine-tuned or adapted version saved in the data dir registers on first use
-            load_derived(config.data_dir / "backbones")
-            self.spec = get_backbone(config.model)
+        self.spec: BackboneSpec = find_backbone(config.model, config.data_dir)
         self.device = resolve_device(config.device)
         runtime_name = resolve_runtime(config.runtime, self.device)
         cores = os.cpu_count() or 1
