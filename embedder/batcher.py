@@ -73,6 +73,8 @@ class SupportsBatching(Protocol):
 
     def embed_arrays(self, images: np.ndarray) -> np.ndarray: ...
 
+    def warm_up(self) -> None: ...  # run each batch size once before serving (the server calls it)
+
 
 def source_pixels(item: Any, max_pixels: int) -> int:
     """Pixels the decoder will materialise for ``item``, from its header or shape, without decoding.

@@ -14,13 +14,15 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from .backbones import BackboneSpec, FrozenBackbone, find_backbone, load_backbone
 from .config import Config
+from .device_decode import DeviceDecoder
 from .errors import BatchError, ImageDecodeError
 from .preprocess import ImageInput, Preprocessor
-from .runtimes import create_runtime, resolve_device, resolve_runtime
+from .runtimes import STATIC_MAX_BATCH, create_runtime, resolve_device, resolve_runtime
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,16 @@ class Embedder:
             compile=config.compile,
         )
         self.preprocessor = Preprocessor(self.spec.preprocessing, max_pixels=config.max_pixels)
+        # JPEGs go through nvJPEG and the resize runs on the GPU when the model does: Pillow on the CPU cores
+        # would be the limit there. "on" runs the same code on CPU (how the tests exercise it without a GPU).
+        use_device = config.device_decode == "on" or (config.device_decode == "auto" and not on_cpu)
+        self.device_decoder = (DeviceDecoder(spec.preprocessing, self.device, max_pixels=config.max_pixels)
+                               if use_device else None)
         self._workers = config.decode_workers or cores
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embedder-decode")
-        log.info("loaded %s on %s via %s (micro-batch %d, %d decode workers)",
-                 self.model_id, self.device, self.runtime.name, self.micro_batch, self._workers)
+        log.info("loaded %s on %s via %s (micro-batch %d, %d decode workers, JPEG decode on %s)",
+                 self.model_id, self.device, self.runtime.name, self.micro_batch, self._workers,
+                 self.device if self.device_decoder else "CPU (Pillow)")
 
     @property
     def model_id(self) -> str:
@@ -108,7 +116,9 @@ class Embedder:
         ready_idx: list[int] = []
         ready: list[np.ndarray] = []
         with tqdm(total=n, disable=not progress, unit="img", desc=f"embedding ({self.spec.name})") as bar:
-            for i, arr in self._decoded(items):
+            rest = list(range(n)) if self.device_decoder is None else self._embed_on_device(items, vectors, bar)
+            for k, arr in self._decoded([items[i] for i in rest]):
+                i = rest[k]
                 if isinstance(arr, str):
                     errors[i] = arr
                     bar.update(1)
@@ -124,14 +134,41 @@ class Embedder:
                 bar.update(len(ready))
         return BatchResult(vectors, errors)
 
+    def _embed_on_device(self, items: Sequence[ImageInput], vectors: np.ndarray, bar: tqdm) -> list[int]:
+        """Embed the items the device decoder takes, a micro-batch at a time; the indices it left for Pillow."""
+        rest: list[int] = []
+        for s in range(0, len(items), self.micro_batch):
+            crops, taken = self.device_decoder(items[s:s + self.micro_batch])
+            idx = [s + k for k, t in enumerate(taken) if t]
+            rest += [s + k for k, t in enumerate(taken) if not t]
+            if idx:
+                vectors[idx] = self._forward(crops)
+                bar.update(len(idx))
+        return rest
+
     def embed_arrays(self, images: np.ndarray) -> np.ndarray:
         """Run already-preprocessed uint8 ``(N, crop, crop, 3)`` images through the model, in micro-batches."""
         return np.concatenate([self._forward(images[s:s + self.micro_batch])
                                for s in range(0, len(images), self.micro_batch)] or
                               [np.zeros((0, self.dim), np.float32)])
 
-    def _forward(self, images: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
-        batch = np.ascontiguousarray(np.stack(images) if not isinstance(images, np.ndarray) else images)
+    def warm_up(self) -> None:
+        """Run every batch size :meth:`embed_arrays` can send the runtime once, so no caller pays for a first use.
+
+        On CPU those are 1 to ``micro_batch`` (OpenVINO compiles a model per batch size up to
+        :data:`~embedder.runtimes.STATIC_MAX_BATCH`, ~0.2 s each; larger ones share one); on CUDA one full batch.
+        """
+        crop = self.spec.preprocessing.crop
+        small = range(1, min(self.micro_batch, STATIC_MAX_BATCH) + 1) if self.device == "cpu" else ()
+        sizes = sorted({*small, self.micro_batch})
+        for n in sizes:
+            self.runtime.run(np.zeros((n, crop, crop, 3), np.uint8))
+
+    def _forward(self, images: Sequence[np.ndarray] | np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(images, torch.Tensor):  # device-decoded crops: the torch runtime takes them where they are
+            batch = images if self.runtime.name == "torch" else np.ascontiguousarray(images.cpu().numpy())
+        else:
+            batch = np.ascontiguousarray(np.stack(images) if not isinstance(images, np.ndarray) else images)
         out = self.runtime.run(batch)
         if self.config.normalize:
             norms = np.linalg.norm(out, axis=1, keepdims=True)

@@ -271,7 +271,8 @@ class EmbedderServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def _start_model(self, embedder: Any) -> LoadedModel:
-        """A batcher around ``embedder``, warmed up with one image through decode, batcher and model."""
+        """A batcher around ``embedder``, warmed up with one image through decode, batcher and model, and the model
+        with every batch size it will run."""
         cfg = self.config
         batcher = Batcher(embedder, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms,
                           max_batch_pixels=cfg.max_batch_pixels, max_queue=cfg.max_queue,
@@ -282,6 +283,7 @@ class EmbedderServer:
         crop = int(info["input_size"])
         start = time.monotonic()
         batcher.submit([np.full((crop, crop, 3), 128, np.uint8)])[0].result()
+        embedder.warm_up()  # every batch size the batcher can form: no caller waits for a first-use compile
         log.info("%s: warm-up forward took %.2fs", info["model_id"], time.monotonic() - start)
         return LoadedModel(embedder, batcher, info)
 

@@ -156,6 +156,9 @@ class CountingModel:
             self.decoded += 1
         return self.real.submit(item)
 
+    def warm_up(self):
+        self.real.warm_up()  # not counted: no caller's item
+
     def embed_arrays(self, images):
         with self._lock:
             self.embedded += len(images)

@@ -16,7 +16,7 @@ from torch import nn
 from embedder import Config, Embedder
 from embedder.backbones import IMAGENET_224, BackboneSpec, WeightsFile, register_backbone, sha256_file
 from embedder.errors import ExportError
-from embedder.runtimes import CPU_PREFERENCE, RUNTIMES, installed, resolve_device, resolve_runtime
+from embedder.runtimes import CPU_PREFERENCE, RUNTIMES, STATIC_MAX_BATCH, installed, resolve_device, resolve_runtime
 
 from conftest import cosine
 
@@ -132,6 +132,22 @@ def test_export_failure_is_an_error_not_a_silent_fallback(tmp_path, restore_regi
     assert list((cache / "onnx").iterdir()) == []  # no half-written temp files, nothing cached
     with Embedder(model="spectrum", device="cpu", runtime="torch", cache_dir=cache) as emb:
         assert emb.embed([np.full((32, 32, 3), 128, np.uint8)]).shape == (1, 3)
+
+
+def test_openvino_compiles_a_model_per_small_batch_size(openvino_embedder, photos):
+    """A batch of up to STATIC_MAX_BATCH items runs on a model compiled for its shape (a dynamic-shape model pays
+    for every change of batch size); bigger ones run on the dynamic model; all agree; warm_up() compiles the
+    sizes the pipeline will send, so the first real call does not pay for it."""
+    runtime = openvino_embedder.runtime
+    images = np.stack([openvino_embedder.prepare(p) for p in photos])
+    big = np.concatenate([images, images, images])[:STATIC_MAX_BATCH + 1]
+    dynamic = runtime.run(big)
+    assert STATIC_MAX_BATCH + 1 not in runtime._static
+    openvino_embedder.warm_up()
+    assert set(range(1, openvino_embedder.micro_batch + 1)) <= set(runtime._static)
+    for n in (1, 3, STATIC_MAX_BATCH):
+        np.testing.assert_allclose(runtime.run(big[:n]), dynamic[:n], rtol=1e-4, atol=1e-4)
+        assert n in runtime._static
 
 
 def test_bf16_on_openvino(openvino_embedder, photos, cache_dir):

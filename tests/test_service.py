@@ -105,6 +105,9 @@ class GatedModel:
     def submit(self, item):
         return self.real.submit(item)
 
+    def warm_up(self):
+        self.real.warm_up()
+
     def embed_arrays(self, images):
         if self.lethal:
             raise SystemExit("simulated worker crash")  # a BaseException: kills the worker thread
