@@ -265,7 +265,8 @@ class _Decoder:
 
     def __init__(self, config: Config) -> None:
         spec = find_backbone(config.model, config.data_dir)
-        self.preprocessor = Preprocessor(spec.preprocessing, max_pixels=config.max_pixels)
+        self.preprocessor = Preprocessor(spec.preprocessing, max_pixels=config.max_pixels,
+                                         jpeg_decoder=config.jpeg_decoder)
 
 
 def _load(unit: dict[str, Any]) -> list[tuple[bytes | None, str | None]]:

@@ -33,7 +33,7 @@ class Config:
     micro_batch: int = 0  # items per forward pass; 0 = per-device default (4 on CPU, max_batch on CUDA)
     decode_workers: int = 0  # threads that decode and resize; 0 = one per core
     runtime_threads: int = 0  # CPU runtime intra-op threads; 0 = one per core
-    device_decode: str = "auto"  # JPEGs decoded/resized by torchvision on the model's device: auto (CUDA) | on | off
+    jpeg_decoder: str = "torchvision"  # torchvision (libjpeg-turbo on CPU, nvJPEG on CUDA) | pillow
     max_pixels: int = 64_000_000  # larger images are refused as likely decompression bombs
     normalize: bool = True  # L2-normalise the output vectors
     precision: str = "fp32"  # fp32 | bf16 (OpenVINO only, opt-in) ; CUDA always autocasts to fp16
@@ -72,8 +72,8 @@ class Config:
         for name in ("micro_batch", "decode_workers", "runtime_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Config.{name} must be >= 0 (0 means automatic), got {getattr(self, name)}")
-        if self.device_decode not in ("auto", "on", "off"):
-            raise ValueError(f"Config.device_decode must be 'auto', 'on' or 'off', got {self.device_decode!r}")
+        if self.jpeg_decoder not in ("torchvision", "pillow"):
+            raise ValueError(f"Config.jpeg_decoder must be 'torchvision' or 'pillow', got {self.jpeg_decoder!r}")
         if self.role not in ("all", "embed", "store"):
             raise ValueError(f"Config.role must be 'all', 'embed' or 'store', got {self.role!r}")
         if (self.role == "store") != bool(self.embed_target):

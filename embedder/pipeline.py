@@ -6,6 +6,7 @@ micro-batches, where this kind of CNN is fastest (activations stay in cache); on
 """
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections import deque
@@ -15,12 +16,13 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
 from .backbones import BackboneSpec, FrozenBackbone, find_backbone, load_backbone
 from .config import Config
-from .device_decode import DeviceDecoder
 from .errors import BatchError, ImageDecodeError
+from .jpeg import JpegDecoder
 from .preprocess import ImageInput, Preprocessor
 from .runtimes import STATIC_MAX_BATCH, create_runtime, resolve_device, resolve_runtime
 
@@ -73,17 +75,17 @@ class Embedder:
             cache_dir=config.cache_dir, threads=config.runtime_threads or cores, precision=config.precision,
             compile=config.compile,
         )
-        self.preprocessor = Preprocessor(self.spec.preprocessing, max_pixels=config.max_pixels)
-        # JPEGs go through nvJPEG and the resize runs on the GPU when the model does: Pillow on the CPU cores
-        # would be the limit there. "on" runs the same code on CPU (how the tests exercise it without a GPU).
-        use_device = config.device_decode == "on" or (config.device_decode == "auto" and not on_cpu)
-        self.device_decoder = (DeviceDecoder(spec.preprocessing, self.device, max_pixels=config.max_pixels)
-                               if use_device else None)
+        self.preprocessor = Preprocessor(self.spec.preprocessing, max_pixels=config.max_pixels,
+                                         jpeg_decoder=config.jpeg_decoder)
+        # On CUDA, JPEGs are decoded (nvJPEG) and resized on the GPU a micro-batch at a time: decode on the CPU
+        # cores would be the limit there. On CPU the preprocessor's decode workers run the same decoder per item.
+        self.device_decoder = (JpegDecoder(spec.preprocessing, self.device, max_pixels=config.max_pixels)
+                               if not on_cpu and config.jpeg_decoder == "torchvision" else None)
         self._workers = config.decode_workers or cores
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embedder-decode")
-        log.info("loaded %s on %s via %s (micro-batch %d, %d decode workers, JPEG decode on %s)",
+        log.info("loaded %s on %s via %s (micro-batch %d, %d decode workers, JPEGs decoded by %s on %s)",
                  self.model_id, self.device, self.runtime.name, self.micro_batch, self._workers,
-                 self.device if self.device_decoder else "CPU (Pillow)")
+                 config.jpeg_decoder, self.device if self.device_decoder else "cpu")
 
     @property
     def model_id(self) -> str:
@@ -159,6 +161,9 @@ class Embedder:
         :data:`~embedder.runtimes.STATIC_MAX_BATCH`, ~0.2 s each; larger ones share one); on CUDA one full batch.
         """
         crop = self.spec.preprocessing.crop
+        jpeg = io.BytesIO()
+        Image.new("RGB", (crop, crop), (128, 128, 128)).save(jpeg, "JPEG")
+        self.prepare(jpeg.getvalue())  # imports the JPEG decoder (~1.2 s for torchvision) before the first caller
         small = range(1, min(self.micro_batch, STATIC_MAX_BATCH) + 1) if self.device == "cpu" else ()
         sizes = sorted({*small, self.micro_batch})
         for n in sizes:

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .backbones import Preprocessing
 from .errors import ImageDecodeError
+from .jpeg import JpegDecoder
 
 ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image, os.PathLike]
 
@@ -26,6 +27,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 # File suffixes treated as images when a folder is walked: the formats decode() reads.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+JPEG_DECODERS = ("torchvision", "pillow")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # Pillow's filter support radius before antialias scaling
 _EXIF_ORIENTATION = 0x0112
@@ -141,20 +143,29 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 class Preprocessor:
-    """Callable: one input -> uint8 ``(crop, crop, 3)`` array, exactly the weights' own recipe.
+    """Callable: one input -> uint8 ``(crop, crop, 3)`` array, the weights' own recipe.
 
-    Equivalent to torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image, but the
-    resize is computed only over the source region that survives the crop (Pillow's ``box``): the
-    same filter taps, the same pixels up to rare ±1 rounding, less work, and an extreme aspect ratio
-    cannot blow up memory.
+    Clean JPEGs go through torchvision's decoder and tensor resize (:class:`embedder.jpeg.JpegDecoder`,
+    ~1.6x cheaper here) unless ``jpeg_decoder="pillow"``; everything else through Pillow. The Pillow path
+    equals torchvision's ``Resize(resize)`` + ``CenterCrop(crop)`` on a PIL image, but the resize is computed
+    only over the source region that survives the crop (Pillow's ``box``): the same filter taps, the same
+    pixels up to rare ±1 rounding, less work, and an extreme aspect ratio cannot blow up memory. Both paths
+    agree within one level per pixel.
     """
 
-    def __init__(self, preprocessing: Preprocessing, *, max_pixels: int) -> None:
+    def __init__(self, preprocessing: Preprocessing, *, max_pixels: int, jpeg_decoder: str = "torchvision") -> None:
+        if jpeg_decoder not in JPEG_DECODERS:
+            raise ValueError(f"jpeg_decoder must be one of {', '.join(JPEG_DECODERS)}; got {jpeg_decoder!r}")
         self.pp = preprocessing
         self.max_pixels = max_pixels
         self._resample = _RESAMPLE[preprocessing.interpolation]
+        self.jpeg = JpegDecoder(preprocessing, "cpu", max_pixels=max_pixels) if jpeg_decoder == "torchvision" else None
 
     def __call__(self, item: ImageInput) -> np.ndarray:
+        if self.jpeg is not None:
+            crop = self.jpeg.crop(item)
+            if crop is not None:
+                return crop
         img = decode(item, max_pixels=self.max_pixels)
         out = self.resize_crop(img)
         return np.asarray(out, dtype=np.uint8)

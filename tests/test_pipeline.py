@@ -44,7 +44,8 @@ def test_no_normalize_gives_the_raw_pooled_features(photos, torchvision_features
     assert (np.abs(norms - 1) > 1).all()
     np.testing.assert_allclose(norms, ref_norms, rtol=1e-3)
     assert cosine(got, torchvision_features).min() >= 0.9999
-    np.testing.assert_allclose(got, torchvision_features, rtol=0, atol=5e-3)  # features reach ~4.4
+    # features reach ~4.4; the decoders' ±1-level rounding of a few pixels moves some by up to ~0.007
+    np.testing.assert_allclose(got, torchvision_features, rtol=0, atol=1e-2)
 
 
 def test_batch_invariance(embedder, photos, alone):

@@ -1,0 +1,105 @@
+"""torchvision's JPEG path (libjpeg-turbo on CPU, nvJPEG on CUDA) equals the Pillow recipe within one level."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedder import Config, Embedder
+from embedder.jpeg import JpegDecoder
+from embedder.preprocess import Preprocessor
+
+from conftest import cosine, jpeg_bytes
+
+
+@pytest.fixture(scope="module")
+def decoder(embedder):
+    return JpegDecoder(embedder.spec.preprocessing, "cpu", max_pixels=embedder.config.max_pixels)
+
+
+@pytest.fixture(scope="module")
+def pillow(embedder):
+    return Preprocessor(embedder.spec.preprocessing, max_pixels=embedder.config.max_pixels, jpeg_decoder="pillow")
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_crops_equal_the_pillow_recipe(decoder, pillow, embedder, photos):
+    """Decode + antialiased resize + center crop as tensors: Pillow's pixels within one level, both for one item
+    (the CPU decode workers) and a batch (the CUDA path's batched decode, NHWC on the device)."""
+    ref = np.stack([pillow(p) for p in photos])
+    one = np.stack([decoder.crop(p) for p in photos])
+    crops, taken = decoder(photos)
+    assert taken == [True] * len(photos)
+    assert crops.shape == (len(photos), 224, 224, 3) and str(crops.dtype) == "torch.uint8"
+    np.testing.assert_array_equal(one, crops.numpy())
+    diff = np.abs(one.astype(int) - ref.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.05
+    assert 1 - cosine(embedder.embed_arrays(one), embedder.embed_arrays(ref)).min() < 1e-5
+
+
+def test_the_default_preprocessor_uses_it_for_jpegs(embedder, decoder, photos):
+    """Config.jpeg_decoder defaults to torchvision: the pipeline's JPEG crops are the decoder's exactly."""
+    assert Config().jpeg_decoder == "torchvision" and embedder.preprocessor.jpeg is not None
+    for p in photos[:3]:
+        np.testing.assert_array_equal(embedder.prepare(p), decoder.crop(p))
+
+
+def test_only_clean_jpegs_are_taken(decoder, photo_arrays, photos):
+    """PNG, CMYK, EXIF-rotated, truncated, over-limit and non-bytes inputs are left to the Pillow path."""
+    cat = Image.fromarray(photo_arrays["chelsea"])
+    exif = cat.getexif()
+    exif[0x0112] = 6
+    rotated = encode(cat, "JPEG", exif=exif.tobytes())
+    assert JpegDecoder(decoder.pp, "cpu", max_pixels=1000).crop(photos[0]) is None
+    grey = jpeg_bytes(photo_arrays["rocket"][:, :, 0])
+    items = [photos[0], encode(cat, "PNG"), encode(cat.convert("CMYK"), "JPEG"), rotated,
+             photos[1][: len(photos[1]) // 2], photo_arrays["coffee"], b"", grey]
+    crops, taken = decoder(items)
+    assert taken == [True, False, False, False, False, False, False, True]
+    assert crops.shape[0] == 2
+    assert [decoder.crop(x) is not None for x in items] == taken
+
+
+def test_every_input_still_decodes_or_fails_clearly(embedder, photos, photo_arrays, pillow):
+    """Through the default pipeline: JPEGs via torchvision, the rest via Pillow, in input order; a truncated
+    JPEG gets Pillow's error; every vector equals the all-Pillow path's (cosine >= 0.99999)."""
+    png = encode(Image.fromarray(photo_arrays["china"]), "PNG")
+    items = [photos[0], png, photos[1][:500], photo_arrays["flower"], *photos[2:]]
+    got = embedder.embed_batch(items)
+    assert got.ok.tolist() == [True, True, False, True, True, True, True, True]
+    assert "truncated" in got.errors[2].lower()
+    good = [x for i, x in enumerate(items) if i != 2]
+    ref = embedder.embed_arrays(np.stack([pillow(x) for x in good]))
+    assert 1 - cosine(got.vectors[got.ok], ref).min() < 1e-5
+
+
+def test_the_cuda_path_batches_on_the_device_decoder(embedder, photos, photo_arrays):
+    """The Embedder's device path (on CUDA: nvJPEG a micro-batch at a time), run here with the CPU decoder:
+    JPEGs embedded from the batched crops, the rest through the decode workers, vectors as the default path's."""
+    with Embedder(model="mobilenet_v2", device="cpu", cache_dir=embedder.config.cache_dir) as emb:
+        assert emb.device_decoder is None  # on CPU the decode workers do it
+        emb.device_decoder = JpegDecoder(emb.spec.preprocessing, "cpu", max_pixels=emb.config.max_pixels)
+        png = encode(Image.fromarray(photo_arrays["china"]), "PNG")
+        items = [png, *photos[:5], b"not an image", photos[5]]
+        got = emb.embed_batch(items)
+    assert got.ok.tolist() == [True] * 6 + [False, True]
+    assert "not a recognised image format" in got.errors[6]
+    ref = embedder.embed([x for i, x in enumerate(items) if i != 6])
+    assert 1 - cosine(got.vectors[got.ok], ref).min() < 1e-5
+
+
+def test_pillow_can_be_chosen_and_the_setting_is_checked(photos, pillow, cache_dir):
+    with Embedder(model="mobilenet_v2", device="cpu", cache_dir=cache_dir, jpeg_decoder="pillow") as emb:
+        assert emb.preprocessor.jpeg is None
+        np.testing.assert_array_equal(emb.prepare(photos[0]), pillow(photos[0]))
+    with pytest.raises(ValueError, match="jpeg_decoder must be 'torchvision' or 'pillow'"):
+        Config(jpeg_decoder="nvjpeg")
+    with pytest.raises(ValueError, match="jpeg_decoder must be one of torchvision, pillow"):
+        Preprocessor(pillow.pp, max_pixels=10, jpeg_decoder="turbo")
