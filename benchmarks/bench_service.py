@@ -10,7 +10,8 @@ Cases, all on the default backbone with default settings (batcher: max_batch 64,
 
 1. in-process: ``Embedder.embed(jpegs)`` on the whole list: the pipeline's best case, no network;
 2. service, unary: C concurrent callers (threads, C = 1, 8, 64), each sending one image per ``Embed``
-   call through :class:`embedder.client.EmbedderClient`: the case dynamic batching exists for;
+   call through :class:`embedder.client.EmbedderClient`: the case dynamic batching exists for (the target
+   is measured on these); and 8 callers sending 8 images per call, which pays the per-call cost once per 8;
 3. service, stream: one caller streaming the whole list with ``EmbedderClient.embed_iter``.
 
 The service's content cache is turned off (``cache_max_items=0``) so that every call runs the model; a cache
@@ -50,24 +51,28 @@ log = logging.getLogger("bench_service")
 
 CONCURRENCY = (1, 8, 64)
 TARGET_RATIO = 0.85  # service / in-process img/s at concurrency >= 8, on CPU
+MULTI = 8  # images per call in the extra unary case: what a caller batching its own images sends
 
 
-def unary_callers(client: EmbedderClient, concurrency: int) -> Callable[[Sequence[bytes]], dict[str, Any]]:
-    """``concurrency`` threads share the images, one ``Embed`` call per image; returns vectors and latencies."""
+def unary_callers(client: EmbedderClient, concurrency: int,
+                  per_call: int = 1) -> Callable[[Sequence[bytes]], dict[str, Any]]:
+    """``concurrency`` threads share the images, ``per_call`` images per ``Embed`` call; returns vectors and
+    per-call latencies."""
 
     def run(jpegs: Sequence[bytes]) -> dict[str, Any]:
-        latencies = [0.0] * len(jpegs)
-        vectors: list[np.ndarray | None] = [None] * len(jpegs)
+        starts = range(0, len(jpegs), per_call)
+        latencies = [0.0] * len(starts)
+        vectors: list[np.ndarray | None] = [None] * len(starts)
 
         def caller(k: int) -> None:
-            for i in range(k, len(jpegs), concurrency):
+            for c in range(k, len(starts), concurrency):
                 start = time.perf_counter()
-                vectors[i] = client.embed([jpegs[i]])[0]
-                latencies[i] = time.perf_counter() - start
+                vectors[c] = client.embed(jpegs[starts[c]:starts[c] + per_call])
+                latencies[c] = time.perf_counter() - start
 
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(caller, range(concurrency)))
-        return {"vectors": np.stack(vectors), "latencies": latencies}
+        return {"vectors": np.concatenate(vectors), "latencies": latencies}
 
     return run
 
@@ -146,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cases: dict[str, Callable] = {"in-process": lambda j: {"vectors": embedder.embed(j), "latencies": []}}
         for c in CONCURRENCY:
             cases[f"unary c={c}"] = unary_callers(clients[0], c)
+        cases[f"unary c=8, {MULTI} per call"] = unary_callers(clients[0], 8, MULTI)
         cases["stream c=1"] = streamed(clients[1])
         res = measure(cases, jpegs, repeats, server)
     finally:

@@ -83,8 +83,8 @@ def test_micro_batch_setting_does_not_change_vectors(photos, alone, cache_dir):
 
 
 def test_long_input_keeps_order(embedder, photos, alone):
-    """More items than the decode look-ahead come back in input order."""
-    idx = [i % len(photos) for i in range(3, 3 + 4 * len(photos) + 1)]
+    """More items than the decode look-ahead (64 on this 2-core CPU) come back in input order."""
+    idx = [i % len(photos) for i in range(3, 3 + 150)]
     got = embedder.embed([photos[i] for i in idx])
     assert got.shape == (len(idx), 1280)
     assert 1 - cosine(got, alone[idx]).min() < 1e-5
