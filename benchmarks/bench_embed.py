@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from embedder import Embedder
 from embedder.backbones import BackboneSpec, get_backbone, load_backbone
 from embedder.config import Config
+from embedder.jpeg import one_torch_thread
 from embedder.preprocess import Preprocessor
 from embedder.runtimes import RUNTIMES, installed, resolve_device, resolve_runtime
 from images import gpu_name, real_jpegs, slug, write_json
@@ -144,6 +145,11 @@ def naive_loop(spec: BackboneSpec, device: str) -> Callable[[Sequence[bytes]], n
     return run
 
 
+def decode_pool(workers: int) -> ThreadPoolExecutor:
+    """Threads set up as the Embedder's decode workers are (one torch thread each)."""
+    return ThreadPoolExecutor(workers, initializer=one_torch_thread)
+
+
 def decode_in(pool: ThreadPoolExecutor, pre: Preprocessor, jpegs: Sequence[bytes]) -> np.ndarray:
     """Decode + resize + crop only (the pipeline's CPU side), in the pool's threads."""
     return np.stack(list(pool.map(pre, jpegs)))
@@ -186,7 +192,7 @@ def run_benchmark(device: str, n: int, repeats: int) -> dict[str, Any]:
 
         cases: dict[tuple, Case] = {("naive",): (naive_loop(spec, device), jpegs)}
         for workers in thread_choices(cores):
-            cases["decode", workers] = (partial(decode_in, stack.enter_context(ThreadPoolExecutor(workers)), pre),
+            cases["decode", workers] = (partial(decode_in, stack.enter_context(decode_pool(workers)), pre),
                                         jpegs)
         for settings in model_variants(on_cpu, runtimes, default_runtime):
             emb = embedder(**settings)
@@ -196,7 +202,7 @@ def run_benchmark(device: str, n: int, repeats: int) -> dict[str, Any]:
             cases["pipeline", runtime] = (embedder(runtime=runtime).embed, jpegs)
         # The same pipeline with every JPEG through Pillow instead of torchvision's decoder (jpeg_decoder="pillow")
         pillow = Preprocessor(spec.preprocessing, max_pixels=Config.from_env().max_pixels, jpeg_decoder="pillow")
-        cases["decode-pillow", cores] = (partial(decode_in, stack.enter_context(ThreadPoolExecutor(cores)), pillow),
+        cases["decode-pillow", cores] = (partial(decode_in, stack.enter_context(decode_pool(cores)), pillow),
                                          jpegs)
         cases["pipeline-pillow", default_runtime] = (embedder(jpeg_decoder="pillow").embed, jpegs)
         if on_cpu:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .backbones import BackboneSpec, FrozenBackbone, find_backbone, load_backbone
 from .config import Config
 from .errors import BatchError, ImageDecodeError
-from .jpeg import JpegDecoder
+from .jpeg import JpegDecoder, one_torch_thread
 from .preprocess import ImageInput, Preprocessor
 from .runtimes import STATIC_MAX_BATCH, create_runtime, resolve_device, resolve_runtime
 
@@ -82,7 +82,8 @@ class Embedder:
         self.device_decoder = (JpegDecoder(spec.preprocessing, self.device, max_pixels=config.max_pixels)
                                if not on_cpu and config.jpeg_decoder == "torchvision" else None)
         self._workers = config.decode_workers or cores
-        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embedder-decode")
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embedder-decode",
+                                        initializer=one_torch_thread)
         log.info("loaded %s on %s via %s (micro-batch %d, %d decode workers, JPEGs decoded by %s on %s)",
                  self.model_id, self.device, self.runtime.name, self.micro_batch, self._workers,
                  config.jpeg_decoder, self.device if self.device_decoder else "cpu")
@@ -163,7 +164,7 @@ class Embedder:
         crop = self.spec.preprocessing.crop
         jpeg = io.BytesIO()
         Image.new("RGB", (crop, crop), (128, 128, 128)).save(jpeg, "JPEG")
-        self.prepare(jpeg.getvalue())  # imports the JPEG decoder (~1.2 s for torchvision) before the first caller
+        self.submit(jpeg.getvalue()).result()  # imports the JPEG decoder (~1.2 s for torchvision) before any caller
         small = range(1, min(self.micro_batch, STATIC_MAX_BATCH) + 1) if self.device == "cpu" else ()
         sizes = sorted({*small, self.micro_batch})
         for n in sizes:

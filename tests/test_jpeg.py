@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from embedder import Config, Embedder
@@ -103,3 +104,12 @@ def test_pillow_can_be_chosen_and_the_setting_is_checked(photos, pillow, cache_d
         Config(jpeg_decoder="nvjpeg")
     with pytest.raises(ValueError, match="jpeg_decoder must be one of torchvision, pillow"):
         Preprocessor(pillow.pp, max_pixels=10, jpeg_decoder="turbo")
+
+
+def test_decode_workers_run_torch_on_one_thread_each(embedder, photos):
+    """The resize runs in the decode workers on one torch thread each (one OpenMP team per worker made torch's
+    own CPU work elsewhere in the process ~2.4x slower); the caller's torch thread count is left as it was."""
+    before = torch.get_num_threads()
+    embedder.embed(photos)
+    assert embedder._pool.submit(torch.get_num_threads).result() == 1
+    assert torch.get_num_threads() == before
