@@ -72,6 +72,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch", type=int, help="items per forward pass (default: 4 on CPU, max batch on CUDA)")
     g.add_argument("--decode-workers", type=int, help="decode/resize threads (default: one per core)")
     g.add_argument("--runtime-threads", type=int, help="CPU runtime intra-op threads (default: one per core)")
+    g.add_argument("--jpeg-decoder", choices=("torchvision", "pillow"),
+                   help="decoder for plain JPEGs (default torchvision: libjpeg-turbo on CPU, nvJPEG on CUDA)")
     g.add_argument("--max-pixels", type=int, help="refuse larger images (default 64,000,000)")
     g.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 is opt-in, OpenVINO only")
     g.add_argument("--no-normalize", dest="normalize", action="store_const", const=False,
@@ -82,7 +84,7 @@ def _config(args: argparse.Namespace) -> Config:
     return Config.from_env(
         model=args.model, device=args.device, runtime=args.runtime, max_batch=args.max_batch,
         micro_batch=args.micro_batch, decode_workers=args.decode_workers, runtime_threads=args.runtime_threads,
-        max_pixels=args.max_pixels, precision=args.precision, normalize=args.normalize,
+        max_pixels=args.max_pixels, precision=args.precision, normalize=args.normalize, jpeg_decoder=args.jpeg_decoder,
     )
 
 

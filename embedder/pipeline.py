@@ -1,8 +1,9 @@
 """The embedding pipeline: inputs -> parallel decode/resize -> micro-batches -> runtime -> vectors.
 
-Decode and resize run in a thread pool (Pillow releases the GIL) ahead of the model, so the model
-never waits on one core; the runtime runs in the calling thread. On CPU the model runs in small
-micro-batches, where this kind of CNN is fastest (activations stay in cache); on CUDA it runs whole batches.
+Decode and resize run in a thread pool (Pillow and torchvision's decoder release the GIL) ahead of the model,
+so the model never waits on one core; the runtime runs in the calling thread. On CPU the model runs in small
+micro-batches, where this kind of CNN is fastest (activations stay in cache); on CUDA it runs whole batches,
+and plain JPEGs are decoded on the GPU.
 """
 from __future__ import annotations
 

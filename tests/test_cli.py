@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from embedder import Embedder
 from embedder.backbones import WeightsFile, get_backbone, register_backbone
 from embedder.cli import main
 from embedder.runtimes import CPU_PREFERENCE, RUNTIMES, installed
@@ -110,6 +111,18 @@ def test_embed_folder_recursively_skipping_bad_files(tree, tmp_path, capsys, env
     np.testing.assert_allclose(vectors, embedder.embed(good), atol=1e-6)
     assert f"skipped {root / 'broken.jpg'}" in err and f"skipped {tmp_path / 'missing.jpg'}" in err
     assert out.startswith("embedded 4 images (2 skipped) with mobilenet_v2:")
+
+
+def test_jpeg_decoder_flag(tree, tmp_path, capsys, env, embedder):
+    """--jpeg-decoder pillow sends the JPEGs through Pillow: the vectors of the Pillow path, within the decoders'
+    one-level tolerance of the default ones."""
+    _, good = tree
+    out_path = tmp_path / "pillow.npy"
+    code, _, _ = run(["embed", *good, "--out", out_path, "-q", "--jpeg-decoder", "pillow"], capsys)
+    assert code == 0
+    with Embedder(config=dataclasses.replace(embedder.config, jpeg_decoder="pillow")) as pillow:
+        np.testing.assert_allclose(np.load(out_path), pillow.embed(good), atol=1e-6)
+    assert (np.load(out_path) * embedder.embed(good)).sum(1).min() > 0.9999
 
 
 def test_embed_files_in_argument_order(tree, tmp_path, capsys, env, embedder):
