@@ -7,8 +7,9 @@ Data flow (no gRPC in here; the server adapts it)::
       -> feeder thread -> Embedder.submit (the decode pool), as the decode budget allows
       -> decoded crop -> ready queue (a bad item fails only its own future, here)
       -> worker thread: as soon as a full batch is ready (the model's micro-batch: ~4 on CPU, max_batch
-         on CUDA), or what is ready max_delay_ms after the oldest became ready, whichever comes first;
-         at most max_batch items -> Embedder.embed_arrays -> each item's future
+         on CUDA), or what is ready max_delay_ms after the oldest became ready, or what is ready once no
+         other item is queued or decoding (waiting for batch-mates nobody has sent only adds latency),
+         whichever comes first; at most max_batch items -> Embedder.embed_arrays -> each item's future
 
 Memory: decoding is where image size costs memory (a 64 MP JPEG is ~190 MB of RGB while it decodes); after
 the resize-crop every item is the same small ``(crop, crop, 3)`` array, so the model batch is already bounded
@@ -331,7 +332,8 @@ class Batcher:
             self._finish(work, error=BatcherClosedError(f"not embedded: {self._dead}"), stat="failed")
 
     def _work(self) -> None:
-        """Form batches (full_batch ready, or max_delay after the oldest ready item; at most max_batch) and run."""
+        """Form batches (full_batch ready, max_delay after the oldest ready item, or nothing else on the way; at
+        most max_batch) and run."""
         while True:
             with self._cond:
                 while self._dead is None and not self._ready and not self._done_when_closing():
@@ -340,6 +342,8 @@ class Batcher:
                     return
                 oldest = self._ready[0].ready_at
                 while len(self._ready) < self.full_batch and not self._closing and self._dead is None:
+                    if not self._pending and not self._decoding:
+                        break  # nothing else is on the way: waiting could only add latency
                     remaining = oldest + self.max_delay - time.monotonic()
                     if remaining <= 0:
                         break

@@ -328,7 +328,7 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("service (also EMBEDDER_* env vars)")
     g.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one, printed on stdout)")
-    g.add_argument("--max-delay-ms", type=float, help="how long the batcher waits to fill a batch (default 5)")
+    g.add_argument("--max-delay-ms", type=float, help="how long the batcher waits to fill a batch while more items are on the way (default 5)")
     g.add_argument("--max-batch-pixels", type=int,
                    help="source pixels decoding at once, so bursts of huge images cannot OOM (default 64Mi)")
     g.add_argument("--max-queue", type=int,

@@ -43,7 +43,7 @@ class Config:
     # --- service ---
     host: str = "127.0.0.1"
     port: int = 50051
-    max_delay_ms: float = 5.0  # how long the batcher waits to fill a batch
+    max_delay_ms: float = 5.0  # how long the batcher waits to fill a batch while more items are on the way
     max_batch_pixels: int = 64 * 1024 * 1024  # source pixels decoding at once, so bursts of huge images cannot OOM
     max_queue: int = 4096  # queued items before calls fail fast with RESOURCE_EXHAUSTED
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC send/receive limit, both directions

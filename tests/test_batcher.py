@@ -19,6 +19,7 @@ from embedder.batcher import (Batcher, BatcherClosedError, BatchFailedError, Dro
 BAD = 255  # an item filled with this value fails to "decode"
 POISON = 254  # the model raises whenever this value is in its batch
 LETHAL = 253  # the model raises a BaseException: the worker thread dies
+SLOW = 252  # this item takes 0.3 s to "decode"
 
 
 class _Lethal(BaseException):
@@ -54,7 +55,7 @@ class FakeModel:
             self.in_flight_log.append((self.decoding, self.decoding_pixels))
 
         def decode():
-            time.sleep(0.001)  # let decodes overlap, as real ones do
+            time.sleep(0.3 if int(x[0, 0, 0]) == SLOW else 0.001)  # let decodes overlap, as real ones do
             with self._lock:
                 self.decoding -= 1
                 self.decoding_pixels -= px
@@ -114,6 +115,21 @@ def test_full_batch_leaves_at_once_and_partial_after_the_delay(model):
         assert values(b.submit([item(v) for v in (1, 2, 3, 4)])) == [1, 2, 3, 4]
     with Batcher(model, max_batch=64, max_delay_ms=1) as b:
         assert values(b.submit([item(7)])) == [7]
+
+
+def test_a_partial_batch_waits_only_while_more_items_are_on_the_way(model):
+    """With nothing else queued or decoding, a partial batch leaves at once (an hour-long delay cannot hold a
+    lone caller); while an item is still decoding, the ready ones wait for it, up to max_delay."""
+    with Batcher(model, max_batch=64, max_delay_ms=3_600_000) as b:
+        start = time.monotonic()
+        assert values(b.submit([item(5), item(6)])) == [5, 6]
+        assert values(b.submit([item(1), item(2), item(SLOW)])) == [1, 2, SLOW]
+        assert time.monotonic() - start < 5
+    assert [sorted(b) for b in model.batches] == [[5, 6], [1, 2, SLOW]]  # 1 and 2 waited for the slow one
+    model.batches.clear()
+    with Batcher(model, max_batch=64, max_delay_ms=50) as b:
+        assert values(b.submit([item(1), item(2), item(SLOW)])) == [1, 2, SLOW]
+    assert [sorted(b) for b in model.batches] == [[1, 2], [SLOW]]  # the delay ran out before the slow one was ready
 
 
 def test_a_bad_item_fails_alone(model):
