@@ -84,7 +84,8 @@ def _config(args: argparse.Namespace) -> Config:
     return Config.from_env(
         model=args.model, device=args.device, runtime=args.runtime, max_batch=args.max_batch,
         micro_batch=args.micro_batch, decode_workers=args.decode_workers, runtime_threads=args.runtime_threads,
-        max_pixels=args.max_pixels, precision=args.precision, normalize=args.normalize, jpeg_decoder=args.jpeg_decoder,
+        max_pixels=args.max_pixels, precision=args.precision, normalize=args.normalize,
+        jpeg_decoder=args.jpeg_decoder,
     )
 
 
@@ -328,7 +329,8 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("service (also EMBEDDER_* env vars)")
     g.add_argument("--host", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, help="port to bind (default 50051; 0 picks a free one, printed on stdout)")
-    g.add_argument("--max-delay-ms", type=float, help="how long the batcher waits to fill a batch while more items are on the way (default 5)")
+    g.add_argument("--max-delay-ms", type=float,
+                   help="how long the batcher waits to fill a batch while more items are on the way (default 5)")
     g.add_argument("--max-batch-pixels", type=int,
                    help="source pixels decoding at once, so bursts of huge images cannot OOM (default 64Mi)")
     g.add_argument("--max-queue", type=int,
