@@ -48,7 +48,7 @@ import numpy as np
 
 from . import bulk
 from .backbones import list_backbones
-from .config import Config
+from .config import JPEG_DECODERS, Config
 from .errors import EmbedderError, StoreLockedError
 from .preprocess import image_files
 from .runtimes import RUNTIMES, installed, resolve_runtime
@@ -72,7 +72,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--micro-batch", type=int, help="items per forward pass (default: 4 on CPU, max batch on CUDA)")
     g.add_argument("--decode-workers", type=int, help="decode/resize threads (default: one per core)")
     g.add_argument("--runtime-threads", type=int, help="CPU runtime intra-op threads (default: one per core)")
-    g.add_argument("--jpeg-decoder", choices=("torchvision", "pillow"),
+    g.add_argument("--jpeg-decoder", choices=JPEG_DECODERS,
                    help="decoder for plain JPEGs (default torchvision: libjpeg-turbo on CPU, nvJPEG on CUDA)")
     g.add_argument("--max-pixels", type=int, help="refuse larger images (default 64,000,000)")
     g.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 is opt-in, OpenVINO only")

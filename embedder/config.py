@@ -18,6 +18,9 @@ def _default_cache_dir() -> Path:
     return Path(base) / "embedder"
 
 
+JPEG_DECODERS = ("torchvision", "pillow")  # what decodes plain JPEGs (embedder.jpeg, or Pillow)
+
+
 @dataclass
 class Config:
     """Settings for the embedding pipeline (and, later, the service).
@@ -72,7 +75,7 @@ class Config:
         for name in ("micro_batch", "decode_workers", "runtime_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Config.{name} must be >= 0 (0 means automatic), got {getattr(self, name)}")
-        if self.jpeg_decoder not in ("torchvision", "pillow"):
+        if self.jpeg_decoder not in JPEG_DECODERS:
             raise ValueError(f"Config.jpeg_decoder must be 'torchvision' or 'pillow', got {self.jpeg_decoder!r}")
         if self.role not in ("all", "embed", "store"):
             raise ValueError(f"Config.role must be 'all', 'embed' or 'store', got {self.role!r}")

@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .backbones import Preprocessing
+from .config import JPEG_DECODERS
 from .errors import ImageDecodeError
 from .jpeg import JpegDecoder
 
@@ -27,7 +28,6 @@ Image.MAX_IMAGE_PIXELS = None
 
 # File suffixes treated as images when a folder is walked: the formats decode() reads.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
-JPEG_DECODERS = ("torchvision", "pillow")
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # Pillow's filter support radius before antialias scaling
 _EXIF_ORIENTATION = 0x0112
