@@ -362,7 +362,7 @@ def serve(config: Config, *, on_listening: Callable[[str], None] | None = None) 
             on_listening(server.address)
         if not stop.is_set():
             server.load()
-            log.info("serving %s", server.embedder.model_id)
+            log.info("serving %s", server.servicer.model_id)  # a store node has no local embedder
         while not stop.wait(0.5):  # a timeout keeps the main thread responsive to signals
             pass
         server.stop()

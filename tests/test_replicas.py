@@ -142,3 +142,21 @@ def test_pool_targets_name_every_replica():
     assert pool_target("[::1]:5001,[::1]:5002") == "ipv6:[::1]:5001,[::1]:5002"
     with pytest.raises(ValueError, match="dns:///"):
         pool_target("embed-a:5001,embed-b:5001")
+
+
+def test_embedder_serve_role_store_runs_from_the_cli(embedder, photo_arrays, tmp_path):
+    """`embedder serve --role store` (no local model) comes up SERVING, embeds through its pool, stops on SIGTERM."""
+    image = crops(photo_arrays["chelsea"], 1)[0]
+    with running_server(embedder, role="embed") as replica:
+        proc = subprocess.Popen([sys.executable, "-m", "embedder.cli", "serve", "--port", "0", "--role", "store",
+                                 "--embed-target", replica.address, "--data-dir", str(tmp_path / "store")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            address = proc.stdout.readline().split()[-1]
+            with EmbedderClient(address, timeout=60) as client:
+                vector = client.embed([image])[0]
+            np.testing.assert_allclose(vector, embedder.embed([image])[0], atol=1e-5)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=60) == 0, proc.stderr.read()[-2000:]
+        finally:
+            proc.kill()
