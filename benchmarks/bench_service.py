@@ -45,7 +45,7 @@ from images import gpu_name, real_jpegs, slug, write_json  # noqa: E402
 
 from embedder import Config, Embedder  # noqa: E402
 from embedder.client import EmbedderClient  # noqa: E402
-from embedder.server import EmbedderServer  # noqa: E402
+from embedder.server import EmbedderServer, freeze_heap  # noqa: E402
 
 log = logging.getLogger("bench_service")
 
@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     server = EmbedderServer(config, embedder=embedder)
     server.start()
     server.load()
+    freeze_heap()  # as `embedder serve` does
     clients = [EmbedderClient(f"127.0.0.1:{server.port}", timeout=300) for _ in range(2)]
     try:
         cases: dict[str, Callable] = {"in-process": lambda j: {"vectors": embedder.embed(j), "latencies": []}}

@@ -4,7 +4,8 @@ Data flow (no gRPC in here; the server adapts it)::
 
     submit(items)  -- bounded: at most max_queue items admitted and not yet answered, else QueueFullError
       -> pending requests, served round-robin so one caller's 1000 images cannot starve another's one
-      -> feeder thread -> Embedder.submit (the decode pool), as the decode budget allows
+      -> Embedder.submit (the decode pool), as the decode budget allows: dispatched by whichever thread
+         made room (the submitter, a finished decode, the worker taking a batch), not by a thread of its own
       -> decoded crop -> ready queue (a bad item fails only its own future, here)
       -> worker thread: as soon as a full batch is ready (the model's micro-batch: ~4 on CPU, max_batch
          on CUDA), or what is ready max_delay_ms after the oldest became ready, or what is ready once no
@@ -20,9 +21,9 @@ blowing up memory, and a batch never holds more than ``max_batch_pixels`` source
 
 Callers that are gone (deadline passed, or ``is_active()`` false) are dropped before decode and again before
 the model. When the model raises on a batch, its items are retried one by one, so only the items that fail
-alone get the error (no caller's item can fail another's) and the worker carries on; if a batcher
-thread itself dies, every queued future fails, ``on_death`` fires (the server turns health NOT_SERVING) and
-further submissions raise :class:`BatcherClosedError`.
+alone get the error (no caller's item can fail another's) and the worker carries on; if the worker thread
+itself dies (or dispatching to the decode pool fails), every queued future fails, ``on_death`` fires (the
+server turns health NOT_SERVING) and further submissions raise :class:`BatcherClosedError`.
 """
 from __future__ import annotations
 
@@ -163,23 +164,25 @@ class Batcher:
         self._on_drop = on_drop
         self._on_death = on_death
 
-        self._cond = threading.Condition()
+        # One lock, three conditions, so that each event wakes only the thread that waits for it: on two
+        # cores every needless wake-up is a context switch fighting decode and the model for a core.
+        self._lock = threading.Lock()
+        self._work_cv = threading.Condition(self._lock)  # the worker: items ready, or closing
+        self._room_cv = threading.Condition(self._lock)  # blocking submitters: queue room
         self._pending: deque[_Request] = deque()  # requests with items not yet sent to decode
         self._ready: deque[_Work] = deque()  # decoded, waiting for the model
         self._running: list[_Work] = []  # in the model right now
         self._queued = 0  # admitted and not yet finished: what max_queue bounds
         self._decoding = 0
         self._decoding_pixels = 0
+        self._dispatching = False  # a thread is in _dispatch(); others leave it to that one
         self._closing = False
         self._dead: str | None = None
         self._stats = {"batches": 0, "embedded": 0, "failed": 0, "dropped": 0}
 
-        self._threads = [threading.Thread(target=self._guard, args=(self._feed, "feeder"),
-                                          name="embedder-batch-feeder", daemon=True),
-                         threading.Thread(target=self._guard, args=(self._work, "worker"),
-                                          name="embedder-batch-worker", daemon=True)]
-        for t in self._threads:
-            t.start()
+        self._thread = threading.Thread(target=self._guard, args=(self._work,), name="embedder-batch-worker",
+                                        daemon=True)
+        self._thread.start()
 
     # ------------------------------------------------------------------ public
 
@@ -210,7 +213,7 @@ class Batcher:
         futures = [w.future for w in request.works]
         if n == 0:
             return futures
-        with self._cond:
+        with self._lock:
             while True:
                 self._raise_if_closed()
                 if self._queued + n <= self.max_queue:
@@ -221,10 +224,10 @@ class Batcher:
                         "retry with backoff, or raise --max-queue / EMBEDDER_MAX_QUEUE")
                 if not request.alive(time.monotonic()):
                     raise DroppedError("the caller went away or its deadline passed while waiting for queue room")
-                self._cond.wait(0.05)  # short: is_active() cannot notify us
+                self._room_cv.wait(0.05)  # short: is_active() cannot notify us
             self._queued += n
             self._pending.append(request)
-            self._cond.notify_all()
+        self._dispatch()
         return futures
 
     @property
@@ -234,25 +237,24 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        """False once a batcher thread has died or :meth:`close` was called."""
+        """False once the worker thread has died or :meth:`close` was called."""
         return self._dead is None and not self._closing
 
     def stats(self) -> dict[str, float]:
         """Counters since start: batches, embedded, failed and dropped items, mean batch size."""
-        with self._cond:
+        with self._lock:
             s: dict[str, float] = dict(self._stats)
         s["mean_batch_size"] = s["embedded"] / s["batches"] if s["batches"] else 0.0
         return s
 
     def close(self, timeout: float | None = 10.0) -> None:
         """Refuse new work, let admitted work finish (up to ``timeout`` seconds), then stop the threads."""
-        with self._cond:
+        with self._lock:
             self._closing = True
-            self._cond.notify_all()
-        end = None if timeout is None else time.monotonic() + timeout
-        for t in self._threads:
-            t.join(None if end is None else max(0.0, end - time.monotonic()))
-        if any(t.is_alive() for t in self._threads):
+            self._work_cv.notify_all()
+            self._room_cv.notify_all()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
             self._die(f"closed with work still queued after {timeout}s", death=False)
 
     def __enter__(self) -> "Batcher":
@@ -263,46 +265,70 @@ class Batcher:
 
     # ------------------------------------------------------------------ threads
 
-    def _guard(self, loop: Callable[[], None], name: str) -> None:
+    def _guard(self, loop: Callable[[], None]) -> None:
         try:
             loop()
         except BaseException as e:  # noqa: BLE001 - the point is to notice *any* death
-            log.critical("batcher %s thread died (%r); failing all queued work", name, e, exc_info=True)
-            self._die(f"the batch {name} thread died: {e!r}", death=True)
+            log.critical("batcher worker thread died (%r); failing all queued work", e, exc_info=True)
+            self._die(f"the batch worker thread died: {e!r}", death=True)
 
     def _done_when_closing(self) -> bool:
         return self._closing and self._queued == 0
 
-    def _feed(self) -> None:
-        """Send pending items to the decode pool, round-robin over requests, within the decode budget."""
-        while True:
-            with self._cond:
-                while self._dead is None and not self._done_when_closing() and not self._can_dispatch():
-                    self._cond.wait()
-                if self._dead is not None or self._done_when_closing():
-                    return
-                request = self._pending.popleft()
-                work = request.works.popleft()
-                if request.works:
-                    self._pending.append(request)
-                alive = request.alive(time.monotonic())
-                if alive:
-                    self._decoding += 1
-                    self._decoding_pixels += work.pixels
-                else:  # drop the rest of this request too, before any decode
-                    dropped = [work, *request.works]
-                    request.works.clear()
-                    if self._pending and self._pending[-1] is request:
-                        self._pending.pop()
-            if not alive:
-                self._drop(dropped)
-                continue
-            try:
-                decode = self._embedder.submit(work.item)
-            except Exception as e:  # decode pool shut down: the embedder was closed under us
-                decode = Future()
-                decode.set_exception(e)
-            decode.add_done_callback(lambda f, w=work: self._decoded(w, f))
+    def _dispatch(self) -> None:
+        """Send pending items to the decode pool, round-robin over requests, within the decode budget.
+
+        Called by every thread that may have made room (after submit, a decode, a batch taken). One thread
+        dispatches at a time; a caller arriving meanwhile leaves, since the dispatching thread re-reads the
+        state under the lock before it stops. A decode future that is already done when its callback is added
+        runs that callback here, whose own ``_dispatch()`` then returns at once: no recursion.
+        """
+        with self._lock:
+            if self._dispatching:
+                return
+            self._dispatching = True
+        current: _Work | None = None  # popped and not yet in the decode pool
+        try:
+            while True:
+                with self._lock:
+                    if self._dead is not None or not self._can_dispatch():
+                        self._dispatching = False
+                        return
+                    request = self._pending.popleft()
+                    work = current = request.works.popleft()
+                    if request.works:
+                        self._pending.append(request)
+                    alive = request.alive(time.monotonic())
+                    if alive:
+                        self._decoding += 1
+                        self._decoding_pixels += work.pixels
+                    else:  # drop the rest of this request too, before any decode
+                        current = None
+                        dropped = [work, *request.works]
+                        request.works.clear()
+                        if self._pending and self._pending[-1] is request:
+                            self._pending.pop()
+                if not alive:
+                    self._drop(dropped)
+                    continue
+                try:
+                    decode = self._embedder.submit(work.item)
+                except Exception as e:  # decode pool shut down: the embedder was closed under us
+                    decode = Future()
+                    decode.set_exception(e)
+                decode.add_done_callback(lambda f, w=work: self._decoded(w, f))
+                current = None
+        except Exception as e:  # a bug, not an input: stop taking work rather than strand queued items
+            log.critical("batcher dispatch failed (%r); failing all queued work", e, exc_info=True)
+            with self._lock:
+                self._dispatching = False
+            self._die(f"dispatching to the decode pool failed: {e!r}", death=True)
+            if current is not None:
+                self._finish(current, error=BatcherClosedError(f"not embedded: {self._dead}"), stat="failed")
+        except BaseException:
+            with self._lock:
+                self._dispatching = False
+            raise
 
     def _can_dispatch(self) -> bool:
         if not self._pending:
@@ -318,26 +344,27 @@ class Batcher:
             result = decode.result()
         except BaseException as e:  # noqa: BLE001 - prepare() never raises; this is the pool failing
             result = f"could not decode image ({type(e).__name__}: {e})"
-        with self._cond:
+        with self._lock:
             self._decoding -= 1
             self._decoding_pixels -= work.pixels
             if isinstance(result, np.ndarray) and self._dead is None:
                 work.array = result
                 work.ready_at = time.monotonic()
                 self._ready.append(work)
-            self._cond.notify_all()
+            self._work_cv.notify()  # a crop is ready, or one fewer is on the way
         if isinstance(result, str):
             self._finish(work, error=ItemError(result), stat="failed")
         elif self._dead is not None:
             self._finish(work, error=BatcherClosedError(f"not embedded: {self._dead}"), stat="failed")
+        self._dispatch()  # the decode budget has room again
 
     def _work(self) -> None:
         """Form batches (full_batch ready, max_delay after the oldest ready item, or nothing else on the way; at
         most max_batch) and run."""
         while True:
-            with self._cond:
+            with self._lock:
                 while self._dead is None and not self._ready and not self._done_when_closing():
-                    self._cond.wait()
+                    self._work_cv.wait()
                 if self._dead is not None or (not self._ready and self._done_when_closing()):
                     return
                 oldest = self._ready[0].ready_at
@@ -347,10 +374,10 @@ class Batcher:
                     remaining = oldest + self.max_delay - time.monotonic()
                     if remaining <= 0:
                         break
-                    self._cond.wait(remaining)
+                    self._work_cv.wait(remaining)
                 take = min(self.max_batch, len(self._ready))
                 batch = [self._ready.popleft() for _ in range(take)]
-                self._cond.notify_all()  # room ahead: the feeder may dispatch more
+            self._dispatch()  # room ahead
             now = time.monotonic()
             alive = [w.request.alive(now) for w in batch]
             self._drop([w for w, a in zip(batch, alive) if not a])
@@ -359,7 +386,7 @@ class Batcher:
                 self._run(live)
 
     def _run(self, batch: list[_Work]) -> None:
-        with self._cond:
+        with self._lock:
             self._running = batch
         # A BaseException (not caught below) leaves self._running set, so _die() can fail these futures.
         try:
@@ -376,7 +403,7 @@ class Batcher:
                         self._forward([w])
                     except Exception as e1:
                         self._fail_batch([w], e1)
-        with self._cond:
+        with self._lock:
             self._running = []
 
     def _forward(self, batch: list[_Work]) -> None:
@@ -384,7 +411,7 @@ class Batcher:
         vectors = self._embedder.embed_arrays(np.stack([w.array for w in batch]))
         if vectors.shape[0] != len(batch):
             raise RuntimeError(f"model returned {vectors.shape[0]} vectors for a batch of {len(batch)}")
-        with self._cond:
+        with self._lock:
             self._stats["batches"] += 1
         for w, v in zip(batch, vectors):
             w.array = None  # the crop is no longer needed
@@ -404,13 +431,15 @@ class Batcher:
     def _finish(self, work: _Work, *, result: np.ndarray | None = None, error: BaseException | None = None,
                 stat: str) -> None:
         """Resolve one item's future exactly once and give its queue slot back."""
-        with self._cond:
+        with self._lock:
             if work.finished:
                 return
             work.finished = True
             self._queued -= 1
             self._stats[stat] += 1
-            self._cond.notify_all()
+            self._room_cv.notify()  # a submitter may be waiting for queue room (no-op when none is)
+            if self._closing:
+                self._work_cv.notify()  # the last item lets the worker exit
         if error is not None:
             work.future.set_exception(error)
         else:
@@ -430,15 +459,16 @@ class Batcher:
             raise BatcherClosedError("the server is shutting down; retry against another instance")
 
     def _die(self, reason: str, *, death: bool) -> None:
-        """Stop both threads and fail every unfinished item (a thread died, or close() timed out)."""
-        with self._cond:
+        """Stop the worker and fail every unfinished item (a thread died, or close() timed out)."""
+        with self._lock:
             if self._dead is not None:
                 return
             self._dead = reason
             doomed = [w for r in self._pending for w in r.works] + list(self._ready) + list(self._running)
             self._pending.clear()
             self._ready.clear()
-            self._cond.notify_all()
+            self._work_cv.notify_all()
+            self._room_cv.notify_all()
         if death and self._on_death is not None:
             try:  # first: health must say NOT_SERVING before any caller hears of it
                 self._on_death(reason)

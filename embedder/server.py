@@ -19,6 +19,7 @@ With ``tls_cert`` and ``tls_key`` set the port speaks TLS only.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hmac
 import logging
 import os
@@ -337,6 +338,16 @@ class EmbedderServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
+def freeze_heap() -> None:
+    """Exempt everything alive now (the loaded server: torch, the runtime, the model) from garbage collection.
+
+    They live as long as the process, yet every full collection walked them: ~470k objects, a 0.25 s pause
+    of every caller about every 15 s under load. Objects made later are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def serve(config: Config, *, on_listening: Callable[[str], None] | None = None) -> int:
     """Run the service until SIGTERM/SIGINT; returns 0 after a graceful stop.
 
@@ -362,6 +373,7 @@ def serve(config: Config, *, on_listening: Callable[[str], None] | None = None) 
             on_listening(server.address)
         if not stop.is_set():
             server.load()
+            freeze_heap()
             log.info("serving %s", server.servicer.model_id)  # a store node has no local embedder
         while not stop.wait(0.5):  # a timeout keeps the main thread responsive to signals
             pass

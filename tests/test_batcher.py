@@ -236,6 +236,31 @@ def test_worker_death_fails_queued_work_and_reports(model):
     b.close()
 
 
+def test_a_dispatch_failure_fails_queued_work_and_reports(model):
+    """No thread of its own dispatches to the decode pool; a fault there must not strand queued items."""
+    deaths: list[str] = []
+    b = Batcher(model, max_batch=8, max_delay_ms=1, max_ahead=1, on_death=deaths.append)
+    blocker = hold_model(b, model)
+    (stuck,) = b.submit([item(2)])  # decoded, then waits: the budget (max_ahead=1) is full
+    waiting = b.submit([item(3)])  # pending until the model takes item 2
+
+    def broken() -> bool:
+        raise RuntimeError("is_active blew up")
+
+    (doomed,) = b.submit([item(4)], is_active=broken)
+    model.gate.set()
+    for f in (stuck, *waiting, doomed):
+        try:
+            f.result(timeout=10)  # resolved one way or the other: never stranded
+        except BatcherClosedError:
+            pass
+    with pytest.raises(BatcherClosedError, match="dispatch"):
+        doomed.result(timeout=10)
+    assert len(deaths) == 1 and "dispatch" in deaths[0] and not b.alive
+    assert values([blocker]) == [1]
+    b.close()
+
+
 def test_close_finishes_admitted_work_then_refuses(model):
     b = Batcher(model, max_batch=4, max_delay_ms=1)
     futures = b.submit([item(v) for v in range(1, 11)])

@@ -484,3 +484,42 @@ def test_a_server_holds_at_most_max_models(embedder, photos):
                                                            model="efficientnet_lite0"), timeout=60)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-models" in e.value.details()
         assert [m.name for m in s.servicer.models] == ["mobilenet_v2"]
+
+
+FREEZE_PROBE = """
+import gc, os, signal, sys, threading, time
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from embedder.config import Config
+from embedder.server import serve
+
+def probe(address):
+    def run():
+        with grpc.insecure_channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            while True:
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status == 1:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        end = time.monotonic() + 60  # serve() freezes the heap right after SERVING
+        while gc.get_freeze_count() == 0 and time.monotonic() < end:
+            time.sleep(0.05)
+        print("frozen", gc.get_freeze_count(), flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+    threading.Thread(target=run, daemon=True).start()
+
+sys.exit(serve(Config.from_env(port=0, device="cpu", data_dir=sys.argv[1]), on_listening=probe))
+"""
+
+
+def test_serve_exempts_the_loaded_heap_from_garbage_collection(cache_dir, tmp_path):
+    """Full collections would walk torch's and the model's ~10^5 objects under load (a pause for every caller)."""
+    env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.run([sys.executable, "-c", FREEZE_PROBE, str(tmp_path / "data")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    frozen = int(proc.stdout.split("frozen")[-1].split()[0])
+    assert frozen > 100_000, proc.stdout
