@@ -128,7 +128,7 @@ class CurvePoint:
     fit_seconds: float  # mean per fit
 
 
-DEFAULT_CURVE = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+DEFAULT_CURVE = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
 def learning_curve(head: Head, X: Any, y: Sequence[Any], *, per_class: Sequence[int] | None = None,

@@ -92,7 +92,7 @@ def source_pixels(item: Any, max_pixels: int) -> int:
         elif isinstance(item, (bytes, bytearray, memoryview)):
             with Image.open(io.BytesIO(item)) as img:  # lazy: reads the header only
                 px = img.width * img.height
-        elif isinstance(item, os.PathLike):
+        elif isinstance(item, (str, os.PathLike)):
             with Image.open(item) as img:
                 px = img.width * img.height
         else:

@@ -62,8 +62,10 @@ def _job(client: EmbedderClient, server: EmbedderServer, train: LabelledImages, 
             added, replaced, cached = added + summary.added, replaced + summary.replaced, cached + summary.cached
             bar.update(len(idx))
     add_seconds = time.perf_counter() - started
-    print(f"added {added} new, replaced {replaced}; {cached} came from the cache (no backbone pass) "
-          f"in {add_seconds:.1f} s ({len(train) / add_seconds:.0f} img/s)")
+    source = (f"{cached} came from the cache (no backbone pass), {len(train) - cached} embedded" if cached
+              else f"all {len(train)} embedded (a second run takes them from the cache)")
+    print(f"added {added} new, replaced {replaced}; {source} in {add_seconds:.1f} s "
+          f"({len(train) / add_seconds:.0f} img/s)")
 
     # 2. train a head on the stored vectors: no image is embedded again
     result = client.train(collection, head, head_id=head_id)

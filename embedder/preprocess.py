@@ -20,7 +20,7 @@ from .config import JPEG_DECODERS
 from .errors import ImageDecodeError
 from .jpeg import JpegDecoder
 
-ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image, os.PathLike]
+ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image, str, os.PathLike]
 
 # Our own max_pixels check runs on the header before any pixel is decoded, with a message that says how to
 # raise it; Pillow's global bomb guard would otherwise cap it at ~179 MP with a message we cannot control.
@@ -43,13 +43,9 @@ def decode(item: ImageInput, *, max_pixels: int) -> Image.Image:
 
     Bytes: JPEG, PNG (8 and 16 bit), WebP, BMP, GIF (first frame), TIFF and what else Pillow reads;
     EXIF orientation is applied. Arrays: ``(H, W)``, ``(H, W, 1|3|4)`` of uint8, uint16, or floats in [0, 1].
-    Paths (``os.PathLike``, local callers only; the server never accepts them) are read in the worker.
+    Paths (``str`` or ``os.PathLike``, local callers only; the server never accepts them) are read in the worker.
     """
-    if isinstance(item, os.PathLike):
-        try:
-            item = Path(item).read_bytes()
-        except OSError as e:
-            raise ImageDecodeError(f"could not read file: {e}") from None
+    item = _read_path(item)
     if isinstance(item, Image.Image):
         img = item
     elif isinstance(item, np.ndarray):
@@ -58,7 +54,8 @@ def decode(item: ImageInput, *, max_pixels: int) -> Image.Image:
         img = _open_bytes(bytes(item), max_pixels)
     else:
         raise ImageDecodeError(
-            f"unsupported input type {type(item).__name__}; pass encoded image bytes, a numpy array, a PIL image or a path"
+            f"unsupported input type {type(item).__name__}; pass encoded image bytes, a numpy array, a PIL image "
+            "or a file path"
         )
     _check_size(img.size, max_pixels)
     try:
@@ -67,6 +64,16 @@ def decode(item: ImageInput, *, max_pixels: int) -> Image.Image:
         return _to_rgb(img)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ImageDecodeError(f"corrupt or truncated image data ({e})") from None
+
+
+def _read_path(item: ImageInput) -> ImageInput:
+    """A file path's bytes; any other input as it is."""
+    if not isinstance(item, (str, os.PathLike)):
+        return item
+    try:
+        return Path(item).read_bytes()
+    except OSError as e:
+        raise ImageDecodeError(f"could not read file: {e}") from None
 
 
 def _open_bytes(data: bytes, max_pixels: int) -> Image.Image:
@@ -162,6 +169,7 @@ class Preprocessor:
         self.jpeg = JpegDecoder(preprocessing, "cpu", max_pixels=max_pixels) if jpeg_decoder == "torchvision" else None
 
     def __call__(self, item: ImageInput) -> np.ndarray:
+        item = _read_path(item)  # a JPEG file then takes the same decoder as its bytes
         if self.jpeg is not None:
             crop = self.jpeg.crop(item)
             if crop is not None:

@@ -216,21 +216,24 @@ class EmbedderServer:
         return _host_port(self.config.host, self.port)
 
     def start(self) -> int:
-        """Bind and start answering (health NOT_SERVING until :meth:`load`); returns the bound port."""
+        """Open the data dir, bind and start answering (health NOT_SERVING until :meth:`load`); returns the port.
+
+        The data dir comes first: one held by another server fails here, before anything says "listening".
+        """
         cfg = self.config
-        target = _host_port(cfg.host, cfg.port)
+        if cfg.role != "embed" and self.store is None:
+            self.store = Store.from_config(cfg)
+            self.heads = HeadRegistry(cfg.data_dir / "heads")
+            self.jobs = JobRunner(cfg.data_dir / "jobs")
+            load_derived(cfg.data_dir / "backbones")  # fine-tuned versions: named by collections, heads and jobs
+            log.info("data dir %s: %s", cfg.data_dir, self.store)
         try:
-            if cfg.tls_cert:
-                with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
-                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-                self.port = self._server.add_secure_port(target, creds)
-            else:
-                self.port = self._server.add_insecure_port(target)
-        except RuntimeError as e:  # grpc raises RuntimeError when the bind fails
-            raise EmbedderError(f"could not listen on {target} ({e}); is the port in use? choose another "
-                                "with --port / EMBEDDER_PORT (0 picks a free one)") from None
-        if not self.port:
-            raise EmbedderError(f"could not listen on {target}; is the port in use? choose another with --port")
+            self.port = self._bind()
+        except BaseException:
+            if self.store is not None:  # the data dir is free again for whoever tries next
+                self.store.close()
+                self.store = None
+            raise
         self._server.start()
         if cfg.metrics_port > 0:
             self.metrics_port = self.metrics.start_http(cfg.metrics_port, cfg.host)
@@ -238,20 +241,30 @@ class EmbedderServer:
                  self.address, "TLS" if cfg.tls_cert else "plaintext")
         return self.port
 
+    def _bind(self) -> int:
+        cfg = self.config
+        target = _host_port(cfg.host, cfg.port)
+        try:
+            if cfg.tls_cert:
+                with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+                port = self._server.add_secure_port(target, creds)
+            else:
+                port = self._server.add_insecure_port(target)
+        except RuntimeError as e:  # grpc raises RuntimeError when the bind fails
+            raise EmbedderError(f"could not listen on {target} ({e}); is the port in use? choose another "
+                                "with --port / EMBEDDER_PORT (0 picks a free one)") from None
+        if not port:
+            raise EmbedderError(f"could not listen on {target}; is the port in use? choose another with --port")
+        return port
+
     def load(self) -> None:
-        """Open the data dir, load the model (unless given), start the batcher, warm up, then health SERVING.
+        """Load the model (unless given), start the batcher, warm up, then health SERVING (after :meth:`start`).
 
         ``role="embed"``: no data dir, embedding only. ``role="store"``: no local model; cache misses go to
         the embedding replicas at ``embed_target``.
         """
         cfg = self.config
-        if cfg.role != "embed":
-            # The store first: a data dir held by another server fails in a second, not after the model loads.
-            self.store = Store.from_config(cfg)
-            self.heads = HeadRegistry(cfg.data_dir / "heads")
-            self.jobs = JobRunner(cfg.data_dir / "jobs")
-            load_derived(cfg.data_dir / "backbones")  # fine-tuned versions: named by collections, heads and jobs
-            log.info("data dir %s: %s", cfg.data_dir, self.store)
         if cfg.role == "store":
             batcher = RemoteBatcher(pool_client(cfg), on_death=self._worker_died)
             self._started.append((batcher, None))

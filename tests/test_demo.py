@@ -19,7 +19,7 @@ def test_demo_runs_the_main_job_through_the_service_and_a_rerun_comes_from_the_c
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert "dataset: digits, 200 labelled training images, 60 held out" in out
-    assert "added 200 new, replaced 0; 0 came from the cache" in out
+    assert "added 200 new, replaced 0; all 200 embedded" in out
     accuracy = float(re.search(r"hold-out \(40 images\): accuracy ([\d.]+)%", out).group(1))
     assert accuracy > 50  # ten digit classes: chance is 10%
     assert re.search(r"predicted 60 held-out images in [\d.]+ s: [\d.]+% correct", out)

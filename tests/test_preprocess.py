@@ -259,12 +259,21 @@ def test_pil_image_and_path_inputs(cat, tmp_path):
 
 
 def test_preprocessor_output_is_the_same_for_every_input_kind(pre, cat, tmp_path):
-    """Bytes, path, PIL image and array of one picture give identical model inputs."""
+    """Bytes, path (str or Path), PIL image and array of one picture give identical model inputs."""
     data = encode(Image.fromarray(cat), "PNG")
     (tmp_path / "cat.png").write_bytes(data)
-    outs = [pre(x) for x in (data, tmp_path / "cat.png", Image.fromarray(cat), cat)]
+    outs = [pre(x) for x in (data, tmp_path / "cat.png", str(tmp_path / "cat.png"), Image.fromarray(cat), cat)]
     assert all(o.dtype == np.uint8 and o.shape == (224, 224, 3) for o in outs)
     assert all(np.array_equal(o, outs[0]) for o in outs[1:])
+
+
+def test_a_jpeg_file_takes_the_same_decoder_as_its_bytes(pre, cat, tmp_path):
+    data = encode(Image.fromarray(cat), "JPEG")
+    (tmp_path / "cat.jpg").write_bytes(data)
+    assert np.array_equal(pre(str(tmp_path / "cat.jpg")), pre(data))
+    assert np.array_equal(pre(tmp_path / "cat.jpg"), pre(data))
+    with pytest.raises(ImageDecodeError, match="could not read file"):
+        pre(str(tmp_path / "missing.jpg"))
 
 
 # --- errors --------------------------------------------------------------------------------------

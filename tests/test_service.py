@@ -523,3 +523,15 @@ def test_serve_exempts_the_loaded_heap_from_garbage_collection(cache_dir, tmp_pa
     assert proc.returncode == 0, proc.stderr[-2000:]
     frozen = int(proc.stdout.split("frozen")[-1].split()[0])
     assert frozen > 100_000, proc.stdout
+
+
+def test_a_second_server_on_a_held_data_dir_fails_before_saying_listening(embedder, cache_dir, tmp_path):
+    """Scripts wait for the "listening on" line: it must not appear for a server that is about to exit."""
+    env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir)}
+    with running_server(embedder, data_dir=tmp_path / "data"):
+        proc = subprocess.run([sys.executable, "-m", "embedder.cli", "serve", "--port", "0", "--device", "cpu",
+                               "--data-dir", str(tmp_path / "data")], env=env, capture_output=True, text=True,
+                              timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "listening" not in proc.stdout
+    assert "open in another process" in proc.stderr
