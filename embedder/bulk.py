@@ -68,7 +68,7 @@ DEFAULT_SHARD_SIZE = 1000
 _VECTOR_SETTINGS = ("normalize", "precision")
 # Embedder settings bulk_embed accepts (Config fields that make sense for a batch job).
 _SETTINGS = ("device", "runtime", "max_batch", "micro_batch", "runtime_threads", "max_pixels", "precision",
-             "normalize", "compile", "cache_dir", "data_dir")
+             "normalize", "compile", "cache_dir", "data_dir", "jpeg_decoder")
 
 
 class ScaleNotInstalledError(EmbedderError):
@@ -733,6 +733,14 @@ def import_parquet(directory: str | os.PathLike, store: "Store", collection: str
             raise FileNotFoundError(f"shard {f} is missing or unreadable; rerun bulk-embed on {directory} to "
                                     "recompute it")
         metas.append(meta)
+        if labels_from not in (None, "folder") and label is None:
+            names = pq.read_schema(f).names
+            if labels_from not in names:  # before anything is written, like the model check below
+                hint = (" (bulk-embed writes it only when run with --label-column)" if labels_from == "label"
+                        else "")
+                raise ValueError(f"the shards in {directory} have no {labels_from!r} column{hint}; columns: "
+                                 f"{', '.join(names)}. Import them without shard labels, or with the folder "
+                                 "names (--label-from-folder) or one label (--label)")
     models = sorted({m["model_id"] for m in metas})
     if len(models) > 1:
         raise ModelMismatchError(f"{directory} mixes shards of models {', '.join(models)}; import one model's "

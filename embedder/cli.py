@@ -11,6 +11,7 @@ Examples:
 Store and classifier commands (on a running `embedder serve`: --server, else EMBEDDER_SERVER, else 127.0.0.1:50051;
 token from --token or EMBEDDER_TOKEN):
     embedder add pets/ --collection pets --label-from-folder
+    embedder add more/ --collection pets-v2 --model mobilenet_v2.pets   # a fine-tuned backbone version
     embedder search query.jpg --collection pets -k 5
     embedder search --id cat/tom.jpg --collection pets --json
     embedder get cat/tom.jpg dog/rex.jpg --collection pets
@@ -27,6 +28,7 @@ token from --token or EMBEDDER_TOKEN):
 Bulk jobs on Ray Data (`pip install 'embedder[scale]'`), then an import into a local data dir (no backbone pass):
     embedder bulk-embed photos/ --out vectors/ [--ray-address ray://head:10001]
     embedder add --from-parquet vectors/ --collection pets --label-from-folder --data-dir embedder-data
+    embedder add --from-parquet vectors/ --collection pets --label-from-shards   # bulk-embed --label-column
 
 ``embed`` writes ``vectors.npy`` (float32, one row per embedded file) and ``vectors.json`` beside it:
 the model id, the runtime, the paths in row order, and every file that could not be embedded with why.
@@ -78,6 +80,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=("fp32", "bf16"), help="bf16 is opt-in, OpenVINO only")
     g.add_argument("--no-normalize", dest="normalize", action="store_const", const=False,
                    help="return raw pooled features instead of L2-normalised vectors")
+    g.add_argument("--compile", action="store_const", const=True,
+                   help="torch.compile the model (torch runtime only; other runtimes ignore it; slower start); "
+                        "also EMBEDDER_COMPILE=1")
+    g.add_argument("--cache-dir", type=Path,
+                   help="where exported ONNX models are kept (default: EMBEDDER_CACHE_DIR, else "
+                        "$XDG_CACHE_HOME/embedder, else ~/.cache/embedder)")
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -85,7 +93,7 @@ def _config(args: argparse.Namespace) -> Config:
         model=args.model, device=args.device, runtime=args.runtime, max_batch=args.max_batch,
         micro_batch=args.micro_batch, decode_workers=args.decode_workers, runtime_threads=args.runtime_threads,
         max_pixels=args.max_pixels, precision=args.precision, normalize=args.normalize,
-        jpeg_decoder=args.jpeg_decoder,
+        jpeg_decoder=args.jpeg_decoder, compile=args.compile, cache_dir=args.cache_dir,
     )
 
 
@@ -149,8 +157,12 @@ def _add_bulk_parser(sub: Any) -> None:
 
 def _bulk_embed(args: argparse.Namespace) -> int:
     """``embedder bulk-embed``: 0 when every input was embedded, 1 when some failed (listed on stderr)."""
+    if args.decode_workers is not None:
+        raise ValueError("--decode-workers does not apply to bulk-embed: Ray runs the decoding, one task per CPU "
+                         "of the cluster; size it with the cluster (or `ray start --num-cpus`)")
     settings = {k: getattr(args, k) for k in ("device", "runtime", "max_batch", "micro_batch", "runtime_threads",
-                                              "max_pixels", "precision", "normalize")}
+                                              "max_pixels", "precision", "normalize", "compile", "cache_dir",
+                                              "jpeg_decoder")}
     manifest = bulk.bulk_embed(args.src, args.out, model=args.model, ray_address=args.ray_address,
                                actors=args.actors, batch_size=args.batch_size, shard_size=args.shard_size,
                                progress=not args.quiet, bytes_column=args.bytes_column,
@@ -179,13 +191,28 @@ def _import_parquet(args: argparse.Namespace) -> int:
     except StoreLockedError as e:
         raise StoreLockedError(f"{e}. If `embedder serve` runs on {config.data_dir}, stop it for the import "
                                "(it picks the items up when it starts again)") from None
+    # "label" is the column bulk-embed writes for --label-column, whatever that column was called in its input
+    labels_from = "folder" if args.label_from_folder else "label" if args.label_from_shards else None
     with store:
-        r = bulk.import_parquet(args.from_parquet, store, args.collection,
-                                labels_from="folder" if args.label_from_folder else None, label=args.label,
+        r = bulk.import_parquet(args.from_parquet, store, args.collection, labels_from=labels_from, label=args.label,
                                 index=args.index, progress=not args.quiet)
     print(f"imported {r['items']} vectors of {r['model_id']} from {r['shards']} shards: added {r['added']}, "
           f"replaced {r['replaced']} -> collection {args.collection} in {config.data_dir} (no backbone pass)")
+    column = _shard_label_column(args.from_parquet)
+    if column and labels_from is None and args.label is None:  # say so rather than drop them silently
+        print(f"note: the shards carry labels (bulk-embed --label-column {column}) that were not imported; "
+              "rerun with --label-from-shards to store them", file=sys.stderr)
     return 0
+
+
+def _shard_label_column(directory: Path) -> str | None:
+    """The input column bulk-embed carried into the shards as ``label`` (its manifest's settings), if any."""
+    try:
+        settings = json.loads((directory / bulk.MANIFEST).read_text()).get("settings") or {}
+    except (OSError, ValueError):
+        return None  # import_parquet has already read this manifest; a hint is not worth failing over
+    return settings.get("label_column") or None
+
 
 def _add_remote_options(p: argparse.ArgumentParser, *, server_help: str | None = None,
                         title: str = "server (also EMBEDDER_SERVER, EMBEDDER_TOKEN)") -> None:
@@ -216,6 +243,14 @@ def _add_store_commands(sub: Any) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--label-from-folder", action="store_true", help="label each file with its parent folder's name")
     g.add_argument("--label", help="label every file with LABEL")
+    g.add_argument("--label-from-shards", action="store_true",
+                   help="with --from-parquet: label each item with the shards' `label` column (written by "
+                        "`embedder bulk-embed --label-column COL`); without this or another label option the "
+                        "import stores no labels")
+    p.add_argument("--model", metavar="NAME",
+                   help="backbone the server embeds with, by name or model id, e.g. a fine-tuned version "
+                        "mobilenet_v2.pets (see `embedder job`); applies when the collection is created (default: "
+                        "the server's default model); an existing collection always embeds with its own model")
     p.add_argument("--index", metavar="INDEX", help="index of a new collection: flat (exact, the default) or "
                                                     "hnsw[:m=..,ef_construction=..,ef_search=..]")
     p.add_argument("--id-from", choices=("relative", "name", "path"), default="relative",
@@ -345,6 +380,9 @@ def _add_service_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-models", type=int,
                    help="backbones held at once: the default plus versions loaded on first use (default 3)")
     g.add_argument("--data-dir", type=Path, help="store and classifier data (default ./embedder-data)")
+    g.add_argument("--cache-max-items", type=int,
+                   help="vectors kept in the cache outside any collection, least recently used evicted beyond it "
+                        "(default 1,000,000; 0 turns the cache off); also EMBEDDER_CACHE_MAX_ITEMS")
     g.add_argument("--no-keep-images", dest="keep_images", action="store_const", const=False,
                    help="do not keep added images' bytes (then collections cannot be fine-tuned on)")
     g.add_argument("--token",
@@ -359,7 +397,8 @@ def _serve_config(args: argparse.Namespace) -> Config:
     """Flag > EMBEDDER_* env var > default, for the model and the service fields alike."""
     service = {k: getattr(args, k) for k in (
         "host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
-        "max_models", "role", "embed_target", "data_dir", "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "grace_seconds")}
+        "max_models", "role", "embed_target", "data_dir", "cache_max_items", "keep_images", "token", "tls_cert",
+        "tls_key", "metrics_port", "grace_seconds")}
     # _config() already read every EMBEDDER_* variable; replace() re-runs Config's validation.
     return dataclasses.replace(_config(args), **{k: v for k, v in service.items() if v is not None})
 
@@ -524,9 +563,15 @@ def _add(args: argparse.Namespace) -> int:
     if args.from_parquet is not None:
         if args.paths:
             raise ValueError("give image paths or --from-parquet DIR, not both")
+        if args.model is not None:
+            raise ValueError("--model goes with image paths; the shards of --from-parquet already hold the vectors "
+                             "of the model bulk-embed ran (choose it there: `embedder bulk-embed --model NAME`)")
         return _import_parquet(args)
     if args.data_dir is not None:
         raise ValueError("--data-dir goes with --from-parquet; a server's add writes to the server's own data dir")
+    if args.label_from_shards:
+        raise ValueError("--label-from-shards goes with --from-parquet; for image paths use --label-from-folder or "
+                         "--label LABEL")
     if not args.paths:
         raise ValueError("nothing to add: give image files or folders, or --from-parquet DIR (bulk-embed output)")
     entries, failed = _files_to_add(args)

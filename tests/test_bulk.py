@@ -268,6 +268,40 @@ def test_cli_bulk_embed_and_add_from_parquet(bulk_out, tree, tmp_path, capsys):
     assert "nothing to add" in capsys.readouterr().err
 
 
+def test_cli_add_from_parquet_labels_from_the_shards(ray_local, bulk_out, tree, tmp_path, cache_dir, capsys):
+    """`bulk-embed --label-column species` then `add --from-parquet --label-from-shards`: each item gets its own
+    row's label (a null stays unlabelled); without the option none are stored and stderr says how to get them;
+    shards without a label column are refused before anything is written."""
+    _, files = tree
+    chosen = sorted(files)[:6]
+    species = ["tabby", "tabby", "mutt", None, "siamese", "mutt"]  # not the folder names: the column's own values
+    pq.write_table(pa.table({"id": [f"img{n}" for n in range(6)], "image": pa.array([files[i] for i in chosen]),
+                             "species": species}), tmp_path / "labelled.parquet")
+    out = tmp_path / "labelled-out"
+    manifest = bulk_embed(tmp_path / "labelled.parquet", out, shard_size=4, batch_size=BATCH, label_column="species",
+                          cache_dir=cache_dir, progress=False)
+    assert manifest["complete"] and manifest["counts"]["embedded"] == 6 and manifest["counts"]["shards"] == 2
+    data = str(tmp_path / "data")
+    argv = ["add", "--from-parquet", str(out), "--data-dir", data, "-q"]
+
+    assert main([*argv, "--collection", "species", "--label-from-shards"]) == 0
+    captured = capsys.readouterr()
+    assert "imported 6 vectors" in captured.out and "added 6" in captured.out and captured.err == ""
+    assert main([*argv, "--collection", "plain"]) == 0
+    err = capsys.readouterr().err
+    assert "bulk-embed --label-column species" in err and "--label-from-shards" in err
+    assert main(["add", "--from-parquet", str(bulk_out[0]), "--data-dir", data, "--collection", "folders",
+                 "--label-from-shards", "--index", "hnsw", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "have no 'label' column" in err and "--label-column" in err and "--label-from-folder" in err
+    with Store(tmp_path / "data") as store:
+        got = {s.id: s.label for s in store.get("species", [f"img{n}" for n in range(6)])}
+        assert got == {f"img{n}": label for n, label in enumerate(species)}
+        assert store.collection("species").labels == {"tabby": 2, "mutt": 2, "siamese": 1}
+        assert store.collection("plain").labels == {} and store.collection("plain").unlabeled == 6
+        assert "folders" not in [c.name for c in store.list_collections()]  # refused before writing anything
+
+
 def test_read_inputs_orders_and_checks(tree, tmp_path):
     root, files = tree
     inputs = read_inputs(root)

@@ -433,3 +433,88 @@ def test_server_from_env_and_unreachable_server(store_server, capsys, env, monke
     monkeypatch.setenv("EMBEDDER_SERVER", "127.0.0.1:1")
     code, _, err = run(["heads", "--timeout", "2"], capsys)
     assert code == 2 and err.startswith("embedder: error: UNAVAILABLE") and "127.0.0.1:1" in err
+
+
+def test_add_with_a_model_by_name_or_id_and_an_unknown_model(remote, pets, embedder):
+    """`add --model` reaches the server: the default backbone by name or by model id creates the collection with
+    it; a name the server cannot load fails the whole add (exit 2), names the model, and creates nothing."""
+    root, _ = pets
+    for collection, model in (("model-name-pets", "mobilenet_v2"), ("model-id-pets", embedder.model_id)):
+        code, out, err = remote("add", root / "cat", "--collection", collection, "--model", model, "-q")
+        assert code == 0, err
+        assert out.startswith("added 4, replaced 0, ") and out.rstrip().endswith(f"0 failed -> collection {collection}")
+    code, out, err = remote("add", root / "cat", "--collection", "ghost-pets", "--model", "resnet9000", "-q")
+    assert code == 2 and out == ""
+    assert err.startswith("embedder: error: INVALID_ARGUMENT") and "unknown model 'resnet9000'" in err
+    assert "registered models: " in err and "mobilenet_v2" in err  # says what to use instead
+    code, out, _ = remote("stats", "--json")
+    models = {c["name"]: c["model_id"] for c in json.loads(out)["collections"]}
+    assert code == 0 and models["model-name-pets"] == models["model-id-pets"] == embedder.model_id
+    assert "ghost-pets" not in models
+
+
+def test_add_refuses_options_of_the_other_kind_of_add(tmp_path, capsys, env):
+    """--model is for embedding paths on a server, --label-from-shards for an import: each alone is refused with
+    the way out, before any server or data dir is touched."""
+    code, _, err = run(["add", "--from-parquet", tmp_path / "vectors", "--collection", "x", "--model",
+                        "mobilenet_v2.pets"], capsys)
+    assert code == 2 and "--model goes with image paths" in err and "bulk-embed --model" in err
+    code, _, err = run(["add", tmp_path, "--collection", "x", "--label-from-shards", "--server", "127.0.0.1:1"],
+                       capsys)
+    assert code == 2 and "--label-from-shards goes with --from-parquet" in err
+    with pytest.raises(SystemExit) as e:  # one source of labels
+        main(["add", "--from-parquet", str(tmp_path), "--collection", "x", "--label-from-shards", "--label", "cat"])
+    assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
+def test_compile_cache_dir_and_cache_max_items_flags_beat_env(tmp_path, monkeypatch, env):
+    """The three Config fields that had only env vars: each flag reaches the Config and wins over EMBEDDER_*;
+    without the flag the env var still applies."""
+    from embedder.cli import _config, _serve_config, build_parser
+
+    monkeypatch.setenv("EMBEDDER_COMPILE", "0")
+    monkeypatch.setenv("EMBEDDER_CACHE_DIR", str(tmp_path / "env-cache"))
+    monkeypatch.setenv("EMBEDDER_CACHE_MAX_ITEMS", "5")
+    parser = build_parser()
+    flags = ["--compile", "--cache-dir", str(tmp_path / "flag-cache")]
+    cfg = _serve_config(parser.parse_args(["serve", *flags, "--cache-max-items", "7"]))
+    assert (cfg.compile, cfg.cache_dir, cfg.cache_max_items) == (True, tmp_path / "flag-cache", 7)
+    cfg = _serve_config(parser.parse_args(["serve"]))
+    assert (cfg.compile, cfg.cache_dir, cfg.cache_max_items) == (False, tmp_path / "env-cache", 5)
+    cfg = _serve_config(parser.parse_args(["serve", "--cache-max-items", "0"]))  # 0 (cache off) is a value too
+    assert cfg.cache_max_items == 0
+    for argv in (["embed", "x.jpg", "--out", "x.npy"], ["demo"]):  # the other commands with model options
+        cfg = _config(parser.parse_args([*argv, *flags]))
+        assert (cfg.compile, cfg.cache_dir) == (True, tmp_path / "flag-cache")
+        cfg = _config(parser.parse_args(argv))
+        assert (cfg.compile, cfg.cache_dir) == (False, tmp_path / "env-cache")
+    monkeypatch.setenv("EMBEDDER_COMPILE", "1")
+    assert _config(parser.parse_args(["embed", "x.jpg", "--out", "x.npy"])).compile is True
+
+
+def test_bulk_embed_passes_its_model_flags_on(tmp_path, monkeypatch, env, capsys):
+    """bulk-embed hands its model flags to bulk_embed itself (not through _config): none may be dropped, and
+    --decode-workers (Ray decodes there) is refused rather than ignored. Stopped at that call: no Ray needed."""
+    from embedder import bulk
+
+    class Reached(Exception):
+        pass
+
+    seen = {}
+
+    def capture(src, out, **kwargs):
+        seen.update(kwargs)
+        raise Reached
+
+    monkeypatch.setattr(bulk, "bulk_embed", capture)
+    with pytest.raises(Reached):
+        main(["bulk-embed", str(tmp_path), "--out", str(tmp_path / "v"), "--compile", "--cache-dir",
+              str(tmp_path / "c"), "--jpeg-decoder", "pillow"])
+    assert seen["compile"] is True and seen["cache_dir"] == tmp_path / "c" and seen["jpeg_decoder"] == "pillow"
+    seen.clear()
+    assert main(["bulk-embed", str(tmp_path), "--out", str(tmp_path / "v"), "--decode-workers", "2"]) == 2
+    assert "--decode-workers does not apply to bulk-embed" in capsys.readouterr().err and not seen
+    seen.clear()
+    with pytest.raises(Reached):
+        main(["bulk-embed", str(tmp_path), "--out", str(tmp_path / "v")])
+    assert "compile" not in seen and "cache_dir" not in seen  # not given: bulk_embed's Config reads EMBEDDER_*
