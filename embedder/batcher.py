@@ -220,8 +220,9 @@ class Batcher:
                     break
                 if not block:
                     raise QueueFullError(
-                        f"the server queue is full ({self._queued} of {self.max_queue} items waiting); "
-                        "retry with backoff, or raise --max-queue / EMBEDDER_MAX_QUEUE")
+                        f"the server queue has no room for this request ({n} item{'s' * (n != 1)}; {self._queued} of "
+                        f"{self.max_queue} already waiting); retry with backoff, send fewer items per call, or "
+                        "raise --max-queue / EMBEDDER_MAX_QUEUE")
                 if not request.alive(time.monotonic()):
                     raise DroppedError("the caller went away or its deadline passed while waiting for queue room")
                 self._room_cv.wait(0.05)  # short: is_active() cannot notify us

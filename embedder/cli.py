@@ -221,7 +221,40 @@ def _add_remote_options(p: argparse.ArgumentParser, *, server_help: str | None =
         f"the `embedder serve` instance to talk to (default: EMBEDDER_SERVER, else {DEFAULT_SERVER})"))
     g.add_argument("--token", help="bearer token for the server (default: EMBEDDER_TOKEN)")
     g.add_argument("--tls-ca", type=Path, help="PEM certificate to trust for a TLS server (plaintext without it)")
-    g.add_argument("--timeout", type=float, default=60.0, help="seconds per request (default 60)")
+    g.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request (default 60)")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (0 would silently mean "the server's default" in the RPC)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value > 2**31 - 1:
+        raise argparse.ArgumentTypeError(f"must be below 2**31, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {text}")
+    return value
 
 
 def _param(text: str) -> tuple[str, Any]:
@@ -269,7 +302,7 @@ def _add_store_commands(sub: Any) -> None:
     q.add_argument("image", nargs="?", type=Path, help="query image file")
     q.add_argument("--id", metavar="ITEM_ID", help="query by this stored item of --collection instead")
     p.add_argument("--collection", required=True, help="collection to search")
-    p.add_argument("-k", type=int, default=10, help="number of hits (default 10)")
+    p.add_argument("-k", type=_positive_int, default=10, help="number of hits (default 10)")
     p.add_argument("--label", help="only items with this label")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_remote_options(p)
@@ -302,7 +335,7 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="train on these labels only (default: all)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="head parameter, repeatable; values are JSON when they parse (C=0.1), else strings")
-    p.add_argument("--test-size", type=float, default=0.2, help="hold-out fraction for the metrics (default 0.2)")
+    p.add_argument("--test-size", type=_fraction, default=0.2, help="hold-out fraction for the metrics (default 0.2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--head-id", metavar="NAME", help="name of the head (replaces one of that name); default: generated")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the hold-out confusion matrix to this PNG")
@@ -317,15 +350,15 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--head", required=True, metavar="HEAD_ID")
     p.add_argument("--collection", help="collection of --ids")
     p.add_argument("--ids", nargs="+", default=[], metavar="ID", help="stored items to predict")
-    p.add_argument("--top-k", type=int, default=3, help="labels per input (default 3)")
+    p.add_argument("--top-k", type=_positive_int, default=3, help="labels per input (default 3)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_remote_options(p)
 
     p = sub.add_parser("finetune", help="fine-tune the last block(s) on a labelled collection -> a new backbone")
     p.add_argument("--collection", required=True)
     p.add_argument("--suffix", required=True, help="the new backbone is <parent>.<suffix>")
-    p.add_argument("--unfreeze", type=int, default=1, help="blocks trained, from the end (default 1)")
-    p.add_argument("--epochs", type=int, default=10, help="at most this many epochs (default 10; early stopping)")
+    p.add_argument("--unfreeze", type=_positive_int, default=1, help="blocks trained, from the end (default 1)")
+    p.add_argument("--epochs", type=_positive_int, default=10, help="at most this many epochs (default 10; early stopping)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these labels (default: all)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="further settings: lr, weight_decay, batch_size, val_fraction, patience, dropout, noise, "
@@ -346,7 +379,7 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--head", default="logreg", choices=("logreg", "linear_svm", "svm"), help="kind (default logreg)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these labels (default: all)")
     p.add_argument("--per-class", nargs="+", type=int, metavar="N", help="sizes (default 1 2 5 10 20 50 ...)")
-    p.add_argument("--repeats", type=int, default=5, help="random draws per size (default 5)")
+    p.add_argument("--repeats", type=_positive_int, default=5, help="random draws per size (default 5)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the curve with its 95%% band to this PNG")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     _add_remote_options(p)
@@ -425,8 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in REMOTE_COMMANDS:
             return REMOTE_COMMANDS[args.command](args)
         return _embed(args)
-    # EmbedderError covers the client's ServiceError (unreachable server, bad token, NOT_FOUND, ...)
-    except (EmbedderError, ValueError, FileNotFoundError) as e:
+    # EmbedderError covers the client's ServiceError (unreachable server, bad token, NOT_FOUND, ...); OSError an
+    # output or data path that cannot be written (its message names the path)
+    except (EmbedderError, ValueError, OSError) as e:
         print(f"embedder: error: {e}", file=sys.stderr)
         return 2
 
@@ -487,6 +521,7 @@ def _embed_remote(args: argparse.Namespace, files: list[Path]) -> tuple[np.ndarr
 def _embed(args: argparse.Namespace) -> int:
     from .pipeline import BatchResult, Embedder  # imports torch: keep `embedder models --help` fast
 
+    _check_out(args.out)
     files, failed = collect_images(args.paths)
     if not files:
         raise FileNotFoundError(f"no image files found under {', '.join(map(str, args.paths))}")
@@ -497,6 +532,19 @@ def _embed(args: argparse.Namespace) -> int:
         result = emb.embed_batch(files, progress=not args.quiet)
         info = emb.info()
     return _write_embeddings(args, files, failed, result, info)
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot take the vectors before any image is embedded, not after."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name a .npy file, e.g. {out / 'vectors.npy'}")
+    if out.suffix != ".npy":
+        raise ValueError(f"--out {out}: name a .npy file (the paths and failures go beside it as .json)")
+    parent = out.parent
+    while not parent.exists():  # created on write: the nearest existing ancestor must be a writable folder
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not a writable folder; choose another path")
 
 
 def _write_embeddings(args: argparse.Namespace, files: list[Path], failed: list[dict[str, str]],

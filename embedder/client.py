@@ -47,6 +47,7 @@ from .errors import BatchError, EmbedderError
 from .messages import (collection_from_pb, head_from_pb, hit_from_pb, job_from_pb, stored_from_pb, to_tensor,
                        vector_bytes)
 from .pipeline import BatchResult
+from .preprocess import image_list
 from .store import DeleteResult, Hit, StoredItem
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # = Config.max_message_bytes
@@ -206,7 +207,7 @@ class EmbedderClient:
             raise ValueError(f'errors must be "raise" or "return", got {errors!r}')
         if chunk < 1 or window < 1:
             raise ValueError(f"chunk and window must be >= 1, got {chunk} and {window}")
-        images = list(images)
+        images = image_list(images)
         ids = [str(i) for i in range(len(images))] if ids is None else [str(i) for i in ids]
         if len(ids) != len(images):
             raise ValueError(f"got {len(ids)} ids for {len(images)} images; pass one id per image or none")
@@ -271,7 +272,7 @@ class EmbedderClient:
         """
         if errors not in ("raise", "return"):
             raise ValueError(f'errors must be "raise" or "return", got {errors!r}')
-        images, ids = list(images), [str(i) for i in ids]
+        images, ids = image_list(images), [str(i) for i in ids]
         labels = [None] * len(ids) if labels is None else list(labels)
         metadata = [None] * len(ids) if metadata is None else list(metadata)
         if not len(images) == len(ids) == len(labels) == len(metadata):
@@ -379,7 +380,7 @@ class EmbedderClient:
         answers (``Prediction.by_head``).
         """
         head_ids = [head_id] if isinstance(head_id, str) else list(head_id)
-        images, ids = list(images), [str(i) for i in ids]
+        images, ids = image_list(images), [str(i) for i in ids]
         out: list[Prediction | None] = [None] * (len(images) + len(ids))
         failed: dict[int, str] = {}
         entries: list[tuple[int, pb.Item]] = []

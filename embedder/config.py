@@ -75,6 +75,12 @@ class Config:
         for name in ("micro_batch", "decode_workers", "runtime_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Config.{name} must be >= 0 (0 means automatic), got {getattr(self, name)}")
+        for name in ("port", "metrics_port"):  # 0: a free port for `port`, off for `metrics_port`
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ValueError(f"Config.{name} must be a TCP port, 0-65535, got {getattr(self, name)}")
+        for name in ("max_delay_ms", "grace_seconds", "cache_max_items"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
         if self.jpeg_decoder not in JPEG_DECODERS:
             raise ValueError(f"Config.jpeg_decoder must be 'torchvision' or 'pillow', got {self.jpeg_decoder!r}")
         if self.role not in ("all", "embed", "store"):

@@ -30,6 +30,9 @@ CHUNK = 256  # images per Add call
 def run(config: Config, *, train_size: int = 5000, test_size: int = 1000, head: str = "logreg",
         progress: bool = True) -> dict[str, Any]:
     """Run the main job; returns its figures (also printed)."""
+    if train_size < 1 or test_size < 1:
+        raise ValueError(f"the demo needs at least 1 training and 1 held-out image, got train_size={train_size}, "
+                         f"test_size={test_size}")
     train, test = demo_sets(train_size, test_size)
     collection, head_id = train.name, f"{train.name}-{head}"
     config = dataclasses.replace(config, host="127.0.0.1", port=0)  # a free loopback port: never clashes

@@ -24,7 +24,7 @@ from .backbones import BackboneSpec, FrozenBackbone, find_backbone, load_backbon
 from .config import Config
 from .errors import BatchError, ImageDecodeError
 from .jpeg import JpegDecoder, one_torch_thread
-from .preprocess import ImageInput, Preprocessor
+from .preprocess import ImageInput, Preprocessor, image_list
 from .runtimes import STATIC_MAX_BATCH, create_runtime, resolve_device, resolve_runtime
 
 log = logging.getLogger(__name__)
@@ -106,6 +106,7 @@ class Embedder:
 
     def embed(self, items: Sequence[ImageInput], *, progress: bool = False) -> np.ndarray:
         """Embed images; float32 ``(N, dim)``. Raises :class:`BatchError` if any item fails."""
+        items = image_list(items)
         result = self.embed_batch(items, progress=progress)
         failed = {i: e for i, e in enumerate(result.errors) if e is not None}
         if failed:
@@ -114,6 +115,7 @@ class Embedder:
 
     def embed_batch(self, items: Sequence[ImageInput], *, progress: bool = False) -> BatchResult:
         """Embed images, reporting failures per item instead of raising: one bad image never fails the rest."""
+        items = image_list(items)
         n = len(items)
         vectors = np.zeros((n, self.dim), dtype=np.float32)
         errors: list[str | None] = [None] * n

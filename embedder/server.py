@@ -82,7 +82,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` on every ``embedder.v1`` RPC; health and reflection stay open."""
 
     def __init__(self, token: str) -> None:
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -90,7 +90,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
         given = given.encode() if isinstance(given, str) else given
-        if hmac.compare_digest(given, self._expected):
+        scheme, _, credentials = given.partition(b" ")
+        # the scheme is case-insensitive (RFC 7235: "bearer" and "Bearer" alike); the token is compared in
+        # constant time
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self._expected):
             return handler
         why = ("missing `authorization` metadata" if not given else "wrong token in `authorization` metadata")
 

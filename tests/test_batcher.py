@@ -170,7 +170,7 @@ def test_queue_full_fails_fast_or_waits_for_room(model):
         blocker = hold_model(b, model)
         queued = b.submit([item(2), item(3)])  # the queue now holds 3 items
         assert b.queue_depth == 3
-        with pytest.raises(QueueFullError, match="queue is full"):
+        with pytest.raises(QueueFullError, match=r"no room for this request \(1 item; 3 of 3 already waiting\)"):
             b.submit([item(4)])
         with pytest.raises(QueueFullError, match="can never fit"):
             b.submit([item(v) for v in range(4)])

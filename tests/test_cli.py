@@ -186,6 +186,44 @@ def test_bad_config_is_exit_2(tree, tmp_path, capsys, env, monkeypatch):
     assert code == 2 and "max_batch must be >= 1" in err
 
 
+def test_bad_out_paths_are_refused_before_embedding(tree, tmp_path, capsys, env):
+    """Checked first: no run that embeds every image and then cannot write the result."""
+    root, _ = tree
+    (tmp_path / "a-file").write_bytes(b"x")
+    (tmp_path / "a-dir").mkdir()
+    for out, message in ((tmp_path / "v.txt", "name a .npy file"), (tmp_path / "a-dir", "is a directory"),
+                         (tmp_path / "a-file" / "v.npy", "is not a writable folder")):
+        code, _, err = run(["embed", root, "--out", out], capsys)
+        assert code == 2 and message in err and "Traceback" not in err, (out, err)
+    assert not [p for p in tmp_path.rglob("*") if p.suffix in (".npy", ".json") or p.name == "v.txt"]  # none written
+
+
+def test_a_data_dir_that_is_a_file_is_a_clear_error(tmp_path, capsys, env):
+    (tmp_path / "data").write_bytes(b"not a folder")
+    code, _, err = run(["serve", "--port", "0", "--data-dir", tmp_path / "data"], capsys)
+    assert code == 2 and err.startswith("embedder: error:") and "data" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["search", "q.jpg", "--collection", "c", "-k", "0"], "-k: must be at least 1"),
+    (["search", "q.jpg", "--collection", "c", "-k", "100000000000"], "-k: must be below 2**31"),
+    (["predict", "--head", "h", "x.jpg", "--top-k", "0"], "--top-k: must be at least 1"),
+    (["stats", "--timeout", "0"], "--timeout: must be a positive number of seconds"),
+    (["train", "--collection", "c", "--test-size", "1.5"], "--test-size: must be a fraction between 0 and 1"),
+    (["finetune", "--collection", "c", "--suffix", "s", "--epochs", "0"], "--epochs: must be at least 1"),
+])
+def test_zero_and_out_of_range_numbers_are_refused_not_defaulted(argv, message, capsys):
+    """In the RPCs 0 means "the server's default"; typed on the command line it is a mistake to report."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_sizes_must_be_positive(capsys, env, tmp_path):
+    code, _, err = run(["demo", "--train-size", "-5", "--data-dir", tmp_path / "d"], capsys)
+    assert code == 2 and "at least 1 training and 1 held-out image" in err
+
+
 def test_argparse_rejects_unknown_choices(capsys):
     with pytest.raises(SystemExit) as e:
         main(["embed", "x", "--out", "y.npy", "--runtime", "tensorrt"])

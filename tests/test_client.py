@@ -55,6 +55,12 @@ def test_embed_matches_the_in_process_pipeline_for_every_input_kind(client, phot
     np.testing.assert_allclose(got[3:], np.stack([ref] * 3), atol=1e-6)
 
 
+def test_one_image_where_a_list_belongs_is_a_clear_type_error(client, photos):
+    for call in (client.embed, lambda x: client.add("c", x, ids=["a"]), lambda x: client.predict("h", x)):
+        with pytest.raises(TypeError, match="pass a list of images"):
+            call(photos[0])
+
+
 def test_large_inputs_are_split_under_the_server_limits(client, server, photos, photo_arrays, expected):
     n = len(photos)
     order = [i % n for i in range(3 * MAX_ITEMS + 5)]  # more items than one request may carry

@@ -92,6 +92,12 @@ def test_explicit_override_wins_even_when_env_is_invalid():
     ("decode_workers", -2, "decode_workers must be >= 0"),
     ("runtime_threads", -1, "runtime_threads must be >= 0"),
     ("precision", "int8", "precision must be 'fp32' or 'bf16'"),
+    ("port", -1, "port must be a TCP port, 0-65535"),
+    ("port", 70000, "port must be a TCP port, 0-65535"),
+    ("metrics_port", -3, "metrics_port must be a TCP port"),
+    ("max_delay_ms", -5, "max_delay_ms must be >= 0"),
+    ("grace_seconds", -1, "grace_seconds must be >= 0"),
+    ("cache_max_items", -1, "cache_max_items must be >= 0"),
 ])
 def test_out_of_range_values_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):

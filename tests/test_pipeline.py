@@ -137,14 +137,23 @@ def test_empty_input(embedder):
 
 
 def test_every_input_kind_gives_the_same_vector(embedder, photo_arrays, tmp_path, alone):
-    """Bytes, a path, a PIL image and an array of one photo embed identically."""
+    """Bytes, a path (Path or str), a PIL image and an array of one photo embed identically."""
     arr = photo_arrays["chelsea"]
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     (tmp_path / "cat.png").write_bytes(buf.getvalue())
-    got = embedder.embed([buf.getvalue(), tmp_path / "cat.png", Image.fromarray(arr), arr])
+    got = embedder.embed([buf.getvalue(), tmp_path / "cat.png", str(tmp_path / "cat.png"), Image.fromarray(arr),
+                          arr])
     assert np.abs(got - got[0]).max() < 1e-5
     assert cosine(got[:1], alone[:1])[0] > 0.99  # the PNG of the photo vs its JPEG
+
+
+def test_one_image_where_a_list_belongs_is_a_clear_type_error(embedder, photos, tmp_path):
+    """Iterating one bytes object would embed each byte, one str path each letter."""
+    for one in (photos[0], str(tmp_path / "cat.png"), tmp_path / "cat.png", None):
+        for call in (embedder.embed, embedder.embed_batch):
+            with pytest.raises(TypeError, match=r"pass a list of images, e.g. embed\(\[image\]\)"):
+                call(one)
 
 
 def test_prepare_and_embed_arrays(embedder, photos, alone):

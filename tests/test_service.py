@@ -333,14 +333,16 @@ def test_token_required_for_every_embedder_rpc(embedder, photos):
             "EmbedStream": lambda md: list(stub.EmbedStream(iter([request([photos[0]])]), metadata=md, timeout=30)),
         }
         for name, call in calls.items():
-            for md in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),)):
+            for md in ((), (("authorization", "Bearer wrong"),), (("authorization", "s3cret"),),
+                       (("authorization", "Basic s3cret"),)):
                 with pytest.raises(grpc.RpcError) as e:
                     call(md)
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, md)
             call((("authorization", "Bearer s3cret"),))  # succeeds
+            call((("authorization", "bearer s3cret"),))  # the scheme is case-insensitive
         assert health_status(ch) == SERVING  # health stays open for probes
         assert s.metrics.registry.get_sample_value(
-            "embedder_requests_total", {"method": "Embed", "code": "UNAUTHENTICATED"}) == 3
+            "embedder_requests_total", {"method": "Embed", "code": "UNAUTHENTICATED"}) == 4
 
 
 # ------------------------------------------------------------------------------------------ health, life cycle
