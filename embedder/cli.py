@@ -44,7 +44,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -224,37 +224,28 @@ def _add_remote_options(p: argparse.ArgumentParser, *, server_help: str | None =
     g.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds per request (default 60)")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (0 would silently mean "the server's default" in the RPC)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    if value > 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"must be below 2**31, got {value}")
-    return value
+def _bounded(kind: type, ok: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
+    """An argparse type: ``kind(text)`` for which ``ok`` holds, else a usage error saying what it must be.
+
+    The numbers of the remote commands use it because in the RPCs 0 means "the server's default": typed on the
+    command line it is a mistake to report, not to paper over.
+    """
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "whole number" if kind is int else "number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {need}, got {text}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {text}")
-    return value
+_positive_int = _bounded(int, lambda v: 1 <= v < 2**31, "a whole number from 1 to 2**31 - 1")
+_positive_float = _bounded(float, lambda v: 0 < v < float("inf"), "a positive number of seconds")
+_fraction = _bounded(float, lambda v: 0 < v < 1, "a fraction between 0 and 1")
 
 
 def _param(text: str) -> tuple[str, Any]:

@@ -205,12 +205,12 @@ def test_a_data_dir_that_is_a_file_is_a_clear_error(tmp_path, capsys, env):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["search", "q.jpg", "--collection", "c", "-k", "0"], "-k: must be at least 1"),
-    (["search", "q.jpg", "--collection", "c", "-k", "100000000000"], "-k: must be below 2**31"),
-    (["predict", "--head", "h", "x.jpg", "--top-k", "0"], "--top-k: must be at least 1"),
+    (["search", "q.jpg", "--collection", "c", "-k", "0"], "-k: must be a whole number from 1 to 2**31 - 1, got 0"),
+    (["search", "q.jpg", "--collection", "c", "-k", "100000000000"], "-k: must be a whole number from 1 to 2**31 - 1, got 100000000000"),
+    (["predict", "--head", "h", "x.jpg", "--top-k", "0"], "--top-k: must be a whole number from 1"),
     (["stats", "--timeout", "0"], "--timeout: must be a positive number of seconds"),
     (["train", "--collection", "c", "--test-size", "1.5"], "--test-size: must be a fraction between 0 and 1"),
-    (["finetune", "--collection", "c", "--suffix", "s", "--epochs", "0"], "--epochs: must be at least 1"),
+    (["finetune", "--collection", "c", "--suffix", "s", "--epochs", "0"], "--epochs: must be a whole number from 1"),
 ])
 def test_zero_and_out_of_range_numbers_are_refused_not_defaulted(argv, message, capsys):
     """In the RPCs 0 means "the server's default"; typed on the command line it is a mistake to report."""
