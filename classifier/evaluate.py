@@ -148,6 +148,10 @@ def learning_curve(head: Head, X: Any, y: Sequence[Any], *, per_class: Sequence[
         raise InsufficientDataError("need at least two classes for a learning curve; label another class")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
         raise HeadError(f"repeats must be an integer >= 2 (for a confidence interval), got {repeats!r}")
+    if per_class is not None and any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1
+                                     for n in per_class):
+        raise HeadError(f"per_class sizes must be whole numbers >= 1 (labelled examples per class), got "
+                        f"{list(per_class)!r}")
     _require_per_class(classes, counts, 3, "a learning curve")
     train_idx, test_idx = train_test_split(np.arange(len(y)), test_size=test_size, stratify=y, random_state=seed)
     pools = {c: train_idx[y[train_idx] == c] for c in classes}

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .backbones import BackboneSpec, FrozenBackbone, find_backbone, load_backbone
 from .config import Config
-from .errors import BatchError, ImageDecodeError
+from .errors import BatchError, EmbedderError, ImageDecodeError
 from .jpeg import JpegDecoder, one_torch_thread
 from .preprocess import ImageInput, Preprocessor, image_list
 from .runtimes import STATIC_MAX_BATCH, create_runtime, resolve_device, resolve_runtime
@@ -85,6 +85,7 @@ class Embedder:
         self._workers = config.decode_workers or cores
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embedder-decode",
                                         initializer=one_torch_thread)
+        self._closed = False
         log.info("loaded %s on %s via %s (micro-batch %d, %d decode workers, JPEGs decoded by %s on %s)",
                  self.model_id, self.device, self.runtime.name, self.micro_batch, self._workers,
                  config.jpeg_decoder, self.device if self.device_decoder else "cpu")
@@ -116,6 +117,7 @@ class Embedder:
     def embed_batch(self, items: Sequence[ImageInput], *, progress: bool = False) -> BatchResult:
         """Embed images, reporting failures per item instead of raising: one bad image never fails the rest."""
         items = image_list(items)
+        self._check_open()
         n = len(items)
         vectors = np.zeros((n, self.dim), dtype=np.float32)
         errors: list[str | None] = [None] * n
@@ -204,6 +206,7 @@ class Embedder:
 
     def submit(self, item: ImageInput) -> Future:
         """Decode and preprocess one item in the decode pool; the future holds :meth:`prepare`'s result."""
+        self._check_open()
         return self._pool.submit(self.prepare, item)
 
     def prepare(self, item: ImageInput) -> np.ndarray | str:
@@ -217,7 +220,12 @@ class Embedder:
             return f"could not decode image ({type(e).__name__}: {e})"
 
     def close(self) -> None:
+        self._closed = True
         self._pool.shutdown(wait=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EmbedderError("this Embedder is closed (close() or its `with` block ended); create a new one")
 
     def __enter__(self) -> "Embedder":
         return self

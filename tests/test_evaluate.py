@@ -112,3 +112,6 @@ def test_learning_curve_rises_with_labels_and_bounds_its_mean():
     assert [p.accuracy_mean for p in again] == [p.accuracy_mean for p in points]  # seeded
     with pytest.raises(HeadError, match="repeats"):
         learning_curve(make_head("logreg"), X, y, repeats=1)
+    for bad in ([0], [-1, 5], [2.5]):
+        with pytest.raises(HeadError, match="per_class sizes must be whole numbers >= 1"):
+            learning_curve(make_head("logreg"), X, y, per_class=bad)

@@ -11,7 +11,7 @@ from torchvision import transforms as T
 
 from embedder import BatchError, BatchResult, Config, Embedder
 from embedder.backbones import get_backbone, load_backbone
-from embedder.errors import UnknownModelError
+from embedder.errors import EmbedderError, UnknownModelError
 
 from conftest import cosine
 
@@ -146,6 +146,15 @@ def test_every_input_kind_gives_the_same_vector(embedder, photo_arrays, tmp_path
                           arr])
     assert np.abs(got - got[0]).max() < 1e-5
     assert cosine(got[:1], alone[:1])[0] > 0.99  # the PNG of the photo vs its JPEG
+
+
+def test_a_closed_embedder_says_so(photos, cache_dir):
+    emb = Embedder(model="mobilenet_v2", device="cpu", cache_dir=cache_dir)
+    emb.embed(photos[:1])
+    emb.close()
+    for call in (emb.embed, emb.embed_batch):
+        with pytest.raises(EmbedderError, match="this Embedder is closed"):
+            call(photos[:1])
 
 
 def test_one_image_where_a_list_belongs_is_a_clear_type_error(embedder, photos, tmp_path):
