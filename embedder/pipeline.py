@@ -107,11 +107,10 @@ class Embedder:
 
     def embed(self, items: Sequence[ImageInput], *, progress: bool = False) -> np.ndarray:
         """Embed images; float32 ``(N, dim)``. Raises :class:`BatchError` if any item fails."""
-        items = image_list(items)
         result = self.embed_batch(items, progress=progress)
         failed = {i: e for i, e in enumerate(result.errors) if e is not None}
         if failed:
-            raise BatchError(failed, len(items))
+            raise BatchError(failed, len(result.errors))
         return result.vectors
 
     def embed_batch(self, items: Sequence[ImageInput], *, progress: bool = False) -> BatchResult:
