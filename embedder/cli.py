@@ -349,7 +349,8 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--collection", required=True)
     p.add_argument("--suffix", required=True, help="the new backbone is <parent>.<suffix>")
     p.add_argument("--unfreeze", type=_positive_int, default=1, help="blocks trained, from the end (default 1)")
-    p.add_argument("--epochs", type=_positive_int, default=10, help="at most this many epochs (default 10; early stopping)")
+    p.add_argument("--epochs", type=_positive_int, default=10,
+                   help="at most this many epochs (default 10; early stopping)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these labels (default: all)")
     p.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                    help="further settings: lr, weight_decay, batch_size, val_fraction, patience, dropout, noise, "
@@ -369,7 +370,7 @@ def _add_store_commands(sub: Any) -> None:
     p.add_argument("--curve", action="store_true", required=True, help="accuracy at growing labels per class")
     p.add_argument("--head", default="logreg", choices=("logreg", "linear_svm", "svm"), help="kind (default logreg)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these labels (default: all)")
-    p.add_argument("--per-class", nargs="+", type=int, metavar="N", help="sizes (default 1 2 5 10 20 50 ...)")
+    p.add_argument("--per-class", nargs="+", type=int, metavar="N", help="sizes (default 2 5 10 20 50 ...)")
     p.add_argument("--repeats", type=_positive_int, default=5, help="random draws per size (default 5)")
     p.add_argument("--plot", type=Path, metavar="PNG", help="write the curve with its 95%% band to this PNG")
     p.add_argument("--json", action="store_true", help="machine-readable output")
