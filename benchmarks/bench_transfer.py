@@ -223,7 +223,7 @@ class Trunk:
 
     def fill(self, pngs: Sequence[bytes]) -> None:
         """Put the activations of ``pngs`` that are not cached yet into the shared cache."""
-        from embedder.store import content_hash
+        from embedder.inputs import content_hash
 
         shas = [content_hash(b) for b in pngs]
         cached = self.cache.get(self.spec.model_id, self.split.cut, shas)
@@ -240,7 +240,7 @@ class Trunk:
         self.computed += len(todo)
 
     def get(self, pngs: Sequence[bytes]) -> np.ndarray:
-        from embedder.store import content_hash
+        from embedder.inputs import content_hash
 
         acts = self.cache.get(self.spec.model_id, self.split.cut, [content_hash(b) for b in pngs])
         assert all(a is not None for a in acts)

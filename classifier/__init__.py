@@ -11,9 +11,11 @@ Plain arrays in and out; nothing here knows about the service (the service reads
 and calls these functions).
 """
 from .adapt import AdaptationError, DomainAdapter
-from .evaluate import (ClassReport, CurvePoint, Evaluation, evaluate, evaluation_from_predictions, learning_curve,
+from embedder.results import CurvePoint
+
+from .evaluate import (ClassReport, Evaluation, evaluate, evaluation_from_predictions, learning_curve,
                        plot_confusion, plot_learning_curve)
-from .heads import (HEADS, Head, HeadError, InsufficientDataError, LinearSVMHead, LogRegHead, ModelMismatchError, SVMHead, check_features,
+from .heads import (HEADS, Head, HeadError, InsufficientDataError, LinearSVMHead, LogRegHead, SVMHead, check_features,
                     head_params, make_head)
 from .persist import (FORMAT_VERSION, HeadFormatError, HeadInfo, HeadNotFoundError, check_head_id, delete_head,
                       list_heads, load_head, new_head_id, read_head_info, recover_interrupted, save_head)
@@ -23,7 +25,7 @@ from .registry import HeadRegistry, TopK, TrainResult
 __all__ = [
     "AdaptationError", "CurvePoint", "DomainAdapter", "MultiTaskHead", "FORMAT_VERSION", "learning_curve",
     "plot_learning_curve", "HEADS", "ClassReport", "Evaluation", "Head", "HeadError", "HeadFormatError", "HeadInfo",
-    "HeadNotFoundError", "HeadRegistry", "InsufficientDataError", "TopK", "TrainResult", "LinearSVMHead", "LogRegHead", "ModelMismatchError", "SVMHead", "check_features",
+    "HeadNotFoundError", "HeadRegistry", "InsufficientDataError", "TopK", "TrainResult", "LinearSVMHead", "LogRegHead", "SVMHead", "check_features",
     "check_head_id", "delete_head", "evaluate", "evaluation_from_predictions", "head_params", "list_heads",
     "load_head", "make_head", "new_head_id", "plot_confusion", "read_head_info", "recover_interrupted", "save_head",
 ]

@@ -20,6 +20,8 @@ from sklearn.base import clone
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from embedder.results import CurvePoint
+
 from .heads import Head, HeadError, InsufficientDataError, _plain, check_features
 
 
@@ -111,21 +113,6 @@ def evaluation_from_predictions(y_true: Sequence[Any], y_pred: Sequence[Any], *,
         confusion=confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         method=method, n_evaluated=len(y_true), folds=folds, test_size=test_size, seed=seed,
     )
-
-
-@dataclass(frozen=True)
-class CurvePoint:
-    """Hold-out accuracy of a head trained on ``per_class`` labelled examples of each class, over ``repeats``
-    random draws; ``ci_low``/``ci_high`` bound the mean with 95% confidence (Student's t)."""
-
-    per_class: int
-    n_train: int
-    accuracy_mean: float
-    accuracy_std: float
-    ci_low: float
-    ci_high: float
-    repeats: int
-    fit_seconds: float  # mean per fit
 
 
 DEFAULT_CURVE = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)

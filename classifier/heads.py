@@ -42,7 +42,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import SVC
 
-from embedder.errors import EmbedderError
+from embedder.errors import Category, EmbedderError, ModelMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +54,13 @@ SVM_ROW_BLOCK = 1024  # rows per kernel block when the svm head predicts
 class HeadError(EmbedderError, ValueError):
     """Training data or a prediction input a head cannot use; the message says how to fix it."""
 
+    category = Category.INVALID_ARGUMENT
+
 
 class InsufficientDataError(HeadError):
     """Too few classes, or too few examples of a class, to train or evaluate: label more data."""
 
-
-class ModelMismatchError(HeadError):
-    """Features, or a saved head, from a different backbone model than expected.
-
-    ``head_model_id`` is the model the head was trained on, ``other_model_id`` the one it was offered.
-    """
-
-    def __init__(self, message: str, *, head_model_id: str, other_model_id: str) -> None:
-        super().__init__(message)
-        self.head_model_id, self.other_model_id = head_model_id, other_model_id
+    category = Category.FAILED_PRECONDITION
 
 
 def check_features(X: Any, *, dim: int | None = None, model_id: str | None = None) -> np.ndarray:
@@ -100,7 +93,7 @@ def check_same_model(head_model_id: str | None, model_id: str | None) -> None:
         raise ModelMismatchError(
             f"these features come from model {model_id!r} but the head was trained on features of model "
             f"{head_model_id!r}; embed the images with {head_model_id!r}, or train a new head on "
-            f"{model_id!r} features", head_model_id=head_model_id, other_model_id=model_id)
+            f"{model_id!r} features", expected_model_id=head_model_id, other_model_id=model_id)
 
 
 def _check_labels(y: Any, n: int) -> np.ndarray:

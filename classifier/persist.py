@@ -33,7 +33,9 @@ from safetensors.numpy import save as save_safetensors
 from embedder.durable import fsync_dir, write_synced
 
 from .adapt import DomainAdapter
-from .heads import HEADS, Head, HeadError, ModelMismatchError
+from embedder.errors import Category, ModelMismatchError
+
+from .heads import HEADS, Head, HeadError
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,13 @@ _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 class HeadFormatError(HeadError):
     """A saved head that is corrupt, edited, of an unknown format, or not a head at all."""
 
+    category = Category.DATA_LOSS
+
 
 class HeadNotFoundError(HeadError, FileNotFoundError):
     """No saved head at that path or id."""
+
+    category = Category.NOT_FOUND
 
 
 @dataclass(frozen=True)
@@ -187,7 +193,7 @@ def load_head(path: str | os.PathLike, *, expected_model_id: str | None = None) 
         raise ModelMismatchError(
             f"head {info.head_id!r} was trained on features of model {info.model_id!r}, but model "
             f"{expected_model_id!r} was expected; use a head trained for {expected_model_id!r} or train one",
-            head_model_id=info.model_id, other_model_id=expected_model_id)
+            expected_model_id=info.model_id, other_model_id=expected_model_id)
     try:
         blob = (path / ARRAYS_FILE).read_bytes()
     except FileNotFoundError:

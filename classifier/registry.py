@@ -21,7 +21,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .adapt import DomainAdapter
-from .evaluate import CurvePoint, evaluate, learning_curve
+from embedder.results import CurvePoint
+
+from .evaluate import evaluate, learning_curve
 from .heads import Head, HeadError, InsufficientDataError, _plain, head_params, make_head
 from .persist import (META_FILE, HeadInfo, HeadNotFoundError, check_head_id, delete_head, list_heads, load_head, read_head_info,
                       recover_interrupted, save_head)

@@ -2,7 +2,8 @@
 from .backbones import BackboneSpec, Preprocessing, get_backbone, list_backbones, register_local
 from .config import Config
 from .errors import BatchError, EmbedderError, ImageDecodeError, WeightsNotFoundError
-from .pipeline import BatchResult, Embedder
+from .pipeline import Embedder
+from .results import BatchResult
 
 __version__ = "0.1.0"
 

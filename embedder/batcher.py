@@ -40,29 +40,9 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import EmbedderError
+from .errors import BatcherClosedError, BatchFailedError, DroppedError, ItemError, QueueFullError
 
 log = logging.getLogger(__name__)
-
-
-class QueueFullError(EmbedderError):
-    """The batcher's queue has no room for the request; the caller should back off and retry."""
-
-
-class BatcherClosedError(EmbedderError):
-    """The batcher is shutting down or its worker died; nothing more will be embedded."""
-
-
-class ItemError(EmbedderError, ValueError):
-    """One item could not be decoded or preprocessed; the message says why."""
-
-
-class DroppedError(EmbedderError):
-    """The item was dropped before reaching the model because its caller was gone or its deadline passed."""
-
-
-class BatchFailedError(EmbedderError):
-    """The model raised on a batch containing this item; a server fault, not the input's."""
 
 
 class SupportsBatching(Protocol):

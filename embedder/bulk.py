@@ -47,9 +47,10 @@ import numpy as np
 from .backbones import BackboneSpec, find_backbone
 from .config import Config
 from .durable import fsync_file, replace_durably, temp_path, write_atomic
-from .errors import EmbedderError, ModelMismatchError
+from .errors import Category, EmbedderError, ModelMismatchError
+from .inputs import IMAGE_SUFFIXES, content_hash, image_files
 from .pipeline import Embedder
-from .preprocess import IMAGE_SUFFIXES, Preprocessor, image_files
+from .preprocess import Preprocessor
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -73,6 +74,8 @@ _SETTINGS = ("device", "runtime", "max_batch", "micro_batch", "runtime_threads",
 
 class ScaleNotInstalledError(EmbedderError):
     """Ray Data (the ``scale`` extra) is not installed."""
+
+    category = Category.FAILED_PRECONDITION
 
 
 def _ray():
@@ -307,7 +310,6 @@ def _decode_units(batch: dict[str, np.ndarray], *, config: Config, batch_size: i
     Yields ``batch_size`` batches of ``shard``, ``pos``, ``sha256``, ``image`` (zeros for a failure) and
     ``error`` ("" when the input is fine).
     """
-    from .store import content_hash  # the cache key the store and the service use
 
     decoder = _Decoder(config)
     crop = decoder.preprocessor.pp.crop

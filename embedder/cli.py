@@ -52,12 +52,12 @@ from . import bulk
 from .backbones import list_backbones
 from .config import JPEG_DECODERS, Config
 from .errors import EmbedderError, StoreLockedError
-from .preprocess import image_files
+from .inputs import image_files
+from .results import BatchResult
 from .runtimes import RUNTIMES, installed, resolve_runtime
 
 if TYPE_CHECKING:
     from .client import EmbedderClient
-    from .pipeline import BatchResult
 
 log = logging.getLogger("embedder.cli")
 
@@ -511,7 +511,7 @@ def _embed_remote(args: argparse.Namespace, files: list[Path]) -> tuple[np.ndarr
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from .pipeline import BatchResult, Embedder  # imports torch: keep `embedder models --help` fast
+    from .pipeline import Embedder  # imports torch: keep `embedder models --help` fast
 
     _check_out(args.out)
     files, failed = collect_images(args.paths)
@@ -540,7 +540,7 @@ def _check_out(out: Path) -> None:
 
 
 def _write_embeddings(args: argparse.Namespace, files: list[Path], failed: list[dict[str, str]],
-                      result: "BatchResult", info: dict) -> int:
+                      result: BatchResult, info: dict) -> int:
     ok = result.ok
     failed += [{"path": str(f), "error": e} for f, e in zip(files, result.errors) if e is not None]
     args.out.parent.mkdir(parents=True, exist_ok=True)

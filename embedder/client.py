@@ -39,16 +39,14 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import grpc
 import numpy as np
 
-from classifier.evaluate import CurvePoint
 
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
 from .errors import BatchError, EmbedderError
 from .messages import (collection_from_pb, head_from_pb, hit_from_pb, job_from_pb, stored_from_pb, to_tensor,
                        vector_bytes)
-from .pipeline import BatchResult
-from .preprocess import image_list
-from .store import DeleteResult, Hit, StoredItem
+from .inputs import image_list
+from .results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # = Config.max_message_bytes
 DEFAULT_MAX_ITEMS = 1024  # = Config.max_items

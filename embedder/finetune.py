@@ -39,11 +39,11 @@ from .backbones import (DERIVED_META, DERIVED_WEIGHTS, BackboneSpec, FrozenBackb
                         register_derived, sha256_file)
 from .config import Config
 from .durable import fsync_dir, fsync_file
-from .errors import EmbedderError
+from .errors import Category, EmbedderError
 from .jobs import JobCancelled
 from .pipeline import CPU_MICRO_BATCH
 from .preprocess import Preprocessor
-from .store import content_hash
+from .inputs import content_hash
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,13 @@ TRUNK_BATCH = 32  # images decoded, cached and checked for cancel at a time
 class FineTuneError(EmbedderError, ValueError):
     """The fine-tune cannot run as asked (unsupported backbone, too few labels, bad settings)."""
 
+    category = Category.INVALID_ARGUMENT
+
 
 class TooFewLabelsError(FineTuneError):
     """Fewer than two classes, or a class with fewer than two labelled images: label more."""
+
+    category = Category.FAILED_PRECONDITION
 
 
 class FineTuneCancelled(JobCancelled):

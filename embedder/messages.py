@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from ._proto import embedder_pb2 as pb
-from .batcher import ItemError
-from .store import CollectionInfo, Hit, StoredItem, StoreStats
+from .errors import ItemError
+from .results import CollectionInfo, Hit, StoredItem, StoreStats
 
 _DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
 

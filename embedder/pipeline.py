@@ -12,7 +12,6 @@ import logging
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -24,27 +23,14 @@ from .backbones import BackboneSpec, FrozenBackbone, find_backbone, load_backbon
 from .config import Config
 from .errors import BatchError, EmbedderError, ImageDecodeError
 from .jpeg import JpegDecoder, one_torch_thread
-from .preprocess import ImageInput, Preprocessor, image_list
+from .inputs import image_list
+from .preprocess import ImageInput, Preprocessor
+from .results import BatchResult
 from .runtimes import STATIC_MAX_BATCH, create_runtime, resolve_device, resolve_runtime
 
 log = logging.getLogger(__name__)
 
 CPU_MICRO_BATCH = 4  # best per-image throughput of MobileNetV2-class models on CPU (see benchmarks)
-
-
-@dataclass
-class BatchResult:
-    """Per-item outcome of :meth:`Embedder.embed_batch`.
-
-    ``vectors`` is float32 ``(N, dim)``; the row of a failed item is all zeros and ``errors[i]`` says why.
-    """
-
-    vectors: np.ndarray
-    errors: list[str | None]
-
-    @property
-    def ok(self) -> np.ndarray:
-        return np.array([e is None for e in self.errors], dtype=bool)
 
 
 class Embedder:

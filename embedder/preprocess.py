@@ -26,26 +26,9 @@ ImageInput = Union[bytes, bytearray, memoryview, np.ndarray, Image.Image, str, o
 # raise it; Pillow's global bomb guard would otherwise cap it at ~179 MP with a message we cannot control.
 Image.MAX_IMAGE_PIXELS = None
 
-# File suffixes treated as images when a folder is walked: the formats decode() reads.
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 _SUPPORT = {"bilinear": 1.0, "bicubic": 2.0}  # Pillow's filter support radius before antialias scaling
 _EXIF_ORIENTATION = 0x0112
-
-
-def image_list(items: object) -> list:
-    """``items`` as a list; one image given where a list of them belongs is a TypeError that says so.
-
-    (Iterating one bytes object would embed each of its bytes as an "image", and one str path each letter.)
-    """
-    if items is None or isinstance(items, (bytes, bytearray, memoryview, str, os.PathLike, Image.Image)):
-        raise TypeError(f"pass a list of images, e.g. embed([image]), not one {type(items).__name__}")
-    return list(items)  # type: ignore[call-overload]
-
-
-def image_files(folder: Path) -> list[Path]:
-    """The image files under ``folder``, recursively, by suffix (the formats :func:`decode` reads), sorted."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def decode(item: ImageInput, *, max_pixels: int) -> Image.Image:

@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable, Sequence
 
-from .batcher import BatcherClosedError, DroppedError, ItemError
+from .errors import BatcherClosedError, DroppedError, ItemError
 from .client import EmbedderClient, ServiceError
 from .config import Config
 

@@ -24,23 +24,24 @@ import grpc
 import numpy as np
 
 from classifier import HeadFormatError, HeadNotFoundError, HeadRegistry, InsufficientDataError
-from classifier import ModelMismatchError as HeadModelMismatchError
 
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
-from .batcher import (Batcher, BatcherClosedError, BatchFailedError, DroppedError, ItemError,
-                      QueueFullError)
+from .batcher import Batcher
 from .config import Config
 from .backbones import get_backbone
-from .errors import (CollectionMismatchError, EmbedderError, NotFoundError, StoreClosedError, UnknownModelError,
-                     WeightsNotFoundError)
+from .errors import (BatcherClosedError, BatchFailedError, CollectionMismatchError, DroppedError, EmbedderError,
+                     ItemError, NotFoundError, QueueFullError, StoreClosedError, TooManyModelsError,
+                     UnknownModelError, WeightsNotFoundError)
+from .errors import ModelMismatchError as HeadModelMismatchError
 from .finetune import (ADABN_MIN_IMAGES, FineTuneConfig, TooFewLabelsError, adabn, check_labels, check_suffix,
                        finetune)
 from .jobs import JobRunner
 from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, job_to_pb, parse_json_object,
                        stats_to_pb, stored_to_pb, tensor_array, vector_bytes)
 from .metrics import Metrics
-from .store import Store, content_hash
+from .inputs import content_hash
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +136,6 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.info["name"]
-
-
-class TooManyModelsError(EmbedderError):
-    """The server holds ``max_models`` models already."""
 
 
 class _Pending:
@@ -393,7 +390,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             if other is not None:
                 raise HeadModelMismatchError(
                     f"heads {head_ids[0]!r} and {other!r} take vectors of different models; one Predict embeds "
-                    "once, so ask for heads of one backbone together", head_model_id=model_id,
+                    "once, so ask for heads of one backbone together", expected_model_id=model_id,
                     other_model_id=self._heads.get(other).model_id_)
             if request.ids and not request.collection:
                 raise ValueError("predicting stored items needs `collection`, the collection that holds the ids")
@@ -407,7 +404,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                     raise HeadModelMismatchError(
                         f"collection {request.collection!r} holds vectors of model {stored_model}, but head "
                         f"{head_ids[0]!r} takes vectors of model {model_id}",
-                        head_model_id=model_id, other_model_id=stored_model)
+                        expected_model_id=model_id, other_model_id=stored_model)
                 for item_id, stored in zip(request.ids, self._store.get(request.collection, list(request.ids))):
                     slot = _Slot(item_id, cached=True)
                     if stored is None:

@@ -46,7 +46,6 @@ is rebuilt from SQLite. Only one process may open a data dir at a time (``flock`
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -55,15 +54,17 @@ import sqlite3
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
 from .config import Config
 from .errors import (DimensionMismatchError, EmbedderError, ModelMismatchError, NotFoundError,
                      StoreClosedError, StoreLockedError)
+from .inputs import content_hash
+from .results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem, StoreStats
 from .index import HNSW_LIMITS, IndexSpec, SnapshotError, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -112,90 +113,6 @@ CREATE TABLE images (                              -- encoded bytes of collectio
 );
 """
 _MIGRATIONS = {1: "CREATE TABLE images (sha256 TEXT PRIMARY KEY, data BLOB NOT NULL);"}  # from version -> next
-
-
-# --- results ---
-
-@dataclass(frozen=True, repr=False)
-class Hit:
-    """One search result; ``score`` is the cosine similarity to the query."""
-
-    id: str
-    score: float
-    collection: str
-    label: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        extra = f", metadata={self.metadata!r}" if self.metadata else ""
-        return (f"Hit(id={self.id!r}, score={self.score:.4f}, collection={self.collection!r}, "
-                f"label={self.label!r}{extra})")
-
-
-@dataclass(frozen=True, eq=False, repr=False)
-class StoredItem:
-    """An item as stored: its vector exactly as added, and its metadata."""
-
-    id: str
-    collection: str
-    vector: np.ndarray
-    sha256: str | None
-    label: str | None
-    metadata: dict[str, Any]
-    created: float
-    updated: float
-
-    def __repr__(self) -> str:
-        return (f"StoredItem(id={self.id!r}, collection={self.collection!r}, vector=<float32[{len(self.vector)}]>, "
-                f"label={self.label!r}, metadata={self.metadata!r})")
-
-
-@dataclass(frozen=True)
-class AddResult:
-    collection: str
-    added: int  # new ids
-    replaced: int  # ids that existed: vector, label and metadata replaced
-
-
-@dataclass(frozen=True)
-class DeleteResult:
-    collection: str
-    deleted: int
-    missing: list[str]  # ids that were not in the collection (deleting them is a no-op, not an error)
-
-
-@dataclass(frozen=True)
-class CollectionInfo:
-    name: str
-    model_id: str
-    dim: int
-    index: str  # IndexSpec string: "flat" or "hnsw:m=..,ef_construction=..,ef_search=.."
-    count: int
-    labels: dict[str, int]  # items per label; unlabelled items are counted in `unlabeled`
-    unlabeled: int
-    created: float
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    collections: list[CollectionInfo]
-    items: int  # in all collections
-    cache_items: int  # cached vectors outside every collection
-    cache_max_items: int
-    disk_bytes: int  # SQLite (with WAL) and snapshots
-
-
-@dataclass
-class CachedBatch:
-    """Per-item outcome of :func:`embed_cached`: ``cached[i]`` says item i came from the store."""
-
-    vectors: np.ndarray  # float32 (N, dim); zero rows for failed items
-    errors: list[str | None]
-    cached: np.ndarray  # bool (N,)
-
-    @property
-    def ok(self) -> np.ndarray:
-        return np.array([e is None for e in self.errors], dtype=bool)
 
 
 @dataclass
@@ -796,58 +713,6 @@ class Store:
         labels = {lab: n for lab, n in counts if lab is not None}
         return CollectionInfo(c.name, c.model_id, c.dim, str(c.spec), count=sum(n for _, n in counts), labels=labels,
                               unlabeled=sum(n for lab, n in counts if lab is None), created=c.created)
-
-
-# --- the cache in front of an embedder ---
-
-class SupportsEmbedBatch(Protocol):
-    """What :func:`embed_cached` needs of an embedder (:class:`embedder.Embedder` has it)."""
-
-    @property
-    def model_id(self) -> str: ...
-
-    @property
-    def dim(self) -> int: ...
-
-    def embed_batch(self, items: Sequence[Any]) -> Any: ...  # -> BatchResult(vectors, errors)
-
-
-def content_hash(data: bytes | bytearray | memoryview) -> str:
-    """The cache key of an encoded image: sha256 of its bytes, lower-case hex."""
-    return hashlib.sha256(data).hexdigest()
-
-
-def embed_cached(embedder: SupportsEmbedBatch, items: Sequence[bytes], *, store: Store) -> CachedBatch:
-    """Embed encoded images, serving repeats from ``store``: hits are neither decoded nor run through the model.
-
-    Misses are embedded once per distinct image with ``embedder.embed_batch`` and cached; failed items get
-    their error message and are not cached.
-    """
-    for i, item in enumerate(items):
-        if not isinstance(item, (bytes, bytearray, memoryview)):
-            raise ValueError(f"item {i} is a {type(item).__name__}; embed_cached keys the cache by the sha256 of "
-                             "encoded image bytes, so pass bytes (or call embedder.embed_batch directly)")
-    shas = [content_hash(item) for item in items]
-    stored = store.lookup(embedder.model_id, shas)
-    vectors = np.zeros((len(items), embedder.dim), dtype=np.float32)
-    errors: list[str | None] = [None] * len(items)
-    cached = np.array([v is not None for v in stored], dtype=bool)
-    first_miss: dict[str, int] = {}
-    for i, v in enumerate(stored):
-        if v is not None:
-            vectors[i] = v
-        else:
-            first_miss.setdefault(shas[i], i)
-    if first_miss:
-        todo = list(first_miss.values())
-        result = embedder.embed_batch([items[i] for i in todo])
-        ok = [j for j, e in enumerate(result.errors) if e is None]
-        store.put(embedder.model_id, [shas[todo[j]] for j in ok], result.vectors[ok])
-        slot = {shas[i]: j for j, i in enumerate(todo)}
-        for i in np.flatnonzero(~cached):
-            j = slot[shas[i]]
-            vectors[i], errors[i] = result.vectors[j], result.errors[j]
-    return CachedBatch(vectors, errors, cached)
 
 
 # --- SQLite helpers ---

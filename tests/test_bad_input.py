@@ -40,7 +40,7 @@ from PIL import Image
 
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
-from embedder.store import content_hash
+from embedder.inputs import content_hash
 
 SC = grpc.StatusCode
 OK, INVALID, NOT_FOUND = SC.OK.value[0], SC.INVALID_ARGUMENT.value[0], SC.NOT_FOUND.value[0]

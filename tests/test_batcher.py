@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from embedder.batcher import (Batcher, BatcherClosedError, BatchFailedError, DroppedError, ItemError,
-                              QueueFullError, source_pixels)
+from embedder.batcher import Batcher, source_pixels
+from embedder.errors import BatcherClosedError, BatchFailedError, DroppedError, ItemError, QueueFullError
 
 BAD = 255  # an item filled with this value fails to "decode"
 POISON = 254  # the model raises whenever this value is in its batch

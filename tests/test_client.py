@@ -16,7 +16,7 @@ from PIL import Image
 
 from embedder.cli import main as cli_main
 from embedder.client import EmbedderClient, ItemResult, RemoteBatchError, ServiceError
-from embedder.pipeline import BatchResult
+from embedder.results import BatchResult
 
 MAX_MESSAGE = 2 * 1024 * 1024
 MAX_ITEMS = 16

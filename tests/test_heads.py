@@ -11,7 +11,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
-from classifier import HEADS, HeadError, LogRegHead, ModelMismatchError, SVMHead, head_params, make_head
+from classifier import HEADS, HeadError, LogRegHead, SVMHead, head_params, make_head
+from embedder.errors import ModelMismatchError
 
 PER_CLASS = 40  # 400 images: embedding them takes ~1-5 s on a 2-core CPU
 NAMES = np.array(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
@@ -164,7 +165,7 @@ def test_features_of_another_model_are_refused(digits):
     head.predict(X_test, model_id="mobilenet_v2:aaa")
     with pytest.raises(ModelMismatchError, match="'efficientnet_lite0:bbb'.*'mobilenet_v2:aaa'") as err:
         head.predict(X_test, model_id="efficientnet_lite0:bbb")
-    assert (err.value.head_model_id, err.value.other_model_id) == ("mobilenet_v2:aaa", "efficientnet_lite0:bbb")
+    assert (err.value.expected_model_id, err.value.other_model_id) == ("mobilenet_v2:aaa", "efficientnet_lite0:bbb")
 
 
 def test_svm_refuses_large_sets(digits):

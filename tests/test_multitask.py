@@ -12,7 +12,8 @@ from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import train_test_split
 from test_heads import embed_digits, single_torch_thread  # noqa: F401 (autouse)
 
-from classifier import HeadError, InsufficientDataError, LogRegHead, ModelMismatchError
+from classifier import HeadError, InsufficientDataError, LogRegHead
+from embedder.errors import ModelMismatchError
 from classifier.multitask import MultiTaskHead
 
 MODEL = "mobilenet_v2:test"
@@ -281,7 +282,7 @@ def test_features_of_another_model_are_refused(digits, fitted):
     _, X_test, _, _ = digits
     with pytest.raises(ModelMismatchError, match="'efficientnet_lite0:b'.*'mobilenet_v2:test'") as err:
         fitted.predict_proba(X_test, model_id="efficientnet_lite0:b")
-    assert (err.value.head_model_id, err.value.other_model_id) == (MODEL, "efficientnet_lite0:b")
+    assert (err.value.expected_model_id, err.value.other_model_id) == (MODEL, "efficientnet_lite0:b")
 
 
 def test_unfitted_head_says_to_fit():

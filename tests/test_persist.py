@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from test_heads import NAMES, embed_digits, single_torch_thread  # noqa: F401 (autouse)
 
-from classifier import (FORMAT_VERSION, HEADS, HeadError, HeadFormatError, HeadNotFoundError, ModelMismatchError,
+from embedder.errors import ModelMismatchError
+from classifier import (FORMAT_VERSION, HEADS, HeadError, HeadFormatError, HeadNotFoundError,
                         delete_head, list_heads, load_head, make_head, read_head_info, save_head)
 from embedder import __version__
 

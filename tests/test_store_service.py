@@ -14,7 +14,8 @@ from conftest import CountingModel, jpeg_bytes, running_server
 
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
-from embedder.store import Store, content_hash
+from embedder.inputs import content_hash
+from embedder.store import Store
 
 OK = grpc.StatusCode.OK.value[0]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]

@@ -1,0 +1,36 @@
+"""What callers hand in: the list check, image files under a folder, the content hash. Standard library only.
+
+The client, the CLI, bulk jobs and the service core share these, so a folder lists the same files and an image
+gets the same cache key everywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+# File suffixes treated as images when a folder is walked: the formats the decoder reads.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def content_hash(data: bytes | bytearray | memoryview) -> str:
+    """The cache key of an encoded image: sha256 of its bytes, lower-case hex."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def image_list(items: object) -> list:
+    """``items`` as a list; one image given where a list of them belongs is a TypeError that says so.
+
+    (Iterating one bytes object would embed each of its bytes as an "image", and one str path each letter.)
+    """
+    pil = sys.modules.get("PIL.Image")  # a PIL image can only exist if PIL is loaded: no import needed here
+    single = (bytes, bytearray, memoryview, str, os.PathLike) + ((pil.Image,) if pil is not None else ())
+    if items is None or isinstance(items, single):
+        raise TypeError(f"pass a list of images, e.g. embed([image]), not one {type(items).__name__}")
+    return list(items)  # type: ignore[call-overload]
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under ``folder``, recursively, by suffix, sorted."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
