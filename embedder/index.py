@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 
 from .durable import replace_durably, temp_path
-from .errors import EmbedderError
+from .errors import EmbedderError, InvalidArgumentError
 
 COMPACT_FRACTION = 0.25  # rebuild an HNSW graph once this share of its nodes are tombstones
 EXACT_FILTER_FRACTION = 0.5  # HNSW filters matching fewer items than this share are answered exactly
@@ -71,11 +71,11 @@ class IndexSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in ("flat", "hnsw"):
-            raise ValueError(f"index kind must be 'flat' (exact) or 'hnsw' (approximate), got {self.kind!r}")
+            raise InvalidArgumentError(f"index kind must be 'flat' (exact) or 'hnsw' (approximate), got {self.kind!r}")
         for name, (low, high) in HNSW_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"HNSW setting {name} must be an int in [{low}, {high}], got {value!r}")
+                raise InvalidArgumentError(f"HNSW setting {name} must be an int in [{low}, {high}], got {value!r}")
 
     @classmethod
     def parse(cls, value: str | IndexSpec) -> IndexSpec:
@@ -87,10 +87,12 @@ class IndexSpec:
         for option in filter(None, options.split(",")):
             key, eq, number = option.partition("=")
             if not eq or key.strip() not in ("m", "ef_construction", "ef_search") or not number.strip().isdigit():
-                raise ValueError(f"bad index option {option!r} in {value!r}; expected e.g. 'hnsw:m=32,ef_search=128'")
+                raise InvalidArgumentError(f"bad index option {option!r} in {value!r}; "
+                                           "expected e.g. 'hnsw:m=32,ef_search=128'")
             fields[key.strip()] = int(number)
         if kind.strip().lower() == "flat" and fields:
-            raise ValueError(f"{value!r}: m, ef_construction and ef_search are HNSW settings; 'flat' takes none")
+            raise InvalidArgumentError(f"{value!r}: m, ef_construction and ef_search are HNSW settings; "
+                                       "'flat' takes none")
         return cls(kind.strip().lower(), **fields)
 
     def __str__(self) -> str:

@@ -1,7 +1,6 @@
 """The vector store on real FAISS and real SQLite: cache, collections, search, restarts, snapshots, threads.
 
-Semantics are checked against brute-force numpy cosine on random unit vectors; the cache and a search
-sanity check run on real photos through the session's real model.
+Semantics are checked against brute-force numpy cosine on random unit vectors.
 """
 from __future__ import annotations
 
@@ -15,9 +14,8 @@ import pytest
 from embedder.errors import (DimensionMismatchError, EmbedderError, ModelMismatchError, NotFoundError,
                              StoreLockedError)
 from embedder.index import IndexSpec, VectorIndex
-from embedder.store import Store, content_hash, embed_cached
-
-from conftest import jpeg_bytes
+from embedder.inputs import content_hash
+from embedder.store import Store
 
 M = "test-model@1"
 
@@ -300,61 +298,6 @@ def test_hnsw_deletes_are_tombstones_until_compaction():
 
 
 # --- the cache ---
-
-class CountingEmbedder:
-    """The real embedder, recording how many items reach its model."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-        self.calls: list[int] = []
-
-    @property
-    def model_id(self) -> str:
-        return self.inner.model_id
-
-    @property
-    def dim(self) -> int:
-        return self.inner.dim
-
-    def embed_batch(self, items):
-        self.calls.append(len(items))
-        return self.inner.embed_batch(items)
-
-
-def test_cache_hits_skip_decode_and_model(tmp_path, embedder, photos):
-    counting = CountingEmbedder(embedder)
-    with Store(tmp_path) as store:
-        first = embed_cached(counting, [*photos, photos[0], b"not an image"], store=store)
-        assert counting.calls == [len(photos) + 1]  # the repeated photo is embedded once
-        assert not first.cached.any() and first.errors[-1] is not None and first.ok[:-1].all()
-        np.testing.assert_allclose(first.vectors[:-2], embedder.embed(photos), atol=1e-5)
-        np.testing.assert_array_equal(first.vectors[len(photos)], first.vectors[0])
-
-        again = embed_cached(counting, photos[::-1], store=store)
-        assert counting.calls == [len(photos) + 1]  # nothing reached the model
-        assert again.cached.all()
-        np.testing.assert_array_equal(again.vectors, first.vectors[:len(photos)][::-1])
-        assert store.stats().cache_items == len(photos)  # the failed item was not cached
-
-    with Store(tmp_path) as store:  # the cache is on disk
-        assert embed_cached(counting, photos[:2], store=store).cached.all()
-        assert counting.calls == [len(photos) + 1]
-        with pytest.raises(ValueError, match="pass bytes"):
-            embed_cached(counting, [np.zeros((8, 8, 3), np.uint8)], store=store)
-
-
-def test_real_photos_find_themselves_after_reencoding(tmp_path, embedder, photos, photo_arrays):
-    names = list(photo_arrays)
-    with Store(tmp_path) as store:
-        batch = embed_cached(embedder, photos, store=store)
-        store.add("photos", names, batch.vectors, model_id=embedder.model_id,
-                  sha256s=[content_hash(p) for p in photos], labels=names)
-        assert store.stats().cache_items == 0  # the items now hold those vectors
-        assert embed_cached(embedder, photos, store=store).cached.all()  # ...and still serve as the cache
-        query = embedder.embed([jpeg_bytes(photo_arrays["chelsea"], quality=60)])
-        top = store.search("photos", query, k=3)[0]
-        assert top[0].id == "chelsea" and top[0].score > 0.9 > top[1].score
-
 
 def test_lru_evicts_only_cache_entries_outside_collections(tmp_path):
     x = unit(10, 8)

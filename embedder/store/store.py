@@ -1,0 +1,444 @@
+"""The :class:`Store` facade: one object over the cache, the collections and their indexes, and the locks."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..config import Config
+from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreLockedError
+from ..index import IndexSpec
+from ..inputs import content_hash
+from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem, StoreStats
+from .cache import EmbeddingCache
+from .indexes import Collection, Snapshots, insert_collection
+from .rwlock import RWLock
+from .sqlite import blob, chunked_execute, chunked_query, connect, drop_orphan_images, matrix, transaction, vector
+from .validation import (check_column, check_ef, check_ids, check_k, check_label, check_list, check_model_id,
+                         check_name, check_sha256, check_vectors, metadata_json, missing_message, shown)
+
+
+class Store:
+    """Embedding cache and collections in one data directory; thread-safe. See :mod:`embedder.store`."""
+
+    def __init__(self, data_dir: str | Path, *, cache_max_items: int = 1_000_000) -> None:
+        if not isinstance(cache_max_items, int) or cache_max_items < 0:
+            raise InvalidArgumentError(f"cache_max_items must be an int >= 0 (0 disables the cache), "
+                                       f"got {cache_max_items!r}")
+        self.data_dir = Path(data_dir).expanduser()
+        self.cache_max_items = cache_max_items
+        self._snapshots = Snapshots(self.data_dir / "snapshots")  # creates data_dir too
+        self._rw = RWLock()
+        self._db_lock = threading.Lock()
+        self._collections: dict[str, Collection] = {}
+        self._lock_fd = self._lock_dir()
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._db = connect(self.data_dir / "store.sqlite3")
+            self._cache = EmbeddingCache(self._db)
+            self._collections = self._snapshots.open_all(self._db)
+        except BaseException:
+            self._release()
+            raise
+
+    @classmethod
+    def from_config(cls, config: Config) -> Store:
+        return cls(config.data_dir, cache_max_items=config.cache_max_items)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.data_dir)!r}, collections={len(self._collections)}, cache_items={self._cache.count})"
+
+    # --- cache ---
+
+    def lookup(self, model_id: str, sha256s: Sequence[str]) -> list[np.ndarray | None]:
+        """The stored vector of each image (by sha256 of its bytes) under ``model_id``, or None."""
+        shas = [check_sha256(s) for s in check_list(sha256s, "sha256s")]
+        with self._db_lock:
+            found = self._cache.lookup(self._conn(), model_id, shas)
+        return [vector(found[s]) if s in found else None for s in shas]
+
+    def put(self, model_id: str, sha256s: Sequence[str], vectors: np.ndarray) -> None:
+        """Cache ``(N, dim)`` vectors of images outside any collection, evicting least recently used ones."""
+        shas = [check_sha256(s) for s in check_list(sha256s, "sha256s")]
+        if not shas:
+            return
+        x = check_vectors(vectors, n=len(shas), nonzero=False)
+        with self._db_lock:
+            self._cache.put(self._conn(), model_id, dict(zip(shas, x)), self.cache_max_items)  # one row per image
+
+    # --- collections: writes ---
+
+    def create_collection(self, name: str, *, model_id: str, dim: int,
+                          index: str | IndexSpec = "flat") -> CollectionInfo:
+        """Create an empty collection bound to ``model_id`` and ``dim``; ``index``: "flat" (exact) or "hnsw".
+
+        Creating one that exists with the same model, dim and index is a no-op. :meth:`add` creates flat
+        collections on first use, so this is needed only for another index.
+        """
+        name, spec, model_id = check_name(name), IndexSpec.parse(index), check_model_id(model_id)
+        if not isinstance(dim, int) or dim < 1:
+            raise InvalidArgumentError(f"dim must be a positive int, got {dim!r}")
+        with self._rw.write():
+            c = self._collections.get(name)
+            if c is None:
+                with self._db_lock:
+                    db = self._conn()
+                    with transaction(db):
+                        c = insert_collection(db, name, model_id, dim, spec)
+                self._collections[name] = c
+            c.check_binding(model_id, dim)
+            if c.spec != spec:
+                raise InvalidArgumentError(f"collection {name!r} exists with index '{c.spec}', not '{spec}'; "
+                                           "use another name, or delete it first")
+            return self._info(c)
+
+    def add(self, collection: str, ids: Sequence[str], vectors: np.ndarray, *, model_id: str,
+            sha256s: Sequence[str | None] | None = None, labels: Sequence[str | None] | None = None,
+            metadata: Sequence[Mapping[str, Any] | None] | None = None,
+            images: Sequence[bytes | None] | None = None) -> AddResult:
+        """Insert or replace items: ``ids[i]`` gets ``vectors[i]`` (``(N, dim)``) and the optional columns.
+
+        Re-adding an id replaces its vector, sha256, label and metadata (``created`` is kept). The collection
+        is created (flat) on first use; afterwards its model id and dim must match, else
+        :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``images`` keeps the encoded bytes of
+        items (their ``sha256s`` must be the bytes' hash), stored once per content, so they can be fine-tuned
+        on or embedded again by another backbone version later. Durable when it returns.
+        """
+        name, model_id = check_name(collection), check_model_id(model_id)
+        ids = check_ids(ids)
+        x = check_vectors(vectors, n=len(ids))
+        shas = check_column(sha256s, ids, "sha256s", lambda s: None if s is None else check_sha256(s))
+        labs = check_column(labels, ids, "labels", check_label)
+        metas = [metadata_json(m, i) for m, i in zip(check_column(metadata, ids, "metadata", lambda m: m), ids)]
+        blobs = check_column(images, ids, "images", lambda b: b)
+        for sha, data, item_id in zip(shas, blobs, ids):
+            if data is not None and (sha is None or content_hash(data) != sha):
+                raise InvalidArgumentError(f"the image of item {shown(item_id)} does not hash to its sha256; pass "
+                                           "sha256s=[content_hash(image) ...] for the images you keep")
+        now = time.time()
+        with self._rw.write():
+            c = new = None
+            if name in self._collections:
+                c = self._collections[name]
+                c.check_binding(model_id, x.shape[1])
+            with self._db_lock:
+                db = self._conn()
+                with transaction(db):
+                    if c is None:
+                        c = new = insert_collection(db, name, model_id, x.shape[1], IndexSpec())
+                    old = {i: (fid, created, sha) for i, fid, created, sha in chunked_query(
+                        db, "SELECT item_id, fid, created, sha256 FROM items WHERE cid = ? AND item_id IN ({})",
+                        [c.cid], ids)}
+                    old_fids = np.array([fid for fid, _, _ in old.values()], dtype=np.int64)
+                    chunked_execute(db, "DELETE FROM items WHERE fid IN ({})", old_fids.tolist())
+                    db.executemany("INSERT OR IGNORE INTO images (sha256, data) VALUES (?, ?)",
+                                   [(sha, data) for sha, data in zip(shas, blobs) if data is not None])
+                    fids = np.empty(len(ids), dtype=np.int64)
+                    for j, (item_id, sha, vec, label, meta) in enumerate(zip(ids, shas, x, labs, metas)):
+                        created = old[item_id][1] if item_id in old else now
+                        fids[j] = db.execute(
+                            "INSERT INTO items (cid, item_id, sha256, vector, label, metadata, created, updated) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING fid",
+                            (c.cid, item_id, sha, blob(vec), label, meta, created, now)).fetchone()[0]
+                    promoted = self._cache.promote(db, model_id, shas)
+                    db.execute("UPDATE collections SET generation = generation + 1 WHERE cid = ?", (c.cid,))
+                    drop_orphan_images(db, [sha for _, _, sha in old.values()])
+                self._cache.count -= promoted
+            if new is not None:
+                self._collections[name] = new
+            c.generation += 1
+            c.index.remove(old_fids)
+            c.index.add(fids, x)
+        return AddResult(name, added=len(ids) - len(old), replaced=len(old))
+
+    def delete(self, collection: str, ids: Sequence[str]) -> DeleteResult:
+        """Delete items by id; ids not in the collection are reported in ``missing``.
+
+        The vectors go too: embedding a deleted item's image again is a cache miss.
+        """
+        ids = check_ids(ids)
+        with self._rw.write():
+            c = self._get(collection)
+            with self._db_lock:
+                db = self._conn()
+                with transaction(db):
+                    rows = chunked_query(db, "SELECT item_id, fid, sha256 FROM items WHERE cid = ? AND item_id IN ({})",
+                                         [c.cid], ids)
+                    found = {item_id: fid for item_id, fid, _ in rows}
+                    chunked_execute(db, "DELETE FROM items WHERE fid IN ({})", list(found.values()))
+                    drop_orphan_images(db, [sha for _, _, sha in rows])
+                    db.execute("UPDATE collections SET generation = generation + 1 WHERE cid = ?", (c.cid,))
+            c.generation += 1
+            c.index.remove(np.fromiter(found.values(), dtype=np.int64, count=len(found)))
+        return DeleteResult(c.name, deleted=len(found), missing=[i for i in ids if i not in found])
+
+    def set_labels(self, collection: str, labels: Mapping[str, str | None]) -> int:
+        """Set (or, with None, clear) the label of existing items; all-or-nothing. Returns the number set.
+
+        Raises :class:`NotFoundError` naming the ids that are not in the collection (then nothing changes).
+        """
+        if not isinstance(labels, Mapping):
+            raise InvalidArgumentError(f"labels must be a mapping of item id to label, got {type(labels).__name__}")
+        ids = check_ids(list(labels))
+        values = [check_label(labels[i]) for i in ids]
+        now = time.time()
+        with self._rw.write():
+            c = self._get(collection)
+            with self._db_lock:
+                db = self._conn()
+                with transaction(db):
+                    missing = [i for i, v in zip(ids, values) if not db.execute(
+                        "UPDATE items SET label = ?, updated = ? WHERE cid = ? AND item_id = ?",
+                        (v, now, c.cid, i)).rowcount]
+                    if missing:
+                        raise NotFoundError(missing_message(missing, c.name))
+        return len(ids)
+
+    def delete_collection(self, name: str) -> None:
+        """Delete a collection with all its items and its snapshot."""
+        with self._rw.write():
+            c = self._get(name)
+            with self._db_lock:
+                db = self._conn()
+                with transaction(db):
+                    shas = [sha for (sha,) in db.execute("SELECT sha256 FROM items WHERE cid = ?", (c.cid,))]
+                    db.execute("DELETE FROM collections WHERE cid = ?", (c.cid,))
+                    drop_orphan_images(db, shas)
+            del self._collections[c.name]
+            self._snapshots.path(c.cid).unlink(missing_ok=True)
+
+    # --- collections: reads ---
+
+    def get(self, collection: str, ids: Sequence[str]) -> list[StoredItem | None]:
+        """The stored items, in the order of ``ids``; None where an id is not in the collection."""
+        ids = check_ids(ids)
+        with self._rw.read():
+            c = self._get(collection)
+            with self._db_lock:
+                rows = chunked_query(self._conn(), "SELECT item_id, sha256, vector, label, metadata, created, updated "
+                                                   "FROM items WHERE cid = ? AND item_id IN ({})", [c.cid], ids)
+        found = {r[0]: StoredItem(r[0], c.name, vector(r[2]), r[1], r[3], json.loads(r[4]), r[5], r[6]) for r in rows}
+        return [found.get(i) for i in ids]
+
+    def labelled(self, collection: str, *, labels: Sequence[str] | None = None,
+                 ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+        """A training set from a collection: ``(ids, vectors (N, dim), labels)`` of its labelled items.
+
+        ``labels`` keeps only those classes; ``ids`` only those items (each must exist and carry a label,
+        else :class:`NotFoundError` / ValueError naming them). Items come in insertion order.
+        """
+        wanted = None if labels is None else [check_label(lab) for lab in check_list(labels, "labels")]
+        chosen = None if ids is None else check_ids(ids)
+        with self._rw.read():
+            c = self._get(collection)
+            with self._db_lock:
+                db = self._conn()
+                if chosen is None:
+                    rows = db.execute("SELECT item_id, vector, label FROM items WHERE cid = ? AND label IS NOT NULL "
+                                      "ORDER BY fid", (c.cid,)).fetchall()
+                else:
+                    rows = sorted(chunked_query(db, "SELECT fid, item_id, vector, label FROM items "
+                                                    "WHERE cid = ? AND item_id IN ({})", [c.cid], chosen))
+                    rows = [r[1:] for r in rows]
+        if chosen is not None:
+            found = {r[0] for r in rows}
+            missing = [i for i in chosen if i not in found]
+            if missing:
+                raise NotFoundError(missing_message(missing, c.name))
+            unlabelled = [r[0] for r in rows if r[2] is None]
+            if unlabelled:
+                listed = ", ".join(repr(i) for i in unlabelled[:5]) + (" ..." if len(unlabelled) > 5 else "")
+                raise InvalidArgumentError(f"{len(unlabelled)} of the chosen items have no label ({listed}); "
+                                           "label them with set_labels, or leave them out")
+        if wanted is not None:
+            keep = set(wanted)
+            rows = [r for r in rows if r[2] in keep]
+        return [r[0] for r in rows], matrix([r[1] for r in rows], c.dim), [r[2] for r in rows]
+
+    def images(self, collection: str, ids: Sequence[str]) -> list[bytes | None]:
+        """The kept encoded image of each item, in the order of ``ids``; None where there is none (an item
+        added as a tensor, by hash, or without keeping images) or the id is not in the collection."""
+        ids = check_ids(ids)
+        with self._rw.read():
+            c = self._get(collection)
+            with self._db_lock:
+                found = dict(chunked_query(self._conn(), "SELECT i.item_id, m.data FROM items i JOIN images m "
+                                                         "ON m.sha256 = i.sha256 WHERE i.cid = ? AND i.item_id IN ({})",
+                                           [c.cid], ids))
+        return [found.get(i) for i in ids]
+
+    def vectors(self, collection: str) -> tuple[list[str], np.ndarray]:
+        """Every item of a collection, labelled or not: ``(ids, vectors (N, dim))`` in insertion order."""
+        with self._rw.read():
+            c = self._get(collection)
+            with self._db_lock:
+                rows = self._conn().execute("SELECT item_id, vector FROM items WHERE cid = ? ORDER BY fid",
+                                            (c.cid,)).fetchall()
+        return [r[0] for r in rows], matrix([r[1] for r in rows], c.dim)
+
+    def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
+               model_id: str | None = None, ef_search: int | None = None) -> list[list[Hit]]:
+        """The ``k`` most similar stored items to each of the ``(Q, dim)`` queries, best first, per query.
+
+        ``collection=None`` searches every collection of ``model_id`` (which may be left out while all
+        collections share one model). ``label`` keeps only items with that label; ``ef_search`` overrides an
+        HNSW collection's setting for this call. A collection of another model or dim raises
+        :class:`ModelMismatchError` / :class:`DimensionMismatchError`.
+        """
+        q = check_vectors(queries, name="queries")
+        k = check_k(k)
+        label = check_label(label)
+        ef_search = check_ef(ef_search)
+        with self._rw.read():
+            return self._search(self._targets(collection, model_id, q.shape[1]), q, k, label, ef_search)
+
+    def search_by_id(self, collection: str, item_id: str, *, k: int = 10, label: str | None = None,
+                     exclude_self: bool = True, ef_search: int | None = None) -> list[Hit]:
+        """The ``k`` items of ``collection`` most similar to its stored item ``item_id`` (without itself)."""
+        (item_id,) = check_ids([item_id])
+        k = check_k(k)
+        label = check_label(label)
+        ef_search = check_ef(ef_search)
+        with self._rw.read():
+            c = self._get(collection)
+            with self._db_lock:
+                row = self._conn().execute("SELECT vector FROM items WHERE cid = ? AND item_id = ?",
+                                           (c.cid, item_id)).fetchone()
+            if row is None:
+                raise NotFoundError(missing_message([item_id], c.name))
+            hits = self._search([c], vector(row[0])[None], k + exclude_self, label, ef_search)[0]
+        return [h for h in hits if not (exclude_self and h.id == item_id)][:k]
+
+    def collection(self, name: str) -> CollectionInfo:
+        with self._rw.read():
+            return self._info(self._get(name))
+
+    def list_collections(self) -> list[CollectionInfo]:
+        with self._rw.read():
+            return [self._info(c) for c in sorted(self._collections.values(), key=lambda c: c.name)]
+
+    def stats(self) -> StoreStats:
+        collections = self.list_collections()
+        files = [self.data_dir / f"store.sqlite3{s}" for s in ("", "-wal")] + self._snapshots.files()
+        return StoreStats(collections, items=sum(c.count for c in collections), cache_items=self._cache.count,
+                          cache_max_items=self.cache_max_items,
+                          disk_bytes=sum(p.stat().st_size for p in files if p.exists()))
+
+    # --- persistence ---
+
+    def save(self) -> None:
+        """Snapshot every collection changed since its last snapshot. Searches go on meanwhile; writes wait."""
+        with self._rw.read():
+            self._snapshots.save(list(self._collections.values()))
+
+    def close(self) -> None:
+        """Snapshot changed collections and close. Idempotent."""
+        if self._db is None:
+            return
+        with self._rw.write():
+            self._snapshots.save(list(self._collections.values()))
+            # Under the mutex: cache lookups and puts take only the mutex, and SQLite must not close under them.
+            with self._db_lock:
+                with transaction(self._db):
+                    self._cache.flush(self._db)
+                self._release()
+
+    # --- internals ---
+
+    def _lock_dir(self) -> int:
+        fd = os.open(self.data_dir / "store.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreLockedError(f"the store in {self.data_dir} is open in another process (or another Store "
+                                   "object); close that one first, or use another data dir") from None
+        return fd
+
+    def _release(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = -1
+
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreClosedError(f"the store in {self.data_dir} is closed")
+        return self._db
+
+    def _get(self, name: str) -> Collection:
+        self._conn()  # a closed store says so, not "no collection"
+        c = self._collections.get(name)
+        if c is None:
+            names = sorted(self._collections)
+            known = ", ".join(shown(n) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10
+                                                                 else "") if names else "none yet"
+            raise NotFoundError(f"no collection {shown(name)} (collections: {known})")
+        return c
+
+    def _targets(self, collection: str | None, model_id: str | None, dim: int) -> list[Collection]:
+        if collection is not None:
+            c = self._get(collection)
+            c.check_binding(model_id or c.model_id, dim)
+            return [c]
+        self._conn()
+        if model_id is None:
+            models = sorted({c.model_id for c in self._collections.values()})
+            if len(models) > 1:
+                raise InvalidArgumentError(f"collections hold vectors of {len(models)} models ({', '.join(models)}); "
+                                           "pass model_id= to choose the ones to search")
+            model_id = models[0] if models else None
+        targets = [c for c in self._collections.values() if c.model_id == model_id]
+        for c in targets:
+            c.check_binding(c.model_id, dim)
+        return targets
+
+    def _search(self, targets: list[Collection], q: np.ndarray, k: int, label: str | None,
+                ef_search: int | None) -> list[list[Hit]]:
+        """Search each target's index, then merge: best score first (ties in insertion order), ``k`` per query."""
+        parts = []
+        for c in targets:
+            allowed = None
+            if label is not None:
+                with self._db_lock:
+                    allowed = np.fromiter((f for (f,) in self._conn().execute(
+                        "SELECT fid FROM items WHERE cid = ? AND label = ?", (c.cid, label))), dtype=np.int64)
+                if not len(allowed):
+                    continue
+            scores, fids = c.index.search(q, k, allowed=allowed, ef_search=ef_search)
+            parts.append((scores, fids, c.name))
+        if not parts:
+            return [[] for _ in range(len(q))]
+        scores = np.hstack([p[0] for p in parts])
+        fids = np.hstack([p[1] for p in parts])
+        names = np.hstack([np.full(p[1].shape[1], p[2], dtype=object) for p in parts])
+        best = [[j for j in np.lexsort((fids[r], -scores[r])) if fids[r, j] >= 0][:k] for r in range(len(q))]
+        wanted = sorted({int(fids[r, j]) for r, row in enumerate(best) for j in row})
+        with self._db_lock:
+            rows = {f: (i, lab, meta) for f, i, lab, meta in chunked_query(
+                self._conn(), "SELECT fid, item_id, label, metadata FROM items WHERE fid IN ({})", [], wanted)}
+        return [[Hit(rows[int(fids[r, j])][0], float(scores[r, j]), names[j], rows[int(fids[r, j])][1],
+                     json.loads(rows[int(fids[r, j])][2])) for j in row] for r, row in enumerate(best)]
+
+    def _info(self, c: Collection) -> CollectionInfo:
+        with self._db_lock:
+            counts = self._conn().execute("SELECT label, count(*) FROM items WHERE cid = ? GROUP BY label",
+                                          (c.cid,)).fetchall()
+        labels = {lab: n for lab, n in counts if lab is not None}
+        return CollectionInfo(c.name, c.model_id, c.dim, str(c.spec), count=sum(n for _, n in counts), labels=labels,
+                              unlabeled=sum(n for lab, n in counts if lab is None), created=c.created)
