@@ -94,11 +94,11 @@ def measure(cases: dict[str, Callable], jpegs: Sequence[bytes], repeats: int,
     outputs: dict[str, np.ndarray] = {}
     for round_ in range(repeats + 1):
         for key, fn in cases.items():
-            before = server.batcher.stats()
+            before = server.service.default.batcher.stats()
             start, cpu_start = time.perf_counter(), time.process_time()
             out = fn(jpegs)
             elapsed, cpu_used = time.perf_counter() - start, time.process_time() - cpu_start
-            after = server.batcher.stats()
+            after = server.service.default.batcher.stats()
             outputs[key] = out["vectors"]
             if round_:
                 rates[key].append(len(jpegs) / elapsed)

@@ -1,9 +1,10 @@
 """The gRPC embedding service: ``embedder.v1.Embedder`` + grpc.health.v1 + server reflection.
 
-Data flow: RPC handler (:mod:`embedder.servicer`: validates, converts items, serves cache hits from the
-store) -> :class:`embedder.batcher.Batcher` (one queue for all callers, decode ahead, dynamic batches) ->
-:class:`embedder.pipeline.Embedder` -> per-item results. Collections and the cache live in a
-:class:`embedder.store.Store`, classifier heads in a :class:`classifier.HeadRegistry`, both under ``data_dir``.
+Data flow: RPC handler (:mod:`embedder.servicer`: protobuf <-> Python) -> :class:`embedder.core.Service` (cache
+hits from the store, misses through the model pool) -> :class:`embedder.batcher.Batcher` (one queue for all
+callers, decode ahead, dynamic batches) -> :class:`embedder.pipeline.Embedder` -> per-item results. Collections
+and the cache live in a :class:`embedder.store.Store`, classifier heads in a :class:`classifier.HeadRegistry`,
+both under ``data_dir``.
 
 Life cycle (:class:`EmbedderServer`): ``start()`` binds the port with health NOT_SERVING, so probes get an
 answer while the model loads; ``load()`` opens the data dir, loads the model, starts the batcher and runs one
@@ -18,37 +19,28 @@ With ``tls_cert`` and ``tls_key`` set the port speaks TLS only.
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import hmac
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
 from typing import Any, Callable
 
 import grpc
-import numpy as np
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from classifier import HeadRegistry
-
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
-from .backbones import load_derived
-from .batcher import Batcher
 from .config import Config
-from .errors import EmbedderError, UnknownModelError
-from .jobs import JobRunner
+from .core import Service, open_data_dir
+from .errors import EmbedderError
 from .metrics import Metrics
-from .pipeline import Embedder
-from .remote import RemoteBatcher, RemoteEmbedder, pool_client
-from .servicer import EmbedderServicer, LoadedModel
-from .store import Store
+from .servicer import EmbedderServicer
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +175,8 @@ class EmbedderServer:
         self.config = config
         self.metrics = Metrics()
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        self.servicer = EmbedderServicer(config, self.metrics)
-        self.embedder = embedder
-        self._owns_embedder = embedder is None
-        self.batcher: Batcher | None = None  # the default model's
-        self._started: list[tuple[Batcher, Any]] = []
-        self.store: Store | None = None
-        self.heads: HeadRegistry | None = None
-        self.jobs: JobRunner | None = None
+        self.embedder = embedder  # served as the default model; not closed by stop()
+        self.service: Service | None = None  # from start(): the data dir is opened first
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._stop_lock = threading.Lock()
@@ -207,7 +193,8 @@ class EmbedderServer:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)],  # a second server on the same port must fail, not share it
         )
-        pb_grpc.add_EmbedderServicer_to_server(self.servicer, self._server)
+        self._servicer = EmbedderServicer(None)  # its service is set by start()
+        pb_grpc.add_EmbedderServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -224,18 +211,16 @@ class EmbedderServer:
         The data dir comes first: one held by another server fails here, before anything says "listening".
         """
         cfg = self.config
-        if cfg.role != "embed" and self.store is None:
-            self.store = Store.from_config(cfg)
-            self.heads = HeadRegistry(cfg.data_dir / "heads")
-            self.jobs = JobRunner(cfg.data_dir / "jobs")
-            load_derived(cfg.data_dir / "backbones")  # fine-tuned versions: named by collections, heads and jobs
-            log.info("data dir %s: %s", cfg.data_dir, self.store)
+        if self.service is None:
+            store, heads, jobs = open_data_dir(cfg)
+            self.service = Service(cfg, store=store, heads=heads, jobs=jobs, metrics=self.metrics,
+                                   on_death=self._worker_died)
+            self._servicer.service = self.service
         try:
             self.port = self._bind()
         except BaseException:
-            if self.store is not None:  # the data dir is free again for whoever tries next
-                self.store.close()
-                self.store = None
+            self.service.close(grace=0)  # the data dir is free again for whoever tries next
+            self.service = None
             raise
         self._server.start()
         if cfg.metrics_port > 0:
@@ -262,59 +247,18 @@ class EmbedderServer:
         return port
 
     def load(self) -> None:
-        """Load the model (unless given), start the batcher, warm up, then health SERVING (after :meth:`start`).
+        """Load the default model (the one given, else ``config.model``), warm it up, then health SERVING
+        (after :meth:`start`).
 
         ``role="embed"``: no data dir, embedding only. ``role="store"``: no local model; cache misses go to
         the embedding replicas at ``embed_target``.
         """
-        cfg = self.config
-        if cfg.role == "store":
-            batcher = RemoteBatcher(pool_client(cfg), on_death=self._worker_died)
-            self._started.append((batcher, None))
-            default = LoadedModel(RemoteEmbedder(cfg, batcher), batcher, {})
-            default.info.update(default.embedder.info())
-            log.info("embedding through the pool at %s (%s)", cfg.embed_target, default.model_id)
-        else:
-            if self.embedder is None:
-                self.embedder = Embedder(config=cfg)
-            default = self._start_model(self.embedder)
-        self.batcher = default.batcher
-        self.metrics.track_queue(lambda: sum(m.batcher.queue_depth for m in self.servicer.models))
-        if default.info["runtime"] != "torch" and default.info["device"] == "cpu":
+        default = self.service.start(self.embedder)
+        if default.info["runtime"] != "torch" and default.info["device"] == "cpu" and "torch" in sys.modules:
             # torch only trains heads here; two OpenMP threads beside the embedding runtime's stall each other
             # (logreg on 60k vectors: 17 s with 2 threads under load, 5 s with 1)
-            torch.set_num_threads(1)
-        self.servicer.attach(default, self.store, self.heads, self.jobs, self._load_model)
+            sys.modules["torch"].set_num_threads(1)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
-
-    def _start_model(self, embedder: Any) -> LoadedModel:
-        """A batcher around ``embedder``, warmed up with one image through decode, batcher and model, and the model
-        with every batch size it will run."""
-        cfg = self.config
-        batcher = Batcher(embedder, max_batch=cfg.max_batch, max_delay_ms=cfg.max_delay_ms,
-                          max_batch_pixels=cfg.max_batch_pixels, max_queue=cfg.max_queue,
-                          on_batch=self.metrics.observe_batch, on_drop=self.metrics.dropped.inc,
-                          on_death=self._worker_died)
-        self._started.append((batcher, embedder))  # closed by stop(), even if the warm-up below fails
-        info = embedder.info()
-        crop = int(info["input_size"])
-        start = time.monotonic()
-        batcher.submit([np.full((crop, crop, 3), 128, np.uint8)])[0].result()
-        embedder.warm_up()  # every batch size the batcher can form: no caller waits for a first-use compile
-        log.info("%s: warm-up forward took %.2fs", info["model_id"], time.monotonic() - start)
-        return LoadedModel(embedder, batcher, info)
-
-    def _load_model(self, name: str) -> LoadedModel:
-        """Load another backbone (e.g. a fine-tuned version) when a request, collection or head needs it."""
-        if self.config.role == "store":
-            raise UnknownModelError(f"this store node embeds only with its pool's model, not {name[:100]!r}; "
-                                    "run replicas of that model and a store node for them")
-        embedder = Embedder(config=dataclasses.replace(self.config, model=name))
-        try:
-            return self._start_model(embedder)
-        except BaseException:
-            embedder.close()
-            raise
 
     def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, refuse new calls, give in-flight ones ``grace`` seconds, release everything."""
@@ -324,21 +268,14 @@ class EmbedderServer:
             self._stopped = True
         grace = self.config.grace_seconds if grace is None else grace
         log.info("shutting down: health NOT_SERVING, finishing in-flight calls (up to %.1fs)", grace)
-        self.servicer.shutting_down = True
         self.metrics.serving.set(0)
         self.health.enter_graceful_shutdown()
+        if self.service is not None:
+            self.service.refuse_calls()
         self._server.stop(grace).wait()
-        if self.jobs is not None:
-            self.jobs.close(timeout=grace)  # a running fine-tune stops between batches, registering nothing
-        for batcher, embedder in self._started:
-            batcher.close(timeout=grace)
-            if embedder is not None and embedder is not self.embedder:  # models loaded on demand are always ours
-                embedder.close()
-        if self.store is not None:
-            self.store.close()  # snapshots the indexes, so the next start loads instead of rebuilding
+        if self.service is not None:
+            self.service.close(grace)
         self.metrics.stop_http()
-        if self._owns_embedder and self.embedder is not None:
-            self.embedder.close()
         log.info("stopped")
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -390,7 +327,7 @@ def serve(config: Config, *, on_listening: Callable[[str], None] | None = None) 
         if not stop.is_set():
             server.load()
             freeze_heap()
-            log.info("serving %s", server.servicer.model_id)  # a store node has no local embedder
+            log.info("serving %s", server.service.default.model_id)  # a store node has no local embedder
         while not stop.wait(0.5):  # a timeout keeps the main thread responsive to signals
             pass
         server.stop()

@@ -31,7 +31,7 @@ def test_a_fine_tune_job_registers_a_new_backbone(served, digit_images):
     done = client.wait_job(job["job_id"], poll=0.2, timeout=300, on_progress=seen.append)
     assert done["state"] == "finished", done["error"]
     result = done["result"]
-    assert result["name"] == "mobilenet_v2.ft" and result["parent"] == server.servicer.model_id
+    assert result["name"] == "mobilenet_v2.ft" and result["parent"] == server.service.default.model_id
     assert result["trunk_passes"] == 45 and 0 < result["val_accuracy"] <= 1
     assert any(j["progress"].get("epoch") for j in seen)  # per-epoch progress was visible while it ran
     with Embedder(model=result["name"], device="cpu", runtime="torch", data_dir=data_dir) as tuned:
@@ -56,7 +56,7 @@ def test_a_fine_tune_job_registers_a_new_backbone(served, digit_images):
             pb.AddItem(item=pb.Item(id=f"u{i}", image=images[i]), label=labels[i]) for i in range(1, 90, 2)]),
             timeout=300)
     stats = {c.name: c for c in client.stats()["collections"]}
-    assert stats["tuned"].model_id == result["model_id"] and stats["digits"].model_id == server.servicer.model_id
+    assert stats["tuned"].model_id == result["model_id"] and stats["digits"].model_id == server.service.default.model_id
     head = client.train("tuned", head_id="tuned-head")
     assert head["model_id"] == result["model_id"]
     prediction = client.predict("tuned-head", [images[0]])[0]

@@ -61,7 +61,7 @@ def test_train_reports_the_head_its_hold_out_metrics_and_sample_count(trained, s
     head = trained.head
     assert head.head_id == "digits-logreg" and head.kind == "logreg" and head.collection == "digits"
     assert list(head.classes) == ["0", "1", "7"] and list(head.class_counts) == [24, 24, 24]
-    assert head.model_id == server.servicer.model_id and head.dim == 1280
+    assert head.model_id == server.service.default.model_id and head.dim == 1280
     metrics = json.loads(head.metrics_json)
     assert metrics["method"] == "holdout" and metrics["n_evaluated"] == 15  # ceil(0.2 * 72)
     assert metrics["accuracy"] >= 0.8  # three well-separated digits; chance is 0.33

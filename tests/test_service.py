@@ -221,11 +221,11 @@ def test_list_models_and_limits(stub, embedder):
     assert (response.limits.max_message_bytes, response.limits.max_items) == (MAX_MESSAGE, MAX_ITEMS)
 
 
-def test_wrong_model_is_invalid_argument(stub, photos, embedder):
+def test_unknown_model_is_not_found(stub, photos, embedder):
     stub.Embed(pb.EmbedRequest(items=[pb.Item(image=photos[0])], model=embedder.model_id), timeout=60)
     with pytest.raises(grpc.RpcError) as e:
         stub.Embed(pb.EmbedRequest(items=[pb.Item(image=photos[0])], model="resnet152"), timeout=60)
-    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mobilenet_v2" in e.value.details()
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "mobilenet_v2" in e.value.details()
 
 
 # ------------------------------------------------------------------------------------------ streaming
@@ -302,7 +302,7 @@ def test_deadline_exceeded_and_the_expired_work_is_dropped(embedder, photos):
         assert len(blocker.result().results) == 1
         assert len(stub.Embed(request([photos[4]]), timeout=60).results) == 1
         assert gated.items_run - before == 2  # the expired call's 3 items never reached the model
-        assert s.batcher.stats()["dropped"] == 3
+        assert s.service.default.batcher.stats()["dropped"] == 3
 
 
 def test_queue_full_is_resource_exhausted(embedder, photos):
@@ -485,7 +485,7 @@ def test_a_server_holds_at_most_max_models(embedder, photos):
             pb_grpc.EmbedderStub(ch).Embed(pb.EmbedRequest(items=[pb.Item(image=photos[0])],
                                                            model="efficientnet_lite0"), timeout=60)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-models" in e.value.details()
-        assert [m.name for m in s.servicer.models] == ["mobilenet_v2"]
+        assert [m.name for m in s.service.models.models] == ["mobilenet_v2"]
 
 
 FREEZE_PROBE = """

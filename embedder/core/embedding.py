@@ -1,0 +1,208 @@
+"""The one cache-aside path every image takes, whichever front door or call brings it.
+
+:func:`submit` hashes encoded images, serves what the store's cache holds (a hit is neither decoded nor run
+through the model), and queues each distinct miss once in the model's batcher: an image repeated inside one
+call is embedded once and every copy gets its vector. :func:`finish` waits for the misses within the call's
+deadline and puts their vectors in the cache. Per-item failures stay exception objects (with a
+:class:`embedder.errors.Category`) until a front door writes them on its wire.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from concurrent import futures
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..errors import (BatchFailedError, Category, DeadlineError, EmbedderError, ItemError, ItemNotFoundError, StoreClosedError,
+                      category_of)
+from ..inputs import content_hash
+
+log = logging.getLogger(__name__)
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def _never() -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Call:
+    """What a front door knows of its caller: a deadline (``time.monotonic()`` seconds) and whether it left."""
+
+    deadline: float | None = None
+    is_cancelled: Callable[[], bool] = _never
+
+    @classmethod
+    def within(cls, seconds: float | None, is_cancelled: Callable[[], bool] = _never) -> Call:
+        """A call that must finish within ``seconds`` from now (None: no deadline)."""
+        return cls(None if seconds is None else time.monotonic() + seconds, is_cancelled)
+
+    def time_left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+
+@dataclass(frozen=True)
+class Item:
+    """One input: encoded ``image`` bytes, a decoded ``array``, or the ``sha256`` of an image the cache holds.
+
+    ``error`` is set by a front door that could not read the item: it fails alone, nothing is queued.
+    """
+
+    id: str = ""
+    image: bytes | None = None
+    array: np.ndarray | None = None
+    sha256: str | None = None
+    error: EmbedderError | None = None
+
+    @classmethod
+    def of(cls, value: Any, item_id: str = "") -> Item:
+        """``value`` as an Item: an Item as it is, bytes as an encoded image, an array as decoded pixels."""
+        if isinstance(value, Item):
+            return value
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            return cls(item_id, image=bytes(value))
+        if isinstance(value, np.ndarray):
+            return cls(item_id, array=value)
+        raise TypeError(f"an item is encoded image bytes, a decoded (H, W[, C]) array or an Item, not a "
+                        f"{type(value).__name__}; read files into bytes first")
+
+
+@dataclass
+class Outcome:
+    """One item's result: ``vector`` (float32 ``(dim,)``) or ``error``; ``cached`` when the cache served it."""
+
+    id: str
+    sha256: str = ""
+    vector: np.ndarray | None = None
+    error: EmbedderError | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class Pending:
+    """A call's items on their way through the batcher; :func:`finish` turns it into outcomes."""
+
+    outcomes: list[Outcome]
+    model: Any  # core.models.LoadedModel
+    futures: dict[int, Future] = field(default_factory=dict)  # outcome index -> its (maybe shared) future
+    on_done: Callable[[], None] | None = None  # gives the model lease back
+
+
+def submit(items: Sequence[Item], model: Any, call: Call, *, store: Any, block: bool = False,
+           metrics: Any = None) -> Pending:
+    """Serve cache hits and queue each distinct miss once; items that cannot be read fail alone.
+
+    ``store`` is None on an embedding replica (no cache: a hash alone cannot be served). Raises
+    :class:`embedder.errors.QueueFullError` (unless ``block``) when the batcher has no room for the misses.
+    """
+    outcomes = [Outcome(item.id) for item in items]
+    wanted: dict[str, list[int]] = {}  # sha256 -> the items asking for it
+    encoded: dict[str, bytes] = {}  # sha256 -> bytes of one item that brought them
+    arrays: list[tuple[int, np.ndarray]] = []
+    for i, (item, out) in enumerate(zip(items, outcomes)):
+        try:
+            if item.error is not None:
+                raise item.error
+            if item.image is not None:
+                out.sha256 = content_hash(item.image)
+                encoded.setdefault(out.sha256, item.image)
+            elif item.sha256 is not None:
+                out.sha256 = _check_sha256(item.sha256)
+            elif item.array is not None:
+                arrays.append((i, item.array))
+                continue
+            else:
+                raise ItemError("item has neither `image` (encoded bytes), `tensor` (raw pixels) nor "
+                                "`content_sha256` (a cached image) set")
+            wanted.setdefault(out.sha256, []).append(i)
+        except EmbedderError as e:
+            out.error = e
+        except Exception as e:  # whatever a malformed item does, it fails alone
+            out.error = ItemError(f"malformed item ({type(e).__name__}: {e})")
+    if wanted and store is not None:
+        shas = list(wanted)
+        hits = 0
+        for sha, vector in zip(shas, store.lookup(model.model_id, shas)):
+            if vector is not None:
+                hits += len(wanted[sha])
+                for i in wanted.pop(sha):
+                    outcomes[i].vector, outcomes[i].cached = vector, True
+        if metrics is not None:
+            metrics.cache_hits.inc(hits)
+    for sha, idx in list(wanted.items()):
+        if sha not in encoded:
+            where = ("this embedding replica keeps no cache (--role embed); send the image bytes, or ask the "
+                     "store node") if store is None else (
+                f"no cached vector for content_sha256 {sha} under model {model.model_id}; send the image bytes "
+                "instead")
+            for i in wanted.pop(sha):
+                outcomes[i].error = ItemNotFoundError(where)
+    inputs = [encoded[sha] for sha in wanted] + [a for _, a in arrays]
+    queued = model.batcher.submit(inputs, deadline=call.deadline, is_active=lambda: not call.is_cancelled(),
+                                  block=block)
+    pending = Pending(outcomes, model)
+    for idx, fut in zip(list(wanted.values()) + [[i] for i, _ in arrays], queued):
+        for i in idx:
+            pending.futures[i] = fut
+    return pending
+
+
+def finish(pending: Pending, call: Call, *, store: Any, metrics: Any = None) -> list[Outcome]:
+    """Wait for the misses within the call's deadline, cache their vectors, return every item's outcome.
+
+    Raises :class:`DeadlineError` if the deadline passes first, and the batcher's own error when the failure is
+    not the item's (shutting down, caller gone): the whole call fails so a client's retry logic sees it.
+    """
+    try:
+        distinct = set(pending.futures.values())
+        _, not_done = futures.wait(distinct, timeout=call.time_left())
+        if not_done:
+            raise DeadlineError(
+                f"deadline passed with {len(not_done)} of {len(pending.outcomes)} items still queued or embedding; "
+                "give the call a longer timeout or send fewer items per call")
+        fresh: dict[str, np.ndarray] = {}
+        for i, fut in pending.futures.items():
+            out = pending.outcomes[i]
+            error = fut.exception()
+            if error is None:
+                out.vector = np.asarray(fut.result(), dtype=np.float32)
+                if out.sha256:
+                    fresh[out.sha256] = out.vector
+                continue
+            if category_of(error) in (Category.UNAVAILABLE, Category.DEADLINE):
+                raise error
+            if not isinstance(error, EmbedderError):
+                log.error("unexpected per-item error: %r", error)
+                error = BatchFailedError(f"server fault, not your input ({type(error).__name__}); retry")
+            out.error = error
+    finally:
+        if pending.on_done is not None:
+            pending.on_done()
+    if fresh and store is not None:
+        try:
+            store.put(pending.model.model_id, list(fresh), np.stack(list(fresh.values())))
+        except StoreClosedError:
+            pass  # shutting down: the vectors are still good, only not cached
+        except Exception:  # the vectors are good; a cache write failure must not fail the call
+            log.exception("could not write %d vectors to the cache", len(fresh))
+    if metrics is not None:
+        ok = sum(o.error is None for o in pending.outcomes)
+        metrics.images.labels("ok").inc(ok)
+        metrics.images.labels("error").inc(len(pending.outcomes) - ok)
+    return pending.outcomes
+
+
+def _check_sha256(sha: str) -> str:
+    low = sha.lower()
+    if len(low) != 64 or not _HEX.issuperset(low):
+        raise ItemError(f"content_sha256 must be 64 hex digits (sha256 of the image bytes), got {sha[:100]!r}")
+    return low

@@ -1,0 +1,72 @@
+"""Fine-tune and AdaBN jobs of the service: check the request, gather the kept images, hand the work to the
+job runner. The work itself (:mod:`embedder.finetune`) runs in the runner's thread and registers the new
+backbone version, which any call can then name as its model (loaded on first use).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from .service import Service
+
+
+def _use(name: str) -> str:
+    return f"model={name!r} in Embed/Add/Search (loaded on first use)"
+
+
+def start_finetune(service: Service, collection: str, suffix: str, *, unfreeze: int, epochs: int,
+                   params: Mapping[str, Any], labels: Sequence[str], ids: Sequence[str]) -> Any:
+    from classifier import InsufficientDataError
+
+    from ..backbones import get_backbone
+    from ..finetune import FineTuneConfig, check_labels, check_suffix, finetune
+
+    store, data_dir = service.store, service.config.data_dir
+    config = FineTuneConfig.from_params({**params, "unfreeze": unfreeze, "epochs": epochs})
+    parent = get_backbone(store.collection(collection).model_id)
+    check_suffix(suffix, parent, data_dir)
+    found, _, found_labels = store.labelled(collection, labels=list(labels) or None, ids=list(ids) or None)
+    images = store.images(collection, found)
+    missing = [i for i, img in zip(found, images) if img is None]
+    if missing:
+        raise InsufficientDataError(
+            f"{len(missing)} of {len(found)} labelled items have no kept image (added as tensors, by hash, or by a "
+            f"server run with --no-keep-images), e.g. {missing[0][:100]!r}; add them again as image bytes, or "
+            "leave them out with `ids`/`labels`")
+    check_labels(found_labels)
+
+    def work(job: Any, cancel: threading.Event, report: Any) -> dict[str, Any]:
+        result = finetune(images, found_labels, data_dir=data_dir, suffix=suffix, model=parent.model_id,
+                          config=config, cancel=cancel,
+                          on_epoch=lambda epoch, stats: report({**stats, "epochs": config.epochs}))
+        return {"name": result.spec.name, "model_id": result.spec.model_id, "parent": parent.model_id,
+                "classes": result.classes, "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
+                "trunk_passes": result.trunk_passes, "trunk_seconds": result.trunk_seconds,
+                "train_seconds": result.train_seconds, "history": result.history, "use": _use(result.spec.name)}
+
+    return service.jobs.submit("finetune", {"collection": collection, "suffix": suffix, "parent": parent.model_id,
+                                            "images": len(found), "config": asdict(config)}, work)
+
+
+def start_adabn(service: Service, collection: str, suffix: str) -> Any:
+    from ..backbones import get_backbone
+    from ..finetune import ADABN_MIN_IMAGES, TooFewLabelsError, adabn, check_suffix
+
+    store, data_dir = service.store, service.config.data_dir
+    parent = get_backbone(store.collection(collection).model_id)
+    check_suffix(suffix, parent, data_dir)
+    found, _ = store.vectors(collection)
+    images = [img for img in store.images(collection, found) if img is not None]
+    if len(images) < ADABN_MIN_IMAGES:
+        raise TooFewLabelsError(f"collection {collection!r} has {len(images)} kept images; AdaBN needs at least "
+                                f"{ADABN_MIN_IMAGES} images of the target domain (added as image bytes)")
+
+    def work(job: Any, cancel: threading.Event, report: Any) -> dict[str, Any]:
+        result = adabn(images, data_dir=data_dir, suffix=suffix, model=parent.model_id, cancel=cancel)
+        return {"name": result.spec.name, "model_id": result.spec.model_id, "parent": parent.model_id,
+                "images": result.images, "seconds": result.seconds, "use": _use(result.spec.name)}
+
+    return service.jobs.submit("adabn", {"collection": collection, "suffix": suffix, "parent": parent.model_id,
+                                         "images": len(images)}, work)

@@ -1,0 +1,455 @@
+"""The service core: every call of the API as a plain Python method, under every front door.
+
+A front door (gRPC in :mod:`embedder.servicer`, the CLI, a library caller) converts its wire format into these
+arguments, passes its caller's deadline and cancellation as a :class:`~embedder.core.embedding.Call`, and
+turns what comes back, or the :class:`~embedder.errors.EmbedderError` raised, into its own answer through
+the one table in :mod:`embedder.errors`. Nothing in here knows a transport.
+
+Images take one path (:mod:`embedder.core.embedding`): cache hits from the store, misses through the model's
+batcher, fresh vectors into the cache. Models come from the :class:`~embedder.core.models.ModelPool`.
+
+>>> with Service.open(Config(data_dir="embedder-data")) as service:
+...     outcomes = service.embed([jpeg_bytes, jpeg_bytes]).outcomes   # the repeat is embedded once
+...     service.add("pets", [AddItem(Item("cat-1", image=jpeg_bytes), label="cat")])
+...     service.search(collection="pets", item=Item(image=jpeg_bytes), k=5).hits
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ..config import Config
+from ..errors import (CollectionMismatchError, InvalidArgumentError, ItemError, ItemNotFoundError,
+                      ModelMismatchError, NotFoundError, NotReadyError, ReplicaOnlyError)
+from ..results import CurvePoint, DeleteResult, Hit, StoredItem, StoreStats
+from .embedding import Call, Item, Outcome, Pending, finish, submit
+from .models import LoadedModel, ModelPool
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 10
+
+
+@dataclass(frozen=True)
+class AddItem:
+    """An item to store: its input (with an id), and optionally a label and a metadata object."""
+
+    item: Item
+    label: str | None = None
+    metadata: Mapping[str, Any] | None = None
+
+
+@dataclass
+class EmbedResult:
+    outcomes: list[Outcome]
+    model: LoadedModel
+
+
+@dataclass
+class AddOutcome:
+    outcomes: list[Outcome]
+    added: int
+    replaced: int
+    model: LoadedModel
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    model_id: str
+    cached: bool
+
+
+@dataclass
+class PredictRow:
+    """One item's predictions: per head, its top labels and their probabilities (empty when ``error``)."""
+
+    id: str
+    cached: bool
+    error: Exception | None = None
+    tops: dict[str, list[tuple[str, float]]] | None = None
+
+
+@dataclass
+class PredictResult:
+    rows: list[PredictRow]
+    head_ids: list[str]
+    model_id: str
+
+
+class Service:
+    """Embedding, collections, heads and jobs over one model pool, store, head registry and job runner.
+
+    ``store``, ``heads`` and ``jobs`` are None on an embedding replica (``role="embed"``): it only embeds.
+    Answers :class:`NotReadyError` until :meth:`start` has loaded the default model, and after :meth:`close`.
+    """
+
+    def __init__(self, config: Config, *, store: Any = None, heads: Any = None, jobs: Any = None,
+                 metrics: Any = None, on_death: Any = None) -> None:
+        self.config = config
+        self.store, self.heads, self.jobs, self.metrics = store, heads, jobs, metrics
+        hooks = {} if metrics is None else {"on_batch": metrics.observe_batch, "on_drop": metrics.dropped.inc}
+        self.models = ModelPool(config, on_load=None if metrics is None else metrics.set_model,
+                                on_death=on_death, batch_hooks=hooks)
+        self._ready = False
+        self._closing = False
+        if metrics is not None:
+            metrics.track_queue(lambda: self.models.queue_depth)
+
+    @classmethod
+    def open(cls, config: Config, *, embedder: Any = None, metrics: Any = None) -> Service:
+        """A started service over ``config.data_dir`` (none with ``role="embed"``), for use in process."""
+        store, heads, jobs = open_data_dir(config)
+        service = cls(config, store=store, heads=heads, jobs=jobs, metrics=metrics)
+        try:
+            service.start(embedder)
+        except BaseException:
+            service.close(grace=0)
+            raise
+        return service
+
+    def start(self, embedder: Any = None) -> LoadedModel:
+        """Load and warm the default model (``embedder`` if given; the caller closes it), then answer calls."""
+        model = self.models.start(embedder)
+        self._ready = True
+        return model
+
+    def refuse_calls(self) -> None:
+        """Answer every new call with NotReadyError (shutting down); calls in flight finish."""
+        self._closing = True
+
+    def close(self, grace: float | None = None) -> None:
+        """Refuse new calls, stop jobs, close the batchers (queued items get ``grace`` seconds) and the store."""
+        self._closing = True
+        grace = self.config.grace_seconds if grace is None else grace
+        if self.jobs is not None:
+            self.jobs.close(timeout=grace)  # a running fine-tune stops between batches, registering nothing
+        self.models.close(grace)
+        if self.store is not None:
+            self.store.close()  # snapshots the indexes, so the next start loads instead of rebuilding
+
+    def __enter__(self) -> Service:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def default(self) -> LoadedModel:
+        return self.models.default
+
+    # ------------------------------------------------------------------ embedding
+
+    def embed(self, items: Sequence[Any], *, model: str = "", call: Call = Call()) -> EmbedResult:
+        """Embed ``items`` (:class:`Item`, encoded bytes or arrays); per-item errors in the outcomes."""
+        return self.finish(self.start_embed(items, model=model, call=call))
+
+    def start_embed(self, items: Sequence[Any], *, model: str = "", call: Call = Call(),
+                    block: bool = False) -> Pending:
+        """Queue ``items`` and return at once (:meth:`finish` waits); streams pipeline with it. ``block``
+        waits for queue room instead of raising QueueFullError."""
+        self._check_ready()
+        self._check_count(len(items))
+        items = [Item.of(x) for x in items]
+        leased = self.models.acquire(model)
+        try:
+            pending = submit(items, leased, call, store=self.store, block=block, metrics=self.metrics)
+        except BaseException:
+            self.models.release(leased)
+            raise
+        pending.on_done = lambda: self.models.release(leased)
+        return pending
+
+    def finish(self, pending: Pending, call: Call = Call()) -> EmbedResult:
+        return EmbedResult(finish(pending, call, store=self.store, metrics=self.metrics), pending.model)
+
+    def list_models(self) -> list[dict[str, Any]]:
+        """The loaded models' info, the default first (others load on first use)."""
+        self._check_ready()
+        return [m.info for m in self.models.models]
+
+    def limits(self) -> dict[str, int]:
+        self._check_ready()
+        return {"max_message_bytes": self.config.max_message_bytes, "max_items": self.config.max_items,
+                "max_pixels": getattr(self.default.embedder.config, "max_pixels", self.config.max_pixels)}
+
+    # ------------------------------------------------------------------ collections
+
+    def add(self, collection: str, items: Sequence[AddItem], *, model: str = "", index: str = "",
+            call: Call = Call()) -> AddOutcome:
+        """Embed (or look up) and store ``items`` in ``collection``, created on first add with ``model``'s
+        binding and ``index``; items that fail are left out and say why."""
+        store = self._stateful()
+        self._check_count(len(items))
+        if not collection:
+            raise InvalidArgumentError("`collection` is empty; name the collection to add to")
+        ids = [a.item.id for a in items]
+        missing_id = next((i for i, x in enumerate(ids) if not x), None)
+        if missing_id is not None:
+            raise InvalidArgumentError(f"item {missing_id} has no id; every item added to a collection needs an "
+                                       "id (Item.id), unique within the collection")
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise InvalidArgumentError(f"item id {dup!r} appears more than once in one request; pass each id once")
+        with self._collection_model(collection, model) as bound:
+            if index:
+                store.create_collection(collection, model_id=bound.model_id, dim=bound.dim, index=index)
+            outcomes = self.finish(self._start([a.item for a in items], bound, call)).outcomes
+        good = [i for i, o in enumerate(outcomes) if o.error is None]
+        added = replaced = 0
+        if good:
+            keep = self.config.keep_images
+            result = store.add(collection, [ids[i] for i in good], np.stack([outcomes[i].vector for i in good]),
+                               model_id=bound.model_id, sha256s=[outcomes[i].sha256 or None for i in good],
+                               labels=[items[i].label for i in good],
+                               metadata=[dict(items[i].metadata) if items[i].metadata is not None else None
+                                         for i in good],
+                               images=[items[i].item.image if keep else None for i in good])
+            added, replaced = result.added, result.replaced
+        return AddOutcome(outcomes, added, replaced, bound)
+
+    def delete(self, collection: str, ids: Sequence[str]) -> DeleteResult:
+        return self._stateful().delete(collection, list(ids))
+
+    def delete_collection(self, collection: str) -> int:
+        """Delete a whole collection; returns how many items it held."""
+        store = self._stateful()
+        count = store.collection(collection).count
+        store.delete_collection(collection)
+        return count
+
+    def set_labels(self, collection: str, labels: Mapping[str, str], clear: Sequence[str] = ()) -> int:
+        store = self._stateful()
+        both = sorted(set(labels) & set(clear))
+        if both:
+            raise InvalidArgumentError(f"item(s) {', '.join(map(repr, both[:5]))} are both labelled and cleared; "
+                                       "name each item once")
+        return store.set_labels(collection, {**dict(labels), **{i: None for i in clear}})
+
+    def get(self, collection: str, ids: Sequence[str]) -> list[StoredItem | None]:
+        store = self._stateful()
+        self._check_count(len(ids))
+        return store.get(collection, list(ids))
+
+    def search(self, *, collection: str | None = None, item: Item | None = None, item_id: str | None = None,
+               vector: np.ndarray | None = None, model: str = "", k: int = DEFAULT_K, label: str | None = None,
+               ef_search: int | None = None, call: Call = Call()) -> SearchResult:
+        """The ``k`` nearest stored items to one query: an image (``item``), a stored item or a vector. Without
+        ``collection``, every collection of the query's model is searched."""
+        store = self._stateful()
+        if sum(q is not None for q in (item, item_id, vector)) != 1:
+            raise InvalidArgumentError("the query is empty; set one of `item` (an image), `item_id` or `vector`"
+                                       if (item, item_id, vector) == (None, None, None) else
+                                       "set only one of `item`, `item_id` and `vector` as the query")
+        if item_id is not None:
+            if collection is None:
+                raise InvalidArgumentError("a query by item_id needs `collection`, the collection that holds the item")
+            hits = store.search_by_id(collection, item_id, k=k, label=label, ef_search=ef_search)
+            return SearchResult(hits, store.collection(collection).model_id, False)
+        cm = self._collection_model(collection, model) if collection is not None else self.models.lease(model)
+        cached = False
+        with cm as bound:
+            if item is not None:
+                found = self.finish(self._start([item], bound, call)).outcomes[0]
+                if found.error is not None:
+                    found.error.args = (f"the query image: {found.error}",)  # a fresh error of this call
+                    raise found.error
+                vector, cached = found.vector, found.cached
+        hits = store.search(collection, np.asarray(vector)[None], k=k, label=label, model_id=bound.model_id,
+                            ef_search=ef_search)[0]
+        return SearchResult(hits, bound.model_id, cached)
+
+    def stats(self) -> tuple[StoreStats, int]:
+        """The store's statistics and the number of saved heads."""
+        return self._stateful().stats(), len(self.heads.list())
+
+    # ------------------------------------------------------------------ heads
+
+    def train(self, collection: str, *, head: str = "", labels: Sequence[str] = (), ids: Sequence[str] = (),
+              params: Mapping[str, Any] | None = None, test_size: float = 0.0, seed: int = 0, head_id: str = "",
+              adapt_to: str = "", adapt_method: str = "") -> Any:
+        """Train and save a head on the labelled items of ``collection`` (a :class:`classifier.TrainResult`)."""
+        from classifier import InsufficientDataError
+
+        store = self._stateful()
+        found_ids, X, y = store.labelled(collection, labels=list(labels) or None, ids=list(ids) or None)
+        if not found_ids:
+            which = f" with label(s) {', '.join(map(repr, labels))}" if labels else ""
+            raise InsufficientDataError(
+                f"collection {collection!r} has no labelled items{which}; add items with labels "
+                "(Add with AddItem.label, or SetLabels) and train again")
+        info = store.collection(collection)
+        source: dict[str, Any] = {"collection": collection, "labels": list(labels), "ids": len(ids)}
+        target = None
+        if adapt_to:
+            target_info = store.collection(adapt_to)
+            if target_info.model_id != info.model_id:
+                raise ModelMismatchError(
+                    f"adapt_to collection {adapt_to!r} holds vectors of model {target_info.model_id}, but "
+                    f"{collection!r} holds {info.model_id}; adapt between collections of one model",
+                    expected_model_id=info.model_id, other_model_id=target_info.model_id)
+            _, target = store.vectors(adapt_to)
+            source["adapt_to"] = adapt_to
+        return self.heads.train(X, y, model_id=info.model_id, kind=head or "logreg", params=params or {},
+                                test_size=test_size or 0.2, seed=seed, head_id=head_id or None, source=source,
+                                adapt_to=target, adapt_method=adapt_method or "coral")
+
+    def predict(self, head_ids: Sequence[str], *, items: Sequence[Item] = (), ids: Sequence[str] = (),
+                collection: str = "", top_k: int = 1, call: Call = Call()) -> PredictResult:
+        """Apply heads (of one backbone) to images (``items``) and stored items (``ids`` of ``collection``):
+        one embedding or cache hit per item, every head applied to it."""
+        store = self._stateful()
+        self._check_count(len(items) + len(ids))
+        head_ids = list(head_ids)
+        if len(set(head_ids)) != len(head_ids):
+            raise InvalidArgumentError("a head id appears more than once in head_ids; name each head once")
+        heads = [self.heads.get(h) for h in head_ids]  # NOT_FOUND before any embedding
+        model_id = heads[0].model_id_
+        other = next((h for h, head in zip(head_ids, heads) if head.model_id_ != model_id), None)
+        if other is not None:
+            raise ModelMismatchError(
+                f"heads {head_ids[0]!r} and {other!r} take vectors of different models; one Predict embeds "
+                "once, so ask for heads of one backbone together", expected_model_id=model_id,
+                other_model_id=self.heads.get(other).model_id_)
+        if ids and not collection:
+            raise InvalidArgumentError("predicting stored items needs `collection`, the collection that holds "
+                                       "the ids")
+        rows: list[Outcome] = []
+        if items:
+            with self.models.lease_bound(model_id, f"head {head_ids[0]!r}") as bound:
+                rows = self.finish(self._start(items, bound, call)).outcomes
+        if ids:
+            stored_model = store.collection(collection).model_id
+            if stored_model != model_id:
+                raise ModelMismatchError(
+                    f"collection {collection!r} holds vectors of model {stored_model}, but head {head_ids[0]!r} "
+                    f"takes vectors of model {model_id}", expected_model_id=model_id, other_model_id=stored_model)
+            for item_id, stored in zip(ids, store.get(collection, list(ids))):
+                out = Outcome(item_id, cached=True)
+                if stored is None:
+                    out.error = ItemNotFoundError(f"no item {item_id!r} in collection {collection!r}")
+                else:
+                    out.vector = stored.vector
+                rows.append(out)
+        good = [o for o in rows if o.error is None]
+        tops = [self.heads.predict(h, np.stack([o.vector for o in good]), model_id=model_id, top_k=top_k)
+                for h in head_ids] if good else []
+        result, row = [], 0
+        for o in rows:
+            if o.error is not None:
+                result.append(PredictRow(o.id, o.cached, error=o.error))
+                continue
+            result.append(PredictRow(o.id, o.cached, tops={
+                h: [(str(lab), float(p)) for lab, p in zip(top.labels[row], top.probabilities[row])]
+                for h, top in zip(head_ids, tops)}))
+            row += 1
+        return PredictResult(result, head_ids, model_id)
+
+    def learning_curve(self, collection: str, *, head: str = "", labels: Sequence[str] = (),
+                       params: Mapping[str, Any] | None = None, per_class: Sequence[int] = (), repeats: int = 0,
+                       test_size: float = 0.0, seed: int = 0) -> list[CurvePoint]:
+        store = self._stateful()
+        _, X, y = store.labelled(collection, labels=list(labels) or None)
+        return self.heads.learning_curve(X, y, kind=head or "logreg", params=params or {},
+                                         per_class=list(per_class) or None, repeats=repeats or 5,
+                                         test_size=test_size or 0.2, seed=seed)
+
+    def list_heads(self) -> list[Any]:
+        self._stateful()
+        return self.heads.list()
+
+    def delete_head(self, head_id: str) -> None:
+        self._stateful()
+        self.heads.delete(head_id)
+
+    # ------------------------------------------------------------------ jobs
+
+    def finetune(self, collection: str, suffix: str, *, method: str = "", unfreeze: int = 0, epochs: int = 0,
+                 params: Mapping[str, Any] | None = None, labels: Sequence[str] = (),
+                 ids: Sequence[str] = ()) -> Any:
+        """Start a fine-tune (``method="finetune"``) or AdaBN job on the collection's kept images; the job."""
+        from .finetuning import start_adabn, start_finetune
+
+        self._stateful()
+        if method == "adabn":
+            return start_adabn(self, collection, suffix)
+        if method not in ("", "finetune"):
+            raise InvalidArgumentError(f"method must be 'finetune' or 'adabn', got {method[:50]!r}")
+        return start_finetune(self, collection, suffix, unfreeze=unfreeze or 1, epochs=epochs or 10,
+                              params=params or {}, labels=labels, ids=ids)
+
+    def get_job(self, job_id: str) -> Any:
+        self._stateful()
+        return self.jobs.get(job_id)
+
+    def cancel_job(self, job_id: str) -> Any:
+        self._stateful()
+        return self.jobs.cancel(job_id)
+
+    # ------------------------------------------------------------------ helpers
+
+    def _start(self, items: Sequence[Item], model: LoadedModel, call: Call) -> Pending:
+        """Queue items on a model the caller holds already (its lease outlives the pending items)."""
+        return submit(items, model, call, store=self.store, metrics=self.metrics)
+
+    def _collection_model(self, collection: str, requested: str) -> Any:
+        """A lease on an existing collection's model; for a new one on the requested model (or the default)."""
+        try:
+            model_id = self.store.collection(collection).model_id
+        except NotFoundError:
+            return self.models.lease(requested)
+        return self.models.lease_bound(model_id, f"collection {collection!r}")
+
+    def _check_ready(self) -> None:
+        if self._closing:
+            raise NotReadyError("the server is shutting down; retry another instance")
+        if not self._ready:
+            raise NotReadyError("the model is still loading and warming up; retry shortly (health turns SERVING "
+                                "when ready)")
+        if not self.default.batcher.alive:
+            raise NotReadyError("the embedding worker is not running; the server must be restarted")
+
+    def _stateful(self) -> Any:
+        """The store, for store, head and job calls; an embedding replica has none."""
+        self._check_ready()
+        if self.store is None:
+            raise ReplicaOnlyError("this server is an embedding replica (--role embed): it only embeds; send "
+                                   "store, head and job calls to the store node (--role store or all)")
+        return self.store
+
+    def _check_count(self, n: int) -> None:
+        limit = self.config.max_items
+        if n > limit:
+            raise InvalidArgumentError(
+                f"request has {n} items, above the server's limit of {limit} per request (max_items); send fewer "
+                "per request (EmbedderClient splits for you) or raise the limit on the server with --max-items / "
+                "EMBEDDER_MAX_ITEMS")
+
+
+def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
+    """The store, head registry and job runner under ``config.data_dir`` (None x 3 with ``role="embed"``).
+
+    Fine-tuned versions saved there are registered, so collections, heads and jobs can name them.
+    """
+    if config.role == "embed":
+        return None, None, None
+    from classifier import HeadRegistry
+
+    from ..backbones import load_derived
+    from ..jobs import JobRunner
+    from ..store import Store
+
+    store = Store.from_config(config)
+    try:
+        heads = HeadRegistry(config.data_dir / "heads")
+        jobs = JobRunner(config.data_dir / "jobs")
+        load_derived(config.data_dir / "backbones")
+    except BaseException:
+        store.close()
+        raise
+    log.info("data dir %s: %s", config.data_dir, store)
+    return store, heads, jobs
