@@ -7,7 +7,7 @@ Usage::
 
 Measured, all through :class:`embedder.store.Store` (SQLite commits, FAISS, metadata fetch included):
 
-1. cache: ``embed_cached`` on one real JPEG (benchmarks/images.py) the first time (a miss: hash, decode,
+1. cache: ``Service.embed`` (the service core's cache-aside path, in process) on one real JPEG (benchmarks/images.py) the first time (a miss: hash, decode,
    model, store) and again right after (a hit: hash and one SQLite lookup); median over the photos. Target: hit
    >= 50x faster. Also the same hits again back to back (no model run in between to evict the CPU caches).
    The same through the service: one-image ``Embed`` calls over loopback gRPC (other photos), miss then hit.
@@ -40,7 +40,9 @@ import numpy as np
 from embedder import Config, Embedder
 from embedder.client import EmbedderClient
 from embedder.index import IndexSpec, VectorIndex
-from embedder.store import Store, content_hash, embed_cached
+from embedder.core import Service
+from embedder.inputs import content_hash
+from embedder.store import Store
 from images import real_jpegs, write_json
 
 log = logging.getLogger("bench_search")
@@ -95,19 +97,21 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 def bench_cache(root: Path, n: int) -> dict[str, Any]:
     jpegs = real_jpegs(n + 1, seed=0)
-    with Embedder(model="mobilenet_v2", device="cpu") as embedder, Store(root / "cache") as store:
-        embed_cached(embedder, jpegs[-1:], store=store)  # warm-up, not timed
+    with Embedder(model="mobilenet_v2", device="cpu") as embedder, \
+            Service.open(Config.from_env(data_dir=root / "cache"), embedder=embedder) as core:
+        store = core.store
+        core.embed(jpegs[-1:])  # warm-up, not timed
         miss, hit, by_sha = [], [], []
         for jpeg in jpegs[:-1]:
-            t, first = timed(lambda: embed_cached(embedder, [jpeg], store=store))
+            t, first = timed(lambda: core.embed([jpeg]).outcomes[0])
             miss.append(t)
-            t, again = timed(lambda: embed_cached(embedder, [jpeg], store=store))
+            t, again = timed(lambda: core.embed([jpeg]).outcomes[0])
             hit.append(t)
-            assert not first.cached[0] and again.cached[0] and np.array_equal(first.vectors, again.vectors)
+            assert not first.cached and again.cached and np.array_equal(first.vector, again.vector)
             sha = content_hash(jpeg)
             by_sha.append(timed(lambda: store.lookup(embedder.model_id, [sha]))[0])
         # The same hits back to back, with no model run between them to evict the CPU caches: the hit's floor.
-        in_a_row = [timed(lambda: embed_cached(embedder, [jpeg], store=store))[0] for jpeg in jpegs[:-1]]
+        in_a_row = [timed(lambda: core.embed([jpeg]))[0] for jpeg in jpegs[:-1]]
         runtime = embedder.runtime.name
         service = bench_service_cache(root, embedder, real_jpegs(n, seed=1))
     kb = statistics.median(len(j) for j in jpegs[:-1]) / 1e3

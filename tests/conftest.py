@@ -151,10 +151,13 @@ class CountingModel:
     def info(self):
         return self.real.info()
 
-    def submit(self, item):
+    def probe(self, item):
+        return self.real.probe(item)
+
+    def submit(self, item, probe=None):
         with self._lock:
             self.decoded += 1
-        return self.real.submit(item)
+        return self.real.submit(item, probe)
 
     def warm_up(self):
         self.real.warm_up()  # not counted: no caller's item

@@ -14,11 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import ray  # the `scale` extra (also in `test`)
 
-from conftest import cosine, small_jpegs
+from conftest import CountingModel, cosine, small_jpegs
 from embedder.bulk import MANIFEST, _dataset, _resources_plan, _units, bulk_embed, import_parquet, read_inputs
 from embedder.cli import main
 from embedder.errors import ModelMismatchError
-from embedder.store import Store, content_hash, embed_cached
+from embedder.config import Config
+from embedder.core import Service
+from embedder.inputs import content_hash
+from embedder.store import Store
 
 JUNK = b"this is not an image, just text with a .jpg name"
 SHARD_SIZE, BATCH = 10, 8
@@ -209,18 +212,16 @@ def test_import_parquet_fills_store_and_cache_without_a_model_pass(bulk_out, tre
             assert item.sha256 == content_hash(files[item.id])
             assert item.label == item.id.split("/")[0]
 
-        class Counting:  # the real model, counting what reaches it
-            model_id, dim, calls = embedder.model_id, embedder.dim, 0
-
-            def embed_batch(self, items):
-                Counting.calls += len(items)
-                return embedder.embed_batch(items)
-
-        batch = embed_cached(Counting(), [files[i] for i in ids[:5]], store=store)
-        assert batch.cached.all() and Counting.calls == 0  # no backbone pass
-        assert np.array_equal(batch.vectors, np.stack([rows[i][0] for i in ids[:5]]))
-        fresh = embed_cached(Counting(), [files[ids[0]] + b"\0"], store=store)  # other bytes: a miss
-        assert not fresh.cached[0] and Counting.calls == 1
+        counting = CountingModel(embedder)  # the service's one cache-aside path, over this store
+        service = Service(Config.from_env(environ={}, data_dir=tmp_path / "data"), store=store)
+        service.start(counting)
+        counting.decoded = 0  # not the warm-up
+        batch = service.embed([files[i] for i in ids[:5]]).outcomes
+        assert all(o.cached for o in batch) and counting.decoded == 0  # no backbone pass
+        assert np.array_equal(np.stack([o.vector for o in batch]), np.stack([rows[i][0] for i in ids[:5]]))
+        fresh, = service.embed([files[ids[0]] + b"\0"]).outcomes  # other bytes: a miss
+        assert not fresh.cached and counting.decoded == 1
+        service.models.close()
 
         again = import_parquet(out, store, "photos")  # idempotent
         assert (again["added"], again["replaced"]) == (0, 24)
