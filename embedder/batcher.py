@@ -2,10 +2,11 @@
 
 Data flow (no gRPC in here; the server adapts it)::
 
-    submit(items)  -- bounded: at most max_queue items admitted and not yet answered, else QueueFullError
+    submit(items)  -- the model probes each item once (its header: the decode's cost); one it refuses fails here
+      -- bounded: at most max_queue items admitted and not yet answered, else QueueFullError
       -> pending requests, served round-robin so one caller's 1000 images cannot starve another's one
-      -> Embedder.submit (the decode pool), as the decode budget allows: dispatched by whichever thread
-         made room (the submitter, a finished decode, the worker taking a batch), not by a thread of its own
+      -> Embedder.submit(item, probe) (the decode pool), as the decode budget allows: dispatched by whichever
+         thread made room (the submitter, a finished decode, the worker taking a batch), not by a thread of its own
       -> decoded crop -> ready queue (a bad item fails only its own future, here)
       -> worker thread: as soon as a full batch is ready (the model's micro-batch: ~4 on CPU, max_batch
          on CUDA), or what is ready max_delay_ms after the oldest became ready, or what is ready once no
@@ -14,10 +15,12 @@ Data flow (no gRPC in here; the server adapts it)::
 
 Memory: decoding is where image size costs memory (a 64 MP JPEG is ~190 MB of RGB while it decodes); after
 the resize-crop every item is the same small ``(crop, crop, 3)`` array, so the model batch is already bounded
-by ``max_batch``. ``max_batch_pixels`` therefore caps the *source* pixels (read from the image header, or a
-tensor's shape) of the items being decoded at once, and ``max_ahead`` caps how many crops wait for the model.
-A single image larger than the budget still runs, alone. So a burst of huge images slows down instead of
-blowing up memory, and a batch never holds more than ``max_batch_pixels`` source pixels' worth of work.
+by ``max_batch``. ``max_batch_pixels`` therefore caps the *source* pixels (the ``pixels`` of the model's probe:
+the image header's size, or a tensor's shape) of the items being decoded at once, and ``max_ahead`` caps how many
+crops wait for the model. A single image larger than the budget still runs, alone. So a burst of huge images
+slows down instead of blowing up memory, and a batch never holds more than ``max_batch_pixels`` source pixels'
+worth of work. The batcher never looks inside an item: the probe is the model's, and goes back to the model's
+decode with the item, so each image's header is read once.
 
 Callers that are gone (deadline passed, or ``is_active()`` false) are dropped before decode and again before
 the model. When the model raises on a batch, its items are retried one by one, so only the items that fail
@@ -27,59 +30,47 @@ server turns health NOT_SERVING) and further submissions raise :class:`BatcherCl
 """
 from __future__ import annotations
 
-import io
 import logging
-import os
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
-from PIL import Image
 
 from .errors import BatcherClosedError, BatchFailedError, DroppedError, ItemError, QueueFullError
 
 log = logging.getLogger(__name__)
 
 
+class Probed(Protocol):
+    """The model's probe of one item, as the batcher sees it: a cost, handed back to the model to decode."""
+
+    @property
+    def pixels(self) -> int: ...  # source pixels the decode materialises
+
+
 class SupportsBatching(Protocol):
     """What the batcher needs from :class:`embedder.pipeline.Embedder`."""
 
-    config: Any  # reads .max_pixels
     micro_batch: int  # the model's efficient batch: a batch this full leaves without waiting
 
-    def submit(self, item: Any) -> "Future[np.ndarray | str]": ...
+    def probe(self, item: Any) -> Probed: ...  # reads the item once; raises an ItemError for one it refuses
+
+    def submit(self, item: Any, probe: Any) -> "Future[np.ndarray]": ...  # decode; fails with the item's ItemError
 
     def embed_arrays(self, images: np.ndarray) -> np.ndarray: ...
 
     def warm_up(self) -> None: ...  # run each batch size once before serving (the server calls it)
 
 
-def source_pixels(item: Any, max_pixels: int) -> int:
-    """Pixels the decoder will materialise for ``item``, from its header or shape, without decoding.
-
-    0 when unknown or refused anyway (unreadable header, or above ``max_pixels``, which the
-    preprocessor rejects before decoding any pixel data).
-    """
-    try:
-        if isinstance(item, np.ndarray):
-            px = int(item.shape[0]) * int(item.shape[1]) if item.ndim >= 2 else 0
-        elif isinstance(item, Image.Image):
-            px = item.width * item.height
-        elif isinstance(item, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(item)) as img:  # lazy: reads the header only
-                px = img.width * img.height
-        elif isinstance(item, (str, os.PathLike)):
-            with Image.open(item) as img:
-                px = img.width * img.height
-        else:
-            return 0
-    except Exception:  # the decoder reports the real problem, per item
-        return 0
-    return px if px <= max_pixels else 0
+def _item_error(error: BaseException) -> ItemError:
+    """An item's failure as its ItemError: the model's own as it is, anything else described."""
+    if isinstance(error, ItemError):
+        return error
+    return ItemError(f"could not decode image ({type(error).__name__}: {error})")
 
 
 @dataclass(eq=False)
@@ -99,9 +90,10 @@ class _Request:
 @dataclass(eq=False)
 class _Work:
     item: Any
-    request: _Request
+    probe: Any  # the model's, made at submit and handed back to it with the item
     pixels: int
-    future: Future = field(default_factory=Future)
+    request: _Request
+    future: Future
     array: np.ndarray | None = None
     ready_at: float = 0.0
     finished: bool = False
@@ -130,7 +122,6 @@ class Batcher:
         if max_delay_ms < 0:
             raise ValueError(f"Batcher max_delay_ms must be >= 0, got {max_delay_ms}")
         self._embedder = embedder
-        self._max_pixels = int(getattr(embedder.config, "max_pixels", 1 << 62))
         self.max_batch = max_batch
         # On CPU the model runs micro-batches of ~4 and gains nothing from waiting for 64 items; on CUDA
         # micro_batch == max_batch, so the batcher waits for a full batch as usual.
@@ -171,8 +162,9 @@ class Batcher:
         """Queue ``items``; one future per item, resolving to a float32 ``(dim,)`` vector.
 
         ``deadline`` is a :func:`time.monotonic` time; ``is_active`` says whether the caller still wants
-        the answer. Futures fail with :class:`ItemError` (bad input), :class:`DroppedError` (caller gone),
-        :class:`BatchFailedError` (model fault) or :class:`BatcherClosedError`.
+        the answer. Futures fail with :class:`ItemError` (bad input: the model's own error object, such as an
+        :class:`~embedder.errors.ImageDecodeError`, from its probe here or its decode), :class:`DroppedError`
+        (caller gone), :class:`BatchFailedError` (model fault) or :class:`BatcherClosedError`.
 
         When the queue is full: ``block=False`` raises :class:`QueueFullError` at once (fail fast);
         ``block=True`` waits for room until the deadline or until ``is_active()`` turns false, and then
@@ -183,16 +175,24 @@ class Batcher:
             raise QueueFullError(
                 f"a request of {n} items can never fit the batcher queue of {self.max_queue} items; "
                 "send fewer items per request or raise --max-queue / EMBEDDER_MAX_QUEUE")
-        # Header reads happen here, in the caller's thread, so they run in parallel across callers.
-        pixels = [source_pixels(item, self._max_pixels) for item in items]
-        request = _Request(deque(), deadline, is_active)
-        for item, px in zip(items, pixels):
-            work = _Work(item, request, px)
-            work.future.set_running_or_notify_cancel()  # callers cannot cancel; they go inactive instead
-            request.works.append(work)
-        futures = [w.future for w in request.works]
         if n == 0:
-            return futures
+            return []
+        request = _Request(deque(), deadline, is_active)
+        futures: list[Future] = []
+        refused: list[tuple[Future, ItemError]] = []
+        # Probes (header reads) happen here, in the caller's thread, so they run in parallel across callers.
+        for item in items:
+            future: Future = Future()
+            future.set_running_or_notify_cancel()  # callers cannot cancel; they go inactive instead
+            futures.append(future)
+            try:
+                probe = self._embedder.probe(item)
+                work = _Work(item, probe, int(probe.pixels), request, future)
+            except Exception as e:  # this item alone fails, and takes no queue slot
+                refused.append((future, _item_error(e)))
+            else:
+                request.works.append(work)
+        n = len(request.works)
         with self._lock:
             while True:
                 self._raise_if_closed()
@@ -206,8 +206,12 @@ class Batcher:
                 if not request.alive(time.monotonic()):
                     raise DroppedError("the caller went away or its deadline passed while waiting for queue room")
                 self._room_cv.wait(0.05)  # short: is_active() cannot notify us
-            self._queued += n
-            self._pending.append(request)
+            self._stats["failed"] += len(refused)
+            if n:
+                self._queued += n
+                self._pending.append(request)
+        for future, error in refused:
+            future.set_exception(error)
         self._dispatch()
         return futures
 
@@ -293,7 +297,7 @@ class Batcher:
                     self._drop(dropped)
                     continue
                 try:
-                    decode = self._embedder.submit(work.item)
+                    decode = self._embedder.submit(work.item, work.probe)
                 except Exception as e:  # decode pool shut down: the embedder was closed under us
                     decode = Future()
                     decode.set_exception(e)
@@ -321,20 +325,21 @@ class Batcher:
 
     def _decoded(self, work: _Work, decode: Future) -> None:
         """Decode-pool callback: route the crop to the ready queue, or fail just this item."""
+        error: ItemError | None = None
         try:
-            result = decode.result()
-        except BaseException as e:  # noqa: BLE001 - prepare() never raises; this is the pool failing
-            result = f"could not decode image ({type(e).__name__}: {e})"
+            array = decode.result()
+        except BaseException as e:  # noqa: BLE001 - the item's own error, or the decode pool failing
+            error = _item_error(e)
         with self._lock:
             self._decoding -= 1
             self._decoding_pixels -= work.pixels
-            if isinstance(result, np.ndarray) and self._dead is None:
-                work.array = result
+            if error is None and self._dead is None:
+                work.array = array
                 work.ready_at = time.monotonic()
                 self._ready.append(work)
             self._work_cv.notify()  # a crop is ready, or one fewer is on the way
-        if isinstance(result, str):
-            self._finish(work, error=ItemError(result), stat="failed")
+        if error is not None:
+            self._finish(work, error=error, stat="failed")
         elif self._dead is not None:
             self._finish(work, error=BatcherClosedError(f"not embedded: {self._dead}"), stat="failed")
         self._dispatch()  # the decode budget has room again

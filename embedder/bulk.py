@@ -6,7 +6,7 @@
     embedder add --from-parquet vectors/ --collection pets --data-dir embedder-data   # no backbone pass
 
 The same code as the service, no second pipeline: CPU tasks read each input and decode + preprocess it with
-the backbone's own :class:`embedder.preprocess.Preprocessor` and :meth:`Embedder.prepare <embedder.Embedder.prepare>`
+the backbone's own :class:`embedder.preprocess.Preprocessor` and its :meth:`~embedder.preprocess.Preprocessor.prepare`
 (same errors, same pixels), and an actor pool runs :meth:`Embedder.embed_arrays` (one
 :class:`~embedder.Embedder` per actor; one GPU per actor when the cluster has GPUs, CPU actors otherwise).
 
@@ -47,7 +47,7 @@ import numpy as np
 from .backbones import BackboneSpec, find_backbone
 from .config import Config
 from .durable import fsync_file, replace_durably, temp_path, write_atomic
-from .errors import Category, EmbedderError, ModelMismatchError
+from .errors import Category, EmbedderError, ImageDecodeError, ModelMismatchError
 from .inputs import IMAGE_SUFFIXES, content_hash, image_files
 from .pipeline import Embedder
 from .preprocess import Preprocessor
@@ -260,16 +260,11 @@ def _units(inputs: Inputs, shards: list[tuple[int, int, int]], batch_size: int) 
 
 # ---------------------------------------------------------------------------------- decode (Ray CPU tasks)
 
-class _Decoder:
-    """:meth:`Embedder.prepare` without a model: the Embedder's own per-item error handling around the
-    backbone's :class:`Preprocessor`, so bulk and service inputs fail (and succeed) the same way."""
-
-    prepare = Embedder.prepare
-
-    def __init__(self, config: Config) -> None:
-        spec = find_backbone(config.model, config.data_dir)
-        self.preprocessor = Preprocessor(spec.preprocessing, max_pixels=config.max_pixels,
-                                         jpeg_decoder=config.jpeg_decoder)
+def _preprocessor(config: Config) -> Preprocessor:
+    """The backbone's own :class:`Preprocessor`, as the Embedder builds it: bulk and service inputs fail (and
+    succeed) the same way."""
+    spec = find_backbone(config.model, config.data_dir)
+    return Preprocessor(spec.preprocessing, max_pixels=config.max_pixels, jpeg_decoder=config.jpeg_decoder)
 
 
 def _load(unit: dict[str, Any]) -> list[tuple[bytes | None, str | None]]:
@@ -311,8 +306,8 @@ def _decode_units(batch: dict[str, np.ndarray], *, config: Config, batch_size: i
     ``error`` ("" when the input is fine).
     """
 
-    decoder = _Decoder(config)
-    crop = decoder.preprocessor.pp.crop
+    preprocessor = _preprocessor(config)
+    crop = preprocessor.pp.crop
     for text in batch["unit"]:
         unit = json.loads(str(text))
         loaded = _load(unit)
@@ -323,12 +318,11 @@ def _decode_units(batch: dict[str, np.ndarray], *, config: Config, batch_size: i
             for j, (data, error) in enumerate(part):
                 sha = ""
                 if error is None:
-                    arr = decoder.prepare(data)
-                    if isinstance(arr, str):
-                        error = arr
-                    else:
-                        images[j] = arr
+                    try:
+                        images[j] = preprocessor.prepare(data)
                         sha = content_hash(data)
+                    except ImageDecodeError as e:
+                        error = str(e)  # the manifest's message
                 shas.append(sha)
                 errors.append(error or "")
             yield {"shard": np.full(len(part), unit["shard"], dtype=np.int64),

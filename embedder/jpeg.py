@@ -11,28 +11,25 @@ embeddings' cosine >= 0.99999: the same tolerance as Pillow's own version drift,
 change). On CUDA, nvJPEG and the float resize kernels round differently: that tolerance is still unmeasured
 (no GPU was available); ``jpeg_decoder="pillow"`` keeps the Pillow path everywhere.
 
-Only clean JPEGs come here; everything else (other formats, CMYK, EXIF rotation, above ``max_pixels``, data
-the decoder rejects) is left to Pillow, which also reports the errors. torchvision 0.29 deprecates its image
-decoders in favour of TorchCodec; should they disappear, every JPEG goes to Pillow, with one warning.
+Only clean JPEGs come here, as :func:`embedder.preprocess.probe` found them when they arrived (RGB or grey,
+upright, within ``max_pixels``); this module does not read headers. Everything else (other formats, CMYK, EXIF
+rotation, data the decoder rejects) is left to Pillow, which also reports the errors. torchvision 0.29
+deprecates its image decoders in favour of TorchCodec; should they disappear, every JPEG goes to Pillow, with
+one warning.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
-import io
 import logging
 from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .backbones import Preprocessing
 
 log = logging.getLogger(__name__)
-
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_EXIF_ORIENTATION = 0x0112
 
 
 def one_torch_thread() -> None:
@@ -60,62 +57,41 @@ def _torchvision() -> tuple[Any, Any, Any, Any]:
 
 
 class JpegDecoder:
-    """JPEG bytes -> uint8 crops of the backbone's recipe, on ``device``; None for what it leaves to Pillow.
+    """Clean JPEG bytes -> uint8 crops of the backbone's recipe, on ``device``; None for what it leaves to Pillow.
 
-    >>> dec = JpegDecoder(spec.preprocessing, "cpu", max_pixels=64_000_000)
+    The caller picks the items (``probe(item).clean_jpeg``); an item torchvision cannot decode (truncated data)
+    comes back not taken, for Pillow to decode or to say what is wrong.
+
+    >>> dec = JpegDecoder(spec.preprocessing, "cpu")
     >>> dec.crop(jpeg_bytes)                  # (224, 224, 3) uint8 array, or None: use Pillow
-    >>> crops, taken = JpegDecoder(pp, "cuda", max_pixels=...)([jpeg_a, png_b])   # taken == [True, False]
+    >>> crops, taken = JpegDecoder(pp, "cuda")([jpeg_a, jpeg_b])   # taken == [True, False]: b was truncated
     """
 
-    def __init__(self, preprocessing: Preprocessing, device: str, *, max_pixels: int) -> None:
+    def __init__(self, preprocessing: Preprocessing, device: str) -> None:
         self.pp = preprocessing
         self.device = device
-        self.max_pixels = max_pixels
         self.available = True  # False once torchvision's decoder turned out to be missing
 
-    def accepts(self, item: Any) -> bool:
-        """Whether ``item`` is a JPEG this decoder takes: RGB or grey, upright, within the pixel limit."""
-        if not self.available or not isinstance(item, (bytes, bytearray, memoryview)):
-            return False
-        if bytes(item[:3]) != _JPEG_MAGIC:
-            return False
-        try:
-            with Image.open(io.BytesIO(item)) as img:  # header only
-                w, h = img.size
-                return (img.format == "JPEG" and img.mode in ("RGB", "L") and 0 < w * h <= self.max_pixels
-                        and img.getexif().get(_EXIF_ORIENTATION, 1) == 1)
-        except Exception:  # whatever is wrong, the Pillow path says what
-            return False
-
-    def crop(self, item: Any) -> np.ndarray | None:
-        """One JPEG -> contiguous uint8 ``(crop, crop, 3)`` array (CPU), or None to use Pillow."""
-        if not self.accepts(item):
-            return None
-        (img,) = self._decode([item])
+    def crop(self, data: bytes | bytearray | memoryview) -> np.ndarray | None:
+        """One clean JPEG -> contiguous uint8 ``(crop, crop, 3)`` array (CPU), or None to use Pillow."""
+        (img,) = self._decode([data])
         return None if img is None else self._resize_crop(img).permute(1, 2, 0).contiguous().cpu().numpy()
 
-    def __call__(self, items: Sequence[Any]) -> tuple[torch.Tensor, list[bool]]:
-        """Decode and crop the items this decoder takes, in one batched decode on the device.
+    def __call__(self, items: Sequence[bytes | bytearray | memoryview]) -> tuple[torch.Tensor, list[bool]]:
+        """Decode and crop clean JPEGs in one batched decode on the device.
 
         Returns uint8 ``(n_taken, crop, crop, 3)`` on ``device`` and ``taken[i]``: whether item i is in it.
         """
-        taken = [self.accepts(x) for x in items]
-        images = iter(self._decode([x for x, t in zip(items, taken) if t]))
-        crops = []
-        for i, t in enumerate(taken):
-            if t:
-                img = next(images)
-                if img is None:
-                    taken[i] = False
-                else:
-                    crops.append(self._resize_crop(img))
+        images = self._decode(list(items))
+        taken = [img is not None for img in images]
+        crops = [self._resize_crop(img) for img in images if img is not None]
         c = self.pp.crop
         out = torch.stack(crops) if crops else torch.empty((0, 3, c, c), dtype=torch.uint8, device=self.device)
         return out.permute(0, 2, 3, 1), taken  # NHWC, as the backbone takes it (a view: no copy)
 
-    def _decode(self, items: list[Any]) -> list[torch.Tensor | None]:
-        if not items:
-            return []
+    def _decode(self, items: list[bytes | bytearray | memoryview]) -> list[torch.Tensor | None]:
+        if not items or not self.available:
+            return [None] * len(items)
         try:
             decode_jpeg, rgb, _, _ = _torchvision()
         except (ImportError, AttributeError) as e:

@@ -24,7 +24,7 @@ from .config import Config
 from .errors import BatchError, EmbedderError, ImageDecodeError
 from .jpeg import JpegDecoder, one_torch_thread
 from .inputs import image_list
-from .preprocess import ImageInput, Preprocessor
+from .preprocess import ImageInput, Preprocessor, Probe
 from .results import BatchResult
 from .runtimes import STATIC_MAX_BATCH, create_runtime, resolve_device, resolve_runtime
 
@@ -66,7 +66,7 @@ class Embedder:
                                          jpeg_decoder=config.jpeg_decoder)
         # On CUDA, JPEGs are decoded (nvJPEG) and resized on the GPU a micro-batch at a time: decode on the CPU
         # cores would be the limit there. On CPU the preprocessor's decode workers run the same decoder per item.
-        self.device_decoder = (JpegDecoder(spec.preprocessing, self.device, max_pixels=config.max_pixels)
+        self.device_decoder = (JpegDecoder(spec.preprocessing, self.device)
                                if not on_cpu and config.jpeg_decoder == "torchvision" else None)
         self._workers = config.decode_workers or cores
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embedder-decode",
@@ -109,11 +109,14 @@ class Embedder:
         ready_idx: list[int] = []
         ready: list[np.ndarray] = []
         with tqdm(total=n, disable=not progress, unit="img", desc=f"embedding ({self.spec.name})") as bar:
-            rest = list(range(n)) if self.device_decoder is None else self._embed_on_device(items, vectors, bar)
-            for k, arr in self._decoded([items[i] for i in rest]):
-                i = rest[k]
-                if isinstance(arr, str):
-                    errors[i] = arr
+            if self.device_decoder is None:
+                rest: list[tuple[int, Probe | None]] = [(i, None) for i in range(n)]  # probed in the decode workers
+            else:
+                rest = self._embed_on_device(items, vectors, errors, bar)
+            for k, arr in self._decoded([(items[i], probe) for i, probe in rest]):
+                i = rest[k][0]
+                if isinstance(arr, ImageDecodeError):
+                    errors[i] = str(arr)  # BatchResult reports messages: the library's boundary
                     bar.update(1)
                     continue
                 ready_idx.append(i)
@@ -127,13 +130,26 @@ class Embedder:
                 bar.update(len(ready))
         return BatchResult(vectors, errors)
 
-    def _embed_on_device(self, items: Sequence[ImageInput], vectors: np.ndarray, bar: tqdm) -> list[int]:
-        """Embed the items the device decoder takes, a micro-batch at a time; the indices it left for Pillow."""
-        rest: list[int] = []
+    def _embed_on_device(self, items: Sequence[ImageInput], vectors: np.ndarray, errors: list[str | None],
+                         bar: tqdm) -> list[tuple[int, Probe]]:
+        """Probe every item; embed the clean JPEGs the device decodes, a micro-batch at a time; return the rest
+        (index and probe) for the decode workers. Items the probe refuses get their message in ``errors``."""
+        rest: list[tuple[int, Probe]] = []
         for s in range(0, len(items), self.micro_batch):
-            crops, taken = self.device_decoder(items[s:s + self.micro_batch])
-            idx = [s + k for k, t in enumerate(taken) if t]
-            rest += [s + k for k, t in enumerate(taken) if not t]
+            jpegs: list[tuple[int, Probe]] = []
+            for i in range(s, min(s + self.micro_batch, len(items))):
+                try:
+                    probe = self.preprocessor.probe(items[i])
+                except ImageDecodeError as e:
+                    errors[i] = str(e)
+                    bar.update(1)
+                    continue
+                # A JPEG file is read in a decode worker, as the Preprocessor does for any path.
+                on_device = probe.clean_jpeg and isinstance(items[i], (bytes, bytearray, memoryview))
+                (jpegs if on_device else rest).append((i, probe))
+            crops, taken = self.device_decoder([items[i] for i, _ in jpegs])
+            rest += [job for job, t in zip(jpegs, taken) if not t]  # torchvision could not: Pillow decodes or says why
+            idx = [i for (i, _), t in zip(jpegs, taken) if t]
             if idx:
                 vectors[idx] = self._forward(crops)
                 bar.update(len(idx))
@@ -171,8 +187,10 @@ class Embedder:
             out = out / np.maximum(norms, 1e-12)
         return out.astype(np.float32, copy=False)
 
-    def _decoded(self, items: Sequence[ImageInput]) -> Iterator[tuple[int, np.ndarray | str]]:
-        """Yield ``(index, uint8 array or error message)`` in input order, decoding ahead in the pool.
+    def _decoded(self, items: Sequence[tuple[ImageInput, Probe | None]]
+                 ) -> Iterator[tuple[int, np.ndarray | ImageDecodeError]]:
+        """Yield ``(index, uint8 array or the item's error)`` in input order for ``(item, probe or None)`` pairs,
+        decoding ahead in the pool.
 
         A bounded window is in flight (a crop is ~150 KB, so memory stays bounded for any input length). It is
         wide because decode times vary ~10x with image size: with a narrow one (8 items) the model waited on one
@@ -180,29 +198,35 @@ class Embedder:
         """
         ahead = max(8 * self.micro_batch, 32 * self._workers)
         pending: deque[tuple[int, Future]] = deque()
-        for i, item in enumerate(items):
-            pending.append((i, self.submit(item)))
+        for i, (item, probe) in enumerate(items):
+            pending.append((i, self.submit(item, probe)))
             if len(pending) >= ahead:
-                j, fut = pending.popleft()
-                yield j, fut.result()
+                yield _outcome(*pending.popleft())
         while pending:
-            j, fut = pending.popleft()
-            yield j, fut.result()
+            yield _outcome(*pending.popleft())
 
-    def submit(self, item: ImageInput) -> Future:
-        """Decode and preprocess one item in the decode pool; the future holds :meth:`prepare`'s result."""
+    def probe(self, item: ImageInput) -> Probe:
+        """Read ``item``'s header once (:meth:`Preprocessor.probe`); the batcher budgets its ``pixels``.
+
+        Raises :class:`ImageDecodeError` for an input that cannot be decoded or is above ``max_pixels``.
+        """
+        return self.preprocessor.probe(item)
+
+    def submit(self, item: ImageInput, probe: Probe | None = None) -> Future:
+        """Decode and preprocess one item in the decode pool (:meth:`Preprocessor.prepare`).
+
+        The future holds the uint8 ``(crop, crop, 3)`` array, or fails with the item's :class:`ImageDecodeError`.
+        Pass the item's :meth:`probe` when it was probed already (the batcher does, on arrival).
+        """
         self._check_open()
-        return self._pool.submit(self.prepare, item)
+        return self._pool.submit(self.preprocessor.prepare, item, probe)
 
-    def prepare(self, item: ImageInput) -> np.ndarray | str:
-        """One item -> uint8 ``(crop, crop, 3)`` array ready for :meth:`embed_arrays`, or an error message."""
-        try:
-            return self.preprocessor(item)
-        except ImageDecodeError as e:
-            return str(e)
-        except Exception as e:  # never let one input take the batch down
-            log.warning("unexpected error decoding an input: %r", e)
-            return f"could not decode image ({type(e).__name__}: {e})"
+    def prepare(self, item: ImageInput) -> np.ndarray:
+        """One item -> uint8 ``(crop, crop, 3)`` array for :meth:`embed_arrays`, in this thread.
+
+        Raises :class:`ImageDecodeError` for a bad item.
+        """
+        return self.preprocessor.prepare(item)
 
     def close(self) -> None:
         self._closed = True
@@ -217,3 +241,9 @@ class Embedder:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _outcome(index: int, decode: Future) -> tuple[int, np.ndarray | ImageDecodeError]:
+    """``(index, crop)``, or ``(index, the item's ImageDecodeError)`` as an object; any other failure is raised."""
+    error = decode.exception()
+    return index, error if isinstance(error, ImageDecodeError) else decode.result()

@@ -5,6 +5,7 @@ the model, values that fail); one runs it on the real model and compares with th
 """
 from __future__ import annotations
 
+import io
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -12,14 +13,18 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from embedder.batcher import Batcher, source_pixels
-from embedder.errors import BatcherClosedError, BatchFailedError, DroppedError, ItemError, QueueFullError
+from embedder import preprocess
+from embedder.batcher import Batcher
+from embedder.errors import (BatcherClosedError, BatchFailedError, DroppedError, ImageDecodeError, ItemError,
+                             QueueFullError)
 
 BAD = 255  # an item filled with this value fails to "decode"
 POISON = 254  # the model raises whenever this value is in its batch
 LETHAL = 253  # the model raises a BaseException: the worker thread dies
 SLOW = 252  # this item takes 0.3 s to "decode"
+UNREADABLE = 251  # the model's probe refuses this item
 
 
 class _Lethal(BaseException):
@@ -31,10 +36,10 @@ def item(value: int, side: int = 8) -> np.ndarray:
 
 
 class FakeModel:
-    """Stands in for Embedder: "decoding" keeps the item's value, the "vector" is [value]."""
+    """Stands in for Embedder: the probe's cost is the item's pixels, "decoding" keeps the item's value, the
+    "vector" is [value]."""
 
     def __init__(self, decode_workers: int = 4) -> None:
-        self.config = SimpleNamespace(max_pixels=10**9)
         self._pool = ThreadPoolExecutor(decode_workers)
         self.gate = threading.Event()
         self.gate.set()
@@ -46,8 +51,14 @@ class FakeModel:
         self.decoding_pixels = 0
         self.in_flight_log: list[tuple[int, int]] = []  # (items, source pixels) decoding, at each submit
 
-    def submit(self, x: np.ndarray) -> Future:
-        px = x.shape[0] * x.shape[1]
+    def probe(self, x: np.ndarray) -> SimpleNamespace:
+        if int(x[0, 0, 0]) == UNREADABLE:
+            raise ImageDecodeError("corrupt image header")
+        return SimpleNamespace(pixels=x.shape[0] * x.shape[1], value=int(x[0, 0, 0]))
+
+    def submit(self, x: np.ndarray, probe: SimpleNamespace) -> Future:
+        assert probe.value == int(x[0, 0, 0])  # the item's own probe came back with it
+        px = probe.pixels
         with self._lock:
             self.decode_order.append(int(x[0, 0, 0]))
             self.decoding += 1
@@ -60,7 +71,9 @@ class FakeModel:
                 self.decoding -= 1
                 self.decoding_pixels -= px
             v = int(x[0, 0, 0])
-            return "corrupt image data" if v == BAD else np.full((2, 2, 3), v, np.uint8)
+            if v == BAD:
+                raise ImageDecodeError("corrupt image data")
+            return np.full((2, 2, 3), v, np.uint8)
 
         return self._pool.submit(decode)
 
@@ -133,12 +146,20 @@ def test_a_partial_batch_waits_only_while_more_items_are_on_the_way(model):
 
 
 def test_a_bad_item_fails_alone(model):
+    """An item the model's probe refuses fails at once, without a queue slot or a decode; one that fails to decode
+    fails with the model's own error object. The others go on."""
     with Batcher(model) as b:
-        good1, bad, good2 = b.submit([item(3), item(BAD), item(4)])
-        assert values([good1, good2]) == [3, 4]
-        with pytest.raises(ItemError, match="corrupt image data"):
+        blocker = hold_model(b, model)
+        good1, unreadable, bad, good2 = b.submit([item(3), item(UNREADABLE), item(BAD), item(4)])
+        with pytest.raises(ImageDecodeError, match="corrupt image header"):
+            unreadable.result(timeout=0)  # failed at submit
+        assert b.queue_depth == 4  # the blocker and the three probed items
+        model.gate.set()
+        assert values([blocker, good1, good2]) == [1, 3, 4]
+        with pytest.raises(ImageDecodeError, match="corrupt image data"):
             bad.result(timeout=10)
-    assert BAD not in model.seen()
+        assert b.stats()["failed"] == 2 and b.queue_depth == 0
+    assert UNREADABLE not in model.decode_order and BAD not in model.seen()
 
 
 def test_model_error_fails_only_the_culprit_and_the_worker_survives(model):
@@ -270,13 +291,34 @@ def test_close_finishes_admitted_work_then_refuses(model):
         b.submit([item(1)])
 
 
-def test_source_pixels_reads_headers_only(photos, photo_arrays):
-    arr = next(iter(photo_arrays.values()))
-    h, w = arr.shape[:2]
-    assert source_pixels(photos[0], 10**9) == h * w
-    assert source_pixels(arr, 10**9) == h * w
-    assert source_pixels(b"not an image", 10**9) == 0
-    assert source_pixels(photos[0], h * w - 1) == 0  # refused before decoding: costs nothing
+def test_each_item_is_probed_once_through_batcher_and_embedder(embedder, photos, photo_arrays, monkeypatch):
+    """Through the batcher and the real Embedder, each item is probed once, at submit, and its probe goes with it
+    to the decoder: a JPEG's header is parsed once in all (Pillow opens it for the probe, torchvision decodes it);
+    a PNG is opened again only by Pillow's decode itself; an array is probed from its shape."""
+    buf = io.BytesIO()
+    Image.fromarray(photo_arrays["chelsea"]).save(buf, "PNG")
+    items = [*photos, buf.getvalue(), photo_arrays["coffee"]]
+    expected = embedder.embed(items)
+    probed: list[object] = []
+    opened: list[bytes] = []
+    real_probe, real_open = preprocess.probe, Image.open
+
+    def counting_probe(item, *, max_pixels):
+        probed.append(item)
+        return real_probe(item, max_pixels=max_pixels)
+
+    def counting_open(fp, *args, **kwargs):
+        opened.append(bytes(fp.getbuffer()))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "probe", counting_probe)
+    monkeypatch.setattr(Image, "open", counting_open)
+    with Batcher(embedder, max_batch=4, max_delay_ms=2) as b:
+        got = np.stack([f.result(timeout=60) for f in b.submit(items)])
+    assert sorted(map(id, probed)) == sorted(map(id, items))  # every item once
+    assert [opened.count(p) for p in photos] == [1] * len(photos)
+    assert opened.count(items[-2]) == 2 and len(opened) == len(photos) + 2
+    np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_real_model_through_the_batcher_matches_the_pipeline(embedder, photos):

@@ -10,14 +10,15 @@ from PIL import Image
 
 from embedder import Config, Embedder
 from embedder.jpeg import JpegDecoder
-from embedder.preprocess import Preprocessor
+from embedder.errors import ImageDecodeError
+from embedder.preprocess import Preprocessor, probe
 
 from conftest import cosine, jpeg_bytes
 
 
 @pytest.fixture(scope="module")
 def decoder(embedder):
-    return JpegDecoder(embedder.spec.preprocessing, "cpu", max_pixels=embedder.config.max_pixels)
+    return JpegDecoder(embedder.spec.preprocessing, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +54,26 @@ def test_the_default_preprocessor_uses_it_for_jpegs(embedder, decoder, photos):
 
 
 def test_only_clean_jpegs_are_taken(decoder, photo_arrays, photos):
-    """PNG, CMYK, EXIF-rotated, truncated, over-limit and non-bytes inputs are left to the Pillow path."""
+    """The probe sends only RGB and grey upright JPEG bytes here: PNG, CMYK, EXIF-rotated and non-bytes inputs go
+    to Pillow, over-limit and empty ones are refused; a truncated JPEG the decoder cannot take goes back to Pillow."""
     cat = Image.fromarray(photo_arrays["chelsea"])
     exif = cat.getexif()
     exif[0x0112] = 6
     rotated = encode(cat, "JPEG", exif=exif.tobytes())
-    assert JpegDecoder(decoder.pp, "cpu", max_pixels=1000).crop(photos[0]) is None
     grey = jpeg_bytes(photo_arrays["rocket"][:, :, 0])
-    items = [photos[0], encode(cat, "PNG"), encode(cat.convert("CMYK"), "JPEG"), rotated,
-             photos[1][: len(photos[1]) // 2], photo_arrays["coffee"], b"", grey]
-    crops, taken = decoder(items)
-    assert taken == [True, False, False, False, False, False, False, True]
+    truncated = photos[1][: len(photos[1]) // 2]
+    items = [photos[0], encode(cat, "PNG"), encode(cat.convert("CMYK"), "JPEG"), rotated, truncated,
+             photo_arrays["coffee"], grey]
+    assert [probe(x, max_pixels=10**9).clean_jpeg for x in items] == [True, False, False, False, True, False, True]
+    with pytest.raises(ImageDecodeError, match="above the limit"):
+        probe(photos[0], max_pixels=1000)
+    with pytest.raises(ImageDecodeError, match="empty"):
+        probe(b"", max_pixels=10**9)
+    jpegs = [photos[0], truncated, grey]
+    crops, taken = decoder(jpegs)
+    assert taken == [True, False, True]
     assert crops.shape[0] == 2
-    assert [decoder.crop(x) is not None for x in items] == taken
+    assert [decoder.crop(x) is not None for x in jpegs] == taken
 
 
 def test_every_input_still_decodes_or_fails_clearly(embedder, photos, photo_arrays, pillow):
@@ -86,7 +94,7 @@ def test_the_cuda_path_batches_on_the_device_decoder(embedder, photos, photo_arr
     JPEGs embedded from the batched crops, the rest through the decode workers, vectors as the default path's."""
     with Embedder(model="mobilenet_v2", device="cpu", cache_dir=embedder.config.cache_dir) as emb:
         assert emb.device_decoder is None  # on CPU the decode workers do it
-        emb.device_decoder = JpegDecoder(emb.spec.preprocessing, "cpu", max_pixels=emb.config.max_pixels)
+        emb.device_decoder = JpegDecoder(emb.spec.preprocessing, "cpu")
         png = encode(Image.fromarray(photo_arrays["china"]), "PNG")
         items = [png, *photos[:5], b"not an image", photos[5]]
         got = emb.embed_batch(items)

@@ -11,7 +11,7 @@ from torchvision import transforms as T
 
 from embedder import BatchError, BatchResult, Config, Embedder
 from embedder.backbones import get_backbone, load_backbone
-from embedder.errors import EmbedderError, UnknownModelError
+from embedder.errors import EmbedderError, ImageDecodeError, UnknownModelError
 
 from conftest import cosine
 
@@ -166,12 +166,18 @@ def test_one_image_where_a_list_belongs_is_a_clear_type_error(embedder, photos, 
 
 
 def test_prepare_and_embed_arrays(embedder, photos, alone):
-    """prepare() gives the uint8 model input; embed_arrays() on those equals embed() on the bytes."""
+    """prepare() gives the uint8 model input; embed_arrays() on those equals embed() on the bytes. A bad item
+    raises its ImageDecodeError; in the decode pool its future holds that error object."""
     prepared = [embedder.prepare(p) for p in photos]
     assert all(a.dtype == np.uint8 and a.shape == (224, 224, 3) for a in prepared)
     assert 1 - cosine(embedder.embed_arrays(np.stack(prepared)), alone).min() < 1e-5
-    assert "empty" in embedder.prepare(b"")
+    with pytest.raises(ImageDecodeError, match="empty"):
+        embedder.prepare(b"")
+    assert isinstance(embedder.submit(b"").exception(), ImageDecodeError)
     assert embedder.submit(photos[0]).result().shape == (224, 224, 3)
+    probe = embedder.probe(photos[0])
+    assert probe.clean_jpeg and probe.pixels > 0
+    np.testing.assert_array_equal(embedder.submit(photos[0], probe).result(), prepared[0])
 
 
 def test_info_and_identity(embedder):

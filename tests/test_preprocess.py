@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import resource
 import warnings
@@ -15,7 +16,7 @@ from torchvision import transforms as T
 
 from embedder.backbones import Preprocessing, get_backbone
 from embedder.errors import ImageDecodeError
-from embedder.preprocess import Preprocessor, decode
+from embedder.preprocess import Preprocessor, Probe, decode, probe
 
 BIG = 10**9  # max_pixels for tests that are not about the limit
 
@@ -225,6 +226,95 @@ def test_exif_orientation_is_applied(cat):
     got = rgb(data)
     assert np.array_equal(got, np.rot90(stored, -1))
     assert np.abs(got - cat).mean() < 3.0  # upright again: the original picture
+
+
+def _png_chunks(data: bytes) -> list[bytes]:
+    chunks, at = [], 8
+    while at < len(data):
+        n = int.from_bytes(data[at:at + 4], "big")
+        chunks.append(data[at:at + 12 + n])
+        at += 12 + n
+    return chunks
+
+
+def _png_with_exif_after_pixels(img: Image.Image, orientation: int) -> bytes:
+    """A PNG whose eXIf chunk (with ``orientation``) follows its pixel data, where PNG allows it."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    chunks = _png_chunks(encode(img, "PNG", exif=exif.tobytes()))
+    late = [c for c in chunks if c[4:8] == b"eXIf"]
+    assert len(late) == 1
+    rest = [c for c in chunks if c[4:8] != b"eXIf"]
+    return b"\x89PNG\r\n\x1a\n" + b"".join(rest[:-1] + late + rest[-1:])
+
+
+# --- the probe -----------------------------------------------------------------------------------
+
+
+def test_probe_reads_format_size_orientation_and_clean_jpeg(cat, tmp_path):
+    """One header read gives what the decode needs; only RGB or grey, upright JPEG bytes are clean JPEGs."""
+    img = Image.fromarray(cat)  # 451x300
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "cat.jpg").write_bytes(encode(img, "JPEG"))
+    cases = {
+        "jpeg": (encode(img, "JPEG"), Probe("JPEG", (451, 300), 1, True)),
+        "grey-jpeg": (encode(img.convert("L"), "JPEG"), Probe("JPEG", (451, 300), 1, True)),
+        "jpeg-file": (tmp_path / "cat.jpg", Probe("JPEG", (451, 300), 1, True)),
+        "rotated": (encode(img, "JPEG", exif=exif.tobytes()), Probe("JPEG", (451, 300), 6, False)),
+        "cmyk": (encode(img.convert("CMYK"), "JPEG"), Probe("JPEG", (451, 300), 1, False)),
+        "png": (encode(img, "PNG"), Probe("PNG", (451, 300), None, False)),  # EXIF could follow the pixels
+        "png-exif": (encode(img, "PNG", exif=exif.tobytes()), Probe("PNG", (451, 300), 6, False)),
+        "webp": (encode(img, "WEBP"), Probe("WEBP", (451, 300), 1, False)),
+        "array": (cat, Probe(None, (451, 300), 1, False)),
+        "pil": (img, Probe(None, (451, 300), 1, False)),
+    }
+    for name, (item, expected) in cases.items():
+        assert probe(item, max_pixels=BIG) == expected, name
+    assert expected.pixels == 451 * 300
+
+
+def test_exif_after_the_pixels_is_read_once_when_decoding(cat):
+    """A PNG may store EXIF after its pixels: the probe leaves the orientation unknown rather than decode the whole
+    image, and the decode applies it."""
+    data = _png_with_exif_after_pixels(Image.fromarray(cat), 3)
+    assert probe(data, max_pixels=BIG).orientation is None
+    assert np.array_equal(rgb(data), cat[::-1, ::-1])  # orientation 3: turned 180 degrees
+
+
+def test_max_pixels_is_checked_by_the_probe_alone(pre, cat):
+    """The probe is the one place the limit applies: a probed item's decode trusts its probe."""
+    data = encode(Image.fromarray(cat), "PNG")
+    strict = Preprocessor(pre.pp, max_pixels=cat.shape[0] * cat.shape[1] - 1)
+    with pytest.raises(ImageDecodeError, match="above the limit of 135,299; downscale it, or raise the limit"):
+        strict.probe(data)
+    with pytest.raises(ImageDecodeError, match="above the limit"):
+        strict.prepare(data)  # probed here, as nothing probed it before
+    assert np.array_equal(strict.prepare(data, pre.probe(data)), pre(data))
+
+
+def test_a_probed_decode_takes_the_orientation_from_its_probe(pre, cat):
+    """An EXIF-rotated JPEG goes through Pillow and comes out upright by the orientation its probe read; the decode
+    does not look at the EXIF again (a probe that says upright leaves the stored pixels as they are)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(Image.fromarray(cat).rotate(90, expand=True), "JPEG", quality=95, exif=exif.tobytes())
+    found = pre.probe(rotated)
+    assert found.orientation == 6 and not found.clean_jpeg
+    assert np.abs(pre.prepare(rotated, found).astype(int) - pre(cat).astype(int)).mean() < 3.0
+    stored = pre(np.asarray(Image.open(io.BytesIO(rotated)).convert("RGB")))
+    np.testing.assert_array_equal(pre.prepare(rotated, dataclasses.replace(found, orientation=1)), stored)
+
+
+def test_probe_failures_are_decode_errors(pre):
+    """Anything the probe trips over, expected or not, is the item's ImageDecodeError."""
+    class Weird(np.ndarray):
+        @property
+        def shape(self):
+            raise RuntimeError("no shape today")
+
+    with pytest.raises(ImageDecodeError, match=r"could not decode image \(RuntimeError: no shape today\)"):
+        pre.probe(np.zeros((4, 4, 3), np.uint8).view(Weird))
 
 
 # --- in-memory inputs ----------------------------------------------------------------------------
