@@ -48,7 +48,7 @@ from .backbones import BackboneSpec, find_backbone
 from .config import Config
 from .durable import fsync_file, replace_durably, temp_path, write_atomic
 from .errors import Category, EmbedderError, ImageDecodeError, ModelMismatchError
-from .inputs import IMAGE_SUFFIXES, content_hash, image_files
+from .inputs import IMAGE_SUFFIXES, content_hash, folder_label, image_files
 from .pipeline import Embedder
 from .preprocess import Preprocessor
 
@@ -688,8 +688,7 @@ def _labels_for(table: "pa.Table", labels_from: str | None, label: str | None) -
     if labels_from == "folder":  # as `embedder add --label-from-folder`: the file's parent folder
         paths = table.column("path").to_pylist()
         ids = table.column("id").to_pylist()
-        names = [Path(p).parent.name if p else PurePosixPath(i).parent.name for p, i in zip(paths, ids)]
-        return [n or None for n in names]
+        return [folder_label(Path(p) if p else PurePosixPath(i)) for p, i in zip(paths, ids)]
     if labels_from not in table.column_names:
         raise ValueError(f"labels_from={labels_from!r}: the shards have no such column (columns: "
                          f"{', '.join(table.column_names)}); use 'folder' or a column name")

@@ -1,4 +1,4 @@
-"""What callers hand in: the list check, image files under a folder, the content hash. Standard library only.
+"""What callers hand in: the list check, image files, the content hash, the folder label. Standard library only.
 
 The client, the CLI, bulk jobs and the service core share these, so a folder lists the same files and an image
 gets the same cache key everywhere.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from pathlib import Path
+from pathlib import Path, PurePath
 
 # File suffixes treated as images when a folder is walked: the formats the decoder reads.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
@@ -34,3 +34,13 @@ def image_list(items: object) -> list:
 def image_files(folder: Path) -> list[Path]:
     """The image files under ``folder``, recursively, by suffix, sorted."""
     return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def folder_label(path: PurePath) -> str | None:
+    """The ``--label-from-folder`` label of an image: the name of the folder holding it (None for none).
+
+    ``embedder add`` passes the file's absolute path, so ``cat.jpg`` given inside ``pets/cat/`` is labelled
+    ``cat``; a bulk import passes the path it recorded, or the input's id (``cat/1.jpg`` -> ``cat``) as a
+    :class:`~pathlib.PurePosixPath` when the input had no file.
+    """
+    return path.parent.name or None

@@ -7,7 +7,8 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+import textwrap
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -16,6 +17,8 @@ from PIL import Image
 from embedder import Embedder
 from embedder.backbones import WeightsFile, get_backbone, register_backbone
 from embedder.cli import main
+from embedder.errors import TABLE, DeadlineError, QueueFullError, StoreClosedError, WeightsHashError, category_of
+from embedder.inputs import folder_label
 from embedder.runtimes import CPU_PREFERENCE, RUNTIMES, installed
 
 from conftest import cosine, running_server
@@ -465,12 +468,13 @@ def test_add_refuses_ids_that_collide(remote, pets):
 
 
 def test_server_from_env_and_unreachable_server(store_server, capsys, env, monkeypatch):
+    """An unreachable server is UNAVAILABLE: exit 3 (retry later), not 2 (fix the command)."""
     monkeypatch.setenv("EMBEDDER_SERVER", store_server)
     code, out, _ = run(["stats", "--json"], capsys)
     assert code == 0 and "collections" in json.loads(out)
     monkeypatch.setenv("EMBEDDER_SERVER", "127.0.0.1:1")
     code, _, err = run(["heads", "--timeout", "2"], capsys)
-    assert code == 2 and err.startswith("embedder: error: UNAVAILABLE") and "127.0.0.1:1" in err
+    assert code == 3 and err.startswith("embedder: error: UNAVAILABLE") and "127.0.0.1:1" in err
 
 
 def test_add_with_a_model_by_name_or_id_and_an_unknown_model(remote, pets, embedder):
@@ -483,7 +487,7 @@ def test_add_with_a_model_by_name_or_id_and_an_unknown_model(remote, pets, embed
         assert out.startswith("added 4, replaced 0, ") and out.rstrip().endswith(f"0 failed -> collection {collection}")
     code, out, err = remote("add", root / "cat", "--collection", "ghost-pets", "--model", "resnet9000", "-q")
     assert code == 2 and out == ""
-    assert err.startswith("embedder: error: INVALID_ARGUMENT") and "unknown model 'resnet9000'" in err
+    assert err.startswith("embedder: error: NOT_FOUND") and "unknown model 'resnet9000'" in err  # errors.TABLE
     assert "registered models: " in err and "mobilenet_v2" in err  # says what to use instead
     code, out, _ = remote("stats", "--json")
     models = {c["name"]: c["model_id"] for c in json.loads(out)["collections"]}
@@ -508,34 +512,36 @@ def test_add_refuses_options_of_the_other_kind_of_add(tmp_path, capsys, env):
 def test_compile_cache_dir_and_cache_max_items_flags_beat_env(tmp_path, monkeypatch, env):
     """The three Config fields that had only env vars: each flag reaches the Config and wins over EMBEDDER_*;
     without the flag the env var still applies."""
-    from embedder.cli import _config, _serve_config, build_parser
+    from embedder.cli import build_parser
+    from embedder.cli.options import config_from
+    from embedder.cli.serve import serve_config
 
     monkeypatch.setenv("EMBEDDER_COMPILE", "0")
     monkeypatch.setenv("EMBEDDER_CACHE_DIR", str(tmp_path / "env-cache"))
     monkeypatch.setenv("EMBEDDER_CACHE_MAX_ITEMS", "5")
     parser = build_parser()
     flags = ["--compile", "--cache-dir", str(tmp_path / "flag-cache")]
-    cfg = _serve_config(parser.parse_args(["serve", *flags, "--cache-max-items", "7"]))
+    cfg = serve_config(parser.parse_args(["serve", *flags, "--cache-max-items", "7"]))
     assert (cfg.compile, cfg.cache_dir, cfg.cache_max_items) == (True, tmp_path / "flag-cache", 7)
-    cfg = _serve_config(parser.parse_args(["serve"]))
+    cfg = serve_config(parser.parse_args(["serve"]))
     assert (cfg.compile, cfg.cache_dir, cfg.cache_max_items) == (False, tmp_path / "env-cache", 5)
-    cfg = _serve_config(parser.parse_args(["serve", "--cache-max-items", "0"]))  # 0 (cache off) is a value too
+    cfg = serve_config(parser.parse_args(["serve", "--cache-max-items", "0"]))  # 0 (cache off) is a value too
     assert cfg.cache_max_items == 0
     for argv in (["embed", "x.jpg", "--out", "x.npy"], ["demo"]):  # the other commands with model options
-        cfg = _config(parser.parse_args([*argv, *flags]))
+        cfg = config_from(parser.parse_args([*argv, *flags]))
         assert (cfg.compile, cfg.cache_dir) == (True, tmp_path / "flag-cache")
-        cfg = _config(parser.parse_args(argv))
+        cfg = config_from(parser.parse_args(argv))
         assert (cfg.compile, cfg.cache_dir) == (False, tmp_path / "env-cache")
     monkeypatch.setenv("EMBEDDER_COMPILE", "1")
-    assert _config(parser.parse_args(["embed", "x.jpg", "--out", "x.npy"])).compile is True
+    assert config_from(parser.parse_args(["embed", "x.jpg", "--out", "x.npy"])).compile is True
 
 
 def test_bulk_embed_passes_its_model_flags_on(tmp_path, monkeypatch, env, capsys):
-    """bulk-embed hands its model flags to bulk_embed itself (not through _config): none may be dropped, and
+    """bulk-embed hands its model flags to bulk_embed itself (not through config_from): none may be dropped, and
     --decode-workers (Ray decodes there) is refused rather than ignored. Stopped at that call: no Ray needed."""
     from embedder import bulk
 
-    class Reached(Exception):
+    class Reached(BaseException):  # not an Exception: main answers those with an exit code, this must escape
         pass
 
     seen = {}
@@ -556,3 +562,79 @@ def test_bulk_embed_passes_its_model_flags_on(tmp_path, monkeypatch, env, capsys
     with pytest.raises(Reached):
         main(["bulk-embed", str(tmp_path), "--out", str(tmp_path / "v")])
     assert "compile" not in seen and "cache_dir" not in seen  # not given: bulk_embed's Config reads EMBEDDER_*
+
+
+# ---------------------------------------------------------------------------- the package itself
+
+
+@pytest.mark.parametrize("error, code", [
+    (ValueError("bad"), 2), (FileNotFoundError("no such file: x.jpg"), 2), (PermissionError("x: read-only"), 2),
+    (QueueFullError("queue full"), 3), (DeadlineError("too slow"), 3), (StoreClosedError("closing"), 3),
+    (WeightsHashError("weights changed"), 4), (RuntimeError("a bug"), 4),
+])
+def test_exit_codes_come_from_the_error_table(error, code, monkeypatch, capsys):
+    """Each failure exits with its category's code in embedder.errors.TABLE; an unexpected exception (a bug) is
+    internal (4) and shows its traceback, a failure we know does not."""
+    from embedder.cli import collections
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(collections, "stats", fail)
+    if not isinstance(error, OSError):  # the CLI's one rule of its own: an OSError names a path the caller gave
+        assert TABLE[category_of(error)].exit_code == code
+    assert main(["stats"]) == code
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith(f"embedder: error: {error}")
+    assert ("Traceback" in err) == isinstance(error, RuntimeError)
+
+
+def test_server_commands_run_without_the_ml_stack(store_server, pets, tmp_path):
+    """A client-only install has no torch, faiss, scikit-learn, scipy, Pillow or tqdm: the CLI imports and builds
+    every parser without them, and the server commands do their work (add, search, embed --server, stats)."""
+    root, query = pets
+    code = textwrap.dedent("""
+        import sys
+        class Blocked:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "torchvision", "faiss", "sklearn", "scipy", "openvino",
+                                          "onnxruntime", "ray", "pyarrow", "PIL", "tqdm", "matplotlib"):
+                    raise ImportError(f"{name} is not installed (blocked by the test)")
+        sys.meta_path.insert(0, Blocked())
+        from embedder.cli import main
+        sys.exit(main(sys.argv[1:]))
+    """)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDER_")}
+    out = {}
+    for argv in (["add", root, "--collection", "client-only-pets", "--label-from-folder"],
+                 ["search", query, "--collection", "client-only-pets", "-k", "1"],
+                 ["embed", root / "cat", "--out", tmp_path / "v.npy"], ["stats"]):
+        proc = subprocess.run([sys.executable, "-c", code, *map(str, argv), "--server", store_server],
+                              capture_output=True, text=True, env=environ, timeout=120)
+        assert proc.returncode == 0, (argv, proc.stderr)
+        out[argv[0]] = proc.stdout
+    assert out["add"].startswith("added 8,") and out["search"].splitlines()[1].split()[-1] == "cat"
+    assert np.load(tmp_path / "v.npy").shape == (4, 1280) and "client-only-pets" in out["stats"]
+
+
+def test_help_reads_its_defaults_from_config(monkeypatch, capsys):
+    """No default is copied into the CLI: change Config's and the help follows."""
+    from embedder.config import Config
+
+    monkeypatch.setattr(Config, "max_items", 77)
+    monkeypatch.setattr(Config, "max_pixels", 1234567)
+    monkeypatch.setattr(Config, "port", 6000)
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "items per request (default 77)" in text and "refuse larger images (default 1,234,567)" in text
+    assert "port to bind (default 6000;" in text
+
+
+@pytest.mark.parametrize("path, label", [
+    (Path("/data/pets/cat/1.jpg"), "cat"), (PurePosixPath("cat/1.jpg"), "cat"), (PurePosixPath("1.jpg"), None),
+    (PurePosixPath("shard.parquet#3"), None),
+])
+def test_folder_label(path, label):
+    """The one label-from-folder rule, shared by `embedder add` and the bulk import."""
+    assert folder_label(path) == label

@@ -1,0 +1,78 @@
+"""embedder: image embeddings, a vector store, search and classifier heads, from the command line.
+
+Examples:
+    embedder models
+    embedder demo
+    embedder embed photos/ extra.jpg --out vectors.npy
+    EMBEDDER_TOKEN=s3cret embedder serve --port 50051 --metrics-port 9100
+    EMBEDDER_TOKEN=s3cret embedder embed photos/ --out vectors.npy --server 127.0.0.1:50051
+
+Store and classifier commands (on a running `embedder serve`: --server, else EMBEDDER_SERVER, else 127.0.0.1:50051;
+token from --token or EMBEDDER_TOKEN):
+    embedder add pets/ --collection pets --label-from-folder
+    embedder search query.jpg --collection pets -k 5
+    embedder train --collection pets --head logreg --param C=0.5 --head-id pets
+    embedder predict --head pets new/ one.jpg --top-k 3
+    embedder finetune --collection pets --suffix pets
+
+Bulk jobs on Ray Data (`pip install 'embedder[scale]'`), then an import into a local data dir (no backbone pass):
+    embedder bulk-embed photos/ --out vectors/ [--ray-address ray://head:10001]
+    embedder add --from-parquet vectors/ --collection pets --label-from-folder --data-dir embedder-data
+
+Exit codes: 0 done; 1 done, but some inputs failed (each named on stderr); 2 the command was wrong (bad
+arguments, unknown collection or head, missing path, bad token); 3 the server is unavailable, overloaded or
+too slow: retry later; 4 an internal error or data loss. See `embedder COMMAND --help` for each command.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import traceback
+from typing import Sequence
+
+from ..errors import TABLE, Category, EmbedderError, category_of
+from . import bulk, collections, demo, embed, heads, jobs, models, serve
+from .options import config_from
+
+# One module per command group, each owning its parsers and handlers; in `embedder --help` order.
+COMMAND_GROUPS = (models, demo, embed, serve, bulk, collections, heads, jobs)
+
+# The names tests/test_service.py imports from here (before cli/ became a package).
+_config = config_from
+_serve_config = serve.serve_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``embedder`` parser: every group's commands under one set of subcommands."""
+    parser = argparse.ArgumentParser(prog="embedder", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in COMMAND_GROUPS:
+        group.register(sub)
+    return parser
+
+
+def error_category(error: Exception) -> Category:
+    """The row of :data:`embedder.errors.TABLE` a failed command answers with."""
+    # An OSError that is not one of ours is about a path the caller named (a missing folder, an unwritable
+    # --out): theirs to fix, where category_of, which sees no path, would call it an internal fault.
+    if isinstance(error, OSError) and not isinstance(error, EmbedderError):
+        return Category.NOT_FOUND if isinstance(error, FileNotFoundError) else Category.FAILED_PRECONDITION
+    return category_of(error)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code (see the module docstring)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.handler(args)
+    except Exception as e:  # noqa: BLE001 - every failure is answered by its category, none by a bare traceback
+        category = error_category(e)
+        if category is Category.INTERNAL and not isinstance(e, EmbedderError):
+            traceback.print_exc()  # a bug, not a failure we know: show where for the report
+        print(f"embedder: error: {e}", file=sys.stderr)
+        return TABLE[category].exit_code

@@ -1,0 +1,102 @@
+"""``embedder embed``: image files and folders (recursively) -> ``.npy`` vectors + a ``.json`` beside them.
+
+Locally, or on a running `embedder serve` with ``--server`` (then only the client is imported: no torch).
+The ``.json`` holds the model id, the runtime, the paths in row order, and every file that could not be
+embedded with why; those are also reported on stderr and make the command exit 1.
+
+Examples::
+
+    embedder embed photos/ extra.jpg --out vectors.npy
+    EMBEDDER_RUNTIME=openvino embedder embed photos/ --out vectors.npy --model efficientnet_lite2
+    EMBEDDER_TOKEN=s3cret embedder embed photos/ --out vectors.npy --server 127.0.0.1:50051
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .options import (add_model_options, add_remote_options, client_from, collect_images, config_from,
+                      progress_bar, report)
+
+if TYPE_CHECKING:
+    from ..results import BatchResult
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("embed", help="embed image files and folders (recursively) into a .npy file")
+    p.add_argument("paths", nargs="+", type=Path, help="image files or folders")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output .npy; a .json with paths and failures goes beside it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the summary line")
+    add_remote_options(p, title="remote (embed on an `embedder serve` instance instead of locally)",
+                       server_help="send the images to this server (--model, if given, must match the server's)")
+    add_model_options(p)
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """0 when every file was embedded, 1 when some were skipped (listed on stderr and in the .json)."""
+    _check_out(args.out)
+    files, failed = collect_images(args.paths)
+    if not files:
+        raise FileNotFoundError(f"no image files found under {', '.join(map(str, args.paths))}")
+    if args.server:
+        return _write_embeddings(args, files, failed, *_embed_remote(args, files))
+    from ..pipeline import Embedder  # imports torch: only the local path needs it
+
+    with Embedder(config=config_from(args)) as emb:
+        result = emb.embed_batch(files, progress=not args.quiet)
+        info = emb.info()
+    return _write_embeddings(args, files, failed, result, info)
+
+
+def _embed_remote(args: argparse.Namespace, files: list[Path]) -> tuple["BatchResult", dict]:
+    """Embed ``files`` on ``--server``; the same outputs as the local path, with the server's model info."""
+    from ..results import BatchResult
+
+    with client_from(args) as client:
+        info = {**client.list_models()[0], "server": args.server}
+        rows, errors = [], []
+        bar = progress_bar(len(files), quiet=args.quiet, desc=f"embedding ({args.server})")
+        try:  # the bar gives the terminal back even when the server fails midway
+            for r in client.embed_iter((str(f), f) for f in files):
+                rows.append(r.vector if r.ok else np.zeros(info["dim"], np.float32))
+                errors.append(r.error)
+                bar.update()
+        finally:
+            bar.close()
+    vectors = np.stack(rows) if rows else np.zeros((0, info["dim"]), np.float32)
+    return BatchResult(vectors, errors), info
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot take the vectors before any image is embedded, not after."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name a .npy file, e.g. {out / 'vectors.npy'}")
+    if out.suffix != ".npy":
+        raise ValueError(f"--out {out}: name a .npy file (the paths and failures go beside it as .json)")
+    parent = out.parent
+    while not parent.exists():  # created on write: the nearest existing ancestor must be a writable folder
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: {parent} is not a writable folder; choose another path")
+
+
+def _write_embeddings(args: argparse.Namespace, files: list[Path], failed: list[dict[str, str]],
+                     result: "BatchResult", info: dict) -> int:
+    """Write the good rows to --out and the paths, failures and model info to the .json beside it."""
+    ok = result.ok
+    failed += [{"path": str(f), "error": e} for f, e in zip(files, result.errors) if e is not None]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, result.vectors[ok])
+    meta = {**info, "count": int(ok.sum()), "paths": [str(f) for f, good in zip(files, ok) if good], "failed": failed}
+    args.out.with_suffix(".json").write_text(json.dumps(meta, indent=2))
+    report(failed)
+    print(f"embedded {int(ok.sum())} images ({len(failed)} skipped) with {info['model_id']} via {info['runtime']} "
+          f"-> {args.out} (+ {args.out.with_suffix('.json').name})")
+    return 0 if not failed else 1

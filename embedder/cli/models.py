@@ -1,0 +1,37 @@
+"""``embedder models``: the registered backbones, whether their weights are installed, and the CPU runtime.
+
+Examples::
+
+    embedder models
+    embedder models --json | jq -r '.models[].name'
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..backbones import list_backbones
+from ..runtimes import RUNTIMES, installed, resolve_runtime
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("models", help="list the registered backbones and whether their weights are installed")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print one row per backbone (name, dim, input size, model id, weights) and the CPU runtime ``auto`` picks."""
+    cpu_runtime = resolve_runtime("auto", "cpu")
+    rows = [{"name": s.name, "model_id": s.model_id, "dim": s.dim, "input_size": s.preprocessing.crop,
+             "weights": "installed" if s.weights.present() else f"missing: {s.weights.install}",
+             "description": s.description} for s in list_backbones()]
+    if args.json:
+        print(json.dumps({"models": rows, "cpu_runtime": cpu_runtime,
+                          "runtimes_installed": [r for r in RUNTIMES if installed(r)]}, indent=2))
+        return 0
+    print(f"{'name':<20} {'dim':>5} {'input':>5}  {'model id':<44} weights")
+    for r in rows:
+        print(f"{r['name']:<20} {r['dim']:>5} {r['input_size']:>5}  {r['model_id']:<44} {r['weights']}")
+    print(f"\nCPU runtime: {cpu_runtime} (installed: {', '.join(r for r in RUNTIMES if installed(r))})")
+    return 0

@@ -1,0 +1,83 @@
+"""``embedder serve``: the gRPC embedding service (health, reflection, metrics), until SIGTERM.
+
+Every flag beats its ``EMBEDDER_*`` variable, which beats :class:`~embedder.config.Config`'s default. The
+one line printed on stdout, ``listening on HOST:PORT``, is what scripts parse (with ``--port 0`` the only way
+to learn the port).
+
+Examples::
+
+    EMBEDDER_TOKEN=s3cret embedder serve --port 50051 --metrics-port 9100
+    embedder serve --role embed --port 50052          # a stateless embedding replica
+    python -m embedder.cli serve --port 0             # under a supervisor
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from ..config import Config
+from .options import add_model_options, config_from
+
+# The Config fields the service options set, by flag destination.
+SERVICE_FIELDS = ("host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
+                  "max_models", "role", "embed_target", "data_dir", "cache_max_items", "keep_images", "token",
+                  "tls_cert", "tls_key", "metrics_port", "grace_seconds")
+
+
+def _mebi(n: int) -> str:
+    """``64 * 2**20`` -> ``64Mi``: the limits are powers of two, read better that way."""
+    return f"{n // 2**20}Mi" if n % 2**20 == 0 else f"{n:,}"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the gRPC embedding service (health, reflection, metrics)")
+    add_model_options(p)
+    g = p.add_argument_group("service (also EMBEDDER_* env vars)")
+    g.add_argument("--host", help=f"address to bind (default {Config.host}; 0.0.0.0 for all interfaces)")
+    g.add_argument("--port", type=int, help=f"port to bind (default {Config.port}; 0 picks a free one, printed on "
+                                            "stdout)")
+    g.add_argument("--max-delay-ms", type=float, help="how long the batcher waits to fill a batch while more items "
+                                                      f"are on the way (default {Config.max_delay_ms:g})")
+    g.add_argument("--max-batch-pixels", type=int, help="source pixels decoding at once, so bursts of huge images "
+                                                        f"cannot OOM (default {_mebi(Config.max_batch_pixels)})")
+    g.add_argument("--max-queue", type=int, help="queued items before calls fail with RESOURCE_EXHAUSTED "
+                                                 f"(default {Config.max_queue})")
+    g.add_argument("--max-message-bytes", type=int,
+                   help=f"gRPC message limit, both directions (default {_mebi(Config.max_message_bytes)}B)")
+    g.add_argument("--max-items", type=int, help=f"items per request (default {Config.max_items})")
+    g.add_argument("--role", choices=("all", "embed", "store"),
+                   help="all: the whole service; embed: a stateless embedding replica; store: the data dir, with "
+                        f"cache misses sent to --embed-target (default {Config.role})")
+    g.add_argument("--embed-target", metavar="IP:PORT,...",
+                   help="store role: the embedding replicas (round-robin, unhealthy ones skipped)")
+    g.add_argument("--max-models", type=int, help="backbones held at once: the default plus versions loaded on "
+                                                  f"first use (default {Config.max_models})")
+    g.add_argument("--data-dir", type=Path, help=f"store and classifier data (default ./{Config.data_dir})")
+    g.add_argument("--cache-max-items", type=int,
+                   help="vectors kept in the cache outside any collection, least recently used evicted beyond it "
+                        f"(default {Config.cache_max_items:,}; 0 turns the cache off); also EMBEDDER_CACHE_MAX_ITEMS")
+    g.add_argument("--no-keep-images", dest="keep_images", action="store_const", const=False,
+                   help="do not keep added images' bytes (then collections cannot be fine-tuned on)")
+    g.add_argument("--token", help="require `authorization: Bearer TOKEN` (prefer EMBEDDER_TOKEN: flags show in ps)")
+    g.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key the port speaks TLS only")
+    g.add_argument("--tls-key", help="PEM private key for --tls-cert")
+    g.add_argument("--metrics-port", type=int,
+                   help=f"Prometheus /metrics HTTP port (default {Config.metrics_port} = off)")
+    g.add_argument("--grace-seconds", type=float,
+                   help=f"time in-flight calls get on SIGTERM (default {Config.grace_seconds:g})")
+    p.set_defaults(handler=run)
+
+
+def serve_config(args: argparse.Namespace) -> Config:
+    """Flag > EMBEDDER_* env var > default, for the model and the service fields alike."""
+    service = {k: getattr(args, k) for k in SERVICE_FIELDS}
+    # config_from() already read every EMBEDDER_* variable; replace() re-runs Config's validation.
+    return dataclasses.replace(config_from(args), **{k: v for k, v in service.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT; the server's own exit status."""
+    from ..server import serve  # the whole stack
+
+    return serve(serve_config(args), on_listening=lambda addr: print(f"listening on {addr}", flush=True))
