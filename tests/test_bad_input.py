@@ -885,7 +885,9 @@ _SUBPROCESS_SERVER = textwrap.dedent("""
         def info(self):
             return {"name": "stand-in", "model_id": "stand-in:1", "dim": 8, "device": "cpu", "runtime": "stand-in",
                     "precision": "fp32", "input_size": 8, "normalize": True}
-        def submit(self, item):
+        def probe(self, item):
+            return types.SimpleNamespace(pixels=64)
+        def submit(self, item, probe=None):
             future = Future()
             future.set_result(np.full((8, 8, 3), 7, np.uint8))
             return future

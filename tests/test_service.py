@@ -102,8 +102,11 @@ class GatedModel:
     def info(self):
         return self.real.info()
 
-    def submit(self, item):
-        return self.real.submit(item)
+    def probe(self, item):
+        return self.real.probe(item)
+
+    def submit(self, item, probe=None):
+        return self.real.submit(item, probe)
 
     def warm_up(self):
         self.real.warm_up()
