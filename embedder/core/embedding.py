@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import (BatchFailedError, Category, DeadlineError, EmbedderError, ItemError, ItemNotFoundError, StoreClosedError,
-                      category_of)
+from ..errors import (BatchFailedError, Category, DeadlineError, EmbedderError, ItemError, ItemNotFoundError,
+                      StoreClosedError, category_of)
 from ..inputs import content_hash
 
 log = logging.getLogger(__name__)

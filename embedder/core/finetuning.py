@@ -6,24 +6,22 @@ from __future__ import annotations
 
 import threading
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
-
-if TYPE_CHECKING:
-    from .service import Service
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 
 def _use(name: str) -> str:
     return f"model={name!r} in Embed/Add/Search (loaded on first use)"
 
 
-def start_finetune(service: Service, collection: str, suffix: str, *, unfreeze: int, epochs: int,
-                   params: Mapping[str, Any], labels: Sequence[str], ids: Sequence[str]) -> Any:
+def start_finetune(store: Any, jobs: Any, data_dir: Path, collection: str, suffix: str, *, unfreeze: int,
+                   epochs: int, params: Mapping[str, Any], labels: Sequence[str], ids: Sequence[str]) -> Any:
+    """Check a fine-tune of ``collection``'s labelled, kept images and queue it in ``jobs``; the job."""
     from classifier import InsufficientDataError
 
     from ..backbones import get_backbone
     from ..finetune import FineTuneConfig, check_labels, check_suffix, finetune
 
-    store, data_dir = service.store, service.config.data_dir
     config = FineTuneConfig.from_params({**params, "unfreeze": unfreeze, "epochs": epochs})
     parent = get_backbone(store.collection(collection).model_id)
     check_suffix(suffix, parent, data_dir)
@@ -46,15 +44,15 @@ def start_finetune(service: Service, collection: str, suffix: str, *, unfreeze: 
                 "trunk_passes": result.trunk_passes, "trunk_seconds": result.trunk_seconds,
                 "train_seconds": result.train_seconds, "history": result.history, "use": _use(result.spec.name)}
 
-    return service.jobs.submit("finetune", {"collection": collection, "suffix": suffix, "parent": parent.model_id,
+    return jobs.submit("finetune", {"collection": collection, "suffix": suffix, "parent": parent.model_id,
                                             "images": len(found), "config": asdict(config)}, work)
 
 
-def start_adabn(service: Service, collection: str, suffix: str) -> Any:
+def start_adabn(store: Any, jobs: Any, data_dir: Path, collection: str, suffix: str) -> Any:
+    """Check an AdaBN pass over ``collection``'s kept images and queue it in ``jobs``; the job."""
     from ..backbones import get_backbone
     from ..finetune import ADABN_MIN_IMAGES, TooFewLabelsError, adabn, check_suffix
 
-    store, data_dir = service.store, service.config.data_dir
     parent = get_backbone(store.collection(collection).model_id)
     check_suffix(suffix, parent, data_dir)
     found, _ = store.vectors(collection)
@@ -68,5 +66,5 @@ def start_adabn(service: Service, collection: str, suffix: str) -> Any:
         return {"name": result.spec.name, "model_id": result.spec.model_id, "parent": parent.model_id,
                 "images": result.images, "seconds": result.seconds, "use": _use(result.spec.name)}
 
-    return service.jobs.submit("adabn", {"collection": collection, "suffix": suffix, "parent": parent.model_id,
+    return jobs.submit("adabn", {"collection": collection, "suffix": suffix, "parent": parent.model_id,
                                          "images": len(images)}, work)

@@ -374,13 +374,13 @@ class Service:
         """Start a fine-tune (``method="finetune"``) or AdaBN job on the collection's kept images; the job."""
         from .finetuning import start_adabn, start_finetune
 
-        self._stateful()
+        store = self._stateful()
         if method == "adabn":
-            return start_adabn(self, collection, suffix)
+            return start_adabn(store, self.jobs, self.config.data_dir, collection, suffix)
         if method not in ("", "finetune"):
             raise InvalidArgumentError(f"method must be 'finetune' or 'adabn', got {method[:50]!r}")
-        return start_finetune(self, collection, suffix, unfreeze=unfreeze or 1, epochs=epochs or 10,
-                              params=params or {}, labels=labels, ids=ids)
+        return start_finetune(store, self.jobs, self.config.data_dir, collection, suffix, unfreeze=unfreeze or 1,
+                              epochs=epochs or 10, params=params or {}, labels=labels, ids=ids)
 
     def get_job(self, job_id: str) -> Any:
         self._stateful()
