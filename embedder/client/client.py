@@ -1,159 +1,27 @@
-"""Python client for the embedding service (``embedder serve``).
-
-    from embedder.client import EmbedderClient
-
-    with EmbedderClient("127.0.0.1:50051", token="s3cret") as client:
-        vectors = client.embed([jpeg_bytes, "dog.png", rgb_array])     # float32 (3, dim), input order
-        result = client.embed(images, errors="return")                 # BatchResult: per-item errors
-        for r in client.embed_iter(Path("photos").rglob("*.jpg")):     # streaming, input order
-            print(r.id, r.ok, r.vector.shape if r.ok else r.error)
-
-Inputs: encoded image bytes; file paths (``str`` or ``os.PathLike``, read here, on the client); numpy arrays
-``(H, W)`` / ``(H, W, C)`` of uint8 or float in [0, 1] (sent as raw tensors); PIL images (sent as RGB pixels).
-
-Errors, one design throughout: an item that cannot be embedded (corrupt, too large, unreadable file) is a
-*per-item* error and never fails the others. ``embed(errors="raise")`` (the default) raises
-:class:`RemoteBatchError` listing every bad item after the rest were embedded; ``errors="return"`` returns a
-:class:`embedder.results.BatchResult` exactly like the local ``Embedder.embed_batch``: zero rows for failed
-items and ``errors[i]`` saying why. ``embed_iter`` yields :class:`ItemResult` objects carrying their own
-``error``. Whole-call failures (unreachable server, bad token, limits) raise :class:`ServiceError` with the
-gRPC code, its category in :data:`embedder.errors.TABLE` and what to do about it.
-
-Light on purpose: this module needs only grpcio, protobuf and numpy (``pip install embedder`` without the
-``server`` extra); Pillow is touched only when a PIL image is passed, and then it is already loaded.
-
-Large inputs are split into requests of at most ``max_items`` items and ``max_message_bytes`` bytes (the
-server's defaults, read from :class:`~embedder.config.Config`; pass the server's values if you changed them
-there). UNAVAILABLE (server down, restarting, still warming up) and a server-side CANCELLED (it was shutting
-down) are retried with bounded exponential backoff and jitter; a broken stream resumes with the first
-unanswered request.
-"""
+"""The :class:`EmbedderClient`: one method per RPC, with retries, and large inputs split to fit the limits."""
 from __future__ import annotations
 
 import json
 import os
 import random
-import sys
-import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import grpc
 import numpy as np
 
-from ._proto import embedder_pb2 as pb
-from ._proto import embedder_pb2_grpc as pb_grpc
-from .config import Config
-from .errors import BatchError, Category, EmbedderError, category_for_grpc
-from .inputs import image_list
-from .messages import (collection_from_pb, head_from_pb, hit_from_pb, job_from_pb, stored_from_pb, to_tensor,
-                       vector_bytes)
-from .results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
+from .._proto import embedder_pb2 as pb
+from .._proto import embedder_pb2_grpc as pb_grpc
+from ..config import Config
+from ..inputs import image_list
+from ..messages import collection_from_pb, head_from_pb, hit_from_pb, job_from_pb, stored_from_pb, vector_bytes
+from ..results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
+from .chunking import DIM_BOUND, ENVELOPE, STATUS_BY_NUMBER, Chunk, batches, embed_chunks, to_item
+from .errors import RemoteBatchError, ServiceError
+from .results import AddSummary, ItemResult, Prediction
+from .stream import StreamFeed
 
-_ENVELOPE = 64 * 1024  # room for the request's own fields and per-item framing
-_DIM_BOUND = 4096  # assumed vector size until the server tells us, to keep responses under the limit too
-
-
-class ServiceError(EmbedderError):
-    """A whole call failed; ``code`` is the :class:`grpc.StatusCode`, the message says what to do.
-
-    ``category`` is the code's row of :data:`embedder.errors.TABLE`, so a caller (or the CLI) answers a remote
-    failure exactly as it would the same failure in process.
-    """
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        self.code = code
-        super().__init__(f"{code.name}: {message}")
-
-    @property
-    def category(self) -> Category:  # type: ignore[override] - per instance: it depends on the code
-        return category_for_grpc(self.code.name)
-
-
-class RemoteBatchError(BatchError):
-    """Some items could not be embedded; ``errors`` maps input index to message, ``ids`` are the item ids."""
-
-    def __init__(self, errors: dict[int, str], ids: Sequence[str], *, action: str = "embedded") -> None:
-        self.errors = errors
-        self.ids = list(ids)
-        shown = "; ".join(f"item {i} ({self.ids[i]!r}): {msg}" for i, msg in list(errors.items())[:5])
-        more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-        EmbedderError.__init__(self, f"{len(errors)} of {len(ids)} items could not be {action}: {shown}{more}. "
-                                     'Pass errors="return" to get the other results and per-item errors.')
-
-
-@dataclass
-class ItemResult:
-    """One item's outcome: ``vector`` is float32 ``(dim,)`` when ``ok``, else ``error`` says why."""
-
-    id: str
-    vector: np.ndarray | None
-    error: str | None = None
-    code: grpc.StatusCode = grpc.StatusCode.OK
-    cached: bool = False
-    model_id: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-
-@dataclass(frozen=True)
-class Cached:
-    """An image the server has embedded before, named by the sha256 of its bytes (nothing is re-sent)."""
-
-    sha256: str
-
-
-@dataclass
-class AddSummary:
-    """What an :meth:`EmbedderClient.add` stored: counts, and per-item errors by index for the rest."""
-
-    collection: str
-    added: int
-    replaced: int
-    cached: int  # items whose vector came from the server's cache (no model pass)
-    failed: dict[int, str] = field(default_factory=dict)
-
-
-@dataclass
-class Prediction:
-    """Top labels of one item, best first, with probabilities; or ``error``.
-
-    With several heads, ``by_head`` maps each head id to its ``(labels, probabilities)``; ``labels`` and
-    ``probabilities`` are the first head's.
-    """
-
-    id: str
-    labels: list[str]
-    probabilities: list[float]
-    error: str | None = None
-    cached: bool = False
-    by_head: dict[str, tuple[list[str], list[float]]] = field(default_factory=dict)
-
-    @property
-    def label(self) -> str | None:
-        return self.labels[0] if self.labels else None
-
-
-@dataclass(eq=False)
-class _Chunk:
-    """Consecutive input items: the request with the sendable ones, and one slot per input item.
-
-    Slots of items refused on the client are filled at once; the rest are filled from the response.
-    Every chunk is sent, even with no sendable items, so results always come back in input order.
-    """
-
-    request: pb.EmbedRequest
-    slots: list[ItemResult | None] = field(default_factory=list)
-    sent_in: int = -1  # stream attempt that last sent it
-    done: bool = False
-
-
-_STATUS_BY_NUMBER = {s.value[0]: s for s in grpc.StatusCode}
 _OK = grpc.StatusCode.OK.value[0]
 # Retried: the server is down, restarting or warming up (UNAVAILABLE), or was shutting down when the call
 # arrived (gRPC core answers CANCELLED then; this client never cancels a call it still wants).
@@ -161,7 +29,7 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 class EmbedderClient:
-    """Talks to an ``embedder serve`` instance; see the module docstring.
+    """Talks to an ``embedder serve`` instance; see :mod:`embedder.client`.
 
     ``target`` is ``host:port``. ``token`` is sent as ``authorization: Bearer <token>``. ``tls_ca`` is the
     PEM file of the CA (or self-signed certificate) to trust; without it the channel is plaintext.
@@ -175,8 +43,8 @@ class EmbedderClient:
                  max_items: int = Config.max_items, retries: int = 5, backoff: float = 0.2,
                  max_backoff: float = 2.0, stream_timeout: float | None = None, model: str | None = None,
                  channel_options: Sequence[tuple[str, Any]] = ()) -> None:
-        if max_message_bytes <= _ENVELOPE:
-            raise ValueError(f"max_message_bytes must be above {_ENVELOPE}, got {max_message_bytes}")
+        if max_message_bytes <= ENVELOPE:
+            raise ValueError(f"max_message_bytes must be above {ENVELOPE}, got {max_message_bytes}")
         if max_items < 1 or retries < 0:
             raise ValueError(f"max_items must be >= 1 and retries >= 0, got {max_items} and {retries}")
         self.target = target
@@ -189,7 +57,7 @@ class EmbedderClient:
         self.max_backoff = max_backoff
         self.model = model or ""  # sent with every request: the backbone to embed with
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._dim = _DIM_BOUND
+        self._dim = DIM_BOUND
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes),
                    # reconnect quickly after a server restart; our own retry loop bounds the total wait
@@ -225,7 +93,7 @@ class EmbedderClient:
             results = self._unary(chunks[0])
         else:
             results = list(self._stream(iter(chunks), window))
-        dim = next((r.vector.shape[0] for r in results if r.ok), self._dim if self._dim != _DIM_BOUND else 0)
+        dim = next((r.vector.shape[0] for r in results if r.ok), self._dim if self._dim != DIM_BOUND else 0)
         vectors = np.zeros((len(results), dim), np.float32)
         errs: list[str | None] = []
         for i, r in enumerate(results):
@@ -305,7 +173,7 @@ class EmbedderClient:
             summary.replaced += response.replaced
             for (i, _), r in zip(batch, response.results):
                 if r.status.code != _OK:
-                    summary.failed[i] = r.status.message or _STATUS_BY_NUMBER[r.status.code].name
+                    summary.failed[i] = r.status.message or STATUS_BY_NUMBER[r.status.code].name
                 summary.cached += r.cached
         summary.failed = dict(sorted(summary.failed.items()))
         if summary.failed and errors == "raise":
@@ -409,7 +277,7 @@ class EmbedderClient:
                           [len(images) + start + j for j in range(len(chunk))]))
         for request, where in calls:
             for i, p in zip(where, self._call(self._stub.Predict, request).predictions):
-                error = None if p.status.code == _OK else (p.status.message or _STATUS_BY_NUMBER[p.status.code].name)
+                error = None if p.status.code == _OK else (p.status.message or STATUS_BY_NUMBER[p.status.code].name)
                 by_head = {h.head_id: ([t.label for t in h.top], [float(t.probability) for t in h.top])
                            for h in p.heads}
                 first = by_head.get(head_ids[0], ([], []))
@@ -484,80 +352,19 @@ class EmbedderClient:
 
     # ------------------------------------------------------------------ requests
 
-    def _chunks(self, pairs: Iterable[tuple[str, Any]], size: int) -> Iterator[_Chunk]:
-        """Group items into chunks of at most ``size`` items whose request and response fit the message limit."""
-        budget = self.max_message_bytes - _ENVELOPE
-        chunk, used = _Chunk(pb.EmbedRequest(model=self.model)), 0
-        for item_id, x in pairs:
-            try:
-                item = to_item(x, item_id)
-            except (ValueError, TypeError, OSError) as e:
-                chunk.slots.append(ItemResult(item_id, None, str(e), grpc.StatusCode.INVALID_ARGUMENT))
-            else:
-                n = item.ByteSize() + 16
-                if n > budget:
-                    chunk.slots.append(ItemResult(item_id, None, (
-                        f"item is {n:,} bytes encoded, above the {self.max_message_bytes:,}-byte message limit; "
-                        "downscale or re-encode it, or raise the limit on the server (--max-message-bytes / "
-                        "EMBEDDER_MAX_MESSAGE_BYTES) and here (EmbedderClient(max_message_bytes=...))"),
-                        grpc.StatusCode.RESOURCE_EXHAUSTED))
-                else:
-                    # responses carry dim float32s per item: keep them under the limit as well
-                    per_response = budget // (4 * self._dim + 128)
-                    sendable = len(chunk.request.items)
-                    if sendable and (used + n > budget or sendable >= per_response):
-                        yield chunk
-                        chunk, used = _Chunk(pb.EmbedRequest(model=self.model)), 0
-                    chunk.request.items.append(item)
-                    chunk.slots.append(None)
-                    used += n
-            if len(chunk.slots) >= size:
-                yield chunk
-                chunk, used = _Chunk(pb.EmbedRequest(model=self.model)), 0
-        if chunk.slots:
-            yield chunk
+    def _chunks(self, pairs: Iterable[tuple[str, Any]], size: int) -> Iterator[Chunk]:
+        return embed_chunks(pairs, size, max_message_bytes=self.max_message_bytes, model=self.model,
+                            dim=lambda: self._dim)
 
     def _batches(self, entries: list[tuple[int, Any]], failed: dict[int, str]) -> Iterator[list[tuple[int, Any]]]:
-        """Group ``(index, message)`` entries into requests within ``max_items`` and the message size limit;
-        an entry too large for any request goes to ``failed``."""
-        budget = self.max_message_bytes - _ENVELOPE
-        batch: list[tuple[int, Any]] = []
-        used = 0
-        for i, entry in entries:
-            n = entry.ByteSize() + 16
-            if n > budget:
-                failed[i] = (f"item is {n:,} bytes encoded, above the {self.max_message_bytes:,}-byte message "
-                             "limit; downscale or re-encode it, or raise the limit on the server and here")
-                continue
-            if batch and (used + n > budget or len(batch) >= self.max_items):
-                yield batch
-                batch, used = [], 0
-            batch.append((i, entry))
-            used += n
-        if batch:
-            yield batch
+        return batches(entries, failed, max_message_bytes=self.max_message_bytes, max_items=self.max_items)
 
-    def _fill(self, chunk: _Chunk, response: pb.EmbedResponse) -> None:
-        expected = sum(s is None for s in chunk.slots)
-        if len(response.results) != expected:
-            raise ServiceError(grpc.StatusCode.INTERNAL,
-                               f"server answered {len(response.results)} results for {expected} items")
+    def _fill(self, chunk: Chunk, response: pb.EmbedResponse) -> None:
+        chunk.fill(response)
         if response.dim:
             self._dim = response.dim
-        answers = iter(response.results)
-        for i, slot in enumerate(chunk.slots):
-            if slot is None:
-                r = next(answers)
-                code = _STATUS_BY_NUMBER.get(r.status.code, grpc.StatusCode.UNKNOWN)
-                if code == grpc.StatusCode.OK:
-                    vec = np.frombuffer(r.vector, dtype="<f4").astype(np.float32)
-                    chunk.slots[i] = ItemResult(r.id, vec, None, code, r.cached, r.model_id)
-                else:
-                    chunk.slots[i] = ItemResult(r.id, None, r.status.message or code.name, code, r.cached,
-                                                r.model_id)
-        chunk.done = True
 
-    def _unary(self, chunk: _Chunk) -> list[ItemResult]:
+    def _unary(self, chunk: Chunk) -> list[ItemResult]:
         if chunk.request.items:
             self._fill(chunk, self._call(self._stub.Embed, chunk.request))
         return chunk.slots  # type: ignore[return-value] - all filled now
@@ -578,8 +385,8 @@ class EmbedderClient:
         # full jitter keeps many clients from retrying in lockstep after a restart
         return min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
 
-    def _stream(self, chunks: Iterator[_Chunk], window: int) -> Iterator[ItemResult]:
-        feed = _StreamFeed(chunks, window)
+    def _stream(self, chunks: Iterator[Chunk], window: int) -> Iterator[ItemResult]:
+        feed = StreamFeed(chunks, window)
         failures = 0
         while True:
             call = self._stub.EmbedStream(feed.requests(), metadata=self._metadata, timeout=self.stream_timeout)
@@ -628,102 +435,3 @@ class EmbedderClient:
         else:
             msg = details or "no details"
         return ServiceError(code, msg)
-
-
-class _StreamFeed:
-    """Request side of a resumable stream: pulls chunks lazily, keeps unanswered ones for resending.
-
-    ``requests(attempt)`` runs in gRPC's request thread; results are consumed in the caller's thread.
-    """
-
-    def __init__(self, chunks: Iterator[_Chunk], window: int) -> None:
-        self._chunks = chunks
-        self._window = window
-        self._cond = threading.Condition()
-        self._queue: deque[_Chunk] = deque()  # pulled and not yet yielded, in input order
-        self._attempt = 0
-        self._pulling = False
-        self._exhausted = False
-        self.source_error: BaseException | None = None
-
-    def requests(self) -> Iterator[pb.EmbedRequest]:
-        """The request iterator for one stream attempt: unanswered chunks first, then new ones."""
-        with self._cond:
-            attempt = self._attempt
-        return self._requests(attempt)
-
-    def _requests(self, attempt: int) -> Iterator[pb.EmbedRequest]:
-        while True:
-            with self._cond:
-                while True:
-                    if self._attempt != attempt:
-                        return
-                    unsent = next((c for c in self._queue if not c.done and c.sent_in != attempt), None)
-                    if unsent is not None:
-                        unsent.sent_in = attempt
-                        break
-                    if self._exhausted:
-                        return  # half-close: the server answers what it has and ends the stream
-                    inflight = sum(not c.done for c in self._queue)
-                    if inflight < self._window and not self._pulling:
-                        self._pulling = True
-                        break
-                    self._cond.wait()
-            if unsent is not None:
-                yield unsent.request
-                continue
-            try:  # outside the lock: reading the caller's iterable may read files
-                chunk = next(self._chunks, None)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                chunk, self.source_error = None, e
-            with self._cond:
-                self._pulling = False
-                if chunk is None:
-                    self._exhausted = True
-                else:
-                    self._queue.append(chunk)
-                self._cond.notify_all()
-
-    def oldest_unanswered(self) -> _Chunk | None:
-        with self._cond:
-            return next((c for c in self._queue if not c.done), None)
-
-    def pop_done(self) -> list[_Chunk]:
-        with self._cond:
-            out = []
-            while self._queue and self._queue[0].done:
-                out.append(self._queue.popleft())
-            self._cond.notify_all()  # window room
-            return out
-
-    def finished(self) -> bool:
-        with self._cond:
-            return self._exhausted and not self._queue
-
-    def end_attempt(self) -> None:
-        """The current stream is over: its request generator (maybe blocked on the window) must stop."""
-        with self._cond:
-            self._attempt += 1
-            self._cond.notify_all()
-
-
-def to_item(x: Any, item_id: str = "") -> pb.Item:
-    """One input -> an ``embedder.v1.Item``; ValueError/OSError with a fix when it cannot be sent."""
-    if isinstance(x, (bytes, bytearray, memoryview)):
-        return pb.Item(id=item_id, image=bytes(x))
-    if isinstance(x, Cached):
-        return pb.Item(id=item_id, content_sha256=x.sha256)
-    if isinstance(x, (str, os.PathLike)):
-        try:
-            return pb.Item(id=item_id, image=Path(x).read_bytes())
-        except OSError as e:
-            raise OSError(f"could not read file {str(x)!r}: {e.strerror or e}") from None
-    if isinstance(x, np.ndarray):
-        return pb.Item(id=item_id, tensor=to_tensor(x))
-    # A PIL image exists only if its module is loaded: look there instead of importing Pillow for every other
-    # type (the client installs without it).
-    Image = sys.modules.get("PIL.Image")
-    if Image is not None and isinstance(x, Image.Image):
-        return pb.Item(id=item_id, tensor=to_tensor(np.asarray(x.convert("RGB"))))
-    raise TypeError(f"cannot send a {type(x).__name__}; pass encoded image bytes, a file path, "
-                    "a numpy array (H, W[, C]) or a PIL image")
