@@ -39,7 +39,8 @@ from typing import Any, Mapping
 import numpy as np
 import scipy.linalg
 
-from .heads import STATS_ROW_BLOCK, HeadError, check_features, standardization
+from .heads import HeadError, check_features, standardization
+from .heads.base import STATS_ROW_BLOCK
 
 log = logging.getLogger(__name__)
 

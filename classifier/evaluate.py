@@ -22,7 +22,8 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from embedder.results import CurvePoint
 
-from .heads import Head, HeadError, InsufficientDataError, _plain, check_features
+from .heads import Head, HeadError, InsufficientDataError, check_features
+from .heads.validation import _plain
 
 
 @dataclass(frozen=True)

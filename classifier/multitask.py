@@ -42,8 +42,9 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 
-from .heads import (HeadError, InsufficientDataError, _plain, _resolve_device, check_features,
-                    check_same_model, standardization)
+from .heads import HeadError, InsufficientDataError, check_features, check_same_model, standardization
+from .heads.linear_solver import _resolve_device
+from .heads.validation import _plain
 
 if TYPE_CHECKING:  # torch is imported where the head trains, so `import classifier` stays light
     import torch

@@ -24,7 +24,8 @@ from .adapt import DomainAdapter
 from embedder.results import CurvePoint
 
 from .evaluate import evaluate, learning_curve
-from .heads import Head, HeadError, InsufficientDataError, _plain, head_params, make_head
+from .heads import Head, HeadError, InsufficientDataError, head_params, make_head
+from .heads.validation import _plain
 from .persist import (META_FILE, HeadInfo, HeadNotFoundError, check_head_id, delete_head, list_heads, load_head, read_head_info,
                       recover_interrupted, save_head)
 

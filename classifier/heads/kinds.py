@@ -1,0 +1,28 @@
+"""The head kinds by name: :data:`HEADS`, :func:`make_head` and :func:`head_params`."""
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Head
+from .logreg import LogRegHead
+from .svm import LinearSVMHead, SVMHead
+from .validation import HeadError
+
+HEADS: dict[str, type[Head]] = {h.kind: h for h in (LogRegHead, LinearSVMHead, SVMHead)}
+
+
+def make_head(kind: str, **params: Any) -> Head:
+    """A new, unfitted head of ``kind`` (``logreg``, ``linear_svm`` or ``svm``) with ``params``."""
+    return _kind(kind)._create(**params)
+
+
+def head_params(kind: str) -> dict[str, Any]:
+    """The options of head ``kind`` and their defaults."""
+    return _kind(kind)._options()
+
+
+def _kind(kind: str) -> type[Head]:
+    cls = HEADS.get(kind)
+    if cls is None:
+        raise HeadError(f"unknown head kind {kind!r}; choose one of {', '.join(HEADS)}")
+    return cls
