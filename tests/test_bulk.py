@@ -15,7 +15,8 @@ import pytest
 import ray  # the `scale` extra (also in `test`)
 
 from conftest import CountingModel, cosine, small_jpegs
-from embedder.bulk import MANIFEST, _dataset, _resources_plan, _units, bulk_embed, import_parquet, read_inputs
+from embedder.bulk import MANIFEST, bulk_embed, import_parquet, read_inputs
+from embedder.bulk.ray_pipeline import _dataset, _resources_plan, _units
 from embedder.cli import main
 from embedder.errors import ModelMismatchError
 from embedder.config import Config
