@@ -270,8 +270,8 @@ class EmbedderServer:
         log.info("shutting down: health NOT_SERVING, finishing in-flight calls (up to %.1fs)", grace)
         self.metrics.serving.set(0)
         self.health.enter_graceful_shutdown()
-        if self.service is not None:
-            self.service.refuse_calls()
+        # grpc's stop refuses new calls and lets those in flight finish, an open stream's next requests included
+        # (the core's refuse_calls would refuse those too)
         self._server.stop(grace).wait()
         if self.service is not None:
             self.service.close(grace)
@@ -338,3 +338,7 @@ def serve(config: Config, *, on_listening: Callable[[str], None] | None = None) 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
+
+
+if os.environ.get("EMBEDDER_AIO"):  # TEMPORARY: bench/test the grpc.aio front door
+    from .aio_server import AioEmbedderServer as EmbedderServer  # noqa: F811,E402
