@@ -4,12 +4,14 @@ Most inputs are plain JPEGs, and for them this path costs ~1.7 core-ms per photo
 costs ~2.6-3.0 (no 4-channel intermediate, a vectorised uint8 antialiased resize), so the
 :class:`~embedder.preprocess.Preprocessor` sends them here one at a time in its decode workers. On CUDA the
 :class:`~embedder.pipeline.Embedder` sends whole micro-batches to the GPU instead (batched nvJPEG; the crops
-never leave the device before the model).
+never leave the device before the model). On CPU it is opt-in (``jpeg_decoder="torchvision"``): the default
+``auto`` decodes with Pillow there, so a server on the ONNX/OpenVINO runtime never loads torch (~860 MB).
 
 The crops equal the Pillow recipe's within one level (mean difference ~0.002 levels on the test photos,
 embeddings' cosine >= 0.99999: the same tolerance as Pillow's own version drift, so the model id does not
 change). On CUDA, nvJPEG and the float resize kernels round differently: that tolerance is still unmeasured
-(no GPU was available); ``jpeg_decoder="pillow"`` keeps the Pillow path everywhere.
+(no GPU was available); ``jpeg_decoder="pillow"`` keeps the Pillow path everywhere. torch is imported with
+the first JPEG this decoder takes, not with this module.
 
 Only clean JPEGs come here, as :func:`embedder.preprocess.probe` found them when they arrived (RGB or grey,
 upright, within ``max_pixels``); this module does not read headers. Everything else (other formats, CMYK, EXIF
@@ -22,12 +24,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import torch
 
 from .backbones import Preprocessing
+
+if TYPE_CHECKING:
+    import torch  # torch and torchvision load with the first JPEG this decoder takes, not with the module
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +44,8 @@ def one_torch_thread() -> None:
     (torch eager mobilenet_v2 at batch 1: 124 -> 52 img/s). OpenMP's thread count is a per-thread setting,
     so this leaves every other thread's torch as it was.
     """
+    import torch
+
     torch.get_num_threads()  # torch's one-time per-thread OpenMP init first, so it cannot undo the next line
     omp_set_num_threads = getattr(ctypes.CDLL(None), "omp_set_num_threads", None)  # torch's libgomp, if any
     if omp_set_num_threads is not None:
@@ -82,6 +88,8 @@ class JpegDecoder:
 
         Returns uint8 ``(n_taken, crop, crop, 3)`` on ``device`` and ``taken[i]``: whether item i is in it.
         """
+        import torch
+
         images = self._decode(list(items))
         taken = [img is not None for img in images]
         crops = [self._resize_crop(img) for img in images if img is not None]
@@ -98,6 +106,8 @@ class JpegDecoder:
             log.warning("torchvision's JPEG decoder is unavailable (%s); decoding JPEGs with Pillow", e)
             self.available = False
             return [None] * len(items)
+        import torch
+
         data = [torch.frombuffer(bytearray(x), dtype=torch.uint8) for x in items]
         if len(data) > 1:
             try:  # one call for the list: nvJPEG decodes it as a batch

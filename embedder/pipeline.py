@@ -15,12 +15,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
 
 import numpy as np
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .backbones import BackboneSpec, FrozenBackbone, find_backbone, load_backbone
-from .config import Config
+from . import backbones
+from .backbones import BackboneSpec, find_backbone
+from .config import Config, resolve_jpeg_decoder
 from .errors import BatchError, EmbedderError, ImageDecodeError
 from .jpeg import JpegDecoder, one_torch_thread
 from .inputs import image_list
@@ -57,24 +57,26 @@ class Embedder:
         on_cpu = self.device == "cpu"
         self.micro_batch = config.micro_batch or (CPU_MICRO_BATCH if on_cpu else config.max_batch)
         spec = self.spec
-        self.runtime = create_runtime(
-            runtime_name, spec, lambda: FrozenBackbone(load_backbone(spec), spec.preprocessing), self.device,
+        self.runtime = create_runtime(  # the torch module is built only when the runtime needs it (export, torch)
+            runtime_name, spec, lambda: backbones.FrozenBackbone(backbones.load_backbone(spec), spec.preprocessing),
+            self.device,
             cache_dir=config.cache_dir, threads=config.runtime_threads or cores, precision=config.precision,
             compile=config.compile,
         )
+        self.jpeg_decoder = resolve_jpeg_decoder(config.jpeg_decoder, self.device)
         self.preprocessor = Preprocessor(self.spec.preprocessing, max_pixels=config.max_pixels,
-                                         jpeg_decoder=config.jpeg_decoder)
+                                         jpeg_decoder=self.jpeg_decoder)
         # On CUDA, JPEGs are decoded (nvJPEG) and resized on the GPU a micro-batch at a time: decode on the CPU
         # cores would be the limit there. On CPU the preprocessor's decode workers run the same decoder per item.
         self.device_decoder = (JpegDecoder(spec.preprocessing, self.device)
-                               if not on_cpu and config.jpeg_decoder == "torchvision" else None)
+                               if not on_cpu and self.jpeg_decoder == "torchvision" else None)
         self._workers = config.decode_workers or cores
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embedder-decode",
-                                        initializer=one_torch_thread)
+                                        initializer=one_torch_thread if self.jpeg_decoder == "torchvision" else None)
         self._closed = False
         log.info("loaded %s on %s via %s (micro-batch %d, %d decode workers, JPEGs decoded by %s on %s)",
                  self.model_id, self.device, self.runtime.name, self.micro_batch, self._workers,
-                 config.jpeg_decoder, self.device if self.device_decoder else "cpu")
+                 self.jpeg_decoder, self.device if self.device_decoder else "cpu")
 
     @property
     def model_id(self) -> str:
@@ -176,8 +178,9 @@ class Embedder:
         for n in sizes:
             self.runtime.run(np.zeros((n, crop, crop, 3), np.uint8))
 
-    def _forward(self, images: Sequence[np.ndarray] | np.ndarray | torch.Tensor) -> np.ndarray:
-        if isinstance(images, torch.Tensor):  # device-decoded crops: the torch runtime takes them where they are
+    def _forward(self, images: Sequence[np.ndarray] | np.ndarray | Any) -> np.ndarray:
+        if not isinstance(images, (np.ndarray, list, tuple)):
+            # a torch.Tensor of device-decoded crops: the torch runtime takes them where they are
             batch = images if self.runtime.name == "torch" else np.ascontiguousarray(images.cpu().numpy())
         else:
             batch = np.ascontiguousarray(np.stack(images) if not isinstance(images, np.ndarray) else images)

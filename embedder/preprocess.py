@@ -24,7 +24,6 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .backbones import Preprocessing
-from .config import JPEG_DECODERS
 from .errors import ImageDecodeError
 from .jpeg import JpegDecoder
 
@@ -253,9 +252,10 @@ class Preprocessor:
     agree within one level per pixel.
     """
 
-    def __init__(self, preprocessing: Preprocessing, *, max_pixels: int, jpeg_decoder: str = "torchvision") -> None:
-        if jpeg_decoder not in JPEG_DECODERS:
-            raise ValueError(f"jpeg_decoder must be one of {', '.join(JPEG_DECODERS)}; got {jpeg_decoder!r}")
+    def __init__(self, preprocessing: Preprocessing, *, max_pixels: int, jpeg_decoder: str = "pillow") -> None:
+        if jpeg_decoder not in ("torchvision", "pillow"):
+            raise ValueError(f"jpeg_decoder must be 'torchvision' or 'pillow' (resolve 'auto' with "
+                             f"config.resolve_jpeg_decoder first); got {jpeg_decoder!r}")
         self.pp = preprocessing
         self.max_pixels = max_pixels
         self._resample = _RESAMPLE[preprocessing.interpolation]

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from embedder import Config, Embedder
+from embedder.config import resolve_jpeg_decoder
 from embedder.jpeg import JpegDecoder
 from embedder.errors import ImageDecodeError
 from embedder.preprocess import Preprocessor, probe
@@ -19,6 +20,14 @@ from conftest import cosine, jpeg_bytes
 @pytest.fixture(scope="module")
 def decoder(embedder):
     return JpegDecoder(embedder.spec.preprocessing, "cpu")
+
+
+@pytest.fixture(scope="module")
+def tv_embedder(embedder):
+    """The default model with jpeg_decoder="torchvision" (opt-in on CPU)."""
+    with Embedder(config=Config.from_env(environ={}, device="cpu", jpeg_decoder="torchvision",
+                                         cache_dir=embedder.config.cache_dir)) as tv:
+        yield tv
 
 
 @pytest.fixture(scope="module")
@@ -46,11 +55,18 @@ def test_crops_equal_the_pillow_recipe(decoder, pillow, embedder, photos):
     assert 1 - cosine(embedder.embed_arrays(one), embedder.embed_arrays(ref)).min() < 1e-5
 
 
-def test_the_default_preprocessor_uses_it_for_jpegs(embedder, decoder, photos):
-    """Config.jpeg_decoder defaults to torchvision: the pipeline's JPEG crops are the decoder's exactly."""
-    assert Config().jpeg_decoder == "torchvision" and embedder.preprocessor.jpeg is not None
+def test_auto_uses_it_on_cuda_and_pillow_on_cpu_and_the_flag_picks_it(embedder, tv_embedder, decoder, pillow,
+                                                                      photos):
+    """jpeg_decoder="auto" (the default) is Pillow on CPU (no torch in a server on ONNX/OpenVINO) and this decoder
+    on CUDA; "torchvision" makes the CPU pipeline's JPEG crops the decoder's exactly."""
+    assert Config().jpeg_decoder == "auto"
+    assert (resolve_jpeg_decoder("auto", "cpu"), resolve_jpeg_decoder("auto", "cuda:0")) == ("pillow", "torchvision")
+    assert embedder.jpeg_decoder == "pillow" and embedder.preprocessor.jpeg is None
     for p in photos[:3]:
-        np.testing.assert_array_equal(embedder.prepare(p), decoder.crop(p))
+        np.testing.assert_array_equal(embedder.prepare(p), pillow(p))
+    assert tv_embedder.preprocessor.jpeg is not None
+    for p in photos[:3]:
+        np.testing.assert_array_equal(tv_embedder.prepare(p), decoder.crop(p))
 
 
 def test_only_clean_jpegs_are_taken(decoder, photo_arrays, photos):
@@ -108,16 +124,16 @@ def test_pillow_can_be_chosen_and_the_setting_is_checked(photos, pillow, cache_d
     with Embedder(model="mobilenet_v2", device="cpu", cache_dir=cache_dir, jpeg_decoder="pillow") as emb:
         assert emb.preprocessor.jpeg is None
         np.testing.assert_array_equal(emb.prepare(photos[0]), pillow(photos[0]))
-    with pytest.raises(ValueError, match="jpeg_decoder must be 'torchvision' or 'pillow'"):
+    with pytest.raises(ValueError, match="jpeg_decoder must be one of auto, torchvision, pillow"):
         Config(jpeg_decoder="nvjpeg")
-    with pytest.raises(ValueError, match="jpeg_decoder must be one of torchvision, pillow"):
+    with pytest.raises(ValueError, match="jpeg_decoder must be 'torchvision' or 'pillow'"):
         Preprocessor(pillow.pp, max_pixels=10, jpeg_decoder="turbo")
 
 
-def test_decode_workers_run_torch_on_one_thread_each(embedder, photos):
+def test_decode_workers_run_torch_on_one_thread_each(tv_embedder, photos):
     """The resize runs in the decode workers on one torch thread each (one OpenMP team per worker made torch's
     own CPU work elsewhere in the process ~2.4x slower); the caller's torch thread count is left as it was."""
     before = torch.get_num_threads()
-    embedder.embed(photos)
-    assert embedder._pool.submit(torch.get_num_threads).result() == 1
+    tv_embedder.embed(photos)
+    assert tv_embedder._pool.submit(torch.get_num_threads).result() == 1
     assert torch.get_num_threads() == before

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +55,34 @@ def test_the_public_api_is_unchanged_and_loads_on_first_use():
     assert loaded_after("from embedder import Config, BatchResult, EmbedderError") == set()
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         embedder.nothing  # noqa: B018
+
+
+def _answers(client) -> bool:
+    from embedder.client import ServiceError
+
+    try:
+        return bool(client.list_models())
+    except ServiceError:
+        return False
+
+
+def test_a_serving_server_on_the_default_cpu_runtime_has_not_loaded_torch(tmp_path, cache_dir, embedder, photos):
+    """`embedder serve` on CPU (ONNX/OpenVINO on a cached export, JPEGs through Pillow) embeds, stores and searches
+    without torch in the process: ~860 MB it would hold for nothing (RSS in benchmarks/results/service.json).
+    (The ``embedder`` fixture has exported the model into ``cache_dir``: exporting is torch's job.)"""
+    from embedder.client import EmbedderClient
+    from test_hardening import start_server
+
+    proc, address = start_server(tmp_path / "data", cache_dir)
+    try:
+        with EmbedderClient(address, timeout=120) as client:
+            deadline = time.monotonic() + 120
+            while not _answers(client) and time.monotonic() < deadline:
+                time.sleep(0.5)  # the model loads after "listening on"
+            client.add("c", photos[:3], ["a", "b", "c"])
+            assert client.search(photos[0], collection="c", k=1)[0].id == "a"
+        maps = (Path("/proc") / str(proc.pid) / "maps").read_text()
+        assert "libtorch" not in maps and "/torch/" not in maps
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0

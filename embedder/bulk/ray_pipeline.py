@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 
 from ..backbones import BackboneSpec, find_backbone
-from ..config import Config
+from ..config import Config, resolve_jpeg_decoder
 from ..errors import Category, EmbedderError, ImageDecodeError
 from ..inputs import content_hash
 from .listing import Inputs
@@ -88,7 +88,8 @@ def _preprocessor(config: Config) -> Preprocessor:
     from ..preprocess import Preprocessor  # torch: imported in the decode tasks, not where the job is planned
 
     spec = find_backbone(config.model, config.data_dir)
-    return Preprocessor(spec.preprocessing, max_pixels=config.max_pixels, jpeg_decoder=config.jpeg_decoder)
+    return Preprocessor(spec.preprocessing, max_pixels=config.max_pixels,
+                        jpeg_decoder=resolve_jpeg_decoder(config.jpeg_decoder, "cpu"))  # decoded on CPU
 
 
 def _load(unit: dict[str, Any]) -> list[tuple[bytes | None, str | None]]:
