@@ -18,8 +18,8 @@ skewing a few. Measured, on the default backbone (mobilenet_v2):
    in 1..all threads), to see where the pipeline's time goes;
 3. pipeline: ``Embedder.embed(jpeg_bytes)`` per runtime with default settings, and on CPU a scan of
    runtime threads x decode workers x micro-batch for the default runtime;
-4. decode alone and the default pipeline with ``jpeg_decoder="pillow"`` (every JPEG through Pillow rather than
-   torchvision's decoder), to show what the decoder choice is worth.
+4. decode alone and the default pipeline with the other JPEG decoder than the device's default (``auto``: Pillow
+   on CPU, torchvision on CUDA), to show what the decoder choice is worth.
 
 On CPU all three runtimes (torch, onnxruntime, openvino; openvino bf16 as opt-in) are measured;
 on CUDA only the torch runtime. Results, with the pass/fail of the targets, go to
@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from embedder import Embedder
 from embedder.backbones import BackboneSpec, get_backbone, load_backbone
-from embedder.config import Config
+from embedder.config import Config, resolve_jpeg_decoder
 from embedder.jpeg import one_torch_thread
 from embedder.preprocess import Preprocessor
 from embedder.runtimes import RUNTIMES, installed, resolve_device, resolve_runtime
@@ -180,7 +180,9 @@ def run_benchmark(device: str, n: int, repeats: int) -> dict[str, Any]:
     on_cpu = device == "cpu"
     spec = get_backbone(MODEL)
     jpegs = real_jpegs(n)
-    pre = Preprocessor(spec.preprocessing, max_pixels=Config.from_env().max_pixels)
+    default_decoder = resolve_jpeg_decoder("auto", device)
+    other_decoder = "torchvision" if default_decoder == "pillow" else "pillow"
+    pre = Preprocessor(spec.preprocessing, max_pixels=Config.from_env().max_pixels, jpeg_decoder=default_decoder)
     arrays = np.stack([pre(j) for j in jpegs])
     default_runtime = resolve_runtime("auto", device)
     runtimes = [r for r in RUNTIMES if installed(r)] if on_cpu else ["torch"]
@@ -200,11 +202,11 @@ def run_benchmark(device: str, n: int, repeats: int) -> dict[str, Any]:
                 cases["model", label(emb), batch] = (partial(embed_arrays_at, emb, batch), arrays)
         for runtime in runtimes:
             cases["pipeline", runtime] = (embedder(runtime=runtime).embed, jpegs)
-        # The same pipeline with every JPEG through Pillow instead of torchvision's decoder (jpeg_decoder="pillow")
-        pillow = Preprocessor(spec.preprocessing, max_pixels=Config.from_env().max_pixels, jpeg_decoder="pillow")
-        cases["decode-pillow", cores] = (partial(decode_in, stack.enter_context(decode_pool(cores)), pillow),
-                                         jpegs)
-        cases["pipeline-pillow", default_runtime] = (embedder(jpeg_decoder="pillow").embed, jpegs)
+        # The same pipeline with every plain JPEG through the other decoder
+        other = Preprocessor(spec.preprocessing, max_pixels=Config.from_env().max_pixels, jpeg_decoder=other_decoder)
+        cases["decode-other", cores] = (partial(decode_in, stack.enter_context(decode_pool(cores)), other),
+                                        jpegs)
+        cases["pipeline-other", default_runtime] = (embedder(jpeg_decoder=other_decoder).embed, jpegs)
         if on_cpu:
             for threads, workers, mb in product(thread_choices(cores), thread_choices(cores), SCAN_MICRO_BATCHES):
                 emb = embedder(runtime=default_runtime, runtime_threads=threads, decode_workers=workers,
@@ -241,7 +243,7 @@ def summarize(device: str, n: int, repeats: int, cores: int, default_runtime: st
                  "vs_model_alone": round(t.img_s / model_json[key[1]]["img_s"], 3)}
         for key, t in timings.items() if key[0] == "pipeline"
     }
-    pillow = {key[0]: t for key, t in timings.items() if key[0] in ("decode-pillow", "pipeline-pillow")}
+    other = {key[0]: t for key, t in timings.items() if key[0] in ("decode-other", "pipeline-other")}
     scan = [{"runtime_threads": key[1], "decode_workers": key[2], "micro_batch": key[3], **t.to_json()}
             for key, t in timings.items() if key[0] == "scan"]
     default_model = model_json[default_runtime]["img_s"]
@@ -254,11 +256,13 @@ def summarize(device: str, n: int, repeats: int, cores: int, default_runtime: st
         "decode_alone": {w: t.to_json() for w, t in decode.items()},
         "model_alone": model_json,
         "pipeline": pipe_json,
-        "jpeg_decoder_pillow": {
-            "decode_alone": {cores: pillow["decode-pillow"].to_json()},
-            "pipeline": {**pillow["pipeline-pillow"].to_json(),
-                         "min_cosine_vs_naive": round(min_cosine(pillow["pipeline-pillow"].output, naive.output), 6),
-                         "vs_model_alone": round(pillow["pipeline-pillow"].img_s / default_model, 3)},
+        "jpeg_decoder_default": resolve_jpeg_decoder("auto", device),
+        "jpeg_decoder_other": {
+            "decoder": "torchvision" if resolve_jpeg_decoder("auto", device) == "pillow" else "pillow",
+            "decode_alone": {cores: other["decode-other"].to_json()},
+            "pipeline": {**other["pipeline-other"].to_json(),
+                         "min_cosine_vs_naive": round(min_cosine(other["pipeline-other"].output, naive.output), 6),
+                         "vs_model_alone": round(other["pipeline-other"].img_s / default_model, 3)},
         },
         "pipeline_scan": scan,
         "pipeline_scan_best": max(scan, key=lambda r: r["img_s"]) if scan else None,
@@ -343,7 +347,8 @@ def report(res: dict[str, Any]) -> None:
                    ["vs", *(m["cosine_reference"] for m in model.values())]])
     print_table("Decode + resize alone (Preprocessor), img/s", ["threads", "img/s"],
                 [[w, t["img_s"]] for w, t in res["decode_alone"].items()]
-                + [[f"{w}, JPEGs via Pillow", t["img_s"]] for w, t in res["jpeg_decoder_pillow"]["decode_alone"].items()])
+                + [[f"{w}, JPEGs via {res['jpeg_decoder_other']['decoder']}", t["img_s"]]
+                   for w, t in res["jpeg_decoder_other"]["decode_alone"].items()])
     print("  core-ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in res["core_ms_per_image"].items())
           + (f" ({default}, 1 thread)" if "model" in res["core_ms_per_image"] else ""))
     if res["pipeline_scan"]:
@@ -356,10 +361,11 @@ def report(res: dict[str, Any]) -> None:
                 + [[f"pipeline {name}" + (" (default)" if name == default else ""), p["img_s"],
                     f"{p['vs_naive']:.2f}", f"{p['vs_model_alone']:.2f}", f"{p['min_cosine_vs_naive']:.6f}"]
                    for name, p in pipe.items()]
-                + [[f"pipeline {default}, JPEGs via Pillow", res["jpeg_decoder_pillow"]["pipeline"]["img_s"],
-                    f"{res['jpeg_decoder_pillow']['pipeline']['img_s'] / res['naive']['img_s']:.2f}",
-                    f"{res['jpeg_decoder_pillow']['pipeline']['vs_model_alone']:.2f}",
-                    f"{res['jpeg_decoder_pillow']['pipeline']['min_cosine_vs_naive']:.6f}"]]
+                + [[f"pipeline {default}, JPEGs via {res['jpeg_decoder_other']['decoder']}",
+                    res["jpeg_decoder_other"]["pipeline"]["img_s"],
+                    f"{res['jpeg_decoder_other']['pipeline']['img_s'] / res['naive']['img_s']:.2f}",
+                    f"{res['jpeg_decoder_other']['pipeline']['vs_model_alone']:.2f}",
+                    f"{res['jpeg_decoder_other']['pipeline']['min_cosine_vs_naive']:.6f}"]]
                 + [[f"ceiling {default} (from decode and model costs)", res["ceiling_img_s"], "", "", ""]])
     eq = res["embeddings_equal"]
     print(f"\nEmbeddings equal to the naive loop's (min cosine >= {eq['min_cosine_required']}): "
