@@ -209,6 +209,15 @@ class StoreLockedError(EmbedderError):
     category = Category.FAILED_PRECONDITION
 
 
+class DataLossError(EmbedderError):
+    """Stored data failed its checksum or does not fit together; the message says what is lost and what to do.
+
+    Messages reach callers, so they name collections and items, never server file paths (those go to the log).
+    """
+
+    category = Category.DATA_LOSS
+
+
 class StoreClosedError(EmbedderError):
     """The store was closed (the server is shutting down); retry on a running instance."""
 

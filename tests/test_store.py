@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import threading
 
 import numpy as np
@@ -192,7 +193,12 @@ def test_wrong_model_or_dimension_is_a_precondition_error(store):
     (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, labels=["l" * 257]), "1 to 256 characters"),
     (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, metadata=[{"x": float("inf")}]), "finite numbers"),
     (lambda s: s.create_collection("c", model_id=M, dim=4, index="hnsw:m=1"), r"m must be an int in \[2, 256\]"),
-    (lambda s: s.search(None, unit(1, 4), k=10, ef_search=10**9), r"ef_search must be an int in \[1, 32768\]"),
+    (lambda s: s.search(None, unit(1, 4), k=10, ef_search=10**9), r"ef_search must be an int in \[1, 4096\]"),
+    (lambda s: s.search(None, unit(1, 4), k=10, ef_search=4097), r"\[1, 4096\] \(its cap"),
+    (lambda s: s.create_collection("c", model_id=M, dim=4, index="hnsw:m=65"), "m=65 is over its cap of 64"),
+    (lambda s: s.create_collection("c", model_id=M, dim=4, index="hnsw:ef_construction=513"),
+     "ef_construction=513 is over its cap of 512"),
+    (lambda s: s.create_collection("c", model_id=M, dim=4, index="hnsw:ef_search=5000"), "cap of 4096"),
     (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, labels=[""]), "label"),
     (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, sha256s=["abc"]), "64 hex"),
     (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, metadata=[{"x": object()}]), "JSON"),
@@ -465,12 +471,19 @@ def test_kept_images_are_stored_once_and_go_with_their_last_item(tmp_path):
             store.add("c", ["w"], unit(1, 4), model_id=M, sha256s=[content_hash(a)], images=[b])
 
 
-def test_a_version_1_store_is_upgraded_in_place(tmp_path):
-    import sqlite3
+def _as_version_2(db: sqlite3.Connection) -> None:
+    """Make a data dir of this version look like one of schema version 2 (no checksums, no snapshot tags)."""
+    for table, column in [("items", "crc"), ("cache", "crc"), ("collections", "snapshot_tag"),
+                          ("collections", "previous_tag")]:
+        db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    db.execute("PRAGMA user_version = 2")
 
+
+def test_a_version_1_store_is_upgraded_in_place(tmp_path):
     with Store(tmp_path) as store:
         store.add("c", ["x"], unit(1, 4), model_id=M)
     with sqlite3.connect(tmp_path / "store.sqlite3") as db:  # what session-1 data dirs look like
+        _as_version_2(db)
         db.execute("DROP TABLE images")
         db.execute("PRAGMA user_version = 1")
     with Store(tmp_path) as store:

@@ -282,3 +282,33 @@ def test_a_restarted_server_answers_searches_identically(embedder, photos, tmp_p
         assert answers(stub) == before
         assert all(r.cached for r in stub.Embed(pb.EmbedRequest(items=[pb.Item(image=p) for p in photos[:5]]),
                                                 timeout=60).results)  # no image needs the model again
+
+
+# ------------------------------------------------------------------------------------------ damaged data
+
+
+def test_a_damaged_item_is_data_loss_naming_the_item_and_no_server_path(embedder, photos, tmp_path):
+    with running_server(embedder, data_dir=tmp_path) as s, grpc.insecure_channel(s.address) as ch:
+        stub = pb_grpc.EmbedderStub(ch)
+        stub.Add(pb.AddRequest(collection="rot", items=add_items(photos[:3], ["r0", "r1", "r2"])), timeout=120)
+        stored = stub.Get(pb.GetRequest(collection="rot", ids=["r0"]), timeout=30).items[0].vector
+    database = tmp_path / "store.sqlite3"
+    data = bytearray(database.read_bytes())
+    at = data.find(stored[:64])  # 5 KB spill over SQLite pages: its start is enough to find it
+    assert at >= 0 and data.find(stored[:64], at + 1) < 0
+    data[at + 23] ^= 0x40  # one exponent bit of component 5
+    database.write_bytes(data)
+
+    with running_server(embedder, data_dir=tmp_path) as s, grpc.insecure_channel(s.address) as ch:
+        stub = pb_grpc.EmbedderStub(ch)
+        for call in (lambda: stub.Get(pb.GetRequest(collection="rot", ids=["r0"]), timeout=30),
+                     lambda: stub.Search(pb.SearchRequest(collection="rot", item=pb.Item(image=photos[0]), k=3),
+                                         timeout=60)):
+            with pytest.raises(grpc.RpcError) as e:
+                call()
+            assert e.value.code() == grpc.StatusCode.DATA_LOSS
+            assert "'r0'" in e.value.details() and "'rot'" in e.value.details() and "add it again" in \
+                e.value.details().lower()
+            assert str(tmp_path) not in e.value.details() and "sqlite" not in e.value.details()
+        assert [i.id for i in stub.Get(pb.GetRequest(collection="rot", ids=["r1", "r2"]), timeout=30).items] == \
+            ["r1", "r2"]

@@ -32,11 +32,11 @@ import traceback
 from typing import Sequence
 
 from ..errors import TABLE, Category, EmbedderError, category_of
-from . import bulk, collections, demo, embed, heads, jobs, models, serve
+from . import backup, bulk, collections, demo, embed, heads, jobs, models, serve
 from .options import config_from
 
 # One module per command group, each owning its parsers and handlers; in `embedder --help` order.
-COMMAND_GROUPS = (models, demo, embed, serve, bulk, collections, heads, jobs)
+COMMAND_GROUPS = (models, demo, embed, serve, bulk, collections, heads, jobs, backup)
 
 # The names tests/test_service.py imports from here (before cli/ became a package).
 _config = config_from

@@ -4,39 +4,57 @@ Rows carry a logical ``last_used`` clock (an exact LRU order, immune to clock ju
 ``cache_max_items`` the least recently used rows are evicted. Adding an item with a sha256 moves its cache
 row into the item (:meth:`EmbeddingCache.promote`), so members are never evicted and no vector is stored
 twice; a lookup checks the cache, then collection items of the same model. Lookups only read: the recency
-they produce is written with the next put or at close (a crash loses only some LRU order).
+they produce is written with the next put or at close (a crash loses only some LRU order). A row that fails
+its checksum (:mod:`.integrity`) is a miss, logged as an ERROR; a damaged cache row is deleted with the next
+write, so the next put stores the recomputed vector.
 """
 from __future__ import annotations
 
+import logging
 import sqlite3
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 
+from .integrity import ITEM_COLUMNS, cache_crc, corrupted, item_ok
 from .sqlite import blob, chunked_execute, chunked_query, transaction
+
+log = logging.getLogger(__name__)
 
 
 class EmbeddingCache:
     """The ``cache`` table with its clock and row count. Not locked: callers hold the store's SQLite mutex."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, database: Path) -> None:
         self._clock, self.count = db.execute("SELECT coalesce(max(last_used), 0), count(*) FROM cache").fetchone()
         self._touched: dict[tuple[str, str], int] = {}  # cache hits whose last_used is not yet written
+        self._damaged: set[tuple[str, str]] = set()  # rows that failed their checksum, deleted with the next write
+        self._database = database  # for the log
 
     def lookup(self, db: sqlite3.Connection, model_id: str, shas: Sequence[str]) -> dict[str, bytes]:
         """The stored vector blob of each of ``shas`` found under ``model_id``, in the cache or in an item."""
         unique = list(dict.fromkeys(shas))
-        found = dict(chunked_query(db, "SELECT sha256, vector FROM cache WHERE model_id = ? AND sha256 IN ({})",
-                                   [model_id], unique))
+        found = {}
+        for sha, data, crc in chunked_query(
+                db, "SELECT sha256, vector, crc FROM cache WHERE model_id = ? AND sha256 IN ({})", [model_id], unique):
+            if cache_crc(model_id, sha, data) == crc:
+                found[sha] = data
+            elif (model_id, sha) not in self._damaged:
+                log.error("cache row (model %s, sha256 %s) fails its checksum in %s; treated as a miss and deleted "
+                          "with the next cache write", model_id, sha, self._database)
+                self._damaged.add((model_id, sha))
         for sha in unique:  # in input order, so the LRU order is the order of use
             if sha in found:
                 self._clock += 1
                 self._touched[(model_id, sha)] = self._clock
         rest = [s for s in unique if s not in found]
-        for sha, data in chunked_query(
-                db, "SELECT i.sha256, i.vector FROM items i JOIN collections c ON c.cid = i.cid "
-                    "WHERE c.model_id = ? AND i.sha256 IN ({})", [model_id], rest):
-            found.setdefault(sha, data)
+        for row in chunked_query(db, f"SELECT {ITEM_COLUMNS}, i.cid, c.name FROM items i JOIN collections c "
+                                     "ON c.cid = i.cid WHERE c.model_id = ? AND i.sha256 IN ({})", [model_id], rest):
+            if item_ok(row[6], row):
+                found.setdefault(row[1], row[4])
+            else:  # the item is reported when it is read itself; here it is only a miss
+                corrupted(row[7], [row[0]], self._database, action="not used as a cached vector")
         return found
 
     def put(self, db: sqlite3.Connection, model_id: str, rows: Mapping[str, np.ndarray], max_items: int) -> None:
@@ -44,7 +62,7 @@ class EmbeddingCache:
         # A cache row is recomputable, so its commit skips the fsync (NORMAL: survives kill -9, may lose the
         # latest rows on power loss); the next FULL commit syncs it with everything before it.
         with transaction(db, durable=False):
-            self.flush(db)
+            deleted = self.flush(db)
             members = {s for (s,) in chunked_query(
                 db, "SELECT i.sha256 FROM items i JOIN collections c ON c.cid = i.cid "
                     "WHERE c.model_id = ? AND i.sha256 IN ({})", [model_id], list(rows))}
@@ -56,10 +74,12 @@ class EmbeddingCache:
                 if sha in existing:
                     seen.append((self._clock, model_id, sha))
                 elif sha not in members:
-                    fresh.append((model_id, sha, blob(vec), self._clock))
+                    data = blob(vec)
+                    fresh.append((model_id, sha, data, self._clock, cache_crc(model_id, sha, data)))
             db.executemany("UPDATE cache SET last_used = ? WHERE model_id = ? AND sha256 = ?", seen)
-            db.executemany("INSERT INTO cache (model_id, sha256, vector, last_used) VALUES (?, ?, ?, ?)", fresh)
-            count = self.count + len(fresh)
+            db.executemany("INSERT INTO cache (model_id, sha256, vector, last_used, crc) VALUES (?, ?, ?, ?, ?)",
+                           fresh)
+            count = self.count - deleted + len(fresh)
             if count > max_items:
                 count -= db.execute("DELETE FROM cache WHERE rowid IN "
                                     "(SELECT rowid FROM cache ORDER BY last_used LIMIT ?)",
@@ -74,8 +94,13 @@ class EmbeddingCache:
         return chunked_execute(db, "DELETE FROM cache WHERE model_id = ? AND sha256 IN ({})",
                                sorted({s for s in shas if s}), prefix=[model_id])
 
-    def flush(self, db: sqlite3.Connection) -> None:
-        """Write the recency of the hits since the last flush (inside the caller's transaction)."""
+    def flush(self, db: sqlite3.Connection) -> int:
+        """Write the recency of the hits since the last flush and delete the damaged rows found, inside the
+        caller's transaction; returns how many rows went (the caller subtracts them once committed)."""
         db.executemany("UPDATE cache SET last_used = ? WHERE model_id = ? AND sha256 = ?",
                        [(t, m, s) for (m, s), t in self._touched.items()])
         self._touched.clear()
+        deleted = sum(db.execute("DELETE FROM cache WHERE model_id = ? AND sha256 = ?", key).rowcount
+                      for key in self._damaged)
+        self._damaged.clear()  # rolled back, they fail their checksum again at their next lookup
+        return deleted

@@ -1,4 +1,4 @@
-"""A readers-writer lock: the store's guard over its FAISS indexes (not safe to write while searching)."""
+"""A readers-writer lock: each collection's guard over its FAISS index (not safe to write while searching)."""
 from __future__ import annotations
 
 import threading

@@ -10,10 +10,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..errors import EmbedderError
+from .integrity import cache_crc, item_crc
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _CHUNK = 900  # ids per `IN (...)`: under SQLite's historic 999-variable limit
 
 _SCHEMA = """
@@ -24,7 +25,9 @@ CREATE TABLE collections (
     dim        INTEGER NOT NULL,
     index_spec TEXT NOT NULL,
     generation INTEGER NOT NULL DEFAULT 0,         -- +1 per add/delete; snapshots record the one they reflect
-    created    REAL NOT NULL
+    created    REAL NOT NULL,
+    snapshot_tag TEXT,                             -- random tag of the newest snapshot written (version 3)
+    previous_tag TEXT                              -- the tag of the snapshot file before that one
 );
 CREATE TABLE items (
     fid      INTEGER PRIMARY KEY AUTOINCREMENT,    -- FAISS id; never reused, so a snapshot's ids stay unambiguous
@@ -36,6 +39,7 @@ CREATE TABLE items (
     metadata TEXT NOT NULL,                        -- JSON object
     created  REAL NOT NULL,
     updated  REAL NOT NULL,
+    crc      INTEGER NOT NULL DEFAULT 0,           -- integrity.item_crc of the row (version 3)
     UNIQUE (cid, item_id)
 );
 CREATE INDEX items_label ON items (cid, label);
@@ -45,6 +49,7 @@ CREATE TABLE cache (
     sha256    TEXT NOT NULL,
     vector    BLOB NOT NULL,
     last_used INTEGER NOT NULL,                    -- logical clock: an exact LRU order, immune to clock jumps
+    crc       INTEGER NOT NULL DEFAULT 0,          -- integrity.cache_crc of the row (version 3)
     PRIMARY KEY (model_id, sha256)
 );
 CREATE INDEX cache_lru ON cache (last_used);
@@ -53,7 +58,17 @@ CREATE TABLE images (                              -- encoded bytes of collectio
     data   BLOB NOT NULL
 );
 """
-_MIGRATIONS = {1: "CREATE TABLE images (sha256 TEXT PRIMARY KEY, data BLOB NOT NULL);"}  # from version -> next
+# from version -> next. Version 3's checksums are computed from the rows as they are: damage done before the
+# upgrade cannot be told apart from data.
+_MIGRATIONS = {
+    1: "CREATE TABLE images (sha256 TEXT PRIMARY KEY, data BLOB NOT NULL);",
+    2: """ALTER TABLE collections ADD COLUMN snapshot_tag TEXT;
+          ALTER TABLE collections ADD COLUMN previous_tag TEXT;
+          ALTER TABLE items ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;
+          UPDATE items SET crc = item_crc(cid, item_id, sha256, label, metadata, vector);
+          ALTER TABLE cache ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;
+          UPDATE cache SET crc = cache_crc(model_id, sha256, vector);""",
+}
 
 
 def connect(path: Path) -> sqlite3.Connection:
@@ -62,6 +77,8 @@ def connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA journal_mode = WAL")  # readers never block the writer; commits append to the WAL
     db.execute("PRAGMA synchronous = FULL")  # fsync the WAL per commit: acknowledged writes survive power loss
     db.execute("PRAGMA foreign_keys = ON")
+    db.create_function("item_crc", 6, item_crc, deterministic=True)  # for the version 3 upgrade
+    db.create_function("cache_crc", 3, cache_crc, deterministic=True)
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version == 0:
         db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")

@@ -1,4 +1,11 @@
-"""The :class:`Store` facade: one object over the cache, the collections and their indexes, and the locks."""
+"""The :class:`Store` facade: one object over the cache, the collections and their indexes, and the locks.
+
+Locks, always taken in this order: a collection's readers-writer lock (several, for a cross-collection
+search or close, in cid order), then the catalog mutex (the dict of collections; held only briefly), then
+the SQLite mutex. No thread waits for a collection's lock while it holds either mutex, and only ``close``
+holds more than one collection's write lock, so a write to one collection never waits for, or stalls,
+another collection.
+"""
 from __future__ import annotations
 
 import fcntl
@@ -7,8 +14,9 @@ import os
 import sqlite3
 import threading
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -19,10 +27,12 @@ from ..inputs import content_hash
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem, StoreStats
 from .cache import EmbeddingCache
 from .indexes import Collection, Snapshots, insert_collection
-from .rwlock import RWLock
+from .integrity import ITEM_COLUMNS, corrupted, item_crc, item_ok
 from .sqlite import blob, chunked_execute, chunked_query, connect, drop_orphan_images, matrix, transaction, vector
 from .validation import (check_column, check_ef, check_ids, check_k, check_label, check_list, check_model_id,
                          check_name, check_sha256, check_vectors, metadata_json, missing_message, shown)
+
+_CLOSED = "the store is closed (the server is shutting down); retry on a running instance"
 
 
 class Store:
@@ -35,15 +45,17 @@ class Store:
         self.data_dir = Path(data_dir).expanduser()
         self.cache_max_items = cache_max_items
         self._snapshots = Snapshots(self.data_dir / "snapshots")  # creates data_dir too
-        self._rw = RWLock()
+        self._catalog = threading.Lock()  # guards _collections and _closing
         self._db_lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
+        self._closing = False
         self._lock_fd = self._lock_dir()
         self._db: sqlite3.Connection | None = None
+        self._database = self.data_dir / "store.sqlite3"
         try:
-            self._db = connect(self.data_dir / "store.sqlite3")
-            self._cache = EmbeddingCache(self._db)
-            self._collections = self._snapshots.open_all(self._db)
+            self._db = connect(self._database)
+            self._cache = EmbeddingCache(self._db, self._database)
+            self._collections = self._snapshots.open_all(self._db, self._database)
         except BaseException:
             self._release()
             raise
@@ -86,24 +98,18 @@ class Store:
         """Create an empty collection bound to ``model_id`` and ``dim``; ``index``: "flat" (exact) or "hnsw".
 
         Creating one that exists with the same model, dim and index is a no-op. :meth:`add` creates flat
-        collections on first use, so this is needed only for another index.
+        collections on first use, so this is needed only for another index. A new collection's HNSW settings
+        must be within :data:`embedder.index.HNSW_CAPS`.
         """
         name, spec, model_id = check_name(name), IndexSpec.parse(index), check_model_id(model_id)
         if not isinstance(dim, int) or dim < 1:
             raise InvalidArgumentError(f"dim must be a positive int, got {dim!r}")
-        with self._rw.write():
-            c = self._collections.get(name)
-            if c is None:
-                with self._db_lock:
-                    db = self._conn()
-                    with transaction(db):
-                        c = insert_collection(db, name, model_id, dim, spec)
-                self._collections[name] = c
-            c.check_binding(model_id, dim)
-            if c.spec != spec:
-                raise InvalidArgumentError(f"collection {name!r} exists with index '{c.spec}', not '{spec}'; "
-                                           "use another name, or delete it first")
-            return self._info(c)
+        c = self._get_or_create(name, model_id, dim, spec)
+        c.check_binding(model_id, dim)
+        if c.spec != spec:
+            raise InvalidArgumentError(f"collection {name!r} exists with index '{c.spec}', not '{spec}'; "
+                                       "use another name, or delete it first")
+        return self._info(c)
 
     def add(self, collection: str, ids: Sequence[str], vectors: np.ndarray, *, model_id: str,
             sha256s: Sequence[str | None] | None = None, labels: Sequence[str | None] | None = None,
@@ -111,8 +117,9 @@ class Store:
             images: Sequence[bytes | None] | None = None) -> AddResult:
         """Insert or replace items: ``ids[i]`` gets ``vectors[i]`` (``(N, dim)``) and the optional columns.
 
-        Re-adding an id replaces its vector, sha256, label and metadata (``created`` is kept). The collection
-        is created (flat) on first use; afterwards its model id and dim must match, else
+        Re-adding an id replaces its vector, sha256, label and metadata (``created`` is kept); it is also how
+        a damaged item is repaired. The collection is created (flat) on first use, and stays if the add then
+        fails; afterwards its model id and dim must match, else
         :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``images`` keeps the encoded bytes of
         items (their ``sha256s`` must be the bytes' hash), stored once per content, so they can be fine-tuned
         on or embedded again by another backbone version later. Durable when it returns.
@@ -129,16 +136,12 @@ class Store:
                 raise InvalidArgumentError(f"the image of item {shown(item_id)} does not hash to its sha256; pass "
                                            "sha256s=[content_hash(image) ...] for the images you keep")
         now = time.time()
-        with self._rw.write():
-            c = new = None
-            if name in self._collections:
-                c = self._collections[name]
-                c.check_binding(model_id, x.shape[1])
+        c = self._get_or_create(name, model_id, x.shape[1], IndexSpec())
+        c.check_binding(model_id, x.shape[1])
+        with self._locked(c, write=True):
             with self._db_lock:
                 db = self._conn()
                 with transaction(db):
-                    if c is None:
-                        c = new = insert_collection(db, name, model_id, x.shape[1], IndexSpec())
                     old = {i: (fid, created, sha) for i, fid, created, sha in chunked_query(
                         db, "SELECT item_id, fid, created, sha256 FROM items WHERE cid = ? AND item_id IN ({})",
                         [c.cid], ids)}
@@ -149,16 +152,16 @@ class Store:
                     fids = np.empty(len(ids), dtype=np.int64)
                     for j, (item_id, sha, vec, label, meta) in enumerate(zip(ids, shas, x, labs, metas)):
                         created = old[item_id][1] if item_id in old else now
+                        data = blob(vec)
                         fids[j] = db.execute(
-                            "INSERT INTO items (cid, item_id, sha256, vector, label, metadata, created, updated) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING fid",
-                            (c.cid, item_id, sha, blob(vec), label, meta, created, now)).fetchone()[0]
+                            "INSERT INTO items (cid, item_id, sha256, vector, label, metadata, created, updated, crc) "
+                            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING fid",
+                            (c.cid, item_id, sha, data, label, meta, created, now,
+                             item_crc(c.cid, item_id, sha, label, meta, data))).fetchone()[0]
                     promoted = self._cache.promote(db, model_id, shas)
                     db.execute("UPDATE collections SET generation = generation + 1 WHERE cid = ?", (c.cid,))
                     drop_orphan_images(db, [sha for _, _, sha in old.values()])
                 self._cache.count -= promoted
-            if new is not None:
-                self._collections[name] = new
             c.generation += 1
             c.index.remove(old_fids)
             c.index.add(fids, x)
@@ -170,8 +173,7 @@ class Store:
         The vectors go too: embedding a deleted item's image again is a cache miss.
         """
         ids = check_ids(ids)
-        with self._rw.write():
-            c = self._get(collection)
+        with self._locked(self._get(collection), write=True) as c:
             with self._db_lock:
                 db = self._conn()
                 with transaction(db):
@@ -188,49 +190,56 @@ class Store:
     def set_labels(self, collection: str, labels: Mapping[str, str | None]) -> int:
         """Set (or, with None, clear) the label of existing items; all-or-nothing. Returns the number set.
 
-        Raises :class:`NotFoundError` naming the ids that are not in the collection (then nothing changes).
+        Raises :class:`NotFoundError` naming the ids that are not in the collection, :class:`DataLossError`
+        naming damaged ones (a new checksum over damaged bytes would hide the damage); then nothing changes.
         """
         if not isinstance(labels, Mapping):
             raise InvalidArgumentError(f"labels must be a mapping of item id to label, got {type(labels).__name__}")
         ids = check_ids(list(labels))
-        values = [check_label(labels[i]) for i in ids]
+        values = dict(zip(ids, (check_label(labels[i]) for i in ids)))
         now = time.time()
-        with self._rw.write():
-            c = self._get(collection)
+        with self._locked(self._get(collection), write=True) as c:
             with self._db_lock:
                 db = self._conn()
                 with transaction(db):
-                    missing = [i for i, v in zip(ids, values) if not db.execute(
-                        "UPDATE items SET label = ?, updated = ? WHERE cid = ? AND item_id = ?",
-                        (v, now, c.cid, i)).rowcount]
+                    rows = chunked_query(db, f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? AND item_id IN ({{}})",
+                                         [c.cid], ids)
+                    found = {r[0] for r in rows}
+                    missing = [i for i in ids if i not in found]
                     if missing:
                         raise NotFoundError(missing_message(missing, c.name))
+                    self._check_items(c, rows)
+                    db.executemany("UPDATE items SET label = ?, updated = ?, crc = ? WHERE cid = ? AND item_id = ?",
+                                   [(values[i], now, item_crc(c.cid, i, sha, values[i], meta, data), c.cid, i)
+                                    for i, sha, _, meta, data, _ in rows])
         return len(ids)
 
     def delete_collection(self, name: str) -> None:
         """Delete a collection with all its items and its snapshot."""
-        with self._rw.write():
-            c = self._get(name)
+        with self._locked(self._get(name), write=True) as c:
             with self._db_lock:
                 db = self._conn()
                 with transaction(db):
                     shas = [sha for (sha,) in db.execute("SELECT sha256 FROM items WHERE cid = ?", (c.cid,))]
                     db.execute("DELETE FROM collections WHERE cid = ?", (c.cid,))
                     drop_orphan_images(db, shas)
-            del self._collections[c.name]
+            c.deleted = True
             self._snapshots.path(c.cid).unlink(missing_ok=True)
+        with self._catalog:
+            if self._collections.get(c.name) is c:  # not a collection created under the name meanwhile
+                del self._collections[c.name]
 
     # --- collections: reads ---
 
     def get(self, collection: str, ids: Sequence[str]) -> list[StoredItem | None]:
         """The stored items, in the order of ``ids``; None where an id is not in the collection."""
         ids = check_ids(ids)
-        with self._rw.read():
-            c = self._get(collection)
+        with self._locked(self._get(collection)) as c:
             with self._db_lock:
-                rows = chunked_query(self._conn(), "SELECT item_id, sha256, vector, label, metadata, created, updated "
-                                                   "FROM items WHERE cid = ? AND item_id IN ({})", [c.cid], ids)
-        found = {r[0]: StoredItem(r[0], c.name, vector(r[2]), r[1], r[3], json.loads(r[4]), r[5], r[6]) for r in rows}
+                rows = chunked_query(self._conn(), f"SELECT {ITEM_COLUMNS}, created, updated FROM items "
+                                                   "WHERE cid = ? AND item_id IN ({})", [c.cid], ids)
+        self._check_items(c, rows)
+        found = {r[0]: StoredItem(r[0], c.name, vector(r[4]), r[1], r[2], json.loads(r[3]), r[6], r[7]) for r in rows}
         return [found.get(i) for i in ids]
 
     def labelled(self, collection: str, *, labels: Sequence[str] | None = None,
@@ -242,17 +251,17 @@ class Store:
         """
         wanted = None if labels is None else [check_label(lab) for lab in check_list(labels, "labels")]
         chosen = None if ids is None else check_ids(ids)
-        with self._rw.read():
-            c = self._get(collection)
+        with self._locked(self._get(collection)) as c:
             with self._db_lock:
                 db = self._conn()
                 if chosen is None:
-                    rows = db.execute("SELECT item_id, vector, label FROM items WHERE cid = ? AND label IS NOT NULL "
+                    rows = db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? AND label IS NOT NULL "
                                       "ORDER BY fid", (c.cid,)).fetchall()
                 else:
-                    rows = sorted(chunked_query(db, "SELECT fid, item_id, vector, label FROM items "
-                                                    "WHERE cid = ? AND item_id IN ({})", [c.cid], chosen))
-                    rows = [r[1:] for r in rows]
+                    rows = sorted(chunked_query(db, f"SELECT {ITEM_COLUMNS}, fid FROM items "
+                                                    "WHERE cid = ? AND item_id IN ({})", [c.cid], chosen),
+                                  key=lambda r: r[6])
+        self._check_items(c, rows)
         if chosen is not None:
             found = {r[0] for r in rows}
             missing = [i for i in chosen if i not in found]
@@ -266,14 +275,13 @@ class Store:
         if wanted is not None:
             keep = set(wanted)
             rows = [r for r in rows if r[2] in keep]
-        return [r[0] for r in rows], matrix([r[1] for r in rows], c.dim), [r[2] for r in rows]
+        return [r[0] for r in rows], matrix([r[4] for r in rows], c.dim), [r[2] for r in rows]
 
     def images(self, collection: str, ids: Sequence[str]) -> list[bytes | None]:
         """The kept encoded image of each item, in the order of ``ids``; None where there is none (an item
         added as a tensor, by hash, or without keeping images) or the id is not in the collection."""
         ids = check_ids(ids)
-        with self._rw.read():
-            c = self._get(collection)
+        with self._locked(self._get(collection)) as c:
             with self._db_lock:
                 found = dict(chunked_query(self._conn(), "SELECT i.item_id, m.data FROM items i JOIN images m "
                                                          "ON m.sha256 = i.sha256 WHERE i.cid = ? AND i.item_id IN ({})",
@@ -282,12 +290,12 @@ class Store:
 
     def vectors(self, collection: str) -> tuple[list[str], np.ndarray]:
         """Every item of a collection, labelled or not: ``(ids, vectors (N, dim))`` in insertion order."""
-        with self._rw.read():
-            c = self._get(collection)
+        with self._locked(self._get(collection)) as c:
             with self._db_lock:
-                rows = self._conn().execute("SELECT item_id, vector FROM items WHERE cid = ? ORDER BY fid",
+                rows = self._conn().execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? ORDER BY fid",
                                             (c.cid,)).fetchall()
-        return [r[0] for r in rows], matrix([r[1] for r in rows], c.dim)
+        self._check_items(c, rows)
+        return [r[0] for r in rows], matrix([r[4] for r in rows], c.dim)
 
     def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
                model_id: str | None = None, ef_search: int | None = None) -> list[list[Hit]]:
@@ -302,8 +310,11 @@ class Store:
         k = check_k(k)
         label = check_label(label)
         ef_search = check_ef(ef_search)
-        with self._rw.read():
-            return self._search(self._targets(collection, model_id, q.shape[1]), q, k, label, ef_search)
+        targets = self._targets(collection, model_id, q.shape[1])
+        with ExitStack() as locks:
+            for c in sorted(targets, key=lambda c: c.cid):  # in cid order, as close takes them
+                locks.enter_context(self._locked(c) if collection is not None else c.lock.read())
+            return self._search([c for c in targets if not c.deleted], q, k, label, ef_search)
 
     def search_by_id(self, collection: str, item_id: str, *, k: int = 10, label: str | None = None,
                      exclude_self: bool = True, ef_search: int | None = None) -> list[Hit]:
@@ -312,23 +323,21 @@ class Store:
         k = check_k(k)
         label = check_label(label)
         ef_search = check_ef(ef_search)
-        with self._rw.read():
-            c = self._get(collection)
+        with self._locked(self._get(collection)) as c:
             with self._db_lock:
-                row = self._conn().execute("SELECT vector FROM items WHERE cid = ? AND item_id = ?",
+                row = self._conn().execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? AND item_id = ?",
                                            (c.cid, item_id)).fetchone()
             if row is None:
                 raise NotFoundError(missing_message([item_id], c.name))
-            hits = self._search([c], vector(row[0])[None], k + exclude_self, label, ef_search)[0]
+            self._check_items(c, [row])
+            hits = self._search([c], vector(row[4])[None], k + exclude_self, label, ef_search)[0]
         return [h for h in hits if not (exclude_self and h.id == item_id)][:k]
 
     def collection(self, name: str) -> CollectionInfo:
-        with self._rw.read():
-            return self._info(self._get(name))
+        return self._info(self._get(name))
 
     def list_collections(self) -> list[CollectionInfo]:
-        with self._rw.read():
-            return [self._info(c) for c in sorted(self._collections.values(), key=lambda c: c.name)]
+        return [self._info(c) for c in sorted(self._live(), key=lambda c: c.name)]
 
     def stats(self) -> StoreStats:
         collections = self.list_collections()
@@ -340,21 +349,35 @@ class Store:
     # --- persistence ---
 
     def save(self) -> None:
-        """Snapshot every collection changed since its last snapshot. Searches go on meanwhile; writes wait."""
-        with self._rw.read():
-            self._snapshots.save(list(self._collections.values()))
+        """Snapshot every collection changed since its last snapshot. Searches go on meanwhile; writes to the
+        collection being written wait."""
+        for c in sorted(self._live(), key=lambda c: c.cid):
+            with c.lock.read():
+                if not c.deleted:
+                    self._snapshots.save(c, self._conn(), self._db_lock)
 
     def close(self) -> None:
-        """Snapshot changed collections and close. Idempotent."""
-        if self._db is None:
-            return
-        with self._rw.write():
-            self._snapshots.save(list(self._collections.values()))
-            # Under the mutex: cache lookups and puts take only the mutex, and SQLite must not close under them.
-            with self._db_lock:
-                with transaction(self._db):
-                    self._cache.flush(self._db)
-                self._release()
+        """Snapshot changed collections and close; calls from now on raise StoreClosedError. Idempotent."""
+        with self._catalog:
+            if self._closing:
+                return
+            self._closing = True
+            collections = sorted(self._collections.values(), key=lambda c: c.cid)
+        with ExitStack() as locks:
+            for c in collections:  # the calls in flight finish first
+                locks.enter_context(c.lock.write())
+            try:
+                for c in collections:
+                    if not c.deleted:
+                        self._snapshots.save(c, self._conn(), self._db_lock)
+            finally:
+                # Under the mutex: cache lookups and puts take only the mutex, and SQLite must not close under them.
+                with self._db_lock:
+                    try:
+                        with transaction(self._conn()):
+                            self._cache.flush(self._conn())
+                    finally:
+                        self._release()
 
     # --- internals ---
 
@@ -378,32 +401,74 @@ class Store:
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            raise StoreClosedError(f"the store in {self.data_dir} is closed")
+            raise StoreClosedError(_CLOSED)
         return self._db
 
+    def _live(self) -> list[Collection]:
+        """The collections now (a copy: the dict changes under the catalog mutex)."""
+        with self._catalog:
+            if self._closing:
+                raise StoreClosedError(_CLOSED)
+            return [c for c in self._collections.values() if not c.deleted]
+
     def _get(self, name: str) -> Collection:
-        self._conn()  # a closed store says so, not "no collection"
-        c = self._collections.get(name)
-        if c is None:
-            names = sorted(self._collections)
-            known = ", ".join(shown(n) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10
-                                                                 else "") if names else "none yet"
-            raise NotFoundError(f"no collection {shown(name)} (collections: {known})")
+        """The collection ``name``; a closed store says so, not "no collection"."""
+        with self._catalog:
+            if self._closing:
+                raise StoreClosedError(_CLOSED)
+            c = self._collections.get(name)
+        if c is None or c.deleted:
+            raise self._not_found(name)
         return c
+
+    def _not_found(self, name: str) -> NotFoundError:
+        names = sorted(c.name for c in self._live())
+        known = ", ".join(shown(n) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10
+                                                             else "") if names else "none yet"
+        return NotFoundError(f"no collection {shown(name)} (collections: {known})")
+
+    def _get_or_create(self, name: str, model_id: str, dim: int, spec: IndexSpec) -> Collection:
+        """The collection ``name``, created (committed, registered) if there is none."""
+        with self._catalog:
+            c = self._collections.get(name)
+            if c is None or c.deleted:
+                if self._closing:
+                    raise StoreClosedError(_CLOSED)
+                spec.check_caps()
+                with self._db_lock:
+                    db = self._conn()
+                    with transaction(db):
+                        c = insert_collection(db, name, model_id, dim, spec)
+                self._collections[name] = c
+            return c
+
+    @contextmanager
+    def _locked(self, c: Collection, *, write: bool = False) -> Iterator[Collection]:
+        """``c`` with its lock held; NotFoundError if it was deleted while this call waited."""
+        with c.lock.write() if write else c.lock.read():
+            if c.deleted:
+                raise self._not_found(c.name)
+            yield c
+
+    def _check_items(self, c: Collection, rows: Sequence[Sequence]) -> None:
+        """Raise DataLossError naming the rows (starting with ITEM_COLUMNS) that fail their checksum."""
+        damaged = [r[0] for r in rows if not item_ok(c.cid, r)]
+        if damaged:
+            raise corrupted(c.name, damaged, self._database, action="not served")
 
     def _targets(self, collection: str | None, model_id: str | None, dim: int) -> list[Collection]:
         if collection is not None:
             c = self._get(collection)
             c.check_binding(model_id or c.model_id, dim)
             return [c]
-        self._conn()
+        live = self._live()
         if model_id is None:
-            models = sorted({c.model_id for c in self._collections.values()})
+            models = sorted({c.model_id for c in live})
             if len(models) > 1:
                 raise InvalidArgumentError(f"collections hold vectors of {len(models)} models ({', '.join(models)}); "
                                            "pass model_id= to choose the ones to search")
             model_id = models[0] if models else None
-        targets = [c for c in self._collections.values() if c.model_id == model_id]
+        targets = [c for c in live if c.model_id == model_id]
         for c in targets:
             c.check_binding(c.model_id, dim)
         return targets
@@ -421,19 +486,22 @@ class Store:
                 if not len(allowed):
                     continue
             scores, fids = c.index.search(q, k, allowed=allowed, ef_search=ef_search)
-            parts.append((scores, fids, c.name))
+            parts.append((scores, fids, c))
         if not parts:
             return [[] for _ in range(len(q))]
         scores = np.hstack([p[0] for p in parts])
         fids = np.hstack([p[1] for p in parts])
-        names = np.hstack([np.full(p[1].shape[1], p[2], dtype=object) for p in parts])
+        owners = np.hstack([np.full(p[1].shape[1], p[2], dtype=object) for p in parts])
         best = [[j for j in np.lexsort((fids[r], -scores[r])) if fids[r, j] >= 0][:k] for r in range(len(q))]
-        wanted = sorted({int(fids[r, j]) for r, row in enumerate(best) for j in row})
+        owner = {int(fids[r, j]): owners[j] for r, row in enumerate(best) for j in row}
         with self._db_lock:
-            rows = {f: (i, lab, meta) for f, i, lab, meta in chunked_query(
-                self._conn(), "SELECT fid, item_id, label, metadata FROM items WHERE fid IN ({})", [], wanted)}
-        return [[Hit(rows[int(fids[r, j])][0], float(scores[r, j]), names[j], rows[int(fids[r, j])][1],
-                     json.loads(rows[int(fids[r, j])][2])) for j in row] for r, row in enumerate(best)]
+            found = chunked_query(self._conn(), f"SELECT {ITEM_COLUMNS}, fid FROM items WHERE fid IN ({{}})", [],
+                                  sorted(owner))
+        for c in set(owner.values()):  # each hit's row is checked against the collection it came from
+            self._check_items(c, [r for r in found if owner[r[6]] is c])
+        rows = {r[6]: r for r in found}
+        return [[Hit(rows[int(fids[r, j])][0], float(scores[r, j]), owners[j].name, rows[int(fids[r, j])][2],
+                     json.loads(rows[int(fids[r, j])][3])) for j in row] for r, row in enumerate(best)]
 
     def _info(self, c: Collection) -> CollectionInfo:
         with self._db_lock:

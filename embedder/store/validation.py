@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..index import HNSW_LIMITS
+from ..index import HNSW_CAPS
 
 MAX_K = 10_000  # hits per query; a bound on what one request can make the server allocate
 MAX_NAME = 256  # collection names and labels, in characters
@@ -81,10 +81,11 @@ def check_k(k: Any) -> int:
 
 
 def check_ef(ef_search: Any) -> int | None:
-    low, high = HNSW_LIMITS["ef_search"]
+    cap = HNSW_CAPS["ef_search"]
     if ef_search is not None and (isinstance(ef_search, bool) or not isinstance(ef_search, int)
-                                  or not low <= ef_search <= high):
-        raise InvalidArgumentError(f"ef_search must be an int in [{low}, {high}] or None, got {ef_search!r}")
+                                  or not 1 <= ef_search <= cap):
+        raise InvalidArgumentError(f"ef_search must be an int in [1, {cap}] (its cap: embedder.index.HNSW_CAPS) "
+                                   f"or None, got {ef_search!r}")
     return ef_search
 
 

@@ -1,0 +1,181 @@
+"""``embedder backup`` while the store is being written by another process, and ``embedder restore``.
+
+The data dir is held by a child process adding one item at a time with snapshots in between (the lock and
+the writes a server makes), while heads are saved again and again by renaming folders, as
+``classifier.persist`` does. Real SQLite, real FAISS, real files; the child is killed with SIGKILL.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from embedder.cli import main
+from embedder.store import Store
+
+DIM = 32
+WRITER = r"""
+import sys
+import numpy as np
+from embedder.store import Store
+
+store = Store(sys.argv[1])  # never closed: the parent kills us
+for i in range(1_000_000):
+    store.add("c", [f"id{i}"], np.random.default_rng(i).standard_normal((1, %d)).astype(np.float32), model_id="m")
+    print(i, flush=True)
+    if i %% 20 == 19:
+        store.save()
+""" % DIM
+
+
+def expected(i: int) -> np.ndarray:
+    return np.random.default_rng(i).standard_normal(DIM).astype(np.float32)
+
+
+def save_head(heads: Path, version: int) -> None:
+    """A head folder written aside and renamed over the old one (the pattern of classifier.persist)."""
+    tmp = heads / f".tmp-h1-{version}"
+    tmp.mkdir(parents=True)
+    (tmp / "head.json").write_text(json.dumps({"version": version}))
+    (tmp / "head.safetensors").write_bytes(version.to_bytes(8, "little") * 1000)
+    final = heads / "h1"
+    if final.exists():
+        old = heads / f".old-h1-{version}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+class Writer:
+    """The child process adding items; ``acked`` are the adds it has acknowledged."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", WRITER, str(data_dir)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.acked: list[int] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.acked.append(int(line))
+
+    def wait_for(self, n: int) -> None:
+        self._reader.join(timeout=0)
+        for _ in range(1200):
+            if len(self.acked) >= n:
+                return
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the writer exited: {self.proc.stderr.read()}")
+            threading.Event().wait(0.1)
+        raise AssertionError("the writer is too slow")
+
+    def kill(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+def check_restored(data_dir: Path, caplog) -> int:
+    """The store in ``data_dir`` opens cleanly and holds items id0..id{n-1} exactly; returns n."""
+    with caplog.at_level(logging.WARNING, logger="embedder.store"), Store(data_dir) as store:
+        n = store.collection("c").count
+        items = store.get("c", [f"id{i}" for i in range(n + 5)])
+        assert all(item is not None for item in items[:n]) and not any(items[n:])  # adds land in order
+        for i, item in enumerate(items[:n]):
+            np.testing.assert_array_equal(item.vector, expected(i))
+        hits = store.search("c", np.stack([expected(i) for i in range(0, n, 7)]), k=1)
+        assert [row[0].id for row in hits] == [f"id{i}" for i in range(0, n, 7)]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    with closing(sqlite3.connect(data_dir / "store.sqlite3")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    return n
+
+
+def test_backup_while_writing_then_restore(tmp_path, caplog, capsys):
+    live, backup, restored = tmp_path / "live", tmp_path / "backup", tmp_path / "restored"
+    save_head(live / "heads", 0)
+    writer = Writer(live)
+    stop = threading.Event()
+
+    def resave_heads() -> None:
+        version = 1
+        while not stop.wait(0.01):  # far more often than anyone trains heads
+            save_head(live / "heads", version)
+            version += 1
+
+    saver = threading.Thread(target=resave_heads)
+    try:
+        writer.wait_for(60)
+        saver.start()
+        assert main(["backup", str(backup), "--data-dir", str(live)]) == 0
+        during = len(writer.acked)
+        writer.wait_for(during + 10)  # the writer was never stopped
+        stop.set()
+        saver.join()
+        assert "backed up" in capsys.readouterr().out
+
+        assert main(["restore", str(backup), "--data-dir", str(live), "--force"]) == 2  # the writer holds it
+        assert "in use by a running server" in capsys.readouterr().err
+    finally:
+        stop.set()
+        writer.kill()
+
+    assert sorted(p.name for p in backup.iterdir()) == ["backup.json", "heads", "snapshots", "store.sqlite3"]
+    assert main(["restore", str(backup), "--data-dir", str(restored)]) == 0
+    n = check_restored(restored, caplog)
+    assert 60 <= n <= during + 1  # as of one commit during the backup
+    head = json.loads((restored / "heads" / "h1" / "head.json").read_text())["version"]  # one version's files
+    assert (restored / "heads" / "h1" / "head.safetensors").read_bytes() == head.to_bytes(8, "little") * 1000
+
+    # Over the killed writer's data dir, WAL and all: the backup replaces it exactly.
+    assert main(["restore", str(backup), "--data-dir", str(live)]) == 2
+    assert "already holds a store" in capsys.readouterr().err and (live / "store.sqlite3-wal").exists()
+    assert main(["restore", str(backup), "--data-dir", str(live), "--force"]) == 0
+    assert check_restored(live, caplog) == n
+    assert not list(live.glob(".restore-*"))
+
+
+def test_a_damaged_or_unfinished_backup_is_refused_before_anything_changes(tmp_path, capsys):
+    data = tmp_path / "data"
+    with Store(data) as store:
+        store.add("c", ["a", "b"], np.eye(2, DIM, dtype=np.float32), model_id="m")
+    assert main(["backup", str(tmp_path / "b"), "--data-dir", str(data)]) == 0
+    assert main(["backup", str(tmp_path / "b"), "--data-dir", str(data)]) == 2  # never into an existing backup
+    assert "not an empty folder" in capsys.readouterr().err
+
+    target = tmp_path / "target"
+    snapshot = next((tmp_path / "b" / "snapshots").iterdir())
+    damaged = bytearray(snapshot.read_bytes())
+    damaged[len(damaged) // 2] ^= 1
+    snapshot.write_bytes(damaged)
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(target)]) == 4
+    assert "is damaged: snapshots/c1.faiss" in capsys.readouterr().err
+    assert not (target / "store.sqlite3").exists()
+
+    (tmp_path / "b" / "backup.json").unlink()
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(target)]) == 2
+    assert "not a finished backup" in capsys.readouterr().err
+
+
+def test_backup_refuses_a_folder_without_a_store(tmp_path, capsys):
+    assert main(["backup", str(tmp_path / "b"), "--data-dir", str(tmp_path / "nothing")]) == 2
+    assert "holds no store" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv("EMBEDDER_DATA_DIR", raising=False)
