@@ -155,6 +155,8 @@ def test_a_damaged_or_unfinished_backup_is_refused_before_anything_changes(tmp_p
     assert main(["backup", str(tmp_path / "b"), "--data-dir", str(data)]) == 0
     assert main(["backup", str(tmp_path / "b"), "--data-dir", str(data)]) == 2  # never into an existing backup
     assert "not an empty folder" in capsys.readouterr().err
+    assert main(["backup", str(data / "inside"), "--data-dir", str(data)]) == 2
+    assert "inside the data dir" in capsys.readouterr().err
 
     target = tmp_path / "target"
     snapshot = next((tmp_path / "b" / "snapshots").iterdir())

@@ -20,6 +20,7 @@ import pytest
 
 from embedder.errors import Category, DataLossError
 from embedder.index import VectorIndex
+from embedder.inputs import content_hash
 from embedder.store import Store
 from test_store import M, _as_version_2, sha, unit
 
@@ -284,3 +285,14 @@ def test_settings_over_the_caps_are_refused_but_old_collections_keep_theirs(tmp_
         with pytest.raises(ValueError, match=r"m=128 is over its cap of 64 \(embedder.index.HNSW_CAPS"):
             store.create_collection("new", model_id=M, dim=DIM, index="hnsw:m=128")
         assert [c.name for c in store.list_collections()] == ["old"]
+
+
+def test_a_damaged_kept_image_is_never_served(tmp_path):
+    image = b"\x89PNG a kept image, " + bytes(range(256)) * 4
+    with Store(tmp_path) as store:
+        store.add("c", ["a", "b"], unit(2, DIM), model_id=M, sha256s=[content_hash(image), None], images=[image, None])
+    flip_bit(tmp_path / "store.sqlite3", image[:200], byte=100, bit=0)
+    with Store(tmp_path) as store:
+        with pytest.raises(DataLossError, match="item 'a' of collection 'c' is damaged"):
+            store.images("c", ["a", "b"])
+        assert store.images("c", ["b"]) == [None]

@@ -5,9 +5,11 @@ Semantics are checked against brute-force numpy cosine on random unit vectors.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import sqlite3
 import threading
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -452,6 +454,58 @@ def test_concurrent_searches_during_adds_and_deletes(tmp_path, index):
         assert not errors, errors[0]
         assert len(searches) >= 20  # they really ran alongside the writes
         assert store.collection("c").count == 550
+
+
+def test_collections_written_searched_saved_and_deleted_at_once_never_deadlock(tmp_path):
+    """Per-collection locks: writers of two collections, cross-collection searches, saves, and a collection
+    deleted and created again under them, for a few seconds; every call answers and nothing hangs."""
+    x = unit(300, 16)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    counter = itertools.count()
+    with Store(tmp_path) as store:
+        for name in ("a", "b", "c"):
+            store.add(name, [f"{name}{i}" for i in range(100)], x[:100], model_id=M)
+
+        def writer(name: str) -> Callable[[], None]:
+            def step() -> None:
+                i = next(counter)
+                store.add(name, [f"w{i}"], x[i % 300][None], model_id=M)
+                store.delete(name, [f"w{i}"])
+            return step
+
+        def searcher() -> None:
+            assert all(len(row) == 5 for row in store.search(None, x[:3], k=5))  # every collection at once
+            assert store.get("a", ["a1"])[0] is not None
+
+        def churner() -> None:
+            store.add("tmp", ["t"], x[:1], model_id=M)
+            assert store.search("tmp", x[:1], k=1)[0][0].id == "t"
+            store.delete_collection("tmp")
+
+        runs: list[int] = []
+
+        def loop(step: Callable[[], None]) -> None:
+            try:
+                while not stop.is_set():
+                    step()
+                    runs.append(id(step))
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread
+                errors.append(e)
+                stop.set()
+
+        steps = [writer("a"), writer("b"), searcher, searcher, churner, store.save]
+        threads = [threading.Thread(target=loop, args=(step,)) for step in steps]
+        for t in threads:
+            t.start()
+        stop.wait(3)
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+        assert not any(t.is_alive() for t in threads), "a call hung"
+        assert not errors, errors[0]
+        assert all(runs.count(id(step)) >= 3 for step in steps)  # they really ran alongside each other
+        assert [c.count for c in store.list_collections()] == [100, 100, 100]
 
 
 def test_kept_images_are_stored_once_and_go_with_their_last_item(tmp_path):

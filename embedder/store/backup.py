@@ -78,6 +78,8 @@ def backup(data_dir: str | os.PathLike, dest: str | os.PathLike) -> BackupSummar
                                    "runs with (--data-dir, or EMBEDDER_DATA_DIR)")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise InvalidArgumentError(f"{dest} exists and is not an empty folder; back up into a new folder")
+    if data_dir.resolve() in dest.resolve().parents:
+        raise InvalidArgumentError(f"{dest} is inside the data dir {data_dir}; back up to a folder outside it")
     staging = temp_path(dest)
     staging.mkdir(parents=True)
     try:
@@ -130,9 +132,14 @@ def restore(src: str | os.PathLike, data_dir: str | os.PathLike, *, force: bool 
             _remove(leftover)
         staging = data_dir / f".restore-{secrets.token_hex(4)}"
         staging.mkdir()
-        for name in files:
-            _copy_file(src / name, staging / name)
-        _sync(staging, files)
+        try:
+            for name, expected in files.items():
+                if _copy_file(src / name, staging / name) != expected:  # the backup changed since it was verified
+                    raise DataLossError(f"backup {src} changed while it was restored ({name}); restore again")
+            _sync(staging, files)
+        except BaseException:
+            _remove(staging)
+            raise
         _swap_in(staging, data_dir, sorted({Path(name).parts[0] for name in files}))
     finally:
         os.close(lock)
@@ -202,6 +209,8 @@ def _copy_store(data_dir: Path, staging: Path) -> dict[str, dict[str, int | str]
             files.update(_copy_folder(data_dir, Path("snapshots"), staging))
         files[DATABASE] = _backup_database(data_dir / DATABASE, staging / DATABASE)
         with closing(sqlite3.connect(staging / DATABASE)) as db:
+            if db.execute("PRAGMA user_version").fetchone()[0] < 3:
+                return files  # not yet upgraded: neither its database nor its snapshots carry tags
             known = {f"snapshots/c{cid}.faiss": tags for cid, *tags in db.execute(
                 "SELECT cid, snapshot_tag, previous_tag FROM collections")}
         unknown = [name for name in files if name in known and _snapshot_tag(staging / name) not in known[name]]

@@ -279,13 +279,20 @@ class Store:
 
     def images(self, collection: str, ids: Sequence[str]) -> list[bytes | None]:
         """The kept encoded image of each item, in the order of ``ids``; None where there is none (an item
-        added as a tensor, by hash, or without keeping images) or the id is not in the collection."""
+        added as a tensor, by hash, or without keeping images) or the id is not in the collection.
+
+        Images are stored by their sha256, which is their checksum: one that no longer hashes to it raises
+        :class:`DataLossError`."""
         ids = check_ids(ids)
         with self._locked(self._get(collection)) as c:
             with self._db_lock:
-                found = dict(chunked_query(self._conn(), "SELECT i.item_id, m.data FROM items i JOIN images m "
-                                                         "ON m.sha256 = i.sha256 WHERE i.cid = ? AND i.item_id IN ({})",
-                                           [c.cid], ids))
+                rows = chunked_query(self._conn(), "SELECT i.item_id, i.sha256, m.data FROM items i JOIN images m "
+                                                   "ON m.sha256 = i.sha256 WHERE i.cid = ? AND i.item_id IN ({})",
+                                     [c.cid], ids)
+        damaged = [item_id for item_id, sha, data in rows if content_hash(data) != sha]
+        if damaged:
+            raise corrupted(c.name, damaged, self._database, action="their kept images are not served")
+        found = {item_id: data for item_id, _, data in rows}
         return [found.get(i) for i in ids]
 
     def vectors(self, collection: str) -> tuple[list[str], np.ndarray]:
