@@ -22,8 +22,8 @@ def loaded_after(code: str) -> set[str]:
     return set(json.loads(out.stdout.splitlines()[-1])) & set(ML_STACK)
 
 
-@pytest.mark.parametrize("module", ["embedder", "embedder.client", "embedder.results", "embedder.inputs",
-                                    "embedder.errors", "embedder.messages", "embedder.config"])
+@pytest.mark.parametrize("module", ["embedder", "embedder.client", "embedder.client.aio", "embedder.results",
+                                    "embedder.inputs", "embedder.errors", "embedder.messages", "embedder.config"])
 def test_the_light_core_and_the_client_load_no_ml_stack(module):
     assert loaded_after(f"import {module}") == set()
 
@@ -32,6 +32,12 @@ def test_the_client_module_constructs_and_converts_without_the_ml_stack():
     """Building a client and an item (bytes, numpy) stays light too: Pillow is not imported to rule it out."""
     code = ("import numpy as np\nfrom embedder.client import EmbedderClient, to_item\n"
             "EmbedderClient('127.0.0.1:1').close()\nto_item(b'jpeg'); to_item(np.zeros((2, 2, 3), np.uint8))")
+    assert loaded_after(code) == set()
+
+
+def test_the_async_client_constructs_without_the_ml_stack():
+    code = ("import asyncio\nfrom embedder.client import AsyncEmbedderClient\n"
+            "async def main():\n    await AsyncEmbedderClient('127.0.0.1:1').close()\nasyncio.run(main())")
     assert loaded_after(code) == set()
 
 

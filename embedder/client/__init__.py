@@ -28,16 +28,22 @@ there). UNAVAILABLE (server down, restarting, still warming up) and a server-sid
 down) are retried with bounded exponential backoff and jitter; a broken stream resumes with the first
 unanswered request.
 
-Modules of one job each: ``client.py`` (:class:`EmbedderClient`: the calls, retries, streams), ``chunking.py``
-(inputs -> messages within the limits), ``stream.py`` (the resumable stream's request side), ``results.py``
-and ``errors.py`` (what the calls return and raise).
+:class:`AsyncEmbedderClient` is the same client on ``grpc.aio`` for callers in an event loop (FastAPI, async
+chains): the same methods, arguments, results and errors, as coroutines (``embed_iter``: an async iterator).
+
+Modules of one job each: ``base.py`` (settings, the channel, and every method as a plan: requests built and
+answers read once for both clients), ``client.py`` (:class:`EmbedderClient`: blocking calls, retries, streams),
+``aio.py`` (:class:`AsyncEmbedderClient`: the same on asyncio), ``chunking.py`` (inputs -> messages within the
+limits), ``stream.py`` (the resumable stream's request side), ``results.py`` and ``errors.py`` (what the calls
+return and raise).
 """
 from __future__ import annotations
 
+from .aio import AsyncEmbedderClient
 from .chunking import to_item
 from .client import EmbedderClient
 from .errors import RemoteBatchError, ServiceError
 from .results import AddSummary, Cached, ItemResult, Prediction
 
-__all__ = ["AddSummary", "Cached", "EmbedderClient", "ItemResult", "Prediction", "RemoteBatchError", "ServiceError",
-           "to_item"]
+__all__ = ["AddSummary", "AsyncEmbedderClient", "Cached", "EmbedderClient", "ItemResult", "Prediction",
+           "RemoteBatchError", "ServiceError", "to_item"]
