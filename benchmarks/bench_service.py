@@ -11,8 +11,8 @@ client and server in this process on an ephemeral loopback port:
 
 1. in-process: ``Service.embed(jpegs)`` on the whole list (the core without a transport: the baseline the
    ratios use), and ``Embedder.embed(jpegs)`` (the pipeline alone);
-2. per server (every front door this checkout has, e.g. the thread-pool and the ``grpc.aio`` server while both
-   exist), unary: C concurrent callers (threads, C = 1, 8, 64), each sending one image per ``Embed`` call through
+2. per server (:func:`front_doors`: the thread-pool server; a candidate is measured beside it), unary: C
+   concurrent callers (threads, C = 1, 8, 64), each sending one image per ``Embed`` call through
    :class:`embedder.client.EmbedderClient`; and 8 callers sending 8 images per call;
 3. per server, stream: one caller streaming the whole list with ``EmbedderClient.embed_iter``.
 
@@ -67,14 +67,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def front_doors() -> dict[str, type]:
-    """Every gRPC server this checkout has, by name: the one ``embedder serve`` runs first."""
-    doors = {getattr(EmbedderServer, "KIND", "thread-pool"): EmbedderServer}
-    try:  # the grpc.aio prototype, while it is measured against the thread-pool server
-        from embedder.aio_server import AioEmbedderServer
-        doors["aio"] = AioEmbedderServer
-    except ImportError:
-        pass
-    return doors
+    """The gRPC servers to measure, by name. A candidate front door is added here to be measured beside the
+    server kept (as the ``grpc.aio`` one was in commit 5806f7a: ``results/service.json`` holds that run)."""
+    return {"thread-pool": EmbedderServer}
 
 
 def unary_callers(client: EmbedderClient, concurrency: int,
@@ -399,12 +394,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"\nimport embedder.client: {payload['client_import']['seconds_p50'] * 1000:.0f} ms p50 "
               f"(heavy modules loaded: {payload['client_import']['heavy_modules_loaded'] or 'none'})")
         serve = payload["serve"] = {}
-        variants = {"kept": {}}
-        if os.environ.get("BENCH_SERVE_AIO"):  # the prototype, while both exist
-            variants = {"thread-pool": {}, "aio": {"EMBEDDER_AIO": "1"}}
-        for name, env in variants.items():
+        for name in servers:  # `embedder serve` runs the thread-pool server
             serve[name] = s = serve_phase(args.device, 1000 if args.quick else 10_000, jpegs,
-                                          10 if args.quick else 40, env)
+                                          10 if args.quick else 40)
             c = s["cache"]
             print(f"embedder serve ({name}): miss {c['miss_ms_p50']:.2f} ms, hit {c['hit_ms_p50']:.3f} ms "
                   f"({c['miss_over_hit']:.1f}x); VmRSS idle {s['rss_idle_mb']:.0f} MB (libraries "

@@ -338,7 +338,3 @@ def serve(config: Config, *, on_listening: Callable[[str], None] | None = None) 
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0
-
-
-if os.environ.get("EMBEDDER_AIO"):  # TEMPORARY: bench/test the grpc.aio front door
-    from .aio_server import AioEmbedderServer as EmbedderServer  # noqa: F811,E402
