@@ -68,6 +68,7 @@ class Config:
     tls_cert: str = ""  # PEM paths; TLS is on when both are set
     tls_key: str = ""
     metrics_port: int = 0  # Prometheus metrics HTTP port; 0 = off
+    http_port: int = 0  # HTTP/JSON API (REST and OpenAI's /v1/embeddings) on `host`, beside gRPC; 0 = off
     grace_seconds: float = 10.0  # in-flight work allowed to finish on SIGTERM
     max_models: int = 3  # backbones one server holds: the default plus versions loaded on first use
     role: str = "all"  # all | embed (a stateless replica: embedding only) | store (misses go to --embed-target)
@@ -88,7 +89,7 @@ class Config:
         for name in ("micro_batch", "decode_workers", "runtime_threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Config.{name} must be >= 0 (0 means automatic), got {getattr(self, name)}")
-        for name in ("port", "metrics_port"):  # 0: a free port for `port`, off for `metrics_port`
+        for name in ("port", "metrics_port", "http_port"):  # 0: a free port for `port`, off for the others
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"Config.{name} must be a TCP port, 0-65535, got {getattr(self, name)}")
         for name in ("max_delay_ms", "grace_seconds", "cache_max_items"):

@@ -1,0 +1,366 @@
+"""The HTTP/JSON front door: REST routes and OpenAI's ``/v1/embeddings`` over one :class:`embedder.core.Service`.
+
+No logic of its own, like the gRPC servicer: each route reads its body (:mod:`.schema`), converts it
+(:mod:`.convert`), runs the blocking core call in a thread (the batcher does the heavy work; the event loop
+only parses and writes), and converts the result. Errors go through the one table (:mod:`.guards`).
+
+Images come as base64 or ``data:`` URIs in JSON, or as ``multipart/form-data`` files named ``image`` (what
+``curl -F image=@cat.jpg`` sends; each file's name is its item id, the other form fields are the request's).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any, AsyncIterator, Callable, TypeVar
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..config import Config
+from ..core import AddItem, Call, Item, Service
+from ..errors import TABLE, Category, InvalidArgumentError, NotReadyError
+from ..messages import parse_json_object
+from . import convert, schema
+from .guards import AnswerErrors, Authenticate, LimitBody, Measure
+
+# Threads for blocking core calls: a call holds one while its items are in the batcher, and 64 concurrent
+# callers must all be inside the batcher for it to form full batches (as the gRPC port's handler threads).
+CALL_THREADS = 128
+
+M = TypeVar("M", bound=BaseModel)
+_BY_HTTP = {answer.http: category for category, answer in reversed(TABLE.items())}  # first category wins
+
+
+def json_response(body: BaseModel, status: int = 200) -> Response:
+    """Serialized by pydantic straight to bytes (no second validation of what we built)."""
+    return Response(body.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def create_app(service: Service, config: Config, *, metrics: Any = None,
+               ready: Callable[[], bool] | None = None) -> FastAPI:
+    """The ASGI app over ``service``: ``config`` gives the token and the body limit, ``metrics`` (an
+    :class:`embedder.metrics.Metrics`) gets per-route counters, ``ready()`` answers ``/readyz`` (default: the
+    service answers calls)."""
+    limiter = anyio.CapacityLimiter(CALL_THREADS)
+    is_ready = ready or partial(_service_ready, service)
+
+    async def run(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs), limiter=limiter)
+
+    async def read(request: Request, model: type[M], form: type[BaseModel] | None = None
+                   ) -> tuple[M | Any, list[Item]]:
+        """The body as ``model`` (JSON), or for a route taking images as ``form`` (multipart) with its
+        uploaded ``image`` files as items."""
+        if form is None or not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            return model.model_validate_json(await request.body()), []
+        fields: dict[str, Any] = {}
+        uploads: list[Item] = []
+        lists = {name for name, f in form.model_fields.items() if getattr(f.annotation, "__origin__", None) is list}
+        async with request.form(max_files=config.max_items, max_fields=config.max_items) as data:
+            for key, value in data.multi_items():
+                if isinstance(value, UploadFile):
+                    if key != "image":
+                        raise InvalidArgumentError(f"file field {key!r}: send images as `image` files "
+                                                   "(curl -F image=@cat.jpg)")
+                    uploads.append(Item(value.filename or "", image=await value.read()))
+                elif key in lists:
+                    fields.setdefault(key, []).append(value)
+                else:
+                    fields[key] = value
+        return form.model_validate(fields), uploads
+
+    router = APIRouter(prefix="/v1", responses={"4XX": {"model": schema.ErrorResponse, "description": "refused"},
+                                                "5XX": {"model": schema.ErrorResponse,
+                                                        "description": "unavailable or a server fault"}})
+
+    def route(method: str, path: str, response: type[BaseModel], request: type[BaseModel] | None = None,
+              form: type[BaseModel] | None = None) -> Callable:
+        """Register a route; ``request``/``form`` document the body it reads itself (JSON / multipart)."""
+        extra = None if request is None else {"requestBody": {"required": True, "content": _body_doc(request, form)}}
+        return router.api_route(path, methods=[method], response_model=response, openapi_extra=extra)
+
+    # ------------------------------------------------------------------ embedding
+
+    @route("POST", "/embeddings", schema.EmbeddingsResponse, schema.EmbeddingsRequest)
+    async def create_embeddings(request: Request) -> Response:
+        """OpenAI-compatible: each `input` string is one image (data: URI or base64). All or nothing: one bad
+        image fails the call, naming its index."""
+        body, _ = await read(request, schema.EmbeddingsRequest)
+        inputs = [body.input] if isinstance(body.input, str) else body.input
+        if any(not isinstance(x, str) for x in inputs):
+            raise InvalidArgumentError("`input` holds token ids; this server embeds images: send each image as a "
+                                       "data: URI or base64 string")
+        items = [convert.image_item(str(i), text) for i, text in enumerate(inputs)]
+        _all_or_nothing([it.error for it in items])  # before any embedding: the call fails anyway
+        async with caller(request) as call:
+            result = await run(service.embed, items, model=body.model, call=call)
+        _all_or_nothing([o.error for o in result.outcomes])
+        if body.dimensions is not None and body.dimensions != result.model.dim:
+            raise InvalidArgumentError(f"dimensions={body.dimensions} is not offered: model {result.model.name} "
+                                       f"gives {result.model.dim}-dimensional vectors; leave `dimensions` out or "
+                                       f"set it to {result.model.dim}")
+        return json_response(schema.EmbeddingsResponse(
+            data=[schema.Embedding(embedding=convert.vector_out(o.vector, body.encoding_format), index=i)
+                  for i, o in enumerate(result.outcomes)], model=body.model or result.model.name))
+
+    @route("GET", "/models", schema.ModelsResponse)
+    async def list_models() -> Response:
+        """The loaded models (OpenAI's model list; others load on first use) and the server's limits."""
+        infos = await run(service.list_models)
+        limits = await run(service.limits)
+        return json_response(schema.ModelsResponse(data=[schema.ModelOut(id=i["name"], **i) for i in infos],
+                                                   limits=schema.Limits(**limits)))
+
+    @route("POST", "/embed", schema.EmbedResponse, schema.EmbedRequest, schema.EmbedRequest)
+    async def embed(request: Request) -> Response:
+        """Per-item results: an item that fails says why in its `error`, the others get vectors."""
+        body, uploads = await read(request, schema.EmbedRequest, schema.EmbedRequest)
+        items = [convert.item(x) for x in body.items] + uploads
+        async with caller(request) as call:
+            result = await run(service.embed, items, model=body.model, call=call)
+        return json_response(schema.EmbedResponse(
+            results=[convert.result(o, body.encoding_format) for o in result.outcomes],
+            model_id=result.model.model_id, dim=result.model.dim))
+
+    # ------------------------------------------------------------------ collections
+
+    @route("POST", "/collections/{collection:path}/add", schema.AddResponse, schema.AddRequest, schema.AddForm)
+    async def add(collection: str, request: Request) -> Response:
+        """Embed and store items (the collection is created on first add); failed items say why."""
+        body, uploads = await read(request, schema.AddRequest, schema.AddForm)
+        if isinstance(body, schema.AddForm):
+            metadata = parse_json_object(body.metadata or "", "the `metadata` form field") or None
+            items = [AddItem(u, label=body.label, metadata=metadata) for u in uploads]
+        else:
+            items = [convert.add_item(x) for x in body.items]
+        async with caller(request) as call:
+            out = await run(service.add, collection, items, model=body.model, index=body.index, call=call)
+        return json_response(schema.AddResponse(results=[convert.result(o, None) for o in out.outcomes],
+                                                added=out.added, replaced=out.replaced, collection=collection,
+                                                model_id=out.model.model_id))
+
+    @route("POST", "/collections/{collection:path}/get", schema.GetResponse, schema.GetRequest)
+    async def get(collection: str, request: Request) -> Response:
+        body, _ = await read(request, schema.GetRequest)
+        found = await run(service.get, collection, body.ids)
+        encoding = None if body.omit_vectors else body.encoding_format
+        return json_response(schema.GetResponse(items=[convert.stored(s, encoding) for s in found if s],
+                                                missing=[i for i, s in zip(body.ids, found) if s is None]))
+
+    @route("POST", "/collections/{collection:path}/delete", schema.DeleteResponse, schema.IdsRequest)
+    async def delete(collection: str, request: Request) -> Response:
+        """Delete items by id; ids not in the collection are listed in `missing`."""
+        body, _ = await read(request, schema.IdsRequest)
+        result = await run(service.delete, collection, body.ids)
+        return json_response(schema.DeleteResponse(deleted=result.deleted, missing=result.missing))
+
+    @route("DELETE", "/collections/{collection:path}", schema.DeleteResponse)
+    async def delete_collection(collection: str) -> Response:
+        """Delete a whole collection and its items."""
+        return json_response(schema.DeleteResponse(deleted=await run(service.delete_collection, collection)))
+
+    @route("POST", "/collections/{collection:path}/labels", schema.LabelsResponse, schema.LabelsRequest)
+    async def set_labels(collection: str, request: Request) -> Response:
+        body, _ = await read(request, schema.LabelsRequest)
+        return json_response(schema.LabelsResponse(
+            updated=await run(service.set_labels, collection, body.labels, body.clear)))
+
+    @route("POST", "/search", schema.SearchResponse, schema.SearchRequest, schema.SearchRequest)
+    async def search(request: Request) -> Response:
+        """The k nearest stored items to an image (`item`, or one uploaded `image`), a stored item or a vector."""
+        body, uploads = await read(request, schema.SearchRequest, schema.SearchRequest)
+        if len(uploads) > 1:
+            raise InvalidArgumentError(f"{len(uploads)} images uploaded; a search takes one query image")
+        query: dict[str, Any] = {}
+        if body.item is not None or uploads:
+            query["item"] = uploads[0] if uploads else convert.item(body.item)
+        if body.item_id is not None:
+            query["item_id"] = body.item_id
+        if body.vector is not None:
+            query["vector"] = convert.vector_in(body.vector)
+        async with caller(request) as call:
+            found = await run(service.search, collection=body.collection or None, model=body.model, k=body.k,
+                              label=body.label, ef_search=body.ef_search, call=call, **query)
+        return json_response(schema.SearchResponse(hits=[convert.hit(h) for h in found.hits],
+                                                   model_id=found.model_id, cached=found.cached))
+
+    @route("GET", "/stats", schema.StatsResponse)
+    async def stats() -> Response:
+        store_stats, heads = await run(service.stats)
+        return json_response(convert.stats(store_stats, heads))
+
+    # ------------------------------------------------------------------ heads
+
+    @route("POST", "/collections/{collection:path}/train", schema.TrainResponse, schema.TrainRequest)
+    async def train(collection: str, request: Request) -> Response:
+        """Train and save a classifier head on the collection's labelled items."""
+        body, _ = await read(request, schema.TrainRequest)
+        async with caller(request) as call:
+            result = await run(service.train, collection, **body.model_dump(), call=call)
+        return json_response(schema.TrainResponse(head=convert.head(result.info), samples=result.samples,
+                                                  train_seconds=result.train_seconds,
+                                                  total_seconds=result.total_seconds))
+
+    @route("POST", "/collections/{collection:path}/learning-curve", schema.LearningCurveResponse,
+           schema.LearningCurveRequest)
+    async def learning_curve(collection: str, request: Request) -> Response:
+        """Hold-out accuracy at growing numbers of labels per class."""
+        body, _ = await read(request, schema.LearningCurveRequest)
+        async with caller(request) as call:
+            points = await run(service.learning_curve, collection, **body.model_dump(), call=call)
+        return json_response(schema.LearningCurveResponse(points=[schema.CurvePointOut(**vars(p)) for p in points]))
+
+    @route("POST", "/predict", schema.PredictResponse, schema.PredictRequest, schema.PredictRequest)
+    async def predict(request: Request) -> Response:
+        """Apply heads to images (`items` or uploaded `image` files) and stored items (`ids` of `collection`)."""
+        body, uploads = await read(request, schema.PredictRequest, schema.PredictRequest)
+        items = [convert.item(x) for x in body.items] + uploads
+        async with caller(request) as call:
+            result = await run(service.predict, body.head_ids, items=items, ids=body.ids,
+                               collection=body.collection, top_k=body.top_k, call=call)
+        return json_response(schema.PredictResponse(predictions=[convert.prediction(r) for r in result.rows],
+                                                    head_ids=result.head_ids, model_id=result.model_id))
+
+    @route("GET", "/heads", schema.HeadsResponse)
+    async def list_heads() -> Response:
+        return json_response(schema.HeadsResponse(heads=[convert.head(h) for h in await run(service.list_heads)]))
+
+    @route("DELETE", "/heads/{head_id}", schema.StatusOut)
+    async def delete_head(head_id: str) -> Response:
+        await run(service.delete_head, head_id)
+        return json_response(schema.StatusOut(status="deleted"))
+
+    # ------------------------------------------------------------------ jobs
+
+    @route("POST", "/collections/{collection:path}/finetune", schema.JobOut, schema.FineTuneRequest)
+    async def finetune(collection: str, request: Request) -> Response:
+        """Start a fine-tune (or AdaBN) job on the collection's kept images; poll it with GET /v1/jobs/{id}."""
+        body, _ = await read(request, schema.FineTuneRequest)
+        params = body.model_dump()
+        return json_response(convert.job(await run(service.finetune, collection, params.pop("suffix"), **params)),
+                             status=202)
+
+    @route("GET", "/jobs/{job_id}", schema.JobOut)
+    async def get_job(job_id: str) -> Response:
+        return json_response(convert.job(await run(service.get_job, job_id)))
+
+    @route("POST", "/jobs/{job_id}/cancel", schema.JobOut)
+    async def cancel_job(job_id: str) -> Response:
+        return json_response(convert.job(await run(service.cancel_job, job_id)))
+
+    # ------------------------------------------------------------------ the app
+
+    app = FastAPI(title="embedder", version=__version__, redoc_url=None,
+                  description="Image embeddings, collections, search and classifier heads over HTTP/JSON; the "
+                              "same service as the gRPC port (embedder.v1.Embedder). With a server token, send "
+                              "`Authorization: Bearer <token>`.")
+    app.include_router(router)
+
+    @app.get("/healthz", response_model=schema.StatusOut, tags=["probes"])
+    async def healthz() -> Response:
+        """Live: the process answers."""
+        return json_response(schema.StatusOut(status="ok"))
+
+    @app.get("/readyz", response_model=schema.StatusOut, tags=["probes"],
+             responses={503: {"model": schema.ErrorResponse, "description": "loading or shutting down"}})
+    async def readyz() -> Response:
+        """Ready: the model is loaded and warm, and the server is not shutting down."""
+        if is_ready():
+            return json_response(schema.StatusOut(status="ready"))
+        category = Category.UNAVAILABLE
+        return json_response(schema.ErrorResponse(error=convert.item_error(
+            category, "not ready: the model is loading or the server is shutting down")), TABLE[category].http)
+
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """The router's own refusals (no such path, wrong method, a malformed form) in the same JSON shape."""
+        category = _BY_HTTP.get(exc.status_code, Category.INVALID_ARGUMENT)
+        message = f"{exc.detail}: {request.method} {request.url.path}"
+        if exc.status_code in (404, 405):
+            message += " (every route is listed at /openapi.json and /docs)"
+        return json_response(schema.ErrorResponse(error=convert.item_error(category, message)), exc.status_code)
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
+    # added innermost first: a request meets Measure, Authenticate, LimitBody, AnswerErrors, then its route
+    app.add_middleware(AnswerErrors)
+    app.add_middleware(LimitBody, limit=config.max_message_bytes)
+    if config.token:
+        app.add_middleware(Authenticate, token=config.token)
+    if metrics is not None:
+        app.add_middleware(Measure, metrics=metrics)
+    return app
+
+
+@asynccontextmanager
+async def caller(request: Request) -> AsyncIterator[Call]:
+    """The core's view of this HTTP caller: cancelled once the client disconnects (its queued items are dropped
+    before the model). HTTP has no deadline of its own, so there is none."""
+    gone = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    watcher = asyncio.get_running_loop().create_task(watch())
+    try:
+        yield Call(is_cancelled=gone.is_set)
+    finally:
+        watcher.cancel()
+
+
+def _all_or_nothing(errors: list[BaseException | None]) -> None:
+    """OpenAI clients expect every vector or an error: raise the first item's error, naming its index."""
+    bad = [(i, e) for i, e in enumerate(errors) if e is not None]
+    if bad:
+        i, error = bad[0]
+        more = f" ({len(bad) - 1} more inputs failed too)" if len(bad) > 1 else ""
+        error.args = (f"input[{i}]: {error}{more}",)  # a fresh error of this call, as the core does for queries
+        raise error
+
+
+def _service_ready(service: Service) -> bool:
+    try:
+        service.list_models()
+    except NotReadyError:
+        return False
+    return True
+
+
+def _body_doc(model: type[BaseModel], form: type[BaseModel] | None) -> dict[str, Any]:
+    """The requestBody content of a route that reads its body itself: JSON, and multipart with `image` files."""
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    if form is not None:
+        fields = form.model_json_schema(ref_template="#/components/schemas/{model}")
+        fields.pop("$defs", None)
+        fields["properties"].pop("items", None)
+        fields["properties"]["image"] = {"type": "array", "items": {"type": "string", "format": "binary"},
+                                         "description": "image files; each file's name is its item id"}
+        content["multipart/form-data"] = {"schema": fields}
+    return content
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema plus the request bodies routes read themselves, and the bearer token."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        bodies = [schema.EmbeddingsRequest, schema.EmbedRequest, schema.AddRequest, schema.GetRequest,
+                  schema.IdsRequest, schema.LabelsRequest, schema.SearchRequest, schema.TrainRequest,
+                  schema.LearningCurveRequest, schema.PredictRequest, schema.FineTuneRequest]
+        _, defs = models_json_schema([(m, "validation") for m in bodies],
+                                     ref_template="#/components/schemas/{model}")
+        components = doc.setdefault("components", {})
+        components.setdefault("schemas", {}).update(defs["$defs"])
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        doc["security"] = [{"bearer": []}]
+        app.openapi_schema = doc
+    return app.openapi_schema

@@ -1,0 +1,176 @@
+"""Conversions between the JSON shapes of :mod:`.schema` and the service core's arguments and results.
+
+No logic beyond the wire: an input that cannot be read becomes an ``Item`` carrying its error (it fails alone,
+as on the gRPC port), and every failure is answered through the one table in :mod:`embedder.errors`.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import re
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from .._proto import embedder_pb2 as pb
+from ..core import AddItem, Item, Outcome
+from ..errors import TABLE, Category, EmbedderError, ItemError, category_of
+from ..messages import bytes_vector, parse_json_object, tensor_array, vector_bytes
+from . import schema
+
+log = logging.getLogger(__name__)
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_DTYPES = {"uint8": pb.DTYPE_UINT8, "float32": pb.DTYPE_FLOAT32}
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+def error_body(error: BaseException) -> tuple[int, schema.ErrorBody]:
+    """The HTTP status and JSON error of any exception; server faults are logged and say so, without a trace."""
+    category = category_of(error)
+    if isinstance(error, ValidationError):  # pydantic's own text is long and links to its docs
+        message = "invalid request: " + "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:10])
+    elif category is Category.INTERNAL:
+        log.error("server fault answering an HTTP call", exc_info=error)
+        message = f"server fault, not your input ({type(error).__name__}: {error}); retry"
+    else:
+        message = str(error)
+    return TABLE[category].http, item_error(category, message)
+
+
+def item_error(category: Category, message: str) -> schema.ErrorBody:
+    return schema.ErrorBody(message=message, type=category.value, code=TABLE[category].grpc)
+
+
+def outcome_error(error: BaseException | None) -> schema.ErrorBody | None:
+    """A per-item error as it is written in a result (the item failed alone)."""
+    return None if error is None else error_body(error)[1]
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+def image_bytes(text: str) -> bytes:
+    """An image sent as a ``data:`` URI or plain base64; URLs are refused, never fetched (SSRF)."""
+    if _URL.match(text):
+        raise ItemError(f"image URLs are not fetched ({text[:100]!r}): the server never fetches URLs; send the "
+                        "image itself, as base64, a data: URI or a multipart file upload")
+    if text.startswith("data:"):
+        header, sep, text = text.partition(",")
+        if not sep or not header.endswith(";base64"):
+            raise ItemError(f"a data: URI must be base64 (data:image/jpeg;base64,...), got {header[:100]!r}")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ItemError(f"image is not valid base64 ({e}); send standard base64 without line breaks "
+                        "(base64 -w0) or a data: URI") from None
+
+
+def image_item(item_id: str, text: str) -> Item:
+    """An image string as the core's item, carrying its error when it cannot be read."""
+    try:
+        return Item(item_id, image=image_bytes(text))
+    except ItemError as e:
+        return Item(item_id, error=e)
+
+
+def item(x: schema.ItemIn) -> Item:
+    """One JSON item as the core's item; one that cannot be read carries its error and fails alone."""
+    try:
+        given = [name for name in ("image", "sha256", "tensor") if getattr(x, name) is not None]
+        if len(given) > 1:
+            raise ItemError(f"item sets {' and '.join(given)}; set exactly one of image, sha256 and tensor")
+        if x.image is not None:
+            return image_item(x.id, x.image)
+        if x.sha256 is not None:
+            return Item(x.id, sha256=x.sha256)
+        if x.tensor is not None:
+            t = x.tensor
+            return Item(x.id, array=tensor_array(pb.Tensor(shape=t.shape, dtype=_DTYPES[t.dtype],
+                                                           data=_base64(t.data, "tensor data"))))
+    except EmbedderError as e:
+        return Item(x.id, error=e)
+    except Exception as e:  # whatever a malformed item does, it fails alone
+        return Item(x.id, error=ItemError(f"malformed item ({type(e).__name__}: {e})"))
+    return Item(x.id)  # none: the core says what to set
+
+
+def add_item(x: schema.AddItemIn) -> AddItem:
+    """A JSON item to store; its metadata passes the same rule as the gRPC port's ``metadata_json``."""
+    core_item = item(x)
+    if x.metadata is None:
+        return AddItem(core_item, label=x.label)
+    try:
+        metadata = parse_json_object(json.dumps(x.metadata), f"metadata of item {x.id!r}")
+    except ValueError as e:
+        return AddItem(Item(x.id, error=ItemError(str(e))))
+    return AddItem(core_item, label=x.label, metadata=metadata)
+
+
+def vector_in(value: schema.Vector) -> np.ndarray:
+    """A query vector: a JSON float array, or base64 of little-endian float32 values."""
+    if isinstance(value, str):
+        return bytes_vector(_base64(value, "the query vector"), "the query vector")
+    return np.asarray(value, dtype=np.float32)
+
+
+def _base64(text: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{what} is not valid base64 ({e})") from None
+
+
+# --------------------------------------------------------------------------------------------- results
+
+def vector_out(v: np.ndarray, encoding: schema.Encoding) -> schema.Vector:
+    return base64.b64encode(vector_bytes(v)).decode("ascii") if encoding == "base64" else v.tolist()
+
+
+def result(o: Outcome, encoding: schema.Encoding | None) -> schema.Result:
+    """One item's outcome; ``encoding`` None leaves the vector out (Add answers stay small)."""
+    vector = None if o.error is not None or encoding is None else vector_out(o.vector, encoding)
+    return schema.Result(id=o.id, sha256=o.sha256, cached=o.cached, vector=vector, error=outcome_error(o.error))
+
+
+def stored(s: Any, encoding: schema.Encoding | None) -> schema.StoredItemOut:
+    """A :class:`embedder.results.StoredItem`; ``encoding`` None omits the vector."""
+    return schema.StoredItemOut(id=s.id, collection=s.collection, dim=len(s.vector),
+                                vector=None if encoding is None else vector_out(s.vector, encoding),
+                                sha256=s.sha256, label=s.label, metadata=s.metadata, created=s.created,
+                                updated=s.updated)
+
+
+def hit(h: Any) -> schema.HitOut:
+    return schema.HitOut(id=h.id, score=h.score, collection=h.collection, label=h.label, metadata=h.metadata)
+
+
+def stats(s: Any, heads: int) -> schema.StatsResponse:
+    return schema.StatsResponse(collections=[schema.CollectionOut(**asdict(c)) for c in s.collections],
+                                items=s.items, cache_items=s.cache_items, cache_max_items=s.cache_max_items,
+                                disk_bytes=s.disk_bytes, heads=heads)
+
+
+def head(info: Any) -> schema.HeadOut:
+    """A :class:`classifier.HeadInfo` as the gRPC port's HeadInfo says it (no server paths)."""
+    source = info.source or {}
+    return schema.HeadOut(head_id=info.head_id, kind=info.kind, model_id=info.model_id, dim=info.dim,
+                          classes=[str(c) for c in info.classes], class_counts=info.class_counts,
+                          params=info.params, metrics=info.metrics, created=info.created,
+                          collection=str(source.get("collection", "")),
+                          adaptation=info.adaptation and {**info.adaptation, "adapt_to": source.get("adapt_to")})
+
+
+def job(j: Any) -> schema.JobOut:
+    return schema.JobOut(**asdict(j))
+
+
+def prediction(row: Any) -> schema.Prediction:
+    return schema.Prediction(id=row.id, cached=row.cached, error=outcome_error(row.error),
+                             heads={h: [schema.LabelScore(label=lab, probability=p) for lab, p in top]
+                                    for h, top in (row.tops or {}).items()})

@@ -1,0 +1,154 @@
+"""What every HTTP request passes before and after its route, as plain ASGI middleware (no per-request threads).
+
+Outermost first: :class:`Measure` (Prometheus, by route and status), :class:`Authenticate` (the bearer token,
+checked before a byte of the body is read), :class:`LimitBody` (``max_message_bytes``, like gRPC's receive
+limit), :class:`AnswerErrors` (whatever a route raises becomes the table's status and JSON error).
+"""
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import Category
+from .convert import error_body, item_error
+
+log = logging.getLogger(__name__)
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})  # probes and the API's description
+
+
+async def send_error(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
+    """Answer with ``{"error": body}`` (a :class:`~.schema.ErrorBody`)."""
+    payload = json.dumps({"error": body.model_dump()}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": payload})
+
+
+class AnswerErrors:
+    """Turn an exception from a route into its status and JSON error through the one table; never a trace."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as e:
+            if started:  # too late for a status: the connection is cut, which the client sees
+                log.exception("error after the response started")
+                raise
+            await send_error(send, *error_body(e))
+
+
+class LimitBody:
+    """Refuse bodies above ``limit`` bytes with 413, by Content-Length or while reading a chunked one.
+
+    The body is read whole before the route runs (every route needs all of it), so the route never sees a
+    partial one; later ``receive`` calls go to the server (they report the client leaving).
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._refuse(send, int(declared))
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(send, size)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send, size: int) -> None:
+        await send_error(send, 413, item_error(
+            Category.RESOURCE_EXHAUSTED,
+            f"request body is {'at least ' if size <= self.limit else ''}{size:,} bytes, above the server's limit of "
+            f"{self.limit:,} (max_message_bytes); send fewer or smaller images per call, or raise the limit "
+            "with --max-message-bytes / EMBEDDER_MAX_MESSAGE_BYTES"), {"connection": "close"})
+
+
+class Authenticate:
+    """Require ``Authorization: Bearer <token>`` on every path but :data:`OPEN_PATHS`, as the gRPC port does."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app, self._expected = app, token.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, credentials = given.partition(b" ")
+        # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
+        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self._expected):
+            return await self.app(scope, receive, send)
+        why = "missing `Authorization` header" if not given else "wrong token in the `Authorization` header"
+        await send_error(send, 401, item_error(
+            Category.UNAUTHENTICATED, f"{why}; send `Authorization: Bearer <token>` (the server's --token / "
+            "EMBEDDER_TOKEN; OpenAI clients: api_key=<token>)"), {"www-authenticate": "Bearer"})
+
+
+class Measure:
+    """Count requests by route and status, and time them, in the service's Prometheus registry."""
+
+    def __init__(self, app: ASGIApp, metrics: Any) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.app = app
+        self.requests = Counter("embedder_http_requests", "HTTP requests by route and status",
+                                ["route", "status"], registry=metrics.registry)
+        self.latency = Histogram("embedder_http_request_seconds", "HTTP request wall time by route", ["route"],
+                                 registry=metrics.registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.monotonic(), 500
+
+        async def tracked(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        finally:
+            route = scope.get("route")  # set by the router when a route matched: a bounded label set
+            name = getattr(route, "name", None) or "unmatched"
+            self.requests.labels(name, str(status)).inc()
+            self.latency.labels(name).observe(time.monotonic() - start)

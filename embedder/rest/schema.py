@@ -1,0 +1,356 @@
+"""The JSON shapes of the HTTP front door: request bodies (validated) and responses (serialized), one model each.
+
+Field names follow the gRPC messages (``embedder.v1``) with JSON in place of ``*_json`` strings, images as
+base64 or ``data:`` URIs and vectors as float arrays or base64 little-endian float32 (``encoding_format``).
+They are also what ``/openapi.json`` describes.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..core.service import DEFAULT_K
+
+Encoding = Literal["float", "base64"]
+Vector = list[float] | str  # a JSON float array, or base64 of little-endian float32 values
+
+_ENCODING = Field("float", description="`float`: vectors as JSON arrays; `base64`: base64 of little-endian float32")
+
+
+class Request(BaseModel):
+    """A request body: unknown fields are refused, so a misspelt one is not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------------- requests
+
+class TensorIn(Request):
+    shape: list[int] = Field(description="[H, W] or [H, W, C], C in 1, 3, 4 (channels last)")
+    dtype: Literal["uint8", "float32"] = Field(description="uint8 (0..255) or float32 (0..1, little-endian)")
+    data: str = Field(description="base64 of the raw pixels, row-major")
+
+
+class ItemIn(Request):
+    """One input: set exactly one of ``image``, ``sha256`` and ``tensor``."""
+
+    id: str = ""
+    image: str | None = Field(None, description="an encoded image (JPEG, PNG, WebP, ...) as base64 or a data: "
+                                                "URI; URLs are refused (the server fetches nothing)")
+    sha256: str | None = Field(None, description="sha256 of image bytes the server has embedded before")
+    tensor: TensorIn | None = None
+
+
+class AddItemIn(ItemIn):
+    label: str | None = None
+    metadata: dict[str, Any] | None = Field(None, description="a JSON object, stored and returned as is")
+
+
+class EmbedRequest(Request):
+    items: list[ItemIn] = []
+    model: str = Field("", description="backbone name or model id; empty: the server's default")
+    encoding_format: Encoding = _ENCODING
+
+
+class AddRequest(Request):
+    items: list[AddItemIn] = []
+    model: str = Field("", description="for a new collection: the model it is bound to; empty: the default")
+    index: str = Field("", description="for a new collection: flat (default) or hnsw[:m=..,ef_construction=..]")
+
+
+class AddForm(Request):
+    """``multipart/form-data`` for add: every uploaded image gets the same label and metadata."""
+
+    model: str = ""
+    index: str = ""
+    label: str | None = None
+    metadata: str | None = Field(None, description="a JSON object")
+
+
+class IdsRequest(Request):
+    ids: list[str]
+
+
+class GetRequest(IdsRequest):
+    omit_vectors: bool = False
+    encoding_format: Encoding = _ENCODING
+
+
+class LabelsRequest(Request):
+    labels: dict[str, str] = Field({}, description="item id -> new label")
+    clear: list[str] = Field([], description="item ids whose label is removed")
+
+
+class SearchRequest(Request):
+    """The query is exactly one of ``item`` (an image), ``item_id`` (a stored item) and ``vector``."""
+
+    collection: str | None = Field(None, description="empty: every collection of the query's model")
+    item: ItemIn | None = None
+    item_id: str | None = None
+    vector: Vector | None = None
+    model: str = ""
+    k: int = DEFAULT_K
+    label: str | None = Field(None, description="only items with this label")
+    ef_search: int | None = Field(None, description="HNSW collections: the search breadth for this call")
+
+
+class TrainRequest(Request):
+    head: str = Field("", description="logreg (default), linear_svm, svm")
+    labels: list[str] = []
+    ids: list[str] = []
+    params: dict[str, Any] = {}
+    test_size: float = 0.0
+    seed: int = 0
+    head_id: str = ""
+    adapt_to: str = ""
+    adapt_method: str = ""
+
+
+class PredictRequest(Request):
+    head_ids: list[str] = Field(description="heads of one backbone; each item is embedded once for all")
+    items: list[ItemIn] = []
+    collection: str = Field("", description="with `ids`: the collection holding them")
+    ids: list[str] = []
+    top_k: int = 1
+
+
+class LearningCurveRequest(Request):
+    head: str = ""
+    labels: list[str] = []
+    params: dict[str, Any] = {}
+    per_class: list[int] = []
+    repeats: int = 0
+    test_size: float = 0.0
+    seed: int = 0
+
+
+class FineTuneRequest(Request):
+    suffix: str = Field(description='the new backbone is "<parent>.<suffix>"')
+    method: str = Field("", description="finetune (default) or adabn")
+    unfreeze: int = 0
+    epochs: int = 0
+    params: dict[str, Any] = {}
+    labels: list[str] = []
+    ids: list[str] = []
+
+
+class EmbeddingsRequest(BaseModel):
+    """OpenAI's embeddings request; each ``input`` string is one image (a data: URI or base64)."""
+
+    model_config = ConfigDict(extra="allow")  # OpenAI clients may send fields we have no use for
+
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str
+    encoding_format: Encoding = "float"
+    dimensions: int | None = None
+    user: str | None = None
+
+
+# --------------------------------------------------------------------------------------------- responses
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str = Field(description="the error category, e.g. invalid_argument, not_found")
+    code: str = Field(description="the gRPC status code name the same failure gets on the gRPC port")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Result(BaseModel):
+    id: str
+    sha256: str
+    cached: bool
+    vector: Vector | None = None
+    error: ErrorBody | None = None
+
+
+class EmbedResponse(BaseModel):
+    results: list[Result]
+    model_id: str
+    dim: int
+
+
+class AddResponse(BaseModel):
+    results: list[Result]
+    added: int
+    replaced: int
+    collection: str
+    model_id: str
+
+
+class DeleteResponse(BaseModel):
+    deleted: int
+    missing: list[str] = []
+
+
+class LabelsResponse(BaseModel):
+    updated: int
+
+
+class StoredItemOut(BaseModel):
+    id: str
+    collection: str
+    dim: int
+    vector: Vector | None
+    sha256: str | None
+    label: str | None
+    metadata: dict[str, Any]
+    created: float
+    updated: float
+
+
+class GetResponse(BaseModel):
+    items: list[StoredItemOut]
+    missing: list[str]
+
+
+class HitOut(BaseModel):
+    id: str
+    score: float
+    collection: str
+    label: str | None
+    metadata: dict[str, Any]
+
+
+class SearchResponse(BaseModel):
+    hits: list[HitOut]
+    model_id: str
+    cached: bool
+
+
+class CollectionOut(BaseModel):
+    name: str
+    model_id: str
+    dim: int
+    index: str
+    count: int
+    labels: dict[str, int]
+    unlabeled: int
+    created: float
+
+
+class StatsResponse(BaseModel):
+    collections: list[CollectionOut]
+    items: int
+    cache_items: int
+    cache_max_items: int
+    disk_bytes: int
+    heads: int
+
+
+class HeadOut(BaseModel):
+    head_id: str
+    kind: str
+    model_id: str
+    dim: int
+    classes: list[str]
+    class_counts: list[int]
+    params: dict[str, Any]
+    metrics: dict[str, Any] | None
+    created: str
+    collection: str
+    adaptation: dict[str, Any] | None
+
+
+class TrainResponse(BaseModel):
+    head: HeadOut
+    samples: int
+    train_seconds: float
+    total_seconds: float
+
+
+class HeadsResponse(BaseModel):
+    heads: list[HeadOut]
+
+
+class LabelScore(BaseModel):
+    label: str
+    probability: float
+
+
+class Prediction(BaseModel):
+    id: str
+    cached: bool
+    heads: dict[str, list[LabelScore]] = Field(description="head id -> its top labels, best first")
+    error: ErrorBody | None = None
+
+
+class PredictResponse(BaseModel):
+    predictions: list[Prediction] = Field(description="items first, then ids, in request order")
+    head_ids: list[str]
+    model_id: str
+
+
+class CurvePointOut(BaseModel):
+    per_class: int
+    n_train: int
+    accuracy_mean: float
+    accuracy_std: float
+    ci_low: float
+    ci_high: float
+    repeats: int
+    fit_seconds: float
+
+
+class LearningCurveResponse(BaseModel):
+    points: list[CurvePointOut]
+
+
+class JobOut(BaseModel):
+    job_id: str
+    kind: str
+    state: str
+    params: dict[str, Any]
+    progress: dict[str, Any]
+    result: dict[str, Any] | None
+    error: str | None
+    created: float
+    updated: float
+
+
+class ModelOut(BaseModel):
+    """OpenAI's model object (``id`` is the backbone name) with the server's model info beside it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "embedder"
+
+
+class Limits(BaseModel):
+    max_message_bytes: int
+    max_items: int
+    max_pixels: int
+
+
+class ModelsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]
+    limits: Limits
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    embedding: Vector
+    index: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0  # images are not tokens; OpenAI clients expect the fields
+    total_tokens: int = 0
+
+
+class EmbeddingsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: Usage = Usage()
+
+
+class StatusOut(BaseModel):
+    status: str
