@@ -13,13 +13,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from sklearn.base import clone
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from embedder.errors import DeadlineError
 from embedder.results import CurvePoint
 
 from .heads import Head, HeadError, InsufficientDataError, check_features
@@ -117,15 +118,21 @@ def evaluation_from_predictions(y_true: Sequence[Any], y_pred: Sequence[Any], *,
 
 
 DEFAULT_CURVE = (2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+# A curve costs sizes x repeats fits: these bound what one call can ask for (the defaults are 11 x 5).
+MAX_REPEATS = 100
+MAX_CURVE_SIZES = 32
 
 
 def learning_curve(head: Head, X: Any, y: Sequence[Any], *, per_class: Sequence[int] | None = None,
-                   repeats: int = 5, test_size: float = 0.2, seed: int = 0) -> list[CurvePoint]:
+                   repeats: int = 5, test_size: float = 0.2, seed: int = 0,
+                   should_stop: Callable[[], bool] | None = None) -> list[CurvePoint]:
     """Accuracy at growing numbers of labels per class: does labelling more pay off?
 
     One stratified hold-out (``test_size``) is fixed; for each size a fresh ``head`` clone is trained on
     ``repeats`` seeded random draws of that many examples per class from the rest. Sizes the smallest class
-    cannot fill, or below the head's minimum per class, are left out.
+    cannot fill, or below the head's minimum per class, are left out. At most :data:`MAX_REPEATS` repeats and
+    :data:`MAX_CURVE_SIZES` sizes. ``should_stop`` is asked before every fit; when it says yes (the caller's
+    deadline passed, it cancelled, the server is stopping) the curve ends with :class:`DeadlineError`.
     """
     from scipy import stats
 
@@ -134,8 +141,12 @@ def learning_curve(head: Head, X: Any, y: Sequence[Any], *, per_class: Sequence[
     classes, counts = np.unique(y, return_counts=True)
     if len(classes) < 2:
         raise InsufficientDataError("need at least two classes for a learning curve; label another class")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
-        raise HeadError(f"repeats must be an integer >= 2 (for a confidence interval), got {repeats!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or not 2 <= repeats <= MAX_REPEATS:
+        raise HeadError(f"repeats must be an integer from 2 (for a confidence interval) to {MAX_REPEATS}, got "
+                        f"{repeats!r}")
+    if per_class is not None and len(per_class) > MAX_CURVE_SIZES:
+        raise HeadError(f"per_class has {len(per_class)} sizes; a curve takes at most {MAX_CURVE_SIZES} (each costs "
+                        "`repeats` fits): ask for fewer sizes")
     if per_class is not None and any(isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1
                                      for n in per_class):
         raise HeadError(f"per_class sizes must be whole numbers >= 1 (labelled examples per class), got "
@@ -150,9 +161,14 @@ def learning_curve(head: Head, X: Any, y: Sequence[Any], *, per_class: Sequence[
                                     f"curve needs at least {head.min_per_class} per class: label more examples")
     rng = np.random.default_rng(seed)
     points = []
-    for n in sizes:
+    for done, n in enumerate(sizes):
         scores, seconds = [], []
-        for _ in range(repeats):
+        for r in range(repeats):
+            if should_stop is not None and should_stop():
+                raise DeadlineError(f"the learning curve stopped after {done * repeats + r} of "
+                                    f"{len(sizes) * repeats} fits: its call's deadline passed, it was cancelled, "
+                                    "or the server is stopping; allow a longer deadline or ask for fewer sizes "
+                                    "or repeats")
             pick = np.concatenate([rng.choice(pool, n, replace=False) for pool in pools.values()])
             started = time.perf_counter()
             fitted = clone(head).fit(X[pick], y[pick])

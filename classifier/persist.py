@@ -3,12 +3,15 @@
 A saved head is a directory ``<root>/<head_id>/`` holding::
 
     head.safetensors   the arrays prediction needs (Head.to_arrays()), read by a parser that never runs code
-    head.json          kind, classes, backbone model id, dim, params, metrics, created, versions, the arrays' sha256
+    head.json          kind, classes, backbone model id, dim, params, metrics, created, versions, the arrays' sha256,
+                       and ``manifest_sha256``: one checksum over all of the rest of head.json
 
 Writes are atomic: both files go to a hidden temporary directory next to the target, are fsynced, and
 the directory is renamed into place, so a reader sees a whole head or none. Loading checks the format
-version, the arrays' checksum, their names and shapes against the JSON, and (when given) the backbone
-model id, and refuses anything that does not fit together.
+version, the manifest checksum (an edited class list or kind cannot load), the arrays' checksum, their
+names and shapes against the JSON, and (when given) the backbone model id, and refuses anything that does
+not fit together with :class:`HeadFormatError`, whose message names the head, never a server path (the
+path is logged). Heads of format 1 (before the manifest checksum) still load, with a warning.
 """
 from __future__ import annotations
 
@@ -39,7 +42,8 @@ from .heads import HEADS, Head, HeadError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: head.json carries manifest_sha256
+_READABLE_VERSIONS = (1, FORMAT_VERSION)
 ARRAYS_FILE = "head.safetensors"
 META_FILE = "head.json"
 ADAPTER_PREFIX = "adapter."  # arrays of a head's DomainAdapter, beside the head's own
@@ -148,6 +152,7 @@ def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None
                    "names": sorted(arrays)},
     }
     try:
+        meta["manifest_sha256"] = manifest_sha256(meta)
         meta_text = json.dumps(meta, indent=2, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise HeadError(f"metrics and params must be JSON-serialisable (finite numbers, strings, lists, dicts): {e}") \
@@ -197,18 +202,18 @@ def load_head(path: str | os.PathLike, *, expected_model_id: str | None = None) 
     try:
         blob = (path / ARRAYS_FILE).read_bytes()
     except FileNotFoundError:
-        raise HeadFormatError(f"{path / ARRAYS_FILE} is missing; the head is incomplete, save it again") from None
+        raise _corrupt(path, f"{ARRAYS_FILE} is missing; the head is incomplete, save or train it again") from None
     if hashlib.sha256(blob).hexdigest() != meta["arrays"]["sha256"]:
-        raise HeadFormatError(f"{path / ARRAYS_FILE} does not match the checksum in {META_FILE}: the head is "
-                              "corrupt or was modified; save or train it again")
+        raise _corrupt(path, f"{ARRAYS_FILE} does not match the checksum in {META_FILE}: the head is corrupt or "
+                             "was modified; save or train it again")
     try:
         arrays = load_safetensors(blob)  # a plain header + raw buffers parser: never unpickles
     except (SafetensorError, ValueError) as e:
-        raise HeadFormatError(f"{path / ARRAYS_FILE} is not a valid safetensors file ({e}); "
-                              "save or train the head again") from None
+        raise _corrupt(path, f"{ARRAYS_FILE} is not a valid safetensors file ({e}); save or train the head "
+                             "again") from None
     if sorted(arrays) != meta["arrays"]["names"]:
-        raise HeadFormatError(f"{path / ARRAYS_FILE} holds arrays {sorted(arrays)}, "
-                              f"{META_FILE} lists {meta['arrays']['names']}")
+        raise _corrupt(path, f"{ARRAYS_FILE} holds arrays {sorted(arrays)}, {META_FILE} lists "
+                             f"{meta['arrays']['names']}")
     adapter_arrays = {k[len(ADAPTER_PREFIX):]: v for k, v in arrays.items() if k.startswith(ADAPTER_PREFIX)}
     arrays = {k: v for k, v in arrays.items() if not k.startswith(ADAPTER_PREFIX)}
     try:
@@ -219,11 +224,10 @@ def load_head(path: str | os.PathLike, *, expected_model_id: str | None = None) 
         elif adapter_arrays:
             raise HeadError("it holds adapter arrays but head.json records no adaptation")
     except HeadError as e:
-        raise HeadFormatError(f"head {info.head_id!r} in {path} does not fit together: {e}") from None
+        raise _corrupt(path, f"its files do not fit together: {e}") from None
     if head.n_features_in_ != info.dim or head.class_counts_.tolist() != info.class_counts:
-        raise HeadFormatError(f"head {info.head_id!r} in {path}: {META_FILE} says dim {info.dim} and class counts "
-                              f"{info.class_counts}, the arrays say {head.n_features_in_} and "
-                              f"{head.class_counts_.tolist()}")
+        raise _corrupt(path, f"{META_FILE} says dim {info.dim} and class counts {info.class_counts}, the arrays say "
+                             f"{head.n_features_in_} and {head.class_counts_.tolist()}")
     return head
 
 
@@ -247,7 +251,7 @@ def delete_head(root: str | os.PathLike, head_id: str) -> None:
     """Delete the saved head ``head_id`` under ``root``; :class:`HeadNotFoundError` if there is none."""
     path = Path(root) / check_head_id(head_id)
     if not (path / META_FILE).is_file():
-        raise HeadNotFoundError(f"no head with id {head_id!r} in {root}")
+        raise HeadNotFoundError(f"no head with id {head_id!r}")
     # rename first, so a concurrent reader never sees a half-deleted head
     doomed = Path(root) / f".del-{head_id}-{secrets.token_hex(4)}"
     path.rename(doomed)
@@ -295,22 +299,48 @@ def _library_version() -> str:
         return "unknown"
 
 
+def manifest_sha256(meta: Mapping[str, Any]) -> str:
+    """The checksum of a head.json's content: sha256 of its canonical JSON without ``manifest_sha256`` itself."""
+    rest = {k: v for k, v in meta.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":"), allow_nan=False)
+                          .encode("utf-8")).hexdigest()
+
+
+def _manifest_or_none(meta: Mapping[str, Any]) -> str | None:
+    try:
+        return manifest_sha256(meta)
+    except ValueError:  # NaN or infinity, which no saved head.json holds
+        return None
+
+
+def _corrupt(path: Path, problem: str) -> HeadFormatError:
+    """The error for a saved head that is not whole: callers may be remote, so the path goes to the log only."""
+    log.error("saved head at %s: %s", path, problem)
+    return HeadFormatError(f"saved head {path.name!r}: {problem}")
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     meta_path = path / META_FILE
     if not meta_path.is_file():
-        raise HeadNotFoundError(f"no saved head at {path} ({META_FILE} is missing)")
+        raise HeadNotFoundError(f"no saved head {path.name!r} ({META_FILE} is missing)")
     if meta_path.stat().st_size > MAX_META_BYTES:
-        raise HeadFormatError(f"{meta_path} is larger than {MAX_META_BYTES} bytes; it is not a head file")
+        raise _corrupt(path, f"{META_FILE} is larger than {MAX_META_BYTES} bytes; it is not a head file")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HeadFormatError(f"{meta_path} is not valid JSON ({e}); the head is corrupt, save it again") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise _corrupt(path, f"{META_FILE} is not valid JSON ({e}); the head is corrupt, save it again") from None
     if not isinstance(meta, dict):
-        raise HeadFormatError(f"{meta_path} must hold a JSON object")
+        raise _corrupt(path, f"{META_FILE} must hold a JSON object")
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise HeadFormatError(f"{meta_path} has format_version {version!r}; this library reads version "
-                              f"{FORMAT_VERSION}. Upgrade the library or train the head again")
+    if version not in _READABLE_VERSIONS:
+        raise _corrupt(path, f"{META_FILE} has format_version {version!r}; this library reads versions "
+                             f"{', '.join(map(str, _READABLE_VERSIONS))}. Upgrade the library or train the head again")
+    if version == 1:
+        log.warning("saved head at %s predates manifest checksums (format 1): edits to its %s go unnoticed; "
+                    "train it again to protect it", path, META_FILE)
+    elif meta.get("manifest_sha256") != _manifest_or_none(meta):
+        raise _corrupt(path, f"{META_FILE} does not match its manifest_sha256: it was edited or is corrupt (its "
+                             "class list, kind or parameters cannot be trusted); train the head again")
     return meta
 
 
@@ -321,29 +351,31 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 
 
 def _info_from_meta(meta: dict[str, Any], path: Path) -> HeadInfo:
-    where = path / META_FILE
+    def bad(problem: str) -> HeadFormatError:
+        return _corrupt(path, f"{META_FILE}: {problem}")
+
     for name, types in _FIELDS.items():
         if not isinstance(meta.get(name), types) or isinstance(meta.get(name), bool):
-            raise HeadFormatError(f"{where}: field {name!r} is missing or has the wrong type")
+            raise bad(f"field {name!r} is missing or has the wrong type")
     if meta["kind"] not in HEADS:
-        raise HeadFormatError(f"{where}: unknown head kind {meta['kind']!r} (known: {', '.join(HEADS)})")
+        raise bad(f"unknown head kind {meta['kind']!r} (known: {', '.join(HEADS)})")
     classes = meta["classes"]
     if (len(classes) < 2 or len(set(map(repr, classes))) != len(classes)
             or not (all(isinstance(c, str) for c in classes)
                     or all(isinstance(c, int) and not isinstance(c, bool) for c in classes))):
-        raise HeadFormatError(f"{where}: classes must be two or more distinct strings or integers")
+        raise bad("classes must be two or more distinct strings or integers")
     counts = meta["class_counts"]
     if len(counts) != len(classes) or not all(isinstance(c, int) and c >= 1 for c in counts):
-        raise HeadFormatError(f"{where}: class_counts must hold one positive integer per class")
+        raise bad("class_counts must hold one positive integer per class")
     arrays = meta["arrays"]
     if (arrays.get("file") != ARRAYS_FILE or not isinstance(arrays.get("sha256"), str)
             or not isinstance(arrays.get("names"), list)):
-        raise HeadFormatError(f"{where}: the 'arrays' entry must name {ARRAYS_FILE}, its sha256 and array names")
+        raise bad(f"the 'arrays' entry must name {ARRAYS_FILE}, its sha256 and array names")
     for name in ("source", "adaptation"):
         if not isinstance(meta.get(name), (dict, type(None))):
-            raise HeadFormatError(f"{where}: field {name!r} must be an object or null")
+            raise bad(f"field {name!r} must be an object or null")
     if meta["head_id"] != path.name:
-        raise HeadFormatError(f"{where}: head_id {meta['head_id']!r} does not match its directory {path.name!r}")
+        raise bad(f"head_id {meta['head_id']!r} does not match its directory {path.name!r}")
     return HeadInfo(head_id=meta["head_id"], kind=meta["kind"], model_id=meta["model_id"], dim=meta["dim"],
                     classes=classes, class_counts=counts, params=meta["params"], metrics=meta["metrics"],
                     created=meta["created"], library_version=meta["library_version"],

@@ -7,6 +7,8 @@
 
 Plain arrays in and out: no gRPC and no store here (the service reads the vectors from its store).
 Thread-safe. Trainings run one at a time, since each already uses every core; predictions run alongside.
+A ``should_stop`` callable (the caller's deadline or cancellation, the server stopping) is asked while a
+training waits for its turn and between its steps; when it says yes the work ends with DeadlineError.
 """
 from __future__ import annotations
 
@@ -14,14 +16,17 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from .adapt import DomainAdapter
+from embedder.errors import DeadlineError
 from embedder.results import CurvePoint
+
+from .adapt import DomainAdapter
 
 from .evaluate import evaluate, learning_curve
 from .heads import Head, HeadError, InsufficientDataError, head_params, make_head
@@ -30,6 +35,10 @@ from .persist import (META_FILE, HeadInfo, HeadNotFoundError, check_head_id, del
                       recover_interrupted, save_head)
 
 log = logging.getLogger(__name__)
+
+# Head options whose cost has no bound of its own (the defaults are 500 and 5000): one call may not ask more.
+PARAM_CAPS = {"max_iter": 10_000, "max_samples": 20_000}
+_POLL_SECONDS = 0.1  # how often a training waiting for its turn asks whether its caller is still there
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,8 @@ class HeadRegistry:
     def train(self, X: np.ndarray, y: Sequence[Any], *, model_id: str, kind: str = "logreg",
               params: Mapping[str, Any] | None = None, test_size: float = 0.2, seed: int = 0,
               head_id: str | None = None, source: Mapping[str, Any] | None = None,
-              adapt_to: np.ndarray | None = None, adapt_method: str = "coral") -> TrainResult:
+              adapt_to: np.ndarray | None = None, adapt_method: str = "coral",
+              should_stop: Callable[[], bool] | None = None) -> TrainResult:
         """Evaluate ``kind`` on a stratified hold-out of ``X``/``y``, fit it on all of them, save it.
 
         The metrics in the saved head come from the hold-out; the saved head is fitted on every row.
@@ -78,29 +88,36 @@ class HeadRegistry:
         :class:`~classifier.adapt.DomainAdapter` (``adapt_method``) fitted on ``X`` and them maps the training
         vectors before training (and the hold-out metrics are on those); the saved head maps every vector it
         predicts on the target way, and records how it was adapted.
+
+        ``should_stop`` is asked while waiting for the training lock and between adapting, evaluating,
+        fitting and saving; nothing is saved once it says yes.
         """
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
             raise HeadError(f"seed must be an integer in [0, 2**32), got {seed!r}")
-        params = dict(params or {})
+        params = _capped(params)
         if "seed" in head_params(kind) and "seed" not in params:
             params["seed"] = seed
         head = make_head(kind, **params)  # HeadError for an unknown kind or bad params, before any work
         if head_id is not None:
             check_head_id(head_id)
-        with self._train_lock:
+        stop = _Stopper(should_stop, "training (no head saved)")
+        with self._turn(stop):
             started = time.perf_counter()
             adapter = None
             if adapt_to is not None:
                 adapter = DomainAdapter(adapt_method).fit(X, adapt_to)
                 X = adapter.transform_source(X)
+                stop.check("adapting")
             try:
                 metrics: dict[str, Any] = evaluate(head, X, y, test_size=test_size, seed=seed).to_dict()
             except InsufficientDataError as e:
                 metrics = {"method": "none", "reason": f"no hold-out evaluation: {e}"}
+            stop.check("the hold-out evaluation")
             fit_start = time.perf_counter()
             head.fit(X, y, model_id=model_id)  # InsufficientDataError when the head itself cannot train
             head.adapter_ = adapter
             train_seconds = time.perf_counter() - fit_start
+            stop.check("the final fit")
             with self._disk_lock:
                 path = save_head(head, self.root, head_id=head_id, metrics=metrics, source=source,
                                  overwrite=head_id is not None)
@@ -113,11 +130,12 @@ class HeadRegistry:
         return TrainResult(read_head_info(path), samples, train_seconds, total)
 
     def learning_curve(self, X: np.ndarray, y: Sequence[Any], *, kind: str = "logreg",
-                       params: Mapping[str, Any] | None = None, **options: Any) -> list[CurvePoint]:
+                       params: Mapping[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
+                       **options: Any) -> list[CurvePoint]:
         """:func:`classifier.evaluate.learning_curve` of a ``kind`` head, in turn with trainings."""
-        head = make_head(kind, **dict(params or {}))
-        with self._train_lock:
-            return learning_curve(head, X, y, **options)
+        head = make_head(kind, **_capped(params))
+        with self._turn(_Stopper(should_stop, "learning curve")):
+            return learning_curve(head, X, y, should_stop=should_stop, **options)
 
     def get(self, head_id: str) -> Head:
         """The loaded head ``head_id``; :class:`HeadNotFoundError` if there is none."""
@@ -168,8 +186,42 @@ class HeadRegistry:
                                     "(`embedder heads`)")
         return path
 
+    @contextmanager
+    def _turn(self, stop: _Stopper) -> Iterator[None]:
+        """Hold the training lock; while waiting for it, give up as soon as ``stop`` says so."""
+        while not self._train_lock.acquire(timeout=_POLL_SECONDS):
+            stop.check("waiting for the training before it (trainings run one at a time)")
+        try:
+            stop.check("waiting for its turn")
+            yield
+        finally:
+            self._train_lock.release()
+
     def _remember(self, head_id: str, head: Head) -> None:
         self._loaded[head_id] = head
         self._loaded.move_to_end(head_id)
         while len(self._loaded) > self.max_loaded:
             self._loaded.popitem(last=False)
+
+
+class _Stopper:
+    """Ends a training or curve with DeadlineError once ``should_stop`` (None: never) says so."""
+
+    def __init__(self, should_stop: Callable[[], bool] | None, what: str) -> None:
+        self.should_stop, self.what = should_stop, what
+
+    def check(self, after: str) -> None:
+        if self.should_stop is not None and self.should_stop():
+            raise DeadlineError(f"the {self.what} stopped after {after}: its call's deadline passed, it was "
+                                "cancelled, or the server is stopping; allow a longer deadline")
+
+
+def _capped(params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``params`` as a dict, refused where they exceed :data:`PARAM_CAPS`."""
+    params = dict(params or {})
+    for name, cap in PARAM_CAPS.items():
+        value = params.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > cap:
+            raise HeadError(f"{name}={value!r} is above this service's cap of {cap:,}; training cost grows with "
+                            f"it, so ask for at most {cap:,}")
+    return params

@@ -349,6 +349,30 @@ def test_search_by_image_and_by_id(remote, pets, capsys):
     assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
+def test_stored_text_is_printed_with_control_characters_escaped(remote, store_server, photos):
+    """Found by the attack pass: names with terminal escape sequences reached the operator's terminal raw."""
+    from embedder.client import EmbedderClient
+
+    hostile = "evil\x1b]0;pwned\x07\x1b[2J\u202e"
+    with EmbedderClient(store_server) as client:
+        client.add(hostile, photos[:4], [f"{hostile}{i}" for i in range(4)], labels=[hostile, "ok"] * 2)
+        client.train(hostile, head_id="escaped-head")
+    for argv in (["stats"], ["search", "--id", f"{hostile}0", "--collection", hostile], ["heads"]):
+        code, out, err = remote(*argv)
+        assert code == 0 and "\x1b" not in out + err and "\u202e" not in out, argv
+        assert "evil\\x1b]0;pwned\\x07\\x1b[2J\\u202e" in out, argv  # shown, as escapes
+    code, out, _ = remote("stats", "--json")  # JSON escapes them itself
+    assert code == 0 and any(c["name"] == hostile for c in json.loads(out)["collections"])
+
+
+def test_printable_escapes_controls_and_keeps_the_rest():
+    from embedder.cli.options import printable
+
+    assert printable("caf\u00e9 \U0001f431 a/b") == "caf\u00e9 \U0001f431 a/b"
+    assert printable("a\x1b[31m\x9b\x7f\tb\n") == "a\\x1b[31m\\x9b\\x7f\\tb\\n"
+    assert printable("line 1\nline\x1b 2", newlines=True) == "line 1\nline\\x1b 2"
+
+
 def test_get_vectors_and_missing_ids(remote, pets, embedder):
     root, _ = pets
     add_pets(remote, pets, "get-pets")
@@ -527,6 +551,9 @@ def test_compile_cache_dir_and_cache_max_items_flags_beat_env(tmp_path, monkeypa
     assert (cfg.compile, cfg.cache_dir, cfg.cache_max_items) == (False, tmp_path / "env-cache", 5)
     cfg = serve_config(parser.parse_args(["serve", "--cache-max-items", "0"]))  # 0 (cache off) is a value too
     assert cfg.cache_max_items == 0
+    monkeypatch.setenv("EMBEDDER_MAX_METADATA_BYTES", "1000")
+    assert serve_config(parser.parse_args(["serve"])).max_metadata_bytes == 1000
+    assert serve_config(parser.parse_args(["serve", "--max-metadata-bytes", "2000"])).max_metadata_bytes == 2000
     for argv in (["embed", "x.jpg", "--out", "x.npy"], ["demo"]):  # the other commands with model options
         cfg = config_from(parser.parse_args([*argv, *flags]))
         assert (cfg.compile, cfg.cache_dir) == (True, tmp_path / "flag-cache")

@@ -98,6 +98,8 @@ def test_explicit_override_wins_even_when_env_is_invalid():
     ("max_delay_ms", -5, "max_delay_ms must be >= 0"),
     ("grace_seconds", -1, "grace_seconds must be >= 0"),
     ("cache_max_items", -1, "cache_max_items must be >= 0"),
+    ("max_metadata_bytes", 0, "max_metadata_bytes must be >= 1"),
+    ("max_metadata_bytes", 128 * 2**20, "max_metadata_bytes .* must be at most max_message_bytes"),
 ])
 def test_out_of_range_values_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):

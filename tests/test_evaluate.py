@@ -115,3 +115,25 @@ def test_learning_curve_rises_with_labels_and_bounds_its_mean():
     for bad in ([0], [-1, 5], [2.5]):
         with pytest.raises(HeadError, match="per_class sizes must be whole numbers >= 1"):
             learning_curve(make_head("logreg"), X, y, per_class=bad)
+
+
+def test_learning_curve_is_capped_and_stops_when_asked():
+    from classifier import learning_curve, make_head
+    from classifier.evaluate import MAX_CURVE_SIZES, MAX_REPEATS
+    from embedder.errors import DeadlineError
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((300, 8)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    with pytest.raises(HeadError, match=f"to {MAX_REPEATS}"):
+        learning_curve(make_head("logreg"), X, y, repeats=MAX_REPEATS + 1)
+    with pytest.raises(HeadError, match=f"at most {MAX_CURVE_SIZES}"):
+        learning_curve(make_head("logreg"), X, y, per_class=range(2, MAX_CURVE_SIZES + 3))
+    asked = []
+
+    def stop_after_three() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    with pytest.raises(DeadlineError, match="stopped after 3 of 20 fits"):
+        learning_curve(make_head("logreg"), X, y, per_class=[2, 5, 10, 20], repeats=5, should_stop=stop_after_three)

@@ -13,9 +13,19 @@ from test_heads import NAMES, embed_digits, single_torch_thread  # noqa: F401 (a
 from embedder.errors import ModelMismatchError
 from classifier import (FORMAT_VERSION, HEADS, HeadError, HeadFormatError, HeadNotFoundError,
                         delete_head, list_heads, load_head, make_head, read_head_info, save_head)
+from classifier.persist import manifest_sha256
 from embedder import __version__
 
 MODEL = "mobilenet_v2:test"
+
+
+def rewrite_meta(path, edit, *, reseal: bool) -> None:
+    """Edit a saved head's head.json; ``reseal`` recomputes its manifest checksum, as a deliberate forger would."""
+    meta = json.loads((path / "head.json").read_text())
+    edit(meta)
+    if reseal:
+        meta["manifest_sha256"] = manifest_sha256(meta)
+    (path / "head.json").write_text(json.dumps(meta))
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +106,8 @@ def test_a_pickle_in_place_of_the_arrays_is_refused(tmp_path, fitted):
     (path / "head.safetensors").write_bytes(blob)
     with pytest.raises(HeadFormatError, match="does not match the checksum"):
         load_head(path)
-    # even with the checksum edited to match, the safetensors parser refuses it
-    meta = json.loads((path / "head.json").read_text())
-    meta["arrays"]["sha256"] = hashlib.sha256(blob).hexdigest()
-    (path / "head.json").write_text(json.dumps(meta))
+    # even with the checksums edited to match, the safetensors parser refuses it
+    rewrite_meta(path, lambda m: m["arrays"].update(sha256=hashlib.sha256(blob).hexdigest()), reseal=True)
     with pytest.raises(HeadFormatError, match="not a valid safetensors file"):
         load_head(path)
     assert not marker.exists()
@@ -118,12 +126,42 @@ def test_a_pickle_in_place_of_the_arrays_is_refused(tmp_path, fitted):
     (lambda m: m.update(head_id="other"), "does not match its directory"),
 ])
 def test_an_edited_json_is_refused(tmp_path, fitted, edit, message):
+    """Each edit fails the manifest checksum; resealed (checksum recomputed), the check behind it refuses it."""
     path = save_head(fitted["logreg"], tmp_path, head_id="h")
-    meta = json.loads((path / "head.json").read_text())
-    edit(meta)
-    (path / "head.json").write_text(json.dumps(meta))
+    original = (path / "head.json").read_text()
+    rewrite_meta(path, edit, reseal=False)
+    with pytest.raises(HeadFormatError, match="does not match its manifest_sha256|format_version 99"):  # version first
+        load_head(path)
+    (path / "head.json").write_text(original)
+    rewrite_meta(path, edit, reseal=True)
     with pytest.raises(HeadFormatError, match=message):
         load_head(path)
+
+
+def test_a_reversed_class_list_is_data_loss_naming_no_path(tmp_path, fitted, caplog):
+    """Found by the attack pass: swapping head.json's classes made a head predict swapped labels."""
+    from embedder.errors import Category
+
+    path = save_head(fitted["logreg"], tmp_path, head_id="h")
+    rewrite_meta(path, lambda m: m["classes"].reverse(), reseal=False)
+    with pytest.raises(HeadFormatError, match="saved head 'h': head.json does not match") as e:
+        load_head(path)
+    assert e.value.category == Category.DATA_LOSS and str(tmp_path) not in str(e.value)
+    assert str(path) in caplog.text  # the operator finds the head in the log
+    for corrupt in (lambda: (path / "head.json").write_text("{not json"),
+                    lambda: (path / "head.safetensors").write_bytes(b"junk")):
+        save_head(fitted["logreg"], tmp_path, head_id="h", overwrite=True)
+        corrupt()
+        with pytest.raises(HeadFormatError) as e:
+            load_head(path)
+        assert str(tmp_path) not in str(e.value)
+
+
+def test_a_head_saved_before_manifest_checksums_still_loads(tmp_path, fitted, data, caplog):
+    path = save_head(fitted["logreg"], tmp_path, head_id="old")
+    rewrite_meta(path, lambda m: (m.pop("manifest_sha256"), m.update(format_version=1)), reseal=False)
+    np.testing.assert_array_equal(load_head(path).predict_proba(data[2]), fitted["logreg"].predict_proba(data[2]))
+    assert "predates manifest checksums" in caplog.text
 
 
 def test_a_json_that_is_not_json_is_refused(tmp_path, fitted):
@@ -192,8 +230,6 @@ def test_recover_interrupted_undoes_or_finishes_what_a_crash_left(fitted, tmp_pa
 
 
 def test_an_adapted_head_saves_its_adapter_and_predicts_identically_after_loading(data, tmp_path):
-    import json as _json
-
     from classifier import HeadRegistry
 
     X, y, X_new = data
@@ -207,9 +243,8 @@ def test_an_adapted_head_saves_its_adapter_and_predicts_identically_after_loadin
     np.testing.assert_array_equal(loaded.predict_proba(target), in_memory.predict_proba(target))
     plain = make_head("logreg").fit(X, NAMES[y], model_id=MODEL)
     assert not np.allclose(plain.predict_proba(target), loaded.predict_proba(target))  # the adapter is applied
-    meta = _json.loads((tmp_path / "adapted" / "head.json").read_text())
-    meta["adaptation"] = None  # arrays of an adapter that head.json no longer mentions
-    (tmp_path / "adapted" / "head.json").write_text(_json.dumps(meta))
+    # arrays of an adapter that head.json no longer mentions
+    rewrite_meta(tmp_path / "adapted", lambda m: m.update(adaptation=None), reseal=True)
     with pytest.raises(HeadFormatError, match="adapter arrays"):
         load_head(tmp_path / "adapted")
 

@@ -33,7 +33,7 @@ from typing import Sequence
 
 from ..errors import TABLE, Category, EmbedderError, category_of
 from . import backup, bulk, collections, demo, embed, heads, jobs, models, serve
-from .options import config_from
+from .options import config_from, printable
 
 # One module per command group, each owning its parsers and handlers; in `embedder --help` order.
 COMMAND_GROUPS = (models, demo, embed, serve, bulk, collections, heads, jobs, backup)
@@ -74,5 +74,5 @@ def main(argv: Sequence[str] | None = None) -> int:
         category = error_category(e)
         if category is Category.INTERNAL and not isinstance(e, EmbedderError):
             traceback.print_exc()  # a bug, not a failure we know: show where for the report
-        print(f"embedder: error: {e}", file=sys.stderr)
+        print(f"embedder: error: {printable(e, newlines=True)}", file=sys.stderr)
         return TABLE[category].exit_code

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import StoreLockedError
-from .options import MODEL_FIELDS, add_model_options
+from .options import MODEL_FIELDS, add_model_options, printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
                                id_column=args.id_column or None, label_column=args.label_column,
                                **{k: v for k, v in given.items() if v is not None})
     for f in manifest["failures"]:
-        print(f"skipped {f['id']}: {f['error']}", file=sys.stderr)
+        print(f"skipped {printable(f['id'])}: {printable(f['error'])}", file=sys.stderr)
     c = manifest["counts"]
     print(f"embedded {c['embedded']} of {c['inputs']} inputs ({c['failed']} failed) with {manifest['model_id']} "
           f"-> {args.out}: {c['shards']} shards ({c['skipped_shards']} already complete), "

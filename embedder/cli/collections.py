@@ -29,8 +29,8 @@ from pathlib import Path
 from ..config import Config
 from ..inputs import folder_label
 from . import bulk
-from .options import (CHUNK, add_remote_options, client_from, collect_images, positive_int, progress_bar,
-                      report)
+from .options import (CHUNK, add_remote_options, client_from, collect_images, positive_int, printable,
+                      progress_bar, report)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -135,7 +135,7 @@ def add(args: argparse.Namespace) -> int:
             bar.close()
     report(failed)
     print(f"added {added}, replaced {replaced}, {cached} from cache, {len(failed)} failed "
-          f"-> collection {args.collection}")
+          f"-> collection {printable(args.collection)}")
     return 0 if not failed else 1
 
 
@@ -172,12 +172,12 @@ def delete(args: argparse.Namespace) -> int:
     with client_from(args) as client:
         if args.all:
             count = client.delete_collection(args.collection)
-            print(f"deleted collection {args.collection} ({count} items)")
+            print(f"deleted collection {printable(args.collection)} ({count} items)")
             return 0
         result = client.delete(args.collection, args.ids)
-    print(f"deleted {result.deleted} of {len(args.ids)} items from collection {args.collection}")
+    print(f"deleted {result.deleted} of {len(args.ids)} items from collection {printable(args.collection)}")
     if result.missing:  # deleting what is not there is a no-op, not an error
-        print(f"not found (nothing deleted): {', '.join(result.missing)}")
+        print(f"not found (nothing deleted): {printable(', '.join(result.missing))}")
     return 0
 
 
@@ -198,7 +198,7 @@ def labels(args: argparse.Namespace) -> int:
     with client_from(args) as client:
         updated = client.set_labels(args.collection, changes)
     cleared = len(args.clear)
-    print(f"updated {updated} items in collection {args.collection} "
+    print(f"updated {updated} items in collection {printable(args.collection)} "
           f"({len(changes) - cleared} labelled, {cleared} cleared)")
     return 0
 
@@ -213,12 +213,13 @@ def search(args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(h) for h in hits], indent=2))
         return 0
     if not hits:
-        print(f"no matching items in collection {args.collection}")
+        print(f"no matching items in collection {printable(args.collection)}")
         return 0
-    width = max(2, *(len(h.id) for h in hits))
+    ids = [printable(h.id) for h in hits]
+    width = max(2, *map(len, ids))
     print(f"{'rank':>4} {'score':>7}  {'id':<{width}}  label")
-    for rank, h in enumerate(hits, 1):
-        print(f"{rank:>4} {h.score:>7.4f}  {h.id:<{width}}  {h.label if h.label is not None else '-'}")
+    for rank, (h, item_id) in enumerate(zip(hits, ids), 1):
+        print(f"{rank:>4} {h.score:>7.4f}  {item_id:<{width}}  {printable(h.label) if h.label is not None else '-'}")
     return 0
 
 
@@ -237,7 +238,7 @@ def get(args: argparse.Namespace) -> int:
     print(json.dumps(rows, indent=2))
     missing = [i for i, s in zip(args.ids, items) if s is None]
     for item_id in missing:
-        print(f"not found in collection {args.collection}: {item_id}", file=sys.stderr)
+        print(f"not found in collection {printable(args.collection)}: {printable(item_id)}", file=sys.stderr)
     return 0 if not missing else 1
 
 
@@ -250,15 +251,16 @@ def stats(args: argparse.Namespace) -> int:
         return 0
     cols = summary["collections"]
     if cols:
-        name_w = max(10, *(len(c.name) for c in cols))
-        model_w = max(5, *(len(c.model_id) for c in cols))
-        index_w = max(5, *(len(c.index) for c in cols))
+        rows = [(printable(c.name), printable(c.model_id), printable(c.index), c) for c in cols]
+        name_w = max(10, *(len(r[0]) for r in rows))
+        model_w = max(5, *(len(r[1]) for r in rows))
+        index_w = max(5, *(len(r[2]) for r in rows))
         print(f"{'collection':<{name_w}} {'items':>7}  {'model':<{model_w}}  {'index':<{index_w}}  labels")
-        for c in cols:
-            shown = ", ".join(f"{k} {v}" for k, v in sorted(c.labels.items()))
+        for name, model_id, index, c in rows:
+            shown = ", ".join(f"{printable(k)} {v}" for k, v in sorted(c.labels.items()))
             if c.unlabeled:
                 shown += f"{', ' if shown else ''}unlabeled {c.unlabeled}"
-            print(f"{c.name:<{name_w}} {c.count:>7}  {c.model_id:<{model_w}}  {c.index:<{index_w}}  {shown or '-'}")
+            print(f"{name:<{name_w}} {c.count:>7}  {model_id:<{model_w}}  {index:<{index_w}}  {shown or '-'}")
         print()
     else:
         print("no collections\n")

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .options import (CHUNK, HEAD_KINDS, add_remote_options, client_from, collect_images, fraction, param,
-                      positive_int, report)
+                      positive_int, printable, report)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,25 +93,27 @@ def train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"trained {r['kind']} head {r['head_id']} on {r['samples']} samples ({len(r['classes'])} classes) "
-          f"from collection {args.collection} in {r['total_seconds']:.2f} s")
+    print(f"trained {printable(r['kind'])} head {printable(r['head_id'])} on {r['samples']} samples "
+          f"({len(r['classes'])} classes) from collection {printable(args.collection)} in {r['total_seconds']:.2f} s")
     if args.plot is not None:
         print(f"confusion matrix -> {args.plot}")
     if r["adaptation"]:
         a = r["adaptation"]
-        print(f"adapted to collection {a['adapt_to']} ({a['n_target']} images) by {a['method']}")
+        print(f"adapted to collection {printable(a['adapt_to'])} ({a['n_target']} images) by "
+              f"{printable(a['method'])}")
     if "accuracy" not in metrics:
-        print(metrics.get("reason") or "no hold-out metrics")
+        print(printable(metrics.get("reason") or "no hold-out metrics"))
         return 0
     what = "hold-out" if metrics.get("method") == "holdout" else metrics.get("method", "hold-out")
     print(f"{what}: accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f} "
           f"on {metrics.get('n_evaluated', '?')} samples")
     per_class = metrics.get("per_class") or {}
     if per_class:
-        width = max(5, *(len(c) for c in per_class))
+        names = {c: printable(c) for c in per_class}
+        width = max(5, *map(len, names.values()))
         print(f"{'class':<{width}} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")
         for c, m in per_class.items():
-            print(f"{c:<{width}} {m['precision']:>9.4f} {m['recall']:>7.4f} {m['f1']:>7.4f} {m['support']:>8}")
+            print(f"{names[c]:<{width}} {m['precision']:>9.4f} {m['recall']:>7.4f} {m['f1']:>7.4f} {m['support']:>8}")
     return 0
 
 
@@ -162,7 +164,8 @@ def predict(args: argparse.Namespace) -> int:
     else:
         for name, p in rows:
             if p.error is None:
-                print(f"{name}  " + "  ".join(f"{label} {prob:.4f}" for label, prob in zip(p.labels, p.probabilities)))
+                print(f"{printable(name)}  " + "  ".join(f"{printable(label)} {prob:.4f}"
+                                                         for label, prob in zip(p.labels, p.probabilities)))
     failed += [{"path": name, "error": p.error} for name, p in rows if p.error is not None]
     report(failed)
     return 0 if not failed else 1
@@ -178,13 +181,14 @@ def heads(args: argparse.Namespace) -> int:
     if not listed:
         print("no heads")
         return 0
-    width = max(7, *(len(h["head_id"]) for h in listed))
+    ids = [printable(h["head_id"]) for h in listed]
+    width = max(7, *map(len, ids))
     print(f"{'head id':<{width}}  {'kind':<10} {'classes':>7} {'accuracy':>8}  {'created':<25}  collection")
-    for h in listed:
+    for head_id, h in zip(ids, listed):
         accuracy = (h["metrics"] or {}).get("accuracy")
         shown = f"{accuracy:.4f}" if accuracy is not None else "-"
-        print(f"{h['head_id']:<{width}}  {h['kind']:<10} {len(h['classes']):>7} {shown:>8}  {h['created']:<25}  "
-              f"{h['collection'] or '-'}")
+        print(f"{head_id:<{width}}  {printable(h['kind']):<10} {len(h['classes']):>7} {shown:>8}  "
+              f"{printable(h['created']):<25}  {printable(h['collection'] or '-')}")
     return 0
 
 
@@ -192,5 +196,5 @@ def delete_head(args: argparse.Namespace) -> int:
     """Delete one head; an unknown id is NOT_FOUND."""
     with client_from(args) as client:
         client.delete_head(args.head_id)
-    print(f"deleted head {args.head_id}")
+    print(f"deleted head {printable(args.head_id)}")
     return 0

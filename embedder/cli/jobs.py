@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_remote_options, client_from, param, positive_int
+from .options import add_remote_options, client_from, param, positive_int, printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,7 +48,8 @@ def finetune(args: argparse.Namespace) -> int:
                                   labels=args.labels, params=dict(args.param),
                                   method="adabn" if args.adabn else "finetune")
         parent = started["params"]["parent"].split(":")[0]
-        print(f"job {started['job_id']}: fine-tuning collection {args.collection} -> {parent}.{args.suffix} "
+        print(f"job {printable(started['job_id'])}: fine-tuning collection {printable(args.collection)} -> "
+              f"{printable(parent)}.{printable(args.suffix)} "
               f"({started['params']['images']} images)")
         if not args.wait:
             return 0
@@ -74,10 +75,12 @@ def job(args: argparse.Namespace) -> int:
 
 def _print_job(record: dict) -> int:
     """State, error and result of a job; 0 unless it failed or was cancelled."""
-    print(f"job {record['job_id']}: {record['state']}" + (f" ({record['error']})" if record["error"] else ""))
+    print(f"job {printable(record['job_id'])}: {printable(record['state'])}"
+          + (f" ({printable(record['error'])})" if record["error"] else ""))
     r = record["result"]
     if r:
         how = (f"hold-out accuracy {r['val_accuracy']:.4f} at epoch {r['best_epoch']}; {r['trunk_passes']} trunk "
                "passes" if "val_accuracy" in r else f"BatchNorm statistics of {r['images']} images")
-        print(f"new backbone {r['name']} ({r['model_id']}), {how}; embed with it: {r['use']}")
+        print(f"new backbone {printable(r['name'])} ({printable(r['model_id'])}), {how}; embed with it: "
+              f"{printable(r['use'])}")
     return 0 if record["state"] in ("finished", "queued", "running") else 1

@@ -21,8 +21,8 @@ from .options import add_model_options, config_from
 
 # The Config fields the service options set, by flag destination.
 SERVICE_FIELDS = ("host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
-                  "max_models", "role", "embed_target", "data_dir", "cache_max_items", "keep_images", "token",
-                  "tls_cert", "tls_key", "metrics_port", "grace_seconds")
+                  "max_metadata_bytes", "max_models", "role", "embed_target", "data_dir", "cache_max_items",
+                  "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "grace_seconds")
 
 
 def _mebi(n: int) -> str:
@@ -46,6 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-message-bytes", type=int,
                    help=f"gRPC message limit, both directions (default {_mebi(Config.max_message_bytes)}B)")
     g.add_argument("--max-items", type=int, help=f"items per request (default {Config.max_items})")
+    g.add_argument("--max-metadata-bytes", type=int,
+                   help="an added item's metadata JSON, in UTF-8 bytes; larger is refused per item "
+                        f"(default {Config.max_metadata_bytes // 1024}KiB)")
     g.add_argument("--role", choices=("all", "embed", "store"),
                    help="all: the whole service; embed: a stateless embedding replica; store: the data dir, with "
                         f"cache misses sent to --embed-target (default {Config.role})")

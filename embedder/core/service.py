@@ -271,8 +271,11 @@ class Service:
 
     def train(self, collection: str, *, head: str = "", labels: Sequence[str] = (), ids: Sequence[str] = (),
               params: Mapping[str, Any] | None = None, test_size: float = 0.0, seed: int = 0, head_id: str = "",
-              adapt_to: str = "", adapt_method: str = "") -> Any:
-        """Train and save a head on the labelled items of ``collection`` (a :class:`classifier.TrainResult`)."""
+              adapt_to: str = "", adapt_method: str = "", call: Call = Call()) -> Any:
+        """Train and save a head on the labelled items of ``collection`` (a :class:`classifier.TrainResult`).
+
+        Stops with DeadlineError, saving nothing, once ``call``'s deadline passes, it cancels or the service
+        closes (checked while waiting for the training before it and between steps)."""
         from classifier import InsufficientDataError
 
         store = self._stateful()
@@ -296,7 +299,8 @@ class Service:
             source["adapt_to"] = adapt_to
         return self.heads.train(X, y, model_id=info.model_id, kind=head or "logreg", params=params or {},
                                 test_size=test_size or 0.2, seed=seed, head_id=head_id or None, source=source,
-                                adapt_to=target, adapt_method=adapt_method or "coral")
+                                adapt_to=target, adapt_method=adapt_method or "coral",
+                                should_stop=lambda: self._closing or call.is_cancelled() or call.time_left() == 0)
 
     def predict(self, head_ids: Sequence[str], *, items: Sequence[Item] = (), ids: Sequence[str] = (),
                 collection: str = "", top_k: int = 1, call: Call = Call()) -> PredictResult:
@@ -351,12 +355,16 @@ class Service:
 
     def learning_curve(self, collection: str, *, head: str = "", labels: Sequence[str] = (),
                        params: Mapping[str, Any] | None = None, per_class: Sequence[int] = (), repeats: int = 0,
-                       test_size: float = 0.0, seed: int = 0) -> list[CurvePoint]:
+                       test_size: float = 0.0, seed: int = 0, call: Call = Call()) -> list[CurvePoint]:
+        """Hold-out accuracy at growing labels per class; stops with DeadlineError once ``call``'s deadline passes,
+        it cancels or the service closes (checked before every fit, so SIGTERM is not held up by a long curve)."""
         store = self._stateful()
         _, X, y = store.labelled(collection, labels=list(labels) or None)
         return self.heads.learning_curve(X, y, kind=head or "logreg", params=params or {},
                                          per_class=list(per_class) or None, repeats=repeats or 5,
-                                         test_size=test_size or 0.2, seed=seed)
+                                         test_size=test_size or 0.2, seed=seed,
+                                         should_stop=lambda: self._closing or call.is_cancelled() or
+                                         call.time_left() == 0)
 
     def list_heads(self) -> list[Any]:
         self._stateful()
