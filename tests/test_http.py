@@ -8,6 +8,9 @@ from __future__ import annotations
 import base64
 import dataclasses
 import hashlib
+import io
+import json
+import socket
 import time
 
 import numpy as np
@@ -15,6 +18,8 @@ import openai
 import pytest
 import requests
 from conftest import cosine, running_server
+from PIL import Image
+from test_client import self_signed
 
 from embedder.client import EmbedderClient
 from embedder.rest import HttpServer, create_app
@@ -402,3 +407,45 @@ def test_http_requests_are_counted_by_route_and_status(api, grpc_server, photos)
     # refused before routing (no token, no such path): no route to name
     assert (count("embed", "200"), count("unmatched", "401"), count("unmatched", "404")) == tuple(
         b + 1 for b in before)
+
+
+def test_tls_uses_the_grpc_ports_certificate(embedder, photos, tmp_path):
+    cert, key = self_signed(tmp_path)
+    with running_server(embedder, tls_cert=str(cert), tls_key=str(key)) as server:
+        http = _http(server)
+        try:
+            assert http.url.startswith("https://")
+            answer = requests.post(http.url + "/v1/embed", json={"items": [{"image": b64(photos[0])}]}, verify=cert,
+                                   timeout=60)
+            assert answer.status_code == 200 and answer.json()["results"][0]["error"] is None
+            with pytest.raises(requests.exceptions.ConnectionError):
+                requests.get(http.url.replace("https://", "http://") + "/healthz", timeout=10)
+        finally:
+            http.stop(grace=1)
+
+
+def test_a_client_that_disconnects_has_its_queued_images_dropped(embedder, photo_arrays):
+    images = []
+    for quality in range(60, 96, 2):  # distinct bytes: repeats inside one call would be embedded once
+        for arr in photo_arrays.values():
+            buf = io.BytesIO()
+            Image.fromarray(arr).save(buf, "JPEG", quality=quality)
+            images.append(buf.getvalue())
+    body = json.dumps({"input": [b64(i) for i in images], "model": "mobilenet_v2"}).encode()
+    with running_server(embedder, cache_max_items=0) as server:
+        http = _http(server)
+        try:
+            batcher = server.service.default.batcher
+            with socket.create_connection(("127.0.0.1", http.port)) as sock:
+                sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                deadline = time.monotonic() + 60
+                while batcher.queue_depth == 0:  # the call is in the batcher: now leave
+                    assert time.monotonic() < deadline
+                    time.sleep(0.005)
+            while batcher.queue_depth and time.monotonic() < deadline:
+                time.sleep(0.05)
+            stats = batcher.stats()
+            assert stats["dropped"] > 0 and stats["embedded"] < len(images) + 1, stats  # + 1: the warm-up
+        finally:
+            http.stop(grace=1)
