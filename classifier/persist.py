@@ -194,6 +194,9 @@ def load_head(path: str | os.PathLike, *, expected_model_id: str | None = None) 
     path = Path(path)
     meta = _read_meta(path)
     info = _info_from_meta(meta, path)
+    if info.format_version == 1:  # here, not on every listing: a registry loads a head once
+        log.warning("saved head at %s predates manifest checksums (format 1): edits to its %s go unnoticed; "
+                    "train it again to protect it", path, META_FILE)
     if expected_model_id is not None and info.model_id != expected_model_id:
         raise ModelMismatchError(
             f"head {info.head_id!r} was trained on features of model {info.model_id!r}, but model "
@@ -335,10 +338,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if version not in _READABLE_VERSIONS:
         raise _corrupt(path, f"{META_FILE} has format_version {version!r}; this library reads versions "
                              f"{', '.join(map(str, _READABLE_VERSIONS))}. Upgrade the library or train the head again")
-    if version == 1:
-        log.warning("saved head at %s predates manifest checksums (format 1): edits to its %s go unnoticed; "
-                    "train it again to protect it", path, META_FILE)
-    elif meta.get("manifest_sha256") != _manifest_or_none(meta):
+    if version != 1 and meta.get("manifest_sha256") != _manifest_or_none(meta):
         raise _corrupt(path, f"{META_FILE} does not match its manifest_sha256: it was edited or is corrupt (its "
                              "class list, kind or parameters cannot be trusted); train the head again")
     return meta

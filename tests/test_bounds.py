@@ -24,7 +24,7 @@ from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
 from embedder.core import Call
 from embedder.errors import DeadlineError
-from embedder.messages import MAX_JSON_DEPTH, UNREADABLE, parse_json_object
+from embedder.messages import MAX_JSON_DEPTH, UNREADABLE, dump_stored, load_stored_object, parse_json_object
 from embedder.store import Store
 
 OK = grpc.StatusCode.OK.value[0]
@@ -61,6 +61,13 @@ def test_the_json_rule_caps_depth_and_size():
     with pytest.raises(ValueError, match=r"70,009 bytes, above the limit of 65,536.*--max-metadata-bytes"):
         parse_json_object(json.dumps({"x": "y" * 70_000}), "m", raise_with="--max-metadata-bytes")
     assert parse_json_object(json.dumps({"x": "y" * 70_000}), "m", max_bytes=None)["x"]
+    deep: dict = {}
+    for _ in range(981):
+        deep = {"a": deep}
+    # on the way out: a value that breaks the rule is replaced by a note, never raised
+    assert UNREADABLE in json.loads(dump_stored(deep, "metadata")) and dump_stored({"a": 1}, "m") == '{"a": 1}'
+    assert UNREADABLE in load_stored_object(nested(982), "metadata")
+    assert load_stored_object(json.dumps({"x": "y" * 70_000}), "m")["x"]  # stored before a lower cap: returned
     expands = "{\"x\": [" + ",".join(["1e15"] * 10_000) + "]}"  # 50 KB as sent, 190 KB as stored and returned
     with pytest.raises(ValueError, match="above the limit of 65,536"):
         parse_json_object(expands, "m")
