@@ -293,8 +293,9 @@ def test_close_finishes_admitted_work_then_refuses(model):
 
 def test_each_item_is_probed_once_through_batcher_and_embedder(embedder, photos, photo_arrays, monkeypatch):
     """Through the batcher and the real Embedder, each item is probed once, at submit, and its probe goes with it
-    to the decoder: a JPEG's header is parsed once in all (Pillow opens it for the probe, torchvision decodes it);
-    a PNG is opened again only by Pillow's decode itself; an array is probed from its shape."""
+    to the decoder, which checks nothing again: an encoded image is opened again only by Pillow's own decode (the
+    default on CPU; with jpeg_decoder="torchvision" a clean JPEG is opened once in all, see test_jpeg.py); an
+    array is probed from its shape."""
     buf = io.BytesIO()
     Image.fromarray(photo_arrays["chelsea"]).save(buf, "PNG")
     items = [*photos, buf.getvalue(), photo_arrays["coffee"]]
@@ -316,8 +317,9 @@ def test_each_item_is_probed_once_through_batcher_and_embedder(embedder, photos,
     with Batcher(embedder, max_batch=4, max_delay_ms=2) as b:
         got = np.stack([f.result(timeout=60) for f in b.submit(items)])
     assert sorted(map(id, probed)) == sorted(map(id, items))  # every item once
-    assert [opened.count(p) for p in photos] == [1] * len(photos)
-    assert opened.count(items[-2]) == 2 and len(opened) == len(photos) + 2
+    assert embedder.jpeg_decoder == "pillow"
+    assert [opened.count(p) for p in [*photos, items[-2]]] == [2] * (len(photos) + 1)  # the probe, Pillow's decode
+    assert len(opened) == 2 * (len(photos) + 1)
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 

@@ -137,3 +137,22 @@ def test_decode_workers_run_torch_on_one_thread_each(tv_embedder, photos):
     tv_embedder.embed(photos)
     assert tv_embedder._pool.submit(torch.get_num_threads).result() == 1
     assert torch.get_num_threads() == before
+
+
+def test_with_this_decoder_a_clean_jpeg_header_is_parsed_once_in_all(tv_embedder, photos, monkeypatch):
+    """The probe opens each JPEG (Pillow reads the header), torchvision decodes it from the probe's verdict: no
+    second parse."""
+    from embedder.batcher import Batcher
+
+    opened: list[bytes] = []
+    real_open = Image.open
+
+    def counting_open(fp, *args, **kwargs):
+        opened.append(bytes(fp.getbuffer()))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    with Batcher(tv_embedder, max_batch=4, max_delay_ms=2) as b:
+        got = np.stack([f.result(timeout=60) for f in b.submit(photos)])
+    assert [opened.count(p) for p in photos] == [1] * len(photos)
+    assert 1 - cosine(got, tv_embedder.embed(photos)).min() < 1e-6
