@@ -358,6 +358,20 @@ def test_metadata_beyond_the_json_rule_fails_its_item(api, photos):
     assert body["added"] == 1 and "nested" in body["results"][0]["error"]["message"]
 
 
+def test_metadata_stored_before_the_rule_comes_back_as_grpc_sends_it(api, grpc_server, grpc_vectors):
+    deep: dict = {}
+    for _ in range(40):  # what an older server let in
+        deep = {"a": deep}
+    grpc_server.service.store.add("legacy", ["old"], grpc_vectors[:1], model_id=grpc_server.service.default.model_id,
+                                  metadata=[deep])
+    got = api.ok("POST", "/v1/collections/legacy/get", json={"ids": ["old"], "omit_vectors": True})["items"][0]
+    hit = api.ok("POST", "/v1/search", json={"collection": "legacy", "item_id": "old", "k": 1})
+    found = api.ok("POST", "/v1/search", json={"collection": "legacy", "vector": grpc_vectors[0].tolist(), "k": 1})
+    assert hit["hits"] == [] and found["hits"][0]["id"] == "old"
+    for metadata in (got["metadata"], found["hits"][0]["metadata"]):
+        assert list(metadata) == ["_unreadable"] and "levels deep" in metadata["_unreadable"]
+
+
 # ----------------------------------------------------------------------------------------- probes, docs, metrics
 
 def test_readyz_follows_the_service_and_healthz_is_always_open(embedder):

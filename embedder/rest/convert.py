@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from .._proto import embedder_pb2 as pb
 from ..core import AddItem, Item, Outcome
 from ..errors import TABLE, Category, EmbedderError, ItemError, category_of
-from ..messages import bytes_vector, parse_json_object, tensor_array, vector_bytes
+from ..messages import bytes_vector, dump_stored, load_stored_object, parse_json_object, tensor_array, vector_bytes
 from . import schema
 
 log = logging.getLogger(__name__)
@@ -138,16 +138,24 @@ def result(o: Outcome, encoding: schema.Encoding | None) -> schema.Result:
     return schema.Result(id=o.id, sha256=o.sha256, cached=o.cached, vector=vector, error=outcome_error(o.error))
 
 
+def stored_metadata(metadata: Any, item_id: str) -> dict[str, Any]:
+    """Stored metadata on its way out, under the rule the gRPC port sends it by (and its client reads it by):
+    one stored before the rule and beyond it comes back as ``{"_unreadable": why}``."""
+    what = f"the metadata of item {item_id!r}"
+    return load_stored_object(dump_stored(metadata, what), what)
+
+
 def stored(s: Any, encoding: schema.Encoding | None) -> schema.StoredItemOut:
     """A :class:`embedder.results.StoredItem`; ``encoding`` None omits the vector."""
     return schema.StoredItemOut(id=s.id, collection=s.collection, dim=len(s.vector),
                                 vector=None if encoding is None else vector_out(s.vector, encoding),
-                                sha256=s.sha256, label=s.label, metadata=s.metadata, created=s.created,
-                                updated=s.updated)
+                                sha256=s.sha256, label=s.label, metadata=stored_metadata(s.metadata, s.id),
+                                created=s.created, updated=s.updated)
 
 
 def hit(h: Any) -> schema.HitOut:
-    return schema.HitOut(id=h.id, score=h.score, collection=h.collection, label=h.label, metadata=h.metadata)
+    return schema.HitOut(id=h.id, score=h.score, collection=h.collection, label=h.label,
+                         metadata=stored_metadata(h.metadata, h.id))
 
 
 def stats(s: Any, heads: int) -> schema.StatsResponse:
