@@ -226,6 +226,12 @@ class StoreClosedError(EmbedderError):
 
 # --- the service ---
 
+class ResponseTooLargeError(EmbedderError):
+    """The answer to a call would not fit in one message; the caller asks for less."""
+
+    category = Category.RESOURCE_EXHAUSTED
+
+
 class ReplicaOnlyError(EmbedderError):
     """A store, head or job call sent to an embedding replica (``--role embed``)."""
 

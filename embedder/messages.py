@@ -4,15 +4,14 @@ Server and client share them, so both sides read a field the same way. No gRPC c
 """
 from __future__ import annotations
 
-import json
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from ._proto import embedder_pb2 as pb
-from .config import Config
 from .errors import ItemError
+from .jsonrule import dump_json, dump_stored, load_stored_object, parse_json_object
 from .results import CollectionInfo, Hit, StoredItem, StoreStats
 
 _DTYPES = {pb.DTYPE_UINT8: np.dtype(np.uint8), pb.DTYPE_FLOAT32: np.dtype("<f4")}
@@ -62,99 +61,6 @@ def bytes_vector(data: bytes, what: str = "vector") -> np.ndarray:
         raise ValueError(f"{what} must be packed little-endian float32 values (a non-empty multiple of 4 bytes), "
                          f"got {len(data)} bytes")
     return np.frombuffer(data, dtype="<f4").astype(np.float32)
-
-
-# One rule for every ``*_json`` field, at the door and on the way out. The depth cap sits far below Python's
-# recursion limit, so no JSON value the service accepted can raise RecursionError where it is later parsed or
-# written (a 982-deep value passed Add but broke every Search); the size cap bounds what one item can cost.
-MAX_JSON_DEPTH = 32
-MAX_JSON_BYTES = Config.max_metadata_bytes  # per field, unless the caller passes its own (metadata: the config's)
-UNREADABLE = "_unreadable"  # the one key of what is returned in place of a stored value that cannot be sent
-
-
-def parse_json_object(text: str, what: str, *, max_bytes: int | None = MAX_JSON_BYTES,
-                      raise_with: str = "") -> dict[str, Any]:
-    """A JSON object from a ``*_json`` field; empty means ``{}``. ValueError says what is wrong.
-
-    Refused: more than ``max_bytes`` of UTF-8 as sent or as stored and returned (:func:`dump_json`; None: no size
-    cap; ``raise_with`` names the setting that raises it), nesting deeper than :data:`MAX_JSON_DEPTH`, and
-    anything that could not be stored as JSON.
-    """
-    if not text:
-        return {}
-    if max_bytes is not None:  # before parsing: 30 MB of text is refused without building it
-        _check_size(len(text.encode("utf-8", "surrogatepass")), max_bytes, what, raise_with)
-    try:
-        value = json.loads(text, parse_constant=_no_constant)
-        too_deep = _deeper_than(value, MAX_JSON_DEPTH)
-    except RecursionError:  # nested far beyond the cap
-        too_deep = True
-    except ValueError as e:  # JSONDecodeError is a ValueError
-        raise _not_storable(what, e) from None
-    if too_deep:
-        raise ValueError(f"{what} is nested more than {MAX_JSON_DEPTH} levels deep; flatten it (objects and lists "
-                         f"inside each other at most {MAX_JSON_DEPTH} times)")
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be a JSON object ({{...}}), got {type(value).__name__}")
-    try:  # what cannot be stored must fail here, per item: infinities (1e999) and lone surrogates
-        stored = dump_json(value, allow_nan=False).encode("utf-8")
-    except ValueError as e:  # UnicodeEncodeError is a ValueError
-        raise _not_storable(what, e) from None
-    if max_bytes is not None:  # as stored and returned it can be longer ([1e15] -> [1000000000000000.0])
-        _check_size(len(stored), max_bytes, what, raise_with)
-    return value
-
-
-def _check_size(size: int, max_bytes: int, what: str, raise_with: str) -> None:
-    if size > max_bytes:
-        raise ValueError(f"{what} is {size:,} bytes, above the limit of {max_bytes:,}; keep large data elsewhere "
-                         "and store a reference to it"
-                         + (f", or raise the limit with {raise_with}" if raise_with else ""))
-
-
-def _not_storable(what: str, e: ValueError) -> ValueError:
-    return ValueError(f"{what} is not storable JSON ({type(e).__name__}: {str(e)[:200]}); send a JSON object of "
-                      "strings, finite numbers, booleans, null, lists and objects")
-
-
-def load_stored_object(text: str, what: str) -> dict[str, Any]:
-    """A stored JSON object read back (no size cap; it was capped when stored). Never raises: a value that does
-    not parse within the rule (stored before the depth cap existed) comes back as ``{UNREADABLE: why}``."""
-    try:
-        return parse_json_object(text, what, max_bytes=None)
-    except ValueError as e:
-        return {UNREADABLE: str(e)}
-
-
-def dump_stored(value: Mapping[str, Any] | None, what: str) -> str:
-    """:func:`dump_json` of a stored object on its way out; one nested beyond :data:`MAX_JSON_DEPTH` (stored before
-    the cap) is sent as ``{UNREADABLE: why}``, so one item cannot fail a whole Get or Search."""
-    if value is not None and _deeper_than(value, MAX_JSON_DEPTH):
-        return dump_json({UNREADABLE: f"{what} is nested more than {MAX_JSON_DEPTH} levels deep and cannot be "
-                                      "returned; store it again, flattened"})
-    return dump_json(value)
-
-
-def _deeper_than(value: Any, limit: int) -> bool:
-    """Whether lists and dicts nest in ``value`` more than ``limit`` levels; iterative, so any depth is safe."""
-    stack = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
-        if children is None:
-            continue
-        if depth > limit:
-            return True
-        stack.extend((child, depth + 1) for child in children)
-    return False
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def dump_json(value: Any, *, allow_nan: bool = True) -> str:
-    return "" if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False, allow_nan=allow_nan)
 
 
 def _optional(message: Any, name: str) -> Any:

@@ -179,6 +179,9 @@ class EmbedderServer:
         self.service: Service | None = None  # from start(): the data dir is opened first
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: Any = None  # the HTTP/JSON front door (embedder.rest.HttpServer) when config.http_port is set
+        self._serving = False  # health SERVING: what the HTTP door's /readyz answers
         self._stop_lock = threading.Lock()
         self._stopped = False
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -218,6 +221,9 @@ class EmbedderServer:
             self._servicer.service = self.service
         try:
             self.port = self._bind()
+            if cfg.http_port > 0:
+                self._http = self._http_door()
+                self.http_port = self._http.start()
         except BaseException:
             self.service.close(grace=0)  # the data dir is free again for whoever tries next
             self.service = None
@@ -228,6 +234,18 @@ class EmbedderServer:
         log.info("listening on %s (%s), health NOT_SERVING until the model is warm",
                  self.address, "TLS" if cfg.tls_cert else "plaintext")
         return self.port
+
+    @property
+    def http_address(self) -> str | None:
+        """``host:port`` of the HTTP/JSON door (after :meth:`start`; None when it is off)."""
+        return None if self.http_port is None else _host_port(self.config.host, self.http_port)
+
+    def _http_door(self) -> Any:
+        """The HTTP/JSON front door over the same service, token, TLS, limits and metrics."""
+        from .rest import HttpServer, create_app  # FastAPI and uvicorn load only when HTTP is on
+
+        app = create_app(self.service, self.config, metrics=self.metrics, ready=lambda: self._serving)
+        return HttpServer(app, self.config, self.config.http_port)
 
     def _bind(self) -> int:
         cfg = self.config
@@ -269,10 +287,14 @@ class EmbedderServer:
         grace = self.config.grace_seconds if grace is None else grace
         log.info("shutting down: health NOT_SERVING, finishing in-flight calls (up to %.1fs)", grace)
         self.metrics.serving.set(0)
+        self._serving = False  # /readyz answers 503 from now on, as health says NOT_SERVING
         self.health.enter_graceful_shutdown()
-        # grpc's stop refuses new calls and lets those in flight finish, an open stream's next requests included
-        # (the core's refuse_calls would refuse those too)
-        self._server.stop(grace).wait()
+        # grpc's stop refuses new calls and lets those in flight finish, an open stream's next requests included;
+        # both doors drain at once, within one grace period
+        stopped = self._server.stop(grace)
+        if self._http is not None:
+            self._http.stop(grace)
+        stopped.wait()
         if self.service is not None:
             self.service.close(grace)
         self.metrics.stop_http()
@@ -284,7 +306,8 @@ class EmbedderServer:
     def _set_health(self, status: int) -> None:
         for name in ("", SERVICE_NAME):  # "" is the whole server, as probes ask by default
             self.health.set(name, status)
-        self.metrics.serving.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
+        self._serving = status == health_pb2.HealthCheckResponse.SERVING
+        self.metrics.serving.set(1 if self._serving else 0)
 
     def _worker_died(self, reason: str) -> None:
         log.critical("health -> NOT_SERVING: %s", reason)
@@ -301,11 +324,12 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def serve(config: Config, *, on_listening: Callable[[str], None] | None = None) -> int:
+def serve(config: Config, *, on_listening: Callable[[str], None] | None = None,
+          on_http: Callable[[str], None] | None = None) -> int:
     """Run the service until SIGTERM/SIGINT; returns 0 after a graceful stop.
 
     ``on_listening(address)`` is called once the port is bound (the CLI prints it: with ``--port 0`` it is
-    the only way to learn the port), before the model loads.
+    the only way to learn the port), before the model loads; ``on_http(address)`` likewise for the HTTP door.
     """
     server = EmbedderServer(config)
     stop = threading.Event()
@@ -324,6 +348,8 @@ def serve(config: Config, *, on_listening: Callable[[str], None] | None = None) 
         server.start()
         if on_listening is not None:
             on_listening(server.address)
+        if on_http is not None and server.http_address is not None:
+            on_http(server.http_address)
         if not stop.is_set():
             server.load()
             freeze_heap()

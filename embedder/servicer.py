@@ -18,10 +18,11 @@ from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
 from .core import AddItem, Call, Item, Outcome, Service
 from .core.embedding import Pending
-from .core.service import DEFAULT_K
+from .core.service import DEFAULT_K, METADATA_FLAG
 from .errors import TABLE, Category, EmbedderError, ItemError, category_of
-from .messages import (bytes_vector, head_to_pb, hit_to_pb, job_to_pb, parse_json_object, stats_to_pb,
-                       stored_to_pb, tensor_array, vector_bytes)
+from .jsonrule import parse_json_object
+from .messages import (bytes_vector, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb, tensor_array,
+                       vector_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +67,11 @@ def _item(item: pb.Item) -> Item:
     return Item(item.id)  # neither: the core says what to set
 
 
-def _add_item(a: pb.AddItem) -> AddItem:
+def _add_item(a: pb.AddItem, max_bytes: int) -> AddItem:
     item = _item(a.item)
-    try:
-        metadata = parse_json_object(a.metadata_json, f"metadata_json of item {a.item.id!r}")
+    try:  # the size cap before parsing: 30 MB of text is refused without building it (the core checks the rest)
+        metadata = parse_json_object(a.metadata_json, f"metadata_json of item {a.item.id!r}", max_bytes=max_bytes,
+                                     raise_with=METADATA_FLAG)
     except ValueError as e:
         return AddItem(Item(item.id, error=ItemError(str(e))))
     return AddItem(item, label=a.label if a.HasField("label") else None, metadata=metadata)
@@ -140,7 +142,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     # ------------------------------------------------------------------ store
 
     def Add(self, request: pb.AddRequest, context: grpc.ServicerContext) -> pb.AddResponse:
-        items = [_add_item(a) for a in request.items]
+        items = [_add_item(a, self.service.config.max_metadata_bytes) for a in request.items]
         out = self._run(context, self.service.add, request.collection, items, model=request.model,
                         index=request.index, call=_call(context))
         return pb.AddResponse(results=[_result(o, out.model, with_vector=False) for o in out.outcomes],
@@ -161,7 +163,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         return pb.SetLabelsResponse(updated=updated)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
-        found = self._run(context, self.service.get, request.collection, list(request.ids))
+        found = self._run(context, self.service.get, request.collection, list(request.ids),
+                          vectors=not request.omit_vectors)
         return pb.GetResponse(items=[stored_to_pb(s, with_vector=not request.omit_vectors) for s in found if s],
                               missing=[i for i, s in zip(request.ids, found) if s is None])
 
@@ -191,7 +194,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         result = self._run(context, self.service.train, request.collection, head=request.head,
                            labels=list(request.labels), ids=list(request.ids), params=params,
                            test_size=request.test_size, seed=request.seed, head_id=request.head_id,
-                           adapt_to=request.adapt_to, adapt_method=request.adapt_method)
+                           adapt_to=request.adapt_to, adapt_method=request.adapt_method, call=_call(context))
         return pb.TrainResponse(head=head_to_pb(result.info), samples=result.samples,
                                 train_seconds=result.train_seconds, total_seconds=result.total_seconds)
 
@@ -217,7 +220,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         params = self._run(context, parse_json_object, request.params_json, "params_json")
         points = self._run(context, self.service.learning_curve, request.collection, head=request.head,
                            labels=list(request.labels), params=params, per_class=list(request.per_class),
-                           repeats=request.repeats, test_size=request.test_size, seed=request.seed)
+                           repeats=request.repeats, test_size=request.test_size, seed=request.seed,
+                           call=_call(context))
         return pb.LearningCurveResponse(points=[pb.CurvePoint(**asdict(p)) for p in points])
 
     def ListHeads(self, request: pb.ListHeadsRequest, context: grpc.ServicerContext) -> pb.ListHeadsResponse:

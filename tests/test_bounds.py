@@ -24,8 +24,9 @@ from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
 from embedder.core import Call
 from embedder.errors import DeadlineError
-from embedder.messages import MAX_JSON_DEPTH, UNREADABLE, dump_stored, load_stored_object, parse_json_object
+from embedder.jsonrule import MAX_JSON_DEPTH, UNREADABLE, dump_stored, load_stored_object, parse_json_object
 from embedder.store import Store
+from embedder.store import validation as store_validation
 
 OK = grpc.StatusCode.OK.value[0]
 INVALID = grpc.StatusCode.INVALID_ARGUMENT.value[0]
@@ -100,10 +101,7 @@ def test_deep_or_huge_metadata_is_refused_per_item_and_search_keeps_working(stub
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in e.value.details()
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError,
-                   reason="the store parses stored metadata with json.loads (Store.get, Store._search): it must use "
-                          "embedder.messages.load_stored_object, which never raises")
-def test_deep_metadata_stored_before_the_rule_cannot_break_get_or_search(embedder, photos, tmp_path):
+def test_deep_metadata_stored_before_the_rule_cannot_break_get_or_search(embedder, photos, tmp_path, monkeypatch):
     data_dir = tmp_path / "data"
     with running_server(embedder, data_dir=data_dir) as s, grpc.insecure_channel(s.address) as ch:
         stub = pb_grpc.EmbedderStub(ch)
@@ -115,6 +113,9 @@ def test_deep_metadata_stored_before_the_rule_cannot_break_get_or_search(embedde
     for _ in range(981):  # what an older server let in: 982 levels
         deep = {"a": deep}
 
+    # an older store, which had no depth rule (today's refuses such metadata on every path in)
+    monkeypatch.setattr(store_validation, "check_json_object", lambda *args, **kwargs: None)
+
     def rewrite() -> None:  # a fresh thread: a shallow stack, as the Add handler had
         with Store(data_dir) as store:
             store.add("old", ["p1"], vector[None], model_id=model_id, metadata=[deep])
@@ -122,6 +123,7 @@ def test_deep_metadata_stored_before_the_rule_cannot_break_get_or_search(embedde
     writer = threading.Thread(target=rewrite)
     writer.start()
     writer.join()
+    monkeypatch.undo()
     with running_server(embedder, data_dir=data_dir) as s, grpc.insecure_channel(s.address) as ch:
         stub = pb_grpc.EmbedderStub(ch)
         for request in (pb.SearchRequest(collection="old", item=pb.Item(image=photos[1]), k=3),

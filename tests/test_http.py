@@ -23,6 +23,7 @@ from test_client import self_signed
 
 from embedder.client import EmbedderClient
 from embedder.rest import HttpServer, create_app
+from embedder.store import validation as store_validation
 
 TOKEN = "http-test-token"
 
@@ -358,12 +359,14 @@ def test_metadata_beyond_the_json_rule_fails_its_item(api, photos):
     assert body["added"] == 1 and "nested" in body["results"][0]["error"]["message"]
 
 
-def test_metadata_stored_before_the_rule_comes_back_as_grpc_sends_it(api, grpc_server, grpc_vectors):
+def test_metadata_stored_before_the_rule_comes_back_as_grpc_sends_it(api, grpc_server, grpc_vectors, monkeypatch):
     deep: dict = {}
     for _ in range(40):  # what an older server let in
         deep = {"a": deep}
+    monkeypatch.setattr(store_validation, "check_json_object", lambda *args, **kwargs: None)  # an older store's add
     grpc_server.service.store.add("legacy", ["old"], grpc_vectors[:1], model_id=grpc_server.service.default.model_id,
                                   metadata=[deep])
+    monkeypatch.undo()
     got = api.ok("POST", "/v1/collections/legacy/get", json={"ids": ["old"], "omit_vectors": True})["items"][0]
     hit = api.ok("POST", "/v1/search", json={"collection": "legacy", "item_id": "old", "k": 1})
     found = api.ok("POST", "/v1/search", json={"collection": "legacy", "vector": grpc_vectors[0].tolist(), "k": 1})
@@ -384,7 +387,7 @@ def test_readyz_follows_the_service_and_healthz_is_always_open(embedder):
             refused(Api(http.url)("POST", "/v1/embed", json={"items": []}), 503, "unavailable", "loading")
             server.load()
             assert anonymous.ok("GET", "/readyz") == {"status": "ready"}
-            server.service.refuse_calls()
+            server.service.close(grace=0)  # shutting down
             refused(anonymous("GET", "/readyz"), 503, "unavailable")
         finally:
             http.stop(grace=1)
@@ -463,3 +466,37 @@ def test_a_client_that_disconnects_has_its_queued_images_dropped(embedder, photo
             assert stats["dropped"] > 0 and stats["embedded"] < len(images) + 1, stats  # + 1: the warm-up
         finally:
             http.stop(grace=1)
+
+
+def test_embedder_serve_http_port_serves_both_doors_and_drains_on_sigterm(embedder, cache_dir, photos, tmp_path):
+    """`embedder serve --http-port P` prints where the HTTP door is, /readyz turns 200 once the model is warm, both
+    doors give the same vectors, and SIGTERM drains both and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a free port for the HTTP door (its 0 means "off")
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
+    env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir), "EMBEDDER_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, "-m", "embedder.cli", "serve", "--port", "0", "--http-port",
+                             str(http_port)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    try:
+        grpc_line, http_line = proc.stdout.readline(), proc.stdout.readline()
+        assert grpc_line.startswith("listening on ") and f"http://127.0.0.1:{http_port}" in http_line, http_line
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 180
+        while requests.get(f"{base}/readyz", timeout=10).status_code != 200:  # the model loads after binding
+            assert time.monotonic() < deadline and proc.poll() is None, "never ready"
+            time.sleep(0.3)
+        body = requests.post(f"{base}/v1/embeddings", json={"model": "mobilenet_v2", "input": [b64(photos[0])]},
+                             timeout=120).json()
+        with EmbedderClient(grpc_line.split()[-1]) as client:
+            over_grpc = client.embed(photos[:1])
+        assert cosine(np.array([body["data"][0]["embedding"]]), over_grpc)[0] > 0.9999
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -1,12 +1,14 @@
-"""``embedder serve``: the gRPC embedding service (health, reflection, metrics), until SIGTERM.
+"""``embedder serve``: the gRPC embedding service (health, reflection, metrics), and the HTTP/JSON API beside it
+with ``--http-port``, until SIGTERM.
 
 Every flag beats its ``EMBEDDER_*`` variable, which beats :class:`~embedder.config.Config`'s default. The
-one line printed on stdout, ``listening on HOST:PORT``, is what scripts parse (with ``--port 0`` the only way
-to learn the port).
+first line printed on stdout, ``listening on HOST:PORT``, is what scripts parse (with ``--port 0`` the only way
+to learn the port); with ``--http-port`` a second says where the HTTP/JSON API is.
 
 Examples::
 
     EMBEDDER_TOKEN=s3cret embedder serve --port 50051 --metrics-port 9100
+    embedder serve --http-port 8080                   # also REST + OpenAI's /v1/embeddings on :8080
     embedder serve --role embed --port 50052          # a stateless embedding replica
     python -m embedder.cli serve --port 0             # under a supervisor
 """
@@ -22,7 +24,7 @@ from .options import add_model_options, config_from
 # The Config fields the service options set, by flag destination.
 SERVICE_FIELDS = ("host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
                   "max_metadata_bytes", "max_models", "role", "embed_target", "data_dir", "cache_max_items",
-                  "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "grace_seconds")
+                  "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "http_port", "grace_seconds")
 
 
 def _mebi(n: int) -> str:
@@ -67,6 +69,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tls-key", help="PEM private key for --tls-cert")
     g.add_argument("--metrics-port", type=int,
                    help=f"Prometheus /metrics HTTP port (default {Config.metrics_port} = off)")
+    g.add_argument("--http-port", type=int,
+                   help="HTTP/JSON API port on --host, beside gRPC: REST for every call, OpenAI's /v1/embeddings, "
+                        f"/docs (default {Config.http_port} = off); also EMBEDDER_HTTP_PORT")
     g.add_argument("--grace-seconds", type=float,
                    help=f"time in-flight calls get on SIGTERM (default {Config.grace_seconds:g})")
     p.set_defaults(handler=run)
@@ -83,4 +88,7 @@ def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; the server's own exit status."""
     from ..server import serve  # the whole stack
 
-    return serve(serve_config(args), on_listening=lambda addr: print(f"listening on {addr}", flush=True))
+    config = serve_config(args)
+    scheme = "https" if config.tls_cert else "http"
+    return serve(config, on_listening=lambda addr: print(f"listening on {addr}", flush=True),
+                 on_http=lambda addr: print(f"HTTP/JSON on {scheme}://{addr} (API docs at /docs)", flush=True))

@@ -23,8 +23,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..config import Config
-from ..errors import (CollectionMismatchError, InvalidArgumentError, ItemError, ItemNotFoundError,
-                      ModelMismatchError, NotFoundError, NotReadyError, ReplicaOnlyError)
+from ..errors import (InvalidArgumentError, ItemError, ItemNotFoundError, ModelMismatchError, NotFoundError,
+                      NotReadyError, ReplicaOnlyError, ResponseTooLargeError)
+from ..jsonrule import check_json_object, dump_stored
 from ..results import CurvePoint, DeleteResult, Hit, StoredItem, StoreStats
 from .embedding import Call, Item, Outcome, Pending, finish, submit
 from .models import LoadedModel, ModelPool
@@ -32,6 +33,7 @@ from .models import LoadedModel, ModelPool
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
+METADATA_FLAG = "--max-metadata-bytes / EMBEDDER_MAX_METADATA_BYTES"
 
 
 @dataclass(frozen=True)
@@ -118,10 +120,6 @@ class Service:
         self._ready = True
         return model
 
-    def refuse_calls(self) -> None:
-        """Answer every new call with NotReadyError (shutting down); calls in flight finish."""
-        self._closing = True
-
     def close(self, grace: float | None = None) -> None:
         """Refuse new calls, stop jobs, close the batchers (queued items get ``grace`` seconds) and the store."""
         self._closing = True
@@ -195,6 +193,7 @@ class Service:
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise InvalidArgumentError(f"item id {dup!r} appears more than once in one request; pass each id once")
+        items = [self._checked_metadata(a) for a in items]
         with self._collection_model(collection, model) as bound:
             if index:
                 store.create_collection(collection, model_id=bound.model_id, dim=bound.dim, index=index)
@@ -230,10 +229,14 @@ class Service:
                                        "name each item once")
         return store.set_labels(collection, {**dict(labels), **{i: None for i in clear}})
 
-    def get(self, collection: str, ids: Sequence[str]) -> list[StoredItem | None]:
+    def get(self, collection: str, ids: Sequence[str], *, vectors: bool = True) -> list[StoredItem | None]:
+        """The stored items (None for ids not there); refused before anything is sent if the answer would not fit
+        in one message (``vectors=False``: the caller leaves the vectors out)."""
         store = self._stateful()
         self._check_count(len(ids))
-        return store.get(collection, list(ids))
+        found = store.get(collection, list(ids))
+        self._check_answer([s for s in found if s is not None], vectors=vectors, what="Get", fix="fewer ids")
+        return found
 
     def search(self, *, collection: str | None = None, item: Item | None = None, item_id: str | None = None,
                vector: np.ndarray | None = None, model: str = "", k: int = DEFAULT_K, label: str | None = None,
@@ -249,6 +252,7 @@ class Service:
             if collection is None:
                 raise InvalidArgumentError("a query by item_id needs `collection`, the collection that holds the item")
             hits = store.search_by_id(collection, item_id, k=k, label=label, ef_search=ef_search)
+            self._check_answer(hits, vectors=False, what="Search", fix="a smaller k")
             return SearchResult(hits, store.collection(collection).model_id, False)
         cm = self._collection_model(collection, model) if collection is not None else self.models.lease(model)
         cached = False
@@ -261,6 +265,7 @@ class Service:
                 vector, cached = found.vector, found.cached
         hits = store.search(collection, np.asarray(vector)[None], k=k, label=label, model_id=bound.model_id,
                             ef_search=ef_search)[0]
+        self._check_answer(hits, vectors=False, what="Search", fix="a smaller k")
         return SearchResult(hits, bound.model_id, cached)
 
     def stats(self) -> tuple[StoreStats, int]:
@@ -428,6 +433,35 @@ class Service:
             raise ReplicaOnlyError("this server is an embedding replica (--role embed): it only embeds; send "
                                    "store, head and job calls to the store node (--role store or all)")
         return self.store
+
+    def _checked_metadata(self, a: AddItem) -> AddItem:
+        """The one JSON rule on an item's metadata (depth, storable, ``max_metadata_bytes`` as stored); an item
+        that breaks it fails alone."""
+        if a.metadata is None or a.item.error is not None:
+            return a
+        try:
+            check_json_object(a.metadata, f"metadata of item {a.item.id!r}", max_bytes=self.config.max_metadata_bytes,
+                              raise_with=METADATA_FLAG)
+        except ValueError as e:
+            return AddItem(Item(a.item.id, error=ItemError(str(e))))
+        return a
+
+    def _check_answer(self, found: Sequence[Any], *, vectors: bool, what: str, fix: str) -> None:
+        """Refuse an answer that would not fit in one message, before it is sent (gRPC would fail it after the
+        work, with a message that names no fix). Exact sizes only when the cheap bound says it might not fit."""
+        limit = self.config.max_message_bytes
+        per_item = self.config.max_metadata_bytes + 1024 + (4 * max((len(s.vector) for s in found), default=0)
+                                                             if vectors else 0)
+        if len(found) * per_item <= limit:
+            return
+        size = sum(len(dump_stored(s.metadata, "metadata").encode()) + len(s.id) + 64 for s in found)
+        if vectors:
+            size += sum(4 * len(s.vector) for s in found)
+        if size > limit:
+            raise ResponseTooLargeError(
+                f"the {what} answer would be ~{size:,} bytes, above the message limit of {limit:,} "
+                f"(max_message_bytes); ask for {fix}" + (", leave the vectors out" if vectors else "")
+                + ", or raise --max-message-bytes / EMBEDDER_MAX_MESSAGE_BYTES on both server and client")
 
     def _check_count(self, n: int) -> None:
         limit = self.config.max_items

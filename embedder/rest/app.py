@@ -27,8 +27,9 @@ from starlette.exceptions import HTTPException
 from .. import __version__
 from ..config import Config
 from ..core import AddItem, Call, Item, Service
+from ..core.service import METADATA_FLAG
 from ..errors import TABLE, Category, InvalidArgumentError, NotReadyError
-from ..messages import parse_json_object
+from ..jsonrule import parse_json_object
 from . import convert, schema
 from .guards import AnswerErrors, Authenticate, LimitBody, Measure
 
@@ -138,7 +139,8 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
         """Embed and store items (the collection is created on first add); failed items say why."""
         body, uploads = await read(request, schema.AddRequest, schema.AddForm)
         if isinstance(body, schema.AddForm):
-            metadata = parse_json_object(body.metadata or "", "the `metadata` form field") or None
+            metadata = parse_json_object(body.metadata or "", "the `metadata` form field",
+                                         max_bytes=config.max_metadata_bytes, raise_with=METADATA_FLAG) or None
             items = [AddItem(u, label=body.label, metadata=metadata) for u in uploads]
         else:
             items = [convert.add_item(x) for x in body.items]
@@ -151,7 +153,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
     @route("POST", "/collections/{collection:path}/get", schema.GetResponse, schema.GetRequest)
     async def get(collection: str, request: Request) -> Response:
         body, _ = await read(request, schema.GetRequest)
-        found = await run(service.get, collection, body.ids)
+        found = await run(service.get, collection, body.ids, vectors=not body.omit_vectors)
         encoding = None if body.omit_vectors else body.encoding_format
         return json_response(schema.GetResponse(items=[convert.stored(s, encoding) for s in found if s],
                                                 missing=[i for i, s in zip(body.ids, found) if s is None]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import logging
 import re
 from dataclasses import asdict
@@ -19,7 +18,8 @@ from pydantic import ValidationError
 from .._proto import embedder_pb2 as pb
 from ..core import AddItem, Item, Outcome
 from ..errors import TABLE, Category, EmbedderError, ItemError, category_of
-from ..messages import bytes_vector, dump_stored, load_stored_object, parse_json_object, tensor_array, vector_bytes
+from ..jsonrule import dump_stored, load_stored_object
+from ..messages import bytes_vector, tensor_array, vector_bytes
 from . import schema
 
 log = logging.getLogger(__name__)
@@ -101,15 +101,8 @@ def item(x: schema.ItemIn) -> Item:
 
 
 def add_item(x: schema.AddItemIn) -> AddItem:
-    """A JSON item to store; its metadata passes the same rule as the gRPC port's ``metadata_json``."""
-    core_item = item(x)
-    if x.metadata is None:
-        return AddItem(core_item, label=x.label)
-    try:
-        metadata = parse_json_object(json.dumps(x.metadata), f"metadata of item {x.id!r}")
-    except ValueError as e:
-        return AddItem(Item(x.id, error=ItemError(str(e))))
-    return AddItem(core_item, label=x.label, metadata=metadata)
+    """A JSON item to store; the core holds its metadata to the one JSON rule, as for the gRPC port's."""
+    return AddItem(item(x), label=x.label, metadata=x.metadata)
 
 
 def vector_in(value: schema.Vector) -> np.ndarray:

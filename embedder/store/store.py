@@ -9,7 +9,6 @@ another collection.
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import sqlite3
 import threading
@@ -24,6 +23,7 @@ from ..config import Config
 from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreLockedError
 from ..index import IndexSpec
 from ..inputs import content_hash
+from ..jsonrule import load_stored_object
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem, StoreStats
 from .cache import EmbeddingCache
 from .indexes import Collection, Snapshots, insert_collection
@@ -239,7 +239,8 @@ class Store:
                 rows = chunked_query(self._conn(), f"SELECT {ITEM_COLUMNS}, created, updated FROM items "
                                                    "WHERE cid = ? AND item_id IN ({})", [c.cid], ids)
         self._check_items(c, rows)
-        found = {r[0]: StoredItem(r[0], c.name, vector(r[4]), r[1], r[2], json.loads(r[3]), r[6], r[7]) for r in rows}
+        found = {r[0]: StoredItem(r[0], c.name, vector(r[4]), r[1], r[2], _metadata(r[3], r[0]), r[6], r[7])
+                 for r in rows}
         return [found.get(i) for i in ids]
 
     def labelled(self, collection: str, *, labels: Sequence[str] | None = None,
@@ -508,7 +509,8 @@ class Store:
             self._check_items(c, [r for r in found if owner[r[6]] is c])
         rows = {r[6]: r for r in found}
         return [[Hit(rows[int(fids[r, j])][0], float(scores[r, j]), owners[j].name, rows[int(fids[r, j])][2],
-                     json.loads(rows[int(fids[r, j])][3])) for j in row] for r, row in enumerate(best)]
+                     _metadata(rows[int(fids[r, j])][3], rows[int(fids[r, j])][0])) for j in row]
+                for r, row in enumerate(best)]
 
     def _info(self, c: Collection) -> CollectionInfo:
         with self._db_lock:
@@ -517,3 +519,9 @@ class Store:
         labels = {lab: n for lab, n in counts if lab is not None}
         return CollectionInfo(c.name, c.model_id, c.dim, str(c.spec), count=sum(n for _, n in counts), labels=labels,
                               unlabeled=sum(n for lab, n in counts if lab is None), created=c.created)
+
+
+def _metadata(text: str, item_id: str) -> dict[str, Any]:
+    """Stored metadata read back; one stored before the JSON rule that breaks it comes back marked, never raising
+    (a 982-deep value must not fail every Get and Search that meets it)."""
+    return load_stored_object(text, f"the metadata of item {item_id!r}")

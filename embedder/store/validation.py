@@ -12,6 +12,7 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from ..index import HNSW_CAPS
+from ..jsonrule import check_json_object
 
 MAX_K = 10_000  # hits per query; a bound on what one request can make the server allocate
 MAX_NAME = 256  # collection names and labels, in characters
@@ -127,6 +128,10 @@ def metadata_json(metadata: Any, item_id: str) -> str:
     if not isinstance(metadata, Mapping):
         raise InvalidArgumentError(f"metadata of item {shown(item_id)} must be a dict, "
                                    f"got {type(metadata).__name__}")
+    try:  # the one JSON rule (depth first: deeper values would raise RecursionError wherever they are read)
+        check_json_object(dict(metadata), f"metadata of item {shown(item_id)}", max_bytes=None)
+    except ValueError as e:
+        raise InvalidArgumentError(str(e)) from None
     try:
         text = json.dumps(dict(metadata), sort_keys=True, allow_nan=False, ensure_ascii=False)
         text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8
