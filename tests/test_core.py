@@ -14,6 +14,7 @@ from conftest import CountingModel, jpeg_bytes
 from embedder.config import Config
 from embedder.core import AddItem, Call, Item, Service
 from embedder.errors import (TABLE, Category, EmbedderError, ItemError, ItemNotFoundError, NotReadyError,
+                             ResponseTooLargeError,
                              ReplicaOnlyError, TooManyModelsError, category_for_grpc, category_of)
 from embedder.inputs import content_hash
 
@@ -134,3 +135,20 @@ def test_every_category_has_one_answer_on_every_front_door():
     assert category_of(ValueError("x")) is Category.INVALID_ARGUMENT
     assert category_of(RuntimeError("x")) is Category.INTERNAL
     assert category_of(TooManyModelsError("x")) is Category.RESOURCE_EXHAUSTED
+
+
+def test_an_answer_that_would_not_fit_one_message_is_refused_before_it_is_sent(tmp_path, counting, photos):
+    with _service(tmp_path, counting, max_message_bytes=200_000, max_metadata_bytes=50_000) as service:
+        big = {"notes": "x" * 40_000}
+        added = service.add("c", [AddItem(Item(f"p{i}", image=p), metadata=big) for i, p in enumerate(photos[:5])])
+        assert added.added == 5
+        assert all(s is not None for s in service.get("c", ["p0", "p1", "p2"]))
+        with pytest.raises(ResponseTooLargeError, match="fewer ids") as e:
+            service.get("c", [f"p{i}" for i in range(5)])
+        assert category_of(e.value) is Category.RESOURCE_EXHAUSTED and "--max-message-bytes" in str(e.value)
+        query = service.get("c", ["p0"])[0].vector
+        assert len(service.search(collection="c", vector=query, k=2).hits) == 2
+        with pytest.raises(ResponseTooLargeError, match="smaller k"):
+            service.search(collection="c", vector=query, k=5)
+        too_big, = service.add("c", [AddItem(Item("p9", image=photos[5]), metadata={"x": "y" * 60_000})]).outcomes
+        assert isinstance(too_big.error, ItemError) and "--max-metadata-bytes" in str(too_big.error)
