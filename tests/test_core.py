@@ -14,8 +14,8 @@ from conftest import CountingModel, jpeg_bytes
 from embedder.config import Config
 from embedder.core import AddItem, Call, Item, Service
 from embedder.errors import (TABLE, Category, EmbedderError, ItemError, ItemNotFoundError, NotReadyError,
-                             ResponseTooLargeError,
-                             ReplicaOnlyError, TooManyModelsError, category_for_grpc, category_of)
+                             ReplicaOnlyError, ResponseTooLargeError, TooManyModelsError, category_for_grpc,
+                             category_of)
 from embedder.inputs import content_hash
 
 
