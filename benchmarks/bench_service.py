@@ -14,7 +14,10 @@ client and server in this process on an ephemeral loopback port:
 2. per server (:func:`front_doors`: the thread-pool server; a candidate is measured beside it), unary: C
    concurrent callers (threads, C = 1, 8, 64), each sending one image per ``Embed`` call through
    :class:`embedder.client.EmbedderClient`; and 8 callers sending 8 images per call;
-3. per server, stream: one caller streaming the whole list with ``EmbedderClient.embed_iter``.
+3. per server, stream: one caller streaming the whole list with ``EmbedderClient.embed_iter``;
+4. the HTTP door (``embedder serve --http-port``) over the thread-pool server's service: OpenAI's
+   ``POST /v1/embeddings`` with 1 and 8 one-image callers (base64 in and out), and one caller sending a quarter
+   of the list per call, beside the same gRPC call.
 
 The content cache is off in these servers (``cache_max_items=0``) so that every call runs the model; a cache
 lookup still happens per item, as in production. Every case gets one untimed warm-up pass, and the timed rounds
@@ -27,7 +30,7 @@ Then ``embedder serve`` in a subprocess (the server as deployed, client in this 
 512x512 JPEG vs a hit of the same image right after it through the Python client (medians over distinct
 images); VmRSS idle after warm-up, after 10,000 embeds (1,000 with --quick) and after one head trained; and the
 time of ``import embedder.client`` in a fresh interpreter. Targets on CPU: 8 one-image callers >= 0.9x
-in-process; a hit >= 10x faster than the miss. Results: ``benchmarks/results/service.json``
+in-process; a hit >= 10x faster than the miss; HTTP at 8 callers >= 0.8x gRPC at 8 callers. Results: ``benchmarks/results/service.json``
 (``service_<gpu name>.json`` on a GPU; ``_quick`` for --quick).
 """
 from __future__ import annotations
@@ -60,6 +63,8 @@ from embedder.server import EmbedderServer, freeze_heap  # noqa: E402
 log = logging.getLogger("bench_service")
 
 CONCURRENCY = (1, 8, 64)
+HTTP_CONCURRENCY = (1, 8)
+TARGET_HTTP = 0.8  # HTTP /v1/embeddings / gRPC, 8 one-image callers each
 TARGET_RATIO = 0.9  # service / in-process img/s with 8 one-image callers, on CPU
 TARGET_HIT = 10.0  # a cache miss / a hit of the same image through the client
 MULTI = 8  # images per call in the extra unary case: what a caller batching its own images sends
@@ -87,6 +92,38 @@ def unary_callers(client: EmbedderClient, concurrency: int,
                 start = time.perf_counter()
                 vectors[c] = client.embed(jpegs[starts[c]:starts[c] + per_call])
                 latencies[c] = time.perf_counter() - start
+
+        with ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(caller, range(concurrency)))
+        return {"vectors": np.concatenate(vectors), "latencies": latencies}
+
+    return run
+
+
+def http_callers(url: str, model: str, concurrency: int,
+                 per_call: int = 1) -> Callable[[Sequence[bytes]], dict[str, Any]]:
+    """Like :func:`unary_callers`, over the HTTP door's OpenAI-compatible ``POST /v1/embeddings`` (base64 images
+    in, base64 float32 out), one ``requests.Session`` per caller thread."""
+    import base64
+
+    import requests
+
+    def run(jpegs: Sequence[bytes]) -> dict[str, Any]:
+        starts = range(0, len(jpegs), per_call)
+        latencies = [0.0] * len(starts)
+        vectors: list[np.ndarray | None] = [None] * len(starts)
+
+        def caller(k: int) -> None:
+            with requests.Session() as session:
+                for c in range(k, len(starts), concurrency):
+                    body = {"model": model, "encoding_format": "base64",
+                            "input": [base64.b64encode(j).decode() for j in jpegs[starts[c]:starts[c] + per_call]]}
+                    start = time.perf_counter()
+                    answer = session.post(f"{url}/v1/embeddings", json=body, timeout=300)
+                    answer.raise_for_status()
+                    latencies[c] = time.perf_counter() - start
+                    vectors[c] = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), "<f4")
+                                           for d in answer.json()["data"]])
 
         with ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(caller, range(concurrency)))
@@ -324,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     core = Service.open(config, embedder=embedder)  # the in-process baseline: the same core, no transport
     servers: dict[str, Any] = {}
     clients: list[EmbedderClient] = []
+    https: list[Any] = []
     try:
         for name, kind in front_doors().items():
             server = kind(Config.from_env(device=args.device, port=0, cache_max_items=0, data_dir=scratch / name),
@@ -348,10 +386,26 @@ def main(argv: Sequence[str] | None = None) -> None:
                 cases[f"{name}: unary c={c}"] = (unary_callers(unary_client, c), stats)
             cases[f"{name}: unary c=8, {MULTI} per call"] = (unary_callers(unary_client, 8, MULTI), stats)
             cases[f"{name}: stream c=1"] = (streamed(stream_client), stats)
+        # The HTTP door over the thread-pool server's service: OpenAI's /v1/embeddings, as `--http-port` runs it
+        from embedder.rest import HttpServer, create_app
+
+        grpc_server = servers["thread-pool"]
+        http = HttpServer(create_app(grpc_server.service, grpc_server.config), grpc_server.config, 0)
+        http.start()
+        https.append(http)
+        stats = grpc_server.service.default.batcher.stats
+        for c in HTTP_CONCURRENCY:
+            cases[f"http: /v1/embeddings c={c}"] = (http_callers(http.url, embedder.model_id, c), stats)
+        cases[f"http: /v1/embeddings c=1, {len(jpegs) // 4} per call"] = (
+            http_callers(http.url, embedder.model_id, 1, len(jpegs) // 4), stats)
+        cases[f"thread-pool: unary c=1, {len(jpegs) // 4} per call"] = (
+            unary_callers(clients[0], 1, len(jpegs) // 4), stats)
         res = measure(cases, jpegs, repeats)
     finally:
         for client in clients:
             client.close()
+        for http in https:
+            http.stop(grace=5)
         for server in servers.values():
             server.stop(grace=5)
         core.close()
@@ -368,6 +422,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         # of a quiet machine, and other processes' load distorts it far less than img/s
         row["x_in_process_cpu"] = round(base_cpu / row["cpu_ms_per_img"], 3)
     targets = []
+    http_ratio = res["http: /v1/embeddings c=8"]["img_s"] / res["thread-pool: unary c=8"]["img_s"]
+    http_cpu = res["thread-pool: unary c=8"]["cpu_ms_per_img"] / res["http: /v1/embeddings c=8"]["cpu_ms_per_img"]
+    for what, ratio in (("img/s", http_ratio), ("CPU ms per image, inverted", http_cpu)):
+        targets.append({"name": f"HTTP /v1/embeddings / gRPC, 8 one-image callers each, {what}",
+                        "value": round(ratio, 3), "threshold": TARGET_HTTP, "passed": ratio >= TARGET_HTTP})
     if not on_cuda:
         for name in servers:
             for what, field in (("img/s", "x_in_process"), ("CPU ms per image, inverted", "x_in_process_cpu")):
