@@ -30,7 +30,7 @@ Then ``embedder serve`` in a subprocess (the server as deployed, client in this 
 512x512 JPEG vs a hit of the same image right after it through the Python client (medians over distinct
 images); VmRSS idle after warm-up, after 10,000 embeds (1,000 with --quick) and after one head trained; and the
 time of ``import embedder.client`` in a fresh interpreter. Targets on CPU: 8 one-image callers >= 0.9x
-in-process; a hit >= 10x faster than the miss; HTTP at 8 callers >= 0.8x gRPC at 8 callers. Results: ``benchmarks/results/service.json``
+in-process; a hit >= 10x faster than the miss; HTTP at 8 callers >= 0.8x gRPC at 8 callers; idle VmRSS <= 600 MB. Results: ``benchmarks/results/service.json``
 (``service_<gpu name>.json`` on a GPU; ``_quick`` for --quick).
 """
 from __future__ import annotations
@@ -65,6 +65,7 @@ log = logging.getLogger("bench_service")
 CONCURRENCY = (1, 8, 64)
 HTTP_CONCURRENCY = (1, 8)
 TARGET_HTTP = 0.8  # HTTP /v1/embeddings / gRPC, 8 one-image callers each
+TARGET_IDLE_RSS_MB = 600  # `embedder serve`, default model on CPU, after warm-up
 TARGET_RATIO = 0.9  # service / in-process img/s with 8 one-image callers, on CPU
 TARGET_HIT = 10.0  # a cache miss / a hit of the same image through the client
 MULTI = 8  # images per call in the extra unary case: what a caller batching its own images sends
@@ -463,13 +464,17 @@ def main(argv: Sequence[str] | None = None) -> None:
                   f"({s['embeds']['img_s']} img/s, 8 one-image callers from another process), after a head "
                   f"{s['rss_after_train_mb']:.0f} MB ({s['trained_libraries']}); hits from 8 callers: "
                   f"{s['hits_8_callers']['server_cpu_ms_per_call']:.3f} server CPU ms per call")
+            targets.append({"name": f"embedder serve ({name}): VmRSS idle after warm-up, MB (at most)",
+                            "value": s["rss_idle_mb"], "threshold": TARGET_IDLE_RSS_MB,
+                            "passed": s["rss_idle_mb"] <= TARGET_IDLE_RSS_MB})
             if not on_cuda:
                 targets.append({"name": f"embedder serve ({name}): cache miss / hit, 512x512 JPEG via the client",
                                 "value": c["miss_over_hit"], "threshold": TARGET_HIT,
                                 "passed": c["miss_over_hit"] >= TARGET_HIT})
     payload["targets"] = targets
     for t in targets:
-        print(f"  target {t['name']} >= {t['threshold']}: {t['value']:.2f} {'PASS' if t['passed'] else 'FAIL'}")
+        bound = "<=" if "at most" in t["name"] else ">="
+        print(f"  target {t['name']} {bound} {t['threshold']}: {t['value']:.2f} {'PASS' if t['passed'] else 'FAIL'}")
     name = "service" + ("" if not on_cuda else "_" + slug(gpu_name() or "cuda")) + ("_quick" if args.quick else "")
     print(f"\nwrote {write_json(name, payload)}")
 
