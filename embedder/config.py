@@ -64,6 +64,8 @@ class Config:
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC send/receive limit, both directions
     max_items: int = 1024  # items per request
     max_metadata_bytes: int = 64 * 1024  # an item's metadata JSON (UTF-8), refused per item beyond it
+    max_concurrent_rpcs: int = 100  # embedder.v1 calls (and HTTP requests) at once, RESOURCE_EXHAUSTED / 429 beyond
+    stream_idle_seconds: float = 30.0  # a stream (or HTTP upload) with nothing received this long is ended
     token: str = ""  # bearer token required in `authorization` metadata when set
     tls_cert: str = ""  # PEM paths; TLS is on when both are set
     tls_key: str = ""
@@ -77,13 +79,15 @@ class Config:
     # --- store ---
     data_dir: Path = Path("embedder-data")  # SQLite metadata, FAISS snapshots, heads
     cache_max_items: int = 1_000_000  # cached vectors outside any collection, LRU-evicted beyond this
+    cache_max_age_seconds: float = 0.0  # cached vectors older than this are misses and deleted; 0 = kept until evicted
+    cache_shared: bool = False  # one cache for every API key (then a key can tell what others embedded)
     keep_images: bool = True  # keep collection items' image bytes, for fine-tuning and new backbone versions
 
     def __post_init__(self) -> None:
         self.cache_dir = Path(self.cache_dir).expanduser()
         self.data_dir = Path(self.data_dir).expanduser()
         for name in ("max_batch", "max_pixels", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
-                     "max_models", "max_metadata_bytes"):
+                     "max_models", "max_metadata_bytes", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("micro_batch", "decode_workers", "runtime_threads"):
@@ -92,9 +96,11 @@ class Config:
         for name in ("port", "metrics_port", "http_port"):  # 0: a free port for `port`, off for the others
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"Config.{name} must be a TCP port, 0-65535, got {getattr(self, name)}")
-        for name in ("max_delay_ms", "grace_seconds", "cache_max_items"):
+        for name in ("max_delay_ms", "grace_seconds", "cache_max_items", "cache_max_age_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.stream_idle_seconds > 0:
+            raise ValueError(f"Config.stream_idle_seconds must be > 0, got {self.stream_idle_seconds}")
         if self.max_metadata_bytes > self.max_message_bytes:
             raise ValueError(f"Config.max_metadata_bytes ({self.max_metadata_bytes:,}) must be at most "
                              f"max_message_bytes ({self.max_message_bytes:,}): an item must fit in a message")

@@ -12,23 +12,24 @@ warm-up image through the whole path, and only then turns health SERVING. Health
 or on ``stop()`` (SIGTERM/SIGINT under :func:`serve`), which then stops accepting calls and gives in-flight
 ones ``grace_seconds`` to finish.
 
-Security: with ``token`` set, every ``embedder.v1`` RPC (unary and streaming) needs metadata
-``authorization: Bearer <token>``, else UNAUTHENTICATED. Health and reflection stay open on purpose: load
+Security: with ``token`` set or an API key in the data dir (``embedder keys add``), every ``embedder.v1`` RPC
+(unary and streaming) needs metadata ``authorization: Bearer <token or key>``, else UNAUTHENTICATED; the
+core checks each key's role and collection allow-list (:mod:`embedder.keys`). Health and reflection stay open on purpose: load
 balancers and orchestrators probe health without credentials, and reflection only describes the API.
 With ``tls_cert`` and ``tls_key`` set the port speaks TLS only.
 """
 from __future__ import annotations
 
 import gc
-import hmac
 import logging
 import os
+import queue
 import signal
 import sys
 import threading
 import time
 from concurrent import futures
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,7 +39,8 @@ from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
 from .config import Config
 from .core import Service, open_data_dir
-from .errors import EmbedderError
+from .errors import EmbedderError, UnauthenticatedError
+from .keys import Gate
 from .metrics import Metrics
 from .servicer import EmbedderServicer
 
@@ -46,9 +48,17 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Embedder"].full_name  # "embedder.v1.Embedder"
 _METHOD_PREFIX = f"/{SERVICE_NAME}/"
-# Handler threads: a unary call holds one while its items are in the batcher, a stream holds one plus a
-# reader thread; 64 concurrent callers must all be inside the batcher for it to form full batches.
-HANDLER_THREADS = 128
+# Handler threads: an embedder.v1 call holds one while its items are in the batcher, a stream holds one plus a
+# reader thread; up to Config.max_concurrent_rpcs of them at once (64 concurrent callers must all be inside the
+# batcher for it to form full batches). Beside them the pool keeps threads no embedder.v1 call can take:
+# reflection and health Watch streams (each kind capped) and short calls (health Check, refusals), so probes
+# answer however many calls are open.
+_REFLECTION_PREFIX = "/grpc.reflection."  # v1alpha and v1 alike
+_WATCH_METHOD = "/grpc.health.v1.Health/Watch"
+REFLECTION_STREAMS = 4  # reflection clients (grpcurl, Postman) need one at a time
+WATCH_STREAMS = 8
+SPARE_THREADS = 16  # health Check and refusals: they return at once
+RESERVED_THREADS = REFLECTION_STREAMS + WATCH_STREAMS + SPARE_THREADS
 
 
 def _host_port(host: str, port: int) -> str:
@@ -70,33 +80,152 @@ def _wrap_handler(handler: grpc.RpcMethodHandler,
     return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, False), **kw)
 
 
-class AuthInterceptor(grpc.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` on every ``embedder.v1`` RPC; health and reflection stay open."""
+def _refusal(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    """A handler answering ``code`` before a byte of the request is read: it is request-streaming whatever
+    ``handler`` is, and grpc only receives a streaming call's messages when the handler asks for them."""
+    def refuse(request_iterator: Iterator, context: grpc.ServicerContext) -> None:
+        context.abort(code, message)
 
-    def __init__(self, token: str) -> None:
-        self._expected = token.encode()
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(refuse, **kw)
+    return grpc.stream_unary_rpc_method_handler(refuse, **kw)
+
+
+def _request_streaming(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with its request read inside its behaviour: grpc calls a unary-request behaviour only once the
+    request has arrived (a caller that never sends it would keep a slot taken for good) and reads it before any
+    interceptor's wrapper runs."""
+    if handler.request_streaming:
+        return handler
+    behaviour = handler.unary_stream if handler.response_streaming else handler.unary_unary
+
+    def read_then_run(request_iterator: Iterator, context: grpc.ServicerContext) -> Any:
+        request = next(request_iterator, None)
+        if request is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended before its request message was sent")
+        return behaviour(request, context)
+
+    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(read_then_run, **kw)
+    return grpc.stream_unary_rpc_method_handler(read_then_run, **kw)
+
+
+def _within_idle(requests: Iterator, context: grpc.ServicerContext, idle_seconds: float) -> Iterator:
+    """``requests`` as they come; the call ends with DEADLINE_EXCEEDED once none came for ``idle_seconds``.
+
+    grpc's request iterator blocks with no timeout, so a feeder thread reads it; it ends with the call.
+    """
+    received: queue.Queue = queue.Queue(maxsize=1)
+    end = object()
+
+    def feed() -> None:
+        try:
+            for request in requests:
+                while context.is_active():  # bounded: a fast sender waits for the handler
+                    try:
+                        received.put(request, timeout=0.5)
+                        break
+                    except queue.Full:
+                        pass
+        except grpc.RpcError:
+            pass  # the call ended
+        finally:
+            try:
+                received.put_nowait(end)
+            except queue.Full:
+                pass  # the handler is gone or will see the call end
+
+    threading.Thread(target=feed, name="embedder-idle-feeder", daemon=True).start()
+    while True:
+        try:
+            request = received.get(timeout=idle_seconds)
+        except queue.Empty:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          f"no request on this stream for {idle_seconds:g}s, the server's limit for idle streams; "
+                          "open a stream when there is work (or raise --stream-idle-seconds / "
+                          "EMBEDDER_STREAM_IDLE_SECONDS)")
+        if request is end:
+            return
+        yield request
+
+
+class LimitInterceptor(grpc.ServerInterceptor):
+    """Cap the calls that hold a handler thread, by kind, RESOURCE_EXHAUSTED beyond; idle reflection streams end.
+
+    Decided on grpc's serving thread before the call takes a handler thread, so a refusal costs one brief task.
+    Admitted calls are made request-streaming (:func:`_request_streaming`): their messages are received only
+    inside the cap, so received and unanswered bytes stay below ``max_concurrent_rpcs x max_message_bytes``, and
+    the slot is given back whenever the call ends. Placed outside :class:`AuthInterceptor`, so its refusals are
+    bounded too.
+    """
+
+    def __init__(self, max_rpcs: int, idle_seconds: float) -> None:
+        self._idle_seconds = idle_seconds
+        self._limits = (  # (method prefix, free slots, what a refused caller reads)
+            (_METHOD_PREFIX, threading.BoundedSemaphore(max_rpcs),
+             f"the server is running its limit of {max_rpcs} concurrent {SERVICE_NAME} calls; retry with backoff, "
+             "or raise --max-concurrent-rpcs / EMBEDDER_MAX_CONCURRENT_RPCS"),
+            (_REFLECTION_PREFIX, threading.BoundedSemaphore(REFLECTION_STREAMS),
+             f"{REFLECTION_STREAMS} reflection streams are open, the server's limit; close one and retry"),
+            (_WATCH_METHOD, threading.BoundedSemaphore(WATCH_STREAMS),
+             f"{WATCH_STREAMS} health Watch streams are open, the server's limit; use Check, or close one"),
+        )
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None:
+            return handler
+        for prefix, slots, refused in self._limits:
+            if method.startswith(prefix):
+                break
+        else:
+            return handler  # health Check: answered at once from the reserve
+        if not slots.acquire(blocking=False):
+            return _refusal(handler, grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+        idle = self._idle_seconds if prefix == _REFLECTION_PREFIX else None
+
+        def holding(behaviour: Callable, streaming: bool) -> Callable:
+            if streaming:
+                def stream(request_iterator, context):
+                    try:
+                        if idle is not None:
+                            request_iterator = _within_idle(request_iterator, context, idle)
+                        yield from behaviour(request_iterator, context)
+                    finally:
+                        slots.release()
+                return stream
+
+            def unary(request_iterator, context):
+                try:
+                    return behaviour(request_iterator, context)
+                finally:
+                    slots.release()
+            return unary
+
+        return _wrap_handler(_request_streaming(handler), holding)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Require ``authorization: Bearer <token or API key>`` on every ``embedder.v1`` RPC once ``--token`` is set or
+    a key exists (:class:`embedder.keys.Gate`); health and reflection stay open. Roles and allow-lists are the
+    core's to check: the servicer passes the key on in its ``Call``."""
+
+    def __init__(self, gate: Gate) -> None:
+        self._gate = gate
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(_METHOD_PREFIX):
             return handler
-        given = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        given = given.encode() if isinstance(given, str) else given
-        scheme, _, credentials = given.partition(b" ")
-        # the scheme is case-insensitive (RFC 7235: "bearer" and "Bearer" alike); the token is compared in
-        # constant time
-        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self._expected):
+        try:
+            self._gate.principal(dict(handler_call_details.invocation_metadata or ()).get("authorization"))
             return handler
-        why = ("missing `authorization` metadata" if not given else "wrong token in `authorization` metadata")
-
-        def deny(behaviour: Callable, streaming: bool) -> Callable:
-            def abort(request_or_iterator, context):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                              f"{why}; send `authorization: Bearer <token>` (EmbedderClient(token=...), "
-                              "`embedder embed --token`, or EMBEDDER_TOKEN)")
-            return abort
-
-        return _wrap_handler(handler, deny)
+        except UnauthenticatedError as e:
+            # refused before the request is read: 64 unauthenticated 60 MB messages are never received
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED, str(e))
 
 
 class MetricsInterceptor(grpc.ServerInterceptor):
@@ -186,12 +315,14 @@ class EmbedderServer:
         self._stopped = False
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
-        interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
-        if config.token:
-            interceptors.append(AuthInterceptor(config.token))  # inside metrics: refusals are counted
+        # metrics outermost (refusals are counted), then the caps (unauthenticated calls count against them too)
+        interceptors: list[grpc.ServerInterceptor] = [
+            MetricsInterceptor(self.metrics), LimitInterceptor(config.max_concurrent_rpcs, config.stream_idle_seconds)]
+        interceptors.append(AuthInterceptor(Gate.from_config(config)))  # inside metrics: refusals are counted
         limit = config.max_message_bytes
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(HANDLER_THREADS, thread_name_prefix="embedder-rpc"),
+            futures.ThreadPoolExecutor(config.max_concurrent_rpcs + RESERVED_THREADS,
+                                       thread_name_prefix="embedder-rpc"),
             interceptors=interceptors,
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)],  # a second server on the same port must fail, not share it

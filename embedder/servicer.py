@@ -1,7 +1,8 @@
 """The gRPC front door: ``embedder.v1.Embedder`` messages in, :class:`embedder.core.Service` calls, messages out.
 
 No logic of its own: each handler converts its request (items, JSON fields, packed vectors), passes the call's
-deadline and cancellation as a :class:`~embedder.core.Call`, and converts the result. Every failure, whole-call
+deadline, cancellation and API key (:class:`~embedder.keys.Principal`, checked by the core) as a
+:class:`~embedder.core.Call`, and converts the result. Every failure, whole-call
 or per item, is answered through the one table in :mod:`embedder.errors` (category -> status code).
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from dataclasses import asdict
 from typing import Any, Iterator
 
@@ -21,12 +23,14 @@ from .core.embedding import Pending
 from .core.service import DEFAULT_K, METADATA_FLAG
 from .errors import TABLE, Category, EmbedderError, ItemError, category_of
 from .jsonrule import parse_json_object
+from .keys import Gate
 from .messages import (bytes_vector, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb, tensor_array,
                        vector_bytes)
 
 log = logging.getLogger(__name__)
 
 STREAM_WINDOW = 4  # requests of one stream in the batcher at once: pipelining without hogging the queue
+IDLE_POLL = 0.25  # seconds between a stream's idleness checks
 MAX_DETAILS = 2000  # characters of an error message: gRPC trailers are limited (16 KiB by default)
 _OK = grpc.StatusCode.OK.value[0]
 _END = object()
@@ -42,12 +46,6 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     if len(message) > MAX_DETAILS:
         message = message[:MAX_DETAILS - 20] + " ... (shortened)"
     return grpc.StatusCode[TABLE[category].grpc], message
-
-
-def _call(context: grpc.ServicerContext) -> Call:
-    """The caller's deadline (grpc reports "no deadline" as ~forever) and whether it is still there."""
-    left = context.time_remaining()
-    return Call.within(None if left is None or left > 1e7 else max(0.0, left), lambda: not context.is_active())
 
 
 def _item(item: pb.Item) -> Item:
@@ -98,6 +96,21 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     def __init__(self, service: Service) -> None:
         self.service = service
+        self._gate: Gate | None = None
+
+    def _call(self, context: grpc.ServicerContext) -> Call:
+        """The caller's deadline (grpc reports "no deadline" as ~forever), whether it is still there, and its key
+        (the interceptor refused calls without one already; a key revoked since is refused here)."""
+        if self._gate is None:  # the service, and so the config, is set after construction
+            self._gate = Gate.from_config(self.service.config)
+        authorization = dict(context.invocation_metadata() or ()).get("authorization")
+        try:
+            principal = self._gate.principal(authorization)
+        except EmbedderError as e:
+            context.abort(*status_of(e))
+        left = context.time_remaining()
+        return Call.within(None if left is None or left > 1e7 else max(0.0, left), lambda: not context.is_active(),
+                           principal)
 
     def _run(self, context: grpc.ServicerContext, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """``fn(*args, **kwargs)``, or abort the call with the status its error maps to."""
@@ -111,20 +124,33 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
         items = [_item(i) for i in request.items]
-        result = self._run(context, self.service.embed, items, model=request.model, call=_call(context))
+        result = self._run(context, self.service.embed, items, model=request.model, call=self._call(context))
         return self._embed_response(result)
 
     def EmbedStream(self, request_iterator: Iterator[pb.EmbedRequest],
                     context: grpc.ServicerContext) -> Iterator[pb.EmbedResponse]:
-        self._run(context, self.service.list_models)  # UNAVAILABLE before reading anything, like a unary call
+        call = self._call(context)
+        self._run(context, self.service.list_models, call)  # UNAVAILABLE or refused before reading, like a unary call
         # A reader thread submits requests while earlier ones are still in the batcher (pipelining); the
         # bounded queue between them is the stream's window, and a full window stops reading: flow control.
         window: queue.Queue = queue.Queue(maxsize=STREAM_WINDOW)
-        call = _call(context)
-        threading.Thread(target=self._read_stream, args=(request_iterator, context, call, window),
+        waiting: list[float | None] = [time.monotonic()]  # since when the reader waits for the caller, or None
+        threading.Thread(target=self._read_stream, args=(request_iterator, context, call, window, waiting),
                          name="embedder-stream-reader", daemon=True).start()
+        idle = self.service.config.stream_idle_seconds
         while True:
-            entry = window.get()
+            try:
+                entry = window.get(timeout=IDLE_POLL)
+            except queue.Empty:
+                # idle: nothing left to answer and no request for `idle` seconds (a reader waiting for queue
+                # room is busy, not idle)
+                since = waiting[0]
+                if since is not None and time.monotonic() - since >= idle:
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                  f"no request on this stream for {idle:g}s, the server's limit for idle streams; "
+                                  "open a stream when there is work (or raise --stream-idle-seconds / "
+                                  "EMBEDDER_STREAM_IDLE_SECONDS)")
+                continue
             if entry is _END:
                 return
             if isinstance(entry, BaseException):
@@ -133,7 +159,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsResponse:
         """The loaded models, the default first (others load on first use)."""
-        infos = self._run(context, self.service.list_models)
+        infos = self._run(context, self.service.list_models, self._call(context))
         models = [pb.ModelInfo(name=i["name"], model_id=i["model_id"], dim=i["dim"], device=i["device"],
                                runtime=i["runtime"], precision=i["precision"], input_size=i["input_size"],
                                normalize=i["normalize"]) for i in infos]
@@ -144,7 +170,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     def Add(self, request: pb.AddRequest, context: grpc.ServicerContext) -> pb.AddResponse:
         items = [_add_item(a, self.service.config.max_metadata_bytes) for a in request.items]
         out = self._run(context, self.service.add, request.collection, items, model=request.model,
-                        index=request.index, call=_call(context))
+                        index=request.index, call=self._call(context))
         return pb.AddResponse(results=[_result(o, out.model, with_vector=False) for o in out.outcomes],
                               added=out.added, replaced=out.replaced, collection=request.collection)
 
@@ -153,18 +179,20 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             if request.ids:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               "whole_collection deletes every item; leave `ids` empty with it")
-            return pb.DeleteResponse(deleted=self._run(context, self.service.delete_collection, request.collection))
-        result = self._run(context, self.service.delete, request.collection, list(request.ids))
+            return pb.DeleteResponse(deleted=self._run(context, self.service.delete_collection, request.collection,
+                                                       call=self._call(context)))
+        result = self._run(context, self.service.delete, request.collection, list(request.ids),
+                           call=self._call(context))
         return pb.DeleteResponse(deleted=result.deleted, missing=result.missing)
 
     def SetLabels(self, request: pb.SetLabelsRequest, context: grpc.ServicerContext) -> pb.SetLabelsResponse:
         updated = self._run(context, self.service.set_labels, request.collection, dict(request.labels),
-                            list(request.clear))
+                            list(request.clear), call=self._call(context))
         return pb.SetLabelsResponse(updated=updated)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
         found = self._run(context, self.service.get, request.collection, list(request.ids),
-                          vectors=not request.omit_vectors)
+                          vectors=not request.omit_vectors, call=self._call(context))
         return pb.GetResponse(items=[stored_to_pb(s, with_vector=not request.omit_vectors) for s in found if s],
                               missing=[i for i, s in zip(request.ids, found) if s is None])
 
@@ -179,12 +207,13 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             query["vector"] = self._run(context, bytes_vector, request.vector, "the query vector")
         found = self._run(context, self.service.search, collection=request.collection or None, model=request.model,
                           k=request.k or DEFAULT_K, ef_search=request.ef_search or None,
-                          label=request.label if request.HasField("label") else None, call=_call(context), **query)
+                          label=request.label if request.HasField("label") else None, call=self._call(context),
+                          **query)
         return pb.SearchResponse(hits=[hit_to_pb(h) for h in found.hits], model_id=found.model_id,
                                  cached=found.cached)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
-        stats, heads = self._run(context, self.service.stats)
+        stats, heads = self._run(context, self.service.stats, self._call(context))
         return stats_to_pb(stats, heads=heads)
 
     # ------------------------------------------------------------------ heads
@@ -194,14 +223,14 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         result = self._run(context, self.service.train, request.collection, head=request.head,
                            labels=list(request.labels), ids=list(request.ids), params=params,
                            test_size=request.test_size, seed=request.seed, head_id=request.head_id,
-                           adapt_to=request.adapt_to, adapt_method=request.adapt_method, call=_call(context))
+                           adapt_to=request.adapt_to, adapt_method=request.adapt_method, call=self._call(context))
         return pb.TrainResponse(head=head_to_pb(result.info), samples=result.samples,
                                 train_seconds=result.train_seconds, total_seconds=result.total_seconds)
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         result = self._run(context, self.service.predict, list(request.head_ids) or [request.head_id],
                            items=[_item(i) for i in request.items], ids=list(request.ids),
-                           collection=request.collection, top_k=request.top_k or 1, call=_call(context))
+                           collection=request.collection, top_k=request.top_k or 1, call=self._call(context))
         predictions = []
         for row in result.rows:
             p = pb.Prediction(id=row.id, cached=row.cached)
@@ -221,14 +250,15 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         points = self._run(context, self.service.learning_curve, request.collection, head=request.head,
                            labels=list(request.labels), params=params, per_class=list(request.per_class),
                            repeats=request.repeats, test_size=request.test_size, seed=request.seed,
-                           call=_call(context))
+                           call=self._call(context))
         return pb.LearningCurveResponse(points=[pb.CurvePoint(**asdict(p)) for p in points])
 
     def ListHeads(self, request: pb.ListHeadsRequest, context: grpc.ServicerContext) -> pb.ListHeadsResponse:
-        return pb.ListHeadsResponse(heads=[head_to_pb(h) for h in self._run(context, self.service.list_heads)])
+        heads = self._run(context, self.service.list_heads, self._call(context))
+        return pb.ListHeadsResponse(heads=[head_to_pb(h) for h in heads])
 
     def DeleteHead(self, request: pb.DeleteHeadRequest, context: grpc.ServicerContext) -> pb.DeleteHeadResponse:
-        self._run(context, self.service.delete_head, request.head_id)
+        self._run(context, self.service.delete_head, request.head_id, call=self._call(context))
         return pb.DeleteHeadResponse()
 
     # ------------------------------------------------------------------ jobs
@@ -237,13 +267,20 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         params = self._run(context, parse_json_object, request.params_json, "params_json")
         return job_to_pb(self._run(context, self.service.finetune, request.collection, request.suffix,
                                    method=request.method, unfreeze=request.unfreeze, epochs=request.epochs,
-                                   params=params, labels=list(request.labels), ids=list(request.ids)))
+                                   params=params, labels=list(request.labels), ids=list(request.ids),
+                                   call=self._call(context)))
 
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        return job_to_pb(self._run(context, self.service.get_job, request.job_id))
+        return job_to_pb(self._run(context, self.service.get_job, request.job_id, call=self._call(context)))
 
     def CancelJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        return job_to_pb(self._run(context, self.service.cancel_job, request.job_id))
+        return job_to_pb(self._run(context, self.service.cancel_job, request.job_id, call=self._call(context)))
+
+    # ------------------------------------------------------------------ cache
+
+    def Forget(self, request: pb.ForgetRequest, context: grpc.ServicerContext) -> pb.ForgetResponse:
+        forgotten = self._run(context, self.service.forget, list(request.sha256s), call=self._call(context))
+        return pb.ForgetResponse(forgotten=forgotten)
 
     # ------------------------------------------------------------------ helpers
 
@@ -254,10 +291,12 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                                 dim=model.dim)
 
     def _read_stream(self, request_iterator: Iterator[pb.EmbedRequest], context: grpc.ServicerContext,
-                     call: Call, window: queue.Queue) -> None:
-        """Stream reader thread: submit each request in order, then hand it to the writer."""
+                     call: Call, window: queue.Queue, waiting: list[float | None]) -> None:
+        """Stream reader thread: submit each request in order, then hand it to the writer; ``waiting[0]`` says
+        since when it waits for the caller's next request (None while it works on one)."""
         try:
             for request in request_iterator:
+                waiting[0] = None
                 items = [_item(i) for i in request.items]
                 # Streams wait for queue room instead of failing: a bulk job should slow down, not die.
                 pending: Pending | BaseException
@@ -269,6 +308,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                     pending = e
                 if not self._put(window, pending, context) or isinstance(pending, BaseException):
                     return
+                waiting[0] = time.monotonic()
         except grpc.RpcError:
             pass  # the client cancelled or the call ended; nothing to answer
         except Exception as e:  # never let a reader bug hang the writer

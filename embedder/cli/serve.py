@@ -23,7 +23,8 @@ from .options import add_model_options, config_from
 
 # The Config fields the service options set, by flag destination.
 SERVICE_FIELDS = ("host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
-                  "max_metadata_bytes", "max_models", "role", "embed_target", "data_dir", "cache_max_items",
+                  "max_metadata_bytes", "max_concurrent_rpcs", "stream_idle_seconds", "max_models", "role",
+                  "embed_target", "data_dir", "cache_max_items",
                   "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "http_port", "grace_seconds")
 
 
@@ -51,6 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-metadata-bytes", type=int,
                    help="an added item's metadata JSON, in UTF-8 bytes; larger is refused per item "
                         f"(default {Config.max_metadata_bytes // 1024}KiB)")
+    g.add_argument("--max-concurrent-rpcs", type=int,
+                   help="embedder.v1 calls (and HTTP requests) served at once; more are refused with "
+                        f"RESOURCE_EXHAUSTED / 429 (default {Config.max_concurrent_rpcs}); health and reflection "
+                        "keep their own threads")
+    g.add_argument("--stream-idle-seconds", type=float,
+                   help="a stream (or an HTTP upload) that sends nothing this long is ended "
+                        f"(default {Config.stream_idle_seconds:g})")
     g.add_argument("--role", choices=("all", "embed", "store"),
                    help="all: the whole service; embed: a stateless embedding replica; store: the data dir, with "
                         f"cache misses sent to --embed-target (default {Config.role})")

@@ -31,7 +31,8 @@ from ..core.service import METADATA_FLAG
 from ..errors import TABLE, Category, InvalidArgumentError, NotReadyError
 from ..jsonrule import parse_json_object
 from . import convert, schema
-from .guards import AnswerErrors, Authenticate, LimitBody, Measure
+from ..keys import Gate
+from .guards import PRINCIPAL, AnswerErrors, Authenticate, LimitBody, LimitConcurrency, Measure
 
 # Threads for blocking core calls: a call holds one while its items are in the batcher, and 64 concurrent
 # callers must all be inside the batcher for it to form full batches (as the gRPC port's handler threads).
@@ -114,9 +115,9 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
                   for i, o in enumerate(result.outcomes)], model=body.model or result.model.name))
 
     @route("GET", "/models", schema.ModelsResponse)
-    async def list_models() -> Response:
+    async def list_models(request: Request) -> Response:
         """The loaded models (OpenAI's model list; others load on first use) and the server's limits."""
-        infos = await run(service.list_models)
+        infos = await run(service.list_models, who(request))
         limits = await run(service.limits)
         return json_response(schema.ModelsResponse(data=[schema.ModelOut(id=i["name"], **i) for i in infos],
                                                    limits=schema.Limits(**limits)))
@@ -153,7 +154,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
     @route("POST", "/collections/{collection:path}/get", schema.GetResponse, schema.GetRequest)
     async def get(collection: str, request: Request) -> Response:
         body, _ = await read(request, schema.GetRequest)
-        found = await run(service.get, collection, body.ids, vectors=not body.omit_vectors)
+        found = await run(service.get, collection, body.ids, vectors=not body.omit_vectors, call=who(request))
         encoding = None if body.omit_vectors else body.encoding_format
         return json_response(schema.GetResponse(items=[convert.stored(s, encoding) for s in found if s],
                                                 missing=[i for i, s in zip(body.ids, found) if s is None]))
@@ -162,19 +163,20 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
     async def delete(collection: str, request: Request) -> Response:
         """Delete items by id; ids not in the collection are listed in `missing`."""
         body, _ = await read(request, schema.IdsRequest)
-        result = await run(service.delete, collection, body.ids)
+        result = await run(service.delete, collection, body.ids, call=who(request))
         return json_response(schema.DeleteResponse(deleted=result.deleted, missing=result.missing))
 
     @route("DELETE", "/collections/{collection:path}", schema.DeleteResponse)
-    async def delete_collection(collection: str) -> Response:
+    async def delete_collection(collection: str, request: Request) -> Response:
         """Delete a whole collection and its items."""
-        return json_response(schema.DeleteResponse(deleted=await run(service.delete_collection, collection)))
+        return json_response(schema.DeleteResponse(
+            deleted=await run(service.delete_collection, collection, call=who(request))))
 
     @route("POST", "/collections/{collection:path}/labels", schema.LabelsResponse, schema.LabelsRequest)
     async def set_labels(collection: str, request: Request) -> Response:
         body, _ = await read(request, schema.LabelsRequest)
         return json_response(schema.LabelsResponse(
-            updated=await run(service.set_labels, collection, body.labels, body.clear)))
+            updated=await run(service.set_labels, collection, body.labels, body.clear, call=who(request))))
 
     @route("POST", "/search", schema.SearchResponse, schema.SearchRequest, schema.SearchRequest)
     async def search(request: Request) -> Response:
@@ -196,9 +198,16 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
                                                    model_id=found.model_id, cached=found.cached))
 
     @route("GET", "/stats", schema.StatsResponse)
-    async def stats() -> Response:
-        store_stats, heads = await run(service.stats)
+    async def stats(request: Request) -> Response:
+        store_stats, heads = await run(service.stats, who(request))
         return json_response(convert.stats(store_stats, heads))
+
+    @route("POST", "/cache/forget", schema.ForgetResponse, schema.ForgetRequest)
+    async def forget(request: Request) -> Response:
+        """Delete the cached vectors of images by sha256 (the caller's own; an admin key: everyone's)."""
+        body, _ = await read(request, schema.ForgetRequest)
+        return json_response(schema.ForgetResponse(forgotten=await run(service.forget, body.sha256s,
+                                                                       call=who(request))))
 
     # ------------------------------------------------------------------ heads
 
@@ -233,12 +242,13 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
                                                     head_ids=result.head_ids, model_id=result.model_id))
 
     @route("GET", "/heads", schema.HeadsResponse)
-    async def list_heads() -> Response:
-        return json_response(schema.HeadsResponse(heads=[convert.head(h) for h in await run(service.list_heads)]))
+    async def list_heads(request: Request) -> Response:
+        heads = await run(service.list_heads, who(request))
+        return json_response(schema.HeadsResponse(heads=[convert.head(h) for h in heads]))
 
     @route("DELETE", "/heads/{head_id}", schema.StatusOut)
-    async def delete_head(head_id: str) -> Response:
-        await run(service.delete_head, head_id)
+    async def delete_head(head_id: str, request: Request) -> Response:
+        await run(service.delete_head, head_id, call=who(request))
         return json_response(schema.StatusOut(status="deleted"))
 
     # ------------------------------------------------------------------ jobs
@@ -248,23 +258,23 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
         """Start a fine-tune (or AdaBN) job on the collection's kept images; poll it with GET /v1/jobs/{id}."""
         body, _ = await read(request, schema.FineTuneRequest)
         params = body.model_dump()
-        return json_response(convert.job(await run(service.finetune, collection, params.pop("suffix"), **params)),
-                             status=202)
+        job = await run(service.finetune, collection, params.pop("suffix"), **params, call=who(request))
+        return json_response(convert.job(job), status=202)
 
     @route("GET", "/jobs/{job_id}", schema.JobOut)
-    async def get_job(job_id: str) -> Response:
-        return json_response(convert.job(await run(service.get_job, job_id)))
+    async def get_job(job_id: str, request: Request) -> Response:
+        return json_response(convert.job(await run(service.get_job, job_id, call=who(request))))
 
     @route("POST", "/jobs/{job_id}/cancel", schema.JobOut)
-    async def cancel_job(job_id: str) -> Response:
-        return json_response(convert.job(await run(service.cancel_job, job_id)))
+    async def cancel_job(job_id: str, request: Request) -> Response:
+        return json_response(convert.job(await run(service.cancel_job, job_id, call=who(request))))
 
     # ------------------------------------------------------------------ the app
 
     app = FastAPI(title="embedder", version=__version__, redoc_url=None,
                   description="Image embeddings, collections, search and classifier heads over HTTP/JSON; the "
-                              "same service as the gRPC port (embedder.v1.Embedder). With a server token, send "
-                              "`Authorization: Bearer <token>`.")
+                              "same service as the gRPC port (embedder.v1.Embedder). With a server token or API keys, "
+                              "send `Authorization: Bearer <token or key>`.")
     app.include_router(router)
 
     @app.get("/healthz", response_model=schema.StatusOut, tags=["probes"])
@@ -292,11 +302,12 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
 
     app.add_exception_handler(HTTPException, http_error)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
-    # added innermost first: a request meets Measure, Authenticate, LimitBody, AnswerErrors, then its route
+    # added innermost first: a request meets Measure, LimitConcurrency, Authenticate, LimitBody, AnswerErrors,
+    # then its route
     app.add_middleware(AnswerErrors)
-    app.add_middleware(LimitBody, limit=config.max_message_bytes)
-    if config.token:
-        app.add_middleware(Authenticate, token=config.token)
+    app.add_middleware(LimitBody, limit=config.max_message_bytes, idle_seconds=config.stream_idle_seconds)
+    app.add_middleware(Authenticate, gate=Gate.from_config(config))  # open while no --token and no key
+    app.add_middleware(LimitConcurrency, limit=config.max_concurrent_rpcs)
     if metrics is not None:
         app.add_middleware(Measure, metrics=metrics)
     return app
@@ -315,9 +326,14 @@ async def caller(request: Request) -> AsyncIterator[Call]:
 
     watcher = asyncio.get_running_loop().create_task(watch())
     try:
-        yield Call(is_cancelled=gone.is_set)
+        yield Call(is_cancelled=gone.is_set, principal=request.scope.get(PRINCIPAL))
     finally:
         watcher.cancel()
+
+
+def who(request: Request) -> Call:
+    """The core's view of a caller whose call is quick (no cancellation to watch): its API key."""
+    return Call(principal=request.scope.get(PRINCIPAL))
 
 
 def _all_or_nothing(errors: list[BaseException | None]) -> None:

@@ -1,12 +1,14 @@
 """What every HTTP request passes before and after its route, as plain ASGI middleware (no per-request threads).
 
-Outermost first: :class:`Measure` (Prometheus, by route and status), :class:`Authenticate` (the bearer token,
-checked before a byte of the body is read), :class:`LimitBody` (``max_message_bytes``, like gRPC's receive
-limit), :class:`AnswerErrors` (whatever a route raises becomes the table's status and JSON error).
+Outermost first: :class:`Measure` (Prometheus, by route and status), :class:`LimitConcurrency`
+(``max_concurrent_rpcs``, like the gRPC port's cap), :class:`Authenticate` (the bearer token, checked before a byte
+of the body is read), :class:`LimitBody` (``max_message_bytes``, like gRPC's receive limit, and
+``stream_idle_seconds`` between body chunks), :class:`AnswerErrors` (whatever a route raises becomes the
+table's status and JSON error).
 """
 from __future__ import annotations
 
-import hmac
+import asyncio
 import json
 import logging
 import time
@@ -14,11 +16,13 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import Category
+from ..errors import Category, UnauthenticatedError
+from ..keys import Gate
 from .convert import error_body, item_error
 
 log = logging.getLogger(__name__)
 
+PRINCIPAL = "embedder.principal"  # the ASGI scope key of the caller's embedder.keys.Principal (None: no auth)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})  # probes and the API's description
 
 
@@ -56,15 +60,40 @@ class AnswerErrors:
             await send_error(send, *error_body(e))
 
 
+class LimitConcurrency:
+    """At most ``limit`` requests at once (:data:`OPEN_PATHS` aside: probes always answer), 429 beyond.
+
+    Counted on the event loop's one thread, so no lock. Outside :class:`Authenticate`: refusals count too.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit, self.active = app, limit, 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        if self.active >= self.limit:
+            return await send_error(send, 429, item_error(
+                Category.RESOURCE_EXHAUSTED,
+                f"the server is answering its limit of {self.limit} concurrent requests; retry with backoff, or "
+                "raise --max-concurrent-rpcs / EMBEDDER_MAX_CONCURRENT_RPCS"), {"retry-after": "1"})
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
 class LimitBody:
-    """Refuse bodies above ``limit`` bytes with 413, by Content-Length or while reading a chunked one.
+    """Refuse bodies above ``limit`` bytes with 413, by Content-Length or while reading a chunked one; end an
+    upload that sends nothing for ``idle_seconds`` with 408 (a slow sender holds a concurrency slot).
 
     The body is read whole before the route runs (every route needs all of it), so the route never sees a
     partial one; later ``receive`` calls go to the server (they report the client leaving).
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, idle_seconds: float) -> None:
+        self.app, self.limit, self.idle_seconds = app, limit, idle_seconds
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,7 +103,13 @@ class LimitBody:
             return await self._refuse(send, int(declared))
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_seconds)
+            except asyncio.TimeoutError:
+                return await send_error(send, 408, item_error(
+                    Category.DEADLINE, f"no request body bytes for {self.idle_seconds:g}s, the server's limit; send "
+                    "the body at once (or raise --stream-idle-seconds / EMBEDDER_STREAM_IDLE_SECONDS)"),
+                    {"connection": "close"})
             if message["type"] != "http.request":
                 return  # the client left before sending its body
             chunks.append(message.get("body", b""))
@@ -103,23 +138,22 @@ class LimitBody:
 
 
 class Authenticate:
-    """Require ``Authorization: Bearer <token>`` on every path but :data:`OPEN_PATHS`, as the gRPC port does."""
+    """Require ``Authorization: Bearer <token or API key>`` on every path but :data:`OPEN_PATHS` once the
+    :class:`~embedder.keys.Gate` requires it, as the gRPC port does; the caller's key goes into
+    ``scope[PRINCIPAL]`` for the route's ``Call`` (roles and allow-lists are the core's to check)."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
-        self.app, self._expected = app, token.encode()
+    def __init__(self, app: ASGIApp, gate: Gate) -> None:
+        self.app, self._gate = app, gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, credentials = given.partition(b" ")
-        # the scheme is case-insensitive (RFC 7235); the token is compared in constant time
-        if scheme.lower() == b"bearer" and hmac.compare_digest(credentials, self._expected):
-            return await self.app(scope, receive, send)
-        why = "missing `Authorization` header" if not given else "wrong token in the `Authorization` header"
-        await send_error(send, 401, item_error(
-            Category.UNAUTHENTICATED, f"{why}; send `Authorization: Bearer <token>` (the server's --token / "
-            "EMBEDDER_TOKEN; OpenAI clients: api_key=<token>)"), {"www-authenticate": "Bearer"})
+        try:
+            scope[PRINCIPAL] = self._gate.principal(dict(scope["headers"]).get(b"authorization"))
+        except UnauthenticatedError as e:
+            return await send_error(send, 401, item_error(
+                Category.UNAUTHENTICATED, f"{e} (OpenAI clients: api_key=<key>)"), {"www-authenticate": "Bearer"})
+        await self.app(scope, receive, send)
 
 
 class Measure:
