@@ -38,6 +38,13 @@ is ``(RSS at end - RSS after warm-up) / RSS after warm-up``, each the median of 
 The server is then stopped with SIGTERM; its exit code (0 expected) and the shutdown time are recorded,
 and its log is scanned for warnings and errors. Latency is the client's wall time per call.
 Results go to ``benchmarks/results/soak.json`` (``soak_quick.json`` for --quick).
+
+``--attack`` adds an attacker next to the normal mix, within the server's caps (:func:`attacker`): idle
+EmbedStreams and reflection streams that never send (reopened when the server ends them), streams trickling
+one photo every few seconds (slow uploads), and a hog sending the largest fresh batches back to back; and a
+prober calling health Check every 0.5 s with a 1 s deadline. The attacker's own outcomes are reported apart;
+targets add "health never misses". Compare its p99 with a run without ``--attack`` (target: within 2x).
+Results go to ``soak_attack.json`` (``soak_attack_quick.json``).
 """
 from __future__ import annotations
 
@@ -71,6 +78,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `images` lives besid
 
 from images import real_jpegs, write_json  # noqa: E402
 
+from embedder._proto import embedder_pb2 as pb  # noqa: E402
+from embedder._proto import embedder_pb2_grpc as pb_grpc  # noqa: E402
 from embedder.client import Cached, EmbedderClient, RemoteBatchError, ServiceError  # noqa: E402
 
 log = logging.getLogger("soak")
@@ -580,6 +589,81 @@ def worker(k: int, address: str, w: Workload, run: Run, seed: int, records: list
                                               "code": outcome.code, "detail": outcome.detail})
 
 
+ATTACK_IDLE_STREAMS = 24  # EmbedStreams that never send
+ATTACK_REFLECTION_STREAMS = 8  # more than the server keeps open: the rest are refused
+ATTACK_TRICKLES = 4  # streams sending one photo every TRICKLE_EVERY seconds
+TRICKLE_EVERY = 5.0
+HOG_ITEMS = 64  # fresh photos per hog call: cache misses, the model's full work
+
+
+def attacker(address: str, w: Workload, run: Run, seed: int, seen: Counter) -> list[threading.Thread]:
+    """Start the attack threads (see ``--attack``); they stop with ``run``. ``seen`` counts their outcomes."""
+    lock = threading.Lock()
+
+    def note(kind: str, code: str) -> None:
+        with lock:
+            seen[f"{kind} {code}"] += 1
+
+    def silent() -> Any:
+        run.stop.wait()
+        yield from ()
+
+    def trickle() -> Any:
+        rng = random.Random(seed)
+        while not run.stop.wait(TRICKLE_EVERY):
+            yield pb.EmbedRequest(items=[pb.Item(id="t", image=w.jpegs[rng.randrange(len(w.jpegs))])])
+
+    def hold(kind: str, open_call: Callable[[], Any]) -> None:
+        """Keep one stream open, reopening it when the server ends it."""
+        while not run.stop.is_set():
+            try:
+                for _ in open_call():
+                    pass
+                note(kind, "OK")
+            except grpc.RpcError as e:
+                note(kind, e.code().name)
+            run.stop.wait(1.0)  # a refused stream retries after a pause, not in a hot loop
+
+    def hog() -> None:
+        rng = random.Random(seed)
+        with EmbedderClient(address, timeout=120, retries=0) as c:
+            while not run.stop.is_set():
+                try:
+                    c.embed([w.fresh(rng) for _ in range(HOG_ITEMS)])
+                    note("hog", "OK")
+                except ServiceError as e:
+                    note("hog", e.code.name)
+
+    channel = grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])
+    stub = pb_grpc.EmbedderStub(channel)
+    reflect = channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo")
+    jobs: list[tuple[str, Callable[[], Any]]] = (
+        [("idle stream", lambda: stub.EmbedStream(silent()))] * ATTACK_IDLE_STREAMS
+        + [("reflection stream", lambda: reflect(silent()))] * ATTACK_REFLECTION_STREAMS
+        + [("trickle stream", lambda: stub.EmbedStream(trickle()))] * ATTACK_TRICKLES)
+    threads = [threading.Thread(target=hold, args=job, name="soak-attack", daemon=True) for job in jobs]
+    threads.append(threading.Thread(target=hog, name="soak-hog", daemon=True))
+    for t in threads:
+        t.start()
+    return threads
+
+
+def prober(address: str, run: Run, misses: list[dict[str, Any]], checks: list[float]) -> None:
+    """Health Check every 0.5 s with a 1 s deadline; a miss is anything but SERVING in time."""
+    with grpc.insecure_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while not run.stop.wait(0.5):
+            start = time.monotonic()
+            try:
+                status = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                what = None if status == health_pb2.HealthCheckResponse.SERVING else f"status {status}"
+            except grpc.RpcError as e:
+                what = e.code().name
+            checks.append(time.monotonic() - start)
+            if what is not None:
+                misses.append({"t": round(start - run.t0, 1), "what": what})
+
+
 def sampler(server: Server, run: Run, samples: list[Sample], every: float, warm: dict[str, Any],
             warm_requests: int, warm_seconds: float) -> None:
     """Sample the server's RSS every ``every`` s; note when warm-up ends; log progress every ~10 s."""
@@ -674,6 +758,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=None, help="server data dir, kept (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke test: 1 minute or 5000 calls")
+    parser.add_argument("--attack", action="store_true",
+                        help="add an attacker (idle, slow and hog calls within the caps) and a health prober")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     minutes = args.minutes or (1.0 if args.quick else 10.0)
@@ -711,11 +797,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         threads = [threading.Thread(target=worker, args=(k, server.address, w, run, args.seed, per_worker[k],
                                                          error_samples, extras), name=f"soak-{k}")
                    for k in range(args.clients)]
-        for t in threads:
+        attack_seen: Counter = Counter()
+        misses: list[dict[str, Any]] = []
+        checks: list[float] = []
+        side = [threading.Thread(target=prober, args=(server.address, run, misses, checks), name="soak-probe")]
+        if args.attack:
+            side += attacker(server.address, w, run, args.seed, attack_seen)
+        for t in threads + side[:1]:
             t.start()
         for t in threads:
             t.join()
         elapsed = time.monotonic() - t0
+        run.stop.set()
+        for t in side:
+            t.join(130)  # the attacker's calls end with the run (a hog call within its deadline)
         run.stop.set()
         mon.join()
         samples.append(Sample(elapsed, run.done, *server.status()))  # the last one under load
@@ -745,6 +840,7 @@ def main(argv: Sequence[str] | None = None) -> None:
          "passed": growth is not None and growth < TARGET_GROWTH},
         {"name": "unexpected errors", "value": n_unexpected, "threshold": 0, "passed": n_unexpected == 0},
         {"name": "server exit code after SIGTERM", "value": exit_code, "threshold": 0, "passed": exit_code == 0},
+        {"name": "health checks missed", "value": len(misses), "threshold": 0, "passed": not misses},
     ]
 
     print(f"\nsoak: {info['model_id']} on {info['device']} via {info['runtime']}; {args.clients} clients, "
@@ -789,6 +885,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"  target {t['name']} {bound}: {shown} {'PASS' if t['passed'] else 'FAIL'}")
     for e in error_samples[:5]:
         print(f"  unexpected: t={e['t']} s {e['op']} {e['code']}: {e['detail']}")
+    health = {"checks": len(checks), "missed": misses, "p99_ms": percentile(checks, 99),
+              "max_ms": _ms(max(checks, default=None))}
+    print(f"  health Check every 0.5 s: {health['checks']} checks, {len(misses)} missed, p99 {health['p99_ms']} ms, "
+          f"max {health['max_ms']} ms")
+    if args.attack:
+        print(f"  attacker outcomes: {_codes(dict(sorted(attack_seen.items())))}")
 
     payload = {"model_id": info["model_id"], "device": info["device"], "runtime": info["runtime"],
                "clients": args.clients, "budget": {"minutes": minutes, "requests": max_requests},
@@ -801,8 +903,13 @@ def main(argv: Sequence[str] | None = None) -> None:
                "rss_samples_columns": ["t_s", "calls", "rss_mb", "threads", "fds"],
                "server_requests": server_counts, "store_at_end": {k: v for k, v in stats.items() if k != "collections"},
                "shutdown": {"exit_code": exit_code, "seconds": round(shutdown_s, 2)}, "server_log": problems,
-               "targets": targets}
-    print(f"\nwrote {write_json('soak_quick' if args.quick else 'soak', payload)}")
+               "health": health, "targets": targets}
+    if args.attack:
+        payload["attack"] = {"idle_streams": ATTACK_IDLE_STREAMS, "reflection_streams": ATTACK_REFLECTION_STREAMS,
+                             "trickle_streams": ATTACK_TRICKLES, "trickle_every_s": TRICKLE_EVERY,
+                             "hog_items": HOG_ITEMS, "outcomes": dict(sorted(attack_seen.items()))}
+    name = ("soak_attack" if args.attack else "soak") + ("_quick" if args.quick else "")
+    print(f"\nwrote {write_json(name, payload)}")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -815,6 +922,10 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 def _codes(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 2)
 
 
 def _fmt(x: float | None) -> str:
