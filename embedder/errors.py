@@ -242,3 +242,17 @@ class NotReadyError(EmbedderError):
     """The service is loading, shutting down, or its embedding worker died."""
 
     category = Category.UNAVAILABLE
+
+
+# --- access control ---
+
+class UnauthenticatedError(EmbedderError):
+    """No key, an unknown or a revoked one; the message says what to send."""
+
+    category = Category.UNAUTHENTICATED
+
+
+class PermissionDeniedError(EmbedderError):
+    """The caller's key lacks the role for the call, or may not name the collection."""
+
+    category = Category.PERMISSION_DENIED

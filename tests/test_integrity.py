@@ -22,6 +22,7 @@ from embedder.errors import Category, DataLossError
 from embedder.index import VectorIndex
 from embedder.inputs import content_hash
 from embedder.store import Store
+from embedder.store.sqlite import SCHEMA_VERSION
 from test_store import M, _as_version_2, sha, unit
 
 DIM = 64
@@ -127,7 +128,7 @@ def test_a_version_2_data_dir_gets_checksums_on_upgrade(stored, caplog):
         np.testing.assert_array_equal(store.lookup(M, [sha(0)])[0], unit(1, DIM, seed=5)[0])
     assert not caplog.records  # its untagged snapshot is used as it was
     with closing(sqlite3.connect(data_dir / "store.sqlite3")) as db:
-        assert db.execute("PRAGMA user_version").fetchone() == (3,)
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     flip_exponent(data_dir, x[3])
     with Store(data_dir) as store, pytest.raises(DataLossError, match="'i3'"):
         store.get("c", ["i3"])

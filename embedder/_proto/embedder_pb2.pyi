@@ -287,6 +287,18 @@ class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class ForgetRequest(_message.Message):
+    __slots__ = ("sha256s",)
+    SHA256S_FIELD_NUMBER: _ClassVar[int]
+    sha256s: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, sha256s: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ForgetResponse(_message.Message):
+    __slots__ = ("forgotten",)
+    FORGOTTEN_FIELD_NUMBER: _ClassVar[int]
+    forgotten: int
+    def __init__(self, forgotten: _Optional[int] = ...) -> None: ...
+
 class CollectionStats(_message.Message):
     __slots__ = ("name", "model_id", "dim", "index", "count", "labels", "unlabeled", "created")
     class LabelsEntry(_message.Message):

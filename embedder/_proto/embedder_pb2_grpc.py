@@ -121,6 +121,11 @@ class EmbedderStub:
                 request_serializer=embedder_dot_v1_dot_embedder__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=embedder_dot_v1_dot_embedder__pb2.Job.FromString,
                 _registered_method=True)
+        self.Forget = channel.unary_unary(
+                '/embedder.v1.Embedder/Forget',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.ForgetRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.ForgetResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedderServicer:
@@ -263,6 +268,16 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forget(self, request, context):
+        """--- the embedding cache ---
+        Delete the cached vectors of images (by sha256 of their bytes, every model) embedded outside any
+        collection: afterwards content_sha256 lookups of them are NOT_FOUND and embedding them is a miss.
+        A key (role write) forgets its own entries; an admin key everyone's. Collection items keep theirs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -350,6 +365,11 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=embedder_dot_v1_dot_embedder__pb2.GetJobRequest.FromString,
                     response_serializer=embedder_dot_v1_dot_embedder__pb2.Job.SerializeToString,
+            ),
+            'Forget': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forget,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.ForgetRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.ForgetResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -813,6 +833,33 @@ class Embedder:
             '/embedder.v1.Embedder/CancelJob',
             embedder_dot_v1_dot_embedder__pb2.GetJobRequest.SerializeToString,
             embedder_dot_v1_dot_embedder__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Forget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/Forget',
+            embedder_dot_v1_dot_embedder__pb2.ForgetRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.ForgetResponse.FromString,
             options,
             channel_credentials,
             insecure,

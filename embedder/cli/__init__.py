@@ -15,6 +15,11 @@ token from --token or EMBEDDER_TOKEN):
     embedder predict --head pets new/ one.jpg --top-k 3
     embedder finetune --collection pets --suffix pets
 
+API keys (in the data dir; a running server sees changes at once) and the cache:
+    embedder keys add ci-bot --role write --collection pets      # prints the key once
+    embedder keys list ; embedder keys revoke KEY_ID
+    embedder forget SHA256 [SHA256 ...]                          # cached vectors of those images
+
 Bulk jobs on Ray Data (`pip install 'embedder[scale]'`), then an import into a local data dir (no backbone pass):
     embedder bulk-embed photos/ --out vectors/ [--ray-address ray://head:10001]
     embedder add --from-parquet vectors/ --collection pets --label-from-folder --data-dir embedder-data
@@ -32,11 +37,11 @@ import traceback
 from typing import Sequence
 
 from ..errors import TABLE, Category, EmbedderError, category_of
-from . import backup, bulk, collections, demo, embed, heads, jobs, models, serve
+from . import backup, bulk, collections, demo, embed, heads, jobs, keys, models, serve
 from .options import config_from, printable
 
 # One module per command group, each owning its parsers and handlers; in `embedder --help` order.
-COMMAND_GROUPS = (models, demo, embed, serve, bulk, collections, heads, jobs, backup)
+COMMAND_GROUPS = (models, demo, embed, serve, bulk, collections, heads, jobs, backup, keys)
 
 # The names tests/test_service.py imports from here (before cli/ became a package).
 _config = config_from

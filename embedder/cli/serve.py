@@ -24,7 +24,7 @@ from .options import add_model_options, config_from
 # The Config fields the service options set, by flag destination.
 SERVICE_FIELDS = ("host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
                   "max_metadata_bytes", "max_concurrent_rpcs", "stream_idle_seconds", "max_models", "role",
-                  "embed_target", "data_dir", "cache_max_items",
+                  "embed_target", "data_dir", "cache_max_items", "cache_max_age_seconds", "cache_shared",
                   "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "http_port", "grace_seconds")
 
 
@@ -70,9 +70,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cache-max-items", type=int,
                    help="vectors kept in the cache outside any collection, least recently used evicted beyond it "
                         f"(default {Config.cache_max_items:,}; 0 turns the cache off); also EMBEDDER_CACHE_MAX_ITEMS")
+    g.add_argument("--cache-max-age-seconds", type=float,
+                   help="cached vectors older than this are misses and deleted (default 0 = kept until evicted); "
+                        "also EMBEDDER_CACHE_MAX_AGE_SECONDS")
+    g.add_argument("--cache-shared", dest="cache_shared", action="store_const", const=True,
+                   help="one cache for every API key (faster; then a key can tell what others embedded); also "
+                        "EMBEDDER_CACHE_SHARED")
     g.add_argument("--no-keep-images", dest="keep_images", action="store_const", const=False,
                    help="do not keep added images' bytes (then collections cannot be fine-tuned on)")
-    g.add_argument("--token", help="require `authorization: Bearer TOKEN` (prefer EMBEDDER_TOKEN: flags show in ps)")
+    g.add_argument("--token", help="require `authorization: Bearer TOKEN`, an admin key beside `embedder keys` (prefer "
+                                   "EMBEDDER_TOKEN: flags show in ps)")
     g.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key the port speaks TLS only")
     g.add_argument("--tls-key", help="PEM private key for --tls-cert")
     g.add_argument("--metrics-port", type=int,

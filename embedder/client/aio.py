@@ -117,6 +117,12 @@ class AsyncEmbedderClient(BaseClient):
     async def delete_head(self, head_id: str) -> None:
         await self._run(self._delete_head(head_id))
 
+    # ------------------------------------------------------------------ cache
+
+    async def forget(self, sha256s: Sequence[str]) -> int:
+        """See :meth:`EmbedderClient.forget`."""
+        return await self._run(self._forget(sha256s))
+
     # ------------------------------------------------------------------ jobs
 
     async def finetune(self, collection: str, suffix: str, *, unfreeze: int = 1, epochs: int = 10,

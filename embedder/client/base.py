@@ -309,6 +309,11 @@ class BaseClient:
     def _delete_head(self, head_id: str) -> Plan[None]:
         yield Call("DeleteHead", pb.DeleteHeadRequest(head_id=head_id))
 
+    # ------------------------------------------------------------------ cache
+
+    def _forget(self, sha256s: Sequence[str]) -> Plan[int]:
+        return (yield Call("Forget", pb.ForgetRequest(sha256s=list(sha256s)))).forgotten
+
     # ------------------------------------------------------------------ jobs
 
     def _finetune(self, collection: str, suffix: str, unfreeze: int, epochs: int, labels: Sequence[str] | None,

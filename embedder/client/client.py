@@ -137,6 +137,13 @@ class EmbedderClient(BaseClient):
     def delete_head(self, head_id: str) -> None:
         self._run(self._delete_head(head_id))
 
+    # ------------------------------------------------------------------ cache
+
+    def forget(self, sha256s: Sequence[str]) -> int:
+        """Delete the server's cached vectors of these images (sha256 of their bytes; your key's entries, an admin
+        key's: everyone's); returns how many cache rows went. Collection items keep theirs."""
+        return self._run(self._forget(sha256s))
+
     # ------------------------------------------------------------------ jobs
 
     def finetune(self, collection: str, suffix: str, *, unfreeze: int = 1, epochs: int = 10,

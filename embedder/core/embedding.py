@@ -3,7 +3,8 @@
 :func:`submit` hashes encoded images, serves what the store's cache holds (a hit is neither decoded nor run
 through the model), and queues each distinct miss once in the model's batcher: an image repeated inside one
 call is embedded once and every copy gets its vector. :func:`finish` waits for the misses within the call's
-deadline and puts their vectors in the cache. Per-item failures stay exception objects (with a
+deadline and puts their vectors in the cache. Cache rows are the caller's own (:func:`cache_scope`): a key
+never hits, nor waits less for, what another key embedded. Per-item failures stay exception objects (with a
 :class:`embedder.errors.Category`) until a front door writes them on its wire.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from ..errors import (BatchFailedError, Category, DeadlineError, EmbedderError, ItemError, ItemNotFoundError,
                       StoreClosedError, category_of)
 from ..inputs import content_hash
+from ..keys import Principal
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,18 @@ def _never() -> bool:
 
 @dataclass(frozen=True)
 class Call:
-    """What a front door knows of its caller: a deadline (``time.monotonic()`` seconds) and whether it left."""
+    """What a front door knows of its caller: a deadline (``time.monotonic()`` seconds), whether it left, and
+    who it is (``principal``: its API key; None where no auth is configured, and for in-process callers)."""
 
     deadline: float | None = None
     is_cancelled: Callable[[], bool] = _never
+    principal: Principal | None = None
 
     @classmethod
-    def within(cls, seconds: float | None, is_cancelled: Callable[[], bool] = _never) -> Call:
+    def within(cls, seconds: float | None, is_cancelled: Callable[[], bool] = _never,
+               principal: Principal | None = None) -> Call:
         """A call that must finish within ``seconds`` from now (None: no deadline)."""
-        return cls(None if seconds is None else time.monotonic() + seconds, is_cancelled)
+        return cls(None if seconds is None else time.monotonic() + seconds, is_cancelled, principal)
 
     def time_left(self) -> float | None:
         return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
@@ -95,6 +100,13 @@ class Pending:
     model: Any  # core.models.LoadedModel
     futures: dict[int, Future] = field(default_factory=dict)  # outcome index -> its (maybe shared) future
     on_done: Callable[[], None] | None = None  # gives the model lease back
+    scope: dict[str, Any] = field(default_factory=dict)  # the caller's cache_scope, for the put
+
+
+def cache_scope(call: Call) -> dict[str, Any]:
+    """The store's ``owner``/``visible`` arguments for the caller's cache lookups and puts (none: shared)."""
+    p = call.principal
+    return {} if p is None else {"owner": p.cache_owner, "visible": p.collections}
 
 
 def submit(items: Sequence[Item], model: Any, call: Call, *, store: Any, block: bool = False,
@@ -128,10 +140,11 @@ def submit(items: Sequence[Item], model: Any, call: Call, *, store: Any, block: 
             out.error = e
         except Exception as e:  # whatever a malformed item does, it fails alone
             out.error = ItemError(f"malformed item ({type(e).__name__}: {e})")
+    scope = cache_scope(call)
     if wanted and store is not None:
         shas = list(wanted)
         hits = 0
-        for sha, vector in zip(shas, store.lookup(model.model_id, shas)):
+        for sha, vector in zip(shas, store.lookup(model.model_id, shas, **scope)):
             if vector is not None:
                 hits += len(wanted[sha])
                 for i in wanted.pop(sha):
@@ -149,7 +162,7 @@ def submit(items: Sequence[Item], model: Any, call: Call, *, store: Any, block: 
     inputs = [encoded[sha] for sha in wanted] + [a for _, a in arrays]
     queued = model.batcher.submit(inputs, deadline=call.deadline, is_active=lambda: not call.is_cancelled(),
                                   block=block)
-    pending = Pending(outcomes, model)
+    pending = Pending(outcomes, model, scope=scope)
     for idx, fut in zip(list(wanted.values()) + [[i] for i, _ in arrays], queued):
         for i in idx:
             pending.futures[i] = fut
@@ -189,7 +202,7 @@ def finish(pending: Pending, call: Call, *, store: Any, metrics: Any = None) -> 
             pending.on_done()
     if fresh and store is not None:
         try:
-            store.put(pending.model.model_id, list(fresh), np.stack(list(fresh.values())))
+            store.put(pending.model.model_id, list(fresh), np.stack(list(fresh.values())), **pending.scope)
         except StoreClosedError:
             pass  # shutting down: the vectors are still good, only not cached
         except Exception:  # the vectors are good; a cache write failure must not fail the call

@@ -5,6 +5,10 @@ arguments, passes its caller's deadline and cancellation as a :class:`~embedder.
 turns what comes back, or the :class:`~embedder.errors.EmbedderError` raised, into its own answer through
 the one table in :mod:`embedder.errors`. Nothing in here knows a transport.
 
+Access control is here too, one place for every door: a call's :class:`~embedder.keys.Principal` (its API key)
+needs the call's role (:data:`READ`/:data:`WRITE`/:data:`ADMIN`, see :mod:`embedder.keys`) and may name only
+the collections on its allow-list; a search over every collection searches only those.
+
 Images take one path (:mod:`embedder.core.embedding`): cache hits from the store, misses through the model's
 batcher, fresh vectors into the cache. Models come from the :class:`~embedder.core.models.ModelPool`.
 
@@ -17,14 +21,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from ..config import Config
 from ..errors import (InvalidArgumentError, ItemError, ItemNotFoundError, ModelMismatchError, NotFoundError,
-                      NotReadyError, ReplicaOnlyError, ResponseTooLargeError)
+                      NotReadyError, PermissionDeniedError, ReplicaOnlyError, ResponseTooLargeError)
 from ..jsonrule import check_json_object, dump_stored
 from ..results import CurvePoint, DeleteResult, Hit, StoredItem, StoreStats
 from .embedding import Call, Item, Outcome, Pending, finish, submit
@@ -33,6 +37,7 @@ from .models import LoadedModel, ModelPool
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
+READ, WRITE, ADMIN = "read", "write", "admin"
 METADATA_FLAG = "--max-metadata-bytes / EMBEDDER_MAX_METADATA_BYTES"
 
 
@@ -151,6 +156,7 @@ class Service:
         """Queue ``items`` and return at once (:meth:`finish` waits); streams pipeline with it. ``block``
         waits for queue room instead of raising QueueFullError."""
         self._check_ready()
+        self._permit(call, READ)
         self._check_count(len(items))
         items = [Item.of(x) for x in items]
         leased = self.models.acquire(model)
@@ -165,9 +171,10 @@ class Service:
     def finish(self, pending: Pending, call: Call = Call()) -> EmbedResult:
         return EmbedResult(finish(pending, call, store=self.store, metrics=self.metrics), pending.model)
 
-    def list_models(self) -> list[dict[str, Any]]:
+    def list_models(self, call: Call = Call()) -> list[dict[str, Any]]:
         """The loaded models' info, the default first (others load on first use)."""
         self._check_ready()
+        self._permit(call, READ)
         return [m.info for m in self.models.models]
 
     def limits(self) -> dict[str, int]:
@@ -182,6 +189,7 @@ class Service:
         """Embed (or look up) and store ``items`` in ``collection``, created on first add with ``model``'s
         binding and ``index``; items that fail are left out and say why."""
         store = self._stateful()
+        self._permit(call, WRITE, collection)
         self._check_count(len(items))
         if not collection:
             raise InvalidArgumentError("`collection` is empty; name the collection to add to")
@@ -211,28 +219,35 @@ class Service:
             added, replaced = result.added, result.replaced
         return AddOutcome(outcomes, added, replaced, bound)
 
-    def delete(self, collection: str, ids: Sequence[str]) -> DeleteResult:
-        return self._stateful().delete(collection, list(ids))
+    def delete(self, collection: str, ids: Sequence[str], *, call: Call = Call()) -> DeleteResult:
+        store = self._stateful()
+        self._permit(call, WRITE, collection)
+        return store.delete(collection, list(ids))
 
-    def delete_collection(self, collection: str) -> int:
+    def delete_collection(self, collection: str, *, call: Call = Call()) -> int:
         """Delete a whole collection; returns how many items it held."""
         store = self._stateful()
+        self._permit(call, WRITE, collection)
         count = store.collection(collection).count
         store.delete_collection(collection)
         return count
 
-    def set_labels(self, collection: str, labels: Mapping[str, str], clear: Sequence[str] = ()) -> int:
+    def set_labels(self, collection: str, labels: Mapping[str, str], clear: Sequence[str] = (), *,
+                   call: Call = Call()) -> int:
         store = self._stateful()
+        self._permit(call, WRITE, collection)
         both = sorted(set(labels) & set(clear))
         if both:
             raise InvalidArgumentError(f"item(s) {', '.join(map(repr, both[:5]))} are both labelled and cleared; "
                                        "name each item once")
         return store.set_labels(collection, {**dict(labels), **{i: None for i in clear}})
 
-    def get(self, collection: str, ids: Sequence[str], *, vectors: bool = True) -> list[StoredItem | None]:
+    def get(self, collection: str, ids: Sequence[str], *, vectors: bool = True,
+            call: Call = Call()) -> list[StoredItem | None]:
         """The stored items (None for ids not there); refused before anything is sent if the answer would not fit
         in one message (``vectors=False``: the caller leaves the vectors out)."""
         store = self._stateful()
+        self._permit(call, READ, collection)
         self._check_count(len(ids))
         found = store.get(collection, list(ids))
         self._check_answer([s for s in found if s is not None], vectors=vectors, what="Get", fix="fewer ids")
@@ -242,8 +257,9 @@ class Service:
                vector: np.ndarray | None = None, model: str = "", k: int = DEFAULT_K, label: str | None = None,
                ef_search: int | None = None, call: Call = Call()) -> SearchResult:
         """The ``k`` nearest stored items to one query: an image (``item``), a stored item or a vector. Without
-        ``collection``, every collection of the query's model is searched."""
+        ``collection``, every collection of the query's model is searched (that the caller may see)."""
         store = self._stateful()
+        self._permit(call, READ, collection)
         if sum(q is not None for q in (item, item_id, vector)) != 1:
             raise InvalidArgumentError("the query is empty; set one of `item` (an image), `item_id` or `vector`"
                                        if (item, item_id, vector) == (None, None, None) else
@@ -264,13 +280,29 @@ class Service:
                     raise found.error
                 vector, cached = found.vector, found.cached
         hits = store.search(collection, np.asarray(vector)[None], k=k, label=label, model_id=bound.model_id,
-                            ef_search=ef_search)[0]
+                            ef_search=ef_search, only=self._allowed(call))[0]
         self._check_answer(hits, vectors=False, what="Search", fix="a smaller k")
         return SearchResult(hits, bound.model_id, cached)
 
-    def stats(self) -> tuple[StoreStats, int]:
-        """The store's statistics and the number of saved heads."""
-        return self._stateful().stats(), len(self.heads.list())
+    def stats(self, call: Call = Call()) -> tuple[StoreStats, int]:
+        """The store's statistics and the number of saved heads; an allow-listed caller sees its collections."""
+        store = self._stateful()
+        self._permit(call, READ)
+        stats, allowed = store.stats(), self._allowed(call)
+        if allowed is not None:
+            shown = [c for c in stats.collections if c.name in allowed]
+            stats = replace(stats, collections=shown, items=sum(c.count for c in shown))
+        return stats, len(self.heads.list())
+
+    def forget(self, sha256s: Sequence[str], *, call: Call = Call()) -> int:
+        """Delete cached vectors of images (by sha256, every model); returns how many cache rows went. A key
+        forgets its own entries (role write); an admin, the library and a server without keys everyone's.
+        Collection items keep their vectors: delete the items for that."""
+        store = self._stateful()
+        self._permit(call, WRITE)
+        self._check_count(len(sha256s))
+        p = call.principal
+        return store.forget(sha256s, owner=None if p is None or p.has(ADMIN) else p.cache_owner)
 
     # ------------------------------------------------------------------ heads
 
@@ -284,6 +316,7 @@ class Service:
         from classifier import InsufficientDataError
 
         store = self._stateful()
+        self._permit(call, WRITE, collection, adapt_to)
         found_ids, X, y = store.labelled(collection, labels=list(labels) or None, ids=list(ids) or None)
         if not found_ids:
             which = f" with label(s) {', '.join(map(repr, labels))}" if labels else ""
@@ -312,6 +345,7 @@ class Service:
         """Apply heads (of one backbone) to images (``items``) and stored items (``ids`` of ``collection``):
         one embedding or cache hit per item, every head applied to it."""
         store = self._stateful()
+        self._permit(call, READ, collection)
         self._check_count(len(items) + len(ids))
         head_ids = list(head_ids)
         if len(set(head_ids)) != len(head_ids):
@@ -364,6 +398,7 @@ class Service:
         """Hold-out accuracy at growing labels per class; stops with DeadlineError once ``call``'s deadline passes,
         it cancels or the service closes (checked before every fit, so SIGTERM is not held up by a long curve)."""
         store = self._stateful()
+        self._permit(call, WRITE, collection)  # trains (no head is saved, but it costs like training)
         _, X, y = store.labelled(collection, labels=list(labels) or None)
         return self.heads.learning_curve(X, y, kind=head or "logreg", params=params or {},
                                          per_class=list(per_class) or None, repeats=repeats or 5,
@@ -371,23 +406,26 @@ class Service:
                                          should_stop=lambda: self._closing or call.is_cancelled() or
                                          call.time_left() == 0)
 
-    def list_heads(self) -> list[Any]:
+    def list_heads(self, call: Call = Call()) -> list[Any]:
         self._stateful()
+        self._permit(call, READ)
         return self.heads.list()
 
-    def delete_head(self, head_id: str) -> None:
+    def delete_head(self, head_id: str, *, call: Call = Call()) -> None:
         self._stateful()
+        self._permit(call, WRITE)
         self.heads.delete(head_id)
 
     # ------------------------------------------------------------------ jobs
 
     def finetune(self, collection: str, suffix: str, *, method: str = "", unfreeze: int = 0, epochs: int = 0,
                  params: Mapping[str, Any] | None = None, labels: Sequence[str] = (),
-                 ids: Sequence[str] = ()) -> Any:
+                 ids: Sequence[str] = (), call: Call = Call()) -> Any:
         """Start a fine-tune (``method="finetune"``) or AdaBN job on the collection's kept images; the job."""
         from .finetuning import start_adabn, start_finetune
 
         store = self._stateful()
+        self._permit(call, WRITE, collection)
         if method == "adabn":
             return start_adabn(store, self.jobs, self.config.data_dir, collection, suffix)
         if method not in ("", "finetune"):
@@ -395,12 +433,14 @@ class Service:
         return start_finetune(store, self.jobs, self.config.data_dir, collection, suffix, unfreeze=unfreeze or 1,
                               epochs=epochs or 10, params=params or {}, labels=labels, ids=ids)
 
-    def get_job(self, job_id: str) -> Any:
+    def get_job(self, job_id: str, *, call: Call = Call()) -> Any:
         self._stateful()
+        self._permit(call, READ)
         return self.jobs.get(job_id)
 
-    def cancel_job(self, job_id: str) -> Any:
+    def cancel_job(self, job_id: str, *, call: Call = Call()) -> Any:
         self._stateful()
+        self._permit(call, WRITE)
         return self.jobs.cancel(job_id)
 
     # ------------------------------------------------------------------ helpers
@@ -416,6 +456,26 @@ class Service:
         except NotFoundError:
             return self.models.lease(requested)
         return self.models.lease_bound(model_id, f"collection {collection!r}")
+
+    @staticmethod
+    def _permit(call: Call, role: str, *collections: str | None) -> None:
+        """Refuse a caller whose key lacks ``role`` or may not name one of ``collections`` (None/"": none named).
+        Checked before the collection is looked up, so a refusal does not tell whether it exists."""
+        p = call.principal
+        if p is None:
+            return
+        if not p.has(role):
+            raise PermissionDeniedError(f"API key {p.key_id} has role {p.role!r}; this call needs {role!r}: use a key "
+                                        f"with that role (`embedder keys add --role {role}`, by an operator)")
+        denied = next((c for c in collections if c and not p.may_see(c)), None)
+        if denied is not None:
+            raise PermissionDeniedError(f"API key {p.key_id} may not use collection {denied!r} (not on its "
+                                        "allow-list); use a key allowed that collection")
+
+    @staticmethod
+    def _allowed(call: Call) -> frozenset[str] | None:
+        """The collections the caller may see; None: every one."""
+        return None if call.principal is None else call.principal.collections
 
     def _check_ready(self) -> None:
         if self._closing:

@@ -72,6 +72,14 @@ class IdsRequest(Request):
     ids: list[str]
 
 
+class ForgetRequest(Request):
+    sha256s: list[str] = Field(description="hex sha256 of each image's bytes")
+
+
+class ForgetResponse(BaseModel):
+    forgotten: int = Field(description="cache rows deleted (one per image and model)")
+
+
 class GetRequest(IdsRequest):
     omit_vectors: bool = False
     encoding_format: Encoding = _ENCODING

@@ -7,13 +7,20 @@ twice; a lookup checks the cache, then collection items of the same model. Looku
 they produce is written with the next put or at close (a crash loses only some LRU order). A row that fails
 its checksum (:mod:`.integrity`) is a miss, logged as an ERROR; a damaged cache row is deleted with the next
 write, so the next put stores the recomputed vector.
+
+Privacy between API keys: each row has an ``owner`` (the key whose call embedded it; ``""`` is shared: the
+library, the server's ``--token``, or every key with ``cache_shared``), and a lookup sees only its owner's rows
+and the items of the collections it may see (``visible``). So a key cannot tell from a hit, or its latency,
+whether another key embedded an image. With ``max_age`` (seconds) rows older than that are misses, and every
+put deletes them.
 """
 from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import AbstractSet, Mapping, Sequence
 
 import numpy as np
 
@@ -28,57 +35,72 @@ class EmbeddingCache:
 
     def __init__(self, db: sqlite3.Connection, database: Path) -> None:
         self._clock, self.count = db.execute("SELECT coalesce(max(last_used), 0), count(*) FROM cache").fetchone()
-        self._touched: dict[tuple[str, str], int] = {}  # cache hits whose last_used is not yet written
-        self._damaged: set[tuple[str, str]] = set()  # rows that failed their checksum, deleted with the next write
+        self._touched: dict[tuple[str, str, str], int] = {}  # (owner, model, sha) hits whose last_used is unwritten
+        self._damaged: set[tuple[str, str, str]] = set()  # rows that failed their checksum, deleted with the next write
         self._database = database  # for the log
 
-    def lookup(self, db: sqlite3.Connection, model_id: str, shas: Sequence[str]) -> dict[str, bytes]:
-        """The stored vector blob of each of ``shas`` found under ``model_id``, in the cache or in an item."""
+    def lookup(self, db: sqlite3.Connection, model_id: str, shas: Sequence[str], *, owner: str = "",
+               visible: AbstractSet[str] | None = None, max_age: float = 0) -> dict[str, bytes]:
+        """The stored vector blob of each of ``shas`` found under ``model_id``, in ``owner``'s cache rows (younger
+        than ``max_age`` seconds, if set) or in an item of a collection in ``visible`` (None: any)."""
         unique = list(dict.fromkeys(shas))
         found = {}
-        for sha, data, crc in chunked_query(
-                db, "SELECT sha256, vector, crc FROM cache WHERE model_id = ? AND sha256 IN ({})", [model_id], unique):
+        oldest = time.time() - max_age if max_age else float("-inf")
+        for sha, data, crc, stored in chunked_query(
+                db, "SELECT sha256, vector, crc, stored FROM cache WHERE owner = ? AND model_id = ? AND sha256 IN ({})",
+                [owner, model_id], unique):
+            if stored < oldest:
+                continue  # expired: a miss; the next put deletes it
             if cache_crc(model_id, sha, data) == crc:
                 found[sha] = data
-            elif (model_id, sha) not in self._damaged:
+            elif (owner, model_id, sha) not in self._damaged:
                 log.error("cache row (model %s, sha256 %s) fails its checksum in %s; treated as a miss and deleted "
                           "with the next cache write", model_id, sha, self._database)
-                self._damaged.add((model_id, sha))
+                self._damaged.add((owner, model_id, sha))
         for sha in unique:  # in input order, so the LRU order is the order of use
             if sha in found:
                 self._clock += 1
-                self._touched[(model_id, sha)] = self._clock
+                self._touched[(owner, model_id, sha)] = self._clock
         rest = [s for s in unique if s not in found]
         for row in chunked_query(db, f"SELECT {ITEM_COLUMNS}, i.cid, c.name FROM items i JOIN collections c "
                                      "ON c.cid = i.cid WHERE c.model_id = ? AND i.sha256 IN ({})", [model_id], rest):
+            if visible is not None and row[7] not in visible:
+                continue
             if item_ok(row[6], row):
                 found.setdefault(row[1], row[4])
             else:  # the item is reported when it is read itself; here it is only a miss
                 corrupted(row[7], [row[0]], self._database, action="not used as a cached vector")
         return found
 
-    def put(self, db: sqlite3.Connection, model_id: str, rows: Mapping[str, np.ndarray], max_items: int) -> None:
-        """Store the vectors of images no collection holds, then evict down to ``max_items`` rows."""
+    def put(self, db: sqlite3.Connection, model_id: str, rows: Mapping[str, np.ndarray], max_items: int, *,
+            owner: str = "", visible: AbstractSet[str] | None = None, max_age: float = 0) -> None:
+        """Store ``owner``'s vectors of images no collection in ``visible`` holds, delete rows older than
+        ``max_age`` seconds (if set), then evict down to ``max_items`` rows."""
         # A cache row is recomputable, so its commit skips the fsync (NORMAL: survives kill -9, may lose the
         # latest rows on power loss); the next FULL commit syncs it with everything before it.
+        now = time.time()
         with transaction(db, durable=False):
             deleted = self.flush(db)
-            members = {s for (s,) in chunked_query(
-                db, "SELECT i.sha256 FROM items i JOIN collections c ON c.cid = i.cid "
-                    "WHERE c.model_id = ? AND i.sha256 IN ({})", [model_id], list(rows))}
+            if max_age:
+                deleted += db.execute("DELETE FROM cache WHERE stored < ?", (now - max_age,)).rowcount
+            members = {s for s, name in chunked_query(
+                db, "SELECT i.sha256, c.name FROM items i JOIN collections c ON c.cid = i.cid "
+                    "WHERE c.model_id = ? AND i.sha256 IN ({})", [model_id], list(rows))
+                       if visible is None or name in visible}
             existing = {s for (s,) in chunked_query(
-                db, "SELECT sha256 FROM cache WHERE model_id = ? AND sha256 IN ({})", [model_id], list(rows))}
+                db, "SELECT sha256 FROM cache WHERE owner = ? AND model_id = ? AND sha256 IN ({})",
+                [owner, model_id], list(rows))}
             fresh, seen = [], []
             for sha, vec in rows.items():
                 self._clock += 1
                 if sha in existing:
-                    seen.append((self._clock, model_id, sha))
+                    seen.append((self._clock, owner, model_id, sha))
                 elif sha not in members:
                     data = blob(vec)
-                    fresh.append((model_id, sha, data, self._clock, cache_crc(model_id, sha, data)))
-            db.executemany("UPDATE cache SET last_used = ? WHERE model_id = ? AND sha256 = ?", seen)
-            db.executemany("INSERT INTO cache (model_id, sha256, vector, last_used, crc) VALUES (?, ?, ?, ?, ?)",
-                           fresh)
+                    fresh.append((owner, model_id, sha, data, self._clock, cache_crc(model_id, sha, data), now))
+            db.executemany("UPDATE cache SET last_used = ? WHERE owner = ? AND model_id = ? AND sha256 = ?", seen)
+            db.executemany("INSERT INTO cache (owner, model_id, sha256, vector, last_used, crc, stored) "
+                           "VALUES (?, ?, ?, ?, ?, ?, ?)", fresh)
             count = self.count - deleted + len(fresh)
             if count > max_items:
                 count -= db.execute("DELETE FROM cache WHERE rowid IN "
@@ -87,20 +109,34 @@ class EmbeddingCache:
         self.count = count  # only once committed
 
     def promote(self, db: sqlite3.Connection, model_id: str, shas: Sequence[str | None]) -> int:
-        """Delete the rows of images that items now hold, inside the caller's transaction; returns how many.
+        """Delete the rows (every owner's) of images that items now hold, inside the caller's transaction; returns
+        how many. An owner that cannot see the collection misses once and caches the image again.
 
         The caller subtracts them from :attr:`count` once the transaction has committed.
         """
         return chunked_execute(db, "DELETE FROM cache WHERE model_id = ? AND sha256 IN ({})",
                                sorted({s for s in shas if s}), prefix=[model_id])
 
+    def forget(self, db: sqlite3.Connection, shas: Sequence[str], owner: str | None) -> int:
+        """Delete the rows of ``shas`` (every model) of ``owner`` (None: every owner) in one transaction; returns
+        how many went. Collection items are not touched: deleting them is the collection's business."""
+        with transaction(db):
+            deleted = self.flush(db)
+            if owner is None:
+                gone = chunked_execute(db, "DELETE FROM cache WHERE sha256 IN ({})", list(shas))
+            else:
+                gone = chunked_execute(db, "DELETE FROM cache WHERE owner = ? AND sha256 IN ({})", list(shas),
+                                       prefix=[owner])
+        self.count -= deleted + gone  # only once committed
+        return gone
+
     def flush(self, db: sqlite3.Connection) -> int:
         """Write the recency of the hits since the last flush and delete the damaged rows found, inside the
         caller's transaction; returns how many rows went (the caller subtracts them once committed)."""
-        db.executemany("UPDATE cache SET last_used = ? WHERE model_id = ? AND sha256 = ?",
-                       [(t, m, s) for (m, s), t in self._touched.items()])
+        db.executemany("UPDATE cache SET last_used = ? WHERE owner = ? AND model_id = ? AND sha256 = ?",
+                       [(t, o, m, s) for (o, m, s), t in self._touched.items()])
         self._touched.clear()
-        deleted = sum(db.execute("DELETE FROM cache WHERE model_id = ? AND sha256 = ?", key).rowcount
+        deleted = sum(db.execute("DELETE FROM cache WHERE owner = ? AND model_id = ? AND sha256 = ?", key).rowcount
                       for key in self._damaged)
         self._damaged.clear()  # rolled back, they fail their checksum again at their next lookup
         return deleted

@@ -14,7 +14,7 @@ from .integrity import cache_crc, item_crc
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 _CHUNK = 900  # ids per `IN (...)`: under SQLite's historic 999-variable limit
 
 _SCHEMA = """
@@ -45,14 +45,17 @@ CREATE TABLE items (
 CREATE INDEX items_label ON items (cid, label);
 CREATE INDEX items_sha256 ON items (sha256) WHERE sha256 IS NOT NULL;
 CREATE TABLE cache (
+    owner     TEXT NOT NULL DEFAULT '',            -- the API key whose calls see the row ('': shared) (version 4)
     model_id  TEXT NOT NULL,
     sha256    TEXT NOT NULL,
     vector    BLOB NOT NULL,
     last_used INTEGER NOT NULL,                    -- logical clock: an exact LRU order, immune to clock jumps
     crc       INTEGER NOT NULL DEFAULT 0,          -- integrity.cache_crc of the row (version 3)
-    PRIMARY KEY (model_id, sha256)
+    stored    REAL NOT NULL DEFAULT 0,             -- wall-clock time of the put, for the age limit (version 4)
+    PRIMARY KEY (owner, model_id, sha256)
 );
 CREATE INDEX cache_lru ON cache (last_used);
+CREATE INDEX cache_stored ON cache (stored);
 CREATE TABLE images (                              -- encoded bytes of collection items, by content (version 2)
     sha256 TEXT PRIMARY KEY,
     data   BLOB NOT NULL
@@ -68,6 +71,15 @@ _MIGRATIONS = {
           UPDATE items SET crc = item_crc(cid, item_id, sha256, label, metadata, vector);
           ALTER TABLE cache ADD COLUMN crc INTEGER NOT NULL DEFAULT 0;
           UPDATE cache SET crc = cache_crc(model_id, sha256, vector);""",
+    # the primary key gains the owner, so the table is rebuilt; existing rows become shared, aged from now
+    3: f"""{_SCHEMA[_SCHEMA.index("CREATE TABLE cache"):_SCHEMA.index("CREATE INDEX cache_lru")].replace(
+              "TABLE cache", "TABLE cache_v4")}
+          INSERT INTO cache_v4 (owner, model_id, sha256, vector, last_used, crc, stored)
+              SELECT '', model_id, sha256, vector, last_used, crc, CAST(strftime('%s', 'now') AS REAL) FROM cache;
+          DROP TABLE cache;
+          ALTER TABLE cache_v4 RENAME TO cache;
+          CREATE INDEX cache_lru ON cache (last_used);
+          CREATE INDEX cache_stored ON cache (stored);""",
 }
 
 

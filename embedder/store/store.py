@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import AbstractSet, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -38,12 +38,15 @@ _CLOSED = "the store is closed (the server is shutting down); retry on a running
 class Store:
     """Embedding cache and collections in one data directory; thread-safe. See :mod:`embedder.store`."""
 
-    def __init__(self, data_dir: str | Path, *, cache_max_items: int = 1_000_000) -> None:
+    def __init__(self, data_dir: str | Path, *, cache_max_items: int = 1_000_000,
+                 cache_max_age_seconds: float = 0, cache_shared: bool = False) -> None:
         if not isinstance(cache_max_items, int) or cache_max_items < 0:
             raise InvalidArgumentError(f"cache_max_items must be an int >= 0 (0 disables the cache), "
                                        f"got {cache_max_items!r}")
         self.data_dir = Path(data_dir).expanduser()
         self.cache_max_items = cache_max_items
+        self.cache_max_age_seconds = cache_max_age_seconds  # 0: rows stay until evicted
+        self.cache_shared = cache_shared  # every owner's rows are the shared ones ("")
         self._snapshots = Snapshots(self.data_dir / "snapshots")  # creates data_dir too
         self._catalog = threading.Lock()  # guards _collections and _closing
         self._db_lock = threading.Lock()
@@ -62,7 +65,8 @@ class Store:
 
     @classmethod
     def from_config(cls, config: Config) -> Store:
-        return cls(config.data_dir, cache_max_items=config.cache_max_items)
+        return cls(config.data_dir, cache_max_items=config.cache_max_items,
+                   cache_max_age_seconds=config.cache_max_age_seconds, cache_shared=config.cache_shared)
 
     def __enter__(self) -> Store:
         return self
@@ -75,21 +79,37 @@ class Store:
 
     # --- cache ---
 
-    def lookup(self, model_id: str, sha256s: Sequence[str]) -> list[np.ndarray | None]:
-        """The stored vector of each image (by sha256 of its bytes) under ``model_id``, or None."""
+    def lookup(self, model_id: str, sha256s: Sequence[str], *, owner: str = "",
+               visible: AbstractSet[str] | None = None) -> list[np.ndarray | None]:
+        """The stored vector of each image (by sha256 of its bytes) under ``model_id``, or None: from ``owner``'s
+        cache rows or the items of the collections in ``visible`` (None: all). See :mod:`.cache`."""
         shas = [check_sha256(s) for s in check_list(sha256s, "sha256s")]
         with self._db_lock:
-            found = self._cache.lookup(self._conn(), model_id, shas)
+            found = self._cache.lookup(self._conn(), model_id, shas, owner=self._owner(owner), visible=visible,
+                                       max_age=self.cache_max_age_seconds)
         return [vector(found[s]) if s in found else None for s in shas]
 
-    def put(self, model_id: str, sha256s: Sequence[str], vectors: np.ndarray) -> None:
-        """Cache ``(N, dim)`` vectors of images outside any collection, evicting least recently used ones."""
+    def put(self, model_id: str, sha256s: Sequence[str], vectors: np.ndarray, *, owner: str = "",
+            visible: AbstractSet[str] | None = None) -> None:
+        """Cache ``(N, dim)`` vectors of images outside the ``visible`` collections as ``owner``'s, evicting least
+        recently used ones."""
         shas = [check_sha256(s) for s in check_list(sha256s, "sha256s")]
         if not shas:
             return
         x = check_vectors(vectors, n=len(shas), nonzero=False)
         with self._db_lock:
-            self._cache.put(self._conn(), model_id, dict(zip(shas, x)), self.cache_max_items)  # one row per image
+            self._cache.put(self._conn(), model_id, dict(zip(shas, x)), self.cache_max_items,  # one row per image
+                            owner=self._owner(owner), visible=visible, max_age=self.cache_max_age_seconds)
+
+    def forget(self, sha256s: Sequence[str], *, owner: str | None = None) -> int:
+        """Delete the cached vectors of these images (every model) of ``owner`` (None: everyone's); returns how
+        many rows went. Items in collections keep theirs."""
+        shas = sorted({check_sha256(s) for s in check_list(sha256s, "sha256s")})
+        with self._db_lock:
+            return self._cache.forget(self._conn(), shas, None if owner is None else self._owner(owner))
+
+    def _owner(self, owner: str) -> str:
+        return "" if self.cache_shared else owner
 
     # --- collections: writes ---
 
@@ -306,19 +326,21 @@ class Store:
         return [r[0] for r in rows], matrix([r[4] for r in rows], c.dim)
 
     def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
-               model_id: str | None = None, ef_search: int | None = None) -> list[list[Hit]]:
+               model_id: str | None = None, ef_search: int | None = None,
+               only: AbstractSet[str] | None = None) -> list[list[Hit]]:
         """The ``k`` most similar stored items to each of the ``(Q, dim)`` queries, best first, per query.
 
         ``collection=None`` searches every collection of ``model_id`` (which may be left out while all
         collections share one model). ``label`` keeps only items with that label; ``ef_search`` overrides an
         HNSW collection's setting for this call. A collection of another model or dim raises
-        :class:`ModelMismatchError` / :class:`DimensionMismatchError`.
+        :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a search without
+        ``collection`` to those collections (a caller's allow-list).
         """
         q = check_vectors(queries, name="queries")
         k = check_k(k)
         label = check_label(label)
         ef_search = check_ef(ef_search)
-        targets = self._targets(collection, model_id, q.shape[1])
+        targets = self._targets(collection, model_id, q.shape[1], only)
         with ExitStack() as locks:
             for c in sorted(targets, key=lambda c: c.cid):  # in cid order, as close takes them
                 locks.enter_context(self._locked(c) if collection is not None else c.lock.read())
@@ -464,12 +486,13 @@ class Store:
         if damaged:
             raise corrupted(c.name, damaged, self._database, action="not served")
 
-    def _targets(self, collection: str | None, model_id: str | None, dim: int) -> list[Collection]:
+    def _targets(self, collection: str | None, model_id: str | None, dim: int,
+                 only: AbstractSet[str] | None = None) -> list[Collection]:
         if collection is not None:
             c = self._get(collection)
             c.check_binding(model_id or c.model_id, dim)
             return [c]
-        live = self._live()
+        live = [c for c in self._live() if only is None or c.name in only]
         if model_id is None:
             models = sorted({c.model_id for c in live})
             if len(models) > 1:

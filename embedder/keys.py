@@ -1,0 +1,210 @@
+"""API keys per caller: who is calling (:class:`Principal`), the hashed key file, and the one check every door uses.
+
+A key is ``emb_<id>_<secret>``; ``<data_dir>/keys.json`` (mode 0600) keeps its id, name, role, collection
+allow-list and the SHA-256 of the whole key, never the key itself (keys are 192 random bits, so a fast hash
+is enough: there is nothing to brute-force). Roles are ordered: ``read`` (embed, search, get, stats, list,
+predict, jobs' state) < ``write`` (add, delete, labels, train, fine-tune, cancel, forget own cache entries) <
+``admin`` (everything, forget in every key's cache). The server's single ``--token`` is an admin key with id
+``token``.
+
+:class:`KeyStore` re-reads the file when it changes, so ``embedder keys add|revoke`` on the data dir takes
+effect on a running server with its next call. With neither ``--token`` nor any key, nothing is checked
+(``Principal`` None: a trusted caller, as the in-process library is).
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
+
+log = logging.getLogger(__name__)
+
+ROLES = ("read", "write", "admin")  # in order: each includes the ones before it
+KEYS_FILE = "keys.json"
+TOKEN_KEY_ID = "token"
+_PREFIX = "emb_"
+_HOW = ("send `authorization: Bearer <key>` (EmbedderClient(token=...), --token or EMBEDDER_TOKEN); keys come "
+        "from `embedder keys add`")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: its key id, role and collection allow-list (None: every collection)."""
+
+    key_id: str
+    role: str
+    collections: frozenset[str] | None = None
+
+    def has(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+    def may_see(self, collection: str) -> bool:
+        return self.collections is None or collection in self.collections
+
+    @property
+    def cache_owner(self) -> str:
+        """The namespace of this caller's cache entries: its key id; the server token shares the library's ""."""
+        return "" if self.key_id == TOKEN_KEY_ID else self.key_id
+
+
+TOKEN_PRINCIPAL = Principal(TOKEN_KEY_ID, "admin")
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """One key as ``embedder keys list`` shows it (no secret, no hash)."""
+
+    key_id: str
+    name: str
+    role: str
+    collections: list[str] | None
+    created: float
+    revoked: float | None = None
+
+
+class KeyStore:
+    """The hashed keys of one data dir; thread-safe, re-read when the file changes."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.path = Path(data_dir).expanduser() / KEYS_FILE
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._keys: dict[str, dict[str, Any]] = {}
+
+    def authenticate(self, key: str) -> Principal | None:
+        """The principal of a live key, or None when ``key`` is not one."""
+        key_id = _key_id(key)
+        record = self._load().get(key_id) if key_id else None
+        if record is None or record.get("revoked") is not None:
+            return None
+        if not hmac.compare_digest(_hash(key), record["sha256"]):
+            return None
+        allowed = record.get("collections")
+        return Principal(key_id, record["role"], None if allowed is None else frozenset(allowed))
+
+    def active(self) -> bool:
+        """Whether any key is live (then every call needs one)."""
+        return any(r.get("revoked") is None for r in self._load().values())
+
+    def add(self, name: str, role: str, collections: Sequence[str] | None = None) -> tuple[KeyInfo, str]:
+        """Create a key; returns its info and the key itself, which is shown once and never stored."""
+        if role not in ROLES:
+            raise InvalidArgumentError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if collections is not None and not all(isinstance(c, str) and c for c in collections):
+            raise InvalidArgumentError("the collection allow-list names collections (non-empty strings)")
+        key_id = secrets.token_hex(6)
+        key = f"{_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
+        record = {"name": name, "role": role, "collections": None if collections is None else sorted(set(collections)),
+                  "sha256": _hash(key), "created": time.time(), "revoked": None}
+        with self._lock:
+            keys = self._read()
+            keys[key_id] = record
+            self._write(keys)
+        log.info("added key %s (%s, role %s)", key_id, name, role)
+        return _info(key_id, record), key
+
+    def list(self) -> list[KeyInfo]:
+        return sorted((_info(k, r) for k, r in self._load().items()), key=lambda i: i.created)
+
+    def revoke(self, key_id: str) -> KeyInfo:
+        """Mark a key revoked (kept in the file, so ``list`` shows when); refused from its next call on."""
+        with self._lock:
+            keys = self._read()
+            if key_id not in keys:
+                raise NotFoundError(f"no key {key_id!r} in {self.path}; `embedder keys list` shows the ids")
+            keys[key_id]["revoked"] = keys[key_id].get("revoked") or time.time()
+            self._write(keys)
+        log.info("revoked key %s", key_id)
+        return _info(key_id, keys[key_id])
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        """The keys, re-read only when the file's mtime or size changed (one stat per call)."""
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return {}
+        stamp = (st.st_mtime_ns, st.st_size)
+        with self._lock:
+            if stamp != self._stamp:
+                self._keys, self._stamp = self._read(), stamp
+            return self._keys
+
+    def _read(self) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(self.path.read_text())["keys"]
+        except FileNotFoundError:
+            return {}
+        except (ValueError, KeyError, TypeError) as e:
+            # failing closed: a damaged key file must not open the server
+            raise UnauthenticatedError(f"the key file is unreadable ({type(e).__name__}); the operator must fix or "
+                                       "recreate it with `embedder keys add`") from e
+
+    def _write(self, keys: dict[str, dict[str, Any]]) -> None:
+        """Atomically, owner-only: a reader sees the old file or the new one."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"version": 1, "keys": keys}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+
+class Gate:
+    """The check every front door makes: ``--token`` (an admin key) or a key from the :class:`KeyStore`."""
+
+    def __init__(self, token: str, keys: KeyStore | None) -> None:
+        self._token = token.encode()
+        self.keys = keys
+
+    @classmethod
+    def from_config(cls, config: Any) -> Gate:
+        return cls(config.token, KeyStore(config.data_dir))
+
+    @property
+    def required(self) -> bool:
+        return bool(self._token) or (self.keys is not None and self.keys.active())
+
+    def principal(self, authorization: str | bytes | None) -> Principal | None:
+        """The caller named by an ``authorization`` value; None when no auth is configured.
+
+        Raises :class:`UnauthenticatedError` saying what was wrong otherwise."""
+        if not self.required:
+            return None
+        given = authorization.encode() if isinstance(authorization, str) else (authorization or b"")
+        scheme, _, credentials = given.partition(b" ")
+        if scheme.lower() == b"bearer" and credentials:  # the scheme is case-insensitive (RFC 7235)
+            if self._token and hmac.compare_digest(credentials, self._token):  # constant time
+                return TOKEN_PRINCIPAL
+            found = self.keys.authenticate(credentials.decode("utf-8", "replace")) if self.keys else None
+            if found is not None:
+                return found
+        why = "missing `authorization`" if not given else "wrong token, or an unknown or revoked key, in `authorization`"
+        raise UnauthenticatedError(f"{why}; {_HOW}")
+
+
+def _key_id(key: str) -> str | None:
+    if not key.startswith(_PREFIX):
+        return None
+    key_id, sep, _ = key[len(_PREFIX):].partition("_")
+    return key_id if sep else None
+
+
+def _hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _info(key_id: str, record: dict[str, Any]) -> KeyInfo:
+    return KeyInfo(key_id, record["name"], record["role"], record.get("collections"), record["created"],
+                   record.get("revoked"))

@@ -1,0 +1,263 @@
+"""API keys per caller, on a real loopback server (gRPC and HTTP doors over one service) and real SQLite.
+
+Roles and collection allow-lists are enforced by the core for both doors; revoked keys are refused from the
+next call on (the CLI writes the data dir's key file while the server runs); the key file holds hashes only;
+one key cannot tell from the cache whether another embedded an image; cached vectors can be forgotten and
+expire by age; the server's single ``--token`` stays an admin key.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sqlite3
+import stat
+import time
+from contextlib import closing
+
+import grpc
+import numpy as np
+import pytest
+import requests
+from conftest import jpeg_bytes, running_server
+
+from embedder._proto import embedder_pb2 as pb
+from embedder._proto import embedder_pb2_grpc as pb_grpc
+from embedder.cli import main as cli_main
+from embedder.client import EmbedderClient
+from embedder.keys import KeyStore
+from embedder.rest import HttpServer, create_app
+from embedder.store import Store
+
+TOKEN = "keys-test-admin-token"
+M = "model-a"
+
+
+def image(seed: int) -> bytes:
+    """A JPEG no other test embeds (the cache is per server, tests share the module's server)."""
+    return jpeg_bytes(np.random.default_rng(seed).integers(0, 255, (48, 48, 3), dtype=np.uint8))
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class Rpc:
+    """Raw ``embedder.v1`` calls with one key, so ``Result.cached`` and per-item statuses can be read."""
+
+    def __init__(self, address: str, key: str | None) -> None:
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.EmbedderStub(self._channel)
+        self._metadata = [] if key is None else [("authorization", f"Bearer {key}")]
+
+    def __call__(self, method: str, request):
+        return getattr(self._stub, method)(request, metadata=self._metadata, timeout=120)
+
+    def code(self, method: str, request) -> grpc.StatusCode:
+        """The status code the call ends with (OK when it answers)."""
+        try:
+            self(method, request)
+        except grpc.RpcError as e:
+            return e.code()
+        return grpc.StatusCode.OK
+
+    def embed(self, *items: pb.Item) -> list[pb.Result]:
+        return list(self("Embed", pb.EmbedRequest(items=list(items))).results)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("keys-data")
+
+
+@pytest.fixture(scope="module")
+def server(embedder, data_dir):
+    with running_server(embedder, token=TOKEN, data_dir=data_dir) as server:
+        with EmbedderClient(server.address, token=TOKEN, timeout=120) as admin:  # two collections, by the token
+            admin.add("pets", [image(1), image(2)], ["p1", "p2"])
+            admin.add("toys", [image(3)], ["t1"])
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    door = HttpServer(create_app(server.service, server.config), server.config, port=0)
+    door.start()
+    yield door
+    door.stop(grace=1)
+
+
+@pytest.fixture(scope="module")
+def keys(data_dir) -> KeyStore:
+    """The data dir's keys, written while the server runs (as `embedder keys add` does)."""
+    return KeyStore(data_dir)
+
+
+def new_key(keys: KeyStore, role: str, collections: list[str] | None = None) -> str:
+    return keys.add(f"test-{role}", role, collections)[1]
+
+
+def test_the_key_file_holds_hashes_only_and_the_cli_manages_it(data_dir, capsys):
+    assert cli_main(["keys", "add", "cli-bot", "--role", "write", "--collection", "pets",
+                     "--data-dir", str(data_dir)]) == 0
+    key = capsys.readouterr().out.split()[-1]
+    path = data_dir / "keys.json"
+    text = path.read_text()
+    assert key not in text and key.split("_")[-1] not in text  # neither the key nor its secret part
+    (key_id, record), = [(k, r) for k, r in json.loads(text)["keys"].items() if r["name"] == "cli-bot"]
+    assert record["sha256"] == sha(key.encode()) and record["collections"] == ["pets"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert cli_main(["keys", "list", "--data-dir", str(data_dir)]) == 0
+    assert key_id in capsys.readouterr().out
+    assert cli_main(["keys", "revoke", key_id, "--data-dir", str(data_dir)]) == 0
+    assert KeyStore(data_dir).authenticate(key) is None
+    assert cli_main(["keys", "revoke", "no-such-id", "--data-dir", str(data_dir)]) == 2
+
+
+def test_a_read_key_reads_but_cannot_write_and_a_revoked_key_is_refused(server, keys):
+    key = new_key(keys, "read")
+    rpc = Rpc(server.address, key)
+    assert rpc.embed(pb.Item(image=image(10)))[0].status.code == 0
+    assert len(rpc("Search", pb.SearchRequest(collection="pets", item_id="p1", k=1)).hits) == 1
+    add = pb.AddRequest(collection="pets", items=[pb.AddItem(item=pb.Item(id="x", image=image(11)))])
+    try:
+        rpc("Add", add)
+        raise AssertionError("a read key added an item")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.PERMISSION_DENIED and "'write'" in e.details()
+    assert rpc.code("Delete", pb.DeleteRequest(collection="pets", ids=["p1"])) == grpc.StatusCode.PERMISSION_DENIED
+    assert rpc.code("Forget", pb.ForgetRequest(sha256s=[sha(image(10))])) == grpc.StatusCode.PERMISSION_DENIED
+
+    keys.revoke(key.split("_")[1])  # keys are emb_<id>_<secret>
+    assert rpc.code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.UNAUTHENTICATED
+    assert Rpc(server.address, "emb_made_up").code("ListModels", pb.ListModelsRequest()) == \
+        grpc.StatusCode.UNAUTHENTICATED
+    assert Rpc(server.address, None).code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_an_allow_listed_key_sees_only_its_collections(server, keys):
+    rpc = Rpc(server.address, new_key(keys, "write", ["pets"]))
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert rpc.code("Get", pb.GetRequest(collection="toys", ids=["t1"])) == denied
+    assert rpc.code("Search", pb.SearchRequest(collection="toys", item_id="t1")) == denied
+    assert rpc.code("Add", pb.AddRequest(collection="toys", items=[
+        pb.AddItem(item=pb.Item(id="x", image=image(12)))])) == denied
+    assert rpc.code("Delete", pb.DeleteRequest(collection="toys", whole_collection=True)) == denied
+    assert rpc.code("Get", pb.GetRequest(collection="pets", ids=["p1"])) == grpc.StatusCode.OK
+    # the toys item's image is no cache hit for this key (items answer lookups only where visible) ...
+    looked_up = rpc.embed(pb.Item(content_sha256=sha(image(3))), pb.Item(content_sha256=sha(image(1))))
+    assert [r.status.code for r in looked_up] == [grpc.StatusCode.NOT_FOUND.value[0], 0]
+    # ... and a search over every collection searches only the allowed ones, even with the other's own image
+    found = rpc("Search", pb.SearchRequest(item=pb.Item(image=image(3)), k=10))
+    assert {h.collection for h in found.hits} == {"pets"} and not found.cached
+    assert [c.name for c in rpc("Stats", pb.StatsRequest()).collections] == ["pets"]
+
+
+def test_one_key_cannot_tell_whether_another_embedded_an_image(server, keys):
+    a, b = Rpc(server.address, new_key(keys, "read")), Rpc(server.address, new_key(keys, "read"))
+    token = Rpc(server.address, TOKEN)
+    x = image(20)
+    assert not a.embed(pb.Item(image=x))[0].cached
+    assert a.embed(pb.Item(image=x))[0].cached  # A's own repeat is a hit
+    assert a.embed(pb.Item(content_sha256=sha(x)))[0].status.code == 0
+    for other in (b, token):
+        assert other.embed(pb.Item(content_sha256=sha(x)))[0].status.code == grpc.StatusCode.NOT_FOUND.value[0]
+    first = b.embed(pb.Item(image=x))[0]
+    assert not first.cached and first.status.code == 0  # embedded afresh for B
+    assert b.embed(pb.Item(image=x))[0].cached
+
+
+def test_forget_removes_cached_vectors_the_own_or_as_admin_everyones(server, keys):
+    a, b = Rpc(server.address, new_key(keys, "write")), Rpc(server.address, new_key(keys, "write"))
+    x = image(30)
+    a.embed(pb.Item(image=x))
+    b.embed(pb.Item(image=x))
+    assert a("Forget", pb.ForgetRequest(sha256s=[sha(x)])).forgotten == 1  # only A's row
+    missing = grpc.StatusCode.NOT_FOUND.value[0]
+    assert a.embed(pb.Item(content_sha256=sha(x)))[0].status.code == missing
+    assert b.embed(pb.Item(content_sha256=sha(x)))[0].status.code == 0
+    with EmbedderClient(server.address, token=TOKEN, timeout=60) as admin:  # the token is an admin key
+        assert admin.forget([sha(x)]) == 1  # B's row
+    assert b.embed(pb.Item(content_sha256=sha(x)))[0].status.code == missing
+    assert a.code("Forget", pb.ForgetRequest(sha256s=["not-hex"])) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_the_token_stays_an_admin_key(server):
+    rpc = Rpc(server.address, TOKEN)
+    add = pb.AddRequest(collection="token-only", items=[pb.AddItem(item=pb.Item(id="i", image=image(40)))])
+    assert rpc("Add", add).added == 1
+    assert {c.name for c in rpc("Stats", pb.StatsRequest()).collections} >= {"pets", "toys", "token-only"}
+    assert rpc("Delete", pb.DeleteRequest(collection="token-only", whole_collection=True)).deleted == 1
+
+
+def test_the_http_door_takes_the_same_keys(server, http, keys):
+    def api(key: str | None):
+        def call(method: str, path: str, **kwargs) -> tuple[int, dict]:
+            headers = {} if key is None else {"Authorization": f"Bearer {key}"}
+            r = requests.request(method, http.url + path, headers=headers, timeout=120, **kwargs)
+            return r.status_code, r.json()
+        return call
+
+    reader, pets_writer = api(new_key(keys, "read")), api(new_key(keys, "write", ["pets"]))
+    x = image(50)
+    item = {"id": "h", "image": base64.b64encode(x).decode()}
+    status, body = reader("POST", "/v1/collections/pets/add", json={"items": [item]})
+    assert status == 403 and body["error"]["type"] == "permission_denied"
+    assert pets_writer("POST", "/v1/collections/toys/get", json={"ids": ["t1"]})[0] == 403
+    status, body = pets_writer("POST", "/v1/search", json={"item": {"image": item["image"]}, "k": 10})
+    assert status == 200 and {h["collection"] for h in body["hits"]} <= {"pets"}
+    status, body = pets_writer("GET", "/v1/stats")
+    assert [c["name"] for c in body["collections"]] == ["pets"]
+    # privacy: the search above cached x for pets_writer only
+    status, body = reader("POST", "/v1/embed", json={"items": [{"sha256": sha(x)}]})
+    assert status == 200 and body["results"][0]["error"]["type"] == "not_found"
+    status, body = reader("POST", "/v1/embed", json={"items": [{"image": item["image"]}]})
+    assert status == 200 and body["results"][0]["cached"] is False
+    assert reader("POST", "/v1/cache/forget", json={"sha256s": [sha(x)]})[0] == 403
+    assert pets_writer("POST", "/v1/cache/forget", json={"sha256s": [sha(x)]}) == (200, {"forgotten": 1})
+    assert api(TOKEN)("GET", "/v1/heads")[0] == 200
+    assert api(None)("GET", "/v1/stats")[0] == 401
+    assert api("emb_nope_nope")("GET", "/v1/stats")[0] == 401
+
+
+def test_cached_vectors_expire_by_age(tmp_path):
+    v = np.eye(4, dtype=np.float32)
+    with Store(tmp_path, cache_max_age_seconds=0.5) as store:
+        store.put(M, [sha(b"old")], v[:1])
+        assert store.lookup(M, [sha(b"old")])[0] is not None
+        time.sleep(0.7)
+        assert store.lookup(M, [sha(b"old")])[0] is None  # expired: a miss
+        store.put(M, [sha(b"new")], v[1:2])  # ... and the put deletes it
+        assert store.stats().cache_items == 1
+        assert store.lookup(M, [sha(b"new")])[0] is not None
+    with closing(sqlite3.connect(tmp_path / "store.sqlite3")) as db:
+        assert db.execute("SELECT sha256 FROM cache").fetchall() == [(sha(b"new"),)]
+
+
+def test_cache_rows_are_per_owner_and_shared_when_configured(tmp_path):
+    v = np.eye(4, dtype=np.float32)[:1]
+    with Store(tmp_path / "private") as store:
+        store.put(M, [sha(b"x")], v, owner="a")
+        assert store.lookup(M, [sha(b"x")], owner="b")[0] is None
+        assert store.lookup(M, [sha(b"x")], owner="a")[0] is not None
+        assert store.forget([sha(b"x")], owner="b") == 0 and store.forget([sha(b"x")]) == 1
+    with Store(tmp_path / "shared", cache_shared=True) as store:
+        store.put(M, [sha(b"x")], v, owner="a")
+        assert store.lookup(M, [sha(b"x")], owner="b")[0] is not None
+
+
+def test_a_version_3_cache_is_upgraded_and_shared(tmp_path):
+    v = np.eye(4, dtype=np.float32)[:1]
+    with Store(tmp_path) as store:
+        store.put(M, [sha(b"x")], v)
+    with closing(sqlite3.connect(tmp_path / "store.sqlite3")) as db, db:  # the cache table as version 3 had it
+        db.executescript("""
+            CREATE TABLE old (model_id TEXT NOT NULL, sha256 TEXT NOT NULL, vector BLOB NOT NULL,
+                              last_used INTEGER NOT NULL, crc INTEGER NOT NULL DEFAULT 0,
+                              PRIMARY KEY (model_id, sha256));
+            INSERT INTO old SELECT model_id, sha256, vector, last_used, crc FROM cache;
+            DROP TABLE cache; ALTER TABLE old RENAME TO cache; CREATE INDEX cache_lru ON cache (last_used);
+            PRAGMA user_version = 3;""")
+    with Store(tmp_path) as store:
+        np.testing.assert_array_equal(store.lookup(M, [sha(b"x")])[0], v[0])
+        assert store.lookup(M, [sha(b"x")], owner="some-key")[0] is None
