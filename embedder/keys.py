@@ -13,6 +13,7 @@ effect on a running server with its next call. With neither ``--token`` nor any 
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import json
@@ -21,9 +22,10 @@ import os
 import secrets
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from .errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
 
@@ -106,7 +108,7 @@ class KeyStore:
         key = f"{_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
         record = {"name": name, "role": role, "collections": None if collections is None else sorted(set(collections)),
                   "sha256": _hash(key), "created": time.time(), "revoked": None}
-        with self._lock:
+        with self._writing():
             keys = self._read()
             keys[key_id] = record
             self._write(keys)
@@ -118,7 +120,7 @@ class KeyStore:
 
     def revoke(self, key_id: str) -> KeyInfo:
         """Mark a key revoked (kept in the file, so ``list`` shows when); refused from its next call on."""
-        with self._lock:
+        with self._writing():
             keys = self._read()
             if key_id not in keys:
                 raise NotFoundError(f"no key {key_id!r} in {self.path}; `embedder keys list` shows the ids")
@@ -146,12 +148,22 @@ class KeyStore:
             return {}
         except (ValueError, KeyError, TypeError) as e:
             # failing closed: a damaged key file must not open the server
-            raise UnauthenticatedError(f"the key file is unreadable ({type(e).__name__}); the operator must fix or "
-                                       "recreate it with `embedder keys add`") from e
+            log.error("key file %s is unreadable: %s", self.path, e)  # the path to the log, not to callers
+            raise UnauthenticatedError(f"the server's key file is unreadable ({type(e).__name__}); every call is "
+                                       "refused until an operator restores it from a backup, or moves it away and "
+                                       "adds keys again with `embedder keys add`") from e
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Read-modify-write under this object's lock and an exclusive file lock, so two `embedder keys` commands
+        at once do not lose one's change."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, open(self.path.with_suffix(".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
 
     def _write(self, keys: dict[str, dict[str, Any]]) -> None:
         """Atomically, owner-only: a reader sees the old file or the new one."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -190,7 +202,8 @@ class Gate:
             found = self.keys.authenticate(credentials.decode("utf-8", "replace")) if self.keys else None
             if found is not None:
                 return found
-        why = "missing `authorization`" if not given else "wrong token, or an unknown or revoked key, in `authorization`"
+        why = ("missing `authorization`" if not given else
+               "wrong token, or an unknown or revoked key, in `authorization`")
         raise UnauthenticatedError(f"{why}; {_HOW}")
 
 

@@ -25,7 +25,8 @@ from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
 from embedder.cli import main as cli_main
 from embedder.client import EmbedderClient
-from embedder.keys import KeyStore
+from embedder.errors import UnauthenticatedError
+from embedder.keys import Gate, KeyStore
 from embedder.rest import HttpServer, create_app
 from embedder.store import Store
 
@@ -261,3 +262,14 @@ def test_a_version_3_cache_is_upgraded_and_shared(tmp_path):
     with Store(tmp_path) as store:
         np.testing.assert_array_equal(store.lookup(M, [sha(b"x")])[0], v[0])
         assert store.lookup(M, [sha(b"x")], owner="some-key")[0] is None
+
+
+def test_a_damaged_key_file_refuses_every_caller(tmp_path):
+    keys = KeyStore(tmp_path)
+    key = keys.add("bot", "admin")[1]
+    gate = Gate("", keys)
+    assert gate.principal(f"Bearer {key}").role == "admin"
+    (tmp_path / "keys.json").write_text("{not json")
+    with pytest.raises(UnauthenticatedError, match="unreadable"):
+        gate.principal(f"Bearer {key}")
+    assert Gate("", KeyStore(tmp_path / "none")).principal(None) is None  # no token, no keys: nothing checked
