@@ -168,7 +168,7 @@ def test_one_key_cannot_tell_whether_another_embedded_an_image(server, keys):
     assert b.embed(pb.Item(image=x))[0].cached
 
 
-def test_forget_removes_cached_vectors_the_own_or_as_admin_everyones(server, keys):
+def test_forget_removes_cached_vectors_the_own_or_as_admin_everyones(server, keys, capsys):
     a, b = Rpc(server.address, new_key(keys, "write")), Rpc(server.address, new_key(keys, "write"))
     x = image(30)
     a.embed(pb.Item(image=x))
@@ -180,6 +180,11 @@ def test_forget_removes_cached_vectors_the_own_or_as_admin_everyones(server, key
     with EmbedderClient(server.address, token=TOKEN, timeout=60) as admin:  # the token is an admin key
         assert admin.forget([sha(x)]) == 1  # B's row
     assert b.embed(pb.Item(content_sha256=sha(x)))[0].status.code == missing
+    y = image(31)
+    b.embed(pb.Item(image=y))
+    assert cli_main(["forget", sha(y), "--server", server.address, "--token", TOKEN]) == 0
+    assert "forgot 1 cached vector" in capsys.readouterr().out
+    assert b.embed(pb.Item(content_sha256=sha(y)))[0].status.code == missing
     assert a.code("Forget", pb.ForgetRequest(sha256s=["not-hex"])) == grpc.StatusCode.INVALID_ARGUMENT
 
 

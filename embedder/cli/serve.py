@@ -71,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="vectors kept in the cache outside any collection, least recently used evicted beyond it "
                         f"(default {Config.cache_max_items:,}; 0 turns the cache off); also EMBEDDER_CACHE_MAX_ITEMS")
     g.add_argument("--cache-max-age-seconds", type=float,
-                   help="cached vectors older than this are misses and deleted (default 0 = kept until evicted); "
+                   help="cached vectors older than this are misses and deleted (default "
+                        f"{Config.cache_max_age_seconds:g}; 0 keeps them until evicted); "
                         "also EMBEDDER_CACHE_MAX_AGE_SECONDS")
     g.add_argument("--cache-shared", dest="cache_shared", action="store_const", const=True,
                    help="one cache for every API key (faster; then a key can tell what others embedded); also "
