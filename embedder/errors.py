@@ -76,6 +76,12 @@ class EmbedderError(Exception):
         return str(self.args[0]) if len(self.args) == 1 else super().__str__()
 
 
+class SettingError(EmbedderError):
+    """A setting the server cannot use as given: a busy port, TLS files that do not load, a data dir too new."""
+
+    category = Category.FAILED_PRECONDITION
+
+
 class InvalidArgumentError(EmbedderError, ValueError):
     """An argument the service cannot use; the message says which and how to fix it."""
 

@@ -80,7 +80,8 @@ class IndexSpec:
         for name, (low, high) in HNSW_LIMITS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise InvalidArgumentError(f"HNSW setting {name} must be an int in [{low}, {high}], got {value!r}")
+                raise InvalidArgumentError(f"HNSW setting {name} must be an int in [{low}, {min(high, HNSW_CAPS[name])}] "
+                                           f"for a new collection, got {value!r}")
 
     def check_caps(self) -> IndexSpec:
         """This spec, if it is within :data:`HNSW_CAPS` (as a new collection's must be); else InvalidArgumentError."""

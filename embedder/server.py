@@ -39,7 +39,7 @@ from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
 from .config import Config
 from .core import Service, open_data_dir
-from .errors import EmbedderError, UnauthenticatedError
+from .errors import SettingError, UnauthenticatedError
 from .keys import Gate
 from .metrics import Metrics
 from .servicer import EmbedderServicer
@@ -381,6 +381,8 @@ class EmbedderServer:
     def _bind(self) -> int:
         cfg = self.config
         target = _host_port(cfg.host, cfg.port)
+        if cfg.tls_cert:
+            check_tls_files(cfg.tls_cert, cfg.tls_key)
         try:
             if cfg.tls_cert:
                 with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
@@ -389,10 +391,10 @@ class EmbedderServer:
             else:
                 port = self._server.add_insecure_port(target)
         except RuntimeError as e:  # grpc raises RuntimeError when the bind fails
-            raise EmbedderError(f"could not listen on {target} ({e}); is the port in use? choose another "
-                                "with --port / EMBEDDER_PORT (0 picks a free one)") from None
+            raise SettingError(f"could not listen on {target} ({e}); is the port in use? choose another "
+                               "with --port / EMBEDDER_PORT (0 picks a free one)") from None
         if not port:
-            raise EmbedderError(f"could not listen on {target}; is the port in use? choose another with --port")
+            raise SettingError(f"could not listen on {target}; is the port in use? choose another with --port")
         return port
 
     def load(self) -> None:
@@ -443,6 +445,17 @@ class EmbedderServer:
     def _worker_died(self, reason: str) -> None:
         log.critical("health -> NOT_SERVING: %s", reason)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def check_tls_files(cert: str, key: str) -> None:
+    """Load the TLS certificate and key once, so a bad pair is named as such (grpc reports it as a failed bind)."""
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise SettingError(f"the TLS certificate {cert!r} and key {key!r} do not load as a pair ({e}); pass the PEM "
+                           "certificate chain to --tls-cert and its private key to --tls-key") from None
 
 
 def freeze_heap() -> None:

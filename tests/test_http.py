@@ -144,6 +144,7 @@ def test_openai_errors_are_all_or_nothing_and_in_openais_shape(oai, http, photos
         (["https://example.com/cat.jpg"], "input[0]: image URLs are not fetched"),
         (["data:image/jpeg,abc"], "must be base64"),
         ([[101, 102]], "token ids"),
+        ([], "`input` is empty"),  # OpenAI answers 400 too; a 200 with no data makes its client raise
     ]
     for inputs, text in cases:
         with pytest.raises(openai.BadRequestError) as e:
@@ -500,3 +501,13 @@ def test_embedder_serve_http_port_serves_both_doors_and_drains_on_sigterm(embedd
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_form_with_more_files_than_max_items_is_refused_naming_the_flag(grpc_server, photos):
+    http = _http(grpc_server, dataclasses.replace(grpc_server.config, max_items=2))
+    try:
+        files = [("image", (f"{i}.jpg", photos[i])) for i in range(3)]
+        message = refused(Api(http.url)("POST", "/v1/embed", files=files), 400, "invalid_argument", "Too many files")
+        assert "--max-items" in message
+    finally:
+        http.stop(grace=1)

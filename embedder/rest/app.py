@@ -67,17 +67,21 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
         fields: dict[str, Any] = {}
         uploads: list[Item] = []
         lists = {name for name, f in form.model_fields.items() if getattr(f.annotation, "__origin__", None) is list}
-        async with request.form(max_files=config.max_items, max_fields=config.max_items) as data:
-            for key, value in data.multi_items():
-                if isinstance(value, UploadFile):
-                    if key != "image":
-                        raise InvalidArgumentError(f"file field {key!r}: send images as `image` files "
-                                                   "(curl -F image=@cat.jpg)")
-                    uploads.append(Item(value.filename or "", image=await value.read()))
-                elif key in lists:
-                    fields.setdefault(key, []).append(value)
-                else:
-                    fields[key] = value
+        try:
+            async with request.form(max_files=config.max_items, max_fields=config.max_items) as data:
+                for key, value in data.multi_items():
+                    if isinstance(value, UploadFile):
+                        if key != "image":
+                            raise InvalidArgumentError(f"file field {key!r}: send images as `image` files "
+                                                       "(curl -F image=@cat.jpg)")
+                        uploads.append(Item(value.filename or "", image=await value.read()))
+                    elif key in lists:
+                        fields.setdefault(key, []).append(value)
+                    else:
+                        fields[key] = value
+        except HTTPException as e:  # Starlette's refusal of the form ("Too many files ...") names no flag
+            raise InvalidArgumentError(f"{e.detail}; a form holds at most {config.max_items} files (max_items): "
+                                       "send fewer per request or raise --max-items / EMBEDDER_MAX_ITEMS") from None
         return form.model_validate(fields), uploads
 
     router = APIRouter(prefix="/v1", responses={"4XX": {"model": schema.ErrorResponse, "description": "refused"},
@@ -98,6 +102,8 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
         image fails the call, naming its index."""
         body, _ = await read(request, schema.EmbeddingsRequest)
         inputs = [body.input] if isinstance(body.input, str) else body.input
+        if not inputs:
+            raise InvalidArgumentError("`input` is empty; send at least one image (a data: URI or base64 string)")
         if any(not isinstance(x, str) for x in inputs):
             raise InvalidArgumentError("`input` holds token ids; this server embeds images: send each image as a "
                                        "data: URI or base64 string")

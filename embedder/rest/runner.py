@@ -15,7 +15,7 @@ from typing import Any
 import uvicorn
 
 from ..config import Config
-from ..errors import EmbedderError
+from ..errors import EmbedderError, SettingError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class HttpServer:
         except OSError as e:
             if sock is not None:
                 sock.close()
-            raise EmbedderError(f"could not listen for HTTP on {host}:{port} ({e}); is the port in use? choose "
-                                "another with --http-port / EMBEDDER_HTTP_PORT (0 picks a free one)") from None
+            raise SettingError(f"could not listen for HTTP on {host}:{port} ({e}); is the port in use? choose "
+                               "another with --http-port / EMBEDDER_HTTP_PORT") from None
         sock.setblocking(False)
         return sock

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from ..errors import EmbedderError
+from ..errors import SettingError
 from .integrity import cache_crc, item_crc
 
 log = logging.getLogger(__name__)
@@ -100,8 +100,8 @@ def connect(path: Path) -> sqlite3.Connection:
         version += 1
     if version not in (0, SCHEMA_VERSION):
         db.close()
-        raise EmbedderError(f"{path} has schema version {version}; this embedder reads version "
-                            f"{SCHEMA_VERSION}. Use a matching embedder version.")
+        raise SettingError(f"{path} has schema version {version}; this embedder reads version "
+                           f"{SCHEMA_VERSION}. Use a matching embedder version.")
     return db
 
 
