@@ -96,6 +96,10 @@ class Config:
         for name in ("port", "metrics_port", "http_port"):  # 0: a free port for `port`, off for the others
             if not 0 <= getattr(self, name) <= 65535:
                 raise ValueError(f"Config.{name} must be a TCP port, 0-65535, got {getattr(self, name)}")
+        ports = [p for p in (self.port, self.metrics_port, self.http_port) if p]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"--port {self.port}, --metrics-port {self.metrics_port} and --http-port {self.http_port} "
+                             "must differ: each listener needs its own port")
         for name in ("max_delay_ms", "grace_seconds", "cache_max_items", "cache_max_age_seconds"):
             if getattr(self, name) < 0:
                 raise ValueError(f"Config.{name} must be >= 0, got {getattr(self, name)}")

@@ -117,10 +117,19 @@ def test_paths_are_expanded_and_replace_revalidates(tmp_path):
 
 def test_every_field_has_an_env_var():
     """Each field can be set from the environment: EMBEDDER_<FIELD>, parsed to the field's type."""
-    env = {"EMBEDDER_" + f.name.upper(): "7" for f in dataclasses.fields(Config)
+    ports = {"port": 7, "metrics_port": 8, "http_port": 9}  # each listener its own
+    env = {"EMBEDDER_" + f.name.upper(): str(ports.get(f.name, 7)) for f in dataclasses.fields(Config)
            if f.type in ("int", "float")}
     cfg = Config.from_env(env)
     for f in dataclasses.fields(Config):
         if f.type in ("int", "float"):
-            assert getattr(cfg, f.name) == 7, f.name
+            assert getattr(cfg, f.name) == ports.get(f.name, 7), f.name
     assert {f.type for f in dataclasses.fields(Config)} <= {"str", "int", "float", "bool", "Path"}
+
+
+def test_listeners_need_ports_of_their_own():
+    with pytest.raises(ValueError, match="must differ"):
+        Config(port=8080, http_port=8080)
+    with pytest.raises(ValueError, match="must differ"):
+        Config(port=0, metrics_port=9100, http_port=9100)
+    assert Config(port=0, http_port=8080).http_port == 8080  # port 0 picks a free one: no clash
