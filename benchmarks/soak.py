@@ -475,7 +475,7 @@ class Server:
         out: dict[str, dict[str, int]] = defaultdict(dict)
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name == "embedder_requests_total":
+                if s.name == "embedder_requests_total" and s.labels["door"] == "grpc":
                     out[s.labels["method"]][s.labels["code"]] = int(s.value)
         return {k: dict(sorted(v.items())) for k, v in sorted(out.items())}
 

@@ -23,10 +23,12 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("embedder_requests", "RPCs by method and final status code",
-                                ["method", "code"], registry=r)
-        self.latency = Histogram("embedder_request_seconds", "RPC wall time by method", ["method"],
-                                 buckets=_LATENCY_BUCKETS, registry=r)
+        # one family for both front doors: `door` is grpc or http; `method` the RPC or the HTTP route's name;
+        # `code` the gRPC status code name or the HTTP status
+        self.requests = Counter("embedder_requests", "Calls by front door, method and final status code",
+                                ["door", "method", "code"], registry=r)
+        self.latency = Histogram("embedder_request_seconds", "Call wall time by front door and method",
+                                 ["door", "method"], buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("embedder_batch_size", "Items per model batch", buckets=_BATCH_BUCKETS,
                                     registry=r)
         self.batch_seconds = Histogram("embedder_batch_seconds", "Model time per batch",

@@ -251,8 +251,8 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED  # the client went away mid-stream
                 else:
                     code = grpc.StatusCode.UNKNOWN  # a bug: grpc answers UNKNOWN for uncaught exceptions
-            m.requests.labels(name, code.name).inc()
-            m.latency.labels(name).observe(time.monotonic() - start)
+            m.requests.labels("grpc", name, code.name).inc()
+            m.latency.labels("grpc", name).observe(time.monotonic() - start)
 
         def timed(behaviour: Callable, streaming: bool) -> Callable:
             if streaming:

@@ -174,7 +174,7 @@ def test_retries_while_the_server_warms_up(embedder, photos, expected):
 
         unary, stream = run(f"127.0.0.1:{s.port}", body, retries=20, backoff=0.05, max_backoff=0.2)
         assert s.metrics.registry.get_sample_value("embedder_requests_total",
-                                                   {"method": "Embed", "code": "UNAVAILABLE"})
+                                                   {"door": "grpc", "method": "Embed", "code": "UNAVAILABLE"})
     np.testing.assert_allclose(unary, expected[:2], atol=1e-6)
     np.testing.assert_allclose(stream, expected[:3], atol=1e-6)
 

@@ -416,7 +416,8 @@ def test_http_requests_are_counted_by_route_and_status(api, grpc_server, photos)
     registry = grpc_server.metrics.registry
 
     def count(route: str, status: str) -> float:
-        return registry.get_sample_value("embedder_http_requests_total", {"route": route, "status": status}) or 0
+        return registry.get_sample_value("embedder_requests_total",
+                                         {"door": "http", "method": route, "code": status}) or 0
 
     before = count("embed", "200"), count("unmatched", "401"), count("unmatched", "404")
     api.ok("POST", "/v1/embed", json={"items": [{"image": b64(photos[0])}]})

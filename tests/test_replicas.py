@@ -25,7 +25,7 @@ def crops(photo: np.ndarray, n: int, size: int = 72) -> list[bytes]:
 
 
 def calls_served(server) -> float:
-    value = server.metrics.registry.get_sample_value("embedder_requests_total", {"method": "Embed", "code": "OK"})
+    value = server.metrics.registry.get_sample_value("embedder_requests_total", {"door": "grpc", "method": "Embed", "code": "OK"})
     return value or 0.0
 
 

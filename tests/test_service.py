@@ -345,7 +345,7 @@ def test_token_required_for_every_embedder_rpc(embedder, photos):
             call((("authorization", "bearer s3cret"),))  # the scheme is case-insensitive
         assert health_status(ch) == SERVING  # health stays open for probes
         assert s.metrics.registry.get_sample_value(
-            "embedder_requests_total", {"method": "Embed", "code": "UNAUTHENTICATED"}) == 4
+            "embedder_requests_total", {"door": "grpc", "method": "Embed", "code": "UNAUTHENTICATED"}) == 4
 
 
 # ------------------------------------------------------------------------------------------ health, life cycle
@@ -401,11 +401,11 @@ def test_metrics_endpoint_exposes_the_counters(stub, photos, metrics_port):
         text = r.read().decode()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for family in text_string_to_metric_families(text) for s in family.samples}
-    assert samples[("embedder_requests_total", (("code", "OK"), ("method", "Embed")))] >= 1
+    assert samples[("embedder_requests_total", (("code", "OK"), ("door", "grpc"), ("method", "Embed")))] >= 1
     assert samples[("embedder_images_total", (("outcome", "ok"),))] >= 3
     assert samples[("embedder_images_total", (("outcome", "error"),))] >= 1
     assert samples[("embedder_batch_size_count", ())] >= 1
-    assert samples[("embedder_request_seconds_count", (("method", "Embed"),))] >= 1
+    assert samples[("embedder_request_seconds_count", (("door", "grpc"), ("method", "Embed")))] >= 1
     assert samples[("embedder_queue_depth", ())] == 0
     assert samples[("embedder_cache_hits_total", ())] >= 3
     assert samples[("embedder_serving", ())] == 1

@@ -157,16 +157,11 @@ class Authenticate:
 
 
 class Measure:
-    """Count requests by route and status, and time them, in the service's Prometheus registry."""
+    """Count requests by route and status, and time them, in the service's request metrics (``door="http"``)."""
 
     def __init__(self, app: ASGIApp, metrics: Any) -> None:
-        from prometheus_client import Counter, Histogram
-
         self.app = app
-        self.requests = Counter("embedder_http_requests", "HTTP requests by route and status",
-                                ["route", "status"], registry=metrics.registry)
-        self.latency = Histogram("embedder_http_request_seconds", "HTTP request wall time by route", ["route"],
-                                 registry=metrics.registry)
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -184,5 +179,5 @@ class Measure:
         finally:
             route = scope.get("route")  # set by the router when a route matched: a bounded label set
             name = getattr(route, "name", None) or "unmatched"
-            self.requests.labels(name, str(status)).inc()
-            self.latency.labels(name).observe(time.monotonic() - start)
+            self.metrics.requests.labels("http", name, str(status)).inc()
+            self.metrics.latency.labels("http", name).observe(time.monotonic() - start)
