@@ -52,7 +52,8 @@ class Runtime(Protocol):
 
 
 def installed(name: str) -> bool:
-    return name == "torch" or importlib.util.find_spec(name) is not None
+    """Whether ``name`` can be imported: found, not imported (torch alone takes seconds to import)."""
+    return importlib.util.find_spec(name) is not None
 
 
 def _cuda_available() -> bool:

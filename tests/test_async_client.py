@@ -142,11 +142,27 @@ def test_whole_call_failures_raise_the_blocking_clients_service_error(target, sy
     assert str(e.value) == str(blocking.value)
 
 
-def test_a_request_over_the_servers_item_limit_is_invalid_argument(target, photos):
-    with pytest.raises(ServiceError) as e:  # the client believes the server takes more items than it does
-        run(target, lambda c: c.embed(photos[:1] * (MAX_ITEMS + 1)), max_items=4 * MAX_ITEMS)
-    assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and e.value.category is Category.INVALID_ARGUMENT
-    assert "--max-items" in str(e.value)
+def test_a_client_set_above_the_servers_limits_splits_to_them(server, target, photos, expected):
+    """A client set for more items and bytes than the server takes learns the server's limits (one ListModels)
+    and splits to them: embed over a stream and embed_iter, no request refused."""
+    order = [i % len(photos) for i in range(MAX_ITEMS + 1)]
+    inputs = [photos[i] for i in order]
+
+    async def body(client: AsyncEmbedderClient) -> tuple[np.ndarray, np.ndarray]:
+        vectors = await client.embed(inputs, chunk=4 * MAX_ITEMS)
+        streamed = [r.vector async for r in client.embed_iter(inputs, chunk=4 * MAX_ITEMS)]
+        return vectors, np.stack(streamed)
+
+    streams = requests_seen(server, "EmbedStream")
+    vectors, streamed = run(target, body, max_items=4 * MAX_ITEMS, max_message_bytes=4 * MAX_MESSAGE)
+    np.testing.assert_allclose(vectors, expected[order], atol=1e-6)
+    np.testing.assert_allclose(streamed, expected[order], atol=1e-6)
+    assert requests_seen(server, "EmbedStream") == streams + 2  # both answered OK: nothing refused
+
+
+def requests_seen(server, method: str, code: str = "OK") -> float:
+    labels = {"door": "grpc", "method": method, "code": code}
+    return server.metrics.registry.get_sample_value("embedder_requests_total", labels) or 0
 
 
 def test_token_and_unreachable_server_errors(embedder, photos):
@@ -173,8 +189,8 @@ def test_retries_while_the_server_warms_up(embedder, photos, expected):
             return await unary, await stream
 
         unary, stream = run(f"127.0.0.1:{s.port}", body, retries=20, backoff=0.05, max_backoff=0.2)
-        assert s.metrics.registry.get_sample_value("embedder_requests_total",
-                                                   {"door": "grpc", "method": "Embed", "code": "UNAVAILABLE"})
+        # each call first asks for the server's limits (ListModels), refused like an Embed while warming up
+        assert requests_seen(s, "ListModels", "UNAVAILABLE")
     np.testing.assert_allclose(unary, expected[:2], atol=1e-6)
     np.testing.assert_allclose(stream, expected[:3], atol=1e-6)
 

@@ -398,8 +398,9 @@ def test_labels_set_and_clear(remote, pets):
 
 def test_delete_items_and_the_whole_collection(remote, pets):
     add_pets(remote, pets, "delete-pets")
-    code, out, _ = remote("delete", "cat/0.jpg", "cat/1.jpg", "gone.jpg", "--collection", "delete-pets")
-    assert code == 0 and "deleted 2 of 3 items" in out and "gone.jpg" in out
+    code, out, err = remote("delete", "cat/0.jpg", "cat/1.jpg", "gone.jpg", "--collection", "delete-pets")
+    assert code == 1 and "deleted 2 of 3 items" in out  # as `get`: ids not there on stderr, exit 1
+    assert err.strip() == "not found in collection delete-pets: gone.jpg"
     code, out, _ = remote("get", "cat/0.jpg", "cat/2.jpg", "--collection", "delete-pets")
     assert code == 1 and [i["id"] for i in json.loads(out)] == ["cat/2.jpg"]
     code, out, _ = remote("delete", "--collection", "delete-pets", "--all")
@@ -665,3 +666,56 @@ def test_help_reads_its_defaults_from_config(monkeypatch, capsys):
 def test_folder_label(path, label):
     """The one label-from-folder rule, shared by `embedder add` and the bulk import."""
     assert folder_label(path) == label
+
+
+BLOCK_SERVER_EXTRA = textwrap.dedent("""
+    import sys
+    class Blocked:  # as on a client-only install: the server extra's modules are not there
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "faiss", "sklearn", "scipy", "PIL", "tqdm", "matplotlib"):
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, Blocked())
+    from embedder.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_commands_that_need_the_server_extra_say_so(store_server, pets, tmp_path):
+    """On a client-only install a local command, and `train --plot` before it asks the server to train, exit 2
+    with what to install instead of a traceback."""
+    root, _ = pets
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("EMBEDDER_")}
+    for argv in (["embed", root / "cat", "--out", tmp_path / "v.npy"], ["backup", tmp_path / "backup"],
+                 ["train", "--collection", "never-trained", "--plot", tmp_path / "c.png", "--server", store_server],
+                 ["evaluate", "--collection", "never-trained", "--curve", "--plot", tmp_path / "c.png"]):
+        proc = subprocess.run([sys.executable, "-c", BLOCK_SERVER_EXTRA, *map(str, argv)], capture_output=True,
+                              text=True, env=environ, timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (argv, proc.stderr)
+        assert proc.stderr.startswith("embedder: error: this command needs the server extra: pip install "
+                                      "'embedder[server]' (or pass --server where the command has it)"), proc.stderr
+
+
+def test_installed_finds_torch_without_importing_it(monkeypatch):
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as on a client-only install
+    assert not installed("torch")
+
+
+def test_version_missing_paths_and_tls_files_are_named(tmp_path, capsys, env, monkeypatch, store_server):
+    from embedder import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"embedder {__version__}"
+    code, _, err = run(["embed", tmp_path / "nope.jpg", "--out", tmp_path / "v.npy"], capsys)
+    assert code == 2 and err.strip() == f"embedder: error: no such file or directory: {tmp_path / 'nope.jpg'}"
+    with pytest.raises(SystemExit) as e:
+        main(["stats", "--tls-ca", str(tmp_path / "ca.pem")])
+    assert e.value.code == 2 and f"argument --tls-ca: no such file: {tmp_path / 'ca.pem'}" in capsys.readouterr().err
+    code, _, err = run(["serve", "--tls-cert", tmp_path / "c.pem", "--tls-key", tmp_path / "k.pem"], capsys)
+    assert code == 2 and f"--tls-cert / EMBEDDER_TLS_CERT {tmp_path / 'c.pem'}: no such file" in err
+    # a client command reads only the client's variables: a bad server setting is not its business
+    monkeypatch.setenv("EMBEDDER_PORT", "not-a-port")
+    code, out, err = run(["stats", "--server", store_server], capsys)
+    assert code == 0, err

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -116,11 +117,10 @@ def test_oversized_items_get_an_error_that_says_how_to_raise_the_limit(server, c
     result = client.embed([photos[0], big], errors="return")  # the client knows the limit: per-item error
     assert result.ok.tolist() == [True, False]
     assert "--max-message-bytes" in result.errors[1] and "max_message_bytes=" in result.errors[1]
-    # A client that believes the limit is higher gets gRPC's RESOURCE_EXHAUSTED, explained:
+    # A client set for a higher limit learns the server's lower one: the same per-item error, no failed call
     with EmbedderClient(f"127.0.0.1:{server.port}") as unaware:
-        with pytest.raises(ServiceError) as e:
+        with pytest.raises(RemoteBatchError) as e:
             unaware.embed([big])
-    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "--max-message-bytes" in str(e.value) and "EMBEDDER_MAX_MESSAGE_BYTES" in str(e.value)
 
 
@@ -140,7 +140,8 @@ def test_client_retries_while_the_server_warms_up(embedder, photos, expected):
         with EmbedderClient(target, retries=8, backoff=0.05, max_backoff=0.5) as patient, ThreadPoolExecutor(2) as pool:
             unary = pool.submit(patient.embed, photos[:2])
             stream = pool.submit(lambda: [r.vector for r in patient.embed_iter(photos[:3], chunk=1)])
-            while requests_seen(s, "Embed", "UNAVAILABLE") < 1 or requests_seen(s, "EmbedStream", "UNAVAILABLE") < 1:
+            # each call first asks for the server's limits (ListModels), refused like an Embed while warming up
+            while requests_seen(s, "ListModels", "UNAVAILABLE") < 2:
                 threading.Event().wait(0.01)  # both were refused at least once...
             s.load()  # ...and succeed once the model is warm
             np.testing.assert_allclose(unary.result(timeout=60), expected[:2], atol=1e-6)
@@ -176,6 +177,7 @@ def test_token(embedder, photos):
 
 
 def self_signed(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -205,9 +207,27 @@ def test_tls_round_trip(embedder, photos, expected, tmp_path):
         target = f"127.0.0.1:{s.port}"
         with EmbedderClient(target, tls_ca=cert) as secure:
             np.testing.assert_allclose(secure.embed(photos[:2]), expected[:2], atol=1e-6)
-        with EmbedderClient(target, retries=0, timeout=5) as plaintext, pytest.raises(ServiceError) as e:
-            plaintext.embed(photos[:1])
-        assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        other, _ = self_signed(tmp_path / "other")
+        # a TLS mismatch cannot mend itself: it fails at once (no retries over seconds), says what to pass, exit 2
+        for tls_ca, says in ((None, "speaks TLS: pass its CA certificate with --tls-ca"),
+                             (other, "does not match the CA given as tls_ca (--tls-ca)")):
+            started = time.monotonic()
+            with EmbedderClient(target, tls_ca=tls_ca, timeout=5) as mismatched, pytest.raises(ServiceError) as e:
+                mismatched.embed(photos[:1])
+            assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and says in str(e.value)
+            assert time.monotonic() - started < 1.5 and e.value.category.name == "FAILED_PRECONDITION"
+    # the other way round: a TLS client and a plaintext server
+    with running_server(embedder) as plain, EmbedderClient(f"127.0.0.1:{plain.port}", tls_ca=cert) as secure, \
+            pytest.raises(ServiceError) as e:
+        secure.embed(photos[:1])
+    assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "speaks plaintext" in str(e.value)
+    with EmbedderClient("127.0.0.1:1") as nowhere:  # nothing listening: not TLS, so retried as before
+        assert not nowhere._probe_tls()
+
+
+def test_a_missing_tls_ca_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tls_ca .--tls-ca. .*nope.pem"):
+        EmbedderClient("127.0.0.1:1", tls_ca=tmp_path / "nope.pem")
 
 
 def test_cli_embed_with_server_writes_the_same_files(server, embedder, photos, tmp_path, capsys):
@@ -227,3 +247,45 @@ def test_cli_embed_with_server_writes_the_same_files(server, embedder, photos, t
     assert [f["path"] for f in meta["failed"]] == [str(folder / "broken.jpg")]
     np.testing.assert_allclose(np.load(out), embedder.embed([f.read_bytes() for f in good]), atol=1e-6)
     assert "skipped" in capsys.readouterr().err
+
+
+def test_clients_split_to_the_lower_limits_of_the_server(embedder, photos, expected, tmp_path, capsys):
+    """A server started with --max-items 3 and a small --max-message-bytes: a client with its default settings
+    learns them once (one ListModels) and splits embed, embed_iter and add to fit, as the CLI does."""
+    n = len(photos)
+    order = [i % n for i in range(15)]
+    images = [photos[i] for i in order]
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, data in enumerate(images):
+        (folder / f"p{i:02d}.jpg").write_bytes(data)
+    with running_server(embedder, max_items=3, max_message_bytes=max(map(len, photos)) * 3) as s:
+        target = f"127.0.0.1:{s.port}"
+        with EmbedderClient(target) as client:
+            np.testing.assert_allclose(client.embed(images), expected[order], atol=1e-6)
+            np.testing.assert_allclose(np.stack([r.vector for r in client.embed_iter(images)]), expected[order],
+                                       atol=1e-6)
+            assert client.add("small", images, ids=[str(i) for i in range(15)]).added == 15
+            assert requests_seen(s, "ListModels") == 1  # asked once per client
+            assert requests_seen(s, "Add") >= 5
+        code = cli_main(["add", str(folder), "--collection", "cli-small", "--server", target, "-q"])
+        assert code == 0 and capsys.readouterr().out.startswith("added 15,")
+        out = tmp_path / "v.npy"
+        assert cli_main(["embed", str(folder), "--out", str(out), "--server", target, "-q"]) == 0
+        np.testing.assert_allclose(np.load(out), expected[order], atol=1e-6)
+
+
+def test_cli_embed_with_server_records_the_model_that_embedded(server, photos, tmp_path, capsys):
+    """`embed --server --model X` asks the server to embed with X (loaded on first use) and records X, not the
+    server's default, in the .json."""
+    from embedder.backbones import get_backbone
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "p.jpg").write_bytes(photos[0])
+    out = tmp_path / "v.npy"
+    argv = ["embed", str(folder), "--out", str(out), "--server", f"127.0.0.1:{server.port}", "-q"]
+    assert cli_main([*argv, "--model", "efficientnet_lite0"]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["model_id"] == get_backbone("efficientnet_lite0").model_id and meta["name"] == "efficientnet_lite0"
+    assert np.load(out).shape == (1, meta["dim"]) and f"with {meta['model_id']}" in capsys.readouterr().out

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs in the client venv: argv = server address, folder with manifest.json and the images, ML_STACK as JSON.
 CLIENT_SCRIPT = r"""
-import importlib.util, json, sys
+import contextlib, importlib.util, io, json, sys
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,9 @@ from embedder.client import EmbedderClient, ServiceError
 address, folder, heavy = sys.argv[1], Path(sys.argv[2]), set(json.loads(sys.argv[3]))
 manifest = json.loads((folder / "manifest.json").read_text())
 train, held_out = manifest["train"], manifest["held_out"]
-out = {"torch_importable": importlib.util.find_spec("torch") is not None}
+from embedder.runtimes import installed
+
+out = {"torch_importable": importlib.util.find_spec("torch") is not None, "torch_installed": installed("torch")}
 with EmbedderClient(address, timeout=120, retries=30) as client:  # retries: the server may still be warming up
     vectors = client.embed([str(folder / name) for name in manifest["photos"]] + [np.load(folder / "photo.npy")])
     out["embed"] = {"shape": vectors.shape, "norms": np.linalg.norm(vectors, axis=1).tolist(),
@@ -50,6 +52,10 @@ with EmbedderClient(address, timeout=120, retries=30) as client:  # retries: the
         client.predict("no-such-head", [str(folder / held_out[0][0])])
     except ServiceError as e:
         out["error"] = [e.code.name, e.category.name]
+err = io.StringIO()
+with contextlib.redirect_stderr(err):  # a command of the server extra: says what to install, no traceback
+    from embedder.cli import main
+    out["backup"] = [main(["backup", str(folder / "backup")]), err.getvalue()]
 out["loaded"] = sorted(heavy & {m.split(".")[0] for m in sys.modules})
 print(json.dumps(out))
 """
@@ -101,7 +107,7 @@ def test_the_base_install_has_no_ml_stack_and_serves_a_caller(client_python, ser
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
 
-    assert not out["torch_importable"] and out["loaded"] == []
+    assert not out["torch_importable"] and not out["torch_installed"] and out["loaded"] == []
     assert out["embed"]["shape"] == [len(photos) + 1, 1280]
     assert np.allclose(out["embed"]["norms"], 1.0, atol=1e-4)
     assert out["embed"]["file_vs_array"] > 0.95  # one photo, decoded by the server vs sent as pixels
@@ -113,3 +119,6 @@ def test_the_base_install_has_no_ml_stack_and_serves_a_caller(client_python, ser
     correct = sum(label == y for (label, _), (_, y) in zip(out["predict"], held_out))
     assert correct >= 0.8 * len(held_out)  # three well-separated digits; chance is 1/3
     assert out["error"] == ["NOT_FOUND", "NOT_FOUND"]
+    code, err = out["backup"]
+    assert code == 2 and err.startswith("embedder: error: this command needs the server extra: pip install "
+                                        "'embedder[server]'") and "Traceback" not in err

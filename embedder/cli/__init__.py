@@ -36,12 +36,20 @@ import sys
 import traceback
 from typing import Sequence
 
+from .. import __version__
 from ..errors import TABLE, Category, EmbedderError, category_of
 from . import backup, bulk, collections, demo, embed, heads, jobs, keys, models, serve
 from .options import config_from, printable
 
 # One module per command group, each owning its parsers and handlers; in `embedder --help` order.
 COMMAND_GROUPS = (models, demo, embed, serve, bulk, collections, heads, jobs, backup, keys)
+
+# The top-level modules of the `server` extra (pyproject.toml): a command that imports one of them on a client-only
+# install is told to install the extra, not shown a traceback.
+SERVER_EXTRA_MODULES = frozenset({
+    "torch", "torchvision", "PIL", "faiss", "sklearn", "scipy", "tqdm", "skimage", "onnx", "onnxruntime",
+    "grpc_health", "grpc_reflection", "prometheus_client", "fastapi", "pydantic", "uvicorn", "httptools", "uvloop",
+    "multipart", "python_multipart", "safetensors", "matplotlib"})
 
 # The names tests/test_service.py imports from here (before cli/ became a package).
 _config = config_from
@@ -53,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embedder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for group in COMMAND_GROUPS:
         group.register(sub)
@@ -75,9 +84,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in SERVER_EXTRA_MODULES:
+            return _failed(e)
+        print("embedder: error: this command needs the server extra: pip install 'embedder[server]' (or pass "
+              f"--server where the command has it); {e.name} is not installed", file=sys.stderr)
+        return TABLE[Category.FAILED_PRECONDITION].exit_code
     except Exception as e:  # noqa: BLE001 - every failure is answered by its category, none by a bare traceback
-        category = error_category(e)
-        if category is Category.INTERNAL and not isinstance(e, EmbedderError):
-            traceback.print_exc()  # a bug, not a failure we know: show where for the report
-        print(f"embedder: error: {printable(e, newlines=True)}", file=sys.stderr)
-        return TABLE[category].exit_code
+        return _failed(e)
+
+
+def _failed(e: Exception) -> int:
+    """Report a failed command on stderr; the exit code of its category."""
+    category = error_category(e)
+    if category is Category.INTERNAL and not isinstance(e, EmbedderError):
+        traceback.print_exc()  # a bug, not a failure we know: show where for the report (called in `except`)
+    print(f"embedder: error: {printable(e, newlines=True)}", file=sys.stderr)
+    return TABLE[category].exit_code

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..config import Config
 from ..inputs import folder_label
 from . import bulk
-from .options import (CHUNK, add_remote_options, client_from, collect_images, positive_int, printable,
+from .options import (CHUNK, add_remote_options, client_from, collect_images, no_images, positive_int, printable,
                       progress_bar, report)
 
 
@@ -118,7 +118,7 @@ def add(args: argparse.Namespace) -> int:
         raise ValueError("nothing to add: give image files or folders, or --from-parquet DIR (bulk-embed output)")
     entries, failed = _files_to_add(args)
     if not entries:
-        raise FileNotFoundError(f"no image files found under {', '.join(map(str, args.paths))}")
+        raise no_images(args.paths, failed)
     added = replaced = cached = 0
     with client_from(args) as client:
         bar = progress_bar(len(entries), quiet=args.quiet, desc=f"adding ({client.target})")
@@ -166,7 +166,8 @@ def _files_to_add(args: argparse.Namespace) -> tuple[list[tuple[Path, str, str |
 
 
 def delete(args: argparse.Namespace) -> int:
-    """Delete the ids given, or the whole collection with --all; ids not there are reported, not an error."""
+    """Delete the ids given, or the whole collection with --all; 1 when some ids were not there (named on stderr,
+    as `get` does: nothing else was wrong, but a script should see that they were not deleted)."""
     if args.all == bool(args.ids):
         raise ValueError("pass the ids to delete, or --all to delete the whole collection (not both)")
     with client_from(args) as client:
@@ -176,9 +177,9 @@ def delete(args: argparse.Namespace) -> int:
             return 0
         result = client.delete(args.collection, args.ids)
     print(f"deleted {result.deleted} of {len(args.ids)} items from collection {printable(args.collection)}")
-    if result.missing:  # deleting what is not there is a no-op, not an error
-        print(f"not found (nothing deleted): {printable(', '.join(result.missing))}")
-    return 0
+    for item_id in result.missing:
+        print(f"not found in collection {printable(args.collection)}: {printable(item_id)}", file=sys.stderr)
+    return 0 if not result.missing else 1
 
 
 def labels(args: argparse.Namespace) -> int:

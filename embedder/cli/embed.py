@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .options import (add_model_options, add_remote_options, client_from, collect_images, config_from,
+from .options import (add_model_options, add_remote_options, client_from, collect_images, config_from, no_images,
                       progress_bar, report)
 
 if TYPE_CHECKING:
+    from ..client import ItemResult
     from ..results import BatchResult
 
 
@@ -34,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output .npy; a .json with paths and failures goes beside it")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar; print only the summary line")
     add_remote_options(p, title="remote (embed on an `embedder serve` instance instead of locally)",
-                       server_help="send the images to this server (--model, if given, must match the server's)")
+                       server_help="send the images to this server (with --model: embed with that model there; "
+                                   "default: the server's default model)")
     add_model_options(p)
     p.set_defaults(handler=run)
 
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     _check_out(args.out)
     files, failed = collect_images(args.paths)
     if not files:
-        raise FileNotFoundError(f"no image files found under {', '.join(map(str, args.paths))}")
+        raise no_images(args.paths, failed)
     if args.server:
         return _write_embeddings(args, files, failed, *_embed_remote(args, files))
     from ..pipeline import Embedder  # imports torch: only the local path needs it
@@ -56,22 +58,32 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _embed_remote(args: argparse.Namespace, files: list[Path]) -> tuple["BatchResult", dict]:
-    """Embed ``files`` on ``--server``; the same outputs as the local path, with the server's model info."""
+    """Embed ``files`` on ``--server``; the same outputs as the local path, with the info of the model that
+    embedded them (asked after embedding: a model other than the default loads on first use)."""
     from ..results import BatchResult
 
     with client_from(args) as client:
-        info = {**client.list_models()[0], "server": args.server}
-        rows, errors = [], []
+        results = []
         bar = progress_bar(len(files), quiet=args.quiet, desc=f"embedding ({args.server})")
         try:  # the bar gives the terminal back even when the server fails midway
             for r in client.embed_iter((str(f), f) for f in files):
-                rows.append(r.vector if r.ok else np.zeros(info["dim"], np.float32))
-                errors.append(r.error)
+                results.append(r)
                 bar.update()
         finally:
             bar.close()
-    vectors = np.stack(rows) if rows else np.zeros((0, info["dim"]), np.float32)
-    return BatchResult(vectors, errors), info
+        info = {**_model_info(client.list_models(), results, args.model), "server": args.server}
+    dim = info["dim"]
+    vectors = np.stack([r.vector if r.ok else np.zeros(dim, np.float32) for r in results]) if results else \
+        np.zeros((0, dim), np.float32)
+    return BatchResult(vectors, [r.error for r in results]), info
+
+
+def _model_info(models: list[dict], results: list["ItemResult"], requested: str | None) -> dict:
+    """The server's entry for the model that embedded ``results`` (by the model id they carry); where none
+    was embedded, the one ``--model`` named, else the server's default (listed first)."""
+    model_id = next((r.model_id for r in results if r.ok and r.model_id), None)
+    wanted = (lambda m: m["model_id"] == model_id) if model_id else (lambda m: requested in (m["name"], m["model_id"]))
+    return next((m for m in models if wanted(m)), models[0])
 
 
 def _check_out(out: Path) -> None:

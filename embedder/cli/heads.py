@@ -1,5 +1,6 @@
 """Classifier-head commands on a running `embedder serve`: ``train``, ``predict``, ``evaluate``, ``heads``,
-``delete-head``. Only the client is imported (matplotlib too, for ``--plot``): no torch, no scikit-learn here.
+``delete-head``. Only the client is imported: no torch, no scikit-learn here; ``--plot`` also needs matplotlib and
+the classifier package (the server extra), checked before the server is asked to work.
 
 Examples::
 
@@ -19,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .options import (CHUNK, HEAD_KINDS, add_remote_options, client_from, collect_images, fraction, param,
-                      positive_int, printable, report)
+from .options import (CHUNK, HEAD_KINDS, add_remote_options, client_from, collect_images, fraction, no_images,
+                      param, positive_int, printable, report)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -75,8 +76,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=delete_head)
 
 
+def _plotting(name: str) -> Any:
+    """The plot function ``name`` of the classifier package, imported before any RPC: on a client-only install
+    the ModuleNotFoundError (scikit-learn, matplotlib: the server extra) then comes before the server does work."""
+    import matplotlib  # noqa: F401 - imported only inside the plot functions, so checked here
+
+    import classifier
+
+    return getattr(classifier, name)
+
+
 def train(args: argparse.Namespace) -> int:
     """Train on the server; print the hold-out metrics per class (or JSON), optionally plot the confusion."""
+    plot_confusion = _plotting("plot_confusion") if args.plot is not None else None
     with client_from(args) as client:
         r = client.train(args.collection, args.head, labels=args.labels, params=dict(args.param),
                          test_size=args.test_size, seed=args.seed, head_id=args.head_id, adapt_to=args.adapt_to,
@@ -86,8 +98,6 @@ def train(args: argparse.Namespace) -> int:
         if "confusion" not in metrics:
             why = metrics.get("reason", "the head has no hold-out metrics")
             raise ValueError(f"no confusion matrix to plot: {why}")
-        from classifier import plot_confusion
-
         plot_confusion(metrics["confusion"], metrics["classes"], args.plot,
                        title=f"{r['head_id']}: hold-out accuracy {metrics['accuracy']:.1%}")
     if args.json:
@@ -119,12 +129,11 @@ def train(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """The learning curve as a table (or JSON), optionally plotted."""
+    plot_learning_curve = _plotting("plot_learning_curve") if args.plot is not None else None
     with client_from(args) as client:
         points = client.learning_curve(args.collection, args.head, labels=args.labels, per_class=args.per_class,
                                        repeats=args.repeats)
-    if args.plot is not None:
-        from classifier import plot_learning_curve
-
+    if plot_learning_curve is not None:
         plot_learning_curve(points, args.plot, title=f"{args.collection}: {args.head} head")
     if args.json:
         print(json.dumps([dataclasses.asdict(p) for p in points], indent=2))
@@ -146,7 +155,7 @@ def predict(args: argparse.Namespace) -> int:
         raise ValueError("--collection is for --ids; pass the stored ids to predict")
     files, failed = collect_images(args.images)
     if args.images and not files and not args.ids:
-        raise FileNotFoundError(f"no image files found under {', '.join(map(str, args.images))}")
+        raise no_images(args.images, failed)
     if not files and not args.ids:
         raise ValueError("nothing to predict; pass image files or folders, or --collection X --ids ID ...")
     rows: list[tuple[str, Any]] = []

@@ -77,7 +77,8 @@ def add_remote_options(p: argparse.ArgumentParser, *, server_help: str | None = 
     g.add_argument("--server", metavar="HOST:PORT", help=server_help or (
         f"the `embedder serve` instance to talk to (default: EMBEDDER_SERVER, else {DEFAULT_SERVER})"))
     g.add_argument("--token", help="bearer token for the server (default: EMBEDDER_TOKEN)")
-    g.add_argument("--tls-ca", type=Path, help="PEM certificate to trust for a TLS server (plaintext without it)")
+    g.add_argument("--tls-ca", type=existing_file,
+                   help="PEM certificate to trust for a TLS server (plaintext without it)")
     g.add_argument("--timeout", type=positive_float, default=60.0, help="seconds per request (default %(default)g)")
 
 
@@ -86,9 +87,17 @@ def client_from(args: argparse.Namespace) -> "EmbedderClient":
     from ..client import EmbedderClient  # grpc and the stubs: only for the commands that talk to a server
 
     server = args.server or os.environ.get("EMBEDDER_SERVER") or DEFAULT_SERVER
-    token = args.token if args.token is not None else Config.from_env().token
+    # only the variable this needs: a server setting (EMBEDDER_PORT=x) must not fail a client command
+    token = args.token if args.token is not None else os.environ.get("EMBEDDER_TOKEN", "")
     return EmbedderClient(server, token=token or None, timeout=args.timeout, tls_ca=args.tls_ca,
                           model=getattr(args, "model", None))
+
+
+def existing_file(text: str) -> Path:
+    """An argparse type: a path to a file that exists (argparse names the flag in the usage error)."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return Path(text)
 
 
 def bounded(kind: type, ok: Callable[[Any], bool], need: str) -> Callable[[str], Any]:
@@ -138,6 +147,13 @@ def collect_images(paths: Sequence[Path]) -> tuple[list[Path], list[dict[str, st
         else:
             missing.append({"path": str(p), "error": "no such file or directory"})
     return files, missing
+
+
+def no_images(paths: Sequence[Path], missing: list[dict[str, str]]) -> FileNotFoundError:
+    """The error for ``paths`` that hold no image file: that they do not exist, where none of them does."""
+    if len(missing) == len(paths):
+        return FileNotFoundError(f"no such file or directory: {', '.join(map(str, paths))}")
+    return FileNotFoundError(f"no image files found under {', '.join(map(str, paths))}")
 
 
 class _NoBar:

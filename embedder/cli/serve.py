@@ -105,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
     from ..server import serve  # the whole stack
 
     config = serve_config(args)
+    for flag, path in (("--tls-cert", config.tls_cert), ("--tls-key", config.tls_key)):
+        if path and not Path(path).is_file():  # said here, by flag, before the model loads
+            raise FileNotFoundError(f"{flag} / EMBEDDER_{flag[2:].upper().replace('-', '_')} {path}: no such file; "
+                                    "name the PEM file")
     scheme = "https" if config.tls_cert else "http"
     return serve(config, on_listening=lambda addr: print(f"listening on {addr}", flush=True),
                  on_http=lambda addr: print(f"HTTP/JSON on {scheme}://{addr} (API docs at /docs)", flush=True))

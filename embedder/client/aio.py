@@ -154,10 +154,15 @@ class AsyncEmbedderClient(BaseClient):
     async def _run(self, plan: Plan[T]) -> T:
         """Run a plan (see :mod:`embedder.client.base`) to its result on the event loop.
 
-        Its first step, which reads the inputs and builds every request, runs in a worker thread."""
+        Its first step, which reads the inputs and builds every request, runs in a worker thread; so does the
+        step after a ListModels answer, which builds them where the plan first had to learn the server's limits."""
         step, result = await asyncio.to_thread(advance, plan, None)
         while step is not None:
-            step, result = advance(plan, await self._do(step))
+            answer = await self._do(step)
+            if isinstance(step, Call) and step.method == "ListModels":
+                step, result = await asyncio.to_thread(advance, plan, answer)
+            else:
+                step, result = advance(plan, answer)
         return result  # type: ignore[return-value] - the plan's value
 
     async def _do(self, step: Step) -> Any:
@@ -179,6 +184,7 @@ class AsyncEmbedderClient(BaseClient):
                 attempt += 1
 
     async def _stream(self, chunks: Iterator[Chunk], window: int) -> AsyncIterator[ItemResult]:
+        await self._run(self._fit_server())  # before the first chunk is built (embed_iter's chunks are lazy)
         feed = AsyncStreamFeed(chunks, window)
         failures = 0
         while True:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import socket
+import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,13 +116,24 @@ class BaseClient:
         self.model = model or ""  # sent with every request: the backbone to embed with
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._dim = DIM_BOUND
+        # The server's own limits, asked once before the first call that splits inputs (see _fit_server):
+        # None until then, or where the server does not say.
+        self._server_max_items: int | None = None
+        self._server_max_message_bytes: int | None = None
+        self._limits_known = False
+        self._plaintext = tls_ca is None
         options = [("grpc.max_send_message_length", max_message_bytes),
                    ("grpc.max_receive_message_length", max_message_bytes),
                    # reconnect quickly after a server restart; our own retry loop bounds the total wait
                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
                    *channel_options]
         if tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            try:
+                ca = Path(tls_ca).read_bytes()
+            except FileNotFoundError:
+                raise FileNotFoundError(f"tls_ca (--tls-ca) {str(tls_ca)!r}: no such file; name the PEM "
+                                        "certificate of the server's CA") from None
+            creds = grpc.ssl_channel_credentials(root_certificates=ca)
             self._channel = self._grpc.secure_channel(target, creds, options=options)
         else:
             self._channel = self._grpc.insecure_channel(target, options=options)
@@ -136,7 +149,8 @@ class BaseClient:
         ids = [str(i) for i in range(len(images))] if ids is None else [str(i) for i in ids]
         if len(ids) != len(images):
             raise ValueError(f"got {len(ids)} ids for {len(images)} images; pass one id per image or none")
-        chunks = list(self._chunks(zip(ids, images), min(chunk, self.max_items)))
+        yield from self._fit_server()
+        chunks = list(self._chunks(zip(ids, images), min(chunk, self._item_limit)))
         if len(chunks) == 1:
             if chunks[0].request.items:
                 self._fill(chunks[0], (yield Call("Embed", chunks[0].request)))
@@ -158,14 +172,19 @@ class BaseClient:
         return vectors
 
     def _embed_iter_chunks(self, items: Iterable[Any], chunk: int, window: int) -> Iterator[Chunk]:
-        """The lazy chunks of ``embed_iter``: ``items`` are inputs or ``(id, input)`` pairs."""
+        """The lazy chunks of ``embed_iter``: ``items`` are inputs or ``(id, input)`` pairs.
+
+        Sized when the first is read, which the stream does after :meth:`_fit_server`."""
         _check_chunking(chunk, window)
 
         def pairs() -> Iterator[tuple[str, Any]]:
             for i, x in enumerate(items):
                 yield (str(x[0]), x[1]) if isinstance(x, tuple) and len(x) == 2 else (str(i), x)
 
-        return self._chunks(pairs(), min(chunk, self.max_items))
+        def sized() -> Iterator[Chunk]:
+            yield from self._chunks(pairs(), min(chunk, self._item_limit))
+
+        return sized()
 
     def _list_models(self) -> Plan[list[dict[str, Any]]]:
         response = yield Call("ListModels", pb.ListModelsRequest())
@@ -175,7 +194,29 @@ class BaseClient:
 
     def _server_limits(self) -> Plan[dict[str, int]]:
         lim = (yield Call("ListModels", pb.ListModelsRequest())).limits
+        self._learn_limits(lim)
         return {"max_message_bytes": lim.max_message_bytes, "max_items": lim.max_items, "max_pixels": lim.max_pixels}
+
+    def _fit_server(self) -> Plan[None]:
+        """Ask the server for its limits, once per client, before the first call that splits inputs: so requests
+        also fit a server started with a lower --max-items or --max-message-bytes than this client's settings."""
+        if not self._limits_known:
+            self._learn_limits((yield Call("ListModels", pb.ListModelsRequest())).limits)
+
+    def _learn_limits(self, lim: pb.ServerLimits) -> None:
+        self._server_max_items = lim.max_items or None  # 0: a server that does not say
+        self._server_max_message_bytes = lim.max_message_bytes if lim.max_message_bytes > ENVELOPE else None
+        self._limits_known = True
+
+    @property
+    def _item_limit(self) -> int:
+        """Items per request: ``max_items``, or the server's limit where that is lower."""
+        return min(self.max_items, self._server_max_items or self.max_items)
+
+    @property
+    def _message_limit(self) -> int:
+        """Bytes per message: ``max_message_bytes``, or the server's limit where that is lower."""
+        return min(self.max_message_bytes, self._server_max_message_bytes or self.max_message_bytes)
 
     # ------------------------------------------------------------------ store
 
@@ -199,6 +240,7 @@ class BaseClient:
                 summary.failed[i] = str(e)
                 continue
             entries.append((i, entry))
+        yield from self._fit_server()
         for batch in self._batches(entries, summary.failed):
             response = yield Call("Add", pb.AddRequest(collection=collection, index=index or "",
                                                        model=model or self.model, items=[e for _, e in batch]))
@@ -275,13 +317,14 @@ class BaseClient:
                 entries.append((i, to_item(x, str(i))))
             except (ValueError, TypeError, OSError) as e:
                 failed[i] = str(e)
+        yield from self._fit_server()
         batches_ = list(self._batches(entries, failed))
         for i, message in failed.items():
             out[i] = Prediction(str(i), [], [], message)
         calls = [(pb.PredictRequest(head_ids=head_ids, items=[e for _, e in b], top_k=top_k), [i for i, _ in b])
                  for b in batches_]
-        for start in range(0, len(ids), self.max_items):
-            chunk = ids[start:start + self.max_items]
+        for start in range(0, len(ids), self._item_limit):
+            chunk = ids[start:start + self._item_limit]
             calls.append((pb.PredictRequest(head_ids=head_ids, collection=collection or "", ids=chunk, top_k=top_k),
                           [len(images) + start + j for j in range(len(chunk))]))
         for request, where in calls:
@@ -346,11 +389,11 @@ class BaseClient:
     # ------------------------------------------------------------------ requests and answers
 
     def _chunks(self, pairs: Iterable[tuple[str, Any]], size: int) -> Iterator[Chunk]:
-        return embed_chunks(pairs, size, max_message_bytes=self.max_message_bytes, model=self.model,
+        return embed_chunks(pairs, size, max_message_bytes=self._message_limit, model=self.model,
                             dim=lambda: self._dim)
 
     def _batches(self, entries: list[tuple[int, Any]], failed: dict[int, str]) -> Iterator[list[tuple[int, Any]]]:
-        return batches(entries, failed, max_message_bytes=self.max_message_bytes, max_items=self.max_items)
+        return batches(entries, failed, max_message_bytes=self._message_limit, max_items=self._item_limit)
 
     def _fill(self, chunk: Chunk, response: pb.EmbedResponse) -> None:
         chunk.fill(response)
@@ -378,7 +421,7 @@ class BaseClient:
         ServiceError (or the caller's own error that broke a stream's input)."""
         if feed is not None and feed.source_error is not None:
             raise feed.source_error from None
-        if e.code() in RETRYABLE and attempt < self.retries:
+        if e.code() in RETRYABLE and attempt < self.retries and self._tls_mismatch(e) is None:
             # full jitter keeps many clients from retrying in lockstep after a restart
             return min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + random.random() / 2)
         raise self._error(e) from None
@@ -386,6 +429,9 @@ class BaseClient:
     def _error(self, e: grpc.RpcError) -> ServiceError:
         """Turn a gRPC error into a ServiceError whose message says what to do."""
         code, details = e.code(), e.details() or ""
+        mismatch = self._tls_mismatch(e)
+        if mismatch is not None:
+            return mismatch
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in details.lower():
             msg = (f"{details}. A request or response exceeded a gRPC message size limit: this client sends at "
                    f"most {self.max_message_bytes:,} bytes per message (EmbedderClient(max_message_bytes=...)); "
@@ -402,3 +448,38 @@ class BaseClient:
         else:
             msg = details or "no details"
         return ServiceError(code, msg)
+
+    # ------------------------------------------------------------------ TLS mismatches
+
+    def _tls_mismatch(self, e: grpc.RpcError) -> ServiceError | None:
+        """The error to raise at once for a connection that failed over TLS settings (no retry can mend those),
+        or None. Certificate checks fail by name; a plaintext channel to a TLS server only sees "Socket closed",
+        as it would from a restarting server, so there a TLS handshake is tried once to tell the two apart."""
+        if e.code() != grpc.StatusCode.UNAVAILABLE:
+            return None
+        details = e.details() or ""
+        fix = None
+        if "CERTIFICATE_VERIFY_FAILED" in details or "is not in peer certificate" in details:
+            fix = (f"the certificate of the server at {self.target} does not match the CA given as tls_ca "
+                   "(--tls-ca): pass the PEM of the CA (or self-signed certificate) the server's --tls-cert is from")
+        elif "WRONG_VERSION_NUMBER" in details:
+            fix = (f"the server at {self.target} speaks plaintext, not TLS: drop tls_ca (--tls-ca), or start the "
+                   "server with --tls-cert and --tls-key")
+        elif self._plaintext and "Socket closed" in details and self._probe_tls():
+            fix = (f"the server at {self.target} speaks TLS: pass its CA certificate with --tls-ca / "
+                   "EmbedderClient(tls_ca=...)")
+        return None if fix is None else ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"{fix} ({details})")
+
+    def _probe_tls(self) -> bool:
+        """Whether a TLS handshake (certificate unchecked: only the protocol matters) succeeds at the target.
+
+        Only after a plaintext connection was closed at once, so rare and short (loopback: a millisecond)."""
+        host, _, port = self.target.removeprefix("dns:///").removeprefix("ipv4:").rpartition(":")
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        context.set_alpn_protocols(["h2"])
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2) as raw, context.wrap_socket(raw):
+                return True
+        except (OSError, ValueError):  # ssl.SSLError is an OSError; ValueError: a target we cannot parse
+            return False

@@ -208,6 +208,7 @@ class EmbedderClient(BaseClient):
                 attempt += 1
 
     def _stream(self, chunks: Iterator[Chunk], window: int) -> Iterator[ItemResult]:
+        self._run(self._fit_server())  # before the first chunk is built (embed_iter's chunks are lazy)
         feed = StreamFeed(chunks, window)
         failures = 0
         while True:
