@@ -194,7 +194,7 @@ def test_wrong_model_or_dimension_is_a_precondition_error(store):
     (lambda s: s.add("c" * 257, ["a"], unit(1, 4), model_id=M), "1 to 256 characters"),
     (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, labels=["l" * 257]), "1 to 256 characters"),
     (lambda s: s.add("c", ["a"], unit(1, 4), model_id=M, metadata=[{"x": float("inf")}]), "finite numbers"),
-    (lambda s: s.create_collection("c", model_id=M, dim=4, index="hnsw:m=1"), r"m must be an int in \[2, 256\]"),
+    (lambda s: s.create_collection("c", model_id=M, dim=4, index="hnsw:m=1"), r"m must be an int in \[2, 64\] for a new collection"),
     (lambda s: s.search(None, unit(1, 4), k=10, ef_search=10**9), r"ef_search must be an int in \[1, 4096\]"),
     (lambda s: s.search(None, unit(1, 4), k=10, ef_search=4097), r"\[1, 4096\] \(its cap"),
     (lambda s: s.create_collection("c", model_id=M, dim=4, index="hnsw:m=65"), "m=65 is over its cap of 64"),
