@@ -406,6 +406,40 @@ class Service:
                                          should_stop=lambda: self._closing or call.is_cancelled() or
                                          call.time_left() == 0)
 
+    def suggest(self, collection: str, *, n: int = 0, strategy: str = "", head_id: str = "",
+                ids: Sequence[str] = (), seed: int = 0, call: Call = Call()) -> Any:
+        """The ``n`` (default 20) unlabelled items of ``collection`` (or of its ``ids``) most worth labelling next,
+        each with its score and reason (a :class:`classifier.active.SuggestResult`); see
+        :mod:`classifier.active` for the strategies. Reads stored vectors only: no backbone pass."""
+        from classifier import active
+
+        store = self._stateful()
+        self._permit(call, WRITE, collection)  # may train a head (not saved), which costs like training
+        self._check_count(len(ids))
+        info = store.collection(collection)  # NotFoundError before any work
+        labelled_ids, X_labelled, y_labelled = store.labelled(collection)
+        candidates, X = self._unlabelled(store, collection, ids, set(labelled_ids))
+        head = self.heads.get(head_id) if head_id else None
+        return active.suggest(candidates, X, X_labelled, y_labelled, n=active.DEFAULT_SUGGEST if n == 0 else n,
+                              strategy=strategy or "auto", head=head, model_id=info.model_id, seed=seed,
+                              should_stop=self._should_stop(call))
+
+    def label_issues(self, collection: str, *, limit: int = 0, labels: Sequence[str] = (), folds: int = 0,
+                     near_duplicate: float = 0.0, seed: int = 0, call: Call = Call()) -> Any:
+        """Labelled items of ``collection`` (only ``labels``' classes when given) whose label looks wrong, by
+        confident learning on out-of-fold probabilities, and identical or near-identical items with different
+        labels (a :class:`classifier.active.LabelIssuesResult`). Reads stored vectors only: no backbone pass."""
+        from classifier import active
+
+        store = self._stateful()
+        self._permit(call, WRITE, collection)  # trains one head per fold
+        ids, X, y = store.labelled(collection, labels=list(labels) or None)
+        sha256s = [s.sha256 if s is not None else None for s in store.get(collection, ids)] if ids else []
+        return active.find_label_issues(ids, X, y, sha256s, limit=limit or active.DEFAULT_ISSUES,
+                                        folds=folds or active.DEFAULT_FOLDS,
+                                        near_duplicate=near_duplicate or active.DEFAULT_NEAR_DUPLICATE, seed=seed,
+                                        should_stop=self._should_stop(call))
+
     def list_heads(self, call: Call = Call()) -> list[Any]:
         self._stateful()
         self._permit(call, READ)
@@ -476,6 +510,27 @@ class Service:
     def _allowed(call: Call) -> frozenset[str] | None:
         """The collections the caller may see; None: every one."""
         return None if call.principal is None else call.principal.collections
+
+    def _should_stop(self, call: Call) -> Any:
+        """A long computation's stop signal: the service is closing, or ``call`` was cancelled or ran out of time."""
+        return lambda: self._closing or call.is_cancelled() or call.time_left() == 0
+
+    @staticmethod
+    def _unlabelled(store: Any, collection: str, ids: Sequence[str],
+                    labelled: set[str]) -> tuple[list[str], np.ndarray]:
+        """The unlabelled items of ``collection`` (only those of ``ids`` when given): ids and vectors."""
+        if not ids:
+            all_ids, X = store.vectors(collection)
+            keep = [i for i, item_id in enumerate(all_ids) if item_id not in labelled]
+            return [all_ids[i] for i in keep], X[keep]
+        found = store.get(collection, list(ids))
+        missing = [i for i, s in zip(ids, found) if s is None]
+        if missing:
+            raise NotFoundError(f"{len(missing)} of the ids are not in collection {collection!r} (first "
+                                f"{missing[0]!r}); name items of that collection")
+        chosen = [s for s in found if s is not None and s.label is None]
+        dim = store.collection(collection).dim
+        return [s.id for s in chosen], (np.stack([s.vector for s in chosen]) if chosen else np.zeros((0, dim)))
 
     def _check_ready(self) -> None:
         if self._closing:
