@@ -106,6 +106,7 @@ def suggest(ids: Sequence[str], X: np.ndarray, X_labelled: np.ndarray, y_labelle
 
     ``head`` scores uncertainty; without one a ``kind`` head is trained on ``X_labelled``/``y_labelled``."""
     check_count(n, "n", MAX_SUGGEST)
+    check_seed(seed)
     if strategy not in STRATEGIES:
         raise InvalidArgumentError(f"unknown strategy {strategy[:50]!r}; use one of {', '.join(STRATEGIES)}")
     if len(ids) == 0:
@@ -245,6 +246,7 @@ def find_label_issues(ids: Sequence[str], X: np.ndarray, labels: Sequence[str], 
     kind, most likely wrong first."""
     check_count(limit, "limit", MAX_ISSUES)
     check_count(folds, "folds", 20)
+    check_seed(seed)
     if folds < 2:
         raise InvalidArgumentError(f"folds must be at least 2 (out-of-fold probabilities), got {folds}")
     if not 0.0 < near_duplicate <= 1.0:
@@ -377,6 +379,11 @@ def near_pairs(Xn: np.ndarray, labels: np.ndarray, threshold: float, seed: int =
 def check_count(value: Any, name: str, most: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= most:
         raise InvalidArgumentError(f"{name} must be a whole number from 1 to {most:,}, got {value!r}")
+
+
+def check_seed(seed: Any) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise InvalidArgumentError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
 def _check_stop(should_stop: ShouldStop, after: str) -> None:

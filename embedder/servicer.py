@@ -253,6 +253,22 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                            call=self._call(context))
         return pb.LearningCurveResponse(points=[pb.CurvePoint(**asdict(p)) for p in points])
 
+    def Suggest(self, request: pb.SuggestRequest, context: grpc.ServicerContext) -> pb.SuggestResponse:
+        result = self._run(context, self.service.suggest, request.collection, n=request.n,
+                           strategy=request.strategy, head_id=request.head_id, ids=list(request.ids),
+                           seed=request.seed, call=self._call(context))
+        return pb.SuggestResponse(suggestions=[pb.Suggestion(**asdict(s)) for s in result.suggestions],
+                                  strategy=result.strategy, candidates=result.candidates, labelled=result.labelled)
+
+    def LabelIssues(self, request: pb.LabelIssuesRequest, context: grpc.ServicerContext) -> pb.LabelIssuesResponse:
+        result = self._run(context, self.service.label_issues, request.collection, limit=request.limit,
+                           labels=list(request.labels), folds=request.folds, near_duplicate=request.near_duplicate,
+                           seed=request.seed, call=self._call(context))
+        return pb.LabelIssuesResponse(issues=[pb.LabelIssue(**asdict(i)) for i in result.issues],
+                                      duplicates=[pb.LabelIssue(**asdict(d)) for d in result.duplicates],
+                                      checked=result.checked, folds=result.folds, noise_rate=result.noise_rate,
+                                      thresholds=result.thresholds)
+
     def ListHeads(self, request: pb.ListHeadsRequest, context: grpc.ServicerContext) -> pb.ListHeadsResponse:
         heads = self._run(context, self.service.list_heads, self._call(context))
         return pb.ListHeadsResponse(heads=[head_to_pb(h) for h in heads])

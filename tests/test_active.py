@@ -5,11 +5,14 @@ The service tests store scikit-learn's digits (0, 1, 7) through the real model, 
 """
 from __future__ import annotations
 
+import grpc
 import numpy as np
 import pytest
 
 from classifier import InsufficientDataError, active
-from conftest import CountingModel
+from conftest import CountingModel, running_server
+from embedder._proto import embedder_pb2 as pb
+from embedder._proto import embedder_pb2_grpc as pb_grpc
 from embedder.config import Config
 from embedder.core import AddItem, Call, Item, Service
 from embedder.errors import Category, InvalidArgumentError, NotFoundError, PermissionDeniedError, category_of
@@ -216,3 +219,30 @@ def test_refusals_say_what_to_do(service):
     with pytest.raises(InsufficientDataError) as e:
         service.suggest("noisy")
     assert category_of(e.value) is Category.FAILED_PRECONDITION
+
+
+# ------------------------------------------------------------------ the wire
+
+def test_suggest_and_label_issues_over_grpc(counting, digit_images):
+    images, labels = digit_images
+    with running_server(counting) as server, grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        items = [pb.AddItem(item=pb.Item(id=f"d{i}", image=image), **({"label": label} if i % 30 < 6 else {}))
+                 for i, (image, label) in enumerate(zip(images, labels))]
+        assert stub.Add(pb.AddRequest(collection="digits", items=items), timeout=120).added == len(images)
+        answer = stub.Suggest(pb.SuggestRequest(collection="digits", n=5), timeout=60)
+        assert answer.strategy == "hybrid" and answer.labelled == 18 and answer.candidates == 72
+        assert len({s.id for s in answer.suggestions}) == 5 and all(s.reason for s in answer.suggestions)
+        issues = stub.LabelIssues(pb.LabelIssuesRequest(collection="digits"), timeout=60)
+        assert issues.checked == 18 and issues.folds == 5 and set(issues.thresholds) == {"0", "1", "7"}
+        for request, code in [
+            (pb.SuggestRequest(collection="ghost"), grpc.StatusCode.NOT_FOUND),
+            (pb.SuggestRequest(collection="digits", n=-1), grpc.StatusCode.INVALID_ARGUMENT),
+            (pb.SuggestRequest(collection="digits", ids=["d0"]), grpc.StatusCode.FAILED_PRECONDITION),  # labelled
+        ]:
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Suggest(request, timeout=60)
+            assert e.value.code() == code, request
+        with pytest.raises(grpc.RpcError) as e:
+            stub.LabelIssues(pb.LabelIssuesRequest(collection="digits", labels=["0"]), timeout=60)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "only one class" in e.value.details()

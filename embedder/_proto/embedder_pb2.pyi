@@ -526,6 +526,99 @@ class LearningCurveResponse(_message.Message):
     points: _containers.RepeatedCompositeFieldContainer[CurvePoint]
     def __init__(self, points: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ...) -> None: ...
 
+class SuggestRequest(_message.Message):
+    __slots__ = ("collection", "n", "strategy", "head_id", "ids", "seed")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ID_FIELD_NUMBER: _ClassVar[int]
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    n: int
+    strategy: str
+    head_id: str
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    seed: int
+    def __init__(self, collection: _Optional[str] = ..., n: _Optional[int] = ..., strategy: _Optional[str] = ..., head_id: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class Suggestion(_message.Message):
+    __slots__ = ("id", "score", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    reason: str
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class SuggestResponse(_message.Message):
+    __slots__ = ("suggestions", "strategy", "candidates", "labelled")
+    SUGGESTIONS_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    LABELLED_FIELD_NUMBER: _ClassVar[int]
+    suggestions: _containers.RepeatedCompositeFieldContainer[Suggestion]
+    strategy: str
+    candidates: int
+    labelled: int
+    def __init__(self, suggestions: _Optional[_Iterable[_Union[Suggestion, _Mapping]]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., labelled: _Optional[int] = ...) -> None: ...
+
+class LabelIssuesRequest(_message.Message):
+    __slots__ = ("collection", "limit", "labels", "folds", "near_duplicate", "seed")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    FOLDS_FIELD_NUMBER: _ClassVar[int]
+    NEAR_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    limit: int
+    labels: _containers.RepeatedScalarFieldContainer[str]
+    folds: int
+    near_duplicate: float
+    seed: int
+    def __init__(self, collection: _Optional[str] = ..., limit: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., folds: _Optional[int] = ..., near_duplicate: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class LabelIssue(_message.Message):
+    __slots__ = ("id", "label", "suggested", "score", "kind", "other")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    SUGGESTED_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    OTHER_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    label: str
+    suggested: str
+    score: float
+    kind: str
+    other: str
+    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., suggested: _Optional[str] = ..., score: _Optional[float] = ..., kind: _Optional[str] = ..., other: _Optional[str] = ...) -> None: ...
+
+class LabelIssuesResponse(_message.Message):
+    __slots__ = ("issues", "duplicates", "checked", "folds", "noise_rate", "thresholds")
+    class ThresholdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ISSUES_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    CHECKED_FIELD_NUMBER: _ClassVar[int]
+    FOLDS_FIELD_NUMBER: _ClassVar[int]
+    NOISE_RATE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
+    issues: _containers.RepeatedCompositeFieldContainer[LabelIssue]
+    duplicates: _containers.RepeatedCompositeFieldContainer[LabelIssue]
+    checked: int
+    folds: int
+    noise_rate: float
+    thresholds: _containers.ScalarMap[str, float]
+    def __init__(self, issues: _Optional[_Iterable[_Union[LabelIssue, _Mapping]]] = ..., duplicates: _Optional[_Iterable[_Union[LabelIssue, _Mapping]]] = ..., checked: _Optional[int] = ..., folds: _Optional[int] = ..., noise_rate: _Optional[float] = ..., thresholds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class FineTuneRequest(_message.Message):
     __slots__ = ("collection", "labels", "ids", "suffix", "unfreeze", "epochs", "params_json", "method")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]

@@ -106,6 +106,16 @@ class EmbedderStub:
                 request_serializer=embedder_dot_v1_dot_embedder__pb2.LearningCurveRequest.SerializeToString,
                 response_deserializer=embedder_dot_v1_dot_embedder__pb2.LearningCurveResponse.FromString,
                 _registered_method=True)
+        self.Suggest = channel.unary_unary(
+                '/embedder.v1.Embedder/Suggest',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.SuggestRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.SuggestResponse.FromString,
+                _registered_method=True)
+        self.LabelIssues = channel.unary_unary(
+                '/embedder.v1.Embedder/LabelIssues',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.LabelIssuesRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.LabelIssuesResponse.FromString,
+                _registered_method=True)
         self.FineTune = channel.unary_unary(
                 '/embedder.v1.Embedder/FineTune',
                 request_serializer=embedder_dot_v1_dot_embedder__pb2.FineTuneRequest.SerializeToString,
@@ -243,6 +253,25 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Suggest(self, request, context):
+        """Which unlabelled items to label next: the n most worth it, each with its score and reason (a head's
+        uncertainty, diversity, or cold-start representatives). Stored vectors only. Errors: NOT_FOUND (collection,
+        ids, head), FAILED_PRECONDITION (no unlabelled items; too few labels for a head), INVALID_ARGUMENT (n,
+        strategy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LabelIssues(self, request, context):
+        """Labelled items whose label looks wrong (confident learning on out-of-fold probabilities), and identical or
+        near-identical items carrying different labels. Stored vectors only. Errors: NOT_FOUND (collection),
+        FAILED_PRECONDITION (fewer than two classes of at least 3 labelled items), INVALID_ARGUMENT (limit, folds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def FineTune(self, request, context):
         """--- fine-tuning: a new backbone version from a labelled collection (runs as a job) ---
         The collection's kept images (Add keeps them unless the server runs with --no-keep-images) go through
@@ -350,6 +379,16 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.LearningCurve,
                     request_deserializer=embedder_dot_v1_dot_embedder__pb2.LearningCurveRequest.FromString,
                     response_serializer=embedder_dot_v1_dot_embedder__pb2.LearningCurveResponse.SerializeToString,
+            ),
+            'Suggest': grpc.unary_unary_rpc_method_handler(
+                    servicer.Suggest,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.SuggestRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.SuggestResponse.SerializeToString,
+            ),
+            'LabelIssues': grpc.unary_unary_rpc_method_handler(
+                    servicer.LabelIssues,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.LabelIssuesRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.LabelIssuesResponse.SerializeToString,
             ),
             'FineTune': grpc.unary_unary_rpc_method_handler(
                     servicer.FineTune,
@@ -752,6 +791,60 @@ class Embedder:
             '/embedder.v1.Embedder/LearningCurve',
             embedder_dot_v1_dot_embedder__pb2.LearningCurveRequest.SerializeToString,
             embedder_dot_v1_dot_embedder__pb2.LearningCurveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Suggest(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/Suggest',
+            embedder_dot_v1_dot_embedder__pb2.SuggestRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.SuggestResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LabelIssues(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/LabelIssues',
+            embedder_dot_v1_dot_embedder__pb2.LabelIssuesRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.LabelIssuesResponse.FromString,
             options,
             channel_credentials,
             insecure,
