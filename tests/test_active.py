@@ -8,6 +8,7 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
+import requests
 
 from classifier import InsufficientDataError, active
 from conftest import CountingModel, running_server
@@ -17,6 +18,7 @@ from embedder.config import Config
 from embedder.core import AddItem, Call, Item, Service
 from embedder.errors import Category, InvalidArgumentError, NotFoundError, PermissionDeniedError, category_of
 from embedder.keys import Principal
+from embedder.rest import HttpServer, create_app
 
 LABELLED_PER_CLASS = 8
 FLIPPED = (3, 14, 25, 36, 47, 58, 69, 80, 88)  # 9 of 90: 10% noise
@@ -246,3 +248,22 @@ def test_suggest_and_label_issues_over_grpc(counting, digit_images):
         with pytest.raises(grpc.RpcError) as e:
             stub.LabelIssues(pb.LabelIssuesRequest(collection="digits", labels=["0"]), timeout=60)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "only one class" in e.value.details()
+        _over_http(server)
+
+
+def _over_http(server) -> None:
+    """The same calls through the HTTP door over the server's service."""
+    http = HttpServer(create_app(server.service, server.config, metrics=server.metrics), server.config, port=0)
+    http.start()
+    try:
+        url = http.url + "/v1/collections/digits"
+        answer = requests.post(url + "/suggest", json={"n": 4, "strategy": "diversity"}, timeout=60)
+        assert answer.status_code == 200 and len(answer.json()["suggestions"]) == 4, answer.text
+        issues = requests.post(url + "/label-issues", json={"limit": 5}, timeout=60).json()
+        assert issues["checked"] == 18 and set(issues["thresholds"]) == {"0", "1", "7"}
+        refused = requests.post(url + "/suggest", json={"n": 5000}, timeout=60)
+        assert refused.status_code == 400 and "n must be" in refused.json()["error"]["message"]
+        missing = requests.post(http.url + "/v1/collections/ghost/label-issues", json={}, timeout=60)
+        assert missing.status_code == 404
+    finally:
+        http.stop(grace=1)

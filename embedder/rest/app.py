@@ -236,6 +236,28 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
             points = await run(service.learning_curve, collection, **body.model_dump(), call=call)
         return json_response(schema.LearningCurveResponse(points=[schema.CurvePointOut(**vars(p)) for p in points]))
 
+    @route("POST", "/collections/{collection:path}/suggest", schema.SuggestResponse, schema.SuggestRequest)
+    async def suggest(collection: str, request: Request) -> Response:
+        """The unlabelled items most worth labelling next, each with its score and reason."""
+        body, _ = await read(request, schema.SuggestRequest)
+        async with caller(request) as call:
+            result = await run(service.suggest, collection, **body.model_dump(), call=call)
+        return json_response(schema.SuggestResponse(
+            suggestions=[schema.SuggestionOut(**vars(s)) for s in result.suggestions], strategy=result.strategy,
+            candidates=result.candidates, labelled=result.labelled))
+
+    @route("POST", "/collections/{collection:path}/label-issues", schema.LabelIssuesResponse,
+           schema.LabelIssuesRequest)
+    async def label_issues(collection: str, request: Request) -> Response:
+        """Labelled items whose label looks wrong, and duplicates carrying different labels."""
+        body, _ = await read(request, schema.LabelIssuesRequest)
+        async with caller(request) as call:
+            result = await run(service.label_issues, collection, **body.model_dump(), call=call)
+        return json_response(schema.LabelIssuesResponse(
+            issues=[schema.LabelIssueOut(**vars(i)) for i in result.issues],
+            duplicates=[schema.LabelIssueOut(**vars(d)) for d in result.duplicates], checked=result.checked,
+            folds=result.folds, noise_rate=result.noise_rate, thresholds=result.thresholds))
+
     @route("POST", "/predict", schema.PredictResponse, schema.PredictRequest, schema.PredictRequest)
     async def predict(request: Request) -> Response:
         """Apply heads to images (`items` or uploaded `image` files) and stored items (`ids` of `collection`)."""
@@ -379,7 +401,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         bodies = [schema.EmbeddingsRequest, schema.EmbedRequest, schema.AddRequest, schema.GetRequest,
                   schema.IdsRequest, schema.LabelsRequest, schema.SearchRequest, schema.TrainRequest,
-                  schema.LearningCurveRequest, schema.PredictRequest, schema.FineTuneRequest]
+                  schema.LearningCurveRequest, schema.PredictRequest, schema.FineTuneRequest,
+                  schema.SuggestRequest, schema.LabelIssuesRequest]
         _, defs = models_json_schema([(m, "validation") for m in bodies],
                                      ref_template="#/components/schemas/{model}")
         components = doc.setdefault("components", {})

@@ -133,6 +133,23 @@ class LearningCurveRequest(Request):
     seed: int = 0
 
 
+class SuggestRequest(Request):
+    n: int = Field(0, description="how many to suggest; 0 means 20, at most 1000")
+    strategy: str = Field("", description="auto (default), hybrid, margin, entropy, diversity, representative")
+    head_id: str = Field("", description="score uncertainty with this head; empty: one trained on the labels")
+    ids: list[str] = Field([], description="only these items (their unlabelled ones); empty: every unlabelled one")
+    seed: int = 0
+
+
+class LabelIssuesRequest(Request):
+    limit: int = Field(0, description="most issues of each kind; 0 means 100")
+    labels: list[str] = Field([], description="only these classes; empty: every label")
+    folds: int = Field(0, description="out-of-fold folds; 0 means 5")
+    near_duplicate: float = Field(0.0, description="cosine at or above which two items are near-identical; "
+                                                   "0 means 0.995")
+    seed: int = 0
+
+
 class FineTuneRequest(Request):
     suffix: str = Field(description='the new backbone is "<parent>.<suffix>"')
     method: str = Field("", description="finetune (default) or adabn")
@@ -305,6 +322,37 @@ class CurvePointOut(BaseModel):
 
 class LearningCurveResponse(BaseModel):
     points: list[CurvePointOut]
+
+
+class SuggestionOut(BaseModel):
+    id: str
+    score: float = Field(description="higher: more worth labelling (the strategy's own scale)")
+    reason: str
+
+
+class SuggestResponse(BaseModel):
+    suggestions: list[SuggestionOut]
+    strategy: str
+    candidates: int
+    labelled: int
+
+
+class LabelIssueOut(BaseModel):
+    id: str
+    label: str
+    suggested: str
+    score: float = Field(description="in [0, 1]; higher: more likely wrong")
+    kind: str = Field(description="confident_learning, same_image or near_duplicate")
+    other: str = Field(description="a duplicate: the item carrying the other label")
+
+
+class LabelIssuesResponse(BaseModel):
+    issues: list[LabelIssueOut]
+    duplicates: list[LabelIssueOut]
+    checked: int
+    folds: int
+    noise_rate: float
+    thresholds: dict[str, float]
 
 
 class JobOut(BaseModel):
