@@ -14,6 +14,7 @@ from classifier import InsufficientDataError, active
 from conftest import CountingModel, running_server
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
+from embedder.client import EmbedderClient
 from embedder.config import Config
 from embedder.core import AddItem, Call, Item, Service
 from embedder.errors import Category, InvalidArgumentError, NotFoundError, PermissionDeniedError, category_of
@@ -249,6 +250,9 @@ def test_suggest_and_label_issues_over_grpc(counting, digit_images):
             stub.LabelIssues(pb.LabelIssuesRequest(collection="digits", labels=["0"]), timeout=60)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "only one class" in e.value.details()
         _over_http(server)
+        with EmbedderClient(server.address, timeout=60) as client:
+            assert len(client.suggest("digits", 3, strategy="entropy")["suggestions"]) == 3
+            assert client.label_issues("digits", limit=2)["checked"] == 18
 
 
 def _over_http(server) -> None:

@@ -111,6 +111,18 @@ class AsyncEmbedderClient(BaseClient):
         return await self._run(self._learning_curve(collection, head, labels, per_class, repeats, test_size, seed,
                                                     params, timeout))
 
+    async def suggest(self, collection: str, n: int = 20, *, strategy: str = "", head_id: str | None = None,
+                      ids: Sequence[str] | None = None, seed: int = 0,
+                      timeout: float | None = None) -> dict[str, Any]:
+        """See :meth:`EmbedderClient.suggest`."""
+        return await self._run(self._suggest(collection, n, strategy, head_id, ids, seed, timeout))
+
+    async def label_issues(self, collection: str, *, limit: int = 100, labels: Sequence[str] | None = None,
+                           folds: int = 5, near_duplicate: float = 0.0, seed: int = 0,
+                           timeout: float | None = None) -> dict[str, Any]:
+        """See :meth:`EmbedderClient.label_issues`."""
+        return await self._run(self._label_issues(collection, limit, labels, folds, near_duplicate, seed, timeout))
+
     async def list_heads(self) -> list[dict[str, Any]]:
         return await self._run(self._list_heads())
 

@@ -346,6 +346,26 @@ class BaseClient:
         return [CurvePoint(p.per_class, p.n_train, p.accuracy_mean, p.accuracy_std, p.ci_low, p.ci_high, p.repeats,
                            p.fit_seconds) for p in r.points]
 
+    def _suggest(self, collection: str, n: int, strategy: str, head_id: str | None, ids: Sequence[str] | None,
+                 seed: int, timeout: float | None) -> Plan[dict[str, Any]]:
+        request = pb.SuggestRequest(collection=collection, n=n, strategy=strategy, head_id=head_id or "",
+                                    ids=list(ids or ()), seed=seed)
+        r = yield Call("Suggest", request, timeout or 10 * self.timeout)
+        return {"suggestions": [{"id": s.id, "score": s.score, "reason": s.reason} for s in r.suggestions],
+                "strategy": r.strategy, "candidates": r.candidates, "labelled": r.labelled}
+
+    def _label_issues(self, collection: str, limit: int, labels: Sequence[str] | None, folds: int,
+                      near_duplicate: float, seed: int, timeout: float | None) -> Plan[dict[str, Any]]:
+        request = pb.LabelIssuesRequest(collection=collection, limit=limit, labels=list(labels or ()), folds=folds,
+                                        near_duplicate=near_duplicate, seed=seed)
+        r = yield Call("LabelIssues", request, timeout or 10 * self.timeout)
+
+        def issue(i: Any) -> dict[str, Any]:
+            return {"id": i.id, "label": i.label, "suggested": i.suggested, "score": i.score, "kind": i.kind,
+                    "other": i.other}
+        return {"issues": [issue(i) for i in r.issues], "duplicates": [issue(d) for d in r.duplicates],
+                "checked": r.checked, "folds": r.folds, "noise_rate": r.noise_rate, "thresholds": dict(r.thresholds)}
+
     def _list_heads(self) -> Plan[list[dict[str, Any]]]:
         return [head_from_pb(h) for h in (yield Call("ListHeads", pb.ListHeadsRequest())).heads]
 

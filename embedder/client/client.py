@@ -131,6 +131,20 @@ class EmbedderClient(BaseClient):
         return self._run(self._learning_curve(collection, head, labels, per_class, repeats, test_size, seed, params,
                                               timeout))
 
+    def suggest(self, collection: str, n: int = 20, *, strategy: str = "", head_id: str | None = None,
+                ids: Sequence[str] | None = None, seed: int = 0, timeout: float | None = None) -> dict[str, Any]:
+        """The ``n`` unlabelled items of ``collection`` most worth labelling next: ``{"suggestions": [{"id",
+        "score", "reason"}], "strategy", "candidates", "labelled"}``. Strategies: auto (default), hybrid, margin,
+        entropy, diversity, representative."""
+        return self._run(self._suggest(collection, n, strategy, head_id, ids, seed, timeout))
+
+    def label_issues(self, collection: str, *, limit: int = 100, labels: Sequence[str] | None = None,
+                     folds: int = 5, near_duplicate: float = 0.0, seed: int = 0,
+                     timeout: float | None = None) -> dict[str, Any]:
+        """Labelled items whose label looks wrong: ``{"issues": [...], "duplicates": [...], "checked", "folds",
+        "noise_rate", "thresholds"}``, each issue ``{"id", "label", "suggested", "score", "kind", "other"}``."""
+        return self._run(self._label_issues(collection, limit, labels, folds, near_duplicate, seed, timeout))
+
     def list_heads(self) -> list[dict[str, Any]]:
         return self._run(self._list_heads())
 
