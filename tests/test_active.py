@@ -5,6 +5,8 @@ The service tests store scikit-learn's digits (0, 1, 7) through the real model, 
 """
 from __future__ import annotations
 
+import json
+
 import grpc
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from classifier import InsufficientDataError, active
 from conftest import CountingModel, running_server
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
+from embedder.cli import main
 from embedder.client import EmbedderClient
 from embedder.config import Config
 from embedder.core import AddItem, Call, Item, Service
@@ -226,7 +229,7 @@ def test_refusals_say_what_to_do(service):
 
 # ------------------------------------------------------------------ the wire
 
-def test_suggest_and_label_issues_over_grpc(counting, digit_images):
+def test_suggest_and_label_issues_over_grpc(counting, digit_images, capsys):
     images, labels = digit_images
     with running_server(counting) as server, grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.EmbedderStub(channel)
@@ -253,6 +256,12 @@ def test_suggest_and_label_issues_over_grpc(counting, digit_images):
         with EmbedderClient(server.address, timeout=60) as client:
             assert len(client.suggest("digits", 3, strategy="entropy")["suggestions"]) == 3
             assert client.label_issues("digits", limit=2)["checked"] == 18
+        capsys.readouterr()
+        assert main(["suggest", "--collection", "digits", "-n", "3", "--server", server.address, "--json"]) == 0
+        assert len(json.loads(capsys.readouterr().out)["suggestions"]) == 3
+        assert main(["label-issues", "--collection", "digits", "--server", server.address]) == 0
+        assert capsys.readouterr().out.startswith("checked 18 labelled items (5 folds)")
+        assert main(["suggest", "--collection", "ghost", "--server", server.address]) == 2
 
 
 def _over_http(server) -> None:

@@ -14,6 +14,8 @@ token from --token or EMBEDDER_TOKEN):
     embedder train --collection pets --head logreg --param C=0.5 --head-id pets
     embedder predict --head pets new/ one.jpg --top-k 3
     embedder finetune --collection pets --suffix pets
+    embedder suggest --collection pets -n 20          # which images to label next
+    embedder label-issues --collection pets           # which labels look wrong
 
 API keys (in the data dir; a running server sees changes at once) and the cache:
     embedder keys add ci-bot --role write --collection pets      # prints the key once
@@ -38,11 +40,11 @@ from typing import Sequence
 
 from .. import __version__
 from ..errors import TABLE, Category, EmbedderError, category_of
-from . import backup, bulk, collections, demo, embed, heads, jobs, keys, models, serve
+from . import active, backup, bulk, collections, demo, embed, heads, jobs, keys, models, serve
 from .options import config_from, printable
 
 # One module per command group, each owning its parsers and handlers; in `embedder --help` order.
-COMMAND_GROUPS = (models, demo, embed, serve, bulk, collections, heads, jobs, backup, keys)
+COMMAND_GROUPS = (models, demo, embed, serve, bulk, collections, heads, active, jobs, backup, keys)
 
 # The top-level modules of the `server` extra (pyproject.toml): a command that imports one of them on a client-only
 # install is told to install the extra, not shown a traceback.
