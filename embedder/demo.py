@@ -2,9 +2,10 @@
 
 Starts the gRPC service on a free loopback port, adds a labelled image set (Fashion-MNIST when the Debian
 package is installed, else scikit-learn's digits) to a collection, trains a classifier head on the stored
-vectors, reports its hold-out metrics, predicts held-out images, runs a similarity search, and stops the
-service cleanly. Everything goes over gRPC with :class:`embedder.client.EmbedderClient`, as another service
-would. The data dir persists: a second run finds every image in the cache and runs no backbone pass.
+vectors, reports its hold-out metrics, predicts held-out images, runs a similarity search, runs one round of
+active learning (suggest 20 images to label, label them from the truth, retrain), and stops the service
+cleanly. Everything goes over gRPC with :class:`embedder.client.EmbedderClient`, as another service would.
+The data dir persists: a second run finds every image in the cache and runs no backbone pass.
 
 This module is the CLI's job: it prints its report to stdout.
 """
@@ -25,6 +26,8 @@ from .server import EmbedderServer
 log = logging.getLogger(__name__)
 
 CHUNK = 256  # images per Add call
+ACTIVE_START_PER_CLASS = 2  # labels per class the active-learning round starts from (a logreg head needs 2)
+ACTIVE_ROUND = 20  # images the round suggests and "labels"
 
 
 def run(config: Config, *, train_size: int = 5000, test_size: int = 1000, head: str = "logreg",
@@ -104,10 +107,55 @@ def _job(client: EmbedderClient, server: EmbedderServer, train: LabelledImages, 
     same = sum(h.label == test.labels[0] for h in hits)
     print(f"  {same} of {len(hits)} share its label")
 
+    # 5. an active-learning round on the stored vectors: which 20 images to label next
+    active = _active_round(client, train, test, collection)
+
     stats = client.stats()
     print(f"\nstore: {stats['items']} items in {len(stats['collections'])} collection(s), "
           f"{stats['cache_items']} more vectors cached, {stats['heads']} head(s), {stats['disk_bytes'] / 1e6:.1f} MB")
     return {"dataset": train.name, "train": len(train), "test": len(test), "added": added, "replaced": replaced,
             "cached": cached, "add_seconds": add_seconds, "head_id": head_id, "train_seconds": result["train_seconds"],
             "holdout_accuracy": metrics.get("accuracy"), "test_accuracy": correct / len(test),
-            "search_same_label": same}
+            "search_same_label": same, **active}
+
+
+def _active_round(client: EmbedderClient, train: LabelledImages, test: LabelledImages,
+                  collection: str) -> dict[str, Any]:
+    """From a few labels per class, suggest ACTIVE_ROUND images, "label" them from the truth, retrain: held-out
+    accuracy before and after. The images come from the cache: no backbone pass."""
+    pool = f"{collection}-active"
+    start = _first_per_class(train.labels, ACTIVE_START_PER_CLASS)
+    if len({train.labels[i] for i in start}) < 2 or len(train) <= len(start):
+        print("\nactive-learning round skipped: it needs two classes of two images and more images to suggest")
+        return {}
+    if pool in {c.name for c in client.stats()["collections"]}:
+        client.delete_collection(pool)  # a rerun starts from the same few labels
+    for begin in range(0, len(train), CHUNK):
+        idx = range(begin, min(begin + CHUNK, len(train)))
+        client.add(pool, [train.png(i) for i in idx], [f"train-{i}" for i in idx],
+                   labels=[train.labels[i] if i in start else None for i in idx])
+    before = _pool_accuracy(client, pool, test)
+    picked = client.suggest(pool, ACTIVE_ROUND)
+    client.set_labels(pool, {s["id"]: train.labels[int(s["id"].split("-")[1])] for s in picked["suggestions"]})
+    after = _pool_accuracy(client, pool, test)
+    print(f"\nactive learning in '{pool}': from {len(start)} labels, suggest ({picked['strategy']}) labelled "
+          f"{len(picked['suggestions'])} more; held-out accuracy {before:.1%} -> {after:.1%}")
+    for s in picked["suggestions"][:3]:
+        print(f"  {s['id']:<12} {s['reason']}")
+    return {"active_start_labels": len(start), "active_labelled": len(picked["suggestions"]),
+            "active_accuracy_before": before, "active_accuracy_after": after}
+
+
+def _first_per_class(labels: list[str], per_class: int) -> set[int]:
+    """The first ``per_class`` indices of every class that has that many."""
+    by_class: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        by_class.setdefault(label, []).append(i)
+    return {i for idx in by_class.values() if len(idx) >= per_class for i in idx[:per_class]}
+
+
+def _pool_accuracy(client: EmbedderClient, pool: str, test: LabelledImages) -> float:
+    """Train a head on the pool's labels; its accuracy on the held-out images (cached since Predict)."""
+    head_id = client.train(pool, head_id=f"{pool}-logreg")["head_id"]
+    predictions = client.predict(head_id, [test.png(i) for i in range(len(test))])
+    return sum(p.label == y for p, y in zip(predictions, test.labels)) / len(test)
