@@ -121,7 +121,8 @@ class JobRunner:
                 self._update(job, state="failed", error=str(e))
             except Exception as e:  # never let one job take the worker down
                 log.exception("job %s failed", job.job_id)
-                self._update(job, state="failed", error=f"server fault ({type(e).__name__}: {e})")
+                self._update(job, state="failed", error=f"server fault ({type(e).__name__}; the server's log has "
+                                                         "the details)")
             else:
                 self._update(job, state="finished", result=result)
             finally:

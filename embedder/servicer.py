@@ -42,7 +42,7 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     message = str(error)
     if category is Category.INTERNAL:
         log.error("server fault answering a call", exc_info=error)
-        message = f"server fault, not your input ({type(error).__name__}: {message}); retry"
+        message = f"server fault, not your input ({type(error).__name__}; the server's log has the details); retry"
     if len(message) > MAX_DETAILS:
         message = message[:MAX_DETAILS - 20] + " ... (shortened)"
     return grpc.StatusCode[TABLE[category].grpc], message

@@ -154,6 +154,25 @@ def test_an_allow_listed_key_sees_only_its_collections(server, keys):
     assert [c.name for c in rpc("Stats", pb.StatsRequest()).collections] == ["pets"]
 
 
+def test_an_allow_listed_key_cannot_see_or_replace_another_collections_heads(server, keys, digit_images):
+    images, labels = digit_images
+    with EmbedderClient(server.address, token=TOKEN, timeout=120) as admin:
+        admin.add("digits-a", images[:20] + images[30:50], [f"a{i}" for i in range(40)],
+                  labels=labels[:20] + labels[30:50])
+        admin.add("digits-b", images[:20] + images[30:50], [f"b{i}" for i in range(40)],
+                  labels=labels[:20] + labels[30:50])
+        admin.train("digits-b", head_id="b-head")
+    rpc = Rpc(server.address, new_key(keys, "write", ["digits-a"]))
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert "b-head" not in {h.head_id for h in rpc("ListHeads", pb.ListHeadsRequest()).heads}
+    assert rpc.code("Train", pb.TrainRequest(collection="digits-a", head_id="b-head")) == denied  # no overwrite
+    assert rpc.code("DeleteHead", pb.DeleteHeadRequest(head_id="b-head")) == denied
+    assert rpc.code("Predict", pb.PredictRequest(head_id="b-head", items=[pb.Item(image=images[0])])) == denied
+    assert rpc.code("Predict", pb.PredictRequest(items=[pb.Item(image=images[0])])) == grpc.StatusCode.INVALID_ARGUMENT
+    assert rpc("Train", pb.TrainRequest(collection="digits-a", head_id="a-head")).head.head_id == "a-head"
+    assert {h.head_id for h in rpc("ListHeads", pb.ListHeadsRequest()).heads} == {"a-head"}
+
+
 def test_one_key_cannot_tell_whether_another_embedded_an_image(server, keys):
     a, b = Rpc(server.address, new_key(keys, "read")), Rpc(server.address, new_key(keys, "read"))
     token = Rpc(server.address, TOKEN)

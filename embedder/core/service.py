@@ -27,8 +27,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..config import Config
-from ..errors import (InvalidArgumentError, ItemError, ItemNotFoundError, ModelMismatchError, NotFoundError,
-                      NotReadyError, PermissionDeniedError, ReplicaOnlyError, ResponseTooLargeError)
+from ..errors import (EmbedderError, InvalidArgumentError, ItemError, ItemNotFoundError, ModelMismatchError,
+                      NotFoundError, NotReadyError, PermissionDeniedError, ReplicaOnlyError, ResponseTooLargeError)
 from ..jsonrule import check_json_object, dump_stored
 from ..results import CurvePoint, DeleteResult, Hit, StoredItem, StoreStats
 from .embedding import Call, Item, Outcome, Pending, finish, submit
@@ -317,6 +317,8 @@ class Service:
 
         store = self._stateful()
         self._permit(call, WRITE, collection, adapt_to)
+        if head_id:  # replacing a head trained on another collection is that collection's business
+            self._permit_head(call, WRITE, head_id)
         found_ids, X, y = store.labelled(collection, labels=list(labels) or None, ids=list(ids) or None)
         if not found_ids:
             which = f" with label(s) {', '.join(map(repr, labels))}" if labels else ""
@@ -348,8 +350,12 @@ class Service:
         self._permit(call, READ, collection)
         self._check_count(len(items) + len(ids))
         head_ids = list(head_ids)
+        if not head_ids or not all(head_ids):
+            raise InvalidArgumentError("name the head(s) to apply: `head_id`, or `head_ids` with no empty entry")
         if len(set(head_ids)) != len(head_ids):
             raise InvalidArgumentError("a head id appears more than once in head_ids; name each head once")
+        for h in head_ids:
+            self._permit_head(call, READ, h)
         heads = [self.heads.get(h) for h in head_ids]  # NOT_FOUND before any embedding
         model_id = heads[0].model_id_
         other = next((h for h, head in zip(head_ids, heads) if head.model_id_ != model_id), None)
@@ -441,13 +447,15 @@ class Service:
                                         should_stop=self._should_stop(call))
 
     def list_heads(self, call: Call = Call()) -> list[Any]:
+        """The saved heads; a key with an allow-list sees those trained on its collections."""
         self._stateful()
         self._permit(call, READ)
-        return self.heads.list()
+        allowed = self._allowed(call)
+        return [h for h in self.heads.list() if allowed is None or _source_collection(h.source) in allowed]
 
     def delete_head(self, head_id: str, *, call: Call = Call()) -> None:
         self._stateful()
-        self._permit(call, WRITE)
+        self._permit_head(call, WRITE, head_id)
         self.heads.delete(head_id)
 
     # ------------------------------------------------------------------ jobs
@@ -469,12 +477,12 @@ class Service:
 
     def get_job(self, job_id: str, *, call: Call = Call()) -> Any:
         self._stateful()
-        self._permit(call, READ)
+        self._permit_job(call, READ, job_id)
         return self.jobs.get(job_id)
 
     def cancel_job(self, job_id: str, *, call: Call = Call()) -> Any:
         self._stateful()
-        self._permit(call, WRITE)
+        self._permit_job(call, WRITE, job_id)
         return self.jobs.cancel(job_id)
 
     # ------------------------------------------------------------------ helpers
@@ -505,6 +513,27 @@ class Service:
         if denied is not None:
             raise PermissionDeniedError(f"API key {p.key_id} may not use collection {denied!r} (not on its "
                                         "allow-list); use a key allowed that collection")
+
+    def _permit_head(self, call: Call, role: str, head_id: str) -> None:
+        """:meth:`_permit` for a saved head: a key with an allow-list may use only heads trained on its
+        collections (a head it may not see is refused like an unknown one would be: without saying which)."""
+        self._permit(call, role)
+        if self._allowed(call) is not None:
+            try:
+                source = self.heads.info(head_id).source
+            except EmbedderError:
+                return  # no such head (or a bad id): the call itself says so
+            self._permit(call, role, _source_collection(source) or f"(head {head_id!r})")
+
+    def _permit_job(self, call: Call, role: str, job_id: str) -> None:
+        """:meth:`_permit` for a job: a key with an allow-list may see jobs on its collections only."""
+        self._permit(call, role)
+        if self._allowed(call) is not None:
+            try:
+                collection = self.jobs.get(job_id).params.get("collection")
+            except EmbedderError:
+                return
+            self._permit(call, role, collection or f"(job {job_id!r})")
 
     @staticmethod
     def _allowed(call: Call) -> frozenset[str] | None:
@@ -610,3 +639,8 @@ def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
         raise
     log.info("data dir %s: %s", config.data_dir, store)
     return store, heads, jobs
+
+
+def _source_collection(source: Mapping[str, Any] | None) -> str:
+    """The collection a head was trained on ("" when it was not trained from one)."""
+    return str((source or {}).get("collection") or "")

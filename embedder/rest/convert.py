@@ -38,7 +38,7 @@ def error_body(error: BaseException) -> tuple[int, schema.ErrorBody]:
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:10])
     elif category is Category.INTERNAL:
         log.error("server fault answering an HTTP call", exc_info=error)
-        message = f"server fault, not your input ({type(error).__name__}: {error}); retry"
+        message = f"server fault, not your input ({type(error).__name__}; the server's log has the details); retry"
     else:
         message = str(error)
     return TABLE[category].http, item_error(category, message)

@@ -451,11 +451,10 @@ class Store:
             raise self._not_found(name)
         return c
 
-    def _not_found(self, name: str) -> NotFoundError:
-        names = sorted(c.name for c in self._live())
-        known = ", ".join(shown(n) for n in names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10
-                                                             else "") if names else "none yet"
-        return NotFoundError(f"no collection {shown(name)} (collections: {known})")
+    @staticmethod
+    def _not_found(name: str) -> NotFoundError:
+        # other collections' names are not listed: a key limited to some collections must not learn the rest
+        return NotFoundError(f"no collection {shown(name)}; list the collections with Stats (`embedder stats`)")
 
     def _get_or_create(self, name: str, model_id: str, dim: int, spec: IndexSpec) -> Collection:
         """The collection ``name``, created (committed, registered) if there is none."""
