@@ -143,7 +143,7 @@ class KeyStore:
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
-            return json.loads(self.path.read_text())["keys"]
+            return _checked(json.loads(self.path.read_text())["keys"])
         except FileNotFoundError:
             return {}
         except (ValueError, KeyError, TypeError) as e:
@@ -171,6 +171,20 @@ class KeyStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def _checked(keys: Any) -> dict[str, dict[str, Any]]:
+    """The key records, if every one has the shape `embedder keys add` writes; ValueError if any does not (a
+    hand-edited file must fail closed, never grant more: a string allow-list would allow its letters)."""
+    if not isinstance(keys, dict):
+        raise ValueError(f"`keys` is a {type(keys).__name__}, not an object of key records")
+    for key_id, record in keys.items():
+        collections = record.get("collections") if isinstance(record, dict) else None
+        if not (isinstance(record, dict) and isinstance(record.get("sha256"), str) and record.get("role") in ROLES
+                and (collections is None or (isinstance(collections, list)
+                                             and all(isinstance(c, str) for c in collections)))):
+            raise ValueError(f"key record {key_id[:40]!r} is malformed")
+    return keys
 
 
 class Gate:

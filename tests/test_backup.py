@@ -181,3 +181,20 @@ def test_backup_refuses_a_folder_without_a_store(tmp_path, capsys):
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
     monkeypatch.delenv("EMBEDDER_DATA_DIR", raising=False)
+
+
+def test_a_restore_keeps_the_keys_in_place_so_a_revoked_key_stays_revoked(tmp_path, capsys):
+    from embedder.keys import KeyStore
+
+    data = tmp_path / "data"
+    with Store(data) as store:
+        store.add("c", ["a"], np.eye(1, DIM, dtype=np.float32), model_id="m")
+    keys = KeyStore(data)
+    old, _ = keys.add("old", "admin", None)
+    assert main(["backup", str(tmp_path / "b"), "--data-dir", str(data)]) == 0
+    assert not (tmp_path / "b" / "keys.json").exists()  # credentials are not part of a backup
+    keys.revoke(old.key_id)
+    keys.add("new", "read", None)
+    before = (data / "keys.json").read_bytes()
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(data), "--force"]) == 0
+    assert (data / "keys.json").read_bytes() == before and oct((data / "keys.json").stat().st_mode & 0o777) == "0o600"

@@ -293,7 +293,13 @@ def test_a_damaged_key_file_refuses_every_caller(tmp_path):
     key = keys.add("bot", "admin")[1]
     gate = Gate("", keys)
     assert gate.principal(f"Bearer {key}").role == "admin"
-    (tmp_path / "keys.json").write_text("{not json")
-    with pytest.raises(UnauthenticatedError, match="unreadable"):
-        gate.principal(f"Bearer {key}")
+    good = (tmp_path / "keys.json").read_text()
+    record = json.loads(good)["keys"]
+    key_id = next(iter(record))
+    for damaged in ("{not json", '{"keys": []}', json.dumps({"keys": {key_id: {**record[key_id], "role": "root"}}}),
+                    json.dumps({"keys": {key_id: {**record[key_id], "collections": "pets"}}}),
+                    json.dumps({"keys": {key_id: {"role": "admin"}}})):  # hand edits fail closed, never open
+        (tmp_path / "keys.json").write_text(damaged)
+        with pytest.raises(UnauthenticatedError, match="unreadable"):
+            gate.principal(f"Bearer {key}")
     assert Gate("", KeyStore(tmp_path / "none")).principal(None) is None  # no token, no keys: nothing checked

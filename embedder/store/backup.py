@@ -17,7 +17,8 @@ What a running server may change during the copy, and how each is read consisten
   by renaming (a head saved again) is read through one directory handle, so its files are from the same
   version, and copied again if it goes away while being read.
 
-Not copied: ``store.lock``, SQLite's ``-wal`` / ``-shm`` / ``-journal`` files (inside the online copy),
+Not copied: ``keys.json`` (this deployment's credentials: a restore keeps the keys in place, so revoked keys
+stay revoked), ``store.lock``, SQLite's ``-wal`` / ``-shm`` / ``-journal`` files (inside the online copy),
 hidden temp files and folders of writes in progress, and recomputable caches (:data:`RECOMPUTABLE`).
 
 A restore checks every file of the backup against ``backup.json`` before it touches the data dir, takes
@@ -53,7 +54,8 @@ MANIFEST = "backup.json"
 FORMAT = 1
 DATABASE = "store.sqlite3"
 RECOMPUTABLE = ("activations.sqlite3",)  # fine-tuning's activation cache: large, and recomputed when missing
-_NEVER = ("store.lock", MANIFEST)
+# keys.json holds this deployment's credentials: a restore must not bring revoked keys back (nor drop new ones)
+_NEVER = ("store.lock", MANIFEST, "keys.json", "keys.lock")
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _COPY_CHUNK = 1 << 20
 _ATTEMPTS = 5  # copies of a folder that keeps being replaced under us
