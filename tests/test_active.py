@@ -219,6 +219,11 @@ def test_refusals_say_what_to_do(service):
         (lambda: service.label_issues("noisy", call=Call(principal=Principal("k1", "write", frozenset({"x"})))),
          PermissionDeniedError, "allow-list"),
     ]
+    service.train("noisy", head_id="noisy-head")
+    digits_only = Call(principal=Principal("k2", "write", frozenset({"digits"})))
+    refusals.append((lambda: service.suggest("digits", head_id="noisy-head", call=digits_only), PermissionDeniedError,
+                     "allow-list"))
+    assert service.suggest("digits", n=3, head_id="noisy-head").strategy == "hybrid"  # no key: any head
     for call, error, fix in refusals:
         with pytest.raises(error, match=fix):
             call()

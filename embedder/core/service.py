@@ -425,6 +425,8 @@ class Service:
         info = store.collection(collection)  # NotFoundError before any work
         labelled_ids, X_labelled, y_labelled = store.labelled(collection)
         candidates, X = self._unlabelled(store, collection, ids, set(labelled_ids))
+        if head_id:
+            self._permit_head(call, READ, head_id)
         head = self.heads.get(head_id) if head_id else None
         return active.suggest(candidates, X, X_labelled, y_labelled, n=active.DEFAULT_SUGGEST if n == 0 else n,
                               strategy=strategy or "auto", head=head, model_id=info.model_id, seed=seed,
