@@ -575,7 +575,7 @@ def test_empty_requests_are_answered_or_refused_clearly(stub, stored):
     assert list(stub.EmbedStream(iter([]), timeout=TIMEOUT)) == []
     for method, request, words in [(stub.Add, pb.AddRequest(), "`collection` is empty"),
                                    (stub.Search, pb.SearchRequest(collection=COLLECTION), "the query is empty"),
-                                   (stub.Predict, pb.PredictRequest(), "invalid head id")]:
+                                   (stub.Predict, pb.PredictRequest(), "name the head(s) to apply")]:
         _, error = call(method, request)
         assert code_of(error) == SC.INVALID_ARGUMENT and words in error.details()
     nothing = stub.Embed(pb.EmbedRequest(items=[pb.Item(id="nothing")]), timeout=TIMEOUT).results[0]
