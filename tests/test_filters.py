@@ -58,6 +58,8 @@ def test_parse_empty_is_no_filter():
     ("a == 'x' ; DROP TABLE items", "';'"),
     ("a.'b' == 1", "unexpected '.' at character 2"),
     ("a == 1e999", "not a finite number"),
+    ("a < 9223372036854775808", "64-bit integer range"),
+    ('{"a": {">": -9223372036854775809}}', "64-bit integer range"),
     ('{"a": {"like": "x%"}}', "unknown operator 'like'"),
     ('{"a": [1, 2]}', "a value must be"),
     ('{"a b": 1}', "is not a field name"),
