@@ -1,6 +1,6 @@
 """Compressed FAISS indexes (fp16 and sq8 codes, flat and HNSW, optional re-ranking) on real FAISS and SQLite.
 
-Each kind goes through the Store: add, delete, search (plain and label-filtered), restart from its snapshot,
+Each kind goes through the Store: add, delete, search (plain, label- and metadata-filtered), restart from its snapshot,
 rebuild from SQLite. Recall is checked against brute-force numpy cosine over clustered vectors; the floors
 sit below what the kinds reach here (sq8 codes ~0.97-1.0, HNSW defaults ~0.99) so they fail only on a break.
 """
@@ -83,7 +83,8 @@ def _fill(store: Store, index: str) -> tuple[np.ndarray, list[str], list[str]]:
     labels = [f"l{i % 10}" for i in range(N)]  # l3: 10% of items; HNSW answers that filter exactly
     store.create_collection("c", model_id=M, dim=DIM, index=index)
     for s in range(0, N, 1000):
-        store.add("c", ids[s:s + 1000], x[s:s + 1000], model_id=M, labels=labels[s:s + 1000])
+        store.add("c", ids[s:s + 1000], x[s:s + 1000], model_id=M, labels=labels[s:s + 1000],
+                  metadata=[{"n": i} for i in range(s, min(s + 1000, N))])
     store.delete("c", ids[::9])
     keep = [i for i in range(N) if i % 9]
     return x[keep], [ids[i] for i in keep], [labels[i] for i in keep]
@@ -97,6 +98,12 @@ def _check_recall(store: Store, x: np.ndarray, ids: list[str], labels: list[str]
         assert all(len(row) == 10 and {h.label for h in row} == {label} for row in hits)
         mine = [i for i, lab in enumerate(labels) if lab == label]
         assert recall(hit_ids(hits), exact(x[mine], [ids[i] for i in mine], q, 10)) >= RECALL_FLOOR
+    number = np.array([int(i[1:]) for i in ids])
+    for where, mine in (("n < 600", number < 600), ("n >= 1000", number >= 1000)):  # ~10% and ~80% of items
+        hits = store.search("c", q, k=10, where=where)
+        allowed = {i for i, m in zip(ids, mine) if m}
+        assert all(len(row) == 10 and {h.id for h in row} <= allowed for row in hits)
+        assert recall(hit_ids(hits), exact(x[mine], [i for i, m in zip(ids, mine) if m], q, 10)) >= RECALL_FLOOR
 
 
 @pytest.mark.parametrize("index", COMPRESSED)
