@@ -4,6 +4,8 @@ Usage::
 
     python benchmarks/bench_search.py            # 100k vectors, 1000 queries
     python benchmarks/bench_search.py --quick    # smoke test: 20k vectors, 200 queries
+    python benchmarks/bench_search.py --compressed             # compressed indexes: 100k, 1M, Fashion-MNIST
+    python benchmarks/bench_search.py --compressed 1000000 --no-fashion --specs hnsw   # one kind at one size
 
 Measured, all through :class:`embedder.store.Store` (SQLite commits, FAISS, metadata fetch included):
 
@@ -23,6 +25,15 @@ The stored vectors are synthetic, with neighbourhood structure at two scales (se
 because embedding 100k photos on a CPU takes too long for a benchmark. Uniform random vectors have no
 neighbourhoods at all, which makes any graph index look bad; their HNSW recall is reported as a worst case.
 Results go to ``benchmarks/results/bench_search.json`` (``bench_search_quick.json`` with ``--quick``).
+
+``--compressed`` measures index kinds on their own (no SQLite; :class:`embedder.index.VectorIndex`): flat and
+HNSW with float32, fp16 and sq8 codes over 100k and 1M clustered vectors (generated in chunks into a memory-mapped
+file, added 10k at a time, never all in RAM) and over the real Fashion-MNIST mobilenet_v2 features: add
+throughput, p50/p99 of single queries at k=10, recall@10 against exact search, RAM (the index serialised, and the
+process's anonymous RSS growth while building it); sq8 HNSW also with ``rerank`` from the memory-mapped float32
+file, and at 100k through the Store with ``rerank`` from SQLite. Target: 1M vectors in <= 2 GB at recall@10 >=
+0.95 and p99 <= 2 ms. Results go to ``benchmarks/results/bench_search_compressed.json``, each section merged in
+as it finishes.
 """
 from __future__ import annotations
 

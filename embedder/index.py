@@ -325,7 +325,7 @@ class VectorIndex:
     def _new_base(self, sq: faiss.ScalarQuantizer | None) -> faiss.Index:
         """An empty index of this spec whose codes use ``sq`` (trained); ``sq8`` without one stores float32."""
         qtype = CODES[self.spec.codes]
-        if qtype is not None and sq is None and self.spec.codes == "sq8":
+        if self.spec.codes == "sq8" and sq is None:
             return faiss.IndexFlatIP(self.dim)  # staging: exact until TRAIN_SIZE vectors arrive
         if self.spec.kind == "flat":
             base = faiss.IndexFlatIP(self.dim) if qtype is None else \
@@ -431,7 +431,7 @@ def _rerank(q: np.ndarray, k: int, candidates: np.ndarray,
     """The best ``k`` of each query's ``candidates`` (id -1: none) by exact cosine against their float32 vectors."""
     found = np.unique(candidates[candidates >= 0])
     x = normalized(vectors(found)) if len(found) else np.zeros((0, q.shape[1]), dtype=np.float32)
-    scores = np.full((len(q), k), -np.inf, dtype=np.float32)
+    scores = np.full((len(q), k), -np.finfo(np.float32).max, dtype=np.float32)  # as FAISS marks no hit
     ids = np.full((len(q), k), -1, dtype=np.int64)
     for r, row in enumerate(candidates):
         row = row[row >= 0]
