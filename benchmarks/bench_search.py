@@ -266,13 +266,19 @@ COMPRESSED_SPECS = ("hnsw:codes=sq8", "hnsw:codes=fp16", "flat:codes=sq8", "flat
 # there takes tens of minutes on this shared 2-core machine (the float32 graph ran on its own, --specs hnsw).
 MILLION_SPECS = ("hnsw:codes=sq8", "flat:codes=sq8", "flat:codes=fp16", "flat")
 RERANK = 40  # candidates re-scored per query in the rerank rows (4k at k=10)
+# ef_search values tried on each graph (a per-search setting: one build serves them all); at 1M the default 64
+# fell to recall@10 0.82.
+EF_SWEEP = (64, 128, 256, 512)
 SLOW_QUERIES = 100  # queries timed on flat scans at 1M (each takes ~0.1-0.3 s)
 CHUNK = 100_000  # vectors generated, added and scanned per step: 1M x 1280 float32 is 5.1 GB, never all in RAM
 RAM_TARGET_GB, P99_TARGET_MS = 2.0, 2.0
 
 
 def clustered_file(path: Path, n: int) -> np.ndarray:
-    """``n`` clustered vectors (chunk ``i`` drawn with seed ``100 + i``) in a memory-mapped ``.npy`` file."""
+    """``n`` clustered vectors (chunk ``i`` drawn with seed ``100 + i``) in a memory-mapped ``.npy`` file; one
+    already there (``--data``) is used as it is."""
+    if path.exists():
+        return np.load(path, mmap_mode="r")
     out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, DIM))
     for i, start in enumerate(range(0, n, CHUNK)):
         out[start:start + CHUNK] = clustered(min(CHUNK, n - start), seed=100 + i)
@@ -333,23 +339,29 @@ def bench_index(spec: str, x: np.ndarray, q: np.ndarray, truth: list[list[int]],
              "rss_delta_bytes_per_vector": round(ram / len(x), 1),
              "ram_gb_per_million": round(max(ram, size) / len(x) * 1e6 / 1e9, 2)}
     rows = {spec: {**time_queries(index, q[:queries], truth), **built}}
+    graph = index.spec.kind == "hnsw"
+    for ef in EF_SWEEP[1:] if graph else ():
+        rows[f"{spec},ef_search={ef}"] = time_queries(index, q[:queries], truth, ef_search=ef)
     if spec == "hnsw:codes=sq8":
         # The same graph re-ranking: rerank is a collection setting, so the spec is swapped rather than rebuilt.
         index.spec = IndexSpec.parse(f"{spec},rerank={RERANK}")
-        rows[f"{spec},rerank={RERANK}"] = {**time_queries(index, q[:queries], truth, vectors=lambda ids: x[ids]),
-                                                 "rerank_from": "memory-mapped float32 file"}
+        for ef in EF_SWEEP:
+            name = f"{spec},rerank={RERANK}" + (f",ef_search={ef}" if ef != EF_SWEEP[0] else "")
+            rows[name] = {**time_queries(index, q[:queries], truth, vectors=lambda ids: x[ids], ef_search=ef),
+                          "rerank_from": "memory-mapped float32 file"}
     for name, row in rows.items():
         log.info("%s: %s", name, row)
     return rows
 
 
 def time_queries(index: VectorIndex, q: np.ndarray, truth: list[list[int]],
-                 vectors: Callable[[np.ndarray], np.ndarray] | None = None) -> dict[str, Any]:
+                 vectors: Callable[[np.ndarray], np.ndarray] | None = None,
+                 ef_search: int | None = None) -> dict[str, Any]:
     """p50/p99 of single queries at k=10 and their recall@10."""
-    index.search(q[:5], K, vectors=vectors)  # warm-up
+    index.search(q[:5], K, vectors=vectors, ef_search=ef_search)  # warm-up
     lat, found = [], []
     for row in q:
-        t, (_, ids) = timed(lambda: index.search(row[None], K, vectors=vectors))
+        t, (_, ids) = timed(lambda: index.search(row[None], K, vectors=vectors, ef_search=ef_search))
         lat.append(t)
         found.append(ids[0].tolist())
     return {"p50_ms": ms(lat, 0.5), "p99_ms": ms(lat, 0.99), "queries": len(lat), "recall_at_10": recall(found, truth)}
@@ -406,14 +418,15 @@ def save_compressed(out_name: str, name: str, section: dict[str, Any]) -> None:
 
 
 def bench_compressed(out: str, root: Path, sizes: list[int], n_queries: int, fashion: bool,
-                     specs: tuple[str, ...] | None) -> None:
+                     specs: tuple[str, ...] | None, data: Path | None) -> None:
     """The --compressed sections: synthetic sizes, then (``fashion``) the real Fashion-MNIST features.
 
-    ``specs``: the index kinds to measure (default: COMPRESSED_SPECS, MILLION_SPECS at 1M).
+    ``specs``: the index kinds to measure (default: COMPRESSED_SPECS, MILLION_SPECS at 1M). ``data``: a folder
+    where the synthetic vectors are kept between runs (default: generated in ``root`` and removed).
     """
     q = clustered(n_queries, seed=1)
     for n in sizes:
-        x = clustered_file(root / f"x{n}.npy", n)
+        x = clustered_file((data or root) / f"x{n}.npy", n)
         section = bench_compressed_set(out, f"synthetic_{n}", x, q,
                                        specs or (MILLION_SPECS if n >= 1_000_000 else COMPRESSED_SPECS))
         if n <= CHUNK and specs is None:
@@ -421,7 +434,7 @@ def bench_compressed(out: str, root: Path, sizes: list[int], n_queries: int, fas
         section["vectors"] = "synthetic clustered (see clustered), L2-normalised, generated in chunks of 100k"
         save_compressed(out, f"synthetic_{n}", section)
         del x
-        (root / f"x{n}.npy").unlink()
+        (root / f"x{n}.npy").unlink(missing_ok=True)
     if fashion:
         from bench_train import fashion_features
 
@@ -467,6 +480,8 @@ def main() -> None:
                         help="only the compressed-index section, over N synthetic vectors (default: 100000 1000000; "
                              "20000 with --quick), then the Fashion-MNIST features; into bench_search_compressed.json")
     parser.add_argument("--no-fashion", action="store_true", help="with --compressed: skip Fashion-MNIST")
+    parser.add_argument("--data", type=Path, help="with --compressed: keep the synthetic vectors in this folder "
+                                                  "and reuse them in later runs (5.1 GB at 1M)")
     parser.add_argument("--specs", help="with --compressed: only these index specs, separated by ';' "
                                         "(rows measured before for other specs stay in the JSON)")
     args = parser.parse_args()
@@ -478,8 +493,9 @@ def main() -> None:
     if args.compressed is not None:
         out = "bench_search_compressed_quick" if args.quick else "bench_search_compressed"
         try:
+            specs = tuple(args.specs.split(";")) if args.specs else None
             bench_compressed(out, root, args.compressed or ([20_000] if args.quick else [CHUNK, 1_000_000]),
-                             n_queries, not args.no_fashion, tuple(args.specs.split(";")) if args.specs else None)
+                             n_queries, not args.no_fashion, specs, args.data)
         finally:
             shutil.rmtree(root, ignore_errors=True)
         print(f"wrote {RESULTS_DIR / out}.json")
