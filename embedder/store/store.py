@@ -266,7 +266,7 @@ class Store:
         return [found.get(i) for i in ids]
 
     def labelled(self, collection: str, *, labels: Sequence[str] | None = None, ids: Sequence[str] | None = None,
-                 where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+                 where: filters.Where = None) -> tuple[list[str], np.ndarray, list[str]]:
         """A training set from a collection: ``(ids, vectors (N, dim), labels)`` of its labelled items.
 
         ``labels`` keeps only those classes; ``ids`` only those items (each must exist and carry a label,
@@ -323,7 +323,7 @@ class Store:
         return [found.get(i) for i in ids]
 
     def vectors(self, collection: str, *,
-                where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray]:
+                where: filters.Where = None) -> tuple[list[str], np.ndarray]:
         """Every item of a collection (only those whose metadata passes ``where``), labelled or not:
         ``(ids, vectors (N, dim))`` in insertion order."""
         condition, params = self._condition(where)
@@ -337,15 +337,15 @@ class Store:
     def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
                model_id: str | None = None, ef_search: int | None = None,
                only: AbstractSet[str] | None = None,
-               where: str | Mapping[str, Any] | None = None) -> list[list[Hit]]:
+               where: filters.Where = None) -> list[list[Hit]]:
         """The ``k`` most similar stored items to each of the ``(Q, dim)`` queries, best first, per query.
 
         ``collection=None`` searches every collection of ``model_id`` (which may be left out while all
         collections share one model). ``label`` keeps only items with that label, ``where`` only items whose
         metadata passes that filter (:mod:`embedder.filters`); either way ``k`` hits come back whenever ``k``
         items match. ``ef_search`` overrides an HNSW collection's setting for this call. A collection of another
-        model or dim raises :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a search without
-        ``collection`` to those collections (a caller's allow-list).
+        model or dim raises :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a
+        search without ``collection`` to those collections (a caller's allow-list).
         """
         q = check_vectors(queries, name="queries")
         k = check_k(k)
@@ -360,7 +360,7 @@ class Store:
 
     def search_by_id(self, collection: str, item_id: str, *, k: int = 10, label: str | None = None,
                      exclude_self: bool = True, ef_search: int | None = None,
-                     where: str | Mapping[str, Any] | None = None) -> list[Hit]:
+                     where: filters.Where = None) -> list[Hit]:
         """The ``k`` items of ``collection`` most similar to its stored item ``item_id`` (without itself); ``label``
         and ``where`` as in :meth:`search`."""
         (item_id,) = check_ids([item_id])
@@ -555,7 +555,7 @@ class Store:
                 for r, row in enumerate(best)]
 
     @staticmethod
-    def _condition(where: str | Mapping[str, Any] | None) -> tuple[str, list]:
+    def _condition(where: filters.Where) -> tuple[str, list]:
         """``where`` parsed and compiled to an SQL condition on ``items`` and its parameters; ``("1", [])`` for
         no filter. InvalidArgumentError names the part of a bad filter."""
         f = filters.parse(where)
