@@ -439,9 +439,10 @@ class Service:
         if head_id:
             self._permit_head(call, READ, head_id)
         head = self.heads.get(head_id) if head_id else None
-        return active.suggest(candidates, X, X_labelled, y_labelled, n=active.DEFAULT_SUGGEST if n == 0 else n,
-                              strategy=strategy or "auto", head=head, model_id=info.model_id, seed=seed,
-                              should_stop=self._should_stop(call))
+        with self.heads.turn(self._should_stop(call), "suggestion"):  # it may train a head: not alongside others
+            return active.suggest(candidates, X, X_labelled, y_labelled,
+                                  n=active.DEFAULT_SUGGEST if n == 0 else n, strategy=strategy or "auto", head=head,
+                                  model_id=info.model_id, seed=seed, should_stop=self._should_stop(call))
 
     def label_issues(self, collection: str, *, limit: int = 0, labels: Sequence[str] = (), folds: int = 0,
                      near_duplicate: float = 0.0, seed: int = 0, where: filters.Where = None,
@@ -456,10 +457,11 @@ class Service:
         self._permit(call, WRITE, collection)  # trains one head per fold
         ids, X, y = store.labelled(collection, labels=list(labels) or None, where=where)
         sha256s = [s.sha256 if s is not None else None for s in store.get(collection, ids)] if ids else []
-        return active.find_label_issues(ids, X, y, sha256s, limit=limit or active.DEFAULT_ISSUES,
-                                        folds=folds or active.DEFAULT_FOLDS,
-                                        near_duplicate=near_duplicate or active.DEFAULT_NEAR_DUPLICATE, seed=seed,
-                                        should_stop=self._should_stop(call))
+        with self.heads.turn(self._should_stop(call), "label check"):  # one head per fold: in turn with trainings
+            return active.find_label_issues(ids, X, y, sha256s, limit=limit or active.DEFAULT_ISSUES,
+                                            folds=folds or active.DEFAULT_FOLDS,
+                                            near_duplicate=near_duplicate or active.DEFAULT_NEAR_DUPLICATE,
+                                            seed=seed, should_stop=self._should_stop(call))
 
     def list_heads(self, call: Call = Call()) -> list[Any]:
         """The saved heads; a key with an allow-list sees those trained on its collections."""
