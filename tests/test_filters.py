@@ -237,6 +237,23 @@ def test_training_and_candidate_selection(store):
         store.labelled("flat", ids=["item0"], where="g == 0")
 
 
+def test_pre_selection_reads_only_the_metadata_index(tmp_path):
+    """The rows hold vectors in overflow pages; the filter must be answered from items_metadata (schema version 5,
+    added to a version 4 store on open)."""
+    with Store(tmp_path) as s:
+        s.add("c", ["a"], unit(1, D), model_id=M, metadata=[{"g": 1}])
+    with sqlite3.connect(tmp_path / "store.sqlite3") as db:
+        db.execute("DROP INDEX items_metadata")
+        db.execute("PRAGMA user_version = 4")
+    with Store(tmp_path) as s:
+        assert [h.id for h in s.search("c", unit(1, D), where="g == 1")[0]] == ["a"]
+    sql, params = where_sql(filters.parse("g == 1 and exists(h)"))
+    with sqlite3.connect(tmp_path / "store.sqlite3") as db:
+        plan = db.execute(f"EXPLAIN QUERY PLAN SELECT fid FROM items WHERE cid = ? AND 1 AND {sql}",
+                          [1, *params]).fetchall()
+    assert "COVERING INDEX items_metadata" in plan[0][3]
+
+
 @pytest.mark.parametrize("where", ["g ==", "g == 'x') OR 1=1 --", {"g": {"$regex": "."}}, 7])
 def test_bad_filter_is_invalid_argument(store, where):
     with pytest.raises(InvalidArgumentError, match="where"):
