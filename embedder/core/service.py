@@ -448,9 +448,9 @@ class Service:
                      near_duplicate: float = 0.0, seed: int = 0, where: filters.Where = None,
                      call: Call = Call()) -> Any:
         """Labelled items of ``collection`` (only ``labels``' classes, and items passing ``where``, when given) whose
-        label looks wrong, by
-        confident learning on out-of-fold probabilities, and identical or near-identical items with different
-        labels (a :class:`classifier.active.LabelIssuesResult`). Reads stored vectors only: no backbone pass."""
+        label looks wrong, by confident learning on out-of-fold probabilities, and identical or near-identical items
+        with different labels (a :class:`classifier.active.LabelIssuesResult`). Reads stored vectors only: no
+        backbone pass."""
         from classifier import active
 
         store = self._stateful()
