@@ -27,8 +27,8 @@ _SQL_OP = dict(zip(COMPARISONS, ("=", "<>", "<", "<=", ">", ">=")))
 _KINDS = {"number": "('integer', 'real')", "string": "('text')"}
 _TYPE = "ifnull(json_type(metadata, ?), '')"  # '' for a missing field, so IN (...) is 0, not NULL
 _NUMBER = "json_extract(metadata, ?)"
-# the whole string even with a NUL in it; only strings json.dumps wrote a \u0000 into pay for the Python call
-_TEXT = "CASE WHEN instr(metadata -> ?, '\\u0000') THEN json_string(metadata -> ?) ELSE json_extract(metadata, ?) END"
+# the whole string even with a NUL in it; only metadata json.dumps wrote a \u0000 into pays for the Python call
+_TEXT = "CASE WHEN instr(metadata, '\\u0000') THEN json_string(metadata -> ?) ELSE json_extract(metadata, ?) END"
 
 
 def where_sql(f: Filter) -> tuple[str, list]:
@@ -90,4 +90,4 @@ def _value(k: str) -> str:
 
 
 def _value_params(k: str, path: str) -> list:
-    return [path] if k == "number" else [path, path, path]
+    return [path] if k == "number" else [path, path]
