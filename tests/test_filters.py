@@ -249,9 +249,31 @@ def test_pre_selection_reads_only_the_metadata_index(tmp_path):
         assert [h.id for h in s.search("c", unit(1, D), where="g == 1")[0]] == ["a"]
     sql, params = where_sql(filters.parse("g == 1 and exists(h)"))
     with sqlite3.connect(tmp_path / "store.sqlite3") as db:
-        plan = db.execute(f"EXPLAIN QUERY PLAN SELECT fid FROM items WHERE cid = ? AND 1 AND {sql}",
+        plan = db.execute(f"EXPLAIN QUERY PLAN SELECT fid FROM items WHERE cid = ? AND {sql}",
                           [1, *params]).fetchall()
     assert "COVERING INDEX items_metadata" in plan[0][3]
+
+
+def test_a_repeated_filter_sees_every_write(tmp_path):
+    """Selections are reused while the collection is unchanged; adds, replacements, deletes and labels show at once."""
+    q = unit(1, D, seed=6)
+
+    def found(**kw) -> set[str]:
+        return {h.id for h in s.search("c", q, k=50, **kw)[0]}
+
+    with Store(tmp_path) as s:
+        s.add("c", ["a", "b"], unit(2, D), model_id=M, metadata=[{"g": 1}, {"g": 2}])
+        assert found(where="g == 1") == {"a"}
+        s.add("c", ["c"], unit(1, D, seed=7), model_id=M, metadata=[{"g": 1}])
+        assert found(where="g == 1") == {"a", "c"}
+        s.add("c", ["a"], unit(1, D), model_id=M, metadata=[{"g": 2}])  # replaced: no longer passes
+        assert found(where="g == 1") == {"c"} and found(where="g == 1.0") == {"c"}
+        s.delete("c", ["c"])
+        assert found(where="g == 1") == set() and found(where="g == 2") == {"a", "b"}
+        s.set_labels("c", {"b": "x"})
+        assert found(where="g == 2", label="x") == {"b"}
+        s.set_labels("c", {"b": None, "a": "x"})
+        assert found(where="g == 2", label="x") == {"a"}
 
 
 @pytest.mark.parametrize("where", ["g ==", "g == 'x') OR 1=1 --", {"g": {"$regex": "."}}, 7])
