@@ -288,14 +288,16 @@ class Service:
         return SearchResult(hits, bound.model_id, cached)
 
     def stats(self, call: Call = Call()) -> tuple[StoreStats, int]:
-        """The store's statistics and the number of saved heads; an allow-listed caller sees its collections."""
+        """The store's statistics and the number of saved heads. A caller with an allow-list sees its collections
+        and their heads only, and the shared figures (cache rows, disk bytes) as 0: they would tell it how much
+        other keys use the service."""
         store = self._stateful()
         self._permit(call, READ)
         stats, allowed = store.stats(), self._allowed(call)
         if allowed is not None:
             shown = [c for c in stats.collections if c.name in allowed]
-            stats = replace(stats, collections=shown, items=sum(c.count for c in shown))
-        return stats, len(self.heads.list())
+            stats = replace(stats, collections=shown, items=sum(c.count for c in shown), cache_items=0, disk_bytes=0)
+        return stats, len(self.list_heads(call))
 
     def forget(self, sha256s: Sequence[str], *, call: Call = Call()) -> int:
         """Delete cached vectors of images (by sha256, every model); returns how many cache rows went. A key
