@@ -59,8 +59,8 @@ class Selections:
 
     Keyed by ``(cid, generation, condition)``: every add and delete moves the collection's generation on, so an
     entry never outlives the metadata it was computed from (labels are not in it: set_labels keeps the generation).
-    A repeated filter then skips the metadata scan, ~1.5 ms per 1,000 items (benchmarks/bench_search.py
-    --filters). The least recently used entries go once all hold more than ``max_ids`` ids. Not thread-safe: the
+    A repeated filter then skips the metadata scan, ~1.3-1.8 ms per 1,000 items on a busy 2-core machine
+    (benchmarks/bench_search.py --filters). The least recently used entries go once all hold more than ``max_ids`` ids. Not thread-safe: the
     store uses it under its SQLite mutex.
     """
 
