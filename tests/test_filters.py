@@ -3,8 +3,8 @@ property test, hostile text, and filtered search on real FAISS + SQLite (k hits 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,7 +104,7 @@ TREES = st.recursive(LEAVES, lambda inner: st.one_of(
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory) -> sqlite3.Connection:
+def db(tmp_path_factory):
     """The store's own connection (with the functions it registers), and a table of just metadata."""
     conn = connect(tmp_path_factory.mktemp("where") / "store.sqlite3")
     conn.execute("CREATE TABLE t (fid INTEGER PRIMARY KEY, metadata TEXT NOT NULL)")
@@ -389,7 +389,7 @@ def test_cli_round_trip(doors, capsys, monkeypatch):
     from embedder.cli import main
 
     server, _, _ = doors
-    for key in [k for k in __import__("os").environ if k.startswith("EMBEDDER_")]:
+    for key in [k for k in os.environ if k.startswith("EMBEDDER_")]:
         monkeypatch.delenv(key)
     where = 'camera == "a" or exif.iso >= 1000'
     code = main(["search", "--id", "p1", "--collection", "photos", "-k", "12", "--where", where, "--json",
