@@ -3,7 +3,7 @@ machine and the tests, or a Milvus server / cluster by URI (with a token) for sc
 can point at the same Milvus: there is no single store node.
 
 One Milvus collection per collection, named ``emb_<sha256 of the name>`` (our names are any text; Milvus's are
-identifiers). Its schema description holds the binding as JSON (``name``, ``model_id``, ``dim``, ``index``,
+identifiers). Its property ``embedder.binding`` holds the binding as JSON (``name``, ``model_id``, ``dim``, ``index``,
 ``created``), so every replica reads the same catalog from Milvus itself. Fields: ``id`` (the primary key),
 ``vector`` (cosine metric: FLAT for ``flat``, HNSW for ``hnsw``), ``seq`` (insertion order, for ties and
 listings), ``sha256``, ``label``, ``metadata`` (JSON), ``kinds`` (JSON: the kind of every value a filter can
@@ -29,9 +29,10 @@ import json
 import logging
 import threading
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AbstractSet, Iterable, Sequence
+from typing import AbstractSet, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
@@ -52,6 +53,8 @@ _IMAGES = "emb_images"  # kept images of every collection, by sha256
 _BATCH_BYTES = 4 << 20  # rows per upsert: well under gRPC's message limit
 _IMAGE_CHUNK = 48 * 1024  # raw bytes per image row: base64 of it fits Milvus's VARCHAR limit (65,535)
 _QUERY_ROWS = 1000  # ids per query expression, rows per iterator batch
+_RESULT_WINDOW = 16384  # rows one query may return (Milvus's default maxQueryResultWindow)
+_BINDING = "embedder.binding"  # the collection property holding the binding as JSON
 _NOT_FOUND = 100  # Milvus's code for "collection does not exist"
 _FIELDS = ["id", "seq", "sha256", "label", "metadata", "created", "updated"]
 
@@ -133,6 +136,7 @@ class MilvusCollections:
         self._bindings: dict[str, _Binding] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()  # guards the two above, _seq and _closed
+        self._flush_lock = threading.Lock()  # milvus-lite fails a drop that races a flush of the same collection
         self._seq = 0
         self._closed = False
         try:
@@ -156,7 +160,8 @@ class MilvusCollections:
     def delete_collection(self, name: str) -> None:
         b = self._binding(name)
         shas = {r["sha256"] for r in self._scan(b, "sha256 != \"\"", ["sha256"])}
-        self._client.drop_collection(b.milvus_name)
+        with self._flush_lock:
+            self._client.drop_collection(b.milvus_name)
         with self._lock:
             self._bindings.pop(name, None)
             self._loaded.discard(b.milvus_name)
@@ -249,9 +254,11 @@ class MilvusCollections:
             params: dict[str, Any] = {"metric_type": "COSINE"}
             if b.spec.kind == "hnsw":
                 params["params"] = {"ef": max(ef_search or b.spec.ef_search, k)}
-            result = self._call(b, lambda b=b: self._client.search(
-                b.milvus_name, data=q.tolist(), limit=k, filter=" and ".join(parts), search_params=params,
-                output_fields=["seq", "label", "metadata"], anns_field="vector"))
+            result = []
+            with nullcontext() if collection is not None else _gone_is_skipped():
+                result = self._call(b, lambda b=b: self._client.search(
+                    b.milvus_name, data=q.tolist(), limit=k, filter=" and ".join(parts), search_params=params,
+                    output_fields=["seq", "label", "metadata"], anns_field="vector"))
             for row, hits in zip(found, result):
                 row += [(float(h["distance"]), h["entity"]["seq"],
                          Hit(h["id"], float(h["distance"]), b.name, h["entity"]["label"],
@@ -267,10 +274,11 @@ class MilvusCollections:
                 continue
             for start in range(0, len(rest), _QUERY_ROWS):
                 chunk = rest[start:start + _QUERY_ROWS]
-                for r in self._call(b, lambda: self._client.query(
-                        b.milvus_name, filter=f"sha256 in [{', '.join(map(quote, chunk))}]",
-                        output_fields=["sha256", "vector"], limit=len(chunk) * 16)):
-                    found.setdefault(r["sha256"], _vector(r["vector"]))
+                with _gone_is_skipped():
+                    for r in self._call(b, lambda: self._client.query(
+                            b.milvus_name, filter=f"sha256 in [{', '.join(map(quote, chunk))}]",
+                            output_fields=["sha256", "vector"], limit=len(chunk) * 16)):
+                        found.setdefault(r["sha256"], _vector(r["vector"]))
         return found
 
     def disk_bytes(self) -> int:
@@ -284,7 +292,8 @@ class MilvusCollections:
     def save(self) -> None:
         """Flush every collection's growing segment to storage (recovery then replays less log)."""
         for b in self._all():
-            self._call(b, lambda: self._client.flush(b.milvus_name))
+            with self._flush_lock, _gone_is_skipped():
+                self._call(b, lambda: self._client.flush(b.milvus_name))
 
     def close(self) -> None:
         with self._lock:
@@ -307,11 +316,11 @@ class MilvusCollections:
     def _call(self, b: _Binding, fn):  # noqa: ANN001, ANN202 - a pymilvus call on ``b``'s collection
         """Run ``fn`` with ``b`` loaded; Milvus's "no such collection" (another replica deleted it) is NotFound."""
         self._check_open()
-        if b.milvus_name not in self._loaded:
-            self._client.load_collection(b.milvus_name)  # a no-op when loaded; after a restart it is not
-            with self._lock:
-                self._loaded.add(b.milvus_name)
         try:
+            if b.milvus_name not in self._loaded:
+                self._client.load_collection(b.milvus_name)  # a no-op when loaded; after a restart it is not
+                with self._lock:
+                    self._loaded.add(b.milvus_name)
             return fn()
         except MilvusException as e:
             if e.code == _NOT_FOUND:
@@ -335,7 +344,7 @@ class MilvusCollections:
 
     def _describe(self, milvus_name: str) -> _Binding | None:
         try:
-            meta = json.loads(self._client.describe_collection(milvus_name)["description"])
+            meta = json.loads(self._client.describe_collection(milvus_name)["properties"][_BINDING])
         except MilvusException as e:
             if e.code == _NOT_FOUND:  # dropped meanwhile
                 return None
@@ -363,8 +372,7 @@ class MilvusCollections:
         spec.check_caps()
         created = time.time()
         milvus_name = _milvus_name(name)
-        schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False, description=json.dumps(
-            {"name": name, "model_id": model_id, "dim": dim, "index": str(spec), "created": created}))
+        schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=4096)  # 1,024 characters of UTF-8
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
         schema.add_field("seq", DataType.INT64)
@@ -383,14 +391,23 @@ class MilvusCollections:
         log.info("creating collection %r in Milvus as %s (model %s, dim %d, index %s)", name, milvus_name, model_id,
                  dim, spec)
         try:
-            self._client.create_collection(milvus_name, schema=schema, index_params=index, consistency_level="Strong")
+            self._create(milvus_name, schema, index, {_BINDING: json.dumps(
+                {"name": name, "model_id": model_id, "dim": dim, "index": str(spec), "created": created})})
         except MilvusException:
             if not self._client.has_collection(milvus_name):
                 raise
             # another replica created it meanwhile: its binding is the one that counts
+        return self._binding(name)
+
+    def _create(self, milvus_name: str, schema: Any, index: Any, properties: dict[str, str] | None = None) -> None:
+        """Create, index and load a collection. The index is built without waiting on it (an empty collection's
+        is ready at once; pymilvus's wait asks for a timestamp service milvus-lite lacks, and sleeps 0.5 s)."""
+        self._client.create_collection(milvus_name, schema=schema, consistency_level="Strong",
+                                       properties=properties or {})
+        self._client.create_index(milvus_name, index, sync=False)
+        self._client.load_collection(milvus_name)
         with self._lock:
             self._loaded.add(milvus_name)
-        return self._binding(name)
 
     def _targets(self, collection: str | None, model_id: str | None, dim: int,
                  only: AbstractSet[str] | None) -> list[_Binding]:
@@ -425,7 +442,15 @@ class MilvusCollections:
         return [dict(r) for r in rows]
 
     def _scan(self, b: _Binding, expr: str, fields: list[str]) -> list[dict[str, Any]]:
-        """Every row matching ``expr`` (any order), read in batches."""
+        """Every row matching ``expr`` (any order): in one query up to Milvus's result window, else by iterator
+        (which milvus-lite serves, logging that it has no timestamp service)."""
+        count = self._call(b, lambda: self._client.query(b.milvus_name, filter=expr,
+                                                         output_fields=["count(*)"]))[0]["count(*)"]
+        if count == 0:
+            return []
+        if count <= _RESULT_WINDOW:
+            return [dict(r) for r in self._call(b, lambda: self._client.query(
+                b.milvus_name, filter=expr, output_fields=fields, limit=count))]
         it = self._call(b, lambda: self._client.query_iterator(b.milvus_name, batch_size=_QUERY_ROWS, filter=expr,
                                                                output_fields=fields))
         rows: list[dict[str, Any]] = []
@@ -463,7 +488,7 @@ class MilvusCollections:
         index = self._client.prepare_index_params()
         index.add_index("vector", index_type="FLAT", metric_type="L2")
         try:
-            self._client.create_collection(_IMAGES, schema=schema, index_params=index, consistency_level="Strong")
+            self._create(_IMAGES, schema, index)
         except MilvusException:
             if not self._client.has_collection(_IMAGES):
                 raise
@@ -482,16 +507,12 @@ class MilvusCollections:
         """The kept images of ``shas`` that are stored (with ``keys_only``, their values are empty)."""
         chunks: dict[str, list[tuple[int, str]]] = {}
         shas = sorted(shas)
-        for start in range(0, len(shas), 64):
-            part = shas[start:start + 64]
-            it = self._client.query_iterator(_IMAGES, batch_size=64, filter=f"sha256 in [{', '.join(map(quote, part))}]",
-                                             output_fields=["key", "sha256"] + ([] if keys_only else ["data"]))
-            try:
-                while batch := it.next():
-                    for r in batch:
-                        chunks.setdefault(r["sha256"], []).append((int(r["key"].rsplit(":", 1)[1]), r.get("data", "")))
-            finally:
-                it.close()
+        for start in range(0, len(shas), 8):  # 8 images of up to 2,048 chunks (96 MB) fit the result window
+            part = shas[start:start + 8]
+            for r in self._client.query(_IMAGES, filter=f"sha256 in [{', '.join(map(quote, part))}]",
+                                        output_fields=["key", "sha256"] + ([] if keys_only else ["data"]),
+                                        limit=_RESULT_WINDOW):
+                chunks.setdefault(r["sha256"], []).append((int(r["key"].rsplit(":", 1)[1]), r.get("data", "")))
         return {sha: b"".join(base64.b64decode(d) for _, d in sorted(parts)) for sha, parts in chunks.items()}
 
     def _drop_orphan_images(self, shas: set[str]) -> None:
@@ -503,9 +524,19 @@ class MilvusCollections:
             if not shas:
                 return
             expr = f"sha256 in [{', '.join(map(quote, sorted(shas)))}]"
-            shas -= {r["sha256"] for r in self._scan(b, expr, ["sha256"])}
+            with _gone_is_skipped():
+                shas -= {r["sha256"] for r in self._scan(b, expr, ["sha256"])}
         for sha in shas:
             self._client.delete(_IMAGES, filter=f"sha256 == {quote(sha)}")
+
+
+@contextmanager
+def _gone_is_skipped() -> Iterator[None]:
+    """For loops over every collection: one deleted (here or by another replica) since it was listed is skipped."""
+    try:
+        yield
+    except NotFoundError:
+        pass
 
 
 def _milvus_name(name: str) -> str:
