@@ -61,16 +61,14 @@ def test_filters_compile_to_milvus_with_the_meaning_of_matches(store):
     ids = [f"m{i}" for i in range(len(METADATA))]
     labels = ["x" if i % 2 else None for i in range(len(METADATA))]
     store.add("c", ids, unit(len(ids), 8), model_id=M, metadata=METADATA, labels=labels)
-    backend = store._backend  # the facade threads `where` in with the store-filters change
     for text in FILTERS:
         tree = parse(text)
-        want = {i for i, m in zip(ids, METADATA) if matches(tree, m)}
-        hits = backend.search("c", unit(1, 8, seed=1), len(ids), None, None, None, None, where=tree)[0]
-        assert {h.id for h in hits} == want, (text, to_milvus_expression(tree))
-        got, _, labs = backend.training_rows("c", None, where=tree)
-        assert got == [i for i, lab in zip(ids, labels) if i in want and lab is not None], describe(tree)
-    assert {h.id for h in backend.search("c", unit(1, 8), 8, "x", None, None, None, where=parse("year >= 2020"))[0]} \
-        == {"m3"}  # with a label as well
+        want = [i for i, m in zip(ids, METADATA) if matches(tree, m)]
+        assert {h.id for h in store.search("c", unit(1, 8, seed=1), k=len(ids), where=text)[0]} == set(want), \
+            (text, to_milvus_expression(tree))
+        assert store.vectors("c", where=text)[0] == want, describe(tree)
+        assert store.labelled("c", where=text)[0] == [i for i, lab in zip(ids, labels) if i in want and lab]
+    assert {h.id for h in store.search("c", unit(1, 8), k=8, label="x", where="year >= 2020")[0]} == {"m3"}
 
 
 def test_quoting_keeps_caller_text_inside_its_literal(store):
@@ -85,10 +83,9 @@ def test_quoting_keeps_caller_text_inside_its_literal(store):
 def test_kinds_guard_what_milvus_alone_would_get_wrong(store):
     store.add("c", ["num", "bool", "null", "none"], unit(4, 4), model_id=M,
               metadata=[{"v": 1}, {"v": True}, {"v": None}, {}])
-    backend = store._backend
 
     def ids(text: str) -> set[str]:
-        return {h.id for h in backend.search("c", unit(1, 4), 4, None, None, None, None, where=parse(text))[0]}
+        return {h.id for h in store.search("c", unit(1, 4), k=4, where=text)[0]}
 
     assert ids("v == 1") == {"num"}  # Milvus alone: 1 == true
     assert ids("exists(v)") == {"num", "bool", "null"}  # Milvus alone: a null does not exist

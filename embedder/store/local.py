@@ -35,6 +35,7 @@ from .indexes import Collection, Snapshots, insert_collection
 from .integrity import ITEM_COLUMNS, corrupted, item_crc, item_ok
 from .sqlite import blob, chunked_execute, chunked_query, drop_orphan_images, matrix, transaction, vector
 from .validation import missing_message, shown
+from .where import where_sql
 
 _CLOSED = "the store is closed (the server is shutting down); retry on a running instance"
 
@@ -162,14 +163,13 @@ class LocalCollections:
                       where: Filter | None = None) -> tuple[list[str], np.ndarray, list[str | None]]:
         """``(ids, vectors, labels)`` in insertion order: of the labelled items, or of the ``chosen`` ones that exist
         (labelled or not; the facade names the missing and unlabelled ones)."""
-        if where is not None:
-            raise InvalidArgumentError("metadata filters (where) on this store come with the store-filters change")
+        condition, params = _condition(where)
         with self._locked(self._get(collection)) as c:
             with self._db_lock:
                 db = self._conn()
                 if chosen is None:
                     rows = db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? AND label IS NOT NULL "
-                                      "ORDER BY fid", (c.cid,)).fetchall()
+                                      f"AND {condition} ORDER BY fid", (c.cid, *params)).fetchall()
                 else:
                     rows = sorted(chunked_query(db, f"SELECT {ITEM_COLUMNS}, fid FROM items "
                                                     "WHERE cid = ? AND item_id IN ({})", [c.cid], chosen),
@@ -189,25 +189,25 @@ class LocalCollections:
         found = {item_id: data for item_id, _, data in rows}
         return [found.get(i) for i in ids]
 
-    def vectors(self, collection: str) -> tuple[list[str], np.ndarray]:
-        """Every item of a collection, labelled or not: ``(ids, vectors (N, dim))`` in insertion order."""
+    def vectors(self, collection: str, where: Filter | None = None) -> tuple[list[str], np.ndarray]:
+        """Every item of a collection (whose metadata passes ``where``): ``(ids, vectors)`` in insertion order."""
+        condition, params = _condition(where)
         with self._locked(self._get(collection)) as c:
             with self._db_lock:
-                rows = self._conn().execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? ORDER BY fid",
-                                            (c.cid,)).fetchall()
+                rows = self._conn().execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? AND {condition} "
+                                            "ORDER BY fid", (c.cid, *params)).fetchall()
         self._check_items(c, rows)
         return [r[0] for r in rows], matrix([r[4] for r in rows], c.dim)
 
     def search(self, collection: str | None, q: np.ndarray, k: int, label: str | None, model_id: str | None,
                ef_search: int | None, only: AbstractSet[str] | None,
                where: Filter | None = None) -> list[list[Hit]]:
-        if where is not None:
-            raise InvalidArgumentError("metadata filters (where) on this store come with the store-filters change")
+        condition = _condition(where)
         targets = self._targets(collection, model_id, q.shape[1], only)
         with ExitStack() as locks:
             for c in sorted(targets, key=lambda c: c.cid):  # in cid order, as close takes them
                 locks.enter_context(self._locked(c) if collection is not None else c.lock.read())
-            return self._search([c for c in targets if not c.deleted], q, k, label, ef_search)
+            return self._search([c for c in targets if not c.deleted], q, k, label, condition, ef_search)
 
     def collection(self, name: str) -> CollectionInfo:
         return self._info(self._get(name))
@@ -325,15 +325,20 @@ class LocalCollections:
         return targets
 
     def _search(self, targets: list[Collection], q: np.ndarray, k: int, label: str | None,
-                ef_search: int | None) -> list[list[Hit]]:
-        """Search each target's index, then merge: best score first (ties in insertion order), ``k`` per query."""
+                condition: tuple[str, list], ef_search: int | None) -> list[list[Hit]]:
+        """Search each target's index, then merge: best score first (ties in insertion order), ``k`` per query.
+
+        A label or metadata filter selects its items' ids in SQLite first, and the index searches only those
+        (:meth:`embedder.index.VectorIndex.search`: exact where the selection is small)."""
         parts = []
         for c in targets:
             allowed = None
-            if label is not None:
+            if label is not None or condition[0] != "1":
+                by_label, labels = ("label = ?", [label]) if label is not None else ("1", [])
                 with self._db_lock:
                     allowed = np.fromiter((f for (f,) in self._conn().execute(
-                        "SELECT fid FROM items WHERE cid = ? AND label = ?", (c.cid, label))), dtype=np.int64)
+                        f"SELECT fid FROM items WHERE cid = ? AND {by_label} AND {condition[0]}",
+                        [c.cid, *labels, *condition[1]])), dtype=np.int64)
                 if not len(allowed):
                     continue
             scores, fids = c.index.search(q, k, allowed=allowed, ef_search=ef_search)
@@ -362,6 +367,11 @@ class LocalCollections:
         labels = {lab: n for lab, n in counts if lab is not None}
         return CollectionInfo(c.name, c.model_id, c.dim, str(c.spec), count=sum(n for _, n in counts), labels=labels,
                               unlabeled=sum(n for lab, n in counts if lab is None), created=c.created)
+
+
+def _condition(where: Filter | None) -> tuple[str, list]:
+    """``where`` compiled to an SQL condition on ``items`` and its parameters; ``("1", [])`` for no filter."""
+    return ("1", []) if where is None else where_sql(where)
 
 
 def _metadata(text: str, item_id: str) -> dict[str, Any]:

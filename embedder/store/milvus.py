@@ -43,6 +43,7 @@ from ..filters import And, Compare, Exists, Filter, In, Not, Or, kind
 from ..index import IndexSpec
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem
 from .backend import check_binding, pick_model
+from .rwlock import RWLock
 from .validation import missing_message, shown
 
 log = logging.getLogger(__name__)
@@ -136,7 +137,9 @@ class MilvusCollections:
         self._bindings: dict[str, _Binding] = {}
         self._loaded: set[str] = set()
         self._lock = threading.Lock()  # guards the two above, _seq and _closed
-        self._flush_lock = threading.Lock()  # milvus-lite fails a drop that races a flush of the same collection
+        # milvus-lite loses a delete, or fails a drop, that races a flush: writes share this lock, flushes and
+        # drops take it alone (in this process; a cluster orders them itself)
+        self._flush_lock = RWLock()
         self._seq = 0
         self._closed = False
         try:
@@ -160,7 +163,7 @@ class MilvusCollections:
     def delete_collection(self, name: str) -> None:
         b = self._binding(name)
         shas = {r["sha256"] for r in self._scan(b, "sha256 != \"\"", ["sha256"])}
-        with self._flush_lock:
+        with self._flush_lock.write():
             self._client.drop_collection(b.milvus_name)
         with self._lock:
             self._bindings.pop(name, None)
@@ -195,7 +198,8 @@ class MilvusCollections:
         b = self._binding(name)
         found = {r["id"]: r["sha256"] for r in self._rows(b, ids, ["id", "sha256"])}
         for start in range(0, len(found), _QUERY_ROWS):
-            self._client.delete(b.milvus_name, filter=_ids_in(list(found)[start:start + _QUERY_ROWS]))
+            with self._flush_lock.read():
+                self._client.delete(b.milvus_name, filter=_ids_in(list(found)[start:start + _QUERY_ROWS]))
         self._drop_orphan_images(set(found.values()))
         return DeleteResult(name, deleted=len(found), missing=[i for i in ids if i not in found])
 
@@ -238,9 +242,10 @@ class MilvusCollections:
         data = self._get_images(set(shas.values()))
         return [data.get(shas.get(i, "")) for i in ids]
 
-    def vectors(self, name: str) -> tuple[list[str], np.ndarray]:
+    def vectors(self, name: str, where: Filter | None = None) -> tuple[list[str], np.ndarray]:
         b = self._binding(name)
-        rows = sorted(self._scan(b, "", ["id", "seq", "vector"]), key=lambda r: r["seq"])
+        expr = "" if where is None else to_milvus_expression(where)
+        rows = sorted(self._scan(b, expr, ["id", "seq", "vector"]), key=lambda r: r["seq"])
         return [r["id"] for r in rows], _matrix([r["vector"] for r in rows], b.dim)
 
     def search(self, collection: str | None, q: np.ndarray, k: int, label: str | None, model_id: str | None,
@@ -292,7 +297,7 @@ class MilvusCollections:
     def save(self) -> None:
         """Flush every collection's growing segment to storage (recovery then replays less log)."""
         for b in self._all():
-            with self._flush_lock, _gone_is_skipped():
+            with self._flush_lock.write(), _gone_is_skipped():
                 self._call(b, lambda: self._client.flush(b.milvus_name))
 
     def close(self) -> None:
@@ -465,7 +470,8 @@ class MilvusCollections:
         self._check_open()
         step = max(1, _BATCH_BYTES // row_bytes)
         for start in range(0, len(rows), step):
-            self._client.upsert(milvus_name, rows[start:start + step])
+            with self._flush_lock.read():
+                self._client.upsert(milvus_name, rows[start:start + step])
 
     def _next_seq(self, n: int) -> int:
         """The first of ``n`` insertion-order numbers: increasing in this process, near the clock across replicas."""
@@ -527,7 +533,8 @@ class MilvusCollections:
             with _gone_is_skipped():
                 shas -= {r["sha256"] for r in self._scan(b, expr, ["sha256"])}
         for sha in shas:
-            self._client.delete(_IMAGES, filter=f"sha256 == {quote(sha)}")
+            with self._flush_lock.read():
+                self._client.delete(_IMAGES, filter=f"sha256 == {quote(sha)}")
 
 
 @contextmanager

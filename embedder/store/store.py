@@ -19,6 +19,7 @@ from typing import AbstractSet, Any, Mapping, Sequence
 
 import numpy as np
 
+from .. import filters
 from ..config import Config, parse_store_uri
 from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreLockedError
 from ..index import IndexSpec
@@ -191,16 +192,20 @@ class Store:
         """The stored items, in the order of ``ids``; None where an id is not in the collection."""
         return self._backend.get(collection, check_ids(ids))
 
-    def labelled(self, collection: str, *, labels: Sequence[str] | None = None,
-                 ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    def labelled(self, collection: str, *, labels: Sequence[str] | None = None, ids: Sequence[str] | None = None,
+                 where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
         """A training set from a collection: ``(ids, vectors (N, dim), labels)`` of its labelled items.
 
         ``labels`` keeps only those classes; ``ids`` only those items (each must exist and carry a label,
-        else :class:`NotFoundError` / ValueError naming them). Items come in insertion order.
+        else :class:`NotFoundError` / ValueError naming them); ``where`` only items whose metadata passes that
+        filter (:mod:`embedder.filters`; not with ``ids``). Items come in insertion order.
         """
         wanted = None if labels is None else [check_label(lab) for lab in check_list(labels, "labels")]
         chosen = None if ids is None else check_ids(ids)
-        found, x, labs = self._backend.training_rows(collection, chosen)
+        f = filters.parse(where)
+        if chosen is not None and f is not None:
+            raise InvalidArgumentError("choose the items by ids or by where, not both")
+        found, x, labs = self._backend.training_rows(collection, chosen, f)
         if chosen is not None:
             have = set(found)
             missing = [i for i in chosen if i not in have]
@@ -225,34 +230,40 @@ class Store:
         :class:`DataLossError`."""
         return self._backend.images(collection, check_ids(ids))
 
-    def vectors(self, collection: str) -> tuple[list[str], np.ndarray]:
-        """Every item of a collection, labelled or not: ``(ids, vectors (N, dim))`` in insertion order."""
-        return self._backend.vectors(collection)
+    def vectors(self, collection: str, *,
+                where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray]:
+        """Every item of a collection (only those whose metadata passes ``where``), labelled or not:
+        ``(ids, vectors (N, dim))`` in insertion order."""
+        return self._backend.vectors(collection, filters.parse(where))
 
     def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
                model_id: str | None = None, ef_search: int | None = None,
-               only: AbstractSet[str] | None = None) -> list[list[Hit]]:
+               only: AbstractSet[str] | None = None,
+               where: str | Mapping[str, Any] | None = None) -> list[list[Hit]]:
         """The ``k`` most similar stored items to each of the ``(Q, dim)`` queries, best first, per query.
 
         ``collection=None`` searches every collection of ``model_id`` (which may be left out while all
-        collections share one model). ``label`` keeps only items with that label; ``ef_search`` overrides an
-        HNSW collection's setting for this call. A collection of another model or dim raises
-        :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a search without
+        collections share one model). ``label`` keeps only items with that label, ``where`` only items whose
+        metadata passes that filter (:mod:`embedder.filters`); either way ``k`` hits come back whenever ``k``
+        items match. ``ef_search`` overrides an HNSW collection's setting for this call. A collection of another
+        model or dim raises :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a search without
         ``collection`` to those collections (a caller's allow-list).
         """
         q = check_vectors(queries, name="queries")
-        return self._backend.search(collection, q, check_k(k), check_label(label), model_id, check_ef(ef_search),
-                                    only)
+        k, label, ef_search, f = check_k(k), check_label(label), check_ef(ef_search), filters.parse(where)
+        return self._backend.search(collection, q, k, label, model_id, ef_search, only, f)
 
     def search_by_id(self, collection: str, item_id: str, *, k: int = 10, label: str | None = None,
-                     exclude_self: bool = True, ef_search: int | None = None) -> list[Hit]:
-        """The ``k`` items of ``collection`` most similar to its stored item ``item_id`` (without itself)."""
+                     exclude_self: bool = True, ef_search: int | None = None,
+                     where: str | Mapping[str, Any] | None = None) -> list[Hit]:
+        """The ``k`` items of ``collection`` most similar to its stored item ``item_id`` (without itself); ``label``
+        and ``where`` as in :meth:`search`."""
         (item_id,) = check_ids([item_id])
-        k, label, ef_search = check_k(k), check_label(label), check_ef(ef_search)
+        k, label, ef_search, f = check_k(k), check_label(label), check_ef(ef_search), filters.parse(where)
         item = self._backend.get(collection, [item_id])[0]
         if item is None:
             raise NotFoundError(missing_message([item_id], collection))
-        hits = self._backend.search(collection, item.vector[None], k + exclude_self, label, None, ef_search, None)[0]
+        hits = self._backend.search(collection, item.vector[None], k + exclude_self, label, None, ef_search, None, f)[0]
         return [h for h in hits if not (exclude_self and h.id == item_id)][:k]
 
     def collection(self, name: str) -> CollectionInfo:
