@@ -80,7 +80,7 @@ class Config:
 
     # --- store ---
     data_dir: Path = Path("embedder-data")  # SQLite metadata, FAISS snapshots, heads
-    store: str = ""  # collections: "" FAISS + SQLite in data_dir; milvus:///abs/path.db milvus-lite; http(s)://host:port Milvus
+    store: str = ""  # collections: "" FAISS + SQLite in data_dir, milvus:///abs/path.db, or http(s)://host:port
     store_token: str = ""  # a Milvus server's token ("user:password" or an API key)
     cache_max_items: int = 1_000_000  # cached vectors outside any collection, LRU-evicted beyond this
     cache_max_age_seconds: float = 0.0  # cached vectors older than this are misses and deleted; 0 = kept until evicted

@@ -41,7 +41,8 @@ FILTERS = [
     "not exists(tag)", "exif.iso == 800", 'exif.iso == "800"', "exists(exif.lens)", "not exif.iso >= 100",
     "not year >= 2020", '(camera == "a" or camera == "b") and not exists(tag)', "nested.deep.x == 1",
     'camera == "quo\\"te\\\\"', 'camera == "b\\nc"', 'camera == "ü-ß"', "ok < true", "not ok > false",
-    '{"camera": "a", "year": {">=": 2000}}', '{"$or": [{"tag": "cat"}, {"iso": {"<": 0}}], "reviewed": {"exists": false}}',
+    '{"camera": "a", "year": {">=": 2000}}',
+    '{"$or": [{"tag": "cat"}, {"iso": {"<": 0}}], "reviewed": {"exists": false}}',
     'camera == "a\\" or true or \\"" or year == 1999', "year != 2020 or not exists(year)",
 ]
 

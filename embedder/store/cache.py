@@ -4,10 +4,10 @@ Rows carry a logical ``last_used`` clock (an exact LRU order, immune to clock ju
 ``cache_max_items`` the least recently used rows are evicted. Adding an item with a sha256 moves its cache
 row into the item (:meth:`EmbeddingCache.promote`), so members are never evicted and no vector is stored
 twice; the store's lookup checks the cache, then collection items of the same model (the backend's
-``members``; with Milvus the local ``items`` table is empty, so members are cached too and age out by LRU). Lookups only read: the recency
-they produce is written with the next put or at close (a crash loses only some LRU order). A row that fails
-its checksum (:mod:`.integrity`) is a miss, logged as an ERROR; a damaged cache row is deleted with the next
-write, so the next put stores the recomputed vector.
+``members``; with Milvus the local ``items`` table is empty, so members are cached too and age out by LRU).
+Lookups only read: the recency they produce is written with the next put or at close (a crash loses only
+some LRU order). A row that fails its checksum (:mod:`.integrity`) is a miss, logged as an ERROR; a damaged
+cache row is deleted with the next write, so the next put stores the recomputed vector.
 
 Privacy between API keys: each row has an ``owner`` (the key whose call embedded it; ``""`` is shared: the
 library, the server's ``--token``, or every key with ``cache_shared``), and a lookup sees only its owner's rows

@@ -39,7 +39,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
 from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreUnavailableError
-from ..filters import And, Compare, Exists, Filter, In, Not, Or, kind
+from ..filters import And, Exists, Filter, In, Not, Or, kind
 from ..index import IndexSpec
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem
 from .backend import check_binding, pick_model
