@@ -36,7 +36,7 @@ from typing import AbstractSet, Any, Iterable, Iterator, Sequence
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
-from pymilvus.exceptions import MilvusException
+from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
 from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreUnavailableError
 from ..filters import And, Exists, Filter, In, Not, Or, kind
@@ -146,9 +146,7 @@ class MilvusCollections:
             self._client = MilvusClient(uri=lite_path or uri, token=token, timeout=30)
             self._ensure_images()
         except MilvusException as e:
-            raise StoreUnavailableError(f"cannot reach Milvus at {uri}: {e.message if hasattr(e, 'message') else e}; "
-                                        "check that it runs and listens there, the port, TLS (https://) and "
-                                        "--store-token / EMBEDDER_STORE_TOKEN") from None
+            raise _unavailable(uri, e) from None
 
     # --- catalog ---
 
@@ -190,7 +188,7 @@ class MilvusCollections:
                  "metadata": json.loads(meta), "kinds": kinds_of(json.loads(meta)),
                  "created": old[item_id]["created"] if item_id in old else now, "updated": now}
                 for j, (item_id, vec, sha, label, meta) in enumerate(zip(ids, x.tolist(), shas, labels, metas))]
-        self._upsert(b.milvus_name, rows, row_bytes=4 * b.dim + 256)
+        self._upsert(b, rows)
         self._drop_orphan_images({r["sha256"] for r in old.values()} - set(shas))
         return AddResult(name, added=len(ids) - len(old), replaced=len(old))
 
@@ -198,8 +196,9 @@ class MilvusCollections:
         b = self._binding(name)
         found = {r["id"]: r["sha256"] for r in self._rows(b, ids, ["id", "sha256"])}
         for start in range(0, len(found), _QUERY_ROWS):
+            chunk = list(found)[start:start + _QUERY_ROWS]
             with self._flush_lock.read():
-                self._client.delete(b.milvus_name, filter=_ids_in(list(found)[start:start + _QUERY_ROWS]))
+                self._call(b, lambda: self._client.delete(b.milvus_name, filter=_ids_in(chunk)))
         self._drop_orphan_images(set(found.values()))
         return DeleteResult(name, deleted=len(found), missing=[i for i in ids if i not in found])
 
@@ -213,7 +212,7 @@ class MilvusCollections:
         now = time.time()
         for r in rows:
             r["label"], r["updated"] = labels[r["id"]], now
-        self._upsert(b.milvus_name, rows, row_bytes=4 * b.dim + 256)
+        self._upsert(b, rows)
         return len(labels)
 
     # --- reads ---
@@ -327,6 +326,8 @@ class MilvusCollections:
                 with self._lock:
                     self._loaded.add(b.milvus_name)
             return fn()
+        except MilvusUnavailableException as e:
+            raise _unavailable(self.uri, e) from None
         except MilvusException as e:
             if e.code == _NOT_FOUND:
                 with self._lock:
@@ -466,12 +467,13 @@ class MilvusCollections:
             it.close()
         return rows
 
-    def _upsert(self, milvus_name: str, rows: list[dict[str, Any]], row_bytes: int) -> None:
-        self._check_open()
+    def _upsert(self, b: _Binding, rows: list[dict[str, Any]]) -> None:
+        """Upsert in batches of about _BATCH_BYTES (metadata can be most of a row)."""
+        row_bytes = 4 * b.dim + 512 + max(len(json.dumps(r["metadata"])) * 2 for r in rows)
         step = max(1, _BATCH_BYTES // row_bytes)
         for start in range(0, len(rows), step):
             with self._flush_lock.read():
-                self._client.upsert(milvus_name, rows[start:start + step])
+                self._call(b, lambda: self._client.upsert(b.milvus_name, rows[start:start + step]))
 
     def _next_seq(self, n: int) -> int:
         """The first of ``n`` insertion-order numbers: increasing in this process, near the clock across replicas."""
@@ -507,7 +509,10 @@ class MilvusCollections:
                  "vector": [0.0, 0.0]}
                 for sha, data in images.items() if sha not in have
                 for j, at in enumerate(range(0, max(len(data), 1), _IMAGE_CHUNK))]
-        self._upsert(_IMAGES, rows, row_bytes=_IMAGE_CHUNK * 4 // 3 + 200)
+        step = _BATCH_BYTES // (_IMAGE_CHUNK * 4 // 3 + 200)
+        for start in range(0, len(rows), step):
+            with self._flush_lock.read():
+                self._client.upsert(_IMAGES, rows[start:start + step])
 
     def _get_images(self, shas: Iterable[str], keys_only: bool = False) -> dict[str, bytes]:
         """The kept images of ``shas`` that are stored (with ``keys_only``, their values are empty)."""
@@ -552,6 +557,12 @@ def _milvus_name(name: str) -> str:
 
 def _ids_in(ids: Sequence[str]) -> str:
     return f"id in [{', '.join(map(quote, ids))}]"
+
+
+def _unavailable(uri: str, e: MilvusException) -> StoreUnavailableError:
+    return StoreUnavailableError(f"cannot reach Milvus at {uri} ({getattr(e, 'message', e)}); check that it runs "
+                                 "and listens there, the port, TLS (https://) and --store-token / "
+                                 "EMBEDDER_STORE_TOKEN")
 
 
 def _not_found(name: str) -> NotFoundError:
