@@ -102,9 +102,12 @@ def test_delete_removes_items_and_reports_missing_ids(store):
 
 
 def test_set_labels_is_all_or_nothing(store):
-    store.add("c", ["a", "b"], unit(2, 8), model_id=M, labels=["x", "x"])
+    x = unit(2, 8)
+    store.add("c", ["a", "b"], x, model_id=M, labels=["x", "x"], metadata=[{"m": 1}, None])
     assert store.set_labels("c", {"a": "y", "b": None}) == 2
-    assert [i.label for i in store.get("c", ["a", "b"])] == ["y", None]
+    a, b = store.get("c", ["a", "b"])
+    assert [a.label, b.label] == ["y", None] and a.metadata == {"m": 1}  # the rest of the item stays
+    np.testing.assert_array_equal(np.stack([a.vector, b.vector]), x)
     with pytest.raises(NotFoundError, match="'ghost'"):
         store.set_labels("c", {"a": "z", "ghost": "z"})
     assert store.get("c", ["a"])[0].label == "y"

@@ -5,6 +5,7 @@ The behaviour both backends share is tested in tests/test_store.py, parametrized
 """
 from __future__ import annotations
 
+import json
 import os
 import queue
 import signal
@@ -14,10 +15,14 @@ import threading
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from test_filters import HOSTILE, TREES
+from test_filters import METADATA as RANDOM_METADATA
 
 from embedder.config import Config
 from embedder.errors import InvalidArgumentError, ModelMismatchError, StoreUnavailableError
-from embedder.filters import describe, matches, parse
+from embedder.filters import Compare, Exists, Not, describe, matches, parse
 from embedder.store import Store
 from embedder.store.milvus import quote, to_milvus_expression
 
@@ -220,3 +225,34 @@ def test_the_service_runs_on_milvus_lite(tmp_path, cache_dir, embedder, photo_ar
     with Store(tmp_path / "data", backend=f"milvus://{tmp_path}/m.db") as store:  # it all lives in Milvus
         assert store.collection("crops").labels == {"down": 12, "up": 12}
         assert store.images("crops", ["c3"]) == [images[3]]  # kept images too
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory):
+    """One milvus-lite collection that each example refills: filters are compiled, not looked up."""
+    root = tmp_path_factory.mktemp("milvus-filters")
+    with Store(root / "data", backend=f"milvus://{root}/m.db") as s:
+        yield s
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(TREES, st.lists(RANDOM_METADATA, min_size=1, max_size=8))
+@example(Not(Compare(("a",), "==", 1)), [{}, {"a": True}, {"a": 1.0}, {"a": "1"}, {"a": None}])
+@example(Exists(("a", "b")), [{"a": {"b": None}}, {"a": {"c": 1}}, {"a": [{"b": 1}]}, {"a": None}])
+def test_milvus_expression_agrees_with_matches(filtered, f, rows):
+    ids = [f"r{i}" for i in range(len(rows))]
+    filtered.add("t", ids, unit(len(rows), 4), model_id=M, metadata=rows)
+    filtered.delete("t", [f"r{i}" for i in range(len(rows), 8)])
+    assert filtered._backend.vectors("t", f)[0] == [i for i, m in zip(ids, rows) if matches(f, m)], \
+        to_milvus_expression(f)
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_hostile_values_match_literally_in_milvus(filtered, text):
+    rows = [{"a": text}, {"a": text + "!"}, {"a": "other"}, {"b": text}]
+    filtered.add("h", [f"h{i}" for i in range(4)], unit(4, 4), model_id=M, metadata=rows)
+    for where in ({"a": text}, f"a == {json.dumps(text)}", {"a": {"in": [text, "nothing"]}}, {"a": {">=": text}}):
+        f = parse(where)
+        assert filtered.vectors("h", where=where)[0] == [f"h{i}" for i, m in enumerate(rows) if matches(f, m)]
+    assert filtered.vectors("h", where={"a": text})[0] == ["h0"] and filtered.collection("h").count == 4
