@@ -1,5 +1,7 @@
 """The Milvus backend on real milvus-lite: filters against their reference meaning, kill -9 mid-add, a restart,
-the ``--store`` setting's errors, and the whole service (``embedder serve --store milvus:///...``) under a client.
+the ``--store`` setting's errors, two replicas on one Milvus server (milvus-lite's gRPC server in its own process,
+reached by ``http://`` as a cluster is), and the whole service (``embedder serve --store milvus:///...``) under a
+client.
 
 The behaviour both backends share is tested in tests/test_store.py, parametrized over both.
 """
@@ -9,9 +11,11 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -21,7 +25,7 @@ from test_filters import HOSTILE, TREES
 from test_filters import METADATA as RANDOM_METADATA
 
 from embedder.config import Config
-from embedder.errors import InvalidArgumentError, ModelMismatchError, StoreUnavailableError
+from embedder.errors import InvalidArgumentError, ModelMismatchError, NotFoundError, StoreUnavailableError
 from embedder.filters import Compare, Exists, Not, describe, matches, parse
 from embedder.store import Store
 from embedder.store.milvus import quote, to_milvus_expression
@@ -256,3 +260,46 @@ def test_hostile_values_match_literally_in_milvus(filtered, text):
         f = parse(where)
         assert filtered.vectors("h", where=where)[0] == [f"h{i}" for i, m in enumerate(rows) if matches(f, m)]
     assert filtered.vectors("h", where={"a": text})[0] == ["h0"] and filtered.collection("h").count == 4
+
+
+@pytest.fixture
+def milvus_server(tmp_path):
+    """A Milvus server on a loopback port (milvus-lite's gRPC server, in its own process): what `--store
+    http://host:port` replicas share."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "milvus"),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the Milvus server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_replicas_share_one_milvus_with_no_store_node(tmp_path, milvus_server):
+    """Two replicas (each its own data dir: cache, heads, keys) on one Milvus server see one set of collections."""
+    x = unit(40, 8)
+    with Store(tmp_path / "a", backend=milvus_server) as a, Store(tmp_path / "b", backend=milvus_server) as b:
+        a.add("shared", [f"i{j}" for j in range(20)], x[:20], model_id=M, labels=["l"] * 20)
+        assert [c.name for c in b.list_collections()] == ["shared"]
+        assert b.search("shared", x[3:4], k=1)[0][0].id == "i3"  # a's adds, acknowledged, are b's to read
+        b.add("shared", [f"i{j}" for j in range(20, 40)], x[20:], model_id=M)
+        assert a.search("shared", x[30:31], k=1)[0][0].id == "i30" and a.collection("shared").count == 40
+        with pytest.raises(ModelMismatchError):
+            b.add("shared", ["z"], x[:1], model_id="other@1")  # the binding a created holds for b too
+        b.set_labels("shared", {"i1": "changed"})
+        assert a.get("shared", ["i1"])[0].label == "changed"
+        a.delete_collection("shared")
+        with pytest.raises(NotFoundError):
+            b.search("shared", x[:1], k=1)
+        assert b.search(None, x[:1], k=1) == [[]]
