@@ -35,7 +35,7 @@ from .indexes import Collection, Snapshots, insert_collection
 from .integrity import ITEM_COLUMNS, corrupted, item_crc, item_ok
 from .sqlite import blob, chunked_execute, chunked_query, drop_orphan_images, matrix, transaction, vector
 from .validation import missing_message, shown
-from .where import where_sql
+from .where import Selections, where_sql
 
 _CLOSED = "the store is closed (the server is shutting down); retry on a running instance"
 
@@ -52,6 +52,7 @@ class LocalCollections:
         self._snapshots = Snapshots(data_dir / "snapshots")
         self._catalog = threading.Lock()  # guards _collections and _closing
         self._closing = False
+        self._selections = Selections()  # under db_lock
         self._collections: dict[str, Collection] = self._snapshots.open_all(conn(), self._database)
 
     # --- writes ---
@@ -332,15 +333,14 @@ class LocalCollections:
         (:meth:`embedder.index.VectorIndex.search`: exact where the selection is small)."""
         parts = []
         for c in targets:
-            allowed = None
-            if label is not None or condition[0] != "1":
-                by_label, labels = ("label = ?", [label]) if label is not None else ("1", [])
+            allowed = None if condition[0] == "1" else self._selected(c, condition)
+            if label is not None:
                 with self._db_lock:
-                    allowed = np.fromiter((f for (f,) in self._conn().execute(
-                        f"SELECT fid FROM items WHERE cid = ? AND {by_label} AND {condition[0]}",
-                        [c.cid, *labels, *condition[1]])), dtype=np.int64)
-                if not len(allowed):
-                    continue
+                    labelled = np.fromiter((f for (f,) in self._conn().execute(
+                        "SELECT fid FROM items WHERE cid = ? AND label = ?", (c.cid, label))), dtype=np.int64)
+                allowed = labelled if allowed is None else np.intersect1d(allowed, labelled, assume_unique=True)
+            if allowed is not None and not len(allowed):
+                continue
             scores, fids = c.index.search(q, k, allowed=allowed, ef_search=ef_search)
             parts.append((scores, fids, c))
         if not parts:
@@ -359,6 +359,18 @@ class LocalCollections:
         return [[Hit(rows[int(fids[r, j])][0], float(scores[r, j]), owners[j].name, rows[int(fids[r, j])][2],
                      _metadata(rows[int(fids[r, j])][3], rows[int(fids[r, j])][0])) for j in row]
                 for r, row in enumerate(best)]
+
+    def _selected(self, c: Collection, condition: tuple[str, list]) -> np.ndarray:
+        """The ids of ``c``'s items that pass ``condition``; the caller holds ``c``'s lock (its generation holds)."""
+        key = Selections.key(c.cid, c.generation, condition)
+        with self._db_lock:
+            fids = self._selections.get(key)
+            if fids is None:
+                fids = np.fromiter((f for (f,) in self._conn().execute(
+                    f"SELECT fid FROM items WHERE cid = ? AND {condition[0]}", [c.cid, *condition[1]])),
+                    dtype=np.int64)
+                self._selections.put(key, fids)
+        return fids
 
     def _info(self, c: Collection) -> CollectionInfo:
         with self._db_lock:

@@ -193,7 +193,7 @@ class Store:
         return self._backend.get(collection, check_ids(ids))
 
     def labelled(self, collection: str, *, labels: Sequence[str] | None = None, ids: Sequence[str] | None = None,
-                 where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+                 where: filters.Where = None) -> tuple[list[str], np.ndarray, list[str]]:
         """A training set from a collection: ``(ids, vectors (N, dim), labels)`` of its labelled items.
 
         ``labels`` keeps only those classes; ``ids`` only those items (each must exist and carry a label,
@@ -231,7 +231,7 @@ class Store:
         return self._backend.images(collection, check_ids(ids))
 
     def vectors(self, collection: str, *,
-                where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray]:
+                where: filters.Where = None) -> tuple[list[str], np.ndarray]:
         """Every item of a collection (only those whose metadata passes ``where``), labelled or not:
         ``(ids, vectors (N, dim))`` in insertion order."""
         return self._backend.vectors(collection, filters.parse(where))
@@ -239,15 +239,15 @@ class Store:
     def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
                model_id: str | None = None, ef_search: int | None = None,
                only: AbstractSet[str] | None = None,
-               where: str | Mapping[str, Any] | None = None) -> list[list[Hit]]:
+               where: filters.Where = None) -> list[list[Hit]]:
         """The ``k`` most similar stored items to each of the ``(Q, dim)`` queries, best first, per query.
 
         ``collection=None`` searches every collection of ``model_id`` (which may be left out while all
         collections share one model). ``label`` keeps only items with that label, ``where`` only items whose
         metadata passes that filter (:mod:`embedder.filters`); either way ``k`` hits come back whenever ``k``
         items match. ``ef_search`` overrides an HNSW collection's setting for this call. A collection of another
-        model or dim raises :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a search without
-        ``collection`` to those collections (a caller's allow-list).
+        model or dim raises :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a
+        search without ``collection`` to those collections (a caller's allow-list).
         """
         q = check_vectors(queries, name="queries")
         k, label, ef_search, f = check_k(k), check_label(label), check_ef(ef_search), filters.parse(where)
@@ -255,7 +255,7 @@ class Store:
 
     def search_by_id(self, collection: str, item_id: str, *, k: int = 10, label: str | None = None,
                      exclude_self: bool = True, ef_search: int | None = None,
-                     where: str | Mapping[str, Any] | None = None) -> list[Hit]:
+                     where: filters.Where = None) -> list[Hit]:
         """The ``k`` items of ``collection`` most similar to its stored item ``item_id`` (without itself); ``label``
         and ``where`` as in :meth:`search`."""
         (item_id,) = check_ids([item_id])
