@@ -121,6 +121,11 @@ def test_store_setting_errors_say_what_to_do(tmp_path):
     with pytest.raises(StoreUnavailableError, match="cannot reach Milvus at http://127.0.0.1:1.*check that it runs"):
         Store(tmp_path / "data", backend="http://127.0.0.1:1")
     Store(tmp_path / "data").close()  # the failed open released the data dir
+    without_pymilvus = ("import sys; sys.modules['pymilvus'] = None\n"  # as on an install without the extra
+                        "from embedder.store import Store\n"
+                        f"Store({str(tmp_path / 'data')!r}, backend='milvus://{tmp_path}/m.db')")
+    run = subprocess.run([sys.executable, "-c", without_pymilvus], capture_output=True, text=True)
+    assert "SettingError" in run.stderr and "pip install 'embedder[milvus]'" in run.stderr
 
 
 CHILD = r"""
@@ -216,6 +221,8 @@ def test_the_service_runs_on_milvus_lite(tmp_path, cache_dir, embedder, photo_ar
                        metadata=[{"i": i} for i in range(len(images))])
             hits = client.search(images[5], collection="crops", k=3)
             assert hits[0].id == "c5" and hits[0].score > 0.999 and hits[0].metadata == {"i": 5}
+            hits = client.search(images[5], collection="crops", k=5, where={"i": {">=": 20}})  # filtered in Milvus
+            assert sorted(h.metadata["i"] for h in hits) == [20, 21, 22, 23]
             assert [h.id for h in client.search(collection="crops", item_id="c5", k=3)][0] != "c5"
             item = client.get("crops", ["c7"])[0]
             np.testing.assert_allclose(item.vector, embedder.embed([images[7]])[0], atol=1e-5)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import filters
 from ..config import Config, parse_store_uri
-from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreLockedError
+from ..errors import InvalidArgumentError, NotFoundError, SettingError, StoreClosedError, StoreLockedError
 from ..index import IndexSpec
 from ..inputs import content_hash
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem, StoreStats
@@ -62,8 +62,12 @@ class Store:
             if kind == "local":
                 from .local import LocalCollections
                 self._backend = LocalCollections(self.data_dir, self._conn, self._db_lock, self._cache)
-            else:  # imported only here: pymilvus is the `milvus` extra
-                from .milvus import MilvusCollections
+            else:
+                try:  # imported only here: pymilvus is the `milvus` extra
+                    from .milvus import MilvusCollections
+                except ImportError as e:
+                    raise SettingError(f"--store {backend} needs pymilvus and milvus-lite ({e}); install them with "
+                                       "pip install 'embedder[milvus]' (make install does)") from None
                 self._backend = MilvusCollections(target, token=backend_token,
                                                   lite_path=target if kind == "milvus-lite" else None)
         except BaseException:
