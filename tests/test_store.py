@@ -368,22 +368,27 @@ def _searches(store: Store) -> list:
     return [store.search("c", q, k=10), store.search("c", q, k=10, label="l2"), store.search_by_id("c", "i8", k=10)]
 
 
+def _hits(calls: list) -> list:
+    """Every hit of a list of search answers (rows of hits, or a search_by_id's hits), in order."""
+    return [h for call in calls for row in call for h in (row if isinstance(row, list) else [row])]
+
+
 def _assert_same_hits(got: list, want: list, *, backend: str, index: str) -> None:
     """The same hits in the same order with the same scores. Milvus recomputes a reloaded segment's distances
     along another path (the last float32 bit may differ), and milvus-lite rebuilds a reloaded HNSW segment's
-    graph (another approximation of the same ranking; 96% of the hits here): there, exact collections keep every hit in order, HNSW
-    ones at least 90% of them."""
+    graph (another approximation of the same ranking; 96% of the hits here): there, exact collections keep
+    every hit in order, HNSW ones at least 90% of them."""
     if backend == "faiss":
         assert got == want
         return
-    flat = lambda calls: [h for call in calls for row in call for h in (row if isinstance(row, list) else [row])]  # noqa: E731
-    got, want = flat(got), flat(want)
+    got, want = _hits(got), _hits(want)
     if index == "flat":
         assert [(h.id, h.collection, h.label, h.metadata) for h in got] == \
             [(h.id, h.collection, h.label, h.metadata) for h in want]
         np.testing.assert_allclose([h.score for h in got], [h.score for h in want], rtol=0, atol=1e-6)
     else:
-        assert len(got) == len(want) and len({h.id for h in got} & {h.id for h in want}) >= 0.9 * len({h.id for h in want})
+        shared = {h.id for h in got} & {h.id for h in want}
+        assert len(got) == len(want) and len(shared) >= 0.9 * len({h.id for h in want})
 
 
 @pytest.mark.parametrize("index", ["flat", "hnsw"])

@@ -32,7 +32,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AbstractSet, Any, Iterable, Iterator, Sequence
+from typing import AbstractSet, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
@@ -281,7 +281,7 @@ class MilvusCollections:
                 with _gone_is_skipped():
                     for r in self._call(b, lambda: self._client.query(
                             b.milvus_name, filter=f"sha256 in [{', '.join(map(quote, chunk))}]",
-                            output_fields=["sha256", "vector"], limit=len(chunk) * 16)):
+                            output_fields=["sha256", "vector"], limit=len(chunk) * 16)):  # items may share one
                         found.setdefault(r["sha256"], _vector(r["vector"]))
         return found
 
@@ -317,8 +317,9 @@ class MilvusCollections:
         if self._closed:
             raise StoreClosedError(_CLOSED)
 
-    def _call(self, b: _Binding, fn):  # noqa: ANN001, ANN202 - a pymilvus call on ``b``'s collection
-        """Run ``fn`` with ``b`` loaded; Milvus's "no such collection" (another replica deleted it) is NotFound."""
+    def _call(self, b: _Binding, fn: Callable[[], Any]) -> Any:
+        """Run ``fn``, a pymilvus call on ``b``'s collection, with ``b`` loaded. Milvus's "no such collection"
+        (another replica deleted it) becomes NotFoundError, a lost connection StoreUnavailableError."""
         self._check_open()
         try:
             if b.milvus_name not in self._loaded:
