@@ -351,7 +351,7 @@ def bench_index(spec: str, x: np.ndarray, q: np.ndarray, truth: list[list[int]],
     graph = index.spec.kind == "hnsw"
     for ef in EF_SWEEP[1:] if graph else ():
         rows[f"{spec},ef_search={ef}"] = time_queries(index, q[:queries], truth, ef_search=ef)
-    if spec == "hnsw:codes=sq8":
+    if graph and index.spec.codes == "sq8":
         # The same graph re-ranking: rerank is a collection setting, so the spec is swapped rather than rebuilt.
         index.spec = IndexSpec.parse(f"{spec},rerank={RERANK}")
         for ef in EF_SWEEP:
