@@ -21,6 +21,9 @@ install: $(BIN)/python
 
 install-test: install
 	$(BIN)/pip install --quiet -e ".[server,openvino,test]"
+	@# tests/test_page.py drives a real headless browser: Debian's chromium and its driver (as root where missing)
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null)
 
 demo: install
 	$(BIN)/embedder demo

@@ -24,13 +24,13 @@ from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, Stor
 from ..index import IndexSpec
 from ..inputs import content_hash
 from ..jsonrule import load_stored_object
-from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem, StoreStats
+from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .cache import EmbeddingCache
 from .indexes import Collection, Snapshots, insert_collection
 from .integrity import ITEM_COLUMNS, corrupted, item_crc, item_ok
 from .sqlite import blob, chunked_execute, chunked_query, connect, drop_orphan_images, matrix, transaction, vector
 from .validation import (check_column, check_ef, check_ids, check_k, check_label, check_list, check_model_id,
-                         check_name, check_sha256, check_vectors, metadata_json, missing_message, shown)
+                         check_name, check_page, check_sha256, check_vectors, metadata_json, missing_message, shown)
 
 _CLOSED = "the store is closed (the server is shutting down); retry on a running instance"
 
@@ -315,6 +315,31 @@ class Store:
             raise corrupted(c.name, damaged, self._database, action="their kept images are not served")
         found = {item_id: data for item_id, _, data in rows}
         return [found.get(i) for i in ids]
+
+    def page(self, collection: str, *, offset: int = 0, limit: int = 100, label: str | None = None,
+             unlabelled: bool = False) -> ItemPage:
+        """Items ``offset`` to ``offset + limit`` of a collection in insertion order, with the total: all of them,
+        those labelled ``label``, or the ``unlabelled`` ones. Reads one page, never the whole collection."""
+        offset, limit = check_page(offset, limit)
+        label = check_label(label)
+        if label is not None and unlabelled:
+            raise InvalidArgumentError("ask for items with `label` or for the `unlabelled` ones, not both")
+        where, args = "i.cid = ?", []
+        if label is not None:
+            where, args = "i.cid = ? AND i.label = ?", [label]
+        elif unlabelled:
+            where = "i.cid = ? AND i.label IS NULL"
+        columns = ", ".join(f"i.{name}" for name in ITEM_COLUMNS.split(", "))
+        with self._locked(self._get(collection)) as c:
+            with self._db_lock:
+                db = self._conn()
+                (total,) = db.execute(f"SELECT count(*) FROM items i WHERE {where}", [c.cid, *args]).fetchone()
+                rows = db.execute(f"SELECT {columns}, i.created, i.updated, m.sha256 IS NOT NULL FROM items i "
+                                  f"LEFT JOIN images m ON m.sha256 = i.sha256 WHERE {where} "
+                                  "ORDER BY i.fid LIMIT ? OFFSET ?", [c.cid, *args, limit, offset]).fetchall()
+        self._check_items(c, rows)
+        return ItemPage([StoredItem(r[0], c.name, vector(r[4]), r[1], r[2], _metadata(r[3], r[0]), r[6], r[7])
+                         for r in rows], [bool(r[8]) for r in rows], total, offset)
 
     def vectors(self, collection: str) -> tuple[list[str], np.ndarray]:
         """Every item of a collection, labelled or not: ``(ids, vectors (N, dim))`` in insertion order."""

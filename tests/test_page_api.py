@@ -1,0 +1,157 @@
+"""What the web page needs from the HTTP door, on a real loopback port: a paged listing of a collection's items,
+their kept images, creating a collection, the page's own files served without the token, and the guard that
+refuses writes sent from another site's page.
+"""
+from __future__ import annotations
+
+import base64
+
+import numpy as np
+import pytest
+import requests
+from conftest import running_server, small_jpegs
+from test_http import Api, refused
+
+from embedder.keys import KeyStore
+from embedder.rest import HttpServer, create_app
+
+TOKEN = "page-api-token"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("page-api-data")
+
+
+@pytest.fixture(scope="module")
+def server(embedder, data_dir):
+    with running_server(embedder, token=TOKEN, data_dir=data_dir) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    door = HttpServer(create_app(server.service, server.config), server.config, port=0)
+    door.start()
+    yield door
+    door.stop(grace=1)
+
+
+@pytest.fixture(scope="module")
+def api(http) -> Api:
+    return Api(http.url, TOKEN)
+
+
+@pytest.fixture(scope="module")
+def images(digit_images) -> list[bytes]:
+    return digit_images[0][:25]
+
+
+@pytest.fixture(scope="module")
+def shelf(api, images) -> list[dict]:
+    """Collection "shelf": 25 images in insertion order, labelled a, b, none in turn; and one item sent as a tensor
+    (no image kept)."""
+    labels = ["a", "b", None]
+    items = [{"id": f"img-{i:02d}", "image": base64.b64encode(x).decode(), "label": labels[i % 3]}
+             for i, x in enumerate(images)]
+    assert api.ok("POST", "/v1/collections/shelf/add", json={"items": items})["added"] == 25
+    pixels = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    tensor = {"shape": [32, 32, 3], "dtype": "uint8", "data": base64.b64encode(pixels.tobytes()).decode()}
+    assert api.ok("POST", "/v1/collections/shelf/add", json={"items": [{"id": "tensor", "tensor": tensor}]})["added"]
+    return items
+
+
+def test_a_listing_pages_in_insertion_order_with_the_total(api, shelf):
+    first = api.ok("GET", "/v1/collections/shelf/items?limit=10")
+    assert first["total"] == 26 and first["offset"] == 0
+    assert [i["id"] for i in first["items"]] == [f"img-{i:02d}" for i in range(10)]
+    assert all(i["image"] and i["sha256"] and "vector" not in i for i in first["items"])
+    assert [i["label"] for i in first["items"][:3]] == ["a", "b", None]
+    last = api.ok("GET", "/v1/collections/shelf/items?offset=20&limit=10")
+    assert [i["id"] for i in last["items"]] == [f"img-{i:02d}" for i in range(20, 25)] + ["tensor"]
+    assert last["items"][-1]["image"] is False and last["items"][-1]["label"] is None
+    assert api.ok("GET", "/v1/collections/shelf/items?offset=26")["items"] == []
+
+
+def test_a_listing_filters_by_label_or_unlabelled(api, shelf):
+    b = api.ok("GET", "/v1/collections/shelf/items", params={"label": "b", "limit": 3, "offset": 2})
+    ids_b = [x["id"] for x in shelf if x["label"] == "b"]
+    assert b["total"] == len(ids_b) and [i["id"] for i in b["items"]] == ids_b[2:5]
+    none = api.ok("GET", "/v1/collections/shelf/items", params={"unlabelled": "true", "limit": 1000})
+    assert [i["id"] for i in none["items"]] == [x["id"] for x in shelf if x["label"] is None] + ["tensor"]
+    assert none["total"] == len(none["items"])
+    assert api.ok("GET", "/v1/collections/shelf/items?label=zebra") == {"items": [], "total": 0, "offset": 0}
+
+
+@pytest.mark.parametrize("query, text", [
+    ("limit=0", "limit must be a whole number from 1 to 1000"),
+    ("limit=1001", "page through a large collection with offset"),
+    ("offset=-1", "offset must be a whole number >= 0"),
+    ("limit=ten", "limit"),
+    ("label=a&unlabelled=true", "not both"),
+    ("lable=a", "lable"),
+])
+def test_a_bad_listing_query_says_what_to_send(api, shelf, query, text):
+    refused(api("GET", f"/v1/collections/shelf/items?{query}"), 400, "invalid_argument", text)
+
+
+def test_a_listing_of_no_collection_is_not_found(api):
+    refused(api("GET", "/v1/collections/nowhere/items"), 404, "not_found", "no collection 'nowhere'")
+
+
+def test_a_kept_image_comes_back_as_added_and_the_others_say_why_not(api, http, shelf, images):
+    r = api.session.get(f"{http.url}/v1/collections/shelf/image", params={"id": "img-03"}, timeout=60)
+    assert r.status_code == 200 and r.content == images[3]
+    assert r.headers["content-type"] == "image/jpeg" and r.headers["x-content-type-options"] == "nosniff"
+    refused(api("GET", "/v1/collections/shelf/image?id=tensor"), 404, "not_found", "has no kept image")
+    refused(api("GET", "/v1/collections/shelf/image?id=ghost"), 404, "not_found", "no item 'ghost'")
+    refused(api("GET", "/v1/collections/shelf/image"), 400, "invalid_argument", "id")
+
+
+def test_creating_a_collection_binds_it_to_the_model_and_is_idempotent(api, server):
+    made = api.ok("PUT", "/v1/collections/empty-one", json={"index": "hnsw"})
+    assert made["count"] == 0 and made["model_id"] == server.service.default.model_id
+    assert made["index"].startswith("hnsw")
+    assert api.ok("PUT", "/v1/collections/empty-one", json={"index": "hnsw"}) == made
+    refused(api("PUT", "/v1/collections/empty-one", json={}), 400, "invalid_argument", "exists with index")
+    assert api.ok("GET", "/v1/collections/empty-one/items") == {"items": [], "total": 0, "offset": 0}
+    refused(api("PUT", "/v1/collections/x", json={"model": "no-such-net"}), 404, "not_found", "no-such-net")
+
+
+def test_a_key_lists_and_reads_images_of_its_own_collections_only(http, data_dir, shelf):
+    keys = KeyStore(data_dir)
+    elsewhere = Api(http.url, keys.add("page-other", "write", ["other"])[1])
+    refused(elsewhere("GET", "/v1/collections/shelf/items"), 403, "permission_denied", "allow-list")
+    refused(elsewhere("GET", "/v1/collections/shelf/image?id=img-00"), 403, "permission_denied", "allow-list")
+    refused(Api(http.url, keys.add("page-reader", "read")[1])("PUT", "/v1/collections/other", json={}),
+            403, "permission_denied", "needs 'write'")
+    refused(Api(http.url, None)("GET", "/v1/collections/shelf/items"), 401, "unauthenticated")
+
+
+def test_a_write_from_another_sites_page_is_refused(api, http, shelf):
+    host = http.url.split("://")[1]
+    labels = {"labels": {"img-02": "c"}}
+    for origin in ("http://evil.example", f"http://{host}.evil.example", "null"):
+        message = refused(api("POST", "/v1/collections/shelf/labels", json=labels, headers={"Origin": origin}),
+                          403, "permission_denied", "cross-site request refused")
+        assert origin in message
+    assert api.ok("GET", "/v1/collections/shelf/items?label=c")["total"] == 0  # nothing was written
+    # the server's own page, and clients that are not browsers (no Origin), write; reads pass from anywhere
+    assert api.ok("POST", "/v1/collections/shelf/labels", json=labels, headers={"Origin": http.url}) == {"updated": 1}
+    assert api.ok("POST", "/v1/collections/shelf/labels", json={"clear": ["img-02"]}) == {"updated": 1}
+    assert api.ok("GET", "/v1/collections/shelf/items?label=c", headers={"Origin": "http://evil.example"})
+
+
+def test_the_page_is_served_without_the_token_and_talks_to_this_server_only(http):
+    r = requests.get(http.url + "/", timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert '<script src="/page/page.js"' in r.text
+    policy = r.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "connect-src 'self'" in policy and "http" not in policy
+    for name, kind in (("page.js", "text/javascript"), ("page.css", "text/css")):
+        r = requests.get(f"{http.url}/page/{name}", timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"].startswith(kind) and len(r.content) > 1000
+    for name in ("nope.js", "..%2F__init__.py", "%2E%2E/app.py"):
+        r = requests.get(f"{http.url}/page/{name}", timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found", name
+    assert requests.get(http.url + "/v1/stats", timeout=60).status_code == 401
