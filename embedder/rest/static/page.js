@@ -66,7 +66,7 @@ async function call(method, path, body) {
 
 function showError(error) {
   const text = error instanceof ApiError && error.status === 401
-    ? `Not signed in: ${error.message}. Enter the server's token or an API key above.`
+    ? (token() ? `The server refused the token: ${error.message}` : "Sign in: enter the server's token or an API key above.")
     : error.message || String(error);
   $("banner-text").textContent = text;
   $("banner").hidden = false;
@@ -122,7 +122,8 @@ function tile(id, label, { kept = true, score = null, onclick = null } = {}) {
 async function loadCollections() {
   const stats = await call("GET", "/stats");
   state.collections = stats.collections;
-  $("signed").textContent = `${stats.collections.length} collections, ${stats.items} items, ${stats.heads} heads`;
+  $("signed").textContent = `${token() ? "Signed in · " : ""}${count(stats.collections.length, "collection")}, ` +
+    `${count(stats.items, "item")}, ${count(stats.heads, "head")}`;
   const list = $("collections");
   list.replaceChildren(...stats.collections.map((c) => {
     const labels = Object.entries(c.labels).map(([l, n]) => `${l} ${n}`).join(", ");
@@ -328,6 +329,8 @@ function table(head, rows, attrs = {}) {
     ...rows.map((r) => el("tr", {}, ...r.map((c) => (c instanceof Node && c.tagName === "TD" ? c : el("td", {}, c))))));
 }
 
+function count(n, noun) { return `${n} ${noun}${n === 1 ? "" : "s"}`; }
+
 function pct(x) { return `${(100 * x).toFixed(1)}%`; }
 
 async function train(event) {
@@ -345,6 +348,7 @@ async function train(event) {
       { head: kind, params, test_size: Number($("test-size").value) });
     out.replaceChildren(...metrics(result));
   } finally { $("train").disabled = false; }
+  await loadCollections();  // the head count
   const curve = el("div", {}, el("p", {}, "Learning curve…"));
   out.append(curve);
   try {
@@ -480,6 +484,12 @@ async function showSuggestion() {
       el("button", { type: "button", title: `key ${i + 1}`, onclick: act(() => labelSuggestion(c)) },
         el("kbd", {}, `${i + 1}`), " ", c)),
       el("button", { type: "button", title: "key s", onclick: act(skipSuggestion) }, el("kbd", {}, "s"), " skip")),
+    el("form", { class: "toolbar", onsubmit: act(async (e) => {
+      e.preventDefault();
+      const label = e.target.elements.label.value.trim();
+      if (label) await labelSuggestion(label);
+    }) }, el("input", { name: "label", list: "label-list", placeholder: "or a new label", maxlength: "256" }),
+    el("button", {}, "Label")),
     el("p", { class: "hint" }, `${state.suggestions.length} left in this batch`))));
   await loadThumbs(box);
 }
@@ -557,12 +567,9 @@ async function start() {
     state.limits = (await call("GET", "/models")).limits;
     await loadCollections();
     await loadItems();
-    $("signed").prepend(token() ? "Signed in · " : "");
   } catch (e) {
-    if (e instanceof ApiError && e.status === 401 && token()) {
-      sessionStorage.removeItem(TOKEN_KEY);  // a refused token is not kept
-      showError(new Error(`The server refused this token: ${e.message}`));
-    } else showError(e);
+    showError(e);
+    if (e instanceof ApiError && e.status === 401) sessionStorage.removeItem(TOKEN_KEY);  // a refused token is not kept
   }
 }
 
