@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import base64
 
+import grpc
 import numpy as np
 import pytest
 import requests
 from conftest import running_server, small_jpegs
 from test_http import Api, refused
 
+from embedder._proto import embedder_pb2 as pb
+from embedder._proto import embedder_pb2_grpc as pb_grpc
 from embedder.keys import KeyStore
 from embedder.rest import HttpServer, create_app
 
@@ -84,7 +87,7 @@ def test_a_listing_filters_by_label_or_unlabelled(api, shelf):
 
 
 @pytest.mark.parametrize("query, text", [
-    ("limit=0", "limit must be a whole number from 1 to 1000"),
+    ("limit=-1", "limit must be a whole number from 1 to 1000"),
     ("limit=1001", "page through a large collection with offset"),
     ("offset=-1", "offset must be a whole number >= 0"),
     ("limit=ten", "limit"),
@@ -155,3 +158,29 @@ def test_the_page_is_served_without_the_token_and_talks_to_this_server_only(http
         r = requests.get(f"{http.url}/page/{name}", timeout=60)
         assert r.status_code == 404 and r.json()["error"]["type"] == "not_found", name
     assert requests.get(http.url + "/v1/stats", timeout=60).status_code == 401
+
+
+def test_the_grpc_port_lists_pages_serves_images_and_creates_collections(server, api, shelf, images):
+    with grpc.insecure_channel(server.address) as channel:
+        stub, auth = pb_grpc.EmbedderStub(channel), (("authorization", f"Bearer {TOKEN}"),)
+        page = stub.ListItems(pb.ListItemsRequest(collection="shelf", offset=3, limit=4), metadata=auth, timeout=60)
+        assert [i.item.id for i in page.items] == [f"img-{i:02d}" for i in range(3, 7)] and page.total == 26
+        assert all(i.image_kept and not i.item.vector and i.item.sha256 for i in page.items)
+        assert [i.item.label if i.item.HasField("label") else None for i in page.items] == ["a", "b", None, "a"]
+        http_page = api.ok("GET", "/v1/collections/shelf/items?label=a")
+        grpc_page = stub.ListItems(pb.ListItemsRequest(collection="shelf", label="a"), metadata=auth, timeout=60)
+        assert [i.item.id for i in grpc_page.items] == [i["id"] for i in http_page["items"]]  # 0: the default page
+        none = stub.ListItems(pb.ListItemsRequest(collection="shelf", unlabelled=True, offset=8), metadata=auth,
+                              timeout=60)
+        assert [i.item.id for i in none.items] == ["tensor"] and not none.items[0].image_kept
+        image = stub.GetImage(pb.GetImageRequest(collection="shelf", id="img-05"), metadata=auth, timeout=60)
+        assert image.image == images[5]
+        made = stub.CreateCollection(pb.CreateCollectionRequest(collection="grpc-made"), metadata=auth, timeout=60)
+        assert made.name == "grpc-made" and made.count == 0 and made.index == "flat"
+        for call, request, code, text in (
+                (stub.ListItems, pb.ListItemsRequest(collection="shelf", limit=1001), "INVALID_ARGUMENT", "limit"),
+                (stub.ListItems, pb.ListItemsRequest(collection="gone"), "NOT_FOUND", "no collection"),
+                (stub.GetImage, pb.GetImageRequest(collection="shelf", id="tensor"), "NOT_FOUND", "no kept image")):
+            with pytest.raises(grpc.RpcError) as e:
+                call(request, metadata=auth, timeout=60)
+            assert e.value.code().name == code and text in e.value.details()

@@ -37,6 +37,7 @@ from .models import LoadedModel, ModelPool
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
+DEFAULT_PAGE = 100  # items per page of a listing when the caller names no limit
 READ, WRITE, ADMIN = "read", "write", "admin"
 METADATA_FLAG = "--max-metadata-bytes / EMBEDDER_MAX_METADATA_BYTES"
 
@@ -253,13 +254,14 @@ class Service:
         self._check_answer([s for s in found if s is not None], vectors=vectors, what="Get", fix="fewer ids")
         return found
 
-    def list_items(self, collection: str, *, offset: int = 0, limit: int = 100, label: str | None = None,
+    def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
                    unlabelled: bool = False, call: Call = Call()) -> ItemPage:
-        """A page of a collection's items in insertion order (all, ``label``'s or the ``unlabelled`` ones) and how
-        many match; a caller pages with ``offset`` instead of reading the whole collection."""
+        """A page of ``limit`` (0: :data:`DEFAULT_PAGE`) of a collection's items in insertion order (all,
+        ``label``'s or the ``unlabelled`` ones) and how many match; a caller pages with ``offset`` instead of
+        reading the whole collection."""
         store = self._stateful()
         self._permit(call, READ, collection)
-        return store.page(collection, offset=offset, limit=limit, label=label, unlabelled=unlabelled)
+        return store.page(collection, offset=offset, limit=limit or DEFAULT_PAGE, label=label, unlabelled=unlabelled)
 
     def item_image(self, collection: str, item_id: str, *, call: Call = Call()) -> bytes:
         """The kept encoded image of a stored item; NotFoundError when the item or its image is not there."""

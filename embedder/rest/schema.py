@@ -76,7 +76,7 @@ class ItemsQuery(Request):
     """The query string of a listing: one page of items in insertion order."""
 
     offset: int = Field(0, description="items to skip")
-    limit: int = Field(100, description="items per page, at most 1000")
+    limit: int = Field(0, description="items per page; 0 means 100, at most 1000")
     label: str | None = Field(None, description="only items with this label")
     unlabelled: bool = Field(False, description="only items without a label")
 
