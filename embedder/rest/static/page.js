@@ -236,6 +236,7 @@ async function setLabels(ids, label) {
 async function labelSelection(label) {
   if (!state.selected.size) throw new Error("Select images first (click them), then choose a label.");
   await setLabels([...state.selected], label);
+  for (const h of state.hits) if (state.selected.has(h.id)) h.label = label;  // the hits view shows them again
   state.selected.clear();
   await loadCollections();
   await loadItems();
