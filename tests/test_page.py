@@ -15,6 +15,7 @@ import requests
 from conftest import running_server
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
@@ -53,7 +54,8 @@ class Page:
 
     def __init__(self, browser: webdriver.Chrome, url: str, shots: Path) -> None:
         self.b, self.url, self.shots, self.step = browser, url, shots, 0
-        self.wait = WebDriverWait(browser, WAIT)
+        # the page re-renders what it shows after each change: an element found a moment ago may be gone
+        self.wait = WebDriverWait(browser, WAIT, ignored_exceptions=(StaleElementReferenceException,))
         shots.mkdir(exist_ok=True)
 
     def open(self) -> None:
@@ -77,7 +79,12 @@ class Page:
         return self.find(css).text
 
     def until(self, condition, what: str) -> None:
-        self.wait.until(lambda _: condition(), message=what)
+        """Wait for ``condition``; on a timeout, fail naming ``what`` with the banner's text and a screenshot."""
+        try:
+            self.wait.until(lambda _: condition())
+        except TimeoutException:
+            banner = self.text("#banner-text") if self.find("#banner").is_displayed() else "(no error shown)"
+            pytest.fail(f"waited {WAIT}s for {what}; banner: {banner}; screenshot {self.shot('timed-out')}")
 
     def sign_in(self, token: str) -> None:
         self.find("#token").send_keys(token)

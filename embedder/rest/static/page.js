@@ -18,7 +18,7 @@ const state = {
   shown: [],           // ids in the grid, in order
   anchor: null,        // the last clicked tile, for shift-click ranges
   suggestions: [],
-  urls: [],            // blob URLs of the shown thumbnails, revoked when the view changes
+  view: 0,             // +1 per grid load: an older load still waiting for the server must not draw over it
   limits: null,
 };
 
@@ -81,9 +81,11 @@ function act(fn) {
 
 // ------------------------------------------------------------------ thumbnails
 
-function revokeThumbs() {
-  for (const url of state.urls) URL.revokeObjectURL(url);
-  state.urls = [];
+const thumbUrls = new Map();  // element -> the blob URLs of its thumbnails, revoked when it is redrawn
+
+function revokeThumbs(root) {
+  for (const url of thumbUrls.get(root) || []) URL.revokeObjectURL(url);
+  thumbUrls.set(root, []);
 }
 
 // Fill <img data-id> elements in `root` with their kept images, THUMB_WORKERS at a time.
@@ -92,10 +94,11 @@ async function loadThumbs(root) {
   const collection = state.info.name;
   async function worker() {
     for (let img = queue.shift(); img; img = queue.shift()) {
+      if (!img.isConnected) continue;  // its view was replaced meanwhile
       try {
         const blob = await call("GET", collectionPath(collection, `/image?id=${encodeURIComponent(img.dataset.id)}`));
         const url = URL.createObjectURL(blob);
-        state.urls.push(url);
+        thumbUrls.get(root)?.push(url);
         img.src = url;
       } catch (e) {
         img.replaceWith(el("div", { class: "placeholder" }, "image not kept"));
@@ -144,8 +147,10 @@ async function choose(name) {
   state.filter = "all";
   state.selected.clear();
   state.suggestions = [];
+  for (const root of thumbUrls.keys()) revokeThumbs(root);
   $("next-current").replaceChildren();
   $("issues").replaceChildren();
+  $("try-hits").replaceChildren();
   $("train-result").replaceChildren();
   await loadCollections();
   await loadItems();
@@ -175,7 +180,7 @@ function renderCollection() {
 function pageSize() { return Number($("page-size").value); }
 
 async function loadItems() {
-  revokeThumbs();
+  const view = ++state.view;
   const grid = $("grid");
   if (!state.info) { grid.replaceChildren(); $("range").textContent = ""; return; }
   let rows, total;
@@ -188,6 +193,7 @@ async function loadItems() {
     if (state.filter === "unlabelled") q.set("unlabelled", "true");
     if (state.filter.startsWith("label:")) q.set("label", state.filter.slice(6));
     const page = await call("GET", collectionPath(state.info.name, `/items?${q}`));
+    if (view !== state.view) return;
     if (!page.items.length && page.total && state.offset >= page.total) {  // the last page emptied: step back
       state.offset = Math.max(0, Math.floor((page.total - 1) / pageSize()) * pageSize());
       return loadItems();
@@ -195,6 +201,7 @@ async function loadItems() {
     rows = page.items;
     total = page.total;
   }
+  revokeThumbs(grid);
   state.shown = rows.map((r) => r.id);
   $("range").textContent = total ? `${state.offset + 1}–${state.offset + rows.length} of ${total}` : "no items";
   $("prev").disabled = state.filter === "hits" || state.offset === 0;
@@ -451,6 +458,7 @@ async function tryImage(files) {
   form.append("image", file, file.name);
   const hits = (await call("POST", "/search", form)).hits;
   const grid = $("try-hits");
+  revokeThumbs(grid);
   grid.replaceChildren(...hits.map((h) => tile(h.id, h.label, { score: h.score, onclick: act(() => searchBy(h.id)) })));
   await loadThumbs(grid);
 }
@@ -478,6 +486,7 @@ async function showSuggestion() {
     return;
   }
   const picture = tile(s.id, null);
+  revokeThumbs(box);
   box.replaceChildren(el("div", { class: "suggestion" }, picture, el("div", {},
     el("p", {}, el("strong", {}, s.id), ` — ${s.reason} (score ${s.score.toFixed(3)})`),
     el("p", {}, "Label it:"),
@@ -521,6 +530,7 @@ async function checkLabels() {
     cell.replaceChildren(el("span", { class: "done" }, `relabelled ${issue.suggested}`));
     await loadCollections();
   });
+  revokeThumbs($("issues"));
   $("issues").replaceChildren(table(["image", "item", "label", "suggested", "score", "why", ""], rows.map((issue) => {
     const cell = el("td", {});
     cell.append(el("button", { type: "button", class: "fix", onclick: fix(issue, cell) }, `Relabel as ${issue.suggested}`));
