@@ -147,7 +147,9 @@ class LimitBody:
 
 class SameOrigin:
     """Refuse a state-changing request (any method but GET, HEAD, OPTIONS) that a browser sent from another site's
-    page: its ``Origin`` header is there and names another host than the ``Host`` it was sent to.
+    page: its ``Origin`` header is there and names another host than the ``Host`` it was sent to (or the
+    ``X-Forwarded-Host`` a reverse proxy that rewrites ``Host`` sets; a page cannot set that header on a
+    cross-site request without a CORS preflight, which this server never grants).
 
     A server without a token would otherwise take a form posted by any page its user visits. Clients other than
     browsers send no ``Origin`` and pass; so do the server's own page and reads (no CORS headers are sent, so
@@ -163,14 +165,15 @@ class SameOrigin:
         headers = dict(scope["headers"])
         origin = headers.get(b"origin")
         if origin is not None:
-            host = headers.get(b"host", b"").decode("latin-1").lower()
-            sent_from = origin.decode("latin-1").lower()
-            if sent_from.partition("://")[2] != host or not host:
+            sent_from = origin.decode("latin-1").strip().lower()
+            names = [headers.get(b"host", b""), *headers.get(b"x-forwarded-host", b"").split(b",")]
+            hosts = {h.decode("latin-1").strip().lower() for h in names} - {""}
+            if sent_from.partition("://")[2] not in hosts:
                 return await send_error(send, 403, item_error(
                     Category.PERMISSION_DENIED,
                     f"cross-site request refused: a page at {sent_from[:200]!r} may not {scope['method']} to this "
-                    f"server ({host[:200]!r}); use the page this server serves at / or a client that is not a "
-                    "browser"))
+                    f"server ({', '.join(sorted(hosts))[:200]!r}); use the page this server serves at / or a "
+                    "client that is not a browser"))
         await self.app(scope, receive, send)
 
 
