@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from conftest import running_server, small_jpegs
+from conftest import running_server
 from test_http import Api, refused
 
 from embedder._proto import embedder_pb2 as pb

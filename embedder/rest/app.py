@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import threading
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from functools import partial
 from typing import Any, AsyncIterator, Callable, TypeVar
 
@@ -168,7 +167,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
         body, _ = await read(request, schema.CreateCollectionRequest)
         info = await run(service.create_collection, collection, model=body.model, index=body.index,
                          call=who(request))
-        return json_response(schema.CollectionOut(**asdict(info)))
+        return json_response(convert.collection(info))
 
     @route("GET", "/collections/{collection:path}/items", schema.ItemsResponse, query=schema.ItemsQuery)
     async def list_items(collection: str, request: Request) -> Response:

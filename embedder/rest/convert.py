@@ -169,8 +169,13 @@ def hit(h: Any) -> schema.HitOut:
                          metadata=stored_metadata(h.metadata, h.id))
 
 
+def collection(c: Any) -> schema.CollectionOut:
+    """A :class:`embedder.results.CollectionInfo`."""
+    return schema.CollectionOut(**asdict(c))
+
+
 def stats(s: Any, heads: int) -> schema.StatsResponse:
-    return schema.StatsResponse(collections=[schema.CollectionOut(**asdict(c)) for c in s.collections],
+    return schema.StatsResponse(collections=[collection(c) for c in s.collections],
                                 items=s.items, cache_items=s.cache_items, cache_max_items=s.cache_max_items,
                                 disk_bytes=s.disk_bytes, heads=heads)
 
