@@ -18,6 +18,7 @@ from selenium.webdriver.chrome.options import Options
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
 from selenium.webdriver.chrome.service import Service as ChromeService
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -200,6 +201,12 @@ def test_add_label_train_try_search_and_label_next_in_the_page(browser, http, fi
     assert labels["d0-00.jpg"] == labels["d0-01.jpg"] == "one"
     Select(page.find("#filter")).select_by_value("unlabelled")
     page.until(lambda: page.text("#range") == "1–10 of 10", "the unlabelled filter")
+    Select(page.find("#filter")).select_by_value("all")
+    Select(page.find("#page-size")).select_by_visible_text("24")
+    page.until(lambda: page.text("#range") == "1–24 of 40" and page.thumbnails("#grid") == 24, "pages of 24")
+    page.find("body").send_keys(Keys.ARROW_RIGHT)
+    page.until(lambda: page.text("#range") == "25–40 of 40", "the next page by key")
+    assert page.find("#page-no").get_attribute("value") == "2" and page.text("#pages") == "of 2"
 
     # 3. train: hold-out metrics, per-class table, confusion matrix and learning curve drawn in the page
     page.tab("train")

@@ -204,6 +204,10 @@ async function loadItems() {
   revokeThumbs(grid);
   state.shown = rows.map((r) => r.id);
   $("range").textContent = total ? `${state.offset + 1}–${state.offset + rows.length} of ${total}` : "no items";
+  const pages = state.filter === "hits" ? 1 : Math.max(1, Math.ceil(total / pageSize()));
+  $("page-no").max = pages;
+  $("page-no").value = Math.floor(state.offset / pageSize()) + 1;
+  $("pages").textContent = ` of ${pages}`;
   $("prev").disabled = state.filter === "hits" || state.offset === 0;
   $("next").disabled = state.filter === "hits" || state.offset + rows.length >= total;
   grid.replaceChildren(...rows.map((r) => {
@@ -608,6 +612,12 @@ function init() {
     await loadItems();
   }));
   $("page-size").addEventListener("change", act(async () => { state.offset = 0; await loadItems(); }));
+  $("page-no").addEventListener("change", act(async () => {
+    const n = Math.min(Math.max(1, Math.floor(Number($("page-no").value)) || 1), Number($("page-no").max) || 1);
+    if (state.filter === "hits") return;
+    state.offset = (n - 1) * pageSize();
+    await loadItems();
+  }));
   $("prev").addEventListener("click", act(() => page(-1)));
   $("next").addEventListener("click", act(() => page(1)));
   $("set-label").addEventListener("click", act(async () => {
