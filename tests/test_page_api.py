@@ -4,6 +4,7 @@ refuses writes sent from another site's page.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 
 import grpc
@@ -15,6 +16,7 @@ from test_http import Api, refused
 
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
+from embedder.client import AsyncEmbedderClient, EmbedderClient
 from embedder.keys import KeyStore
 from embedder.rest import HttpServer, create_app
 
@@ -187,3 +189,20 @@ def test_the_grpc_port_lists_pages_serves_images_and_creates_collections(server,
             with pytest.raises(grpc.RpcError) as e:
                 call(request, metadata=auth, timeout=60)
             assert e.value.code().name == code and text in e.value.details()
+
+
+def test_the_clients_page_read_images_and_create(server, shelf, images):
+    with EmbedderClient(server.address, token=TOKEN, timeout=60) as client:
+        page = client.list_items("shelf", offset=24, limit=5)
+        assert [s.id for s in page.items] == ["img-24", "tensor"] and page.kept == [True, False]
+        assert page.total == 26 and page.offset == 24 and page.items[0].label == "a" and not len(page.items[0].vector)
+        assert client.list_items("shelf", label="b").total == 8
+        assert client.get_image("shelf", "img-07") == images[7]
+        made = client.create_collection("client-made", index="hnsw")
+        assert made.name == "client-made" and made.index.startswith("hnsw") and made.count == 0
+
+    async def unlabelled() -> list[str]:
+        async with AsyncEmbedderClient(server.address, token=TOKEN, timeout=60) as client:
+            return [s.id for s in (await client.list_items("shelf", unlabelled=True, limit=3)).items]
+
+    assert asyncio.run(unlabelled()) == ["img-02", "img-05", "img-08"]
