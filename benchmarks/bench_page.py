@@ -10,6 +10,8 @@ page's default) at the start, in the middle and at the end of the collection, fi
 items and by "unlabelled" (the other 90%), and a kept image by id; beside ``Store.vectors``, the one read of
 every item the listing replaces. Median of repeats; each row also as a ratio to the full read, measured in the
 same run. The vectors are random (a listing never looks at their values); 1280-d as mobilenet_v2's.
+Then what a page of thumbnails weighs: the page's 256-px JPEG thumbnails (``embedder.core.thumbnails``) of the
+benchmark's real photos against the photos as added, bytes and time to make one.
 Results go to ``benchmarks/results/bench_page.json`` (``bench_page_quick.json`` with ``--quick``).
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from embedder.config import Config
+from embedder.core.thumbnails import thumbnail
 from embedder.inputs import content_hash
 from embedder.store import Store
 from images import real_jpegs, write_json
@@ -36,6 +40,8 @@ MODEL_ID = "synthetic-1280"
 PAGE = 60
 ADD_BATCH = 1000
 KEPT_IMAGES = 1000  # items added with their image kept (real JPEGs), the rest without
+THUMB_SIDE = 256  # the page's (embedder/rest/static/page.js)
+MAX_PIXELS = Config.max_pixels
 
 
 def median_ms(fn: Callable[[], Any], repeats: int) -> float:
@@ -86,6 +92,17 @@ def run(n: int, repeats: int) -> dict[str, Any]:
             "rows": {name: {"median_ms": v, "ratio_to_whole": round(v / full, 5)} for name, v in ms.items()}}
 
 
+def thumbnails(repeats: int) -> dict[str, Any]:
+    """The page's thumbnails of real photos against the photos: mean bytes, and the median time to make one."""
+    photos = real_jpegs()
+    small = [thumbnail(p, THUMB_SIDE, max_pixels=MAX_PIXELS) for p in photos]
+    made = median_ms(lambda: thumbnail(photos[0], THUMB_SIDE, max_pixels=MAX_PIXELS), repeats)
+    return {"photos": len(photos), "side": THUMB_SIDE, "photo_mean_bytes": round(statistics.mean(map(len, photos))),
+            "thumbnail_mean_bytes": round(statistics.mean(map(len, small))),
+            "bytes_ratio": round(sum(map(len, small)) / sum(map(len, photos)), 4),
+            "thumbnail_of_first_photo_ms": made, "first_photo_bytes": len(photos[0])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="20k items instead of 100k")
@@ -94,6 +111,8 @@ def main() -> None:
     out = run(20_000 if args.quick else 100_000, repeats=50)
     for name, row in out["rows"].items():
         log.info("%-34s %9.3f ms  %.5fx the whole read", name, row["median_ms"], row["ratio_to_whole"])
+    out["thumbnails"] = thumbnails(repeats=50)
+    log.info("thumbnails: %s", out["thumbnails"])
     log.info("wrote %s", write_json("bench_page_quick" if args.quick else "bench_page", out))
 
 

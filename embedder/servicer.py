@@ -226,7 +226,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.GetImageResponse:
         return pb.GetImageResponse(image=self._run(context, self.service.item_image, request.collection, request.id,
-                                                   call=self._call(context)))
+                                                   size=request.size, call=self._call(context)))
 
     def CreateCollection(self, request: pb.CreateCollectionRequest,
                          context: grpc.ServicerContext) -> pb.CollectionStats:

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 
 import grpc
 import numpy as np
 import pytest
 import requests
 from conftest import running_server
+from PIL import Image
 from test_http import Api, refused
 
 from embedder._proto import embedder_pb2 as pb
@@ -108,6 +110,14 @@ def test_a_kept_image_comes_back_as_added_and_the_others_say_why_not(api, http, 
     r = api.session.get(f"{http.url}/v1/collections/shelf/image", params={"id": "img-03"}, timeout=60)
     assert r.status_code == 200 and r.content == images[3]
     assert r.headers["content-type"] == "image/jpeg" and r.headers["x-content-type-options"] == "nosniff"
+    r = api.session.get(f"{http.url}/v1/collections/shelf/image", params={"id": "img-03", "size": 32}, timeout=60)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    with Image.open(io.BytesIO(r.content)) as thumb:  # the 64x64 digit, halved
+        assert thumb.format == "JPEG" and thumb.size == (32, 32)
+    r = api.session.get(f"{http.url}/v1/collections/shelf/image", params={"id": "img-03", "size": 500}, timeout=60)
+    with Image.open(io.BytesIO(r.content)) as thumb:
+        assert thumb.size == (64, 64)  # never scaled up
+    refused(api("GET", "/v1/collections/shelf/image?id=img-03&size=5"), 400, "invalid_argument", "from 16 to 1024")
     refused(api("GET", "/v1/collections/shelf/image?id=tensor"), 404, "not_found", "has no kept image")
     refused(api("GET", "/v1/collections/shelf/image?id=ghost"), 404, "not_found", "no item 'ghost'")
     refused(api("GET", "/v1/collections/shelf/image"), 400, "invalid_argument", "id")
@@ -198,6 +208,8 @@ def test_the_clients_page_read_images_and_create(server, shelf, images):
         assert page.total == 26 and page.offset == 24 and page.items[0].label == "a" and not len(page.items[0].vector)
         assert client.list_items("shelf", label="b").total == 8
         assert client.get_image("shelf", "img-07") == images[7]
+        with Image.open(io.BytesIO(client.get_image("shelf", "img-07", size=16))) as thumb:
+            assert thumb.size == (16, 16)
         made = client.create_collection("client-made", index="hnsw")
         assert made.name == "client-made" and made.index.startswith("hnsw") and made.count == 0
 

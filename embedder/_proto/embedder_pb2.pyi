@@ -316,12 +316,14 @@ class ListItemsResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[ListedItem, _Mapping]]] = ..., total: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
 
 class GetImageRequest(_message.Message):
-    __slots__ = ("collection", "id")
+    __slots__ = ("collection", "id", "size")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     id: str
-    def __init__(self, collection: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+    size: int
+    def __init__(self, collection: _Optional[str] = ..., id: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
 
 class GetImageResponse(_message.Message):
     __slots__ = ("image",)

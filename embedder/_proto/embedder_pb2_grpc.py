@@ -240,7 +240,7 @@ class EmbedderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetImage(self, request, context):
-        """A stored item's kept image, as it was added. NOT_FOUND: no such item, or its image is not kept (added as a
+        """A stored item's kept image, as it was added or as a JPEG thumbnail. NOT_FOUND: no such item, or its image is not kept (added as a
         tensor or by sha256, or while the server ran with --no-keep-images).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

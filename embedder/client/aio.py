@@ -85,8 +85,8 @@ class AsyncEmbedderClient(BaseClient):
                          unlabelled: bool = False) -> ItemPage:
         return await self._run(self._list_items(collection, offset, limit, label, unlabelled))
 
-    async def get_image(self, collection: str, item_id: str) -> bytes:
-        return await self._run(self._get_image(collection, item_id))
+    async def get_image(self, collection: str, item_id: str, *, size: int = 0) -> bytes:
+        return await self._run(self._get_image(collection, item_id, size))
 
     async def create_collection(self, collection: str, *, model: str = "", index: str = "") -> CollectionInfo:
         return await self._run(self._create_collection(collection, model, index))

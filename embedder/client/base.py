@@ -279,8 +279,8 @@ class BaseClient:
                                                         unlabelled=unlabelled))
         return ItemPage([stored_from_pb(i.item) for i in r.items], [i.image_kept for i in r.items], r.total, r.offset)
 
-    def _get_image(self, collection: str, item_id: str) -> Plan[bytes]:
-        return (yield Call("GetImage", pb.GetImageRequest(collection=collection, id=item_id))).image
+    def _get_image(self, collection: str, item_id: str, size: int) -> Plan[bytes]:
+        return (yield Call("GetImage", pb.GetImageRequest(collection=collection, id=item_id, size=size))).image
 
     def _create_collection(self, collection: str, model: str, index: str) -> Plan[CollectionInfo]:
         request = pb.CreateCollectionRequest(collection=collection, model=model, index=index)

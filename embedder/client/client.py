@@ -92,9 +92,9 @@ class EmbedderClient(BaseClient):
         ``offset``."""
         return self._run(self._list_items(collection, offset, limit, label, unlabelled))
 
-    def get_image(self, collection: str, item_id: str) -> bytes:
-        """A stored item's kept image, as it was added."""
-        return self._run(self._get_image(collection, item_id))
+    def get_image(self, collection: str, item_id: str, *, size: int = 0) -> bytes:
+        """A stored item's kept image, as it was added, or (``size`` > 0) a JPEG that fits ``size`` x ``size``."""
+        return self._run(self._get_image(collection, item_id, size))
 
     def create_collection(self, collection: str, *, model: str = "", index: str = "") -> CollectionInfo:
         """Create an empty collection bound to ``model`` (default: the server's), with ``index`` ("flat", the

@@ -33,6 +33,7 @@ from ..jsonrule import check_json_object, dump_stored
 from ..results import CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .embedding import Call, Item, Outcome, Pending, finish, submit
 from .models import LoadedModel, ModelPool
+from .thumbnails import check_side, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +264,13 @@ class Service:
         self._permit(call, READ, collection)
         return store.page(collection, offset=offset, limit=limit or DEFAULT_PAGE, label=label, unlabelled=unlabelled)
 
-    def item_image(self, collection: str, item_id: str, *, call: Call = Call()) -> bytes:
-        """The kept encoded image of a stored item; NotFoundError when the item or its image is not there."""
+    def item_image(self, collection: str, item_id: str, *, size: int = 0, call: Call = Call()) -> bytes:
+        """The kept encoded image of a stored item, as added (``size`` 0) or as a JPEG thumbnail that fits ``size``
+        x ``size`` pixels; NotFoundError when the item or its image is not there."""
         store = self._stateful()
         self._permit(call, READ, collection)
+        if size:
+            check_side(size)
         (image,) = store.images(collection, [item_id])
         if image is None:
             if store.get(collection, [item_id])[0] is None:
@@ -275,7 +279,7 @@ class Service:
             raise ItemNotFoundError(f"item {item_id[:200]!r} has no kept image: it was added as a tensor or by "
                                     "hash, or while the server ran with --no-keep-images; add it again as an image "
                                     "to keep one")
-        return image
+        return thumbnail(image, size, max_pixels=self.config.max_pixels) if size else image
 
     def create_collection(self, collection: str, *, model: str = "", index: str = "",
                           call: Call = Call()) -> CollectionInfo:

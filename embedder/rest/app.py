@@ -179,9 +179,9 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
     @router.get("/collections/{collection:path}/image", response_class=Response, openapi_extra=_query_doc(
         schema.ImageQuery), responses={200: {"content": {"image/*": {}}, "description": "the encoded image"}})
     async def item_image(collection: str, request: Request) -> Response:
-        """A stored item's kept image, as it was added (404 when none is kept)."""
+        """A stored item's kept image, as it was added or as a thumbnail (404 when none is kept)."""
         query = schema.ImageQuery.model_validate(dict(request.query_params))
-        data = await run(service.item_image, collection, query.id, call=who(request))
+        data = await run(service.item_image, collection, query.id, size=query.size, call=who(request))
         # caller-supplied bytes: the browser must take them for the image type named, never sniff them as a page
         return Response(data, media_type=convert.image_type(data), headers={
             "x-content-type-options": "nosniff", "content-security-policy": "default-src 'none'",

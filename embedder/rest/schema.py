@@ -83,6 +83,8 @@ class ItemsQuery(Request):
 
 class ImageQuery(Request):
     id: str = Field(description="the item's id")
+    size: int = Field(0, description="a JPEG thumbnail that fits size x size pixels (16 to 1024); 0: the image "
+                                     "as added")
 
 
 class CreateCollectionRequest(Request):

@@ -5,6 +5,7 @@
 const TOKEN_KEY = "embedder.token";
 const UPLOAD_FILES = 16;  // files per add request: progress moves often, and one bad request fails few files
 const THUMB_WORKERS = 6;  // thumbnails fetched at once
+const THUMB_SIDE = 256;   // pixels: sharp in a tile on a high-density screen, a few kB instead of the whole photo
 
 const state = {
   collections: [],
@@ -96,7 +97,8 @@ async function loadThumbs(root) {
     for (let img = queue.shift(); img; img = queue.shift()) {
       if (!img.isConnected) continue;  // its view was replaced meanwhile
       try {
-        const blob = await call("GET", collectionPath(collection, `/image?id=${encodeURIComponent(img.dataset.id)}`));
+        const query = new URLSearchParams({ id: img.dataset.id, size: THUMB_SIDE });
+        const blob = await call("GET", collectionPath(collection, `/image?${query}`));
         const url = URL.createObjectURL(blob);
         thumbUrls.get(root)?.push(url);
         img.src = url;
