@@ -8,10 +8,11 @@ Usage::
 Through :class:`embedder.store.Store` (SQLite, checksums, the kept-image flag): ``Store.page`` of 60 items (the
 page's default) at the start, in the middle and at the end of the collection, filtered by a label held by 10% of
 items and by "unlabelled" (the other 90%), and a kept image by id; beside ``Store.vectors``, the one read of
-every item the listing replaces. Median of repeats; each row also as a ratio to the full read, measured in the
-same run. The vectors are random (a listing never looks at their values); 1280-d as mobilenet_v2's.
-Then what a page of thumbnails weighs: the page's 256-px JPEG thumbnails (``embedder.core.thumbnails``) of the
-benchmark's real photos against the photos as added, bytes and time to make one.
+every item the listing replaces. Median of 50 interleaved rounds (the whole read: of 3); each row also as a
+ratio to the full read, measured in the same run. The vectors are random (a listing never looks at their
+values); 1280-d as mobilenet_v2's. Then what a page of thumbnails weighs: the page's 256-px JPEG thumbnails
+(``embedder.core.thumbnails``) of the benchmark's real photos against the photos as added, bytes and the time
+to make one.
 Results go to ``benchmarks/results/bench_page.json`` (``bench_page_quick.json`` with ``--quick``).
 """
 from __future__ import annotations
@@ -40,18 +41,24 @@ MODEL_ID = "synthetic-1280"
 PAGE = 60
 ADD_BATCH = 1000
 KEPT_IMAGES = 1000  # items added with their image kept (real JPEGs), the rest without
+WHOLE = "whole collection (Store.vectors)"
+WHOLE_REPEATS = 3  # tens of seconds each at 100k
 THUMB_SIDE = 256  # the page's (embedder/rest/static/page.js)
 MAX_PIXELS = Config.max_pixels
 
 
-def median_ms(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm: SQLite's page cache as a running server has it
-    times = []
+def median_ms(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median milliseconds of each of ``fns``, timed in interleaved rounds: on a shared machine, load from other
+    processes falls on every row alike instead of on whichever ran at the time."""
+    for fn in fns.values():
+        fn()  # warm: SQLite's page cache as a running server has it
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return round(1000 * statistics.median(times), 3)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: round(1000 * statistics.median(t), 3) for name, t in times.items()}
 
 
 def fill(store: Store, n: int) -> None:
@@ -80,14 +87,13 @@ def run(n: int, repeats: int) -> dict[str, Any]:
                 "page, unlabelled (90%), end": lambda: store.page("big", offset=n - n // 10 - PAGE, limit=PAGE,
                                                                   unlabelled=True),
                 "one kept image": lambda: store.images("big", ["item-000500"]),
-                "whole collection (Store.vectors)": lambda: store.vectors("big"),
             }
-            ms = {name: median_ms(fn, repeats if "whole" not in name else max(3, repeats // 10))
-                  for name, fn in rows.items()}
+            ms = median_ms(rows, repeats)
+            ms |= median_ms({WHOLE: lambda: store.vectors("big")}, WHOLE_REPEATS)
             assert len(store.page("big", offset=n - PAGE, limit=PAGE).items) == PAGE
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    full = ms["whole collection (Store.vectors)"]
+    full = ms[WHOLE]
     return {"items": n, "dim": DIM, "page_size": PAGE, "repeats": repeats,
             "rows": {name: {"median_ms": v, "ratio_to_whole": round(v / full, 5)} for name, v in ms.items()}}
 
@@ -96,11 +102,11 @@ def thumbnails(repeats: int) -> dict[str, Any]:
     """The page's thumbnails of real photos against the photos: mean bytes, and the median time to make one."""
     photos = real_jpegs()
     small = [thumbnail(p, THUMB_SIDE, max_pixels=MAX_PIXELS) for p in photos]
-    made = median_ms(lambda: thumbnail(photos[0], THUMB_SIDE, max_pixels=MAX_PIXELS), repeats)
+    made = median_ms({"thumbnail": lambda: thumbnail(photos[0], THUMB_SIDE, max_pixels=MAX_PIXELS)}, repeats)
     return {"photos": len(photos), "side": THUMB_SIDE, "photo_mean_bytes": round(statistics.mean(map(len, photos))),
             "thumbnail_mean_bytes": round(statistics.mean(map(len, small))),
             "bytes_ratio": round(sum(map(len, small)) / sum(map(len, photos)), 4),
-            "thumbnail_of_first_photo_ms": made, "first_photo_bytes": len(photos[0])}
+            "thumbnail_of_first_photo_ms": made["thumbnail"], "first_photo_bytes": len(photos[0])}
 
 
 def main() -> None:
