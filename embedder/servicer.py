@@ -219,7 +219,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     def ListItems(self, request: pb.ListItemsRequest, context: grpc.ServicerContext) -> pb.ListItemsResponse:
         page = self._run(context, self.service.list_items, request.collection, offset=request.offset,
                          limit=request.limit, label=request.label if request.HasField("label") else None,
-                         unlabelled=request.unlabelled, call=self._call(context))
+                         unlabelled=request.unlabelled, where=request.where, call=self._call(context))
         return pb.ListItemsResponse(items=[pb.ListedItem(item=stored_to_pb(s, with_vector=False), image_kept=kept)
                                            for s, kept in zip(page.items, page.kept)],
                                     total=page.total, offset=page.offset)

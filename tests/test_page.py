@@ -207,6 +207,10 @@ def test_add_label_train_try_search_and_label_next_in_the_page(browser, http, fi
     page.find("body").send_keys(Keys.ARROW_RIGHT)
     page.until(lambda: page.text("#range") == "25–40 of 40", "the next page by key")
     assert page.find("#page-no").get_attribute("value") == "2" and page.text("#pages") == "of 2"
+    page.find("#where").send_keys("exists(camera)" + Keys.ENTER)  # a metadata filter: no item has a camera
+    page.until(lambda: page.text("#range") == "no items", "the metadata filter")
+    page.find("#where").send_keys(Keys.CONTROL, "a", Keys.DELETE, Keys.ENTER)
+    page.until(lambda: page.text("#range") == "1–24 of 40", "the filter cleared")
 
     # 3. train: hold-out metrics, per-class table, confusion matrix and learning curve drawn in the page
     page.tab("train")

@@ -56,11 +56,11 @@ def images(digit_images) -> list[bytes]:
 
 @pytest.fixture(scope="module")
 def shelf(api, images) -> list[dict]:
-    """Collection "shelf": 25 images in insertion order, labelled a, b, none in turn; and one item sent as a tensor
-    (no image kept)."""
+    """Collection "shelf": 25 images in insertion order, labelled a, b, none in turn, metadata {"n": their index};
+    and one item sent as a tensor (no image kept)."""
     labels = ["a", "b", None]
-    items = [{"id": f"img-{i:02d}", "image": base64.b64encode(x).decode(), "label": labels[i % 3]}
-             for i, x in enumerate(images)]
+    items = [{"id": f"img-{i:02d}", "image": base64.b64encode(x).decode(), "label": labels[i % 3],
+              "metadata": {"n": i}} for i, x in enumerate(images)]
     assert api.ok("POST", "/v1/collections/shelf/add", json={"items": items})["added"] == 25
     pixels = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     tensor = {"shape": [32, 32, 3], "dtype": "uint8", "data": base64.b64encode(pixels.tobytes()).decode()}
@@ -88,6 +88,15 @@ def test_a_listing_filters_by_label_or_unlabelled(api, shelf):
     assert [i["id"] for i in none["items"]] == [x["id"] for x in shelf if x["label"] is None] + ["tensor"]
     assert none["total"] == len(none["items"])
     assert api.ok("GET", "/v1/collections/shelf/items?label=zebra") == {"items": [], "total": 0, "offset": 0}
+
+
+def test_a_listing_filters_by_metadata(api, shelf):
+    late = api.ok("GET", "/v1/collections/shelf/items", params={"where": "n >= 20", "limit": 3, "offset": 1})
+    assert late["total"] == 5 and [i["id"] for i in late["items"]] == ["img-21", "img-22", "img-23"]
+    assert late["items"][0]["metadata"] == {"n": 21}
+    both = api.ok("GET", "/v1/collections/shelf/items", params={"where": '{"n": {"<": 9}}', "label": "b"})
+    assert [i["id"] for i in both["items"]] == ["img-01", "img-04", "img-07"] and both["total"] == 3
+    refused(api("GET", "/v1/collections/shelf/items", params={"where": "n >>= 3"}), 400, "invalid_argument")
 
 
 @pytest.mark.parametrize("query, text", [
@@ -207,6 +216,7 @@ def test_the_clients_page_read_images_and_create(server, shelf, images):
         assert [s.id for s in page.items] == ["img-24", "tensor"] and page.kept == [True, False]
         assert page.total == 26 and page.offset == 24 and page.items[0].label == "a" and not len(page.items[0].vector)
         assert client.list_items("shelf", label="b").total == 8
+        assert [s.id for s in client.list_items("shelf", where={"n": {"<": 2}}).items] == ["img-00", "img-01"]
         assert client.get_image("shelf", "img-07") == images[7]
         with Image.open(io.BytesIO(client.get_image("shelf", "img-07", size=16))) as thumb:
             assert thumb.size == (16, 16)

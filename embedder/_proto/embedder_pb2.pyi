@@ -286,18 +286,20 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., model_id: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
 
 class ListItemsRequest(_message.Message):
-    __slots__ = ("collection", "offset", "limit", "label", "unlabelled")
+    __slots__ = ("collection", "offset", "limit", "label", "unlabelled", "where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     LABEL_FIELD_NUMBER: _ClassVar[int]
     UNLABELLED_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     offset: int
     limit: int
     label: str
     unlabelled: bool
-    def __init__(self, collection: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ..., label: _Optional[str] = ..., unlabelled: _Optional[bool] = ...) -> None: ...
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ..., label: _Optional[str] = ..., unlabelled: _Optional[bool] = ..., where: _Optional[str] = ...) -> None: ...
 
 class ListedItem(_message.Message):
     __slots__ = ("item", "image_kept")

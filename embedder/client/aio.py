@@ -82,8 +82,8 @@ class AsyncEmbedderClient(BaseClient):
         return await self._run(self._get(collection, ids, vectors))
 
     async def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
-                         unlabelled: bool = False) -> ItemPage:
-        return await self._run(self._list_items(collection, offset, limit, label, unlabelled))
+                         unlabelled: bool = False, where: str | Mapping[str, Any] | None = None) -> ItemPage:
+        return await self._run(self._list_items(collection, offset, limit, label, unlabelled, where))
 
     async def get_image(self, collection: str, item_id: str, *, size: int = 0) -> bytes:
         return await self._run(self._get_image(collection, item_id, size))

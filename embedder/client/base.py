@@ -282,10 +282,10 @@ class BaseClient:
         found = {s.id: stored_from_pb(s) for s in r.items}
         return [found.get(i) for i in ids]
 
-    def _list_items(self, collection: str, offset: int, limit: int, label: str | None,
-                    unlabelled: bool) -> Plan[ItemPage]:
+    def _list_items(self, collection: str, offset: int, limit: int, label: str | None, unlabelled: bool,
+                    where: str | Mapping[str, Any] | None) -> Plan[ItemPage]:
         r = yield Call("ListItems", pb.ListItemsRequest(collection=collection, offset=offset, limit=limit, label=label,
-                                                        unlabelled=unlabelled))
+                                                        unlabelled=unlabelled, where=_where_text(where)))
         return ItemPage([stored_from_pb(i.item) for i in r.items], [i.image_kept for i in r.items], r.total, r.offset)
 
     def _get_image(self, collection: str, item_id: str, size: int) -> Plan[bytes]:

@@ -86,11 +86,11 @@ class EmbedderClient(BaseClient):
         return self._run(self._get(collection, ids, vectors))
 
     def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
-                   unlabelled: bool = False) -> ItemPage:
+                   unlabelled: bool = False, where: str | Mapping[str, Any] | None = None) -> ItemPage:
         """One page of the collection's items in insertion order (0: 100 of them; all, ``label``'s or the
-        ``unlabelled`` ones), without vectors, with the ``total`` that match: page a large collection with
-        ``offset``."""
-        return self._run(self._list_items(collection, offset, limit, label, unlabelled))
+        ``unlabelled`` ones; only those whose metadata passes ``where``), without vectors, with the ``total`` that
+        match: page a large collection with ``offset``."""
+        return self._run(self._list_items(collection, offset, limit, label, unlabelled, where))
 
     def get_image(self, collection: str, item_id: str, *, size: int = 0) -> bytes:
         """A stored item's kept image, as it was added, or (``size`` > 0) a JPEG that fits ``size`` x ``size``."""

@@ -257,13 +257,14 @@ class Service:
         return found
 
     def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
-                   unlabelled: bool = False, call: Call = Call()) -> ItemPage:
+                   unlabelled: bool = False, where: filters.Where = None, call: Call = Call()) -> ItemPage:
         """A page of ``limit`` (0: :data:`DEFAULT_PAGE`) of a collection's items in insertion order (all,
-        ``label``'s or the ``unlabelled`` ones) and how many match; a caller pages with ``offset`` instead of
-        reading the whole collection."""
+        ``label``'s or the ``unlabelled`` ones; only those passing the metadata filter ``where``) and how many
+        match; a caller pages with ``offset`` instead of reading the whole collection."""
         store = self._stateful()
         self._permit(call, READ, collection)
-        return store.page(collection, offset=offset, limit=limit or DEFAULT_PAGE, label=label, unlabelled=unlabelled)
+        return store.page(collection, offset=offset, limit=limit or DEFAULT_PAGE, label=label, unlabelled=unlabelled,
+                          where=where)
 
     def item_image(self, collection: str, item_id: str, *, size: int = 0, call: Call = Call()) -> bytes:
         """The kept encoded image of a stored item, as added (``size`` 0) or as a JPEG thumbnail that fits ``size``

@@ -88,6 +88,7 @@ class ItemsQuery(Request):
     limit: int = Field(0, description="items per page; 0 means 100, at most 1000")
     label: str | None = Field(None, description="only items with this label")
     unlabelled: bool = Field(False, description="only items without a label")
+    where: str | None = _where("items")
 
 
 class ImageQuery(Request):

@@ -324,28 +324,30 @@ class Store:
         return [found.get(i) for i in ids]
 
     def page(self, collection: str, *, offset: int = 0, limit: int = 100, label: str | None = None,
-             unlabelled: bool = False) -> ItemPage:
+             unlabelled: bool = False, where: filters.Where = None) -> ItemPage:
         """Items ``offset`` to ``offset + limit`` of a collection in insertion order, with the total: all of them,
-        those labelled ``label``, or the ``unlabelled`` ones. Reads one page, never the whole collection."""
+        those labelled ``label``, or the ``unlabelled`` ones, of those only the ones whose metadata passes
+        ``where``. Reads one page, never the whole collection."""
         offset, limit = check_page(offset, limit)
         label = check_label(label)
         if label is not None and unlabelled:
             raise InvalidArgumentError("ask for items with `label` or for the `unlabelled` ones, not both")
-        where, args = "i.cid = ?", []
+        condition, params = self._condition(where)
+        selected, args = f"i.cid = ? AND {condition}", list(params)
         if label is not None:
-            where, args = "i.cid = ? AND i.label = ?", [label]
+            selected, args = f"{selected} AND i.label = ?", [*args, label]
         elif unlabelled:
-            where = "i.cid = ? AND i.label IS NULL"
+            selected = f"{selected} AND i.label IS NULL"
         columns = ", ".join(f"i.{name}" for name in ITEM_COLUMNS.split(", "))
         with self._locked(self._get(collection)) as c:
             with self._db_lock:
                 db = self._conn()
-                (total,) = db.execute(f"SELECT count(*) FROM items i WHERE {where}", [c.cid, *args]).fetchone()
-                # the page's fids first, from the label index alone: the rows skipped by OFFSET are never read
-                # (sorting whole rows, vectors and all, to skip them costs seconds at 100k items)
+                (total,) = db.execute(f"SELECT count(*) FROM items i WHERE {selected}", [c.cid, *args]).fetchone()
+                # the page's fids first, from an index alone: the rows skipped by OFFSET are never read (sorting
+                # whole rows, vectors and all, to skip them costs seconds at 100k items)
                 rows = db.execute(f"SELECT {columns}, i.created, i.updated, m.sha256 IS NOT NULL FROM items i "
                                   "LEFT JOIN images m ON m.sha256 = i.sha256 WHERE i.fid IN (SELECT i.fid FROM "
-                                  f"items i WHERE {where} ORDER BY i.fid LIMIT ? OFFSET ?) ORDER BY i.fid",
+                                  f"items i WHERE {selected} ORDER BY i.fid LIMIT ? OFFSET ?) ORDER BY i.fid",
                                   [c.cid, *args, limit, offset]).fetchall()
         self._check_items(c, rows)
         return ItemPage([StoredItem(r[0], c.name, vector(r[4]), r[1], r[2], _metadata(r[3], r[0]), r[6], r[7])

@@ -194,6 +194,7 @@ async function loadItems() {
     const q = new URLSearchParams({ offset: state.offset, limit: pageSize() });
     if (state.filter === "unlabelled") q.set("unlabelled", "true");
     if (state.filter.startsWith("label:")) q.set("label", state.filter.slice(6));
+    if ($("where").value.trim()) q.set("where", $("where").value.trim());
     const page = await call("GET", collectionPath(state.info.name, `/items?${q}`));
     if (view !== state.view) return;
     if (!page.items.length && page.total && state.offset >= page.total) {  // the last page emptied: step back
@@ -614,6 +615,7 @@ function init() {
     await loadItems();
   }));
   $("page-size").addEventListener("change", act(async () => { state.offset = 0; await loadItems(); }));
+  $("where").addEventListener("change", act(async () => { state.offset = 0; await loadItems(); }));
   $("page-no").addEventListener("change", act(async () => {
     const n = Math.min(Math.max(1, Math.floor(Number($("page-no").value)) || 1), Number($("page-no").max) || 1);
     if (state.filter === "hits") return;
