@@ -21,6 +21,10 @@ install: $(BIN)/python
 
 install-test: install
 	$(BIN)/pip install --quiet -e ".[server,openvino,milvus,test]"
+	@# tests/test_page.py drives a real headless browser: Debian's chromium and its driver, installed where missing
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		{ [ "$$(id -u)" = 0 ] || { echo "tests/test_page.py needs chromium and chromium-driver: run make install-test as root, or apt-get install them"; exit 1; }; \
+		  apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null; }
 
 demo: install
 	$(BIN)/embedder demo

@@ -24,8 +24,8 @@ from .core.service import DEFAULT_K, METADATA_FLAG
 from .errors import TABLE, Category, EmbedderError, ItemError, category_of
 from .jsonrule import parse_json_object
 from .keys import Gate
-from .messages import (bytes_vector, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb, tensor_array,
-                       vector_bytes)
+from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb,
+                       tensor_array, vector_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +215,23 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         stats, heads = self._run(context, self.service.stats, self._call(context))
         return stats_to_pb(stats, heads=heads)
+
+    def ListItems(self, request: pb.ListItemsRequest, context: grpc.ServicerContext) -> pb.ListItemsResponse:
+        page = self._run(context, self.service.list_items, request.collection, offset=request.offset,
+                         limit=request.limit, label=request.label if request.HasField("label") else None,
+                         unlabelled=request.unlabelled, where=request.where, call=self._call(context))
+        return pb.ListItemsResponse(items=[pb.ListedItem(item=stored_to_pb(s, with_vector=False), image_kept=kept)
+                                           for s, kept in zip(page.items, page.kept)],
+                                    total=page.total, offset=page.offset)
+
+    def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.GetImageResponse:
+        return pb.GetImageResponse(image=self._run(context, self.service.item_image, request.collection, request.id,
+                                                   size=request.size, call=self._call(context)))
+
+    def CreateCollection(self, request: pb.CreateCollectionRequest,
+                         context: grpc.ServicerContext) -> pb.CollectionStats:
+        return collection_to_pb(self._run(context, self.service.create_collection, request.collection,
+                                          model=request.model, index=request.index, call=self._call(context)))
 
     # ------------------------------------------------------------------ heads
 

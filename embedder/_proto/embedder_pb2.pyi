@@ -285,6 +285,66 @@ class SearchResponse(_message.Message):
     cached: bool
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., model_id: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
 
+class ListItemsRequest(_message.Message):
+    __slots__ = ("collection", "offset", "limit", "label", "unlabelled", "where")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    UNLABELLED_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    offset: int
+    limit: int
+    label: str
+    unlabelled: bool
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ..., label: _Optional[str] = ..., unlabelled: _Optional[bool] = ..., where: _Optional[str] = ...) -> None: ...
+
+class ListedItem(_message.Message):
+    __slots__ = ("item", "image_kept")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_KEPT_FIELD_NUMBER: _ClassVar[int]
+    item: StoredItem
+    image_kept: bool
+    def __init__(self, item: _Optional[_Union[StoredItem, _Mapping]] = ..., image_kept: _Optional[bool] = ...) -> None: ...
+
+class ListItemsResponse(_message.Message):
+    __slots__ = ("items", "total", "offset")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ListedItem]
+    total: int
+    offset: int
+    def __init__(self, items: _Optional[_Iterable[_Union[ListedItem, _Mapping]]] = ..., total: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class GetImageRequest(_message.Message):
+    __slots__ = ("collection", "id", "size")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    id: str
+    size: int
+    def __init__(self, collection: _Optional[str] = ..., id: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class GetImageResponse(_message.Message):
+    __slots__ = ("image",)
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    def __init__(self, image: _Optional[bytes] = ...) -> None: ...
+
+class CreateCollectionRequest(_message.Message):
+    __slots__ = ("collection", "model", "index")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    model: str
+    index: str
+    def __init__(self, collection: _Optional[str] = ..., model: _Optional[str] = ..., index: _Optional[str] = ...) -> None: ...
+
 class StatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -25,7 +25,7 @@ from .._proto import embedder_pb2_grpc as pb_grpc
 from ..config import Config
 from ..inputs import image_list
 from ..messages import collection_from_pb, head_from_pb, hit_from_pb, job_from_pb, stored_from_pb, vector_bytes
-from ..results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
+from ..results import BatchResult, CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem
 from .chunking import DIM_BOUND, ENVELOPE, STATUS_BY_NUMBER, Chunk, batches, embed_chunks, to_item
 from .errors import RemoteBatchError, ServiceError
 from .results import AddSummary, ItemResult, Prediction
@@ -281,6 +281,19 @@ class BaseClient:
         r = yield Call("Get", pb.GetRequest(collection=collection, ids=ids, omit_vectors=not vectors))
         found = {s.id: stored_from_pb(s) for s in r.items}
         return [found.get(i) for i in ids]
+
+    def _list_items(self, collection: str, offset: int, limit: int, label: str | None, unlabelled: bool,
+                    where: str | Mapping[str, Any] | None) -> Plan[ItemPage]:
+        r = yield Call("ListItems", pb.ListItemsRequest(collection=collection, offset=offset, limit=limit, label=label,
+                                                        unlabelled=unlabelled, where=_where_text(where)))
+        return ItemPage([stored_from_pb(i.item) for i in r.items], [i.image_kept for i in r.items], r.total, r.offset)
+
+    def _get_image(self, collection: str, item_id: str, size: int) -> Plan[bytes]:
+        return (yield Call("GetImage", pb.GetImageRequest(collection=collection, id=item_id, size=size))).image
+
+    def _create_collection(self, collection: str, model: str, index: str) -> Plan[CollectionInfo]:
+        request = pb.CreateCollectionRequest(collection=collection, model=model, index=index)
+        return collection_from_pb((yield Call("CreateCollection", request)))
 
     def _search(self, image: Any, collection: str | None, item_id: str | None, vector: np.ndarray | None, k: int,
                 label: str | None, ef_search: int | None,

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 import grpc
 import numpy as np
 
-from ..results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
+from ..results import BatchResult, CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem
 from .base import BaseClient, Call, Plan, Sleep, Step, advance
 from .chunking import Chunk
 from .results import AddSummary, ItemResult, Prediction
@@ -84,6 +84,22 @@ class EmbedderClient(BaseClient):
     def get(self, collection: str, ids: Sequence[str], *, vectors: bool = True) -> list[StoredItem | None]:
         """Stored items in the order of ``ids``, None where an id is not in the collection."""
         return self._run(self._get(collection, ids, vectors))
+
+    def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
+                   unlabelled: bool = False, where: str | Mapping[str, Any] | None = None) -> ItemPage:
+        """One page of the collection's items in insertion order (0: 100 of them; all, ``label``'s or the
+        ``unlabelled`` ones; only those whose metadata passes ``where``), without vectors, with the ``total`` that
+        match: page a large collection with ``offset``."""
+        return self._run(self._list_items(collection, offset, limit, label, unlabelled, where))
+
+    def get_image(self, collection: str, item_id: str, *, size: int = 0) -> bytes:
+        """A stored item's kept image, as it was added, or (``size`` > 0) a JPEG that fits ``size`` x ``size``."""
+        return self._run(self._get_image(collection, item_id, size))
+
+    def create_collection(self, collection: str, *, model: str = "", index: str = "") -> CollectionInfo:
+        """Create an empty collection bound to ``model`` (default: the server's), with ``index`` ("flat", the
+        default, or "hnsw[:...]"); :meth:`add` creates one on first use too."""
+        return self._run(self._create_collection(collection, model, index))
 
     def search(self, image: Any = None, *, collection: str | None = None, item_id: str | None = None,
                vector: np.ndarray | None = None, k: int = 10, label: str | None = None,

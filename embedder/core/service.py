@@ -31,13 +31,15 @@ from ..config import Config
 from ..errors import (EmbedderError, InvalidArgumentError, ItemError, ItemNotFoundError, ModelMismatchError,
                       NotFoundError, NotReadyError, PermissionDeniedError, ReplicaOnlyError, ResponseTooLargeError)
 from ..jsonrule import check_json_object, dump_stored
-from ..results import CurvePoint, DeleteResult, Hit, StoredItem, StoreStats
+from ..results import CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .embedding import Call, Item, Outcome, Pending, finish, submit
 from .models import LoadedModel, ModelPool
+from .thumbnails import check_side, thumbnail
 
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
+DEFAULT_PAGE = 100  # items per page of a listing when the caller names no limit
 READ, WRITE, ADMIN = "read", "write", "admin"
 METADATA_FLAG = "--max-metadata-bytes / EMBEDDER_MAX_METADATA_BYTES"
 
@@ -253,6 +255,43 @@ class Service:
         found = store.get(collection, list(ids))
         self._check_answer([s for s in found if s is not None], vectors=vectors, what="Get", fix="fewer ids")
         return found
+
+    def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
+                   unlabelled: bool = False, where: filters.Where = None, call: Call = Call()) -> ItemPage:
+        """A page of ``limit`` (0: :data:`DEFAULT_PAGE`) of a collection's items in insertion order (all,
+        ``label``'s or the ``unlabelled`` ones; only those passing the metadata filter ``where``) and how many
+        match; a caller pages with ``offset`` instead of reading the whole collection."""
+        store = self._stateful()
+        self._permit(call, READ, collection)
+        return store.page(collection, offset=offset, limit=limit or DEFAULT_PAGE, label=label, unlabelled=unlabelled,
+                          where=where)
+
+    def item_image(self, collection: str, item_id: str, *, size: int = 0, call: Call = Call()) -> bytes:
+        """The kept encoded image of a stored item, as added (``size`` 0) or as a JPEG thumbnail that fits ``size``
+        x ``size`` pixels; NotFoundError when the item or its image is not there."""
+        store = self._stateful()
+        self._permit(call, READ, collection)
+        if size:
+            check_side(size)
+        (image,) = store.images(collection, [item_id])
+        if image is None:
+            if store.get(collection, [item_id])[0] is None:
+                raise ItemNotFoundError(f"no item {item_id[:200]!r} in collection {collection!r}; list its items "
+                                        "to find the ids")
+            raise ItemNotFoundError(f"item {item_id[:200]!r} has no kept image: it was added as a tensor or by "
+                                    "hash, or while the server ran with --no-keep-images; add it again as an image "
+                                    "to keep one")
+        return thumbnail(image, size, max_pixels=self.config.max_pixels) if size else image
+
+    def create_collection(self, collection: str, *, model: str = "", index: str = "",
+                          call: Call = Call()) -> CollectionInfo:
+        """Create an empty collection bound to ``model`` (default: the server's) with ``index`` (default flat);
+        one that exists with the same binding and index is returned as is."""
+        store = self._stateful()
+        self._permit(call, WRITE, collection)
+        with self.models.lease(model) as bound:
+            return store.create_collection(collection, model_id=bound.model_id, dim=bound.dim,
+                                           index=index or "flat")
 
     def search(self, *, collection: str | None = None, item: Item | None = None, item_id: str | None = None,
                vector: np.ndarray | None = None, model: str = "", k: int = DEFAULT_K, label: str | None = None,

@@ -81,6 +81,27 @@ class IdsRequest(Request):
     ids: list[str]
 
 
+class ItemsQuery(Request):
+    """The query string of a listing: one page of items in insertion order."""
+
+    offset: int = Field(0, description="items to skip")
+    limit: int = Field(0, description="items per page; 0 means 100, at most 1000")
+    label: str | None = Field(None, description="only items with this label")
+    unlabelled: bool = Field(False, description="only items without a label")
+    where: str | None = _where("items")
+
+
+class ImageQuery(Request):
+    id: str = Field(description="the item's id")
+    size: int = Field(0, description="a JPEG thumbnail that fits size x size pixels (16 to 1024); 0: the image "
+                                     "as added")
+
+
+class CreateCollectionRequest(Request):
+    model: str = Field("", description="the backbone the collection is bound to; empty: the server's default")
+    index: str = Field("", description="flat (default) or hnsw[:m=..,ef_construction=..]")
+
+
 class ForgetRequest(Request):
     sha256s: list[str] = Field(description="hex sha256 of each image's bytes")
 
@@ -243,6 +264,22 @@ class StoredItemOut(BaseModel):
 class GetResponse(BaseModel):
     items: list[StoredItemOut]
     missing: list[str]
+
+
+class ListedItemOut(BaseModel):
+    id: str
+    sha256: str | None
+    label: str | None
+    metadata: dict[str, Any]
+    created: float
+    updated: float
+    image: bool = Field(description="its image is kept: GET /v1/collections/{collection}/image?id=... serves it")
+
+
+class ItemsResponse(BaseModel):
+    items: list[ListedItemOut]
+    total: int = Field(description="items that match the filter, in every page")
+    offset: int
 
 
 class HitOut(BaseModel):
