@@ -7,12 +7,14 @@ from .base import Head
 from .logreg import LogRegHead
 from .svm import LinearSVMHead, SVMHead
 from .validation import HeadError
+from .zero_shot import FewShotHead, ZeroShotHead
 
-HEADS: dict[str, type[Head]] = {h.kind: h for h in (LogRegHead, LinearSVMHead, SVMHead)}
+HEADS: dict[str, type[Head]] = {h.kind: h for h in (LogRegHead, LinearSVMHead, SVMHead, ZeroShotHead, FewShotHead)}
 
 
 def make_head(kind: str, **params: Any) -> Head:
-    """A new, unfitted head of ``kind`` (``logreg``, ``linear_svm`` or ``svm``) with ``params``."""
+    """A new, unfitted head of ``kind`` (``logreg``, ``linear_svm``, ``svm``, ``zero_shot``, ``few_shot``) with
+    ``params``."""
     return _kind(kind)._create(**params)
 
 
