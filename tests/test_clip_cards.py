@@ -159,8 +159,43 @@ def test_text_to_image_and_image_to_text_search_on_a_real_server(card, reference
             assert [h.id for h in hits] == want
             again = list(client.embed_iter([Text(TEXTS[0])]))
             assert again[0].cached and cosine(again[0].vector[None], text_vectors[:1])[0] >= 0.9999
+            by_text = [h.id for h in client.search(Text(TEXTS[1]), collection="photos", k=3)]
+        _http_and_cli_take_text(server, config, by_text)
     finally:
         server.stop(grace=1)
+
+
+def _http_and_cli_take_text(server, config, by_text: list[str]) -> None:
+    """The HTTP door and the CLI search by text and train a zero-shot head, as the gRPC client does."""
+    import subprocess
+    import sys
+
+    import requests
+
+    from embedder.rest import HttpServer, create_app
+
+    http = HttpServer(create_app(server.service, config), config, port=0)
+    http.start()
+    try:
+        found = requests.post(f"{http.url}/v1/search", json={"collection": "photos", "item": {"text": TEXTS[1]},
+                                                             "k": 3}, timeout=30)
+        assert found.status_code == 200 and [h["id"] for h in found.json()["hits"]] == by_text
+        trained = requests.post(f"{http.url}/v1/collections/photos/train", timeout=60, json={
+            "head": "zero_shot", "class_prompts": {"cat": ["a photo of a {label}"], "dog": ["a {label}"]}})
+        assert trained.status_code == 200 and trained.json()["head"]["kind"] == "zero_shot"
+        refused = requests.post(f"{http.url}/v1/embed", json={"items": [{"text": "  "}]}, timeout=30)
+        assert "text is empty" in refused.json()["results"][0]["error"]["message"]
+    finally:
+        http.stop(grace=1)
+    cli = [sys.executable, "-m", "embedder.cli"]
+    server_flag = ["--server", f"127.0.0.1:{server.port}"]
+    out = subprocess.run([*cli, "search", "--text", TEXTS[1], "--collection", "photos", "-k", "3", "--json",
+                          *server_flag], capture_output=True, text=True, check=True).stdout
+    assert [h["id"] for h in json.loads(out)] == by_text
+    out = subprocess.run([*cli, "train", "--collection", "photos", "--head", "zero_shot", "--prompt",
+                          "cat=a photo of a {label}", "--prompt", "dog=a photo of a {label}", "--json", *server_flag],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out)["classes"] == ["cat", "dog"]
 
 
 def test_zero_shot_head_predicts_the_reference_argmax(card, reference, photos, tmp_path, cache_dir,
