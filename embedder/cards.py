@@ -47,10 +47,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 
-from .backbones import (IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Preprocessing, WeightsFile, _files_under,
-                        _strip_head, get_backbone, load_backbone, register_backbone, sha256_path)
-from .errors import ModelCardError, NotSupportedByModelError, UnknownModelError, WeightsHashError, \
-    WeightsNotFoundError
+from .backbones import (IMAGENET_224, IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Preprocessing, WeightsFile,
+                        _stat_key, _strip_head, get_backbone, load_backbone, register_backbone, sha256_path)
+from .errors import (ModelCardError, NotSupportedByModelError, UnknownModelError, WeightsHashError,
+                     WeightsNotFoundError)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -98,6 +98,9 @@ class ModelCard:
                                  "(e.g. \"resnet18\") that the state dict file was saved from")
         if self.format not in ("torchvision", "timm") and self.arch:
             raise ModelCardError(f"{where}: `arch` applies to formats torchvision and timm, not {self.format!r}")
+        for key in ("arch", "sha256", "output", "description", "interpolation"):
+            if not isinstance(getattr(self, key), str):
+                raise ModelCardError(f"{where}: {key} must be a string, got {getattr(self, key)!r}")
         if self.sha256 and not _SHA.fullmatch(self.sha256):
             raise ModelCardError(f"{where}: sha256 must be 64 lower-case hex digits (`sha256sum FILE`), got "
                                  f"{self.sha256[:80]!r}")
@@ -113,13 +116,17 @@ class ModelCard:
                 raise ModelCardError(f"{where}: {key} must be a whole number >= 0, got {value!r}")
         for key in ("mean", "std"):
             value = getattr(self, key)
-            if len(value) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            if not isinstance(value, (list, tuple)) or len(value) != 3 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
                 raise ModelCardError(f"{where}: {key} must be three numbers (R, G, B), got {list(value)!r}")
         if not all(v > 0 for v in self.std):
             raise ModelCardError(f"{where}: std values must be > 0, got {list(self.std)!r}")
+        for key in ("mean", "std"):  # frozen: a card is a dict key of the registrations
+            object.__setattr__(self, key, tuple(float(v) for v in getattr(self, key)))
+        object.__setattr__(self, "path", Path(self.path))
         if self.format == "transformers":
-            given = [f.name for f in fields(self) if f.name in ("input_size", "resize", "mean", "std", "interpolation",
-                                                                 "layout", "pool") and getattr(self, f.name) != f.default]
+            own = ("input_size", "resize", "mean", "std", "interpolation", "layout", "pool")
+            given = [f.name for f in fields(self) if f.name in own and getattr(self, f.name) != f.default]
             if given:
                 raise ModelCardError(f"{where}: a transformers folder brings its own preprocessing "
                                      f"(preprocessor_config.json) and output; remove {', '.join(given)} from the card")
@@ -154,23 +161,23 @@ class ModelCard:
             raise ModelCardError(f"model card {data.get('name', '?')!r} needs {', '.join(missing)}")
         values = dict(data)
         values["path"] = (base / Path(str(data["path"])).expanduser()).resolve()
-        for key in ("mean", "std"):
-            if key in values:
-                values[key] = tuple(values[key]) if isinstance(values[key], list) else values[key]
         return cls(**values)
 
     @property
     def recipe(self) -> str:
-        """Fingerprint of how the output is read: part of the model id, beside the files and preprocessing."""
-        blob = json.dumps({"format": self.format, "arch": self.arch, "layout": self.layout, "output": self.output,
-                           "pool": self.pool}, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:8]
+        """Fingerprint of how the output is read (layout, output tensor, pooling): part of the model id, beside the
+        files and the preprocessing; empty for the defaults, so a plain file's id is ``name:sha:pp`` as ever."""
+        read = {"layout": self.layout, "output": self.output, "pool": self.pool}
+        if read == {"layout": "NCHW", "output": "", "pool": "none"}:
+            return ""
+        return hashlib.sha256(json.dumps(read, sort_keys=True).encode()).hexdigest()[:8]
 
 
 # --- registration ----------------------------------------------------------------------------------
 
 _lock = threading.Lock()
-_digests: dict[tuple, str] = {}
+_digests: dict[tuple, str] = {}  # file states -> sha256
+_specs: dict[tuple[ModelCard, str], BackboneSpec] = {}  # (card, files' sha256) -> the spec registered for it
 
 
 def register_cards(paths: Iterable[str | Path]) -> list[BackboneSpec]:
@@ -191,6 +198,10 @@ def register_card(card: ModelCard, *, overwrite: bool = False) -> BackboneSpec:
         raise ModelCardError(f"model card {card.name!r}: format {card.format} takes one file, but {card.path} is "
                              "a folder")
     digest = _digest(card.path)
+    with _lock:
+        known = _specs.get((card, digest))
+    if known is not None and _registered(known):
+        return known  # the same card and files again (another Embedder, the pool): nothing to read or measure
     if card.sha256 and digest != card.sha256:
         raise WeightsHashError(f"model card {card.name!r}: {card.path} has sha256 {digest}, but the card pins "
                                f"{card.sha256}; restore the expected files, or update `sha256` in the card if the "
@@ -201,17 +212,37 @@ def register_card(card: ModelCard, *, overwrite: bool = False) -> BackboneSpec:
         existing = get_backbone(card.name)
     except UnknownModelError:
         existing = None
-    if existing is not None and existing.model_id == spec.model_id:
-        return existing  # the same card read again (another Embedder, `embedder models`)
-    spec = register_backbone(spec, overwrite=overwrite)
-    log.info("registered model card %s (%s, %d-d): %s", card.name, card.format, spec.dim, spec.model_id)
+    if existing is None or existing.model_id != spec.model_id:
+        spec = register_backbone(spec, overwrite=overwrite)
+        log.info("registered model card %s (%s, %d-d): %s", card.name, card.format, spec.dim, spec.model_id)
+    else:
+        spec = existing  # the same model registered before
+    with _lock:
+        _specs[card, digest] = spec
     return spec
+
+
+def register_local(name: str, path: str | Path, *, arch: str | None = None,
+                   preprocessing: Preprocessing = IMAGENET_224, overwrite: bool = False) -> BackboneSpec:
+    """Register a local weights file as a backbone: the card of a torchvision ``arch`` + state dict, or, without
+    ``arch``, of a TorchScript file whose output is the ``(N, dim)`` features. The dim is measured."""
+    pp = preprocessing
+    card = ModelCard(name=name, format="torchvision" if arch else "torchscript", path=Path(path).expanduser().resolve(),
+                     arch=arch or "", input_size=pp.crop, resize=pp.resize, mean=pp.mean, std=pp.std,
+                     interpolation=pp.interpolation)
+    return register_card(card, overwrite=overwrite)
+
+
+def _registered(spec: BackboneSpec) -> bool:
+    try:
+        return get_backbone(spec.name) is spec
+    except UnknownModelError:
+        return False
 
 
 def _digest(path: Path) -> str:
     """sha256 of the file or folder, computed once per state of its files."""
-    files = _files_under(path) if path.is_dir() else [path]
-    key = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    key = _stat_key(path)
     with _lock:
         if key in _digests:
             return _digests[key]
@@ -259,8 +290,9 @@ def _torch_spec(card: ModelCard, weights: WeightsFile, build: Callable[[Path], n
     with torch.inference_mode():
         out = load_backbone(spec)(torch.zeros(1, 3, pp.crop, pp.crop))
     if out.dim() != 2:
-        raise ModelCardError(f"model card {card.name!r}: the model outputs shape {tuple(out.shape)}; a backbone "
-                             "outputs (N, dim) features: set `pool` (spatial_mean, token_mean or first_token)")
+        raise ModelCardError(f"model card {card.name!r}: {card.path} outputs shape {tuple(out.shape)}; a backbone must "
+                             "output (N, dim) features: set the card's `pool` (spatial_mean, token_mean or "
+                             "first_token)")
     return _spec(card, weights, pp, adapted, int(out.shape[1]), torchscript=torchscript,
                  features_only=not torchscript)
 

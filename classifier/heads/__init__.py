@@ -37,12 +37,12 @@ Modules of one job each: ``validation.py`` (feature, label and model checks; the
 from __future__ import annotations
 
 from .base import Head, standardization
-from .kinds import HEADS, head_params, make_head
+from .kinds import HEADS, LABEL_HEADS, head_params, make_head
 from .logreg import LogRegHead
 from .svm import LinearSVMHead, SVMHead
 from .validation import HeadError, InsufficientDataError, check_features, check_same_model
 from .zero_shot import FewShotHead, ZeroShotHead, class_vectors
 
-__all__ = ["HEADS", "FewShotHead", "Head", "HeadError", "InsufficientDataError", "LinearSVMHead", "LogRegHead",
+__all__ = ["HEADS", "LABEL_HEADS", "FewShotHead", "Head", "HeadError", "InsufficientDataError", "LinearSVMHead", "LogRegHead",
            "SVMHead", "ZeroShotHead", "check_features", "check_same_model", "class_vectors", "head_params",
            "make_head", "standardization"]

@@ -1,4 +1,5 @@
-"""The head kinds by name: :data:`HEADS`, :func:`make_head` and :func:`head_params`."""
+"""The head kinds by name: :data:`HEADS` (:data:`LABEL_HEADS` of them fit on labels alone), :func:`make_head` and
+:func:`head_params`."""
 from __future__ import annotations
 
 from typing import Any
@@ -10,6 +11,8 @@ from .validation import HeadError
 from .zero_shot import FewShotHead, ZeroShotHead
 
 HEADS: dict[str, type[Head]] = {h.kind: h for h in (LogRegHead, LinearSVMHead, SVMHead, ZeroShotHead, FewShotHead)}
+# The kinds fitted on labelled vectors alone; zero_shot is built from text, few_shot needs a text prior as well.
+LABEL_HEADS = ("logreg", "linear_svm", "svm")
 
 
 def make_head(kind: str, **params: Any) -> Head:

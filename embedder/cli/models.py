@@ -29,7 +29,8 @@ def run(args: argparse.Namespace) -> int:
     """Print one row per backbone (name, dim, input size, model id, weights) and the CPU runtime ``auto`` picks."""
     register_cards(Config.from_env(model_cards=card_setting(args)).card_paths)
     cpu_runtime = resolve_runtime("auto", "cpu")
-    rows = [{"name": s.name, "model_id": s.model_id, "dim": s.dim, "input_size": s.preprocessing.crop,
+    rows = [{"name": s.name, "model_id": s.model_id, "sha256": s.weights.sha256, "dim": s.dim,
+             "input_size": s.preprocessing.crop,
              "weights": "installed" if s.weights.present() else f"missing: {s.weights.install}",
              "text": s.has_text, "description": s.description} for s in list_backbones()]
     if args.json:

@@ -77,8 +77,8 @@ class Item:
             return cls(item_id, image=bytes(value))
         if isinstance(value, np.ndarray):
             return cls(item_id, array=value)
-        raise TypeError(f"an item is encoded image bytes, a decoded (H, W[, C]) array or an Item (Item(text=...) for text), not a "
-                        f"{type(value).__name__}; read files into bytes first")
+        raise TypeError(f"an item is encoded image bytes, a decoded (H, W[, C]) array or an Item, not a "
+                        f"{type(value).__name__}; read files into bytes first, pass text as Item(text=...)")
 
 
 @dataclass
