@@ -277,7 +277,8 @@ class Service:
             if item is not None:
                 found = self.finish(self._start([item], bound, call)).outcomes[0]
                 if found.error is not None:
-                    found.error.args = (f"the query image: {found.error}",)  # a fresh error of this call
+                    what = "text" if item.text is not None else "image"
+                    found.error.args = (f"the query {what}: {found.error}",)  # a fresh error of this call
                     raise found.error
                 vector, cached = found.vector, found.cached
         hits = store.search(collection, np.asarray(vector)[None], k=k, label=label, model_id=bound.model_id,
