@@ -207,16 +207,8 @@ def register_card(card: ModelCard, *, overwrite: bool = False) -> BackboneSpec:
                                f"{card.sha256}; restore the expected files, or update `sha256` in the card if the "
                                "new files are intended (vectors of the old ones will not mix with the new)")
     weights = WeightsFile(sha256=digest, path=card.path, filename=card.path.name)
-    spec = _SPECS[card.format](card, weights)
-    try:
-        existing = get_backbone(card.name)
-    except UnknownModelError:
-        existing = None
-    if existing is None or existing.model_id != spec.model_id:
-        spec = register_backbone(spec, overwrite=overwrite)
-        log.info("registered model card %s (%s, %d-d): %s", card.name, card.format, spec.dim, spec.model_id)
-    else:
-        spec = existing  # the same model registered before
+    spec = register_backbone(_SPECS[card.format](card, weights), overwrite=overwrite)
+    log.info("registered model card %s (%s, %d-d): %s", card.name, card.format, spec.dim, spec.model_id)
     with _lock:
         _specs[card, digest] = spec
     return spec
@@ -314,7 +306,7 @@ def _adapter(module: nn.Module, layout: str, pool: str) -> nn.Module:
                 out = out.mean(dim=1)
             elif pool == "first_token":
                 out = out[:, 0]
-            return out.flatten(1)
+            return out if pool == "none" else out.flatten(1)  # "none": (N, dim) already, checked below
 
     return CardAdapter()
 
@@ -350,6 +342,12 @@ def _onnx_spec(card: ModelCard, weights: WeightsFile) -> BackboneSpec:
     if card.input_size and h and card.input_size != h:
         raise ModelCardError(f"model card {card.name!r}: input_size is {card.input_size}, but the ONNX input is "
                              f"{h}x{w}; set input_size = {h} or leave it out")
+    out = next((o for o in model.graph.output if o.name == (card.output or model.graph.output[0].name)), None)
+    rank = len(out.type.tensor_type.shape.dim) if out is not None and out.type.tensor_type.HasField("shape") else 0
+    if card.pool == "none" and rank not in (0, 2):
+        raise ModelCardError(f"model card {card.name!r}: {card.path} outputs {rank}-d tensors; a backbone must "
+                             "output (N, dim) features: set the card's `pool` (spatial_mean, token_mean or "
+                             "first_token)")
     crop = card.input_size or h
     if not crop:
         raise ModelCardError(f"model card {card.name!r}: the ONNX input has no static size; set `input_size`")

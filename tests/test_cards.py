@@ -150,6 +150,7 @@ def test_card_model_id_covers_files_recipe_and_output(onnx_file, tmp_path, resto
     ({"pool": "max"}, "ModelCardError", ["pool must be one of"]),
     ({"input_size": 64}, "ModelCardError", ["set input_size = 32"]),
     ({"output": "nope"}, "ModelCardError", ["no output 'nope'", "fmap"]),
+    ({"pool": "none"}, "ModelCardError", ["outputs 4-d tensors", "set the card's `pool`"]),
     ({"colour": "red"}, "ModelCardError", ["unknown key(s) colour"]),
     ({"name": "../evil"}, "ModelCardError", ["not usable"]),
 ])
@@ -222,3 +223,36 @@ def test_models_command_lists_cards(onnx_file, tmp_path):
                          capture_output=True, text=True, check=True).stdout
     row = next(m for m in json.loads(out)["models"] if m["name"] == "tiny-onnx")
     assert row["dim"] == 16 and row["input_size"] == SIZE and row["weights"] == "installed"
+
+
+def test_pool_loads_a_card_model_on_first_use_beside_the_default(onnx_file, tmp_path, photos, embedder, cache_dir,
+                                                                 restore_registry):
+    """A server on the default backbone loads a card's model when a call names it; each keeps its own cache."""
+    from embedder.config import Config
+    from embedder.core import Item, Service
+
+    card = _card(tmp_path, name="tiny-onnx", format="onnx", path=onnx_file, pool="spatial_mean")
+    config = Config.from_env(environ={}, data_dir=tmp_path / "data", cache_dir=cache_dir, runtime="onnxruntime",
+                             model_cards=card)
+    with Service.open(config, embedder=embedder) as service:
+        mine = service.embed([Item(image=photos[0])], model="tiny-onnx")
+        default = service.embed([Item(image=photos[0])])
+        again = service.embed([Item(image=photos[0])], model="tiny-onnx").outcomes[0]
+        assert mine.model.name == "tiny-onnx" and mine.outcomes[0].vector.shape == (16,)
+        assert default.model.name == "mobilenet_v2" and default.outcomes[0].vector.shape == (1280,)
+        assert again.cached and np.array_equal(again.vector, mine.outcomes[0].vector)
+        assert [m["name"] for m in service.list_models()] == ["mobilenet_v2", "tiny-onnx"]
+
+
+def test_an_onnx_card_never_loads_torch(onnx_file, tmp_path, photos):
+    """The wrapped graph is built with onnx alone: a process serving an ONNX card imports no torch, even on its
+    first start (nothing cached)."""
+    card = _card(tmp_path, name="tiny-onnx", format="onnx", path=onnx_file, pool="spatial_mean")
+    (tmp_path / "photo.jpg").write_bytes(photos[0])
+    code = ("import sys; from embedder import Embedder\n"
+            f"with Embedder(model='tiny-onnx', device='cpu', runtime='onnxruntime', cache_dir={str(tmp_path)!r},"
+            f" model_cards={card!r}) as emb:\n"
+            f"    assert emb.embed([open({str(tmp_path / 'photo.jpg')!r}, 'rb').read()]).shape == (1, 16)\n"
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -247,3 +247,32 @@ def test_text_and_zero_shot_refused_on_an_image_only_model(embedder, photos, tmp
         assert isinstance(outcome.error, NotSupportedByModelError) and "no text tower" in str(outcome.error)
         with pytest.raises(NotSupportedByModelError, match="needs a text-image model.*transformers model card"):
             service.train("", head="zero_shot", class_prompts={"cat": ["a cat"], "dog": ["a dog"]})
+
+
+def test_a_vision_encoder_folder_gives_its_pooled_output(tmp_path, photos, cache_dir, restore_registry):
+    """A plain transformers vision encoder (ViT): its pooled output is the embedding; it has no text tower."""
+    import torch
+    from transformers import ViTConfig, ViTImageProcessor, ViTModel
+
+    from embedder import Embedder
+    from embedder.errors import NotSupportedByModelError
+
+    folder = tmp_path / "vit"
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                               image_size=SIZE, patch_size=8)).eval()
+    model.save_pretrained(folder)
+    processor = ViTImageProcessor(size={"height": SIZE, "width": SIZE})
+    processor.save_pretrained(folder)
+    card = tmp_path / "vit.json"
+    card.write_text(json.dumps({"name": "tiny-vit", "format": "transformers", "path": "vit"}))
+    with Embedder(model="tiny-vit", device="cpu", runtime="onnxruntime", cache_dir=cache_dir,
+                  model_cards=str(card)) as emb:
+        assert emb.dim == 32 and not emb.info()["text"]
+        got = emb.embed(photos)
+        crops = np.stack([emb.prepare(p) for p in photos])
+        with pytest.raises(NotSupportedByModelError, match="no text tower"):
+            emb.embed_texts(["a cat"])
+    with torch.inference_mode():
+        want = model(pixel_values=_pixels(crops, processor)).pooler_output.numpy()
+    assert cosine(got, want).min() >= 0.9999
