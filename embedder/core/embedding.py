@@ -1,11 +1,13 @@
-"""The one cache-aside path every image takes, whichever front door or call brings it.
+"""The one cache-aside path every image (and text) takes, whichever front door or call brings it.
 
 :func:`submit` hashes encoded images, serves what the store's cache holds (a hit is neither decoded nor run
 through the model), and queues each distinct miss once in the model's batcher: an image repeated inside one
 call is embedded once and every copy gets its vector. :func:`finish` waits for the misses within the call's
 deadline and puts their vectors in the cache. Cache rows are the caller's own (:func:`cache_scope`): a key
-never hits, nor waits less for, what another key embedded. Per-item failures stay exception objects (with a
-:class:`embedder.errors.Category`) until a front door writes them on its wire.
+never hits, nor waits less for, what another key embedded. Texts (for a text-image model) take the same path,
+keyed by :func:`embedder.inputs.text_hash`; a text miss is embedded at once by the model's text tower, not
+queued. Per-item failures stay exception objects (with a :class:`embedder.errors.Category`) until a front door
+writes them on its wire.
 """
 from __future__ import annotations
 
