@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_search.py            # 100k vectors, 1000 queries
     python benchmarks/bench_search.py --quick    # smoke test: 20k vectors, 200 queries
+    python benchmarks/bench_search.py --filters  # metadata filters only (100k vectors; with --quick 20k)
 
 Measured, all through :class:`embedder.store.Store` (SQLite commits, FAISS, metadata fetch included):
 
@@ -23,6 +24,11 @@ The stored vectors are synthetic, with neighbourhood structure at two scales (se
 because embedding 100k photos on a CPU takes too long for a benchmark. Uniform random vectors have no
 neighbourhoods at all, which makes any graph index look bad; their HNSW recall is reported as a worst case.
 Results go to ``benchmarks/results/bench_search.json`` (``bench_search_quick.json`` with ``--quick``).
+
+``--filters`` measures metadata filters instead (:func:`bench_filters`): filtered search at 1% and 10%
+selectivity on synthetic metadata, exact and HNSW collections, latency p50/p99 and recall@10 against exact
+filtered search (numpy over the matching vectors), each filter new (the SQLite pre-selection runs) and repeated
+(its selection reused); results go to ``benchmarks/results/bench_search_filters.json``.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from embedder import Config, Embedder
+from embedder import Config, Embedder, filters
 from embedder.client import EmbedderClient
 from embedder.index import IndexSpec, VectorIndex
 from embedder.core import Service
@@ -244,6 +250,64 @@ def bench_worst_case(n: int, n_queries: int) -> dict[str, Any]:
         for ef in (spec.ef_search, 256, 1024)}}
 
 
+# each filter at query j: the same items whatever j, but a new filter text, so nothing is reused across queries
+FILTERS = {"1%": lambda j: f'camera == "c7" and shard < {10 + j / 1000}',  # string equality and a range: shard 7
+           "10%": lambda j: {"shard": {">=": 20, "<": 30 - j / 1000}}}  # the JSON form, a range: shards 20-29
+
+
+def synthetic_metadata(i: int) -> dict[str, Any]:
+    return {"shard": i % 100, "camera": f"c{i % 10}", "year": 2000 + i % 25, "exif": {"iso": 100 * (i % 32)}}
+
+
+def bench_filters(root: Path, n: int, n_queries: int) -> dict[str, Any]:
+    """Filtered search on exact and HNSW collections of ``n`` clustered vectors with :func:`synthetic_metadata`,
+    one query per call, k=10: per selectivity, a new filter per query (``cold``: the SQLite pre-selection scans the
+    collection's metadata each time) and one filter repeated (its selection reused while the collection is
+    unchanged); recall@10 against exact search over the matching vectors (numpy). Unfiltered search as baseline."""
+    x, q = clustered(n, seed=0), clustered(n_queries, seed=1)
+    metadata = [synthetic_metadata(i) for i in range(n)]
+    ids = [f"v{i}" for i in range(n)]
+    results: dict[str, Any] = {}
+    with Store(root / "store") as store:
+        for name, spec in (("exact", IndexSpec()), ("hnsw", IndexSpec("hnsw"))):
+            store.create_collection(name, model_id=MODEL_ID, dim=DIM, index=spec)
+            log.info("adding %d vectors with metadata to the %s collection", n, name)
+            for s in range(0, n, ADD_BATCH):
+                store.add(name, ids[s:s + ADD_BATCH], x[s:s + ADD_BATCH], model_id=MODEL_ID,
+                          metadata=metadata[s:s + ADD_BATCH])
+        for name in ("exact", "hnsw"):
+            row, _ = bench_queries(store, name, q)
+            results[f"{name}, no filter"] = {k: row[k] for k in ("p50_ms", "p99_ms", "qps")}
+        for share, where in FILTERS.items():
+            f = filters.parse(where(0))
+            keep = np.flatnonzero([filters.matches(f, m) for m in metadata])
+            top = np.argsort(-(q @ x[keep].T), axis=1, kind="stable")[:, :K]
+            truth = [[ids[keep[j]] for j in row] for row in top]
+            for name in ("exact", "hnsw"):
+                store.search(name, q[:3], k=K, where=where(0))  # warm-up
+                for mode, pick in (("cold", where), ("repeated", lambda j: where(0))):
+                    log.info("%s: %s filter %s", name, mode, share)
+                    lat, found = [], []
+                    for j, row in enumerate(q):
+                        t, hits = timed(lambda: store.search(name, row[None], k=K, where=pick(j + 1)))
+                        lat.append(t)
+                        found.append([h.id for h in hits[0]])
+                    results[f"{name}, filter {share}, {mode}"] = {
+                        "filter": filters.describe(f), "matching": len(keep), "p50_ms": ms(lat, 0.5),
+                        "p99_ms": ms(lat, 0.99), "qps": round(len(q) / sum(lat), 1),
+                        "recall_at_10": recall(found, truth), "full_hits": all(len(r) == K for r in found)}
+    return {"n": n, "dim": DIM, "queries": n_queries, "k": K, "metadata": synthetic_metadata(12345),
+            "vectors": "synthetic clustered, as bench_search", "results": results}
+
+
+def print_filters(out: dict[str, Any]) -> None:
+    print(f"\nfiltered search: {out['n']} x {out['dim']}-d, {out['queries']} queries, k={out['k']}, one thread")
+    print(f"{'':<36}{'matching':>9}{'p50 ms':>9}{'p99 ms':>9}{'QPS':>8}{'recall@10':>11}")
+    for name, r in out["results"].items():
+        print(f"{name:<36}{r.get('matching', ''):>9}{r['p50_ms']:>9}{r['p99_ms']:>9}{r.get('qps', ''):>8}"
+              f"{r.get('recall_at_10', ''):>11}")
+
+
 def print_table(out: dict[str, Any]) -> None:
     c = out["cache"]
     print(f"\ncache ({c['images']} real JPEGs, median {c['median_jpeg_kb']} KB, {c['runtime']}): "
@@ -270,13 +334,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="20k vectors, 200 queries, 16 photos")
     parser.add_argument("--n", type=int, help="stored vectors (default 100000, 20000 with --quick)")
-    parser.add_argument("--queries", type=int, help="queries (default 1000, 200 with --quick)")
+    parser.add_argument("--queries", type=int, help="queries (default 1000, 200 with --quick or --filters)")
+    parser.add_argument("--filters", action="store_true", help="metadata filters only (bench_filters)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
     n = args.n or (20_000 if args.quick else 100_000)
-    n_queries = args.queries or (200 if args.quick else 1000)
+    n_queries = args.queries or (200 if args.quick or args.filters else 1000)
     root = Path(tempfile.mkdtemp(prefix="bench_search-"))
+    if args.filters:
+        try:
+            out = {"quick": args.quick, **bench_filters(root, n, n_queries)}
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print_filters(out)
+        print(f"\nwrote {write_json('bench_search_filters', out)}")
+        return
     try:
         out = {"quick": args.quick, "cache": bench_cache(root, 16 if args.quick else 64),
                "search": bench_search(root, n, n_queries),

@@ -209,8 +209,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             query["vector"] = self._run(context, bytes_vector, request.vector, "the query vector")
         found = self._run(context, self.service.search, collection=request.collection or None, model=request.model,
                           k=request.k or DEFAULT_K, ef_search=request.ef_search or None,
-                          label=request.label if request.HasField("label") else None, call=self._call(context),
-                          **query)
+                          label=request.label if request.HasField("label") else None, where=request.where,
+                          call=self._call(context), **query)
         return pb.SearchResponse(hits=[hit_to_pb(h) for h in found.hits], model_id=found.model_id,
                                  cached=found.cached)
 
@@ -225,7 +225,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         result = self._run(context, self.service.train, request.collection, head=request.head,
                            labels=list(request.labels), ids=list(request.ids), params=params,
                            test_size=request.test_size, seed=request.seed, head_id=request.head_id,
-                           adapt_to=request.adapt_to, adapt_method=request.adapt_method,
+                           adapt_to=request.adapt_to, adapt_method=request.adapt_method, where=request.where,
                            class_prompts={label: list(p.prompts) for label, p in request.class_prompts.items()},
                            model=request.model, call=self._call(context))
         return pb.TrainResponse(head=head_to_pb(result.info), samples=result.samples,
@@ -260,14 +260,14 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     def Suggest(self, request: pb.SuggestRequest, context: grpc.ServicerContext) -> pb.SuggestResponse:
         result = self._run(context, self.service.suggest, request.collection, n=request.n,
                            strategy=request.strategy, head_id=request.head_id, ids=list(request.ids),
-                           seed=request.seed, call=self._call(context))
+                           seed=request.seed, where=request.where, call=self._call(context))
         return pb.SuggestResponse(suggestions=[pb.Suggestion(**asdict(s)) for s in result.suggestions],
                                   strategy=result.strategy, candidates=result.candidates, labelled=result.labelled)
 
     def LabelIssues(self, request: pb.LabelIssuesRequest, context: grpc.ServicerContext) -> pb.LabelIssuesResponse:
         result = self._run(context, self.service.label_issues, request.collection, limit=request.limit,
                            labels=list(request.labels), folds=request.folds, near_duplicate=request.near_duplicate,
-                           seed=request.seed, call=self._call(context))
+                           seed=request.seed, where=request.where, call=self._call(context))
         return pb.LabelIssuesResponse(issues=[pb.LabelIssue(**asdict(i)) for i in result.issues],
                                       duplicates=[pb.LabelIssue(**asdict(d)) for d in result.duplicates],
                                       checked=result.checked, folds=result.folds, noise_rate=result.noise_rate,

@@ -244,7 +244,7 @@ class GetResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[StoredItem, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "item", "item_id", "vector", "k", "label", "ef_search", "model")
+    __slots__ = ("collection", "item", "item_id", "vector", "k", "label", "ef_search", "model", "where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class SearchRequest(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     item: Item
     item_id: str
@@ -261,7 +262,8 @@ class SearchRequest(_message.Message):
     label: str
     ef_search: int
     model: str
-    def __init__(self, collection: _Optional[str] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., item_id: _Optional[str] = ..., vector: _Optional[bytes] = ..., k: _Optional[int] = ..., label: _Optional[str] = ..., ef_search: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., item_id: _Optional[str] = ..., vector: _Optional[bytes] = ..., k: _Optional[int] = ..., label: _Optional[str] = ..., ef_search: _Optional[int] = ..., model: _Optional[str] = ..., where: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "collection", "label", "metadata_json")
@@ -373,7 +375,7 @@ class HeadInfo(_message.Message):
     def __init__(self, head_id: _Optional[str] = ..., kind: _Optional[str] = ..., model_id: _Optional[str] = ..., dim: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., class_counts: _Optional[_Iterable[int]] = ..., params_json: _Optional[str] = ..., metrics_json: _Optional[str] = ..., created: _Optional[str] = ..., collection: _Optional[str] = ..., adaptation_json: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("collection", "head", "labels", "ids", "params_json", "test_size", "seed", "head_id", "adapt_to", "adapt_method", "class_prompts", "model")
+    __slots__ = ("collection", "head", "labels", "ids", "params_json", "test_size", "seed", "head_id", "adapt_to", "adapt_method", "where", "class_prompts", "model")
     class ClassPromptsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -391,6 +393,7 @@ class TrainRequest(_message.Message):
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPT_TO_FIELD_NUMBER: _ClassVar[int]
     ADAPT_METHOD_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     CLASS_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     collection: str
@@ -403,9 +406,10 @@ class TrainRequest(_message.Message):
     head_id: str
     adapt_to: str
     adapt_method: str
+    where: str
     class_prompts: _containers.MessageMap[str, Prompts]
     model: str
-    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., head_id: _Optional[str] = ..., adapt_to: _Optional[str] = ..., adapt_method: _Optional[str] = ..., class_prompts: _Optional[_Mapping[str, Prompts]] = ..., model: _Optional[str] = ...) -> None: ...
+    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., head_id: _Optional[str] = ..., adapt_to: _Optional[str] = ..., adapt_method: _Optional[str] = ..., where: _Optional[str] = ..., class_prompts: _Optional[_Mapping[str, Prompts]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Prompts(_message.Message):
     __slots__ = ("prompts",)
@@ -548,20 +552,22 @@ class LearningCurveResponse(_message.Message):
     def __init__(self, points: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ...) -> None: ...
 
 class SuggestRequest(_message.Message):
-    __slots__ = ("collection", "n", "strategy", "head_id", "ids", "seed")
+    __slots__ = ("collection", "n", "strategy", "head_id", "ids", "seed", "where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     n: int
     strategy: str
     head_id: str
     ids: _containers.RepeatedScalarFieldContainer[str]
     seed: int
-    def __init__(self, collection: _Optional[str] = ..., n: _Optional[int] = ..., strategy: _Optional[str] = ..., head_id: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., n: _Optional[int] = ..., strategy: _Optional[str] = ..., head_id: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., where: _Optional[str] = ...) -> None: ...
 
 class Suggestion(_message.Message):
     __slots__ = ("id", "score", "reason")
@@ -586,20 +592,22 @@ class SuggestResponse(_message.Message):
     def __init__(self, suggestions: _Optional[_Iterable[_Union[Suggestion, _Mapping]]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., labelled: _Optional[int] = ...) -> None: ...
 
 class LabelIssuesRequest(_message.Message):
-    __slots__ = ("collection", "limit", "labels", "folds", "near_duplicate", "seed")
+    __slots__ = ("collection", "limit", "labels", "folds", "near_duplicate", "seed", "where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     FOLDS_FIELD_NUMBER: _ClassVar[int]
     NEAR_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     limit: int
     labels: _containers.RepeatedScalarFieldContainer[str]
     folds: int
     near_duplicate: float
     seed: int
-    def __init__(self, collection: _Optional[str] = ..., limit: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., folds: _Optional[int] = ..., near_duplicate: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., limit: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., folds: _Optional[int] = ..., near_duplicate: _Optional[float] = ..., seed: _Optional[int] = ..., where: _Optional[str] = ...) -> None: ...
 
 class LabelIssue(_message.Message):
     __slots__ = ("id", "label", "suggested", "score", "kind", "other")

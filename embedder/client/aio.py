@@ -83,8 +83,8 @@ class AsyncEmbedderClient(BaseClient):
 
     async def search(self, image: Any = None, *, collection: str | None = None, item_id: str | None = None,
                      vector: np.ndarray | None = None, k: int = 10, label: str | None = None,
-                     ef_search: int | None = None) -> list[Hit]:
-        return await self._run(self._search(image, collection, item_id, vector, k, label, ef_search))
+                     ef_search: int | None = None, where: str | Mapping[str, Any] | None = None) -> list[Hit]:
+        return await self._run(self._search(image, collection, item_id, vector, k, label, ef_search, where))
 
     async def stats(self) -> dict[str, Any]:
         return await self._run(self._stats())
@@ -95,10 +95,11 @@ class AsyncEmbedderClient(BaseClient):
                     ids: Sequence[str] | None = None, params: Mapping[str, Any] | None = None,
                     test_size: float | None = None, seed: int = 0, head_id: str | None = None,
                     adapt_to: str | None = None, adapt_method: str | None = None,
+                    where: str | Mapping[str, Any] | None = None,
                     class_prompts: Mapping[str, Sequence[str]] | None = None, model: str | None = None,
                     timeout: float | None = None) -> dict[str, Any]:
         return await self._run(self._train(collection, head, labels, ids, params, test_size, seed, head_id,
-                                           adapt_to, adapt_method, timeout, class_prompts, model))
+                                           adapt_to, adapt_method, where, timeout, class_prompts, model))
 
     async def predict(self, head_id: str | Sequence[str], images: Sequence[Any] = (), *, ids: Sequence[str] = (),
                       collection: str | None = None, top_k: int = 1) -> list[Prediction]:
@@ -113,16 +114,18 @@ class AsyncEmbedderClient(BaseClient):
                                                     params, timeout))
 
     async def suggest(self, collection: str, n: int = 20, *, strategy: str = "", head_id: str | None = None,
-                      ids: Sequence[str] | None = None, seed: int = 0,
+                      ids: Sequence[str] | None = None, seed: int = 0, where: str | Mapping[str, Any] | None = None,
                       timeout: float | None = None) -> dict[str, Any]:
         """See :meth:`EmbedderClient.suggest`."""
-        return await self._run(self._suggest(collection, n, strategy, head_id, ids, seed, timeout))
+        return await self._run(self._suggest(collection, n, strategy, head_id, ids, seed, where, timeout))
 
     async def label_issues(self, collection: str, *, limit: int = 100, labels: Sequence[str] | None = None,
                            folds: int = 5, near_duplicate: float = 0.0, seed: int = 0,
+                           where: str | Mapping[str, Any] | None = None,
                            timeout: float | None = None) -> dict[str, Any]:
         """See :meth:`EmbedderClient.label_issues`."""
-        return await self._run(self._label_issues(collection, limit, labels, folds, near_duplicate, seed, timeout))
+        return await self._run(self._label_issues(collection, limit, labels, folds, near_duplicate, seed, where,
+                                                  timeout))
 
     async def list_heads(self) -> list[dict[str, Any]]:
         return await self._run(self._list_heads())

@@ -199,7 +199,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
             query["vector"] = convert.vector_in(body.vector)
         async with caller(request) as call:
             found = await run(service.search, collection=body.collection or None, model=body.model, k=body.k,
-                              label=body.label, ef_search=body.ef_search, call=call, **query)
+                              label=body.label, ef_search=body.ef_search, where=body.where, call=call, **query)
         return json_response(schema.SearchResponse(hits=[convert.hit(h) for h in found.hits],
                                                    model_id=found.model_id, cached=found.cached))
 

@@ -15,6 +15,15 @@ from ..core.service import DEFAULT_K
 Encoding = Literal["float", "base64"]
 Vector = list[float] | str  # a JSON float array, or base64 of little-endian float32 values
 
+Where = str | dict[str, Any] | None  # a metadata filter: text or a JSON object (embedder.filters)
+
+
+def _where(what: str) -> Any:
+    return Field(None, description=f"only {what} whose metadata passes this filter: text, e.g. "
+                                   "`camera == \"a\" and year >= 2020`, or a JSON object, e.g. "
+                                   "`{\"camera\": \"a\", \"year\": {\">=\": 2020}}`")
+
+
 _ENCODING = Field("float", description="`float`: vectors as JSON arrays; `base64`: base64 of little-endian float32")
 
 
@@ -103,6 +112,7 @@ class SearchRequest(Request):
     k: int = DEFAULT_K
     label: str | None = Field(None, description="only items with this label")
     ef_search: int | None = Field(None, description="HNSW collections: the search breadth for this call")
+    where: Where = _where("items")
 
 
 class TrainRequest(Request):
@@ -115,6 +125,7 @@ class TrainRequest(Request):
     head_id: str = ""
     adapt_to: str = ""
     adapt_method: str = ""
+    where: Where = _where("labelled items (not with `ids`)")
     class_prompts: dict[str, list[str]] = Field({}, description="zero_shot / few_shot heads: per label, texts that "
                                                                  "describe it, e.g. [\"a photo of a cat\"]")
 
@@ -143,6 +154,7 @@ class SuggestRequest(Request):
     head_id: str = Field("", description="score uncertainty with this head; empty: one trained on the labels")
     ids: list[str] = Field([], description="only these items (their unlabelled ones); empty: every unlabelled one")
     seed: int = 0
+    where: Where = _where("unlabelled items (not with `ids`)")
 
 
 class LabelIssuesRequest(Request):
@@ -152,6 +164,7 @@ class LabelIssuesRequest(Request):
     near_duplicate: float = Field(0.0, description="cosine at or above which two items are near-identical; "
                                                    "0 means 0.995")
     seed: int = 0
+    where: Where = _where("labelled items")
 
 
 class FineTuneRequest(Request):

@@ -32,7 +32,7 @@ from .integrity import ITEM_COLUMNS, corrupted, item_crc, item_ok
 from .sqlite import blob, chunked_execute, chunked_query, connect, drop_orphan_images, matrix, transaction, vector
 from .validation import (check_column, check_ef, check_ids, check_k, check_label, check_list, check_model_id,
                          check_name, check_sha256, check_vectors, metadata_json, missing_message, shown)
-from .where import where_sql
+from .where import Selections, where_sql
 
 _CLOSED = "the store is closed (the server is shutting down); retry on a running instance"
 
@@ -53,6 +53,7 @@ class Store:
         self._catalog = threading.Lock()  # guards _collections and _closing
         self._db_lock = threading.Lock()
         self._collections: dict[str, Collection] = {}
+        self._selections = Selections()  # under _db_lock
         self._closing = False
         self._lock_fd = self._lock_dir()
         self._db: sqlite3.Connection | None = None
@@ -266,7 +267,7 @@ class Store:
         return [found.get(i) for i in ids]
 
     def labelled(self, collection: str, *, labels: Sequence[str] | None = None, ids: Sequence[str] | None = None,
-                 where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+                 where: filters.Where = None) -> tuple[list[str], np.ndarray, list[str]]:
         """A training set from a collection: ``(ids, vectors (N, dim), labels)`` of its labelled items.
 
         ``labels`` keeps only those classes; ``ids`` only those items (each must exist and carry a label,
@@ -323,7 +324,7 @@ class Store:
         return [found.get(i) for i in ids]
 
     def vectors(self, collection: str, *,
-                where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray]:
+                where: filters.Where = None) -> tuple[list[str], np.ndarray]:
         """Every item of a collection (only those whose metadata passes ``where``), labelled or not:
         ``(ids, vectors (N, dim))`` in insertion order."""
         condition, params = self._condition(where)
@@ -337,15 +338,15 @@ class Store:
     def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
                model_id: str | None = None, ef_search: int | None = None,
                only: AbstractSet[str] | None = None,
-               where: str | Mapping[str, Any] | None = None) -> list[list[Hit]]:
+               where: filters.Where = None) -> list[list[Hit]]:
         """The ``k`` most similar stored items to each of the ``(Q, dim)`` queries, best first, per query.
 
         ``collection=None`` searches every collection of ``model_id`` (which may be left out while all
         collections share one model). ``label`` keeps only items with that label, ``where`` only items whose
         metadata passes that filter (:mod:`embedder.filters`); either way ``k`` hits come back whenever ``k``
         items match. ``ef_search`` overrides an HNSW collection's setting for this call. A collection of another
-        model or dim raises :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a search without
-        ``collection`` to those collections (a caller's allow-list).
+        model or dim raises :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a
+        search without ``collection`` to those collections (a caller's allow-list).
         """
         q = check_vectors(queries, name="queries")
         k = check_k(k)
@@ -360,7 +361,7 @@ class Store:
 
     def search_by_id(self, collection: str, item_id: str, *, k: int = 10, label: str | None = None,
                      exclude_self: bool = True, ef_search: int | None = None,
-                     where: str | Mapping[str, Any] | None = None) -> list[Hit]:
+                     where: filters.Where = None) -> list[Hit]:
         """The ``k`` items of ``collection`` most similar to its stored item ``item_id`` (without itself); ``label``
         and ``where`` as in :meth:`search`."""
         (item_id,) = check_ids([item_id])
@@ -526,15 +527,14 @@ class Store:
         (:meth:`embedder.index.VectorIndex.search`: exact where the selection is small)."""
         parts = []
         for c in targets:
-            allowed = None
-            if label is not None or condition[0] != "1":
-                by_label, labels = ("label = ?", [label]) if label is not None else ("1", [])
+            allowed = None if condition[0] == "1" else self._selected(c, condition)
+            if label is not None:
                 with self._db_lock:
-                    allowed = np.fromiter((f for (f,) in self._conn().execute(
-                        f"SELECT fid FROM items WHERE cid = ? AND {by_label} AND {condition[0]}",
-                        [c.cid, *labels, *condition[1]])), dtype=np.int64)
-                if not len(allowed):
-                    continue
+                    labelled = np.fromiter((f for (f,) in self._conn().execute(
+                        "SELECT fid FROM items WHERE cid = ? AND label = ?", (c.cid, label))), dtype=np.int64)
+                allowed = labelled if allowed is None else np.intersect1d(allowed, labelled, assume_unique=True)
+            if allowed is not None and not len(allowed):
+                continue
             scores, fids = c.index.search(q, k, allowed=allowed, ef_search=ef_search)
             parts.append((scores, fids, c))
         if not parts:
@@ -554,8 +554,20 @@ class Store:
                      _metadata(rows[int(fids[r, j])][3], rows[int(fids[r, j])][0])) for j in row]
                 for r, row in enumerate(best)]
 
+    def _selected(self, c: Collection, condition: tuple[str, list]) -> np.ndarray:
+        """The ids of ``c``'s items that pass ``condition``; the caller holds ``c``'s lock (its generation holds)."""
+        key = Selections.key(c.cid, c.generation, condition)
+        with self._db_lock:
+            fids = self._selections.get(key)
+            if fids is None:
+                fids = np.fromiter((f for (f,) in self._conn().execute(
+                    f"SELECT fid FROM items WHERE cid = ? AND {condition[0]}", [c.cid, *condition[1]])),
+                    dtype=np.int64)
+                self._selections.put(key, fids)
+        return fids
+
     @staticmethod
-    def _condition(where: str | Mapping[str, Any] | None) -> tuple[str, list]:
+    def _condition(where: filters.Where) -> tuple[str, list]:
         """``where`` parsed and compiled to an SQL condition on ``items`` and its parameters; ``("1", [])`` for
         no filter. InvalidArgumentError names the part of a bad filter."""
         f = filters.parse(where)
