@@ -160,13 +160,14 @@ def test_text_to_image_and_image_to_text_search_on_a_real_server(card, reference
             again = list(client.embed_iter([Text(TEXTS[0])]))
             assert again[0].cached and cosine(again[0].vector[None], text_vectors[:1])[0] >= 0.9999
             by_text = [h.id for h in client.search(Text(TEXTS[1]), collection="photos", k=3)]
-        _http_and_cli_take_text(server, config, by_text)
+        _http_and_cli_take_text(server, config, by_text, text_vectors, card, tmp_path)
     finally:
         server.stop(grace=1)
 
 
-def _http_and_cli_take_text(server, config, by_text: list[str]) -> None:
-    """The HTTP door and the CLI search by text and train a zero-shot head, as the gRPC client does."""
+def _http_and_cli_take_text(server, config, by_text: list[str], text_vectors, card, tmp_path) -> None:
+    """The HTTP door and the CLI search by text and train a zero-shot head, as the gRPC client does; the CLI
+    embeds text on the server and here."""
     import subprocess
     import sys
 
@@ -196,6 +197,16 @@ def _http_and_cli_take_text(server, config, by_text: list[str]) -> None:
                           "cat=a photo of a {label}", "--prompt", "dog=a photo of a {label}", "--json", *server_flag],
                          capture_output=True, text=True, check=True).stdout
     assert json.loads(out)["classes"] == ["cat", "dog"]
+    vectors = tmp_path / "texts.npy"
+    subprocess.run([*cli, "embed", "--text", TEXTS[0], "--text", TEXTS[1], "--out", str(vectors), *server_flag],
+                   capture_output=True, text=True, check=True)
+    assert cosine(np.load(vectors), text_vectors[:2]).min() >= 0.9999
+    assert json.loads(vectors.with_suffix(".json").read_text())["texts"] == TEXTS[:2]
+    local = tmp_path / "local.npy"  # here, the card by flag
+    subprocess.run([*cli, "embed", "--text", TEXTS[2], "--out", str(local), "--model-card", card, "--model",
+                    "tiny-clip", "--device", "cpu", "--runtime", "torch", "--cache-dir", str(config.cache_dir)],
+                   capture_output=True, text=True, check=True)
+    assert cosine(np.load(local), text_vectors[2:3]).min() >= 0.9999
 
 
 def test_zero_shot_head_predicts_the_reference_argmax(card, reference, photos, tmp_path, cache_dir,

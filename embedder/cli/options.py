@@ -212,6 +212,6 @@ def printable(value: Any, *, newlines: bool = False) -> str:
 
 
 def report(failed: list[dict[str, str]]) -> None:
-    """One ``skipped PATH: WHY`` line on stderr per input that could not be used."""
+    """One ``skipped PATH: WHY`` (or ``TEXT``) line on stderr per input that could not be used."""
     for f in failed:
-        print(f"skipped {printable(f['path'])}: {printable(f['error'])}", file=sys.stderr)
+        print(f"skipped {printable(f.get('path', f.get('text', '')))}: {printable(f['error'])}", file=sys.stderr)
