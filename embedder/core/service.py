@@ -452,7 +452,8 @@ class Service:
         self._check_count(len(items) + len(ids))
         head_ids = list(head_ids)
         if not head_ids or not all(head_ids):
-            raise InvalidArgumentError("name the head(s) to apply: `head_id`, or `head_ids` with no empty entry")
+            raise InvalidArgumentError("name the head(s) to apply: a head id in `head_id`, or `head_ids` with no "
+                                       "empty entry")
         if len(set(head_ids)) != len(head_ids):
             raise InvalidArgumentError("a head id appears more than once in head_ids; name each head once")
         for h in head_ids:
