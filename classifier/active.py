@@ -53,7 +53,7 @@ POOL_FACTOR = 10  # hybrid: k-means clusters this many times n of the most uncer
 MAX_SEEDS = 2048  # labelled items that seed k-center distances (a seeded sample beyond: cost is candidates x seeds)
 KMEANS_SAMPLE = 20_000  # candidates k-means is fitted on; every candidate is then assigned
 BLOCK_FLOATS = 2**25  # floats in one block of a distance matrix (128 MiB)
-PROJECTED_DIM = 64  # near-duplicate search: candidate pairs are found in this many principal directions
+PROJECTED_DIM = 64  # principal directions kept where only neighbourhoods matter (near-duplicates, hybrid groups)
 
 ShouldStop = Callable[[], bool] | None
 
@@ -175,7 +175,7 @@ def _uncertain(Xn: np.ndarray, proba: np.ndarray, classes: np.ndarray, n: int, s
         picks = [int(i) for i in ranked[:n]]
         return picks, [why(i) for i in picks], score[picks]
     pool = ranked[:POOL_FACTOR * n]
-    groups = _kmeans(Xn[pool], n, seed).labels_
+    groups = _kmeans(_projected(Xn[pool], seed), n, seed).labels_  # grouping needs no more than 64 directions
     _check_stop(should_stop, "clustering the uncertain items")
     picks = [int(pool[np.flatnonzero(groups == g)[0]]) for g in np.unique(groups)]  # pool is most uncertain first
     reasons = [f"{why(i)}; the most uncertain of its group ({n} groups among the {len(pool)} most uncertain, so "

@@ -24,8 +24,8 @@ from .core.service import DEFAULT_K, METADATA_FLAG
 from .errors import TABLE, Category, EmbedderError, ItemError, category_of
 from .jsonrule import parse_json_object
 from .keys import Gate
-from .messages import (bytes_vector, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb, tensor_array,
-                       vector_bytes)
+from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb,
+                       tensor_array, vector_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ def _item(item: pb.Item) -> Item:
             return Item(item.id, sha256=item.content_sha256)
         if kind == "tensor":
             return Item(item.id, array=tensor_array(item.tensor))
+        if kind == "text":
+            return Item(item.id, text=item.text)
     except EmbedderError as e:
         return Item(item.id, error=e)
     except Exception as e:  # whatever a malformed item does, it fails alone
@@ -162,7 +164,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         infos = self._run(context, self.service.list_models, self._call(context))
         models = [pb.ModelInfo(name=i["name"], model_id=i["model_id"], dim=i["dim"], device=i["device"],
                                runtime=i["runtime"], precision=i["precision"], input_size=i["input_size"],
-                               normalize=i["normalize"]) for i in infos]
+                               normalize=i["normalize"], text=i.get("text", False)) for i in infos]
         return pb.ListModelsResponse(models=models, limits=pb.ServerLimits(**self.service.limits()))
 
     # ------------------------------------------------------------------ store
@@ -216,6 +218,23 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         stats, heads = self._run(context, self.service.stats, self._call(context))
         return stats_to_pb(stats, heads=heads)
 
+    def ListItems(self, request: pb.ListItemsRequest, context: grpc.ServicerContext) -> pb.ListItemsResponse:
+        page = self._run(context, self.service.list_items, request.collection, offset=request.offset,
+                         limit=request.limit, label=request.label if request.HasField("label") else None,
+                         unlabelled=request.unlabelled, where=request.where, call=self._call(context))
+        return pb.ListItemsResponse(items=[pb.ListedItem(item=stored_to_pb(s, with_vector=False), image_kept=kept)
+                                           for s, kept in zip(page.items, page.kept)],
+                                    total=page.total, offset=page.offset)
+
+    def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.GetImageResponse:
+        return pb.GetImageResponse(image=self._run(context, self.service.item_image, request.collection, request.id,
+                                                   size=request.size, call=self._call(context)))
+
+    def CreateCollection(self, request: pb.CreateCollectionRequest,
+                         context: grpc.ServicerContext) -> pb.CollectionStats:
+        return collection_to_pb(self._run(context, self.service.create_collection, request.collection,
+                                          model=request.model, index=request.index, call=self._call(context)))
+
     # ------------------------------------------------------------------ heads
 
     def Train(self, request: pb.TrainRequest, context: grpc.ServicerContext) -> pb.TrainResponse:
@@ -224,7 +243,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                            labels=list(request.labels), ids=list(request.ids), params=params,
                            test_size=request.test_size, seed=request.seed, head_id=request.head_id,
                            adapt_to=request.adapt_to, adapt_method=request.adapt_method, where=request.where,
-                           call=self._call(context))
+                           class_prompts={label: list(p.prompts) for label, p in request.class_prompts.items()},
+                           model=request.model, call=self._call(context))
         return pb.TrainResponse(head=head_to_pb(result.info), samples=result.samples,
                                 train_seconds=result.train_seconds, total_seconds=result.total_seconds)
 

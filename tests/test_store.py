@@ -16,8 +16,8 @@ from typing import Callable
 import numpy as np
 import pytest
 
-from embedder.errors import (DimensionMismatchError, EmbedderError, ModelMismatchError, NotFoundError,
-                             StoreLockedError)
+from embedder.errors import (DimensionMismatchError, EmbedderError, InvalidArgumentError, ModelMismatchError,
+                             NotFoundError, StoreLockedError)
 from embedder.index import IndexSpec, VectorIndex
 from embedder.inputs import content_hash
 from embedder.store import Store
@@ -71,6 +71,25 @@ def test_add_then_get_returns_exact_vectors_and_metadata(store):
     assert (a.sha256, a.label, a.metadata) == (sha(0), "cat", {"src": "x.jpg", "n": [1, 2]})
     assert (c.label, c.metadata) == ("dog", {"ü": True})
     assert "vector=<float32[16]>" in repr(a)
+
+
+def test_a_page_lists_items_in_insertion_order_with_the_total_and_kept_images(store):
+    x = unit(7, 16)
+    labels = ["cat", None, "dog", "cat", None, "cat", "dog"]
+    images = [b"jpeg-%d" % n if n % 2 == 0 else None for n in range(7)]
+    store.add("pets", [f"i{n}" for n in range(7)], x, model_id=M, labels=labels, metadata=[{"n": n} for n in range(7)],
+              sha256s=[content_hash(im) if im else sha(n) for n, im in enumerate(images)], images=images)
+    page = store.page("pets", offset=2, limit=3)
+    assert [i.id for i in page.items] == ["i2", "i3", "i4"] and (page.total, page.offset) == (7, 2)
+    assert page.kept == [True, False, True]
+    np.testing.assert_array_equal(page.items[1].vector, x[3])
+    assert [i.id for i in store.page("pets", label="cat").items] == ["i0", "i3", "i5"]
+    assert [i.id for i in store.page("pets", unlabelled=True).items] == ["i1", "i4"]
+    cats = store.page("pets", label="cat", where="n >= 3", limit=1)
+    assert [i.id for i in cats.items] == ["i3"] and cats.total == 2
+    assert store.page("pets", offset=50).items == [] and store.page("pets", offset=50).total == 7
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        store.page("pets", label="cat", unlabelled=True)
 
 
 def test_re_adding_an_id_replaces_vector_label_and_metadata(store):

@@ -25,7 +25,7 @@ from .._proto import embedder_pb2_grpc as pb_grpc
 from ..config import Config
 from ..inputs import image_list
 from ..messages import collection_from_pb, head_from_pb, hit_from_pb, job_from_pb, stored_from_pb, vector_bytes
-from ..results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
+from ..results import BatchResult, CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem
 from .chunking import DIM_BOUND, ENVELOPE, STATUS_BY_NUMBER, Chunk, batches, embed_chunks, to_item
 from .errors import RemoteBatchError, ServiceError
 from .results import AddSummary, ItemResult, Prediction
@@ -198,7 +198,7 @@ class BaseClient:
     def _list_models(self) -> Plan[list[dict[str, Any]]]:
         response = yield Call("ListModels", pb.ListModelsRequest())
         return [{"name": m.name, "model_id": m.model_id, "dim": m.dim, "device": m.device, "runtime": m.runtime,
-                 "precision": m.precision, "input_size": m.input_size, "normalize": m.normalize}
+                 "precision": m.precision, "input_size": m.input_size, "normalize": m.normalize, "text": m.text}
                 for m in response.models]
 
     def _server_limits(self) -> Plan[dict[str, int]]:
@@ -282,6 +282,19 @@ class BaseClient:
         found = {s.id: stored_from_pb(s) for s in r.items}
         return [found.get(i) for i in ids]
 
+    def _list_items(self, collection: str, offset: int, limit: int, label: str | None, unlabelled: bool,
+                    where: str | Mapping[str, Any] | None) -> Plan[ItemPage]:
+        r = yield Call("ListItems", pb.ListItemsRequest(collection=collection, offset=offset, limit=limit, label=label,
+                                                        unlabelled=unlabelled, where=_where_text(where)))
+        return ItemPage([stored_from_pb(i.item) for i in r.items], [i.image_kept for i in r.items], r.total, r.offset)
+
+    def _get_image(self, collection: str, item_id: str, size: int) -> Plan[bytes]:
+        return (yield Call("GetImage", pb.GetImageRequest(collection=collection, id=item_id, size=size))).image
+
+    def _create_collection(self, collection: str, model: str, index: str) -> Plan[CollectionInfo]:
+        request = pb.CreateCollectionRequest(collection=collection, model=model, index=index)
+        return collection_from_pb((yield Call("CreateCollection", request)))
+
     def _search(self, image: Any, collection: str | None, item_id: str | None, vector: np.ndarray | None, k: int,
                 label: str | None, ef_search: int | None,
                 where: str | Mapping[str, Any] | None) -> Plan[list[Hit]]:
@@ -309,11 +322,16 @@ class BaseClient:
     def _train(self, collection: str, head: str, labels: Sequence[str] | None, ids: Sequence[str] | None,
                params: Mapping[str, Any] | None, test_size: float | None, seed: int, head_id: str | None,
                adapt_to: str | None, adapt_method: str | None, where: str | Mapping[str, Any] | None,
-               timeout: float | None) -> Plan[dict[str, Any]]:
+               timeout: float | None, class_prompts: Mapping[str, Sequence[str]] | None = None,
+               model: str | None = None) -> Plan[dict[str, Any]]:
         request = pb.TrainRequest(collection=collection, head=head, labels=list(labels or ()), ids=list(ids or ()),
                                   params_json=_params_json(params), test_size=test_size or 0.0, seed=seed,
                                   head_id=head_id or "", adapt_to=adapt_to or "", adapt_method=adapt_method or "",
-                                  where=_where_text(where))
+                                  where=_where_text(where),
+                                  class_prompts={label: pb.Prompts(prompts=[prompts] if isinstance(prompts, str)
+                                                                   else list(prompts))
+                                                 for label, prompts in (class_prompts or {}).items()},
+                                  model=model or "")
         r = yield Call("Train", request, timeout or 10 * self.timeout)
         return {**head_from_pb(r.head), "samples": r.samples, "train_seconds": r.train_seconds,
                 "total_seconds": r.total_seconds}

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 import grpc
 import numpy as np
 
-from ..results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
+from ..results import BatchResult, CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem
 from .base import BaseClient, Call, Plan, Sleep, Step, advance
 from .chunking import Chunk
 from .results import AddSummary, ItemResult, Prediction
@@ -85,6 +85,22 @@ class EmbedderClient(BaseClient):
         """Stored items in the order of ``ids``, None where an id is not in the collection."""
         return self._run(self._get(collection, ids, vectors))
 
+    def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
+                   unlabelled: bool = False, where: str | Mapping[str, Any] | None = None) -> ItemPage:
+        """One page of the collection's items in insertion order (0: 100 of them; all, ``label``'s or the
+        ``unlabelled`` ones; only those whose metadata passes ``where``), without vectors, with the ``total`` that
+        match: page a large collection with ``offset``."""
+        return self._run(self._list_items(collection, offset, limit, label, unlabelled, where))
+
+    def get_image(self, collection: str, item_id: str, *, size: int = 0) -> bytes:
+        """A stored item's kept image, as it was added, or (``size`` > 0) a JPEG that fits ``size`` x ``size``."""
+        return self._run(self._get_image(collection, item_id, size))
+
+    def create_collection(self, collection: str, *, model: str = "", index: str = "") -> CollectionInfo:
+        """Create an empty collection bound to ``model`` (default: the server's), with ``index`` ("flat", the
+        default, or "hnsw[:...]"); :meth:`add` creates one on first use too."""
+        return self._run(self._create_collection(collection, model, index))
+
     def search(self, image: Any = None, *, collection: str | None = None, item_id: str | None = None,
                vector: np.ndarray | None = None, k: int = 10, label: str | None = None,
                ef_search: int | None = None, where: str | Mapping[str, Any] | None = None) -> list[Hit]:
@@ -105,17 +121,22 @@ class EmbedderClient(BaseClient):
               ids: Sequence[str] | None = None, params: Mapping[str, Any] | None = None,
               test_size: float | None = None, seed: int = 0, head_id: str | None = None,
               adapt_to: str | None = None, adapt_method: str | None = None,
-              where: str | Mapping[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+              where: str | Mapping[str, Any] | None = None,
+              class_prompts: Mapping[str, Sequence[str]] | None = None, model: str | None = None,
+              timeout: float | None = None) -> dict[str, Any]:
         """Train a head on the labelled vectors of ``collection`` (no image is embedded again); ``labels``, ``ids``
         or a metadata filter ``where`` (as for :meth:`search`) narrow them.
 
         Returns the head's info (``head_id``, ``classes``, ``metrics`` from a stratified hold-out) plus
         ``samples``, ``train_seconds`` and ``total_seconds``. ``adapt_to`` names a collection of unlabelled
         images of the domain the head will predict on (``adapt_method``: coral or standardize).
+        ``head="zero_shot"`` builds a head from ``class_prompts`` (label -> texts describing it) with a text-image
+        model's text tower, no labelled image needed (``collection`` may be "": then ``model`` names the model);
+        ``head="few_shot"`` starts from those and trains on the collection's labelled vectors.
         ``timeout`` defaults to 10x the client's.
         """
         return self._run(self._train(collection, head, labels, ids, params, test_size, seed, head_id, adapt_to,
-                                     adapt_method, where, timeout))
+                                     adapt_method, where, timeout, class_prompts, model))
 
     def predict(self, head_id: str | Sequence[str], images: Sequence[Any] = (), *, ids: Sequence[str] = (),
                 collection: str | None = None, top_k: int = 1) -> list[Prediction]:

@@ -42,13 +42,15 @@ class TensorIn(Request):
 
 
 class ItemIn(Request):
-    """One input: set exactly one of ``image``, ``sha256`` and ``tensor``."""
+    """One input: set exactly one of ``image``, ``sha256``, ``tensor`` and ``text``."""
 
     id: str = ""
     image: str | None = Field(None, description="an encoded image (JPEG, PNG, WebP, ...) as base64 or a data: "
                                                 "URI; URLs are refused (the server fetches nothing)")
     sha256: str | None = Field(None, description="sha256 of image bytes the server has embedded before")
     tensor: TensorIn | None = None
+    text: str | None = Field(None, description="text, for a text-image model (CLIP, SigLIP): embedded into the "
+                                               "space of its images")
 
 
 class AddItemIn(ItemIn):
@@ -80,6 +82,27 @@ class AddForm(Request):
 
 class IdsRequest(Request):
     ids: list[str]
+
+
+class ItemsQuery(Request):
+    """The query string of a listing: one page of items in insertion order."""
+
+    offset: int = Field(0, description="items to skip")
+    limit: int = Field(0, description="items per page; 0 means 100, at most 1000")
+    label: str | None = Field(None, description="only items with this label")
+    unlabelled: bool = Field(False, description="only items without a label")
+    where: str | None = _where("items")
+
+
+class ImageQuery(Request):
+    id: str = Field(description="the item's id")
+    size: int = Field(0, description="a JPEG thumbnail that fits size x size pixels (16 to 1024); 0: the image "
+                                     "as added")
+
+
+class CreateCollectionRequest(Request):
+    model: str = Field("", description="the backbone the collection is bound to; empty: the server's default")
+    index: str = Field("", description="flat (default) or hnsw[:m=..,ef_construction=..]")
 
 
 class ForgetRequest(Request):
@@ -115,7 +138,7 @@ class SearchRequest(Request):
 
 
 class TrainRequest(Request):
-    head: str = Field("", description="logreg (default), linear_svm, svm")
+    head: str = Field("", description="logreg (default), linear_svm, svm, zero_shot, few_shot")
     labels: list[str] = []
     ids: list[str] = []
     params: dict[str, Any] = {}
@@ -125,6 +148,8 @@ class TrainRequest(Request):
     adapt_to: str = ""
     adapt_method: str = ""
     where: Where = _where("labelled items (not with `ids`)")
+    class_prompts: dict[str, list[str]] = Field({}, description="zero_shot / few_shot heads: per label, texts that "
+                                                                 "describe it, e.g. [\"a photo of a cat\"]")
 
 
 class PredictRequest(Request):
@@ -244,6 +269,22 @@ class StoredItemOut(BaseModel):
 class GetResponse(BaseModel):
     items: list[StoredItemOut]
     missing: list[str]
+
+
+class ListedItemOut(BaseModel):
+    id: str
+    sha256: str | None
+    label: str | None
+    metadata: dict[str, Any]
+    created: float
+    updated: float
+    image: bool = Field(description="its image is kept: GET /v1/collections/{collection}/image?id=... serves it")
+
+
+class ItemsResponse(BaseModel):
+    items: list[ListedItemOut]
+    total: int = Field(description="items that match the filter, in every page")
+    offset: int
 
 
 class HitOut(BaseModel):

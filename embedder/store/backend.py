@@ -21,7 +21,7 @@ import numpy as np
 from ..errors import DimensionMismatchError, InvalidArgumentError, ModelMismatchError
 from ..filters import Filter
 from ..index import IndexSpec
-from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem
+from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem
 
 
 class Collections(Protocol):
@@ -47,6 +47,11 @@ class Collections(Protocol):
         ``ids`` that exist, labelled or not (the facade names the missing and unlabelled ones)."""
 
     def images(self, name: str, ids: list[str]) -> list[bytes | None]: ...
+
+    def page(self, name: str, offset: int, limit: int, label: str | None, unlabelled: bool,
+             where: Filter | None) -> ItemPage:
+        """Items ``offset`` to ``offset + limit`` in insertion order of those labelled ``label`` / ``unlabelled`` /
+        any, passing ``where``, with their total and whether each image is kept."""
 
     def vectors(self, name: str, where: Filter | None = None) -> tuple[list[str], np.ndarray]: ...
 

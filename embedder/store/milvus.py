@@ -41,7 +41,7 @@ from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreUnavailableError
 from ..filters import And, Exists, Filter, In, Not, Or, kind
 from ..index import IndexSpec
-from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem
+from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem
 from .backend import check_binding, pick_model
 from .rwlock import RWLock
 from .validation import missing_message, shown
@@ -240,6 +240,20 @@ class MilvusCollections:
         shas = {r["id"]: r["sha256"] for r in self._rows(b, ids, ["id", "sha256"]) if r["sha256"]}
         data = self._get_images(set(shas.values()))
         return [data.get(shas.get(i, "")) for i in ids]
+
+    def page(self, name: str, offset: int, limit: int, label: str | None, unlabelled: bool,
+             where: Filter | None) -> ItemPage:
+        """Milvus queries have no order: the matching ids and insertion numbers are read (no vectors), sorted,
+        and only the page's rows fetched whole."""
+        b = self._binding(name)
+        parts = ([f"label == {quote(label)}"] if label is not None else ["label is null"] if unlabelled else []) + \
+                ([to_milvus_expression(where)] if where is not None else [])
+        order = sorted(self._scan(b, " and ".join(parts), ["id", "seq"]), key=lambda r: r["seq"])
+        ids = [r["id"] for r in order[offset:offset + limit]]
+        items = self.get(name, ids)
+        kept = self._get_images({i.sha256 for i in items if i is not None and i.sha256}, keys_only=True)
+        shown = [i for i in items if i is not None]  # an item deleted between the two reads is left out
+        return ItemPage(shown, [i.sha256 in kept for i in shown], len(order), offset)
 
     def vectors(self, name: str, where: Filter | None = None) -> tuple[list[str], np.ndarray]:
         b = self._binding(name)

@@ -24,12 +24,13 @@ from ..config import Config, parse_store_uri
 from ..errors import InvalidArgumentError, NotFoundError, SettingError, StoreClosedError, StoreLockedError
 from ..index import IndexSpec
 from ..inputs import content_hash
-from ..results import AddResult, CollectionInfo, DeleteResult, Hit, StoredItem, StoreStats
+from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .backend import Collections
 from .cache import EmbeddingCache
 from .sqlite import connect, transaction, vector
 from .validation import (check_column, check_ef, check_ids, check_k, check_label, check_list, check_model_id,
-                         check_name, check_sha256, check_vectors, metadata_json, missing_message, shown)
+                         check_name, check_page, check_sha256, check_vectors, metadata_json, missing_message,
+                         shown)
 
 _CLOSED = "the store is closed (the server is shutting down); retry on a running instance"
 
@@ -233,6 +234,17 @@ class Store:
         Images are stored by their sha256, which is their checksum: one that no longer hashes to it raises
         :class:`DataLossError`."""
         return self._backend.images(collection, check_ids(ids))
+
+    def page(self, collection: str, *, offset: int = 0, limit: int = 100, label: str | None = None,
+             unlabelled: bool = False, where: filters.Where = None) -> ItemPage:
+        """Items ``offset`` to ``offset + limit`` of a collection in insertion order, with the total: all of them,
+        those labelled ``label``, or the ``unlabelled`` ones, of those only the ones whose metadata passes
+        ``where``. Reads one page, never the whole collection."""
+        offset, limit = check_page(offset, limit)
+        label = check_label(label)
+        if label is not None and unlabelled:
+            raise InvalidArgumentError("ask for items with `label` or for the `unlabelled` ones, not both")
+        return self._backend.page(collection, offset, limit, label, unlabelled, filters.parse(where))
 
     def vectors(self, collection: str, *,
                 where: filters.Where = None) -> tuple[list[str], np.ndarray]:
