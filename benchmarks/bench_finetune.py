@@ -2,8 +2,9 @@
 
 Usage::
 
-    python benchmarks/bench_finetune.py                    # unfreeze 3, 100 and 600 labels/class, 3 seeds
-    python benchmarks/bench_finetune.py --ns 100 --seeds 0 # one cell, for a quick look
+    python benchmarks/bench_finetune.py --part accuracy            # unfreeze 3, 100 and 600 labels/class, 3 seeds
+    python benchmarks/bench_finetune.py --part accuracy --ns 100 --test 2000   # a subset, for a busy CPU
+    python benchmarks/bench_finetune.py --part speed               # cached vs full epochs, unfreeze 1-3
 
 Data: Fashion-MNIST train/test splits (Debian ``dataset-fashion-mnist``). For ``n`` labels per class and seed
 ``s`` the labelled set is the first ``n`` images of each class in a seeded shuffle of the train split (the same
@@ -24,11 +25,15 @@ Epoch speed (``--epoch-images`` labelled images, batch 64): one epoch of ``finet
 cached fp16 activations vs one that re-runs decode + preprocessing + the frozen trunk (micro-batches of 4, the
 fastest on CPU) before the same step, for unfreeze 1, 2 and 3, interleaved rounds, fastest epoch of each kind;
 each epoch is split into its parts (data, trunk, top forward, backward, optimiser step) to show what limits
-the ratio. Writes ``benchmarks/results/bench_finetune.json`` and prints a markdown block for the README.
+the ratio. A third kind runs the cached epoch with the top and its input in channels_last memory format.
+
+``--part accuracy`` writes ``benchmarks/results/bench_finetune_accuracy.json``, ``--part speed``
+``bench_finetune_speed.json``; each prints a markdown block for the README.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import shutil
 import statistics
@@ -55,6 +60,7 @@ MODEL = "mobilenet_v2"
 FT_CONFIG = dict(epochs=12, patience=4, schedule="cosine")  # the rest: FineTuneConfig's defaults
 TRUNK_MICRO_BATCH = 4
 EPOCH_BATCH = 64
+KINDS = ("cached", "cached, channels_last", "full")  # full: decode + preprocess + trunk, then the same step
 
 log = logging.getLogger("bench_finetune")
 
@@ -219,24 +225,32 @@ def speed_part(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for unfreeze in (1, 2, 3):
         trunk = Trunk(unfreeze)
-        head = nn.Linear(1280, 10)
-        model = nn.Sequential(trunk.split.top, nn.Dropout(0.2), head)
-        opt = torch.optim.AdamW([{"params": trunk.split.top.parameters(), "lr": 1e-4},
-                                 {"params": head.parameters(), "lr": 1e-3}], weight_decay=1e-4)
         gen = torch.Generator().manual_seed(0)
         acts = trunk.forward(trunk.decode(pngs))  # float16, as the cache holds them
+        models = {}
+        for kind in KINDS:  # each kind trains its own copy: the same work, none warms the other's weights
+            top = copy.deepcopy(trunk.split.top)
+            head = nn.Linear(1280, 10)
+            model = nn.Sequential(top, nn.Dropout(0.2), head)
+            if kind == "cached, channels_last":
+                model = model.to(memory_format=torch.channels_last)
+            models[kind] = (model, torch.optim.AdamW([{"params": top.parameters(), "lr": 1e-4},
+                                                      {"params": head.parameters(), "lr": 1e-3}], weight_decay=1e-4))
 
         def epoch(kind: str) -> dict[str, float]:
             parts = dict.fromkeys(("decode + preprocess", "trunk forward", "load batch", "top forward",
                                    "backward", "optimiser step"), 0.0)
+            model, opt = models[kind]
             model.train()
             _freeze_bn(model)
             order = torch.randperm(len(y), generator=gen)
             for s in range(0, len(y), EPOCH_BATCH):
                 b = order[s:s + EPOCH_BATCH]
                 t0 = time.perf_counter()
-                if kind == "cached":
+                if kind.startswith("cached"):
                     x = acts[b].float()
+                    if kind == "cached, channels_last":
+                        x = x.contiguous(memory_format=torch.channels_last)
                     parts["load batch"] += time.perf_counter() - t0
                 else:
                     raw = trunk.decode([pngs[i] for i in b.tolist()])
@@ -257,8 +271,9 @@ def speed_part(args: argparse.Namespace) -> dict[str, Any]:
                 parts["optimiser step"] += t3 - t2
             return {k: v for k, v in parts.items() if v}
 
-        epoch("cached")  # warm-up
-        rounds: dict[str, list[dict[str, float]]] = {"cached": [], "full": []}
+        for kind in KINDS[:2]:
+            epoch(kind)  # warm-up
+        rounds: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
         for _ in range(args.epoch_rounds):  # interleaved, so load changes hit both kinds
             for kind in rounds:
                 rounds[kind].append(epoch(kind))
@@ -271,6 +286,7 @@ def speed_part(args: argparse.Namespace) -> dict[str, Any]:
             "activation_kb_fp16": acts[0].numel() * 2 / 1024,
             "seconds": seconds, "parts": {k: {p: round(v, 3) for p, v in parts.items()} for k, parts in best.items()},
             "ratio": seconds["full"] / seconds["cached"],
+            "ratio_channels_last": seconds["full"] / seconds["cached, channels_last"],
             "ratio_per_round": [sum(f.values()) / sum(c.values()) for c, f in zip(rounds["cached"], rounds["full"])],
             "img_s": {k: len(y) / v for k, v in seconds.items()}}
         trunk.close()
@@ -295,13 +311,15 @@ def markdown_accuracy(res: dict[str, Any]) -> str:
 
 
 def markdown_speed(res: dict[str, Any]) -> str:
-    lines = [f"| unfreeze | cut activation (fp16) | cached epoch | full re-run epoch | ratio | full epoch: decode / trunk "
-             "/ top fwd+bwd+step | cached epoch: load / top fwd / bwd / step |", "| ---: | --- | ---: | ---: | ---: | --- | --- |"]
+    lines = [f"| unfreeze | cut activation (fp16) | cached epoch | full re-run epoch | ratio | ratio, channels_last "
+             "| full epoch: decode / trunk / top fwd+bwd+step | cached epoch: load / top fwd / bwd / step |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for u, r in res["by_unfreeze"].items():
         f, c = r["parts"]["full"], r["parts"]["cached"]
         top_f = f["top forward"] + f["backward"] + f["optimiser step"]
         lines.append(f"| {u} | {'x'.join(map(str, r['activation_shape']))} ({r['activation_kb_fp16']:.1f} KB) | "
                      f"{r['seconds']['cached']:.2f} s | {r['seconds']['full']:.2f} s | {r['ratio']:.2f}x | "
+                     f"{r['ratio_channels_last']:.2f}x | "
                      f"{f['decode + preprocess']:.2f} / {f['trunk forward']:.2f} / {top_f:.2f} s | "
                      f"{c['load batch']:.3f} / {c['top forward']:.2f} / {c['backward']:.2f} / "
                      f"{c['optimiser step']:.2f} s |")
