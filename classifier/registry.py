@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -185,6 +185,11 @@ class HeadRegistry:
             raise HeadNotFoundError(f"no head {head_id!r}; list the heads there are with ListHeads "
                                     "(`embedder heads`)")
         return path
+
+    def turn(self, should_stop: Callable[[], bool] | None, what: str) -> AbstractContextManager[None]:
+        """Run ``what`` (other work that trains, e.g. out-of-fold heads for label issues) in turn with trainings,
+        which each already use every core; DeadlineError once ``should_stop`` says so while waiting."""
+        return self._turn(_Stopper(should_stop, what))
 
     @contextmanager
     def _turn(self, stop: _Stopper) -> Iterator[None]:

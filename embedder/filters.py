@@ -179,6 +179,10 @@ def _check_value(value: Any, where: str) -> Value:
                                    f"got {json.dumps(value)[:40]}")
     if isinstance(value, float) and not math.isfinite(value):
         raise InvalidArgumentError(f"where: {where}: {value} is not a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        # what SQLite and Milvus hold as an integer; write a bigger bound as a float (1e20)
+        raise InvalidArgumentError(f"where: {where}: {value} is outside the 64-bit integer range; "
+                                   "write it as a float (e.g. 1e20)")
     return value
 
 

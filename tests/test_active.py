@@ -232,6 +232,20 @@ def test_refusals_say_what_to_do(service):
     assert category_of(e.value) is Category.FAILED_PRECONDITION
 
 
+
+def test_suggest_and_label_issues_wait_their_turn_with_trainings(service):
+    """Both train heads (on the fly, one per fold), so they run in turn with trainings, which use every core:
+    while a training holds the turn they wait, and give up when their deadline passes."""
+    from embedder.errors import DeadlineError
+
+    with service.heads.turn(None, "a training"):
+        for run in (lambda call: service.suggest("digits", n=3, call=call),
+                    lambda call: service.label_issues("noisy", call=call)):
+            with pytest.raises(DeadlineError, match="waiting for the training before it"):
+                run(Call.within(0.3))
+    assert len(service.suggest("digits", n=3, call=Call.within(30)).suggestions) == 3  # the turn is free again
+
+
 # ------------------------------------------------------------------ the wire
 
 def test_suggest_and_label_issues_over_grpc(counting, digit_images, capsys):

@@ -234,6 +234,9 @@ def test_the_http_door_takes_the_same_keys(server, http, keys):
     assert status == 200 and {h["collection"] for h in body["hits"]} <= {"pets"}
     status, body = pets_writer("GET", "/v1/stats")
     assert [c["name"] for c in body["collections"]] == ["pets"]
+    everything = api(TOKEN)("GET", "/v1/stats")[1]  # the admin token sees what other keys use
+    assert everything["cache_items"] > 0 and everything["disk_bytes"] > 0
+    assert body["cache_items"] == body["disk_bytes"] == 0 and body["heads"] <= everything["heads"]
     # privacy: the search above cached x for pets_writer only
     status, body = reader("POST", "/v1/embed", json={"items": [{"sha256": sha(x)}]})
     assert status == 200 and body["results"][0]["error"]["type"] == "not_found"

@@ -285,14 +285,16 @@ class Service:
         return SearchResult(hits, bound.model_id, cached)
 
     def stats(self, call: Call = Call()) -> tuple[StoreStats, int]:
-        """The store's statistics and the number of saved heads; an allow-listed caller sees its collections."""
+        """The store's statistics and the number of saved heads. A caller with an allow-list sees its collections
+        and their heads only, and the shared figures (cache rows, disk bytes) as 0: they would tell it how much
+        other keys use the service."""
         store = self._stateful()
         self._permit(call, READ)
         stats, allowed = store.stats(), self._allowed(call)
         if allowed is not None:
             shown = [c for c in stats.collections if c.name in allowed]
-            stats = replace(stats, collections=shown, items=sum(c.count for c in shown))
-        return stats, len(self.heads.list())
+            stats = replace(stats, collections=shown, items=sum(c.count for c in shown), cache_items=0, disk_bytes=0)
+        return stats, len(self.list_heads(call))
 
     def forget(self, sha256s: Sequence[str], *, call: Call = Call()) -> int:
         """Delete cached vectors of images (by sha256, every model); returns how many cache rows went. A key
@@ -428,9 +430,10 @@ class Service:
         if head_id:
             self._permit_head(call, READ, head_id)
         head = self.heads.get(head_id) if head_id else None
-        return active.suggest(candidates, X, X_labelled, y_labelled, n=active.DEFAULT_SUGGEST if n == 0 else n,
-                              strategy=strategy or "auto", head=head, model_id=info.model_id, seed=seed,
-                              should_stop=self._should_stop(call))
+        with self.heads.turn(self._should_stop(call), "suggestion"):  # it may train a head: not alongside others
+            return active.suggest(candidates, X, X_labelled, y_labelled,
+                                  n=active.DEFAULT_SUGGEST if n == 0 else n, strategy=strategy or "auto", head=head,
+                                  model_id=info.model_id, seed=seed, should_stop=self._should_stop(call))
 
     def label_issues(self, collection: str, *, limit: int = 0, labels: Sequence[str] = (), folds: int = 0,
                      near_duplicate: float = 0.0, seed: int = 0, call: Call = Call()) -> Any:
@@ -443,10 +446,11 @@ class Service:
         self._permit(call, WRITE, collection)  # trains one head per fold
         ids, X, y = store.labelled(collection, labels=list(labels) or None)
         sha256s = [s.sha256 if s is not None else None for s in store.get(collection, ids)] if ids else []
-        return active.find_label_issues(ids, X, y, sha256s, limit=limit or active.DEFAULT_ISSUES,
-                                        folds=folds or active.DEFAULT_FOLDS,
-                                        near_duplicate=near_duplicate or active.DEFAULT_NEAR_DUPLICATE, seed=seed,
-                                        should_stop=self._should_stop(call))
+        with self.heads.turn(self._should_stop(call), "label check"):  # one head per fold: in turn with trainings
+            return active.find_label_issues(ids, X, y, sha256s, limit=limit or active.DEFAULT_ISSUES,
+                                            folds=folds or active.DEFAULT_FOLDS,
+                                            near_duplicate=near_duplicate or active.DEFAULT_NEAR_DUPLICATE,
+                                            seed=seed, should_stop=self._should_stop(call))
 
     def list_heads(self, call: Call = Call()) -> list[Any]:
         """The saved heads; a key with an allow-list sees those trained on its collections."""

@@ -34,8 +34,9 @@ upgrades, transactions), ``integrity.py`` (row checksums), ``rwlock.py`` (the re
 **FAISS holds one index per collection** (:class:`embedder.index.VectorIndex`: exact ``IndexFlatIP`` or
 approximate HNSW over L2-normalised vectors, so scores are cosine similarities). Per-collection indexes
 make the collection filter free, keep models and dims apart, and let each collection pick its index;
-label filters use an ``IDSelectorBatch`` of the label's ids (from SQLite), so ``k`` hits come back
-whenever ``k`` items match (HNSW answers filters that keep under half the items exactly).
+label and metadata filters (:mod:`embedder.filters`, compiled to SQLite JSON1 by :mod:`.where`) select
+the matching ids in SQLite into an ``IDSelectorBatch``, so ``k`` hits come back whenever ``k`` items match
+(HNSW answers filters that keep under half the items exactly: :data:`embedder.index.EXACT_FILTER_FRACTION`).
 
 **Locking**: a readers-writer lock per collection over its FAISS index. Searches, gets and snapshots of
 it share it; add, delete, set_labels and delete_collection of it take it alone (FAISS is not safe to write

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import SettingError
 from .integrity import cache_crc, item_crc
+from .where import json_string
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA foreign_keys = ON")
     db.create_function("item_crc", 6, item_crc, deterministic=True)  # for the version 3 upgrade
     db.create_function("cache_crc", 3, cache_crc, deterministic=True)
+    db.create_function("json_string", 1, json_string, deterministic=True)  # for metadata filters (.where)
     version = db.execute("PRAGMA user_version").fetchone()[0]
     if version == 0:
         db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA}; PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")

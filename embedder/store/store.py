@@ -19,6 +19,7 @@ from typing import AbstractSet, Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from .. import filters
 from ..config import Config
 from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreLockedError
 from ..index import IndexSpec
@@ -31,6 +32,7 @@ from .integrity import ITEM_COLUMNS, corrupted, item_crc, item_ok
 from .sqlite import blob, chunked_execute, chunked_query, connect, drop_orphan_images, matrix, transaction, vector
 from .validation import (check_column, check_ef, check_ids, check_k, check_label, check_list, check_model_id,
                          check_name, check_sha256, check_vectors, metadata_json, missing_message, shown)
+from .where import where_sql
 
 _CLOSED = "the store is closed (the server is shutting down); retry on a running instance"
 
@@ -263,21 +265,25 @@ class Store:
                  for r in rows}
         return [found.get(i) for i in ids]
 
-    def labelled(self, collection: str, *, labels: Sequence[str] | None = None,
-                 ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
+    def labelled(self, collection: str, *, labels: Sequence[str] | None = None, ids: Sequence[str] | None = None,
+                 where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray, list[str]]:
         """A training set from a collection: ``(ids, vectors (N, dim), labels)`` of its labelled items.
 
         ``labels`` keeps only those classes; ``ids`` only those items (each must exist and carry a label,
-        else :class:`NotFoundError` / ValueError naming them). Items come in insertion order.
+        else :class:`NotFoundError` / ValueError naming them); ``where`` only items whose metadata passes that
+        filter (:mod:`embedder.filters`; not with ``ids``). Items come in insertion order.
         """
         wanted = None if labels is None else [check_label(lab) for lab in check_list(labels, "labels")]
         chosen = None if ids is None else check_ids(ids)
+        condition, params = self._condition(where)
+        if chosen is not None and condition != "1":
+            raise InvalidArgumentError("choose the items by ids or by where, not both")
         with self._locked(self._get(collection)) as c:
             with self._db_lock:
                 db = self._conn()
                 if chosen is None:
                     rows = db.execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? AND label IS NOT NULL "
-                                      "ORDER BY fid", (c.cid,)).fetchall()
+                                      f"AND {condition} ORDER BY fid", (c.cid, *params)).fetchall()
                 else:
                     rows = sorted(chunked_query(db, f"SELECT {ITEM_COLUMNS}, fid FROM items "
                                                     "WHERE cid = ? AND item_id IN ({})", [c.cid], chosen),
@@ -316,43 +322,52 @@ class Store:
         found = {item_id: data for item_id, _, data in rows}
         return [found.get(i) for i in ids]
 
-    def vectors(self, collection: str) -> tuple[list[str], np.ndarray]:
-        """Every item of a collection, labelled or not: ``(ids, vectors (N, dim))`` in insertion order."""
+    def vectors(self, collection: str, *,
+                where: str | Mapping[str, Any] | None = None) -> tuple[list[str], np.ndarray]:
+        """Every item of a collection (only those whose metadata passes ``where``), labelled or not:
+        ``(ids, vectors (N, dim))`` in insertion order."""
+        condition, params = self._condition(where)
         with self._locked(self._get(collection)) as c:
             with self._db_lock:
-                rows = self._conn().execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? ORDER BY fid",
-                                            (c.cid,)).fetchall()
+                rows = self._conn().execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? AND {condition} "
+                                            "ORDER BY fid", (c.cid, *params)).fetchall()
         self._check_items(c, rows)
         return [r[0] for r in rows], matrix([r[4] for r in rows], c.dim)
 
     def search(self, collection: str | None, queries: np.ndarray, *, k: int = 10, label: str | None = None,
                model_id: str | None = None, ef_search: int | None = None,
-               only: AbstractSet[str] | None = None) -> list[list[Hit]]:
+               only: AbstractSet[str] | None = None,
+               where: str | Mapping[str, Any] | None = None) -> list[list[Hit]]:
         """The ``k`` most similar stored items to each of the ``(Q, dim)`` queries, best first, per query.
 
         ``collection=None`` searches every collection of ``model_id`` (which may be left out while all
-        collections share one model). ``label`` keeps only items with that label; ``ef_search`` overrides an
-        HNSW collection's setting for this call. A collection of another model or dim raises
-        :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a search without
+        collections share one model). ``label`` keeps only items with that label, ``where`` only items whose
+        metadata passes that filter (:mod:`embedder.filters`); either way ``k`` hits come back whenever ``k``
+        items match. ``ef_search`` overrides an HNSW collection's setting for this call. A collection of another
+        model or dim raises :class:`ModelMismatchError` / :class:`DimensionMismatchError`. ``only`` limits a search without
         ``collection`` to those collections (a caller's allow-list).
         """
         q = check_vectors(queries, name="queries")
         k = check_k(k)
         label = check_label(label)
         ef_search = check_ef(ef_search)
+        condition = self._condition(where)
         targets = self._targets(collection, model_id, q.shape[1], only)
         with ExitStack() as locks:
             for c in sorted(targets, key=lambda c: c.cid):  # in cid order, as close takes them
                 locks.enter_context(self._locked(c) if collection is not None else c.lock.read())
-            return self._search([c for c in targets if not c.deleted], q, k, label, ef_search)
+            return self._search([c for c in targets if not c.deleted], q, k, label, condition, ef_search)
 
     def search_by_id(self, collection: str, item_id: str, *, k: int = 10, label: str | None = None,
-                     exclude_self: bool = True, ef_search: int | None = None) -> list[Hit]:
-        """The ``k`` items of ``collection`` most similar to its stored item ``item_id`` (without itself)."""
+                     exclude_self: bool = True, ef_search: int | None = None,
+                     where: str | Mapping[str, Any] | None = None) -> list[Hit]:
+        """The ``k`` items of ``collection`` most similar to its stored item ``item_id`` (without itself); ``label``
+        and ``where`` as in :meth:`search`."""
         (item_id,) = check_ids([item_id])
         k = check_k(k)
         label = check_label(label)
         ef_search = check_ef(ef_search)
+        condition = self._condition(where)
         with self._locked(self._get(collection)) as c:
             with self._db_lock:
                 row = self._conn().execute(f"SELECT {ITEM_COLUMNS} FROM items WHERE cid = ? AND item_id = ?",
@@ -360,7 +375,7 @@ class Store:
             if row is None:
                 raise NotFoundError(missing_message([item_id], c.name))
             self._check_items(c, [row])
-            hits = self._search([c], vector(row[4])[None], k + exclude_self, label, ef_search)[0]
+            hits = self._search([c], vector(row[4])[None], k + exclude_self, label, condition, ef_search)[0]
         return [h for h in hits if not (exclude_self and h.id == item_id)][:k]
 
     def collection(self, name: str) -> CollectionInfo:
@@ -504,15 +519,20 @@ class Store:
         return targets
 
     def _search(self, targets: list[Collection], q: np.ndarray, k: int, label: str | None,
-                ef_search: int | None) -> list[list[Hit]]:
-        """Search each target's index, then merge: best score first (ties in insertion order), ``k`` per query."""
+                condition: tuple[str, list], ef_search: int | None) -> list[list[Hit]]:
+        """Search each target's index, then merge: best score first (ties in insertion order), ``k`` per query.
+
+        A label or metadata filter selects its items' ids in SQLite first, and the index searches only those
+        (:meth:`embedder.index.VectorIndex.search`: exact where the selection is small)."""
         parts = []
         for c in targets:
             allowed = None
-            if label is not None:
+            if label is not None or condition[0] != "1":
+                by_label, labels = ("label = ?", [label]) if label is not None else ("1", [])
                 with self._db_lock:
                     allowed = np.fromiter((f for (f,) in self._conn().execute(
-                        "SELECT fid FROM items WHERE cid = ? AND label = ?", (c.cid, label))), dtype=np.int64)
+                        f"SELECT fid FROM items WHERE cid = ? AND {by_label} AND {condition[0]}",
+                        [c.cid, *labels, *condition[1]])), dtype=np.int64)
                 if not len(allowed):
                     continue
             scores, fids = c.index.search(q, k, allowed=allowed, ef_search=ef_search)
@@ -533,6 +553,13 @@ class Store:
         return [[Hit(rows[int(fids[r, j])][0], float(scores[r, j]), owners[j].name, rows[int(fids[r, j])][2],
                      _metadata(rows[int(fids[r, j])][3], rows[int(fids[r, j])][0])) for j in row]
                 for r, row in enumerate(best)]
+
+    @staticmethod
+    def _condition(where: str | Mapping[str, Any] | None) -> tuple[str, list]:
+        """``where`` parsed and compiled to an SQL condition on ``items`` and its parameters; ``("1", [])`` for
+        no filter. InvalidArgumentError names the part of a bad filter."""
+        f = filters.parse(where)
+        return ("1", []) if f is None else where_sql(f)
 
     def _info(self, c: Collection) -> CollectionInfo:
         with self._db_lock:
