@@ -164,7 +164,8 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                 data_dir = CACHE_DIR / f"ft-{n}-{seed}"
                 shutil.rmtree(data_dir, ignore_errors=True)
                 try:
-                    config = FineTuneConfig(unfreeze=args.unfreeze, seed=seed, device="cpu", **FT_CONFIG)
+                    config = FineTuneConfig(**{**FT_CONFIG, "epochs": args.epochs}, unfreeze=args.unfreeze,
+                                            seed=seed, device="cpu")
                     result = finetune(pngs, [FASHION_MNIST_CLASSES[c] for c in y], data_dir=data_dir,
                                       suffix=f"bf{n}s{seed}", config=config, cache=trunk.cache)
                     test_feats, task_pred = finetuned_features(result, test_acts)
@@ -206,7 +207,8 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                              if len(rs) > 1 else None)
         row["gain_points"] = 100 * (row["finetuned"]["mean"] - row["frozen"]["mean"])
         summary.append(row)
-    return {"unfreeze": args.unfreeze, "test_images": args.test, "finetune_config": FT_CONFIG, "summary": summary,
+    return {"unfreeze": args.unfreeze, "test_images": args.test, "finetune_config": {**FT_CONFIG, "epochs": args.epochs},
+            "summary": summary,
             "runs": runs, "trunk_img_s": trunk.computed / trunk.seconds if trunk.computed else None}
 
 
@@ -335,10 +337,13 @@ def main() -> None:
     ap.add_argument("--unfreeze", type=int, default=3, help="blocks fine-tuned in the accuracy part (default 3)")
     ap.add_argument("--ns", type=int, nargs="+", default=[100, 600], help="labels per class (default 100 600)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every n (default 0 1 2)")
+    ap.add_argument("--epochs", type=int, default=FT_CONFIG["epochs"],
+                    help=f"most epochs per fine-tune (default {FT_CONFIG['epochs']}; early stopping may end sooner)")
     ap.add_argument("--test", type=int, default=10000, help="test images: the first N of the test split")
     ap.add_argument("--epoch-images", type=int, default=600, help="labelled images per timed epoch")
     ap.add_argument("--epoch-rounds", type=int, default=3, help="interleaved rounds of timed epochs")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--name", help="the JSON's name under benchmarks/results (default bench_finetune_<part>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -350,7 +355,7 @@ def main() -> None:
         md = markdown_speed(res)
     res.update({"model": MODEL, "torch_threads": args.threads, "total_s": time.perf_counter() - started,
                 "argv": sys.argv[1:]})
-    path = write_json(f"bench_finetune_{args.part}", res)
+    path = write_json(args.name or f"bench_finetune_{args.part}", res)
     print("\n--- markdown for the README ---\n" + md)
     print(f"wrote {path}")
 

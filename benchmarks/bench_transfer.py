@@ -5,6 +5,7 @@ Usage::
 
     python benchmarks/bench_transfer.py            # 1/5/10/50/100/600 labels per class, 2,000 test images
     python benchmarks/bench_transfer.py --quick    # 1/10/100 labels per class, 500 test images, fewer fine-tunes
+    python benchmarks/bench_transfer.py --quick --only-adaptation   # the domain adaptation table alone
 
 Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (train and test splits). For ``n`` labels
 per class and seed ``s`` the labelled set is the first ``n`` images of each class in a per-seed shuffle of
@@ -54,6 +55,11 @@ then Gaussian blur, radius 1). Target accuracy of the logreg head on the 2,000 t
 unadapted, ``DomainAdapter("standardize")``, ``DomainAdapter("coral", eps=1)`` and ``eps=1e-4``, fitted on 2,000
 other (unlabelled) transformed test images; in-domain = the head trained on 100 labelled transformed test
 images per class (disjoint from both). Gap closed = (adapted - unadapted) / (in-domain - unadapted).
+AdaBN (Li et al. 2016) as the literature applies it: ``embedder.finetune.adabn`` builds one version of the
+backbone with BatchNorm statistics re-estimated on the source images (the 1,000 labelled ones, used unlabelled)
+and one per shift with statistics of the 2,000 unlabelled target images; the head trains on the source
+version's features of the source images and predicts on the target version's features of the target images.
+``--only-adaptation`` runs this table alone (``bench_transfer_adaptation[_quick].json``).
 
 Multi-task: fine task = 10 classes with 20 labels per class; coarse task = tops (T-shirt/top, Pullover, Coat,
 Shirt, Dress) / footwear (Sandal, Sneaker, Ankle boot) / other (Trouser, Bag) with 5,000 labels (the first 500

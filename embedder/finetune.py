@@ -174,7 +174,7 @@ class Split(nn.Module):
         self.net = load_backbone(spec)  # verified weights, classifier removed
         stem, blocks, tail, self.head_slot = _layers(self.net, self.arch)
         if len(blocks) != CUT_POINTS[self.arch]:
-            raise FineTuneError(f"{spec.name} has {len(blocks)} blocks, CUT_POINTS says {CUT_POINTS[self.arch]}")
+            raise RuntimeError(f"{spec.name} has {len(blocks)} blocks, CUT_POINTS says {CUT_POINTS[self.arch]}")
         self.cut = len(stem) + len(blocks) - unfreeze  # layers before the cut: the activation cache's key
         self.trunk = FrozenBackbone(nn.Sequential(*stem, *blocks[:-unfreeze]), spec.preprocessing).eval()
         self.top = nn.Sequential(*blocks[-unfreeze:], *tail, nn.AdaptiveAvgPool2d(1), nn.Flatten())
