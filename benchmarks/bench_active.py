@@ -190,6 +190,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
     seeds = 1 if args.quick else 3
+    import torch
+
+    # the heads fit with torch: on a shared, busy CPU its two OpenMP threads stall at every barrier (bench_train)
+    torch.set_num_threads(1)
     train, test = demo_sets(60_000, 10_000)
     if train.name == "fashion-mnist":  # the same images through the same model: bench_train's cache
         sys.path.insert(0, str(ROOT / "benchmarks"))

@@ -4,6 +4,7 @@ Usage::
 
     python benchmarks/bench_search.py            # 100k vectors, 1000 queries
     python benchmarks/bench_search.py --quick    # smoke test: 20k vectors, 200 queries
+    python benchmarks/bench_search.py --filters  # metadata filters only (100k vectors; with --quick 20k)
 
 Measured, all through :class:`embedder.store.Store` (SQLite commits, FAISS, metadata fetch included):
 
@@ -23,11 +24,19 @@ The stored vectors are synthetic, with neighbourhood structure at two scales (se
 because embedding 100k photos on a CPU takes too long for a benchmark. Uniform random vectors have no
 neighbourhoods at all, which makes any graph index look bad; their HNSW recall is reported as a worst case.
 Results go to ``benchmarks/results/bench_search.json`` (``bench_search_quick.json`` with ``--quick``).
+
+``--milvus`` runs only the Milvus comparison (:func:`bench_milvus`, -> ``results/bench_search_milvus.json``).
+
+``--filters`` measures metadata filters instead (:func:`bench_filters`): filtered search at 1% and 10%
+selectivity on synthetic metadata, exact and HNSW collections, latency p50/p99 and recall@10 against exact
+filtered search (numpy over the matching vectors), each filter new (the SQLite pre-selection runs) and repeated
+(its selection reused); results go to ``benchmarks/results/bench_search_filters.json``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import shutil
 import statistics
 import tempfile
@@ -37,7 +46,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from embedder import Config, Embedder
+from embedder import Config, Embedder, filters
 from embedder.client import EmbedderClient
 from embedder.index import IndexSpec, VectorIndex
 from embedder.core import Service
@@ -244,6 +253,175 @@ def bench_worst_case(n: int, n_queries: int) -> dict[str, Any]:
         for ef in (spec.ef_search, 256, 1024)}}
 
 
+# --- Milvus (--milvus): milvus-lite beside FAISS, and our layer beside raw pymilvus, in one run ---
+
+MILVUS_N, MILVUS_QUERIES = 10_000, 100  # milvus-lite 3 is pure Python: 100k would take hours here
+
+
+def bench_milvus(n: int, n_queries: int) -> dict[str, Any]:
+    """Add throughput, p50/p99 at k=10 (one query per call), recall@10 against exact numpy search, and RSS growth
+    for: FAISS flat/HNSW and milvus-lite flat/HNSW through :class:`Store`, and milvus-lite through raw pymilvus
+    (the same schema's essentials: id, vector, label; the same index settings). Each row runs in a fresh
+    process, so its RSS growth is its own. Milvus rows are searched after ``save()`` (a flush): milvus-lite
+    searches its unflushed segment by brute force in Python, seconds per query at 10k."""
+    x, q = clustered(n, seed=0), clustered(n_queries, seed=1)
+    truth = [[f"v{j}" for j in np.argsort(-row, kind="stable")[:K]] for row in q @ x.T]
+    rows: dict[str, Any] = {}
+    context = multiprocessing.get_context("spawn")
+    for engine in ("faiss", "milvus-lite", "raw pymilvus"):
+        for index in ("flat", "hnsw"):
+            log.info("%s %s: %d vectors, %d queries", engine, index, n, n_queries)
+            with context.Pool(1) as pool:
+                row = pool.apply(_milvus_row, (engine, index, n, n_queries))
+            row["recall_at_10"] = recall(row.pop("ids"), truth)
+            rows[f"{engine} {index}"] = row
+    overhead = {index: {"add_time_ratio": round(rows[f"raw pymilvus {index}"]["add_per_s"]
+                                                / rows[f"milvus-lite {index}"]["add_per_s"], 3),
+                        "search_p50_ratio": round(rows[f"milvus-lite {index}"]["p50_ms"]
+                                                  / rows[f"raw pymilvus {index}"]["p50_ms"], 3)}
+                for index in ("flat", "hnsw")}
+    return {"n": n, "dim": DIM, "queries": n_queries, "k": K, "vectors": "synthetic clustered, as the main run",
+            "rows": rows, "our_layer_over_raw_pymilvus": overhead, "target": "our layer's overhead <= 1.10x"}
+
+
+def _milvus_row(engine: str, index: str, n: int, n_queries: int) -> dict[str, Any]:
+    """One row of :func:`bench_milvus`, in its own process."""
+    x, q = clustered(n, seed=0), clustered(n_queries, seed=1)
+    ids, labels = [f"v{i}" for i in range(n)], [f"l{i % 10}" for i in range(n)]
+    spec = IndexSpec(index)
+    root = Path(tempfile.mkdtemp(prefix="bench_milvus-"))
+    rss = _rss_mb()
+    try:
+        if engine == "raw pymilvus":
+            add, flush, search = _raw_pymilvus(root, spec, x)
+        else:
+            store = Store(root / "data", backend=f"milvus://{root}/m.db" if engine == "milvus-lite" else "")
+            store.create_collection("c", model_id=MODEL_ID, dim=DIM, index=spec)
+
+            def add(s: int) -> None:
+                store.add("c", ids[s:s + ADD_BATCH], x[s:s + ADD_BATCH], model_id=MODEL_ID,
+                          labels=labels[s:s + ADD_BATCH])
+
+            flush = store.save
+
+            def search(v: np.ndarray) -> list[str]:
+                return [h.id for h in store.search("c", v[None], k=K)[0]]
+        t_add, _ = timed(lambda: [add(s) for s in range(0, n, ADD_BATCH)])
+        t_flush, _ = timed(flush)
+        search(q[0])  # warm-up
+        lat, found = [], []
+        for v in q:
+            t, hits = timed(lambda: search(v))
+            lat.append(t)
+            found.append(hits)
+        return {"add_per_s": round(n / t_add, 1), "flush_s": round(t_flush, 2), "p50_ms": ms(lat, 0.5),
+                "p99_ms": ms(lat, 0.99), "rss_growth_mb": round(_rss_mb() - rss), "ids": found}
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _raw_pymilvus(root: Path, spec: IndexSpec, x: np.ndarray) -> tuple[Callable, Callable, Callable]:
+    """add(start), flush(), search(vector) straight on pymilvus: what our layer is measured against."""
+    from pymilvus import DataType, MilvusClient
+
+    client = MilvusClient(str(root / "raw.db"))
+    schema = client.create_schema(auto_id=False)
+    schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+    schema.add_field("label", DataType.VARCHAR, max_length=64, nullable=True)
+    params = client.prepare_index_params()
+    if spec.kind == "hnsw":
+        params.add_index("vector", index_type="HNSW", metric_type="COSINE",
+                         params={"M": spec.m, "efConstruction": spec.ef_construction})
+    else:
+        params.add_index("vector", index_type="FLAT", metric_type="COSINE")
+    client.create_collection("c", schema=schema, consistency_level="Strong")
+    client.create_index("c", params, sync=False)
+    client.load_collection("c")
+    search_params = {"params": {"ef": spec.ef_search}} if spec.kind == "hnsw" else {}
+    return (lambda s: client.insert("c", [{"id": f"v{i}", "vector": v, "label": f"l{i % 10}"} for i, v in
+                                          enumerate(x[s:s + ADD_BATCH].tolist(), start=s)]),
+            lambda: client.flush("c"),
+            lambda v: [h["id"] for h in client.search("c", data=[v.tolist()], limit=K, output_fields=["label"],
+                                                      search_params=search_params)[0]])
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def print_milvus(out: dict[str, Any]) -> None:
+    print(f"\n{out['n']} x {out['dim']}-d, {out['queries']} queries, k={out['k']}, one query per call")
+    print(f"{'engine':<22}{'add/s':>9}{'flush s':>9}{'p50 ms':>10}{'p99 ms':>10}{'recall@10':>11}{'RSS +MB':>9}")
+    for name, r in out["rows"].items():
+        print(f"{name:<22}{r['add_per_s']:>9}{r['flush_s']:>9}{r['p50_ms']:>10}{r['p99_ms']:>10}"
+              f"{r['recall_at_10']:>11}{r['rss_growth_mb']:>9}")
+    print(f"our layer over raw pymilvus: {out['our_layer_over_raw_pymilvus']} ({out['target']})")
+
+
+# --- metadata filters (--filters) ---
+
+# each filter at query j: the same items whatever j, but a new filter text, so nothing is reused across queries
+FILTERS = {"1%": lambda j: f'camera == "c7" and shard < {10 + j / 1000}',  # string equality and a range: shard 7
+           "10%": lambda j: {"shard": {">=": 20, "<": 30 - j / 1000}}}  # the JSON form, a range: shards 20-29
+
+
+def synthetic_metadata(i: int) -> dict[str, Any]:
+    return {"shard": i % 100, "camera": f"c{i % 10}", "year": 2000 + i % 25, "exif": {"iso": 100 * (i % 32)}}
+
+
+def bench_filters(root: Path, n: int, n_queries: int) -> dict[str, Any]:
+    """Filtered search on exact and HNSW collections of ``n`` clustered vectors with :func:`synthetic_metadata`,
+    one query per call, k=10: per selectivity, a new filter per query (``cold``: the SQLite pre-selection scans the
+    collection's metadata each time) and one filter repeated (its selection reused while the collection is
+    unchanged); recall@10 against exact search over the matching vectors (numpy). Unfiltered search as baseline."""
+    x, q = clustered(n, seed=0), clustered(n_queries, seed=1)
+    metadata = [synthetic_metadata(i) for i in range(n)]
+    ids = [f"v{i}" for i in range(n)]
+    results: dict[str, Any] = {}
+    with Store(root / "store") as store:
+        for name, spec in (("exact", IndexSpec()), ("hnsw", IndexSpec("hnsw"))):
+            store.create_collection(name, model_id=MODEL_ID, dim=DIM, index=spec)
+            log.info("adding %d vectors with metadata to the %s collection", n, name)
+            for s in range(0, n, ADD_BATCH):
+                store.add(name, ids[s:s + ADD_BATCH], x[s:s + ADD_BATCH], model_id=MODEL_ID,
+                          metadata=metadata[s:s + ADD_BATCH])
+        for name in ("exact", "hnsw"):
+            row, _ = bench_queries(store, name, q)
+            results[f"{name}, no filter"] = {k: row[k] for k in ("p50_ms", "p99_ms", "qps")}
+        for share, where in FILTERS.items():
+            f = filters.parse(where(0))
+            keep = np.flatnonzero([filters.matches(f, m) for m in metadata])
+            top = np.argsort(-(q @ x[keep].T), axis=1, kind="stable")[:, :K]
+            truth = [[ids[keep[j]] for j in row] for row in top]
+            for name in ("exact", "hnsw"):
+                store.search(name, q[:3], k=K, where=where(0))  # warm-up
+                for mode, pick in (("cold", where), ("repeated", lambda j: where(0))):
+                    log.info("%s: %s filter %s", name, mode, share)
+                    lat, found = [], []
+                    for j, row in enumerate(q):
+                        t, hits = timed(lambda: store.search(name, row[None], k=K, where=pick(j + 1)))
+                        lat.append(t)
+                        found.append([h.id for h in hits[0]])
+                    results[f"{name}, filter {share}, {mode}"] = {
+                        "filter": filters.describe(f), "matching": len(keep), "p50_ms": ms(lat, 0.5),
+                        "p99_ms": ms(lat, 0.99), "qps": round(len(q) / sum(lat), 1),
+                        "recall_at_10": recall(found, truth), "full_hits": all(len(r) == K for r in found)}
+    return {"n": n, "dim": DIM, "queries": n_queries, "k": K, "metadata": synthetic_metadata(12345),
+            "vectors": "synthetic clustered, as bench_search", "results": results}
+
+
+def print_filters(out: dict[str, Any]) -> None:
+    print(f"\nfiltered search: {out['n']} x {out['dim']}-d, {out['queries']} queries, k={out['k']}, one thread")
+    print(f"{'':<36}{'matching':>9}{'p50 ms':>9}{'p99 ms':>9}{'QPS':>8}{'recall@10':>11}")
+    for name, r in out["results"].items():
+        print(f"{name:<36}{r.get('matching', ''):>9}{r['p50_ms']:>9}{r['p99_ms']:>9}{r.get('qps', ''):>8}"
+              f"{r.get('recall_at_10', ''):>11}")
+
+
 def print_table(out: dict[str, Any]) -> None:
     c = out["cache"]
     print(f"\ncache ({c['images']} real JPEGs, median {c['median_jpeg_kb']} KB, {c['runtime']}): "
@@ -270,13 +448,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="20k vectors, 200 queries, 16 photos")
     parser.add_argument("--n", type=int, help="stored vectors (default 100000, 20000 with --quick)")
-    parser.add_argument("--queries", type=int, help="queries (default 1000, 200 with --quick)")
+    parser.add_argument("--milvus", action="store_true",
+                        help=f"only the Milvus comparison (default {MILVUS_N} vectors, {MILVUS_QUERIES} queries)")
+    parser.add_argument("--queries", type=int, help="queries (default 1000, 200 with --quick or --filters)")
+    parser.add_argument("--filters", action="store_true", help="metadata filters only (bench_filters)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
+    if args.milvus:
+        out = bench_milvus(args.n or MILVUS_N, args.queries or MILVUS_QUERIES)
+        print_milvus(out)
+        print(f"\nwrote {write_json('bench_search_milvus', out)}")
+        return
     n = args.n or (20_000 if args.quick else 100_000)
-    n_queries = args.queries or (200 if args.quick else 1000)
+    n_queries = args.queries or (200 if args.quick or args.filters else 1000)
     root = Path(tempfile.mkdtemp(prefix="bench_search-"))
+    if args.filters:
+        try:
+            out = {"quick": args.quick, **bench_filters(root, n, n_queries)}
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print_filters(out)
+        print(f"\nwrote {write_json('bench_search_filters', out)}")
+        return
     try:
         out = {"quick": args.quick, "cache": bench_cache(root, 16 if args.quick else 64),
                "search": bench_search(root, n, n_queries),

@@ -12,8 +12,10 @@ vectors and labels from its store and calls these, so nothing here runs a backbo
 ``diversity``
     k-center greedy: each pick is the candidate farthest (cosine) from every labelled and already picked item.
 ``hybrid``
-    the ``POOL_FACTOR * n`` most uncertain by margin, then k-center greedy among them, so a batch is not
-    n near-duplicates of one confusing image.
+    the ``POOL_FACTOR * n`` most uncertain by margin, clustered by k-means into n groups, and the most uncertain
+    item of each group (cluster-margin, after Citovsky et al., NeurIPS 2021), so a batch is not n near-duplicates
+    of one confusing image. k-means keeps the picks typical where k-center greedy over the same pool picked
+    outliers: on Fashion-MNIST it needed 1,370 labels to reach 85% against margin's 787 (bench_active).
 ``representative``
     cold start: k-means (k-means++ seeding) on the candidates; the item nearest each centroid.
 ``auto`` (the default)
@@ -47,11 +49,11 @@ DEFAULT_ISSUES = 100
 MAX_ISSUES = 10_000
 DEFAULT_FOLDS = 5
 DEFAULT_NEAR_DUPLICATE = 0.995  # distinct 64x64 digits of one class reach 0.988 on mobilenet_v2
-POOL_FACTOR = 10  # hybrid: k-center runs over this many times n of the most uncertain candidates
+POOL_FACTOR = 10  # hybrid: k-means clusters this many times n of the most uncertain candidates
 MAX_SEEDS = 2048  # labelled items that seed k-center distances (a seeded sample beyond: cost is candidates x seeds)
 KMEANS_SAMPLE = 20_000  # candidates k-means is fitted on; every candidate is then assigned
 BLOCK_FLOATS = 2**25  # floats in one block of a distance matrix (128 MiB)
-PROJECTED_DIM = 64  # near-duplicate search: candidate pairs are found in this many principal directions
+PROJECTED_DIM = 64  # principal directions kept where only neighbourhoods matter (near-duplicates, hybrid groups)
 
 ShouldStop = Callable[[], bool] | None
 
@@ -127,8 +129,7 @@ def suggest(ids: Sequence[str], X: np.ndarray, X_labelled: np.ndarray, y_labelle
     else:
         head = head or _fit_for_uncertainty(X_labelled, y_labelled, kind, model_id)
         proba = head.predict_proba(X, model_id=model_id)
-        picks, reasons, scores = _uncertain(Xn, proba, head.classes_, n, strategy, _seeds(X_labelled, seed),
-                                            should_stop)
+        picks, reasons, scores = _uncertain(Xn, proba, head.classes_, n, strategy, seed, should_stop)
     return SuggestResult([Suggestion(ids[i], float(s), r) for i, s, r in zip(picks, scores, reasons)], strategy,
                          len(ids), len(y_labelled))
 
@@ -154,8 +155,8 @@ def k_center(Xn: np.ndarray, n: int, *, seeds: np.ndarray | None = None,
     return picks, np.asarray(dists)
 
 
-def _uncertain(Xn: np.ndarray, proba: np.ndarray, classes: np.ndarray, n: int, strategy: str,
-               seeds: np.ndarray | None, should_stop: ShouldStop) -> tuple[list[int], list[str], np.ndarray]:
+def _uncertain(Xn: np.ndarray, proba: np.ndarray, classes: np.ndarray, n: int, strategy: str, seed: int,
+               should_stop: ShouldStop) -> tuple[list[int], list[str], np.ndarray]:
     """Margin, entropy or hybrid picks from a head's probabilities."""
     order = np.argsort(-proba, axis=1)[:, :2]
     top = np.take_along_axis(proba, order, axis=1)
@@ -174,11 +175,18 @@ def _uncertain(Xn: np.ndarray, proba: np.ndarray, classes: np.ndarray, n: int, s
         picks = [int(i) for i in ranked[:n]]
         return picks, [why(i) for i in picks], score[picks]
     pool = ranked[:POOL_FACTOR * n]
-    chosen, dists = k_center(Xn[pool], n, seeds=seeds, should_stop=should_stop)
-    picks = [int(pool[c]) for c in chosen]
-    reasons = [f"{why(i)}; picked for diversity among the {len(pool)} most uncertain (cosine distance {d / 2:.3f} "
-               "to the nearest labelled or already suggested item)" for i, d in zip(picks, dists)]
-    return picks, reasons, score[picks]
+    groups = _kmeans(_projected(Xn[pool], seed), n, seed).labels_  # grouping needs no more than 64 directions
+    _check_stop(should_stop, "clustering the uncertain items")
+    picks = [int(pool[np.flatnonzero(groups == g)[0]]) for g in np.unique(groups)]  # pool is most uncertain first
+    reasons = [f"{why(i)}; the most uncertain of its group ({n} groups among the {len(pool)} most uncertain, so "
+               "the batch spreads over different confusions)" for i in picks]
+    if len(picks) < n:  # fewer distinct groups than n (duplicates in the pool): the next most uncertain
+        taken = set(picks)
+        more = [int(i) for i in pool if int(i) not in taken][:n - len(picks)]
+        picks += more
+        reasons += [why(i) for i in more]
+    order = np.argsort(-score[picks], kind="stable")  # best first, as the other strategies answer
+    return [picks[i] for i in order], [reasons[i] for i in order], score[picks][order]
 
 
 def _representative(Xn: np.ndarray, n: int, seed: int,
@@ -187,9 +195,7 @@ def _representative(Xn: np.ndarray, n: int, seed: int,
     two centroids share their nearest candidate (duplicates in the data)."""
     rng = np.random.default_rng(seed)
     sample = Xn if len(Xn) <= KMEANS_SAMPLE else Xn[rng.choice(len(Xn), KMEANS_SAMPLE, replace=False)]
-    with warnings.catch_warnings():  # fewer distinct points than clusters: the top-up covers it
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        km = KMeans(n_clusters=n, n_init=1, max_iter=50, random_state=seed).fit(sample)
+    km = _kmeans(sample, n, seed)
     _check_stop(should_stop, "k-means")
     share = np.bincount(km.labels_, minlength=n) / len(sample)
     centers = km.cluster_centers_.astype(np.float32)
@@ -210,6 +216,13 @@ def _representative(Xn: np.ndarray, n: int, seed: int,
             reasons.append(f"cold start: far from every other suggestion (cosine distance {d / 2:.3f})")
             scores.append(0.0)
     return picks, reasons, np.asarray(scores)
+
+
+def _kmeans(Xn: np.ndarray, n: int, seed: int) -> KMeans:
+    """k-means (k-means++ seeding, one run) of unit rows into ``n`` clusters; callers top up where fewer came."""
+    with warnings.catch_warnings():  # fewer distinct points than clusters
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return KMeans(n_clusters=min(n, len(Xn)), n_init=1, max_iter=50, random_state=seed).fit(Xn)
 
 
 def _fit_for_uncertainty(X: np.ndarray, y: Sequence[str], kind: str, model_id: str | None) -> Head:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from .errors import InvalidArgumentError
+
 ENV_PREFIX = "EMBEDDER_"
 
 
@@ -78,6 +80,8 @@ class Config:
 
     # --- store ---
     data_dir: Path = Path("embedder-data")  # SQLite metadata, FAISS snapshots, heads
+    store: str = ""  # collections: "" FAISS + SQLite in data_dir, milvus:///abs/path.db, or http(s)://host:port
+    store_token: str = ""  # a Milvus server's token ("user:password" or an API key)
     cache_max_items: int = 1_000_000  # cached vectors outside any collection, LRU-evicted beyond this
     cache_max_age_seconds: float = 0.0  # cached vectors older than this are misses and deleted; 0 = kept until evicted
     cache_shared: bool = False  # one cache for every API key (then a key can tell what others embedded)
@@ -115,6 +119,9 @@ class Config:
         if (self.role == "store") != bool(self.embed_target):
             raise ValueError("--role store and --embed-target go together: a store node sends cache misses to the "
                              "embedding replicas at --embed-target (IP:PORT,IP:PORT,...)")
+        parse_store_uri(self.store)
+        if self.store_token and not self.store.startswith(("http://", "https://")):
+            raise ValueError("--store-token goes with a Milvus server (--store http(s)://host:port)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"Config.precision must be 'fp32' or 'bf16', got {self.precision!r}")
 
@@ -129,6 +136,31 @@ class Config:
                 values[f.name] = _parse(f, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+
+def parse_store_uri(uri: str) -> tuple[str, str]:
+    """``(kind, target)`` of a ``--store`` value: ``("local", "")`` for empty (FAISS + SQLite in the data dir),
+    ``("milvus-lite", "/abs/path.db")`` for ``milvus:///abs/path.db``, ``("milvus", uri)`` for
+    ``http(s)://host:port``. InvalidArgumentError says which forms there are."""
+    forms = ("use empty (FAISS + SQLite in --data-dir), milvus:///absolute/path.db (milvus-lite in a local file) "
+             "or http(s)://host:port (a Milvus server)")
+    if not uri:
+        return "local", ""
+    if uri.startswith("milvus://"):
+        path = uri[len("milvus://"):]
+        if not path.startswith("/") or not path.endswith(".db") or len(path) <= len("/.db"):
+            raise InvalidArgumentError(f"--store {uri!r}: a milvus-lite store is milvus:///absolute/path.db (three "
+                                       f"slashes, an absolute path ending in .db); {forms}")
+        if not Path(path).parent.is_dir():
+            raise InvalidArgumentError(f"--store {uri!r}: the folder {Path(path).parent} does not exist; create it "
+                                       "first (milvus-lite keeps its data in the .db folder inside it)")
+        return "milvus-lite", path
+    if uri.startswith(("http://", "https://")):
+        host = uri.split("://", 1)[1].split("/", 1)[0]
+        if not host or any(c.isspace() for c in uri):
+            raise InvalidArgumentError(f"--store {uri!r}: a Milvus server is http(s)://host:port; {forms}")
+        return "milvus", uri
+    raise InvalidArgumentError(f"--store {uri!r} is not a store this service knows; {forms}")
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:

@@ -230,6 +230,12 @@ class StoreClosedError(EmbedderError):
     category = Category.UNAVAILABLE
 
 
+class StoreUnavailableError(EmbedderError):
+    """The store's server (Milvus) does not answer; the message names the URI and what to check."""
+
+    category = Category.UNAVAILABLE
+
+
 # --- the service ---
 
 class ResponseTooLargeError(EmbedderError):

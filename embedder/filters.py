@@ -35,6 +35,7 @@ MAX_IN_VALUES = 1024
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
 
 Value = Union[str, int, float, bool]
+Where = Union[str, Mapping[str, Any], None]  # what callers pass: text, a JSON object, or nothing
 Field = tuple  # the dotted path: ("exif", "iso")
 
 
@@ -85,7 +86,7 @@ _TOKEN = re.compile(rf"""\s*(?:
 _KEYWORDS = {"and", "or", "not", "in", "exists", "true", "false"}
 
 
-def parse(where: str | Mapping[str, Any] | None) -> Filter | None:
+def parse(where: Where) -> Filter | None:
     """The filter tree of ``where`` (text or JSON object); None when it is empty. :class:`InvalidArgumentError`
     names the part that is wrong."""
     if where is None or (isinstance(where, str) and not where.strip()) or (isinstance(where, Mapping) and not where):

@@ -61,6 +61,17 @@ class StoredItem:
 
 
 @dataclass(frozen=True)
+class ItemPage:
+    """One page of a collection's items, in insertion order: ``items[i]`` and whether its image is kept
+    (``kept[i]``); ``total`` items match the filter; the page starts at ``offset`` of them."""
+
+    items: list[StoredItem]
+    kept: list[bool]
+    total: int
+    offset: int
+
+
+@dataclass(frozen=True)
 class AddResult:
     collection: str
     added: int  # new ids

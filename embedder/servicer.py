@@ -24,8 +24,8 @@ from .core.service import DEFAULT_K, METADATA_FLAG
 from .errors import TABLE, Category, EmbedderError, ItemError, category_of
 from .jsonrule import parse_json_object
 from .keys import Gate
-from .messages import (bytes_vector, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb, tensor_array,
-                       vector_bytes)
+from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb,
+                       tensor_array, vector_bytes)
 
 log = logging.getLogger(__name__)
 
@@ -207,14 +207,31 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             query["vector"] = self._run(context, bytes_vector, request.vector, "the query vector")
         found = self._run(context, self.service.search, collection=request.collection or None, model=request.model,
                           k=request.k or DEFAULT_K, ef_search=request.ef_search or None,
-                          label=request.label if request.HasField("label") else None, call=self._call(context),
-                          **query)
+                          label=request.label if request.HasField("label") else None, where=request.where,
+                          call=self._call(context), **query)
         return pb.SearchResponse(hits=[hit_to_pb(h) for h in found.hits], model_id=found.model_id,
                                  cached=found.cached)
 
     def Stats(self, request: pb.StatsRequest, context: grpc.ServicerContext) -> pb.StatsResponse:
         stats, heads = self._run(context, self.service.stats, self._call(context))
         return stats_to_pb(stats, heads=heads)
+
+    def ListItems(self, request: pb.ListItemsRequest, context: grpc.ServicerContext) -> pb.ListItemsResponse:
+        page = self._run(context, self.service.list_items, request.collection, offset=request.offset,
+                         limit=request.limit, label=request.label if request.HasField("label") else None,
+                         unlabelled=request.unlabelled, where=request.where, call=self._call(context))
+        return pb.ListItemsResponse(items=[pb.ListedItem(item=stored_to_pb(s, with_vector=False), image_kept=kept)
+                                           for s, kept in zip(page.items, page.kept)],
+                                    total=page.total, offset=page.offset)
+
+    def GetImage(self, request: pb.GetImageRequest, context: grpc.ServicerContext) -> pb.GetImageResponse:
+        return pb.GetImageResponse(image=self._run(context, self.service.item_image, request.collection, request.id,
+                                                   size=request.size, call=self._call(context)))
+
+    def CreateCollection(self, request: pb.CreateCollectionRequest,
+                         context: grpc.ServicerContext) -> pb.CollectionStats:
+        return collection_to_pb(self._run(context, self.service.create_collection, request.collection,
+                                          model=request.model, index=request.index, call=self._call(context)))
 
     # ------------------------------------------------------------------ heads
 
@@ -223,7 +240,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         result = self._run(context, self.service.train, request.collection, head=request.head,
                            labels=list(request.labels), ids=list(request.ids), params=params,
                            test_size=request.test_size, seed=request.seed, head_id=request.head_id,
-                           adapt_to=request.adapt_to, adapt_method=request.adapt_method, call=self._call(context))
+                           adapt_to=request.adapt_to, adapt_method=request.adapt_method, where=request.where,
+                           call=self._call(context))
         return pb.TrainResponse(head=head_to_pb(result.info), samples=result.samples,
                                 train_seconds=result.train_seconds, total_seconds=result.total_seconds)
 
@@ -256,14 +274,14 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     def Suggest(self, request: pb.SuggestRequest, context: grpc.ServicerContext) -> pb.SuggestResponse:
         result = self._run(context, self.service.suggest, request.collection, n=request.n,
                            strategy=request.strategy, head_id=request.head_id, ids=list(request.ids),
-                           seed=request.seed, call=self._call(context))
+                           seed=request.seed, where=request.where, call=self._call(context))
         return pb.SuggestResponse(suggestions=[pb.Suggestion(**asdict(s)) for s in result.suggestions],
                                   strategy=result.strategy, candidates=result.candidates, labelled=result.labelled)
 
     def LabelIssues(self, request: pb.LabelIssuesRequest, context: grpc.ServicerContext) -> pb.LabelIssuesResponse:
         result = self._run(context, self.service.label_issues, request.collection, limit=request.limit,
                            labels=list(request.labels), folds=request.folds, near_duplicate=request.near_duplicate,
-                           seed=request.seed, call=self._call(context))
+                           seed=request.seed, where=request.where, call=self._call(context))
         return pb.LabelIssuesResponse(issues=[pb.LabelIssue(**asdict(i)) for i in result.issues],
                                       duplicates=[pb.LabelIssue(**asdict(d)) for d in result.duplicates],
                                       checked=result.checked, folds=result.folds, noise_rate=result.noise_rate,

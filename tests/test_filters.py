@@ -3,8 +3,8 @@ property test, hostile text, and filtered search on real FAISS + SQLite (k hits 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,7 +104,7 @@ TREES = st.recursive(LEAVES, lambda inner: st.one_of(
 
 
 @pytest.fixture(scope="module")
-def db(tmp_path_factory) -> sqlite3.Connection:
+def db(tmp_path_factory):
     """The store's own connection (with the functions it registers), and a table of just metadata."""
     conn = connect(tmp_path_factory.mktemp("where") / "store.sqlite3")
     conn.execute("CREATE TABLE t (fid INTEGER PRIMARY KEY, metadata TEXT NOT NULL)")
@@ -237,6 +237,45 @@ def test_training_and_candidate_selection(store):
         store.labelled("flat", ids=["item0"], where="g == 0")
 
 
+def test_pre_selection_reads_only_the_metadata_index(tmp_path):
+    """The rows hold vectors in overflow pages; the filter must be answered from items_metadata (schema version 5,
+    added to a version 4 store on open)."""
+    with Store(tmp_path) as s:
+        s.add("c", ["a"], unit(1, D), model_id=M, metadata=[{"g": 1}])
+    with sqlite3.connect(tmp_path / "store.sqlite3") as db:
+        db.execute("DROP INDEX items_metadata")
+        db.execute("PRAGMA user_version = 4")
+    with Store(tmp_path) as s:
+        assert [h.id for h in s.search("c", unit(1, D), where="g == 1")[0]] == ["a"]
+    sql, params = where_sql(filters.parse("g == 1 and exists(h)"))
+    with sqlite3.connect(tmp_path / "store.sqlite3") as db:
+        plan = db.execute(f"EXPLAIN QUERY PLAN SELECT fid FROM items WHERE cid = ? AND {sql}",
+                          [1, *params]).fetchall()
+    assert "COVERING INDEX items_metadata" in plan[0][3]
+
+
+def test_a_repeated_filter_sees_every_write(tmp_path):
+    """Selections are reused while the collection is unchanged; adds, replacements, deletes and labels show at once."""
+    q = unit(1, D, seed=6)
+
+    def found(**kw) -> set[str]:
+        return {h.id for h in s.search("c", q, k=50, **kw)[0]}
+
+    with Store(tmp_path) as s:
+        s.add("c", ["a", "b"], unit(2, D), model_id=M, metadata=[{"g": 1}, {"g": 2}])
+        assert found(where="g == 1") == {"a"}
+        s.add("c", ["c"], unit(1, D, seed=7), model_id=M, metadata=[{"g": 1}])
+        assert found(where="g == 1") == {"a", "c"}
+        s.add("c", ["a"], unit(1, D), model_id=M, metadata=[{"g": 2}])  # replaced: no longer passes
+        assert found(where="g == 1") == {"c"} and found(where="g == 1.0") == {"c"}
+        s.delete("c", ["c"])
+        assert found(where="g == 1") == set() and found(where="g == 2") == {"a", "b"}
+        s.set_labels("c", {"b": "x"})
+        assert found(where="g == 2", label="x") == {"b"}
+        s.set_labels("c", {"b": None, "a": "x"})
+        assert found(where="g == 2", label="x") == {"a"}
+
+
 @pytest.mark.parametrize("where", ["g ==", "g == 'x') OR 1=1 --", {"g": {"$regex": "."}}, 7])
 def test_bad_filter_is_invalid_argument(store, where):
     with pytest.raises(InvalidArgumentError, match="where"):
@@ -251,3 +290,115 @@ def test_hostile_filter_values_in_the_store(store, tmp_path):
             hits = s.search("c", unit(1, D), k=len(HOSTILE), where={"note": text})[0]
             assert [h.id for h in hits] == [f"h{i}"]
         assert s.collection("c").count == len(HOSTILE)
+
+
+# --- every door: a real server on loopback with the real model ---
+
+PHOTO_IDS = [f"p{i}" for i in range(12)]  # the six photos twice: the second copies come from the cache
+PHOTO_META = [{"camera": "ab"[i % 2], "year": 2018 + i, **({"exif": {"iso": 400 * i}} if i in (3, 5, 9) else {})}
+              for i in range(12)]
+PHOTO_LABELS = [("cat" if i % 2 == 0 else "dog") if i < 10 else None for i in range(12)]
+
+
+def passing(where) -> set[str]:
+    f = filters.parse(where)
+    return {i for i, m in zip(PHOTO_IDS, PHOTO_META) if filters.matches(f, m)}
+
+
+@pytest.fixture(scope="module")
+def doors(embedder, photos):
+    """A gRPC server and the HTTP door over its service, with six photos stored under PHOTO_META."""
+    from conftest import running_server
+
+    from embedder.client import EmbedderClient
+    from embedder.rest import HttpServer, create_app
+
+    with running_server(embedder) as server:
+        http = HttpServer(create_app(server.service, server.config), server.config, port=0)
+        http.start()
+        try:
+            with EmbedderClient(server.address, timeout=120) as client:
+                client.add("photos", photos + photos, PHOTO_IDS, labels=PHOTO_LABELS, metadata=PHOTO_META)
+                query = client.get("photos", ["p0"])[0].vector
+            yield server, http, query
+        finally:
+            http.stop(grace=1)
+
+
+def test_grpc_client_round_trip(doors):
+    import grpc
+
+    from embedder.client import EmbedderClient, ServiceError
+
+    server, _, query = doors
+    with EmbedderClient(server.address, timeout=120) as client:
+        for where in ("camera == 'a' and year >= 2020", {"camera": "b", "exif.iso": {"<": 3000}},
+                      '{"$or": [{"year": 2018}, {"exif": {"exists": true}}]}'):
+            hits = client.search(vector=query, collection="photos", k=12, where=where)
+            assert {h.id for h in hits} == passing(where)
+        assert {h.id for h in client.search(vector=query, k=12, where="year < 2020")} == {"p0", "p1"}  # all colls.
+        hits = client.search(collection="photos", item_id="p0", k=12, where="camera == 'a'", label="cat")
+        assert {h.id for h in hits} == {"p2", "p4", "p6", "p8"}
+        assert client.train("photos", where="year <= 2025", head_id="filtered")["samples"] == 8
+        assert client.suggest("photos", where="year >= 2029")["candidates"] == 1
+        assert client.label_issues("photos", where="year <= 2025", folds=3)["checked"] == 8
+        with pytest.raises(ServiceError) as e:
+            client.search(vector=query, collection="photos", where="year >> 2020")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "'>'" in str(e.value)
+        with pytest.raises(ServiceError) as e:
+            client.train("photos", where="year == 1999")
+        assert "whose metadata passes year == 1999" in str(e.value)
+        with pytest.raises(ServiceError) as e:
+            client.suggest("photos", ids=["p11"], where="year >= 2029")
+        assert e.value.code == grpc.StatusCode.INVALID_ARGUMENT and "not both" in str(e.value)
+
+
+def test_async_client_round_trip(doors):
+    import asyncio
+
+    from embedder.client.aio import AsyncEmbedderClient
+
+    server, _, query = doors
+
+    async def main() -> list:
+        async with AsyncEmbedderClient(server.address, timeout=120) as client:
+            return await client.search(vector=query, collection="photos", k=6, where={"year": {"in": [2019, 2021, 2000]}})
+
+    assert {h.id for h in asyncio.run(main())} == {"p1", "p3"}
+
+
+def test_http_round_trip(doors):
+    import requests
+
+    _, http, query = doors
+    vector = [float(v) for v in query]
+    for where in ("camera == 'b' and not exists(exif)", {"year": {">": 2019, "<=": 2022}}):
+        r = requests.post(f"{http.url}/v1/search", json={"collection": "photos", "vector": vector, "k": 12,
+                                                      "where": where}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert {h["id"] for h in r.json()["hits"]} == passing(where)
+    r = requests.post(f"{http.url}/v1/collections/photos/suggest", json={"where": {"camera": "a"}}, timeout=120)
+    assert r.status_code == 200 and r.json()["candidates"] == 1, r.text  # p10
+    r = requests.post(f"{http.url}/v1/search", json={"collection": "photos", "vector": vector,
+                                                  "where": {"year": {"~": 1}}}, timeout=120)
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_argument"
+    assert "unknown operator '~'" in r.json()["error"]["message"]
+
+
+def test_cli_round_trip(doors, capsys, monkeypatch):
+    from embedder.cli import main
+
+    server, _, _ = doors
+    for key in [k for k in os.environ if k.startswith("EMBEDDER_")]:
+        monkeypatch.delenv(key)
+    where = 'camera == "a" or exif.iso >= 1000'
+    code = main(["search", "--id", "p1", "--collection", "photos", "-k", "12", "--where", where, "--json",
+                 "--server", server.address])
+    assert code == 0
+    assert {h["id"] for h in json.loads(capsys.readouterr().out)} == passing(where) - {"p1"}
+    code = main(["suggest", "--collection", "photos", "--where", '{"year": {">=": 2029}}', "--json",
+                 "--server", server.address])
+    assert code == 0 and json.loads(capsys.readouterr().out)["candidates"] == 1
+    code = main(["search", "--id", "p1", "--collection", "photos", "--where", "camera == ", "--server",
+                 server.address])
+    assert code == 2 and "where: camera ==: expected a value" in capsys.readouterr().err

@@ -246,7 +246,7 @@ def test_a_slow_write_to_one_collection_never_stalls_another(tmp_path):
         store.add("slow", ["s0"], x[:1], model_id=M)
         store.add("other", [f"o{i}" for i in range(100)], x[100:], model_id=M, labels=["l"] * 100)
         inside, release = threading.Event(), threading.Event()
-        slow = store._collections["slow"].index
+        slow = store._backend._collections["slow"].index
         real_add = slow.add
 
         def held_add(ids: np.ndarray, vectors: np.ndarray) -> None:  # an HNSW insert that takes its time

@@ -240,7 +240,7 @@ class GetResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[StoredItem, _Mapping]]] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "item", "item_id", "vector", "k", "label", "ef_search", "model")
+    __slots__ = ("collection", "item", "item_id", "vector", "k", "label", "ef_search", "model", "where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
@@ -249,6 +249,7 @@ class SearchRequest(_message.Message):
     LABEL_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     item: Item
     item_id: str
@@ -257,7 +258,8 @@ class SearchRequest(_message.Message):
     label: str
     ef_search: int
     model: str
-    def __init__(self, collection: _Optional[str] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., item_id: _Optional[str] = ..., vector: _Optional[bytes] = ..., k: _Optional[int] = ..., label: _Optional[str] = ..., ef_search: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., item: _Optional[_Union[Item, _Mapping]] = ..., item_id: _Optional[str] = ..., vector: _Optional[bytes] = ..., k: _Optional[int] = ..., label: _Optional[str] = ..., ef_search: _Optional[int] = ..., model: _Optional[str] = ..., where: _Optional[str] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "collection", "label", "metadata_json")
@@ -282,6 +284,66 @@ class SearchResponse(_message.Message):
     model_id: str
     cached: bool
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., model_id: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+
+class ListItemsRequest(_message.Message):
+    __slots__ = ("collection", "offset", "limit", "label", "unlabelled", "where")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    UNLABELLED_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    offset: int
+    limit: int
+    label: str
+    unlabelled: bool
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., offset: _Optional[int] = ..., limit: _Optional[int] = ..., label: _Optional[str] = ..., unlabelled: _Optional[bool] = ..., where: _Optional[str] = ...) -> None: ...
+
+class ListedItem(_message.Message):
+    __slots__ = ("item", "image_kept")
+    ITEM_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_KEPT_FIELD_NUMBER: _ClassVar[int]
+    item: StoredItem
+    image_kept: bool
+    def __init__(self, item: _Optional[_Union[StoredItem, _Mapping]] = ..., image_kept: _Optional[bool] = ...) -> None: ...
+
+class ListItemsResponse(_message.Message):
+    __slots__ = ("items", "total", "offset")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ListedItem]
+    total: int
+    offset: int
+    def __init__(self, items: _Optional[_Iterable[_Union[ListedItem, _Mapping]]] = ..., total: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class GetImageRequest(_message.Message):
+    __slots__ = ("collection", "id", "size")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    id: str
+    size: int
+    def __init__(self, collection: _Optional[str] = ..., id: _Optional[str] = ..., size: _Optional[int] = ...) -> None: ...
+
+class GetImageResponse(_message.Message):
+    __slots__ = ("image",)
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    def __init__(self, image: _Optional[bytes] = ...) -> None: ...
+
+class CreateCollectionRequest(_message.Message):
+    __slots__ = ("collection", "model", "index")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    model: str
+    index: str
+    def __init__(self, collection: _Optional[str] = ..., model: _Optional[str] = ..., index: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
@@ -369,7 +431,7 @@ class HeadInfo(_message.Message):
     def __init__(self, head_id: _Optional[str] = ..., kind: _Optional[str] = ..., model_id: _Optional[str] = ..., dim: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., class_counts: _Optional[_Iterable[int]] = ..., params_json: _Optional[str] = ..., metrics_json: _Optional[str] = ..., created: _Optional[str] = ..., collection: _Optional[str] = ..., adaptation_json: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("collection", "head", "labels", "ids", "params_json", "test_size", "seed", "head_id", "adapt_to", "adapt_method")
+    __slots__ = ("collection", "head", "labels", "ids", "params_json", "test_size", "seed", "head_id", "adapt_to", "adapt_method", "where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -380,6 +442,7 @@ class TrainRequest(_message.Message):
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     ADAPT_TO_FIELD_NUMBER: _ClassVar[int]
     ADAPT_METHOD_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     head: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -390,7 +453,8 @@ class TrainRequest(_message.Message):
     head_id: str
     adapt_to: str
     adapt_method: str
-    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., head_id: _Optional[str] = ..., adapt_to: _Optional[str] = ..., adapt_method: _Optional[str] = ...) -> None: ...
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., head_id: _Optional[str] = ..., adapt_to: _Optional[str] = ..., adapt_method: _Optional[str] = ..., where: _Optional[str] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("head", "samples", "train_seconds", "total_seconds")
@@ -527,20 +591,22 @@ class LearningCurveResponse(_message.Message):
     def __init__(self, points: _Optional[_Iterable[_Union[CurvePoint, _Mapping]]] = ...) -> None: ...
 
 class SuggestRequest(_message.Message):
-    __slots__ = ("collection", "n", "strategy", "head_id", "ids", "seed")
+    __slots__ = ("collection", "n", "strategy", "head_id", "ids", "seed", "where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     HEAD_ID_FIELD_NUMBER: _ClassVar[int]
     IDS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     n: int
     strategy: str
     head_id: str
     ids: _containers.RepeatedScalarFieldContainer[str]
     seed: int
-    def __init__(self, collection: _Optional[str] = ..., n: _Optional[int] = ..., strategy: _Optional[str] = ..., head_id: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., n: _Optional[int] = ..., strategy: _Optional[str] = ..., head_id: _Optional[str] = ..., ids: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ..., where: _Optional[str] = ...) -> None: ...
 
 class Suggestion(_message.Message):
     __slots__ = ("id", "score", "reason")
@@ -565,20 +631,22 @@ class SuggestResponse(_message.Message):
     def __init__(self, suggestions: _Optional[_Iterable[_Union[Suggestion, _Mapping]]] = ..., strategy: _Optional[str] = ..., candidates: _Optional[int] = ..., labelled: _Optional[int] = ...) -> None: ...
 
 class LabelIssuesRequest(_message.Message):
-    __slots__ = ("collection", "limit", "labels", "folds", "near_duplicate", "seed")
+    __slots__ = ("collection", "limit", "labels", "folds", "near_duplicate", "seed", "where")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     FOLDS_FIELD_NUMBER: _ClassVar[int]
     NEAR_DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    WHERE_FIELD_NUMBER: _ClassVar[int]
     collection: str
     limit: int
     labels: _containers.RepeatedScalarFieldContainer[str]
     folds: int
     near_duplicate: float
     seed: int
-    def __init__(self, collection: _Optional[str] = ..., limit: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., folds: _Optional[int] = ..., near_duplicate: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+    where: str
+    def __init__(self, collection: _Optional[str] = ..., limit: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ..., folds: _Optional[int] = ..., near_duplicate: _Optional[float] = ..., seed: _Optional[int] = ..., where: _Optional[str] = ...) -> None: ...
 
 class LabelIssue(_message.Message):
     __slots__ = ("id", "label", "suggested", "score", "kind", "other")

@@ -81,6 +81,21 @@ class EmbedderStub:
                 request_serializer=embedder_dot_v1_dot_embedder__pb2.StatsRequest.SerializeToString,
                 response_deserializer=embedder_dot_v1_dot_embedder__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.ListItems = channel.unary_unary(
+                '/embedder.v1.Embedder/ListItems',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.ListItemsRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.ListItemsResponse.FromString,
+                _registered_method=True)
+        self.GetImage = channel.unary_unary(
+                '/embedder.v1.Embedder/GetImage',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.GetImageRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.GetImageResponse.FromString,
+                _registered_method=True)
+        self.CreateCollection = channel.unary_unary(
+                '/embedder.v1.Embedder/CreateCollection',
+                request_serializer=embedder_dot_v1_dot_embedder__pb2.CreateCollectionRequest.SerializeToString,
+                response_deserializer=embedder_dot_v1_dot_embedder__pb2.CollectionStats.FromString,
+                _registered_method=True)
         self.Train = channel.unary_unary(
                 '/embedder.v1.Embedder/Train',
                 request_serializer=embedder_dot_v1_dot_embedder__pb2.TrainRequest.SerializeToString,
@@ -210,6 +225,31 @@ class EmbedderServicer:
 
     def Stats(self, request, context):
         """Collections (counts per label), cache fill, disk use.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListItems(self, request, context):
+        """One page of a collection's items in insertion order (all, one label's or the unlabelled ones), without
+        vectors, and how many match: a large collection is paged through, never read whole. Errors: NOT_FOUND
+        (collection), INVALID_ARGUMENT (offset < 0, limit above 1000, label and unlabelled together).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetImage(self, request, context):
+        """A stored item's kept image, as it was added or as a JPEG thumbnail. NOT_FOUND: no such item, or its image is not kept (added as a
+        tensor or by sha256, or while the server ran with --no-keep-images).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCollection(self, request, context):
+        """Create an empty collection bound to a model (Add creates one on first use too); one that exists with the
+        same model and index is answered as is. INVALID_ARGUMENT: it exists with another index.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -354,6 +394,21 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=embedder_dot_v1_dot_embedder__pb2.StatsRequest.FromString,
                     response_serializer=embedder_dot_v1_dot_embedder__pb2.StatsResponse.SerializeToString,
+            ),
+            'ListItems': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListItems,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.ListItemsRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.ListItemsResponse.SerializeToString,
+            ),
+            'GetImage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetImage,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.GetImageRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.GetImageResponse.SerializeToString,
+            ),
+            'CreateCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCollection,
+                    request_deserializer=embedder_dot_v1_dot_embedder__pb2.CreateCollectionRequest.FromString,
+                    response_serializer=embedder_dot_v1_dot_embedder__pb2.CollectionStats.SerializeToString,
             ),
             'Train': grpc.unary_unary_rpc_method_handler(
                     servicer.Train,
@@ -656,6 +711,87 @@ class Embedder:
             '/embedder.v1.Embedder/Stats',
             embedder_dot_v1_dot_embedder__pb2.StatsRequest.SerializeToString,
             embedder_dot_v1_dot_embedder__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListItems(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/ListItems',
+            embedder_dot_v1_dot_embedder__pb2.ListItemsRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.ListItemsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetImage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/GetImage',
+            embedder_dot_v1_dot_embedder__pb2.GetImageRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.GetImageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/embedder.v1.Embedder/CreateCollection',
+            embedder_dot_v1_dot_embedder__pb2.CreateCollectionRequest.SerializeToString,
+            embedder_dot_v1_dot_embedder__pb2.CollectionStats.FromString,
             options,
             channel_credentials,
             insecure,

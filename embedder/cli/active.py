@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from .options import add_remote_options, client_from, positive_int, printable
+from .options import add_remote_options, add_where_option, client_from, positive_int, printable
 
 STRATEGIES = ("auto", "hybrid", "margin", "entropy", "diversity", "representative")  # classifier.active's
 
@@ -25,6 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): hybrid once a head can be trained on the labels, representative before")
     p.add_argument("--head-id", help="score uncertainty with this trained head (default: one trained on the fly)")
     p.add_argument("--ids", nargs="+", metavar="ID", help="only these items (default: every unlabelled item)")
+    add_where_option(p, "unlabelled items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_remote_options(p)
@@ -37,6 +38,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=positive_int, default=5, help="out-of-fold folds (default %(default)s)")
     p.add_argument("--near-duplicate", type=float, default=0.0, metavar="COSINE",
                    help="cosine at or above which two items are near-identical (default 0.995)")
+    add_where_option(p, "labelled items")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_remote_options(p)
@@ -47,7 +49,7 @@ def suggest(args: argparse.Namespace) -> int:
     """The suggestions as a table (or JSON), best first."""
     with client_from(args) as client:
         result = client.suggest(args.collection, args.n, strategy=args.strategy, head_id=args.head_id, ids=args.ids,
-                                seed=args.seed)
+                                seed=args.seed, where=args.where)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -62,7 +64,7 @@ def label_issues(args: argparse.Namespace) -> int:
     """The likely wrong labels, then the duplicates, as tables (or JSON)."""
     with client_from(args) as client:
         result = client.label_issues(args.collection, limit=args.limit, labels=args.labels, folds=args.folds,
-                                     near_duplicate=args.near_duplicate, seed=args.seed)
+                                     near_duplicate=args.near_duplicate, seed=args.seed, where=args.where)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -12,6 +12,7 @@ Examples::
     embedder add more/ --collection pets-v2 --model mobilenet_v2.pets   # a fine-tuned backbone version
     embedder search query.jpg --collection pets -k 5
     embedder search --id cat/tom.jpg --collection pets --json
+    embedder search query.jpg --collection pets --where 'camera == "a" and year >= 2020'
     embedder get cat/tom.jpg dog/rex.jpg --collection pets
     embedder labels --collection pets cat/tom.jpg=cat dog/rex.jpg=dog --clear cat/blurry.jpg
     embedder delete cat/tom.jpg --collection pets
@@ -29,8 +30,8 @@ from pathlib import Path
 from ..config import Config
 from ..inputs import folder_label
 from . import bulk
-from .options import (CHUNK, add_remote_options, client_from, collect_images, no_images, positive_int, printable,
-                      progress_bar, report)
+from .options import (CHUNK, add_remote_options, add_where_option, client_from, collect_images, no_images,
+                      positive_int, printable, progress_bar, report)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,6 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--collection", required=True, help="collection to search")
     p.add_argument("-k", type=positive_int, default=10, help="number of hits (default %(default)s)")
     p.add_argument("--label", help="only items with this label")
+    add_where_option(p, "items")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_remote_options(p)
     p.set_defaults(handler=search)
@@ -209,7 +211,8 @@ def search(args: argparse.Namespace) -> int:
     if args.image is not None and not args.image.is_file():
         raise FileNotFoundError(f"no such file: {args.image}")
     with client_from(args) as client:
-        hits = client.search(args.image, collection=args.collection, item_id=args.id, k=args.k, label=args.label)
+        hits = client.search(args.image, collection=args.collection, item_id=args.id, k=args.k, label=args.label,
+                             where=args.where)
     if args.json:
         print(json.dumps([dataclasses.asdict(h) for h in hits], indent=2))
         return 0

@@ -20,8 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .options import (CHUNK, HEAD_KINDS, add_remote_options, client_from, collect_images, fraction, no_images,
-                      param, positive_int, printable, report)
+from .options import (CHUNK, HEAD_KINDS, add_remote_options, add_where_option, client_from, collect_images,
+                      fraction, no_images, param, positive_int, printable, report)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapt-to", metavar="COLLECTION",
                    help="adapt to the domain of this collection's (unlabelled) images, e.g. another camera")
     p.add_argument("--adapt-method", choices=("coral", "standardize"), help="how to adapt (default coral)")
+    add_where_option(p, "labelled items")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     add_remote_options(p)
     p.set_defaults(handler=train)
@@ -92,7 +93,7 @@ def train(args: argparse.Namespace) -> int:
     with client_from(args) as client:
         r = client.train(args.collection, args.head, labels=args.labels, params=dict(args.param),
                          test_size=args.test_size, seed=args.seed, head_id=args.head_id, adapt_to=args.adapt_to,
-                         adapt_method=args.adapt_method)
+                         adapt_method=args.adapt_method, where=args.where)
     metrics = r["metrics"] or {}
     if args.plot is not None:
         if "confusion" not in metrics:

@@ -124,6 +124,13 @@ positive_float = bounded(float, lambda v: 0 < v < float("inf"), "a positive numb
 fraction = bounded(float, lambda v: 0 < v < 1, "a fraction between 0 and 1")
 
 
+def add_where_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--where``: a metadata filter, sent as written (the server parses it and names a bad part)."""
+    p.add_argument("--where", metavar="FILTER",
+                   help=f"only {what} whose metadata passes FILTER, e.g. 'camera == \"a\" and year >= 2020' or "
+                        "the JSON form '{\"camera\": \"a\", \"year\": {\">=\": 2020}}'")
+
+
 def param(text: str) -> tuple[str, Any]:
     """``NAME=VALUE`` of ``--param``: the value as JSON when it parses (0.1, true, [1, 2]), else a string."""
     name, sep, value = text.partition("=")

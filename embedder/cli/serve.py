@@ -24,7 +24,7 @@ from .options import add_model_options, config_from
 # The Config fields the service options set, by flag destination.
 SERVICE_FIELDS = ("host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
                   "max_metadata_bytes", "max_concurrent_rpcs", "stream_idle_seconds", "max_models", "role",
-                  "embed_target", "data_dir", "cache_max_items", "cache_max_age_seconds", "cache_shared",
+                  "embed_target", "data_dir", "store", "store_token", "cache_max_items", "cache_max_age_seconds", "cache_shared",
                   "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "http_port", "grace_seconds")
 
 
@@ -67,6 +67,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-models", type=int, help="backbones held at once: the default plus versions loaded on "
                                                   f"first use (default {Config.max_models})")
     g.add_argument("--data-dir", type=Path, help=f"store and classifier data (default ./{Config.data_dir})")
+    g.add_argument("--store", metavar="URI",
+                   help="where the collections live: empty for FAISS + SQLite in --data-dir (default); "
+                        "milvus:///abs/path.db for milvus-lite in a local file; http(s)://host:port for a Milvus "
+                        "server that every --role all replica can share. The cache stays in --data-dir. Also "
+                        "EMBEDDER_STORE")
+    g.add_argument("--store-token", help="the Milvus server's token (user:password or an API key); prefer "
+                                         "EMBEDDER_STORE_TOKEN, which `ps` does not show")
     g.add_argument("--cache-max-items", type=int,
                    help="vectors kept in the cache outside any collection, least recently used evicted beyond it "
                         f"(default {Config.cache_max_items:,}; 0 turns the cache off); also EMBEDDER_CACHE_MAX_ITEMS")

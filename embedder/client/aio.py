@@ -24,7 +24,7 @@ import grpc.aio
 import numpy as np
 
 from .._proto import embedder_pb2 as pb
-from ..results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
+from ..results import BatchResult, CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem
 from .base import BaseClient, Call, Plan, Sleep, Step, advance
 from .chunking import Chunk
 from .results import AddSummary, ItemResult, Prediction
@@ -81,10 +81,20 @@ class AsyncEmbedderClient(BaseClient):
     async def get(self, collection: str, ids: Sequence[str], *, vectors: bool = True) -> list[StoredItem | None]:
         return await self._run(self._get(collection, ids, vectors))
 
+    async def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
+                         unlabelled: bool = False, where: str | Mapping[str, Any] | None = None) -> ItemPage:
+        return await self._run(self._list_items(collection, offset, limit, label, unlabelled, where))
+
+    async def get_image(self, collection: str, item_id: str, *, size: int = 0) -> bytes:
+        return await self._run(self._get_image(collection, item_id, size))
+
+    async def create_collection(self, collection: str, *, model: str = "", index: str = "") -> CollectionInfo:
+        return await self._run(self._create_collection(collection, model, index))
+
     async def search(self, image: Any = None, *, collection: str | None = None, item_id: str | None = None,
                      vector: np.ndarray | None = None, k: int = 10, label: str | None = None,
-                     ef_search: int | None = None) -> list[Hit]:
-        return await self._run(self._search(image, collection, item_id, vector, k, label, ef_search))
+                     ef_search: int | None = None, where: str | Mapping[str, Any] | None = None) -> list[Hit]:
+        return await self._run(self._search(image, collection, item_id, vector, k, label, ef_search, where))
 
     async def stats(self) -> dict[str, Any]:
         return await self._run(self._stats())
@@ -95,9 +105,9 @@ class AsyncEmbedderClient(BaseClient):
                     ids: Sequence[str] | None = None, params: Mapping[str, Any] | None = None,
                     test_size: float | None = None, seed: int = 0, head_id: str | None = None,
                     adapt_to: str | None = None, adapt_method: str | None = None,
-                    timeout: float | None = None) -> dict[str, Any]:
+                    where: str | Mapping[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
         return await self._run(self._train(collection, head, labels, ids, params, test_size, seed, head_id,
-                                           adapt_to, adapt_method, timeout))
+                                           adapt_to, adapt_method, where, timeout))
 
     async def predict(self, head_id: str | Sequence[str], images: Sequence[Any] = (), *, ids: Sequence[str] = (),
                       collection: str | None = None, top_k: int = 1) -> list[Prediction]:
@@ -112,16 +122,18 @@ class AsyncEmbedderClient(BaseClient):
                                                     params, timeout))
 
     async def suggest(self, collection: str, n: int = 20, *, strategy: str = "", head_id: str | None = None,
-                      ids: Sequence[str] | None = None, seed: int = 0,
+                      ids: Sequence[str] | None = None, seed: int = 0, where: str | Mapping[str, Any] | None = None,
                       timeout: float | None = None) -> dict[str, Any]:
         """See :meth:`EmbedderClient.suggest`."""
-        return await self._run(self._suggest(collection, n, strategy, head_id, ids, seed, timeout))
+        return await self._run(self._suggest(collection, n, strategy, head_id, ids, seed, where, timeout))
 
     async def label_issues(self, collection: str, *, limit: int = 100, labels: Sequence[str] | None = None,
                            folds: int = 5, near_duplicate: float = 0.0, seed: int = 0,
+                           where: str | Mapping[str, Any] | None = None,
                            timeout: float | None = None) -> dict[str, Any]:
         """See :meth:`EmbedderClient.label_issues`."""
-        return await self._run(self._label_issues(collection, limit, labels, folds, near_duplicate, seed, timeout))
+        return await self._run(self._label_issues(collection, limit, labels, folds, near_duplicate, seed, where,
+                                                  timeout))
 
     async def list_heads(self) -> list[dict[str, Any]]:
         return await self._run(self._list_heads())

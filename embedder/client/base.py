@@ -25,7 +25,7 @@ from .._proto import embedder_pb2_grpc as pb_grpc
 from ..config import Config
 from ..inputs import image_list
 from ..messages import collection_from_pb, head_from_pb, hit_from_pb, job_from_pb, stored_from_pb, vector_bytes
-from ..results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
+from ..results import BatchResult, CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem
 from .chunking import DIM_BOUND, ENVELOPE, STATUS_BY_NUMBER, Chunk, batches, embed_chunks, to_item
 from .errors import RemoteBatchError, ServiceError
 from .results import AddSummary, ItemResult, Prediction
@@ -89,6 +89,15 @@ def _check_chunking(chunk: int, window: int) -> None:
 
 def _params_json(params: Mapping[str, Any] | None) -> str:
     return json.dumps(dict(params)) if params else ""
+
+
+def _where_text(where: str | Mapping[str, Any] | None) -> str:
+    """A metadata filter as the ``where`` field carries it: text as is, a JSON object as JSON text."""
+    if where is None or isinstance(where, str):
+        return where or ""
+    if not isinstance(where, Mapping):
+        raise TypeError(f"where must be text or a dict (the JSON form), got {type(where).__name__}")
+    return json.dumps(dict(where))
 
 
 class BaseClient:
@@ -273,12 +282,27 @@ class BaseClient:
         found = {s.id: stored_from_pb(s) for s in r.items}
         return [found.get(i) for i in ids]
 
+    def _list_items(self, collection: str, offset: int, limit: int, label: str | None, unlabelled: bool,
+                    where: str | Mapping[str, Any] | None) -> Plan[ItemPage]:
+        r = yield Call("ListItems", pb.ListItemsRequest(collection=collection, offset=offset, limit=limit, label=label,
+                                                        unlabelled=unlabelled, where=_where_text(where)))
+        return ItemPage([stored_from_pb(i.item) for i in r.items], [i.image_kept for i in r.items], r.total, r.offset)
+
+    def _get_image(self, collection: str, item_id: str, size: int) -> Plan[bytes]:
+        return (yield Call("GetImage", pb.GetImageRequest(collection=collection, id=item_id, size=size))).image
+
+    def _create_collection(self, collection: str, model: str, index: str) -> Plan[CollectionInfo]:
+        request = pb.CreateCollectionRequest(collection=collection, model=model, index=index)
+        return collection_from_pb((yield Call("CreateCollection", request)))
+
     def _search(self, image: Any, collection: str | None, item_id: str | None, vector: np.ndarray | None, k: int,
-                label: str | None, ef_search: int | None) -> Plan[list[Hit]]:
+                label: str | None, ef_search: int | None,
+                where: str | Mapping[str, Any] | None) -> Plan[list[Hit]]:
         given = [name for name, v in (("image", image), ("item_id", item_id), ("vector", vector)) if v is not None]
         if len(given) != 1:
             raise ValueError(f"pass exactly one query (image, item_id or vector), got {given or 'none'}")
-        request = pb.SearchRequest(collection=collection or "", k=k, label=label, ef_search=ef_search or 0)
+        request = pb.SearchRequest(collection=collection or "", k=k, label=label, ef_search=ef_search or 0,
+                                   where=_where_text(where))
         if image is not None:
             request.item.CopyFrom(to_item(image, "query"))
         elif item_id is not None:
@@ -297,10 +321,12 @@ class BaseClient:
 
     def _train(self, collection: str, head: str, labels: Sequence[str] | None, ids: Sequence[str] | None,
                params: Mapping[str, Any] | None, test_size: float | None, seed: int, head_id: str | None,
-               adapt_to: str | None, adapt_method: str | None, timeout: float | None) -> Plan[dict[str, Any]]:
+               adapt_to: str | None, adapt_method: str | None, where: str | Mapping[str, Any] | None,
+               timeout: float | None) -> Plan[dict[str, Any]]:
         request = pb.TrainRequest(collection=collection, head=head, labels=list(labels or ()), ids=list(ids or ()),
                                   params_json=_params_json(params), test_size=test_size or 0.0, seed=seed,
-                                  head_id=head_id or "", adapt_to=adapt_to or "", adapt_method=adapt_method or "")
+                                  head_id=head_id or "", adapt_to=adapt_to or "", adapt_method=adapt_method or "",
+                                  where=_where_text(where))
         r = yield Call("Train", request, timeout or 10 * self.timeout)
         return {**head_from_pb(r.head), "samples": r.samples, "train_seconds": r.train_seconds,
                 "total_seconds": r.total_seconds}
@@ -347,17 +373,18 @@ class BaseClient:
                            p.fit_seconds) for p in r.points]
 
     def _suggest(self, collection: str, n: int, strategy: str, head_id: str | None, ids: Sequence[str] | None,
-                 seed: int, timeout: float | None) -> Plan[dict[str, Any]]:
+                 seed: int, where: str | Mapping[str, Any] | None, timeout: float | None) -> Plan[dict[str, Any]]:
         request = pb.SuggestRequest(collection=collection, n=n, strategy=strategy, head_id=head_id or "",
-                                    ids=list(ids or ()), seed=seed)
+                                    ids=list(ids or ()), seed=seed, where=_where_text(where))
         r = yield Call("Suggest", request, timeout or 10 * self.timeout)
         return {"suggestions": [{"id": s.id, "score": s.score, "reason": s.reason} for s in r.suggestions],
                 "strategy": r.strategy, "candidates": r.candidates, "labelled": r.labelled}
 
     def _label_issues(self, collection: str, limit: int, labels: Sequence[str] | None, folds: int,
-                      near_duplicate: float, seed: int, timeout: float | None) -> Plan[dict[str, Any]]:
+                      near_duplicate: float, seed: int, where: str | Mapping[str, Any] | None,
+                      timeout: float | None) -> Plan[dict[str, Any]]:
         request = pb.LabelIssuesRequest(collection=collection, limit=limit, labels=list(labels or ()), folds=folds,
-                                        near_duplicate=near_duplicate, seed=seed)
+                                        near_duplicate=near_duplicate, seed=seed, where=_where_text(where))
         r = yield Call("LabelIssues", request, timeout or 10 * self.timeout)
 
         def issue(i: Any) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 import grpc
 import numpy as np
 
-from ..results import BatchResult, CurvePoint, DeleteResult, Hit, StoredItem
+from ..results import BatchResult, CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem
 from .base import BaseClient, Call, Plan, Sleep, Step, advance
 from .chunking import Chunk
 from .results import AddSummary, ItemResult, Prediction
@@ -85,12 +85,31 @@ class EmbedderClient(BaseClient):
         """Stored items in the order of ``ids``, None where an id is not in the collection."""
         return self._run(self._get(collection, ids, vectors))
 
+    def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
+                   unlabelled: bool = False, where: str | Mapping[str, Any] | None = None) -> ItemPage:
+        """One page of the collection's items in insertion order (0: 100 of them; all, ``label``'s or the
+        ``unlabelled`` ones; only those whose metadata passes ``where``), without vectors, with the ``total`` that
+        match: page a large collection with ``offset``."""
+        return self._run(self._list_items(collection, offset, limit, label, unlabelled, where))
+
+    def get_image(self, collection: str, item_id: str, *, size: int = 0) -> bytes:
+        """A stored item's kept image, as it was added, or (``size`` > 0) a JPEG that fits ``size`` x ``size``."""
+        return self._run(self._get_image(collection, item_id, size))
+
+    def create_collection(self, collection: str, *, model: str = "", index: str = "") -> CollectionInfo:
+        """Create an empty collection bound to ``model`` (default: the server's), with ``index`` ("flat", the
+        default, or "hnsw[:...]"); :meth:`add` creates one on first use too."""
+        return self._run(self._create_collection(collection, model, index))
+
     def search(self, image: Any = None, *, collection: str | None = None, item_id: str | None = None,
                vector: np.ndarray | None = None, k: int = 10, label: str | None = None,
-               ef_search: int | None = None) -> list[Hit]:
+               ef_search: int | None = None, where: str | Mapping[str, Any] | None = None) -> list[Hit]:
         """The ``k`` stored items most similar to one query: an ``image`` (as for :meth:`embed`, or
-        :class:`Cached`), a stored ``item_id`` of ``collection``, or a raw ``vector``. Best first."""
-        return self._run(self._search(image, collection, item_id, vector, k, label, ef_search))
+        :class:`Cached`), a stored ``item_id`` of ``collection``, or a raw ``vector``. Best first.
+
+        ``label`` and ``where`` keep only items with that label and whose metadata passes the filter: text
+        (``'camera == "a" and year >= 2020'``) or a dict (``{"camera": "a", "year": {">=": 2020}}``)."""
+        return self._run(self._search(image, collection, item_id, vector, k, label, ef_search, where))
 
     def stats(self) -> dict[str, Any]:
         """Collections (count, labels, model, index), cache fill, disk use and number of heads."""
@@ -102,8 +121,9 @@ class EmbedderClient(BaseClient):
               ids: Sequence[str] | None = None, params: Mapping[str, Any] | None = None,
               test_size: float | None = None, seed: int = 0, head_id: str | None = None,
               adapt_to: str | None = None, adapt_method: str | None = None,
-              timeout: float | None = None) -> dict[str, Any]:
-        """Train a head on the labelled vectors of ``collection`` (no image is embedded again).
+              where: str | Mapping[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Train a head on the labelled vectors of ``collection`` (no image is embedded again); ``labels``, ``ids``
+        or a metadata filter ``where`` (as for :meth:`search`) narrow them.
 
         Returns the head's info (``head_id``, ``classes``, ``metrics`` from a stratified hold-out) plus
         ``samples``, ``train_seconds`` and ``total_seconds``. ``adapt_to`` names a collection of unlabelled
@@ -111,7 +131,7 @@ class EmbedderClient(BaseClient):
         ``timeout`` defaults to 10x the client's.
         """
         return self._run(self._train(collection, head, labels, ids, params, test_size, seed, head_id, adapt_to,
-                                     adapt_method, timeout))
+                                     adapt_method, where, timeout))
 
     def predict(self, head_id: str | Sequence[str], images: Sequence[Any] = (), *, ids: Sequence[str] = (),
                 collection: str | None = None, top_k: int = 1) -> list[Prediction]:
@@ -132,18 +152,20 @@ class EmbedderClient(BaseClient):
                                               timeout))
 
     def suggest(self, collection: str, n: int = 20, *, strategy: str = "", head_id: str | None = None,
-                ids: Sequence[str] | None = None, seed: int = 0, timeout: float | None = None) -> dict[str, Any]:
-        """The ``n`` unlabelled items of ``collection`` most worth labelling next: ``{"suggestions": [{"id",
-        "score", "reason"}], "strategy", "candidates", "labelled"}``. Strategies: auto (default), hybrid, margin,
-        entropy, diversity, representative."""
-        return self._run(self._suggest(collection, n, strategy, head_id, ids, seed, timeout))
+                ids: Sequence[str] | None = None, seed: int = 0, where: str | Mapping[str, Any] | None = None,
+                timeout: float | None = None) -> dict[str, Any]:
+        """The ``n`` unlabelled items of ``collection`` (of ``ids``, or passing the metadata filter ``where``) most
+        worth labelling next: ``{"suggestions": [{"id", "score", "reason"}], "strategy", "candidates",
+        "labelled"}``. Strategies: auto (default), hybrid, margin, entropy, diversity, representative."""
+        return self._run(self._suggest(collection, n, strategy, head_id, ids, seed, where, timeout))
 
     def label_issues(self, collection: str, *, limit: int = 100, labels: Sequence[str] | None = None,
                      folds: int = 5, near_duplicate: float = 0.0, seed: int = 0,
-                     timeout: float | None = None) -> dict[str, Any]:
-        """Labelled items whose label looks wrong: ``{"issues": [...], "duplicates": [...], "checked", "folds",
-        "noise_rate", "thresholds"}``, each issue ``{"id", "label", "suggested", "score", "kind", "other"}``."""
-        return self._run(self._label_issues(collection, limit, labels, folds, near_duplicate, seed, timeout))
+                     where: str | Mapping[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Labelled items (passing the metadata filter ``where``, when given) whose label looks wrong: ``{"issues":
+        [...], "duplicates": [...], "checked", "folds", "noise_rate", "thresholds"}``, each issue ``{"id", "label",
+        "suggested", "score", "kind", "other"}``."""
+        return self._run(self._label_issues(collection, limit, labels, folds, near_duplicate, seed, where, timeout))
 
     def list_heads(self) -> list[dict[str, Any]]:
         return self._run(self._list_heads())

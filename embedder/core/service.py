@@ -26,17 +26,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .. import filters
 from ..config import Config
 from ..errors import (EmbedderError, InvalidArgumentError, ItemError, ItemNotFoundError, ModelMismatchError,
                       NotFoundError, NotReadyError, PermissionDeniedError, ReplicaOnlyError, ResponseTooLargeError)
 from ..jsonrule import check_json_object, dump_stored
-from ..results import CurvePoint, DeleteResult, Hit, StoredItem, StoreStats
+from ..results import CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .embedding import Call, Item, Outcome, Pending, finish, submit
 from .models import LoadedModel, ModelPool
+from .thumbnails import check_side, thumbnail
 
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10
+DEFAULT_PAGE = 100  # items per page of a listing when the caller names no limit
 READ, WRITE, ADMIN = "read", "write", "admin"
 METADATA_FLAG = "--max-metadata-bytes / EMBEDDER_MAX_METADATA_BYTES"
 
@@ -253,11 +256,50 @@ class Service:
         self._check_answer([s for s in found if s is not None], vectors=vectors, what="Get", fix="fewer ids")
         return found
 
+    def list_items(self, collection: str, *, offset: int = 0, limit: int = 0, label: str | None = None,
+                   unlabelled: bool = False, where: filters.Where = None, call: Call = Call()) -> ItemPage:
+        """A page of ``limit`` (0: :data:`DEFAULT_PAGE`) of a collection's items in insertion order (all,
+        ``label``'s or the ``unlabelled`` ones; only those passing the metadata filter ``where``) and how many
+        match; a caller pages with ``offset`` instead of reading the whole collection."""
+        store = self._stateful()
+        self._permit(call, READ, collection)
+        return store.page(collection, offset=offset, limit=limit or DEFAULT_PAGE, label=label, unlabelled=unlabelled,
+                          where=where)
+
+    def item_image(self, collection: str, item_id: str, *, size: int = 0, call: Call = Call()) -> bytes:
+        """The kept encoded image of a stored item, as added (``size`` 0) or as a JPEG thumbnail that fits ``size``
+        x ``size`` pixels; NotFoundError when the item or its image is not there."""
+        store = self._stateful()
+        self._permit(call, READ, collection)
+        if size:
+            check_side(size)
+        (image,) = store.images(collection, [item_id])
+        if image is None:
+            if store.get(collection, [item_id])[0] is None:
+                raise ItemNotFoundError(f"no item {item_id[:200]!r} in collection {collection!r}; list its items "
+                                        "to find the ids")
+            raise ItemNotFoundError(f"item {item_id[:200]!r} has no kept image: it was added as a tensor or by "
+                                    "hash, or while the server ran with --no-keep-images; add it again as an image "
+                                    "to keep one")
+        return thumbnail(image, size, max_pixels=self.config.max_pixels) if size else image
+
+    def create_collection(self, collection: str, *, model: str = "", index: str = "",
+                          call: Call = Call()) -> CollectionInfo:
+        """Create an empty collection bound to ``model`` (default: the server's) with ``index`` (default flat);
+        one that exists with the same binding and index is returned as is."""
+        store = self._stateful()
+        self._permit(call, WRITE, collection)
+        with self.models.lease(model) as bound:
+            return store.create_collection(collection, model_id=bound.model_id, dim=bound.dim,
+                                           index=index or "flat")
+
     def search(self, *, collection: str | None = None, item: Item | None = None, item_id: str | None = None,
                vector: np.ndarray | None = None, model: str = "", k: int = DEFAULT_K, label: str | None = None,
-               ef_search: int | None = None, call: Call = Call()) -> SearchResult:
+               ef_search: int | None = None, where: filters.Where = None,
+               call: Call = Call()) -> SearchResult:
         """The ``k`` nearest stored items to one query: an image (``item``), a stored item or a vector. Without
-        ``collection``, every collection of the query's model is searched (that the caller may see)."""
+        ``collection``, every collection of the query's model is searched (that the caller may see). ``label``
+        and the metadata filter ``where`` (:mod:`embedder.filters`) keep only the items that pass both."""
         store = self._stateful()
         self._permit(call, READ, collection)
         if sum(q is not None for q in (item, item_id, vector)) != 1:
@@ -267,7 +309,7 @@ class Service:
         if item_id is not None:
             if collection is None:
                 raise InvalidArgumentError("a query by item_id needs `collection`, the collection that holds the item")
-            hits = store.search_by_id(collection, item_id, k=k, label=label, ef_search=ef_search)
+            hits = store.search_by_id(collection, item_id, k=k, label=label, ef_search=ef_search, where=where)
             self._check_answer(hits, vectors=False, what="Search", fix="a smaller k")
             return SearchResult(hits, store.collection(collection).model_id, False)
         cm = self._collection_model(collection, model) if collection is not None else self.models.lease(model)
@@ -280,7 +322,7 @@ class Service:
                     raise found.error
                 vector, cached = found.vector, found.cached
         hits = store.search(collection, np.asarray(vector)[None], k=k, label=label, model_id=bound.model_id,
-                            ef_search=ef_search, only=self._allowed(call))[0]
+                            ef_search=ef_search, only=self._allowed(call), where=where)[0]
         self._check_answer(hits, vectors=False, what="Search", fix="a smaller k")
         return SearchResult(hits, bound.model_id, cached)
 
@@ -310,8 +352,10 @@ class Service:
 
     def train(self, collection: str, *, head: str = "", labels: Sequence[str] = (), ids: Sequence[str] = (),
               params: Mapping[str, Any] | None = None, test_size: float = 0.0, seed: int = 0, head_id: str = "",
-              adapt_to: str = "", adapt_method: str = "", call: Call = Call()) -> Any:
-        """Train and save a head on the labelled items of ``collection`` (a :class:`classifier.TrainResult`).
+              adapt_to: str = "", adapt_method: str = "", where: filters.Where = None,
+              call: Call = Call()) -> Any:
+        """Train and save a head on the labelled items of ``collection`` (a :class:`classifier.TrainResult`);
+        ``labels``, ``ids`` or the metadata filter ``where`` narrow them.
 
         Stops with DeadlineError, saving nothing, once ``call``'s deadline passes, it cancels or the service
         closes (checked while waiting for the training before it and between steps)."""
@@ -321,14 +365,18 @@ class Service:
         self._permit(call, WRITE, collection, adapt_to)
         if head_id:  # replacing a head trained on another collection is that collection's business
             self._permit_head(call, WRITE, head_id)
-        found_ids, X, y = store.labelled(collection, labels=list(labels) or None, ids=list(ids) or None)
+        found_ids, X, y = store.labelled(collection, labels=list(labels) or None, ids=list(ids) or None, where=where)
+        f = filters.parse(where)
         if not found_ids:
-            which = f" with label(s) {', '.join(map(repr, labels))}" if labels else ""
+            which = (f" with label(s) {', '.join(map(repr, labels))}" if labels else "") + (
+                f" whose metadata passes {filters.describe(f)}" if f is not None else "")
             raise InsufficientDataError(
                 f"collection {collection!r} has no labelled items{which}; add items with labels "
                 "(Add with AddItem.label, or SetLabels) and train again")
         info = store.collection(collection)
         source: dict[str, Any] = {"collection": collection, "labels": list(labels), "ids": len(ids)}
+        if f is not None:
+            source["where"] = filters.describe(f)
         target = None
         if adapt_to:
             target_info = store.collection(adapt_to)
@@ -415,8 +463,10 @@ class Service:
                                          call.time_left() == 0)
 
     def suggest(self, collection: str, *, n: int = 0, strategy: str = "", head_id: str = "",
-                ids: Sequence[str] = (), seed: int = 0, call: Call = Call()) -> Any:
-        """The ``n`` (default 20) unlabelled items of ``collection`` (or of its ``ids``) most worth labelling next,
+                ids: Sequence[str] = (), seed: int = 0, where: filters.Where = None,
+                call: Call = Call()) -> Any:
+        """The ``n`` (default 20) unlabelled items of ``collection`` (or of its ``ids``, or those whose metadata
+        passes ``where``; the head still learns from every labelled item) most worth labelling next,
         each with its score and reason (a :class:`classifier.active.SuggestResult`); see
         :mod:`classifier.active` for the strategies. Reads stored vectors only: no backbone pass."""
         from classifier import active
@@ -426,7 +476,7 @@ class Service:
         self._check_count(len(ids))
         info = store.collection(collection)  # NotFoundError before any work
         labelled_ids, X_labelled, y_labelled = store.labelled(collection)
-        candidates, X = self._unlabelled(store, collection, ids, set(labelled_ids))
+        candidates, X = self._unlabelled(store, collection, ids, set(labelled_ids), where)
         if head_id:
             self._permit_head(call, READ, head_id)
         head = self.heads.get(head_id) if head_id else None
@@ -436,15 +486,17 @@ class Service:
                                   model_id=info.model_id, seed=seed, should_stop=self._should_stop(call))
 
     def label_issues(self, collection: str, *, limit: int = 0, labels: Sequence[str] = (), folds: int = 0,
-                     near_duplicate: float = 0.0, seed: int = 0, call: Call = Call()) -> Any:
-        """Labelled items of ``collection`` (only ``labels``' classes when given) whose label looks wrong, by
-        confident learning on out-of-fold probabilities, and identical or near-identical items with different
-        labels (a :class:`classifier.active.LabelIssuesResult`). Reads stored vectors only: no backbone pass."""
+                     near_duplicate: float = 0.0, seed: int = 0, where: filters.Where = None,
+                     call: Call = Call()) -> Any:
+        """Labelled items of ``collection`` (only ``labels``' classes, and items passing ``where``, when given) whose
+        label looks wrong, by confident learning on out-of-fold probabilities, and identical or near-identical items
+        with different labels (a :class:`classifier.active.LabelIssuesResult`). Reads stored vectors only: no
+        backbone pass."""
         from classifier import active
 
         store = self._stateful()
         self._permit(call, WRITE, collection)  # trains one head per fold
-        ids, X, y = store.labelled(collection, labels=list(labels) or None)
+        ids, X, y = store.labelled(collection, labels=list(labels) or None, where=where)
         sha256s = [s.sha256 if s is not None else None for s in store.get(collection, ids)] if ids else []
         with self.heads.turn(self._should_stop(call), "label check"):  # one head per fold: in turn with trainings
             return active.find_label_issues(ids, X, y, sha256s, limit=limit or active.DEFAULT_ISSUES,
@@ -551,11 +603,14 @@ class Service:
         return lambda: self._closing or call.is_cancelled() or call.time_left() == 0
 
     @staticmethod
-    def _unlabelled(store: Any, collection: str, ids: Sequence[str],
-                    labelled: set[str]) -> tuple[list[str], np.ndarray]:
-        """The unlabelled items of ``collection`` (only those of ``ids`` when given): ids and vectors."""
+    def _unlabelled(store: Any, collection: str, ids: Sequence[str], labelled: set[str],
+                    where: filters.Where) -> tuple[list[str], np.ndarray]:
+        """The unlabelled items of ``collection`` (only those of ``ids``, or passing ``where``, when given): ids and
+        vectors."""
+        if ids and filters.parse(where) is not None:
+            raise InvalidArgumentError("choose the items by ids or by where, not both")
         if not ids:
-            all_ids, X = store.vectors(collection)
+            all_ids, X = store.vectors(collection, where=where)
             keep = [i for i, item_id in enumerate(all_ids) if item_id not in labelled]
             return [all_ids[i] for i in keep], X[keep]
         found = store.get(collection, list(ids))

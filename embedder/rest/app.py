@@ -30,9 +30,9 @@ from ..core import AddItem, Call, Item, Service
 from ..core.service import METADATA_FLAG
 from ..errors import TABLE, Category, InvalidArgumentError, NotReadyError
 from ..jsonrule import parse_json_object
-from . import convert, schema
 from ..keys import Gate
-from .guards import PRINCIPAL, AnswerErrors, Authenticate, LimitBody, LimitConcurrency, Measure
+from . import convert, page, schema
+from .guards import PRINCIPAL, AnswerErrors, Authenticate, LimitBody, LimitConcurrency, Measure, SameOrigin
 
 # Threads for blocking core calls: a call holds one while its items are in the batcher, and 64 concurrent
 # callers must all be inside the batcher for it to form full batches (as the gRPC port's handler threads).
@@ -89,9 +89,12 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
                                                         "description": "unavailable or a server fault"}})
 
     def route(method: str, path: str, response: type[BaseModel], request: type[BaseModel] | None = None,
-              form: type[BaseModel] | None = None) -> Callable:
-        """Register a route; ``request``/``form`` document the body it reads itself (JSON / multipart)."""
+              form: type[BaseModel] | None = None, query: type[BaseModel] | None = None) -> Callable:
+        """Register a route; ``request``/``form`` document the body it reads itself (JSON / multipart), ``query``
+        the query string it reads itself."""
         extra = None if request is None else {"requestBody": {"required": True, "content": _body_doc(request, form)}}
+        if query is not None:
+            extra = _query_doc(query)
         return router.api_route(path, methods=[method], response_model=response, openapi_extra=extra)
 
     # ------------------------------------------------------------------ embedding
@@ -157,6 +160,33 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
                                                 added=out.added, replaced=out.replaced, collection=collection,
                                                 model_id=out.model.model_id))
 
+    @route("PUT", "/collections/{collection:path}", schema.CollectionOut, schema.CreateCollectionRequest)
+    async def create_collection(collection: str, request: Request) -> Response:
+        """Create an empty collection (adding to a new name creates one too); an existing one with the same model
+        and index is answered as is."""
+        body, _ = await read(request, schema.CreateCollectionRequest)
+        info = await run(service.create_collection, collection, model=body.model, index=body.index,
+                         call=who(request))
+        return json_response(convert.collection(info))
+
+    @route("GET", "/collections/{collection:path}/items", schema.ItemsResponse, query=schema.ItemsQuery)
+    async def list_items(collection: str, request: Request) -> Response:
+        """A page of the collection's items in insertion order, without vectors, and how many match."""
+        query = schema.ItemsQuery.model_validate(dict(request.query_params))
+        page = await run(service.list_items, collection, **query.model_dump(), call=who(request))
+        return json_response(convert.listed(page))
+
+    @router.get("/collections/{collection:path}/image", response_class=Response, openapi_extra=_query_doc(
+        schema.ImageQuery), responses={200: {"content": {"image/*": {}}, "description": "the encoded image"}})
+    async def item_image(collection: str, request: Request) -> Response:
+        """A stored item's kept image, as it was added or as a thumbnail (404 when none is kept)."""
+        query = schema.ImageQuery.model_validate(dict(request.query_params))
+        data = await run(service.item_image, collection, query.id, size=query.size, call=who(request))
+        # caller-supplied bytes: the browser must take them for the image type named, never sniff them as a page
+        return Response(data, media_type=convert.image_type(data), headers={
+            "x-content-type-options": "nosniff", "content-security-policy": "default-src 'none'",
+            "cache-control": "private, no-cache"})
+
     @route("POST", "/collections/{collection:path}/get", schema.GetResponse, schema.GetRequest)
     async def get(collection: str, request: Request) -> Response:
         body, _ = await read(request, schema.GetRequest)
@@ -199,7 +229,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
             query["vector"] = convert.vector_in(body.vector)
         async with caller(request) as call:
             found = await run(service.search, collection=body.collection or None, model=body.model, k=body.k,
-                              label=body.label, ef_search=body.ef_search, call=call, **query)
+                              label=body.label, ef_search=body.ef_search, where=body.where, call=call, **query)
         return json_response(schema.SearchResponse(hits=[convert.hit(h) for h in found.hits],
                                                    model_id=found.model_id, cached=found.cached))
 
@@ -304,6 +334,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
                               "same service as the gRPC port (embedder.v1.Embedder). With a server token or API keys, "
                               "send `Authorization: Bearer <token or key>`.")
     app.include_router(router)
+    app.include_router(page.router)
 
     @app.get("/healthz", response_model=schema.StatusOut, tags=["probes"])
     async def healthz() -> Response:
@@ -330,11 +361,12 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
 
     app.add_exception_handler(HTTPException, http_error)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
-    # added innermost first: a request meets Measure, LimitConcurrency, Authenticate, LimitBody, AnswerErrors,
-    # then its route
+    # added innermost first: a request meets Measure, LimitConcurrency, SameOrigin, Authenticate, LimitBody,
+    # AnswerErrors, then its route
     app.add_middleware(AnswerErrors)
     app.add_middleware(LimitBody, limit=config.max_message_bytes, idle_seconds=config.stream_idle_seconds)
     app.add_middleware(Authenticate, gate=Gate.from_config(config))  # open while no --token and no key
+    app.add_middleware(SameOrigin)
     app.add_middleware(LimitConcurrency, limit=config.max_concurrent_rpcs)
     if metrics is not None:
         app.add_middleware(Measure, metrics=metrics)
@@ -393,6 +425,14 @@ def _body_doc(model: type[BaseModel], form: type[BaseModel] | None) -> dict[str,
                                          "description": "image files; each file's name is its item id"}
         content["multipart/form-data"] = {"schema": fields}
     return content
+
+
+def _query_doc(query: type[BaseModel]) -> dict[str, Any]:
+    """The OpenAPI parameters of a query string that a route reads itself (as ``query.model_validate``)."""
+    fields = query.model_json_schema()
+    return {"parameters": [{"name": name, "in": "query", "required": name in fields.get("required", ()),
+                            "description": prop.pop("description", ""), "schema": prop}
+                           for name, prop in fields["properties"].items()]}
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _DTYPES = {"uint8": pb.DTYPE_UINT8, "float32": pb.DTYPE_FLOAT32}
+_IMAGE_MAGIC = [(b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF8", "image/gif"),
+                (b"BM", "image/bmp"), (b"RIFF", "image/webp"), (b"II*\x00", "image/tiff"), (b"MM\x00*", "image/tiff")]
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -146,13 +148,34 @@ def stored(s: Any, encoding: schema.Encoding | None) -> schema.StoredItemOut:
                                 created=s.created, updated=s.updated)
 
 
+def listed(page: Any) -> schema.ItemsResponse:
+    """A :class:`embedder.results.ItemPage` without vectors."""
+    return schema.ItemsResponse(items=[
+        schema.ListedItemOut(id=s.id, sha256=s.sha256, label=s.label, metadata=stored_metadata(s.metadata, s.id),
+                             created=s.created, updated=s.updated, image=kept)
+        for s, kept in zip(page.items, page.kept)], total=page.total, offset=page.offset)
+
+
+def image_type(data: bytes) -> str:
+    """The media type of a kept image by its leading bytes (what the decoder accepted), for the browser."""
+    for magic, media in _IMAGE_MAGIC:
+        if data.startswith(magic):
+            return media
+    return "application/octet-stream"
+
+
 def hit(h: Any) -> schema.HitOut:
     return schema.HitOut(id=h.id, score=h.score, collection=h.collection, label=h.label,
                          metadata=stored_metadata(h.metadata, h.id))
 
 
+def collection(c: Any) -> schema.CollectionOut:
+    """A :class:`embedder.results.CollectionInfo`."""
+    return schema.CollectionOut(**asdict(c))
+
+
 def stats(s: Any, heads: int) -> schema.StatsResponse:
-    return schema.StatsResponse(collections=[schema.CollectionOut(**asdict(c)) for c in s.collections],
+    return schema.StatsResponse(collections=[collection(c) for c in s.collections],
                                 items=s.items, cache_items=s.cache_items, cache_max_items=s.cache_max_items,
                                 disk_bytes=s.disk_bytes, heads=heads)
 

@@ -1,7 +1,8 @@
 """What every HTTP request passes before and after its route, as plain ASGI middleware (no per-request threads).
 
 Outermost first: :class:`Measure` (Prometheus, by route and status), :class:`LimitConcurrency`
-(``max_concurrent_rpcs``, like the gRPC port's cap), :class:`Authenticate` (the bearer token, checked before a byte
+(``max_concurrent_rpcs``, like the gRPC port's cap), :class:`SameOrigin` (no writes from another site's page),
+:class:`Authenticate` (the bearer token, checked before a byte
 of the body is read), :class:`LimitBody` (``max_message_bytes``, like gRPC's receive limit, and
 ``stream_idle_seconds`` between body chunks), :class:`AnswerErrors` (whatever a route raises becomes the
 table's status and JSON error).
@@ -24,6 +25,13 @@ log = logging.getLogger(__name__)
 
 PRINCIPAL = "embedder.principal"  # the ASGI scope key of the caller's embedder.keys.Principal (None: no auth)
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs"})  # probes and the API's description
+PAGE_PREFIX = "/page/"  # the web page's files (and "/", its start) hold no data: its calls to /v1 carry the token
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def is_open(path: str) -> bool:
+    """Answered without a token: probes, the API's description and the web page."""
+    return path in OPEN_PATHS or path == "/" or path.startswith(PAGE_PREFIX)
 
 
 async def send_error(send: Send, status: int, body: Any, headers: dict[str, str] | None = None) -> None:
@@ -70,7 +78,7 @@ class LimitConcurrency:
         self.app, self.limit, self.active = app, limit, 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope["path"]):
             return await self.app(scope, receive, send)
         if self.active >= self.limit:
             return await send_error(send, 429, item_error(
@@ -137,8 +145,40 @@ class LimitBody:
             "with --max-message-bytes / EMBEDDER_MAX_MESSAGE_BYTES"), {"connection": "close"})
 
 
+class SameOrigin:
+    """Refuse a state-changing request (any method but GET, HEAD, OPTIONS) that a browser sent from another site's
+    page: its ``Origin`` header is there and names another host than the ``Host`` it was sent to (or the
+    ``X-Forwarded-Host`` a reverse proxy that rewrites ``Host`` sets; a page cannot set that header on a
+    cross-site request without a CORS preflight, which this server never grants).
+
+    A server without a token would otherwise take a form posted by any page its user visits. Clients other than
+    browsers send no ``Origin`` and pass; so do the server's own page and reads (no CORS headers are sent, so
+    another site's page cannot read the answers).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in SAFE_METHODS:
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        origin = headers.get(b"origin")
+        if origin is not None:
+            sent_from = origin.decode("latin-1").strip().lower()
+            names = [headers.get(b"host", b""), *headers.get(b"x-forwarded-host", b"").split(b",")]
+            hosts = {h.decode("latin-1").strip().lower() for h in names} - {""}
+            if sent_from.partition("://")[2] not in hosts:
+                return await send_error(send, 403, item_error(
+                    Category.PERMISSION_DENIED,
+                    f"cross-site request refused: a page at {sent_from[:200]!r} may not {scope['method']} to this "
+                    f"server ({', '.join(sorted(hosts))[:200]!r}); use the page this server serves at / or a "
+                    "client that is not a browser"))
+        await self.app(scope, receive, send)
+
+
 class Authenticate:
-    """Require ``Authorization: Bearer <token or API key>`` on every path but :data:`OPEN_PATHS` once the
+    """Require ``Authorization: Bearer <token or API key>`` on every path but the open ones (:func:`is_open`) once the
     :class:`~embedder.keys.Gate` requires it, as the gRPC port does; the caller's key goes into
     ``scope[PRINCIPAL]`` for the route's ``Call`` (roles and allow-lists are the core's to check)."""
 
@@ -146,7 +186,7 @@ class Authenticate:
         self.app, self._gate = app, gate
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_open(scope["path"]):
             return await self.app(scope, receive, send)
         try:
             scope[PRINCIPAL] = self._gate.principal(dict(scope["headers"]).get(b"authorization"))

@@ -15,6 +15,15 @@ from ..core.service import DEFAULT_K
 Encoding = Literal["float", "base64"]
 Vector = list[float] | str  # a JSON float array, or base64 of little-endian float32 values
 
+Where = str | dict[str, Any] | None  # a metadata filter: text or a JSON object (embedder.filters)
+
+
+def _where(what: str) -> Any:
+    return Field(None, description=f"only {what} whose metadata passes this filter: text, e.g. "
+                                   "`camera == \"a\" and year >= 2020`, or a JSON object, e.g. "
+                                   "`{\"camera\": \"a\", \"year\": {\">=\": 2020}}`")
+
+
 _ENCODING = Field("float", description="`float`: vectors as JSON arrays; `base64`: base64 of little-endian float32")
 
 
@@ -72,6 +81,27 @@ class IdsRequest(Request):
     ids: list[str]
 
 
+class ItemsQuery(Request):
+    """The query string of a listing: one page of items in insertion order."""
+
+    offset: int = Field(0, description="items to skip")
+    limit: int = Field(0, description="items per page; 0 means 100, at most 1000")
+    label: str | None = Field(None, description="only items with this label")
+    unlabelled: bool = Field(False, description="only items without a label")
+    where: str | None = _where("items")
+
+
+class ImageQuery(Request):
+    id: str = Field(description="the item's id")
+    size: int = Field(0, description="a JPEG thumbnail that fits size x size pixels (16 to 1024); 0: the image "
+                                     "as added")
+
+
+class CreateCollectionRequest(Request):
+    model: str = Field("", description="the backbone the collection is bound to; empty: the server's default")
+    index: str = Field("", description="flat (default) or hnsw[:m=..,ef_construction=..]")
+
+
 class ForgetRequest(Request):
     sha256s: list[str] = Field(description="hex sha256 of each image's bytes")
 
@@ -101,6 +131,7 @@ class SearchRequest(Request):
     k: int = DEFAULT_K
     label: str | None = Field(None, description="only items with this label")
     ef_search: int | None = Field(None, description="HNSW collections: the search breadth for this call")
+    where: Where = _where("items")
 
 
 class TrainRequest(Request):
@@ -113,6 +144,7 @@ class TrainRequest(Request):
     head_id: str = ""
     adapt_to: str = ""
     adapt_method: str = ""
+    where: Where = _where("labelled items (not with `ids`)")
 
 
 class PredictRequest(Request):
@@ -139,6 +171,7 @@ class SuggestRequest(Request):
     head_id: str = Field("", description="score uncertainty with this head; empty: one trained on the labels")
     ids: list[str] = Field([], description="only these items (their unlabelled ones); empty: every unlabelled one")
     seed: int = 0
+    where: Where = _where("unlabelled items (not with `ids`)")
 
 
 class LabelIssuesRequest(Request):
@@ -148,6 +181,7 @@ class LabelIssuesRequest(Request):
     near_duplicate: float = Field(0.0, description="cosine at or above which two items are near-identical; "
                                                    "0 means 0.995")
     seed: int = 0
+    where: Where = _where("labelled items")
 
 
 class FineTuneRequest(Request):
@@ -230,6 +264,22 @@ class StoredItemOut(BaseModel):
 class GetResponse(BaseModel):
     items: list[StoredItemOut]
     missing: list[str]
+
+
+class ListedItemOut(BaseModel):
+    id: str
+    sha256: str | None
+    label: str | None
+    metadata: dict[str, Any]
+    created: float
+    updated: float
+    image: bool = Field(description="its image is kept: GET /v1/collections/{collection}/image?id=... serves it")
+
+
+class ItemsResponse(BaseModel):
+    items: list[ListedItemOut]
+    total: int = Field(description="items that match the filter, in every page")
+    offset: int
 
 
 class HitOut(BaseModel):

@@ -7,8 +7,12 @@
 ...     store.add("pets", ["cat-1", "cat-2"], vectors, model_id=embedder.model_id, sha256s=shas, labels=["cat", "cat"])
 ...     store.search("pets", vectors[:1], k=5)                      # [[Hit(id='cat-1', score=1.0000, ...), ...]]
 
-Everything lives in ``data_dir``: ``store.sqlite3`` (+ WAL), ``snapshots/c<cid>.faiss``, ``store.lock``.
-One :class:`Store` object is the facade (``store.py``) over modules of one job each: ``cache.py`` (the
+Everything lives in ``data_dir``: ``store.sqlite3`` (+ WAL), ``snapshots/c<cid>.faiss``, ``store.lock``; or,
+with ``Store(data_dir, backend="milvus:///abs/path.db" | "http(s)://host:port")``, the collections live in
+Milvus (``milvus.py``) and only the cache stays in ``data_dir``. What follows describes the default backend.
+One :class:`Store` object is the facade (``store.py``: argument checks, the cache) over modules of one job each:
+``backend.py`` (what a collections backend provides), ``local.py`` (the default one: FAISS + SQLite),
+``milvus.py`` (Milvus through pymilvus), ``cache.py`` (the
 embedding cache), ``indexes.py`` (collections' FAISS indexes and their snapshots), ``sqlite.py`` (schema,
 upgrades, transactions), ``integrity.py`` (row checksums), ``rwlock.py`` (the readers-writer lock),
 ``validation.py`` (argument checks, which raise :class:`~embedder.errors.InvalidArgumentError`, a

@@ -3,10 +3,11 @@
 Rows carry a logical ``last_used`` clock (an exact LRU order, immune to clock jumps); beyond the store's
 ``cache_max_items`` the least recently used rows are evicted. Adding an item with a sha256 moves its cache
 row into the item (:meth:`EmbeddingCache.promote`), so members are never evicted and no vector is stored
-twice; a lookup checks the cache, then collection items of the same model. Lookups only read: the recency
-they produce is written with the next put or at close (a crash loses only some LRU order). A row that fails
-its checksum (:mod:`.integrity`) is a miss, logged as an ERROR; a damaged cache row is deleted with the next
-write, so the next put stores the recomputed vector.
+twice; the store's lookup checks the cache, then collection items of the same model (the backend's
+``members``; with Milvus the local ``items`` table is empty, so members are cached too and age out by LRU).
+Lookups only read: the recency they produce is written with the next put or at close (a crash loses only
+some LRU order). A row that fails its checksum (:mod:`.integrity`) is a miss, logged as an ERROR; a damaged
+cache row is deleted with the next write, so the next put stores the recomputed vector.
 
 Privacy between API keys: each row has an ``owner`` (the key whose call embedded it; ``""`` is shared: the
 library, the server's ``--token``, or every key with ``cache_shared``), and a lookup sees only its owner's rows
@@ -24,7 +25,7 @@ from typing import AbstractSet, Mapping, Sequence
 
 import numpy as np
 
-from .integrity import ITEM_COLUMNS, cache_crc, corrupted, item_ok
+from .integrity import cache_crc
 from .sqlite import blob, chunked_execute, chunked_query, transaction
 
 log = logging.getLogger(__name__)
@@ -40,9 +41,9 @@ class EmbeddingCache:
         self._database = database  # for the log
 
     def lookup(self, db: sqlite3.Connection, model_id: str, shas: Sequence[str], *, owner: str = "",
-               visible: AbstractSet[str] | None = None, max_age: float = 0) -> dict[str, bytes]:
-        """The stored vector blob of each of ``shas`` found under ``model_id``, in ``owner``'s cache rows (younger
-        than ``max_age`` seconds, if set) or in an item of a collection in ``visible`` (None: any)."""
+               max_age: float = 0) -> dict[str, bytes]:
+        """The stored vector blob of each of ``shas`` found under ``model_id`` in ``owner``'s cache rows (younger
+        than ``max_age`` seconds, if set). Collection items are the backend's to find (``members``)."""
         unique = list(dict.fromkeys(shas))
         found = {}
         oldest = time.time() - max_age if max_age else float("-inf")
@@ -61,15 +62,6 @@ class EmbeddingCache:
             if sha in found:
                 self._clock += 1
                 self._touched[(owner, model_id, sha)] = self._clock
-        rest = [s for s in unique if s not in found]
-        for row in chunked_query(db, f"SELECT {ITEM_COLUMNS}, i.cid, c.name FROM items i JOIN collections c "
-                                     "ON c.cid = i.cid WHERE c.model_id = ? AND i.sha256 IN ({})", [model_id], rest):
-            if visible is not None and row[7] not in visible:
-                continue
-            if item_ok(row[6], row):
-                found.setdefault(row[1], row[4])
-            else:  # the item is reported when it is read itself; here it is only a miss
-                corrupted(row[7], [row[0]], self._database, action="not used as a cached vector")
         return found
 
     def put(self, db: sqlite3.Connection, model_id: str, rows: Mapping[str, np.ndarray], max_items: int, *,

@@ -17,6 +17,7 @@ from ..jsonrule import check_json_object
 MAX_K = 10_000  # hits per query; a bound on what one request can make the server allocate
 MAX_NAME = 256  # collection names and labels, in characters
 MAX_ID = 1024  # item ids
+MAX_PAGE = 1000  # items per page of a listing: a page is a screenful, never the whole collection
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _T = TypeVar("_T")
 
@@ -146,3 +147,13 @@ def missing_message(ids: list[str], collection: str) -> str:
     """The message of a :class:`NotFoundError` for item ids absent from a collection."""
     listed = ", ".join(shown(i) for i in ids[:5]) + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
     return f"no item {listed} in collection {shown(collection)}"
+
+
+def check_page(offset: Any, limit: Any) -> tuple[int, int]:
+    """A listing's ``offset`` (>= 0) and ``limit`` (1 to :data:`MAX_PAGE`)."""
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise InvalidArgumentError(f"offset must be a whole number >= 0 (items to skip), got {shown(offset)}")
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise InvalidArgumentError(f"limit must be a whole number from 1 to {MAX_PAGE} (items per page), got "
+                                   f"{shown(limit)}; page through a large collection with offset")
+    return offset, limit

@@ -1,0 +1,312 @@
+"""The Milvus backend on real milvus-lite: filters against their reference meaning, kill -9 mid-add, a restart,
+the ``--store`` setting's errors, two replicas on one Milvus server (milvus-lite's gRPC server in its own process,
+reached by ``http://`` as a cluster is), and the whole service (``embedder serve --store milvus:///...``) under a
+client.
+
+The behaviour both backends share is tested in tests/test_store.py, parametrized over both.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from test_filters import HOSTILE, TREES
+from test_filters import METADATA as RANDOM_METADATA
+
+from embedder.config import Config
+from embedder.errors import InvalidArgumentError, ModelMismatchError, NotFoundError, StoreUnavailableError
+from embedder.filters import Compare, Exists, Not, describe, matches, parse
+from embedder.store import Store
+from embedder.store.milvus import quote, to_milvus_expression
+
+M = "test-model@1"
+
+# Every kind a value can have, missing fields, nulls, nesting, and strings that try to end their literal.
+METADATA = [
+    {"camera": "a", "year": 2020, "iso": 100, "ok": True, "exif": {"iso": 800, "lens": "50mm"}},
+    {"camera": "b", "year": 2019, "iso": 1600.5, "ok": False, "tag": "cat"},
+    {"camera": "a", "year": "2021", "tag": "dog", "exif": {"iso": "800"}},
+    {"camera": 'quo"te\\', "year": 2021.0, "ok": 1, "reviewed": None},
+    {"year": True, "tag": ["cat"], "exif": None, "camera": "b\nc"},
+    {},
+    {"camera": "ü-ß", "year": 2025, "iso": -3, "tag": "cat", "reviewed": "yes", "exif": {"lens": "35mm"}},
+    {"camera": "a", "year": 1999, "dotted.key": 5, "nested": {"deep": {"x": 1}}},
+]
+FILTERS = [
+    'camera == "a"', 'camera != "a"', "year >= 2020", "year < 2020", 'year == "2021"', "year == 2021",
+    "year == true", "ok == true", "ok == 1", "ok != true", "iso > 99.5", "iso <= -3", 'camera < "b"',
+    'camera >= "b"', 'tag in ["cat", "dog"]', 'tag in ["cat", 1, true]', "exists(reviewed)", "exists(exif)",
+    "not exists(tag)", "exif.iso == 800", 'exif.iso == "800"', "exists(exif.lens)", "not exif.iso >= 100",
+    "not year >= 2020", '(camera == "a" or camera == "b") and not exists(tag)', "nested.deep.x == 1",
+    'camera == "quo\\"te\\\\"', 'camera == "b\\nc"', 'camera == "ü-ß"', "ok < true", "not ok > false",
+    '{"camera": "a", "year": {">=": 2000}}',
+    '{"$or": [{"tag": "cat"}, {"iso": {"<": 0}}], "reviewed": {"exists": false}}',
+    'camera == "a\\" or true or \\"" or year == 1999', "year != 2020 or not exists(year)",
+]
+
+
+@pytest.fixture
+def store(tmp_path):
+    with Store(tmp_path / "data", backend=f"milvus://{tmp_path}/m.db") as s:
+        yield s
+
+
+def unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_filters_compile_to_milvus_with_the_meaning_of_matches(store):
+    ids = [f"m{i}" for i in range(len(METADATA))]
+    labels = ["x" if i % 2 else None for i in range(len(METADATA))]
+    store.add("c", ids, unit(len(ids), 8), model_id=M, metadata=METADATA, labels=labels)
+    for text in FILTERS:
+        tree = parse(text)
+        want = [i for i, m in zip(ids, METADATA) if matches(tree, m)]
+        assert {h.id for h in store.search("c", unit(1, 8, seed=1), k=len(ids), where=text)[0]} == set(want), \
+            (text, to_milvus_expression(tree))
+        assert store.vectors("c", where=text)[0] == want, describe(tree)
+        assert store.labelled("c", where=text)[0] == [i for i, lab in zip(ids, labels) if i in want and lab]
+    assert {h.id for h in store.search("c", unit(1, 8), k=8, label="x", where="year >= 2020")[0]} == {"m3"}
+
+
+def test_quoting_keeps_caller_text_inside_its_literal(store):
+    nasty = ['a"b', "a\\", '\\"', "x\n\r\t\x01\x7f", "' or id != '", '" or id != "', "ü\u2028"]
+    store.add("c", nasty + ["plain"], unit(len(nasty) + 1, 4), model_id=M, labels=nasty + ["plain"])
+    assert [i.id for i in store.get("c", nasty)] == nasty
+    for label in nasty:
+        assert [h.id for h in store.search("c", unit(1, 4), k=10, label=label)[0]] == [label]
+    assert quote('a"b\\') == '"a\\"b\\\\"'
+
+
+def test_kinds_guard_what_milvus_alone_would_get_wrong(store):
+    store.add("c", ["num", "bool", "null", "none"], unit(4, 4), model_id=M,
+              metadata=[{"v": 1}, {"v": True}, {"v": None}, {}])
+
+    def ids(text: str) -> set[str]:
+        return {h.id for h in store.search("c", unit(1, 4), k=4, where=text)[0]}
+
+    assert ids("v == 1") == {"num"}  # Milvus alone: 1 == true
+    assert ids("exists(v)") == {"num", "bool", "null"}  # Milvus alone: a null does not exist
+    assert ids("not v == 1") == {"bool", "null", "none"}  # Milvus alone: not (missing == 1) is null, dropped
+
+
+def test_collection_of_another_model_is_refused(store):
+    store.add("c", ["a"], unit(1, 4), model_id=M)
+    with pytest.raises(ModelMismatchError, match="holds vectors of model test-model@1"):
+        store.add("c", ["b"], unit(1, 4), model_id="other@1")
+
+
+def test_store_setting_errors_say_what_to_do(tmp_path):
+    for uri, message in [("milvus://relative.db", "absolute path ending in .db"),
+                         ("milvus:///tmp/no-such-folder-here/x.db", "does not exist"),
+                         ("milvus:///tmp/x.sqlite", "ending in .db"), ("ftp://host:1", "not a store"),
+                         ("http://", "http\\(s\\)://host:port")]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            Config(store=uri)
+    with pytest.raises(ValueError, match="--store-token goes with a Milvus server"):
+        Config(store_token="secret")
+    assert Config.from_env({"EMBEDDER_STORE": f"milvus://{tmp_path}/x.db"}).store == f"milvus://{tmp_path}/x.db"
+    with pytest.raises(StoreUnavailableError, match="cannot reach Milvus at http://127.0.0.1:1.*check that it runs"):
+        Store(tmp_path / "data", backend="http://127.0.0.1:1")
+    Store(tmp_path / "data").close()  # the failed open released the data dir
+    without_pymilvus = ("import sys; sys.modules['pymilvus'] = None\n"  # as on an install without the extra
+                        "from embedder.store import Store\n"
+                        f"Store({str(tmp_path / 'data')!r}, backend='milvus://{tmp_path}/m.db')")
+    run = subprocess.run([sys.executable, "-c", without_pymilvus], capture_output=True, text=True)
+    assert "SettingError" in run.stderr and "pip install 'embedder[milvus]'" in run.stderr
+
+
+CHILD = r"""
+import sys
+import numpy as np
+from embedder.store import Store
+
+data_dir, uri, start = sys.argv[1], sys.argv[2], int(sys.argv[3])
+store = Store(data_dir, backend=uri)  # never closed: the parent kills us
+for i in range(start, start + 1_000_000):
+    vector = np.random.default_rng(i).standard_normal((1, 64)).astype(np.float32)
+    store.add("c", [f"id{i}"], vector, model_id="m", labels=[f"l{i % 3}"], metadata=[{"i": i}])
+    print(i, flush=True)
+    if i % 40 == 39:
+        store.save()
+"""
+
+
+def _add_until_killed(data_dir, uri: str, start: int, kill_after: int) -> list[int]:
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data_dir), uri, str(start)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    acked: list[int] = []
+    try:
+        while len(acked) < kill_after:
+            line = lines.get(timeout=120)
+            if line is None:
+                raise AssertionError(f"the child exited early:\n{proc.stderr.read()}")
+            acked.append(int(line))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    reader.join(timeout=10)
+    while (line := lines.get_nowait()) is not None:  # acknowledged before the kill landed
+        acked.append(int(line))
+    assert proc.returncode == -signal.SIGKILL
+    return acked
+
+
+def test_kill_9_mid_adds_loses_nothing_acknowledged_and_a_restart_answers_the_same(tmp_path):
+    uri = f"milvus://{tmp_path}/m.db"
+    first = _add_until_killed(tmp_path / "data", uri, 0, kill_after=60)
+    second = _add_until_killed(tmp_path / "data", uri, first[-1] + 1, kill_after=47)  # on the crashed store
+    acked = first + second
+    assert acked == list(range(len(acked)))
+    q = np.random.default_rng(99).standard_normal((5, 64)).astype(np.float32)
+    with Store(tmp_path / "data", backend=uri) as store:
+        count = store.collection("c").count
+        assert len(acked) <= count <= len(acked) + 2  # at most the add in flight per run, unanswered
+        items = store.get("c", [f"id{i}" for i in range(acked[-1] + 3)])
+        for i, item in enumerate(items):
+            if i in set(acked):
+                assert item is not None, f"acknowledged id{i} is missing"
+            if item is not None:  # present means complete
+                np.testing.assert_array_equal(item.vector, np.random.default_rng(i).standard_normal(64)
+                                              .astype(np.float32))
+                assert (item.label, item.metadata) == (f"l{i % 3}", {"i": i})
+        before = store.search("c", q, k=10), store.search("c", q, k=5, label="l1")
+    with Store(tmp_path / "data", backend=uri) as store:
+        after = store.search("c", q, k=10), store.search("c", q, k=5, label="l1")
+    for b, a in zip(before, after):
+        assert [[h.id for h in row] for row in a] == [[h.id for h in row] for row in b]
+        np.testing.assert_allclose([[h.score for h in row] for row in a], [[h.score for h in row] for row in b],
+                                   atol=1e-6)
+
+
+def test_the_service_runs_on_milvus_lite(tmp_path, cache_dir, embedder, photo_arrays):
+    """``embedder serve --store milvus:///...`` on loopback: Add, Search, Get, Train, Stats through the client."""
+    from conftest import jpeg_bytes
+
+    from embedder.client import EmbedderClient
+
+    base = photo_arrays["astronaut"]
+    images = [jpeg_bytes(base[i * 7:i * 7 + 96, 3 * i:3 * i + 96]) for i in range(24)]
+    env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir), "EMBEDDER_DATA_DIR": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, "-m", "embedder.cli", "serve", "--port", "0", "--host", "127.0.0.1",
+                             "--store", f"milvus://{tmp_path}/m.db"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        with EmbedderClient(line.split()[-1], timeout=60, retries=20) as client:
+            labels = ["up" if i % 2 else "down" for i in range(len(images))]
+            client.add("crops", images, [f"c{i}" for i in range(len(images))], labels=labels,
+                       metadata=[{"i": i} for i in range(len(images))])
+            hits = client.search(images[5], collection="crops", k=3)
+            assert hits[0].id == "c5" and hits[0].score > 0.999 and hits[0].metadata == {"i": 5}
+            hits = client.search(images[5], collection="crops", k=5, where={"i": {">=": 20}})  # filtered in Milvus
+            assert sorted(h.metadata["i"] for h in hits) == [20, 21, 22, 23]
+            assert [h.id for h in client.search(collection="crops", item_id="c5", k=3)][0] != "c5"
+            item = client.get("crops", ["c7"])[0]
+            np.testing.assert_allclose(item.vector, embedder.embed([images[7]])[0], atol=1e-5)
+            head = client.train("crops", "logreg")
+            assert sorted(head["classes"]) == ["down", "up"] and head["samples"] == len(images)
+            stats = client.stats()
+            assert [(c.name, c.count) for c in stats["collections"]] == [("crops", len(images))]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    with Store(tmp_path / "data", backend=f"milvus://{tmp_path}/m.db") as store:  # it all lives in Milvus
+        assert store.collection("crops").labels == {"down": 12, "up": 12}
+        assert store.images("crops", ["c3"]) == [images[3]]  # kept images too
+
+
+@pytest.fixture(scope="module")
+def filtered(tmp_path_factory):
+    """One milvus-lite collection that each example refills: filters are compiled, not looked up."""
+    root = tmp_path_factory.mktemp("milvus-filters")
+    with Store(root / "data", backend=f"milvus://{root}/m.db") as s:
+        yield s
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                 HealthCheck.too_slow])
+@given(TREES, st.lists(RANDOM_METADATA, min_size=1, max_size=8))
+@example(Not(Compare(("a",), "==", 1)), [{}, {"a": True}, {"a": 1.0}, {"a": "1"}, {"a": None}])
+@example(Exists(("a", "b")), [{"a": {"b": None}}, {"a": {"c": 1}}, {"a": [{"b": 1}]}, {"a": None}])
+def test_milvus_expression_agrees_with_matches(filtered, f, rows):
+    ids = [f"r{i}" for i in range(len(rows))]
+    filtered.add("t", ids, unit(len(rows), 4), model_id=M, metadata=rows)
+    filtered.delete("t", [f"r{i}" for i in range(len(rows), 8)])
+    assert filtered._backend.vectors("t", f)[0] == [i for i, m in zip(ids, rows) if matches(f, m)], \
+        to_milvus_expression(f)
+
+
+@pytest.mark.parametrize("text", HOSTILE)
+def test_hostile_values_match_literally_in_milvus(filtered, text):
+    rows = [{"a": text}, {"a": text + "!"}, {"a": "other"}, {"b": text}]
+    filtered.add("h", [f"h{i}" for i in range(4)], unit(4, 4), model_id=M, metadata=rows)
+    for where in ({"a": text}, f"a == {json.dumps(text)}", {"a": {"in": [text, "nothing"]}}, {"a": {">=": text}}):
+        f = parse(where)
+        assert filtered.vectors("h", where=where)[0] == [f"h{i}" for i, m in enumerate(rows) if matches(f, m)]
+    assert filtered.vectors("h", where={"a": text})[0] == ["h0"] and filtered.collection("h").count == 4
+
+
+@pytest.fixture
+def milvus_server(tmp_path):
+    """A Milvus server on a loopback port (milvus-lite's gRPC server, in its own process): what `--store
+    http://host:port` replicas share."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "milvus"),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the Milvus server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_replicas_share_one_milvus_with_no_store_node(tmp_path, milvus_server):
+    """Two replicas (each its own data dir: cache, heads, keys) on one Milvus server see one set of collections."""
+    x = unit(40, 8)
+    with Store(tmp_path / "a", backend=milvus_server) as a, Store(tmp_path / "b", backend=milvus_server) as b:
+        a.add("shared", [f"i{j}" for j in range(20)], x[:20], model_id=M, labels=["l"] * 20)
+        assert [c.name for c in b.list_collections()] == ["shared"]
+        assert b.search("shared", x[3:4], k=1)[0][0].id == "i3"  # a's adds, acknowledged, are b's to read
+        b.add("shared", [f"i{j}" for j in range(20, 40)], x[20:], model_id=M)
+        assert a.search("shared", x[30:31], k=1)[0][0].id == "i30" and a.collection("shared").count == 40
+        with pytest.raises(ModelMismatchError):
+            b.add("shared", ["z"], x[:1], model_id="other@1")  # the binding a created holds for b too
+        b.set_labels("shared", {"i1": "changed"})
+        assert a.get("shared", ["i1"])[0].label == "changed"
+        a.delete_collection("shared")
+        with pytest.raises(NotFoundError):
+            b.search("shared", x[:1], k=1)
+        assert b.search(None, x[:1], k=1) == [[]]
