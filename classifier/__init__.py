@@ -15,7 +15,7 @@ from embedder.results import CurvePoint
 
 from .evaluate import (ClassReport, Evaluation, evaluate, evaluation_from_predictions, learning_curve,
                        plot_confusion, plot_learning_curve)
-from .heads import (HEADS, Head, HeadError, InsufficientDataError, LinearSVMHead, LogRegHead, SVMHead, check_features,
+from .heads import (HEADS, LABEL_HEADS, Head, HeadError, InsufficientDataError, LinearSVMHead, LogRegHead, SVMHead, check_features,
                     head_params, make_head)
 from .persist import (FORMAT_VERSION, HeadFormatError, HeadInfo, HeadNotFoundError, check_head_id, delete_head,
                       list_heads, load_head, new_head_id, read_head_info, recover_interrupted, save_head)
@@ -24,7 +24,7 @@ from .registry import HeadRegistry, TopK, TrainResult
 
 __all__ = [
     "AdaptationError", "CurvePoint", "DomainAdapter", "MultiTaskHead", "FORMAT_VERSION", "learning_curve",
-    "plot_learning_curve", "HEADS", "ClassReport", "Evaluation", "Head", "HeadError", "HeadFormatError", "HeadInfo",
+    "plot_learning_curve", "HEADS", "LABEL_HEADS", "ClassReport", "Evaluation", "Head", "HeadError", "HeadFormatError", "HeadInfo",
     "HeadNotFoundError", "HeadRegistry", "InsufficientDataError", "TopK", "TrainResult", "LinearSVMHead", "LogRegHead", "SVMHead", "check_features",
     "check_head_id", "delete_head", "evaluate", "evaluation_from_predictions", "head_params", "list_heads",
     "load_head", "make_head", "new_head_id", "plot_confusion", "read_head_info", "recover_interrupted", "save_head",

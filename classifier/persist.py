@@ -142,7 +142,7 @@ def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None
         "dim": int(head.n_features_in_),
         "classes": [v.item() if isinstance(v, np.generic) else v for v in head.classes_],
         "class_counts": [int(c) for c in head.class_counts_],
-        "params": head.get_params(),
+        "params": head.saved_params(),
         "metrics": dict(metrics) if metrics is not None else None,
         "source": dict(source) if source is not None else None,
         "adaptation": adapter.describe() if adapter is not None else None,

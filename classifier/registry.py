@@ -129,6 +129,21 @@ class HeadRegistry:
                  total, metrics.get("accuracy", "n/a"))
         return TrainResult(read_head_info(path), samples, train_seconds, total)
 
+    def add(self, head: Head, *, head_id: str | None = None, source: Mapping[str, Any] | None = None,
+            metrics: Mapping[str, Any] | None = None) -> TrainResult:
+        """Save a head built rather than trained (a zero-shot head from class prompts); an existing head named
+        ``head_id`` is replaced."""
+        if head_id is not None:
+            check_head_id(head_id)
+        started = time.perf_counter()
+        with self._disk_lock:
+            path = save_head(head, self.root, head_id=head_id, metrics=metrics, source=source,
+                             overwrite=head_id is not None)
+        with self._lock:
+            self._remember(path.name, head)
+        log.info("saved %s head %s (%d classes)", head.kind, path.name, len(head.classes_))
+        return TrainResult(read_head_info(path), 0, 0.0, time.perf_counter() - started)
+
     def learning_curve(self, X: np.ndarray, y: Sequence[Any], *, kind: str = "logreg",
                        params: Mapping[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
                        **options: Any) -> list[CurvePoint]:

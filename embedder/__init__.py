@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 # public name -> the module that defines it
 _EXPORTS = {
     "BackboneSpec": "backbones", "Preprocessing": "backbones", "get_backbone": "backbones",
-    "list_backbones": "backbones", "register_local": "backbones",
+    "list_backbones": "backbones", "register_local": "cards",
     "Config": "config",
     "BatchError": "errors", "EmbedderError": "errors", "ImageDecodeError": "errors", "WeightsNotFoundError": "errors",
     "Embedder": "pipeline",
@@ -23,7 +23,8 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # static tools see the eager imports
-    from .backbones import BackboneSpec, Preprocessing, get_backbone, list_backbones, register_local
+    from .backbones import BackboneSpec, Preprocessing, get_backbone, list_backbones
+    from .cards import register_local
     from .config import Config
     from .errors import BatchError, EmbedderError, ImageDecodeError, WeightsNotFoundError
     from .pipeline import Embedder

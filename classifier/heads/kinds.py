@@ -1,4 +1,5 @@
-"""The head kinds by name: :data:`HEADS`, :func:`make_head` and :func:`head_params`."""
+"""The head kinds by name: :data:`HEADS` (:data:`LABEL_HEADS` of them fit on labels alone), :func:`make_head` and
+:func:`head_params`."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,12 +8,16 @@ from .base import Head
 from .logreg import LogRegHead
 from .svm import LinearSVMHead, SVMHead
 from .validation import HeadError
+from .zero_shot import FewShotHead, ZeroShotHead
 
-HEADS: dict[str, type[Head]] = {h.kind: h for h in (LogRegHead, LinearSVMHead, SVMHead)}
+HEADS: dict[str, type[Head]] = {h.kind: h for h in (LogRegHead, LinearSVMHead, SVMHead, ZeroShotHead, FewShotHead)}
+# The kinds fitted on labelled vectors alone; zero_shot is built from text, few_shot needs a text prior as well.
+LABEL_HEADS = ("logreg", "linear_svm", "svm")
 
 
 def make_head(kind: str, **params: Any) -> Head:
-    """A new, unfitted head of ``kind`` (``logreg``, ``linear_svm`` or ``svm``) with ``params``."""
+    """A new, unfitted head of ``kind`` (``logreg``, ``linear_svm``, ``svm``, ``zero_shot``, ``few_shot``) with
+    ``params``."""
     return _kind(kind)._create(**params)
 
 

@@ -27,16 +27,18 @@ class Tensor(_message.Message):
     def __init__(self, shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("id", "image", "tensor", "content_sha256")
+    __slots__ = ("id", "image", "tensor", "content_sha256", "text")
     ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     id: str
     image: bytes
     tensor: Tensor
     content_sha256: str
-    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., content_sha256: _Optional[str] = ...) -> None: ...
+    text: str
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ..., content_sha256: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class Status(_message.Message):
     __slots__ = ("code", "message")
@@ -87,7 +89,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "model_id", "dim", "device", "runtime", "precision", "input_size", "normalize")
+    __slots__ = ("name", "model_id", "dim", "device", "runtime", "precision", "input_size", "normalize", "text")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +98,7 @@ class ModelInfo(_message.Message):
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_id: str
     dim: int
@@ -104,7 +107,8 @@ class ModelInfo(_message.Message):
     precision: str
     input_size: int
     normalize: bool
-    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., runtime: _Optional[str] = ..., precision: _Optional[str] = ..., input_size: _Optional[int] = ..., normalize: _Optional[bool] = ...) -> None: ...
+    text: bool
+    def __init__(self, name: _Optional[str] = ..., model_id: _Optional[str] = ..., dim: _Optional[int] = ..., device: _Optional[str] = ..., runtime: _Optional[str] = ..., precision: _Optional[str] = ..., input_size: _Optional[int] = ..., normalize: _Optional[bool] = ..., text: _Optional[bool] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
     __slots__ = ("max_message_bytes", "max_items", "max_pixels")
@@ -431,7 +435,14 @@ class HeadInfo(_message.Message):
     def __init__(self, head_id: _Optional[str] = ..., kind: _Optional[str] = ..., model_id: _Optional[str] = ..., dim: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., class_counts: _Optional[_Iterable[int]] = ..., params_json: _Optional[str] = ..., metrics_json: _Optional[str] = ..., created: _Optional[str] = ..., collection: _Optional[str] = ..., adaptation_json: _Optional[str] = ...) -> None: ...
 
 class TrainRequest(_message.Message):
-    __slots__ = ("collection", "head", "labels", "ids", "params_json", "test_size", "seed", "head_id", "adapt_to", "adapt_method", "where")
+    __slots__ = ("collection", "head", "labels", "ids", "params_json", "test_size", "seed", "head_id", "adapt_to", "adapt_method", "where", "class_prompts", "model")
+    class ClassPromptsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Prompts
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Prompts, _Mapping]] = ...) -> None: ...
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
@@ -443,6 +454,8 @@ class TrainRequest(_message.Message):
     ADAPT_TO_FIELD_NUMBER: _ClassVar[int]
     ADAPT_METHOD_FIELD_NUMBER: _ClassVar[int]
     WHERE_FIELD_NUMBER: _ClassVar[int]
+    CLASS_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     collection: str
     head: str
     labels: _containers.RepeatedScalarFieldContainer[str]
@@ -454,7 +467,15 @@ class TrainRequest(_message.Message):
     adapt_to: str
     adapt_method: str
     where: str
-    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., head_id: _Optional[str] = ..., adapt_to: _Optional[str] = ..., adapt_method: _Optional[str] = ..., where: _Optional[str] = ...) -> None: ...
+    class_prompts: _containers.MessageMap[str, Prompts]
+    model: str
+    def __init__(self, collection: _Optional[str] = ..., head: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., ids: _Optional[_Iterable[str]] = ..., params_json: _Optional[str] = ..., test_size: _Optional[float] = ..., seed: _Optional[int] = ..., head_id: _Optional[str] = ..., adapt_to: _Optional[str] = ..., adapt_method: _Optional[str] = ..., where: _Optional[str] = ..., class_prompts: _Optional[_Mapping[str, Prompts]] = ..., model: _Optional[str] = ...) -> None: ...
+
+class Prompts(_message.Message):
+    __slots__ = ("prompts",)
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
     __slots__ = ("head", "samples", "train_seconds", "total_seconds")

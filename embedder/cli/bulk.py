@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..errors import StoreLockedError
-from .options import MODEL_FIELDS, add_model_options, printable
+from .options import MODEL_FIELDS, add_model_options, card_setting, printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
                          "of the cluster; size it with the cluster (or `ray start --num-cpus`)")
     # Only the flags given: bulk_embed's Config reads EMBEDDER_* for the rest, as every other command does.
     given = {k: getattr(args, k) for k in (*MODEL_FIELDS, "shard_size", "batch_size")
-             if k not in ("model", "decode_workers")}
+             if k not in ("model", "decode_workers")} | {"model_cards": card_setting(args)}
     manifest = bulk.bulk_embed(args.src, args.out, model=args.model, ray_address=args.ray_address,
                                actors=args.actors, progress=not args.quiet, bytes_column=args.bytes_column,
                                id_column=args.id_column or None, label_column=args.label_column,

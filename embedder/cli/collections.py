@@ -63,10 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                  f"./{Config.data_dir}); `embedder serve` must not have it open")
     p.set_defaults(handler=add)
 
-    p = sub.add_parser("search", help="the stored items most similar to an image or to a stored item")
+    p = sub.add_parser("search", help="the stored items most similar to an image, a text or a stored item")
     q = p.add_mutually_exclusive_group(required=True)
     q.add_argument("image", nargs="?", type=Path, help="query image file")
     q.add_argument("--id", metavar="ITEM_ID", help="query by this stored item of --collection instead")
+    q.add_argument("--text", help="query by this text (a text-image model's collection: text-to-image search)")
     p.add_argument("--collection", required=True, help="collection to search")
     p.add_argument("-k", type=positive_int, default=10, help="number of hits (default %(default)s)")
     p.add_argument("--label", help="only items with this label")
@@ -207,11 +208,14 @@ def labels(args: argparse.Namespace) -> int:
 
 
 def search(args: argparse.Namespace) -> int:
-    """The hits for an image file or a stored item, as a table or JSON."""
+    """The hits for an image file, a text or a stored item, as a table or JSON."""
+    from ..client import Text
+
     if args.image is not None and not args.image.is_file():
         raise FileNotFoundError(f"no such file: {args.image}")
     with client_from(args) as client:
-        hits = client.search(args.image, collection=args.collection, item_id=args.id, k=args.k, label=args.label,
+        query = Text(args.text) if args.text is not None else args.image
+        hits = client.search(query, collection=args.collection, item_id=args.id, k=args.k, label=args.label,
                              where=args.where)
     if args.json:
         print(json.dumps([dataclasses.asdict(h) for h in hits], indent=2))

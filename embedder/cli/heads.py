@@ -27,7 +27,11 @@ from .options import (CHUNK, HEAD_KINDS, add_remote_options, add_where_option, c
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a classifier head on the labelled items of a collection")
     p.add_argument("--collection", required=True)
-    p.add_argument("--head", default="logreg", choices=HEAD_KINDS, help="kind (default %(default)s)")
+    p.add_argument("--head", default="logreg", choices=(*HEAD_KINDS, "zero_shot", "few_shot"),
+                   help="kind (default %(default)s); zero_shot and few_shot need --prompt and a text-image model")
+    p.add_argument("--prompt", type=label_prompt, action="append", default=[], metavar="LABEL=TEXT",
+                   help="zero_shot / few_shot: a text describing LABEL, repeatable ({label} is replaced), e.g. "
+                        "--prompt 'cat=a photo of a {label}'")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="train on these labels only (default: all)")
     p.add_argument("--param", type=param, action="append", default=[], metavar="NAME=VALUE",
                    help="head parameter, repeatable; values are JSON when they parse (C=0.1), else strings")
@@ -87,13 +91,28 @@ def _plotting(name: str) -> Any:
     return getattr(classifier, name)
 
 
+def label_prompt(text: str) -> tuple[str, str]:
+    """An argparse type: ``LABEL=TEXT``."""
+    label, sep, prompt = text.partition("=")
+    if not sep or not label or not prompt:
+        raise argparse.ArgumentTypeError(f"expected LABEL=TEXT, e.g. 'cat=a photo of a {{label}}', got {text!r}")
+    return label, prompt
+
+
+def _prompts(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
+    prompts: dict[str, list[str]] = {}
+    for label, prompt in pairs:
+        prompts.setdefault(label, []).append(prompt)
+    return prompts
+
+
 def train(args: argparse.Namespace) -> int:
     """Train on the server; print the hold-out metrics per class (or JSON), optionally plot the confusion."""
     plot_confusion = _plotting("plot_confusion") if args.plot is not None else None
     with client_from(args) as client:
         r = client.train(args.collection, args.head, labels=args.labels, params=dict(args.param),
                          test_size=args.test_size, seed=args.seed, head_id=args.head_id, adapt_to=args.adapt_to,
-                         adapt_method=args.adapt_method, where=args.where)
+                         adapt_method=args.adapt_method, where=args.where, class_prompts=_prompts(args.prompt))
     metrics = r["metrics"] or {}
     if args.plot is not None:
         if "confusion" not in metrics:

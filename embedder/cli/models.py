@@ -4,6 +4,7 @@ Examples::
 
     embedder models
     embedder models --json | jq -r '.models[].name'
+    embedder models --model-card my-cnn.toml      # your own model, checked and listed beside the built-in ones
 """
 from __future__ import annotations
 
@@ -11,21 +12,27 @@ import argparse
 import json
 
 from ..backbones import list_backbones
+from ..cards import register_cards
+from ..config import Config
 from ..runtimes import RUNTIMES, installed, resolve_runtime
+from .options import add_model_card_option, card_setting
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("models", help="list the registered backbones and whether their weights are installed")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    add_model_card_option(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Print one row per backbone (name, dim, input size, model id, weights) and the CPU runtime ``auto`` picks."""
+    register_cards(Config.from_env(model_cards=card_setting(args)).card_paths)
     cpu_runtime = resolve_runtime("auto", "cpu")
-    rows = [{"name": s.name, "model_id": s.model_id, "dim": s.dim, "input_size": s.preprocessing.crop,
+    rows = [{"name": s.name, "model_id": s.model_id, "sha256": s.weights.sha256, "dim": s.dim,
+             "input_size": s.preprocessing.crop,
              "weights": "installed" if s.weights.present() else f"missing: {s.weights.install}",
-             "description": s.description} for s in list_backbones()]
+             "text": s.has_text, "description": s.description} for s in list_backbones()]
     if args.json:
         print(json.dumps({"models": rows, "cpu_runtime": cpu_runtime,
                           "runtimes_installed": [r for r in RUNTIMES if installed(r)]}, indent=2))

@@ -55,14 +55,27 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", action="store_const", const=True,
                    help="torch.compile the model (torch runtime only; other runtimes ignore it; slower start); "
                         "also EMBEDDER_COMPILE=1")
+    add_model_card_option(g)
     g.add_argument("--cache-dir", type=Path,
                    help="where exported ONNX models are kept (default: EMBEDDER_CACHE_DIR, else "
                         "$XDG_CACHE_HOME/embedder, else ~/.cache/embedder)")
 
 
+def add_model_card_option(g: Any) -> None:
+    """``--model-card PATH`` (repeatable): your own model, see :mod:`embedder.cards`."""
+    g.add_argument("--model-card", dest="model_cards", metavar="PATH", action="append", type=existing_file,
+                   help="a model card (JSON/TOML) naming your own model's files and how to feed it; repeatable; its "
+                        "name is then a --model (default: EMBEDDER_MODEL_CARDS, paths separated by ':')")
+
+
+def card_setting(args: argparse.Namespace) -> str | None:
+    """The ``--model-card`` flags as :attr:`Config.model_cards` (None: none given)."""
+    return os.pathsep.join(map(str, args.model_cards)) if args.model_cards else None
+
+
 def model_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The model flags given on the command line (None: not given)."""
-    return {name: getattr(args, name) for name in MODEL_FIELDS}
+    return {**{name: getattr(args, name) for name in MODEL_FIELDS}, "model_cards": card_setting(args)}
 
 
 def config_from(args: argparse.Namespace) -> Config:
@@ -199,6 +212,6 @@ def printable(value: Any, *, newlines: bool = False) -> str:
 
 
 def report(failed: list[dict[str, str]]) -> None:
-    """One ``skipped PATH: WHY`` line on stderr per input that could not be used."""
+    """One ``skipped PATH: WHY`` (or ``TEXT``) line on stderr per input that could not be used."""
     for f in failed:
-        print(f"skipped {printable(f['path'])}: {printable(f['error'])}", file=sys.stderr)
+        print(f"skipped {printable(f.get('path', f.get('text', '')))}: {printable(f['error'])}", file=sys.stderr)

@@ -43,7 +43,7 @@ from .aio import AsyncEmbedderClient
 from .chunking import to_item
 from .client import EmbedderClient
 from .errors import RemoteBatchError, ServiceError
-from .results import AddSummary, Cached, ItemResult, Prediction
+from .results import AddSummary, Cached, ItemResult, Prediction, Text
 
 __all__ = ["AddSummary", "AsyncEmbedderClient", "Cached", "EmbedderClient", "ItemResult", "Prediction",
-           "RemoteBatchError", "ServiceError", "to_item"]
+           "RemoteBatchError", "ServiceError", "Text", "to_item"]

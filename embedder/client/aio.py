@@ -105,9 +105,11 @@ class AsyncEmbedderClient(BaseClient):
                     ids: Sequence[str] | None = None, params: Mapping[str, Any] | None = None,
                     test_size: float | None = None, seed: int = 0, head_id: str | None = None,
                     adapt_to: str | None = None, adapt_method: str | None = None,
-                    where: str | Mapping[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+                    where: str | Mapping[str, Any] | None = None,
+                    class_prompts: Mapping[str, Sequence[str]] | None = None, model: str | None = None,
+                    timeout: float | None = None) -> dict[str, Any]:
         return await self._run(self._train(collection, head, labels, ids, params, test_size, seed, head_id,
-                                           adapt_to, adapt_method, where, timeout))
+                                           adapt_to, adapt_method, where, timeout, class_prompts, model))
 
     async def predict(self, head_id: str | Sequence[str], images: Sequence[Any] = (), *, ids: Sequence[str] = (),
                       collection: str | None = None, top_k: int = 1) -> list[Prediction]:

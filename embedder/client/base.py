@@ -198,7 +198,7 @@ class BaseClient:
     def _list_models(self) -> Plan[list[dict[str, Any]]]:
         response = yield Call("ListModels", pb.ListModelsRequest())
         return [{"name": m.name, "model_id": m.model_id, "dim": m.dim, "device": m.device, "runtime": m.runtime,
-                 "precision": m.precision, "input_size": m.input_size, "normalize": m.normalize}
+                 "precision": m.precision, "input_size": m.input_size, "normalize": m.normalize, "text": m.text}
                 for m in response.models]
 
     def _server_limits(self) -> Plan[dict[str, int]]:
@@ -322,11 +322,16 @@ class BaseClient:
     def _train(self, collection: str, head: str, labels: Sequence[str] | None, ids: Sequence[str] | None,
                params: Mapping[str, Any] | None, test_size: float | None, seed: int, head_id: str | None,
                adapt_to: str | None, adapt_method: str | None, where: str | Mapping[str, Any] | None,
-               timeout: float | None) -> Plan[dict[str, Any]]:
+               timeout: float | None, class_prompts: Mapping[str, Sequence[str]] | None = None,
+               model: str | None = None) -> Plan[dict[str, Any]]:
         request = pb.TrainRequest(collection=collection, head=head, labels=list(labels or ()), ids=list(ids or ()),
                                   params_json=_params_json(params), test_size=test_size or 0.0, seed=seed,
                                   head_id=head_id or "", adapt_to=adapt_to or "", adapt_method=adapt_method or "",
-                                  where=_where_text(where))
+                                  where=_where_text(where),
+                                  class_prompts={label: pb.Prompts(prompts=[prompts] if isinstance(prompts, str)
+                                                                   else list(prompts))
+                                                 for label, prompts in (class_prompts or {}).items()},
+                                  model=model or "")
         r = yield Call("Train", request, timeout or 10 * self.timeout)
         return {**head_from_pb(r.head), "samples": r.samples, "train_seconds": r.train_seconds,
                 "total_seconds": r.total_seconds}

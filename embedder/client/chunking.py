@@ -17,7 +17,7 @@ import numpy as np
 from .._proto import embedder_pb2 as pb
 from ..messages import to_tensor
 from .errors import ServiceError
-from .results import Cached, ItemResult
+from .results import Cached, ItemResult, Text
 
 ENVELOPE = 64 * 1024  # room for the request's own fields and per-item framing
 DIM_BOUND = 4096  # assumed vector size until the server tells us, to keep responses under the limit too
@@ -30,6 +30,8 @@ def to_item(x: Any, item_id: str = "") -> pb.Item:
         return pb.Item(id=item_id, image=bytes(x))
     if isinstance(x, Cached):
         return pb.Item(id=item_id, content_sha256=x.sha256)
+    if isinstance(x, Text):
+        return pb.Item(id=item_id, text=x.text)
     if isinstance(x, (str, os.PathLike)):
         try:
             return pb.Item(id=item_id, image=Path(x).read_bytes())
@@ -43,7 +45,7 @@ def to_item(x: Any, item_id: str = "") -> pb.Item:
     if Image is not None and isinstance(x, Image.Image):
         return pb.Item(id=item_id, tensor=to_tensor(np.asarray(x.convert("RGB"))))
     raise TypeError(f"cannot send a {type(x).__name__}; pass encoded image bytes, a file path, "
-                    "a numpy array (H, W[, C]) or a PIL image")
+                    "a numpy array (H, W[, C]), a PIL image, or Text(...) for text")
 
 
 @dataclass(eq=False)

@@ -121,17 +121,22 @@ class EmbedderClient(BaseClient):
               ids: Sequence[str] | None = None, params: Mapping[str, Any] | None = None,
               test_size: float | None = None, seed: int = 0, head_id: str | None = None,
               adapt_to: str | None = None, adapt_method: str | None = None,
-              where: str | Mapping[str, Any] | None = None, timeout: float | None = None) -> dict[str, Any]:
+              where: str | Mapping[str, Any] | None = None,
+              class_prompts: Mapping[str, Sequence[str]] | None = None, model: str | None = None,
+              timeout: float | None = None) -> dict[str, Any]:
         """Train a head on the labelled vectors of ``collection`` (no image is embedded again); ``labels``, ``ids``
         or a metadata filter ``where`` (as for :meth:`search`) narrow them.
 
         Returns the head's info (``head_id``, ``classes``, ``metrics`` from a stratified hold-out) plus
         ``samples``, ``train_seconds`` and ``total_seconds``. ``adapt_to`` names a collection of unlabelled
         images of the domain the head will predict on (``adapt_method``: coral or standardize).
+        ``head="zero_shot"`` builds a head from ``class_prompts`` (label -> texts describing it) with a text-image
+        model's text tower, no labelled image needed (``collection`` may be "": then ``model`` names the model);
+        ``head="few_shot"`` starts from those and trains on the collection's labelled vectors.
         ``timeout`` defaults to 10x the client's.
         """
         return self._run(self._train(collection, head, labels, ids, params, test_size, seed, head_id, adapt_to,
-                                     adapt_method, where, timeout))
+                                     adapt_method, where, timeout, class_prompts, model))
 
     def predict(self, head_id: str | Sequence[str], images: Sequence[Any] = (), *, ids: Sequence[str] = (),
                 collection: str | None = None, top_k: int = 1) -> list[Prediction]:

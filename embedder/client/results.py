@@ -1,4 +1,5 @@
-"""What the client's calls take beyond images and give back: :class:`Cached` inputs, per-item results, summaries."""
+"""What the client's calls take beyond images and give back: :class:`Cached` and :class:`Text` inputs, per-item
+results, summaries."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -28,6 +29,14 @@ class Cached:
     """An image the server has embedded before, named by the sha256 of its bytes (nothing is re-sent)."""
 
     sha256: str
+
+
+@dataclass(frozen=True)
+class Text:
+    """Text to embed with a text-image model (a CLIP/SigLIP model card), into the space of its images:
+    ``client.search(Text("a photo of a cat"), collection="photos")``."""
+
+    text: str
 
 
 @dataclass

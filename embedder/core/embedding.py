@@ -1,11 +1,13 @@
-"""The one cache-aside path every image takes, whichever front door or call brings it.
+"""The one cache-aside path every image (and text) takes, whichever front door or call brings it.
 
 :func:`submit` hashes encoded images, serves what the store's cache holds (a hit is neither decoded nor run
 through the model), and queues each distinct miss once in the model's batcher: an image repeated inside one
 call is embedded once and every copy gets its vector. :func:`finish` waits for the misses within the call's
 deadline and puts their vectors in the cache. Cache rows are the caller's own (:func:`cache_scope`): a key
-never hits, nor waits less for, what another key embedded. Per-item failures stay exception objects (with a
-:class:`embedder.errors.Category`) until a front door writes them on its wire.
+never hits, nor waits less for, what another key embedded. Texts (for a text-image model) take the same path,
+keyed by :func:`embedder.inputs.text_hash`; a text miss is embedded at once by the model's text tower, not
+queued. Per-item failures stay exception objects (with a :class:`embedder.errors.Category`) until a front door
+writes them on its wire.
 """
 from __future__ import annotations
 
@@ -19,13 +21,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..errors import (BatchFailedError, Category, DeadlineError, EmbedderError, ItemError, ItemNotFoundError,
-                      StoreClosedError, category_of)
-from ..inputs import content_hash
+                      NotSupportedByModelError, StoreClosedError, category_of)
+from ..inputs import content_hash, text_hash
 from ..keys import Principal
 
 log = logging.getLogger(__name__)
 
 _HEX = frozenset("0123456789abcdef")
+# Longer texts are refused before tokenizing: text towers truncate to a few dozen tokens (CLIP 77, SigLIP 64).
+MAX_TEXT_CHARS = 4096
 
 
 def _never() -> bool:
@@ -53,7 +57,8 @@ class Call:
 
 @dataclass(frozen=True)
 class Item:
-    """One input: encoded ``image`` bytes, a decoded ``array``, or the ``sha256`` of an image the cache holds.
+    """One input: encoded ``image`` bytes, a decoded ``array``, the ``sha256`` of an image the cache holds, or
+    ``text`` (for a text-image model).
 
     ``error`` is set by a front door that could not read the item: it fails alone, nothing is queued.
     """
@@ -63,6 +68,7 @@ class Item:
     array: np.ndarray | None = None
     sha256: str | None = None
     error: EmbedderError | None = None
+    text: str | None = None
 
     @classmethod
     def of(cls, value: Any, item_id: str = "") -> Item:
@@ -74,7 +80,7 @@ class Item:
         if isinstance(value, np.ndarray):
             return cls(item_id, array=value)
         raise TypeError(f"an item is encoded image bytes, a decoded (H, W[, C]) array or an Item, not a "
-                        f"{type(value).__name__}; read files into bytes first")
+                        f"{type(value).__name__}; read files into bytes first, pass text as Item(text=...)")
 
 
 @dataclass
@@ -119,6 +125,7 @@ def submit(items: Sequence[Item], model: Any, call: Call, *, store: Any, block: 
     outcomes = [Outcome(item.id) for item in items]
     wanted: dict[str, list[int]] = {}  # sha256 -> the items asking for it
     encoded: dict[str, bytes] = {}  # sha256 -> bytes of one item that brought them
+    texts: dict[str, str] = {}  # text_hash -> the text
     arrays: list[tuple[int, np.ndarray]] = []
     for i, (item, out) in enumerate(zip(items, outcomes)):
         try:
@@ -127,14 +134,17 @@ def submit(items: Sequence[Item], model: Any, call: Call, *, store: Any, block: 
             if item.image is not None:
                 out.sha256 = content_hash(item.image)
                 encoded.setdefault(out.sha256, item.image)
+            elif item.text is not None:
+                out.sha256 = text_hash(_check_text(item.text))
+                texts.setdefault(out.sha256, item.text)
             elif item.sha256 is not None:
                 out.sha256 = _check_sha256(item.sha256)
             elif item.array is not None:
                 arrays.append((i, item.array))
                 continue
             else:
-                raise ItemError("item has neither `image` (encoded bytes), `tensor` (raw pixels) nor "
-                                "`content_sha256` (a cached image) set")
+                raise ItemError("item has neither `image` (encoded bytes), `tensor` (raw pixels), `content_sha256` "
+                                "(a cached image) nor `text` set")
             wanted.setdefault(out.sha256, []).append(i)
         except EmbedderError as e:
             out.error = e
@@ -151,22 +161,47 @@ def submit(items: Sequence[Item], model: Any, call: Call, *, store: Any, block: 
                     outcomes[i].vector, outcomes[i].cached = vector, True
         if metrics is not None:
             metrics.cache_hits.inc(hits)
+    text_futures = _embed_texts(model, {sha: texts.pop(sha) for sha in list(wanted) if sha in texts})
     for sha, idx in list(wanted.items()):
-        if sha not in encoded:
+        if sha not in encoded and sha not in text_futures:
             where = ("this embedding replica keeps no cache (--role embed); send the image bytes, or ask the "
                      "store node") if store is None else (
                 f"no cached vector for content_sha256 {sha} under model {model.model_id}; send the image bytes "
                 "instead")
             for i in wanted.pop(sha):
                 outcomes[i].error = ItemNotFoundError(where)
+    pending = Pending(outcomes, model, scope=scope)
+    for sha, fut in text_futures.items():
+        for i in wanted.pop(sha):
+            pending.futures[i] = fut
     inputs = [encoded[sha] for sha in wanted] + [a for _, a in arrays]
     queued = model.batcher.submit(inputs, deadline=call.deadline, is_active=lambda: not call.is_cancelled(),
                                   block=block)
-    pending = Pending(outcomes, model, scope=scope)
     for idx, fut in zip(list(wanted.values()) + [[i] for i, _ in arrays], queued):
         for i in idx:
             pending.futures[i] = fut
     return pending
+
+
+def _embed_texts(model: Any, texts: dict[str, str]) -> dict[str, Future]:
+    """Embed the distinct texts the cache missed, now, in this thread (a short forward of the model's text tower,
+    not worth a batcher's queue); one done future per text hash, holding its vector or the shared error."""
+    if not texts:
+        return {}
+    futs = {sha: Future() for sha in texts}
+    embed = getattr(model.embedder, "embed_texts", None)
+    try:
+        if embed is None:
+            raise NotSupportedByModelError("this server sends images to embedding replicas and cannot embed text; "
+                                           "send text to a server that runs the model itself (--role all)")
+        vectors = embed(list(texts.values()))
+    except EmbedderError as e:
+        for fut in futs.values():
+            fut.set_exception(e)
+        return futs
+    for fut, vector in zip(futs.values(), vectors):
+        fut.set_result(vector)
+    return futs
 
 
 def finish(pending: Pending, call: Call, *, store: Any, metrics: Any = None) -> list[Outcome]:
@@ -212,6 +247,15 @@ def finish(pending: Pending, call: Call, *, store: Any, metrics: Any = None) -> 
         metrics.images.labels("ok").inc(ok)
         metrics.images.labels("error").inc(len(pending.outcomes) - ok)
     return pending.outcomes
+
+
+def _check_text(text: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise ItemError("text is empty; send the words to embed, e.g. \"a photo of a cat\"")
+    if len(text) > MAX_TEXT_CHARS:
+        raise ItemError(f"text is {len(text):,} characters, above {MAX_TEXT_CHARS:,}; text-image models read a few "
+                        "dozen words (CLIP: 77 tokens), send a shorter text")
+    return text
 
 
 def _check_sha256(sha: str) -> str:

@@ -29,7 +29,8 @@ import numpy as np
 from .. import filters
 from ..config import Config
 from ..errors import (EmbedderError, InvalidArgumentError, ItemError, ItemNotFoundError, ModelMismatchError,
-                      NotFoundError, NotReadyError, PermissionDeniedError, ReplicaOnlyError, ResponseTooLargeError)
+                      NotFoundError, NotReadyError, NotSupportedByModelError, PermissionDeniedError, ReplicaOnlyError,
+                      ResponseTooLargeError)
 from ..jsonrule import check_json_object, dump_stored
 from ..results import CollectionInfo, CurvePoint, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .embedding import Call, Item, Outcome, Pending, finish, submit
@@ -318,7 +319,8 @@ class Service:
             if item is not None:
                 found = self.finish(self._start([item], bound, call)).outcomes[0]
                 if found.error is not None:
-                    found.error.args = (f"the query image: {found.error}",)  # a fresh error of this call
+                    what = "text" if item.text is not None else "image"
+                    found.error.args = (f"the query {what}: {found.error}",)  # a fresh error of this call
                     raise found.error
                 vector, cached = found.vector, found.cached
         hits = store.search(collection, np.asarray(vector)[None], k=k, label=label, model_id=bound.model_id,
@@ -353,14 +355,24 @@ class Service:
     def train(self, collection: str, *, head: str = "", labels: Sequence[str] = (), ids: Sequence[str] = (),
               params: Mapping[str, Any] | None = None, test_size: float = 0.0, seed: int = 0, head_id: str = "",
               adapt_to: str = "", adapt_method: str = "", where: filters.Where = None,
+              class_prompts: Mapping[str, Sequence[str]] | None = None, model: str = "",
               call: Call = Call()) -> Any:
         """Train and save a head on the labelled items of ``collection`` (a :class:`classifier.TrainResult`);
         ``labels``, ``ids`` or the metadata filter ``where`` narrow them.
 
-        Stops with DeadlineError, saving nothing, once ``call``'s deadline passes, it cancels or the service
-        closes (checked while waiting for the training before it and between steps)."""
+        ``head="zero_shot"`` builds one from ``class_prompts`` alone (:meth:`_zero_shot`); ``head="few_shot"``
+        starts from those and trains on the labelled items. Stops with DeadlineError, saving nothing, once
+        ``call``'s deadline passes, it cancels or the service closes (checked while waiting for the training
+        before it and between steps)."""
         from classifier import InsufficientDataError
+        from classifier.heads import class_vectors
 
+        if head == "zero_shot":
+            return self._zero_shot(collection, class_prompts, model=model, params=params or {}, head_id=head_id,
+                                   call=call)
+        if class_prompts and head != "few_shot":
+            raise InvalidArgumentError("class_prompts apply to heads zero_shot and few_shot; set head to one of them "
+                                       "or leave class_prompts out")
         store = self._stateful()
         self._permit(call, WRITE, collection, adapt_to)
         if head_id:  # replacing a head trained on another collection is that collection's business
@@ -387,10 +399,49 @@ class Service:
                     expected_model_id=info.model_id, other_model_id=target_info.model_id)
             _, target = store.vectors(adapt_to)
             source["adapt_to"] = adapt_to
+        if head == "few_shot":
+            with self.models.lease_bound(info.model_id, f"collection {collection!r}") as bound:
+                prompts = self._prompt_vectors(class_prompts, bound, "few_shot", call)
+            params = {**(params or {}), "prior": dict(zip(prompts, class_vectors(prompts, list(prompts))))}
         return self.heads.train(X, y, model_id=info.model_id, kind=head or "logreg", params=params or {},
                                 test_size=test_size or 0.2, seed=seed, head_id=head_id or None, source=source,
                                 adapt_to=target, adapt_method=adapt_method or "coral",
                                 should_stop=lambda: self._closing or call.is_cancelled() or call.time_left() == 0)
+
+    def _zero_shot(self, collection: str, class_prompts: Mapping[str, Sequence[str]] | None, *, model: str,
+                   params: Mapping[str, Any], head_id: str, call: Call) -> Any:
+        """A zero-shot head: the class prompts' text vectors (with a text-image model: the collection's, else
+        ``model``'s), averaged per label; saved like a trained head, no labelled image needed."""
+        from classifier.heads import ZeroShotHead
+
+        self._stateful()
+        self._permit(call, WRITE, collection)
+        if head_id:
+            self._permit_head(call, WRITE, head_id)
+        with (self._collection_model(collection, model) if collection else self.models.lease(model)) as bound:
+            vectors = self._prompt_vectors(class_prompts, bound, "zero_shot", call)
+        head = ZeroShotHead.from_text(vectors, model_id=bound.model_id, **params)
+        source = {"collection": collection, "class_prompts": _prompt_texts(class_prompts)}
+        return self.heads.add(head, head_id=head_id or None, source=source)
+
+    def _prompt_vectors(self, class_prompts: Mapping[str, Sequence[str]] | None, bound: LoadedModel, kind: str,
+                        call: Call) -> dict[str, np.ndarray]:
+        """Per label, its prompts' text vectors ``(n, dim)`` from ``bound``'s text tower (through the cache)."""
+        prompts = _prompt_texts(class_prompts)
+        if not bound.info.get("text"):
+            raise NotSupportedByModelError(
+                f"a {kind} head needs a text-image model, but model {bound.name!r} embeds images only; serve a CLIP "
+                "or SigLIP folder with a transformers model card (--model-card) and use a collection of that model")
+        flat = [(label, text) for label, texts in prompts.items() for text in texts]
+        self._check_count(len(flat))
+        outcomes = self.finish(self._start([Item(text=text) for _, text in flat], bound, call)).outcomes
+        failed = next((o.error for o in outcomes if o.error is not None), None)
+        if failed is not None:
+            raise failed
+        vectors: dict[str, list[np.ndarray]] = {}
+        for (label, _), o in zip(flat, outcomes):
+            vectors.setdefault(label, []).append(o.vector)
+        return {label: np.stack(v) for label, v in vectors.items()}
 
     def predict(self, head_ids: Sequence[str], *, items: Sequence[Item] = (), ids: Sequence[str] = (),
                 collection: str = "", top_k: int = 1, call: Call = Call()) -> PredictResult:
@@ -401,7 +452,8 @@ class Service:
         self._check_count(len(items) + len(ids))
         head_ids = list(head_ids)
         if not head_ids or not all(head_ids):
-            raise InvalidArgumentError("name the head(s) to apply: `head_id`, or `head_ids` with no empty entry")
+            raise InvalidArgumentError("name the head(s) to apply: a head id in `head_id`, or `head_ids` with no "
+                                       "empty entry")
         if len(set(head_ids)) != len(head_ids):
             raise InvalidArgumentError("a head id appears more than once in head_ids; name each head once")
         for h in head_ids:
@@ -700,6 +752,23 @@ def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
         raise
     log.info("data dir %s: %s", config.data_dir, store)
     return store, heads, jobs
+
+
+def _prompt_texts(class_prompts: Mapping[str, Sequence[str]] | None) -> dict[str, list[str]]:
+    """Checked class prompts, ``{label}`` in a prompt replaced by the label."""
+    if not class_prompts:
+        raise InvalidArgumentError("zero_shot and few_shot heads need class_prompts, {label: [prompt, ...]}, e.g. "
+                                   "{\"cat\": [\"a photo of a {label}\"], \"dog\": [\"a photo of a {label}\"]}")
+    out = {}
+    for label, prompts in class_prompts.items():
+        if not isinstance(label, str) or not label.strip():
+            raise InvalidArgumentError("a label of class_prompts is empty; name each class")
+        texts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise InvalidArgumentError(f"label {label[:100]!r} has no prompts, or an empty one; give texts that "
+                                       "describe it, e.g. [\"a photo of a {label}\"]")
+        out[label] = [t.replace("{label}", label) for t in texts]
+    return out
 
 
 def _source_collection(source: Mapping[str, Any] | None) -> str:

@@ -84,9 +84,11 @@ def image_item(item_id: str, text: str) -> Item:
 def item(x: schema.ItemIn) -> Item:
     """One JSON item as the core's item; one that cannot be read carries its error and fails alone."""
     try:
-        given = [name for name in ("image", "sha256", "tensor") if getattr(x, name) is not None]
+        given = [name for name in ("image", "sha256", "tensor", "text") if getattr(x, name) is not None]
         if len(given) > 1:
-            raise ItemError(f"item sets {' and '.join(given)}; set exactly one of image, sha256 and tensor")
+            raise ItemError(f"item sets {' and '.join(given)}; set exactly one of image, sha256, tensor and text")
+        if x.text is not None:
+            return Item(x.id, text=x.text)
         if x.image is not None:
             return image_item(x.id, x.image)
         if x.sha256 is not None:

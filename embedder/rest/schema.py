@@ -42,13 +42,15 @@ class TensorIn(Request):
 
 
 class ItemIn(Request):
-    """One input: set exactly one of ``image``, ``sha256`` and ``tensor``."""
+    """One input: set exactly one of ``image``, ``sha256``, ``tensor`` and ``text``."""
 
     id: str = ""
     image: str | None = Field(None, description="an encoded image (JPEG, PNG, WebP, ...) as base64 or a data: "
                                                 "URI; URLs are refused (the server fetches nothing)")
     sha256: str | None = Field(None, description="sha256 of image bytes the server has embedded before")
     tensor: TensorIn | None = None
+    text: str | None = Field(None, description="text, for a text-image model (CLIP, SigLIP): embedded into the "
+                                               "space of its images")
 
 
 class AddItemIn(ItemIn):
@@ -135,7 +137,7 @@ class SearchRequest(Request):
 
 
 class TrainRequest(Request):
-    head: str = Field("", description="logreg (default), linear_svm, svm")
+    head: str = Field("", description="logreg (default), linear_svm, svm, zero_shot, few_shot")
     labels: list[str] = []
     ids: list[str] = []
     params: dict[str, Any] = {}
@@ -145,6 +147,8 @@ class TrainRequest(Request):
     adapt_to: str = ""
     adapt_method: str = ""
     where: Where = _where("labelled items (not with `ids`)")
+    class_prompts: dict[str, list[str]] = Field({}, description="zero_shot / few_shot heads: per label, texts that "
+                                                                 "describe it, e.g. [\"a photo of a cat\"]")
 
 
 class PredictRequest(Request):
