@@ -5,6 +5,7 @@ Usage::
 
     python benchmarks/bench_transfer.py            # 1/5/10/50/100/600 labels per class, 2,000 test images
     python benchmarks/bench_transfer.py --quick    # 1/10/100 labels per class, 500 test images, fewer fine-tunes
+    python benchmarks/bench_transfer.py --quick --only-adaptation   # the domain adaptation table alone
 
 Data: Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (train and test splits). For ``n`` labels
 per class and seed ``s`` the labelled set is the first ``n`` images of each class in a per-seed shuffle of
@@ -54,6 +55,11 @@ then Gaussian blur, radius 1). Target accuracy of the logreg head on the 2,000 t
 unadapted, ``DomainAdapter("standardize")``, ``DomainAdapter("coral", eps=1)`` and ``eps=1e-4``, fitted on 2,000
 other (unlabelled) transformed test images; in-domain = the head trained on 100 labelled transformed test
 images per class (disjoint from both). Gap closed = (adapted - unadapted) / (in-domain - unadapted).
+AdaBN (Li et al. 2016) as the literature applies it: ``embedder.finetune.adabn`` builds one version of the
+backbone with BatchNorm statistics re-estimated on the source images (the 1,000 labelled ones, used unlabelled)
+and one per shift with statistics of the 2,000 unlabelled target images; the head trains on the source
+version's features of the source images and predicts on the target version's features of the target images.
+``--only-adaptation`` runs this table alone (``bench_transfer_adaptation[_quick].json``).
 
 Multi-task: fine task = 10 classes with 20 labels per class; coarse task = tops (T-shirt/top, Pullover, Coat,
 Shirt, Dress) / footwear (Sandal, Sneaker, Ankle boot) / other (Trouser, Bag) with 5,000 labels (the first 500
@@ -184,6 +190,30 @@ class Features:
         tmp = path.with_suffix(".tmp.npy")
         np.save(tmp, feats)
         tmp.replace(path)
+        return feats
+
+    def adapted(self, name: str, domain: np.ndarray, images: np.ndarray) -> np.ndarray:
+        """Features of ``images`` from an AdaBN version of the backbone (``embedder.finetune.adabn``) whose
+        BatchNorm statistics were re-estimated on ``domain``: unlabelled images of the images' own domain."""
+        from embedder import Embedder
+        from embedder.finetune import adabn
+
+        key = hashlib.sha256(np.ascontiguousarray(domain).tobytes() + np.ascontiguousarray(images).tobytes())
+        key = key.hexdigest()[:16]
+        path = self.folder / f"adabn-{name.replace(' ', '_').replace('+', '')}-{len(images)}-{key}.npy"
+        if path.exists():
+            return np.load(path)
+        log.info("AdaBN on %d %s images, then embedding %d", len(domain), name, len(images))
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            version = adabn([png(im) for im in domain], data_dir=tmp, suffix=f"bench{key[:8]}")
+            with Embedder(model=version.spec.name, device="cpu", runtime="torch", data_dir=tmp) as emb:
+                feats = emb.embed(list(images))
+        self.seconds += time.perf_counter() - started
+        self.embedded += len(images) + len(domain)
+        tmp_path = path.with_suffix(".tmp.npy")
+        np.save(tmp_path, feats)
+        tmp_path.replace(path)
         return feats
 
     def close(self) -> None:
@@ -460,6 +490,58 @@ def epoch_speed(pngs: list[bytes], labels: np.ndarray, trunk: Trunk, repeats: in
 # --- main ---------------------------------------------------------------------------------------------------
 
 
+DA_METHODS = ("unadapted", "standardize", "coral eps=1", "coral eps=1e-4", "adabn", "in-domain")
+
+
+def adaptation_sets(feats: Features, x_test_all: np.ndarray, y_test_all: np.ndarray, test_order: np.ndarray,
+                    x_test: np.ndarray, n_test: int, n_unlabelled: int, source_n: int) -> tuple[dict, np.ndarray]:
+    """Per shift, the features of the transformed test subset (eval), of other unlabelled transformed test
+    images and of ``source_n`` labelled transformed images per class (in-domain); and the in-domain indices."""
+    unl_idx = test_order[n_test:n_test + n_unlabelled]
+    indomain_idx = stratified(y_test_all, test_order[n_test + n_unlabelled:], source_n, 7)
+    sets = {}
+    for kind in SHIFTS:
+        unlabelled, evaluated = shift(x_test_all[unl_idx], kind), shift(x_test, kind)
+        sets[kind] = {"eval": feats(f"{kind} eval", evaluated), "unlabelled": feats(f"{kind} unlabelled", unlabelled),
+                      "indomain": feats(f"{kind} in-domain", shift(x_test_all[indomain_idx], kind)),
+                      "unlabelled_images": unlabelled, "eval_images": evaluated}
+    return sets, indomain_idx
+
+
+def domain_adaptation(feats: Features, Xs: np.ndarray, x_source: np.ndarray, ys: np.ndarray, da_sets: dict,
+                      y_indomain: np.ndarray, F_test: np.ndarray, y_test: np.ndarray) -> tuple[dict, float]:
+    """Target accuracy of the logreg head trained on source features, unadapted and adapted, per shift; and
+    the same head's accuracy on the untransformed test subset (the source domain).
+
+    AdaBN as Li et al. (2016) apply it: the network that embeds the source images carries BatchNorm statistics
+    of the source domain (re-estimated on the source images), the one that embeds target images those of the
+    target domain (re-estimated on the unlabelled target images); the head is trained on the former's features
+    and predicts on the latter's.
+    """
+    da: dict[str, Any] = {}
+    Xs_adabn = feats.adapted("source", x_source, x_source)
+    for kind in SHIFTS:
+        d = da_sets[kind]
+        res = {"unadapted": fit_score(lambda: make_head("logreg"), Xs, ys, d["eval"], y_test)[0],
+               "in-domain": fit_score(lambda: make_head("logreg"), d["indomain"], y_indomain, d["eval"], y_test)[0]}
+        for name, adapter in (("standardize", lambda: DomainAdapter("standardize")),
+                              ("coral eps=1", lambda: DomainAdapter("coral", eps=1.0)),
+                              ("coral eps=1e-4", lambda: DomainAdapter("coral", eps=1e-4))):
+            a = adapter().fit(Xs, d["unlabelled"])
+            res[name] = fit_score(lambda: make_head("logreg"), a.transform_source(Xs), ys,
+                                  a.transform_target(d["eval"]), y_test)[0]
+        target_adabn = feats.adapted(kind, d["unlabelled_images"], d["eval_images"])
+        res["adabn"] = fit_score(lambda: make_head("logreg"), Xs_adabn, ys, target_adabn, y_test)[0]
+        gap = res["in-domain"] - res["unadapted"]
+        closed = {m: (res[m] - res["unadapted"]) / gap if gap > 0 else None
+                  for m in ("standardize", "coral eps=1", "coral eps=1e-4", "adabn")}
+        best = max(closed, key=lambda m: -np.inf if closed[m] is None else closed[m])
+        da[kind] = {"accuracy": res, "gap_closed": closed, "best": best}
+        log.info("%s: %s", kind, ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
+    # the source-domain reference: the same head on the untransformed test subset
+    return da, fit_score(lambda: make_head("logreg"), Xs, ys, F_test, y_test)[0]
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
@@ -471,6 +553,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="1/10/100 labels per class, 500 test images, fine-tuning at 10 and 100 with one seed")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads for every method (default 2)")
+    ap.add_argument("--only-adaptation", action="store_true",
+                    help="only the domain adaptation table (writes bench_transfer_adaptation[_quick].json)")
     args = ap.parse_args()
     started_all = time.perf_counter()
     torch.set_num_threads(args.threads)
@@ -502,17 +586,16 @@ def main() -> None:
     # --- frozen features (cached) ---
     feats = Features()
     try:
-        F_train = feats("train", x_train[union])
+        F_train = None if args.only_adaptation else feats("train", x_train[union])
         F_test = feats("test", x_test)
-        da_sets = {}
-        unl_idx = test_order[n_test:n_test + n_unlabelled]
-        indomain_idx = stratified(y_test_all, test_order[n_test + n_unlabelled:], source_n, 7)
-        for kind in SHIFTS:
-            da_sets[kind] = {
-                "eval": feats(f"{kind} eval", shift(x_test, kind)),
-                "unlabelled": feats(f"{kind} unlabelled", shift(x_test_all[unl_idx], kind)),
-                "indomain": feats(f"{kind} in-domain", shift(x_test_all[indomain_idx], kind)),
-            }
+        da_sets, indomain_idx = adaptation_sets(feats, x_test_all, y_test_all, test_order, x_test, n_test,
+                                                n_unlabelled, source_n)
+        if args.only_adaptation:
+            src_idx = stratified(y_train, all_train, source_n, 1000)
+            da, source_acc = domain_adaptation(feats, feats("source", x_train[src_idx]), x_train[src_idx],
+                                               y_train[src_idx], da_sets, y_test_all[indomain_idx], F_test, y_test)
+            _write_adaptation(args, da, source_acc, source_n, n_unlabelled, n_test, time.perf_counter() - started_all)
+            return
     finally:
         feats.close()
     embed_rate = feats.embedded / feats.seconds if feats.embedded else None
@@ -583,27 +666,8 @@ def main() -> None:
 
     # --- domain adaptation ---
     src_idx = subsets[(source_n, 0)] if (source_n, 0) in subsets else stratified(y_train, all_train, source_n, 1000)
-    Xs, ys = rows_of(src_idx), y_train[src_idx]
-    y_ind = y_test_all[indomain_idx]
-    da: dict[str, Any] = {}
-    for kind in SHIFTS:
-        d = da_sets[kind]
-        res = {"unadapted": fit_score(lambda: make_head("logreg"), Xs, ys, d["eval"], y_test)[0],
-               "in-domain": fit_score(lambda: make_head("logreg"), d["indomain"], y_ind, d["eval"], y_test)[0]}
-        for name, adapter in (("standardize", lambda: DomainAdapter("standardize")),
-                              ("coral eps=1", lambda: DomainAdapter("coral", eps=1.0)),
-                              ("coral eps=1e-4", lambda: DomainAdapter("coral", eps=1e-4))):
-            a = adapter().fit(Xs, d["unlabelled"])
-            res[name] = fit_score(lambda: make_head("logreg"), a.transform_source(Xs), ys,
-                                  a.transform_target(d["eval"]), y_test)[0]
-        gap = res["in-domain"] - res["unadapted"]
-        closed = {m: (res[m] - res["unadapted"]) / gap if gap > 0 else None
-                  for m in ("standardize", "coral eps=1", "coral eps=1e-4")}
-        best = max(closed, key=lambda m: -np.inf if closed[m] is None else closed[m])
-        da[kind] = {"accuracy": res, "gap_closed": closed, "best": best}
-        log.info("%s: %s", kind, ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
-    # the source-domain reference: the same head on the untransformed test subset
-    source_acc = fit_score(lambda: make_head("logreg"), Xs, ys, F_test, y_test)[0]
+    da, source_acc = domain_adaptation(feats, rows_of(src_idx), x_train[src_idx], y_train[src_idx], da_sets,
+                                       y_test_all[indomain_idx], F_test, y_test)
 
     # --- multi-task vs separate heads ---
     coarse_idx = subsets[(max(ns), 0)]
@@ -794,7 +858,7 @@ def _print_tables(summary, ns, n_test, speed, batching, da, source_acc, mt_summa
           f"{batching['img_s_finetune']} img/s in finetune's own pass; "
           f"max |diff| {batching['max_abs_diff']:.2g}")
     print(f"\ndomain adaptation: target accuracy % (source domain, untransformed: {100 * source_acc:.1f})")
-    methods = ("unadapted", "standardize", "coral eps=1", "coral eps=1e-4", "in-domain")
+    methods = DA_METHODS
     print(f"{'shift':26}" + "".join(f"{m:>16}" for m in methods) + f"{'best closes':>14}")
     for kind, d in da.items():
         closed = d["gap_closed"][d["best"]]
@@ -824,13 +888,7 @@ def _markdown(summary, ns, n_test, speed, da, mt_summary, mt_fine, n_coarse, che
             f"from cached activations vs {s['full, trunk micro-batch 4']:.2f} s re-running decode + the whole "
             f"backbone ({speed['ratio']:.2f}x; per round "
             f"{', '.join(f'{x:.1f}x' for x in speed['ratio_per_round'])}).", "",
-            "| shift | unadapted | standardize | coral eps=1 | coral eps=1e-4 | in-domain | best closes |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for kind, d in da.items():
-        a, c = d["accuracy"], d["gap_closed"][d["best"]]
-        out.append(f"| {kind} | " + " | ".join(f"{100 * a[m]:.1f}" for m in
-                                             ("unadapted", "standardize", "coral eps=1", "coral eps=1e-4",
-                                              "in-domain")) + f" | {d['best']} {'-' if c is None else f'{c:.0%}'} |")
+            *_adaptation_table(da)]
     out += ["", f"| head ({mt_fine} fine labels/class, {n_coarse:,} coarse labels) | fine (10 classes) | "
                 "coarse (3 groups) |", "| --- | ---: | ---: |"]
     for method, tasks in mt_summary.items():
@@ -842,6 +900,27 @@ def _markdown(summary, ns, n_test, speed, da, mt_summary, mt_fine, n_coarse, che
         verdict = "not run" if c["passed"] is None else "met" if c["passed"] else "**not met**"
         out.append(f"- {c['target']}: {verdict} ({c['measured']})")
     return "\n".join(out)
+
+
+def _adaptation_table(da: dict[str, Any]) -> list[str]:
+    out = ["| shift | " + " | ".join(DA_METHODS) + " | best closes |", "| --- |" + " ---: |" * (len(DA_METHODS) + 1)]
+    for kind, d in da.items():
+        a, c = d["accuracy"], d["gap_closed"][d["best"]]
+        out.append(f"| {kind} | " + " | ".join(f"{100 * a[m]:.1f}" for m in DA_METHODS)
+                   + f" | {d['best']} {'-' if c is None else f'{c:.0%}'} |")
+    return out
+
+
+def _write_adaptation(args: argparse.Namespace, da: dict[str, Any], source_acc: float, source_n: int,
+                      n_unlabelled: int, n_test: int, elapsed: float) -> None:
+    """The ``--only-adaptation`` result: its JSON and markdown table."""
+    print(f"\ndomain adaptation: target accuracy % (source domain, untransformed: {100 * source_acc:.1f})")
+    print("\n".join(_adaptation_table(da)))
+    path = write_json("bench_transfer_adaptation" + ("_quick" if args.quick else ""), {
+        "model": MODEL, "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), train and test splits",
+        "source_labels_per_class": source_n, "unlabelled_target_images": n_unlabelled, "eval_target_images": n_test,
+        "source_domain_accuracy": source_acc, "torch_threads": args.threads, "total_s": elapsed, **da})
+    print(f"wrote {path}")
 
 
 def _plot(summary: list[dict[str, Any]], ns: Sequence[int], n_test: int, path: Path) -> None:

@@ -375,10 +375,16 @@ DERIVED_WEIGHTS = "weights.safetensors"
 
 def _safetensors_builder(arch: str, num_classes: int) -> Builder:
     def build(path: Path) -> nn.Module:
-        import torchvision
         from safetensors.torch import load_file
 
-        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        if arch.startswith("efficientnet_lite"):
+            from efficientnet_lite_pytorch import EfficientNet
+
+            model = EfficientNet.from_name(arch.replace("_", "-"), num_classes=num_classes)
+        else:
+            import torchvision
+
+            model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
         model.load_state_dict(load_file(str(path)))  # plain tensors: nothing in the file is executed
         return model
 
@@ -399,7 +405,7 @@ def register_derived(directory: str | Path, *, overwrite: bool = False) -> Backb
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightsNotFoundError(f"{directory} does not hold a derived backbone ({type(e).__name__}: {e})") from None
     parent_spec = get_backbone(parent)  # UnknownModelError names the missing parent
-    if arch not in ("mobilenet_v2",):
+    if arch not in ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite2"):
         raise ValueError(f"{directory}: derived backbones of architecture {arch!r} are not supported")
     spec = BackboneSpec(
         name=name, dim=parent_spec.dim, preprocessing=parent_spec.preprocessing,

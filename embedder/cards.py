@@ -452,6 +452,7 @@ def _torchscript_spec(card: ModelCard, weights: WeightsFile) -> BackboneSpec:
     def build(path: Path) -> nn.Module:
         import torch
 
+        # a TorchScript file is a program and loading runs it: cards are the operator's files, like their code
         return torch.jit.load(str(path), map_location="cpu")
 
     return _torch_spec(card, weights, build, strip_head=False)

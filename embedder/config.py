@@ -76,6 +76,9 @@ class Config:
     tls_key: str = ""
     metrics_port: int = 0  # Prometheus metrics HTTP port; 0 = off
     http_port: int = 0  # HTTP/JSON API (REST and OpenAI's /v1/embeddings) on `host`, beside gRPC; 0 = off
+    # host names the HTTP door answers while no token or key is set (IP addresses and localhost always; "*": any),
+    # comma-separated: without auth, a DNS name could be any site's (DNS rebinding)
+    allowed_hosts: str = ""
     grace_seconds: float = 10.0  # in-flight work allowed to finish on SIGTERM
     max_models: int = 3  # backbones one server holds: the default plus versions loaded on first use
     role: str = "all"  # all | embed (a stateless replica: embedding only) | store (misses go to --embed-target)

@@ -31,7 +31,8 @@ from .errors import InvalidArgumentError
 
 MAX_FILTER_CHARS = 4096
 MAX_FILTER_DEPTH = 16  # nested parentheses / not / and-or levels
-MAX_IN_VALUES = 1024
+MAX_IN_VALUES = 1024  # values in all the `in` lists of one filter together
+MAX_FILTER_LEAVES = 256  # comparisons, `in`s and `exists` in one filter: each costs a pass over the rows
 COMPARISONS = ("==", "!=", "<", "<=", ">", ">=")
 
 Value = Union[str, int, float, bool]
@@ -92,7 +93,7 @@ def parse(where: Where) -> Filter | None:
     if where is None or (isinstance(where, str) and not where.strip()) or (isinstance(where, Mapping) and not where):
         return None
     if isinstance(where, Mapping):
-        return _from_json(where, 0)
+        return _bounded(_from_json(where, 0))
     if not isinstance(where, str):
         raise InvalidArgumentError(f"where must be text or a JSON object, got {type(where).__name__}")
     if len(where) > MAX_FILTER_CHARS:
@@ -106,7 +107,28 @@ def parse(where: Where) -> Filter | None:
         if not isinstance(obj, dict):
             raise InvalidArgumentError("where in JSON form must be an object")
         return parse(obj)
-    return _Parser(where).parse()
+    return _bounded(_Parser(where).parse())
+
+
+def _bounded(f: Filter) -> Filter:
+    """``f`` if it is within the width caps (the JSON form has no length cap, and every leaf and value costs
+    every row a check in the engine); InvalidArgumentError if not."""
+    leaves, values = 0, 0
+    stack = [f]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (And, Or)):
+            stack.extend(node.parts)
+        elif isinstance(node, Not):
+            stack.append(node.part)
+        else:
+            leaves += 1
+            values += len(node.values) if isinstance(node, In) else 0
+    if leaves > MAX_FILTER_LEAVES or values > MAX_IN_VALUES:
+        raise InvalidArgumentError(f"where has {leaves} conditions and {values} `in` values; at most "
+                                   f"{MAX_FILTER_LEAVES} and {MAX_IN_VALUES}: select by a field the items share "
+                                   "(add one to their metadata) instead of listing them")
+    return f
 
 
 def matches(f: Filter | None, metadata: Mapping[str, Any]) -> bool:

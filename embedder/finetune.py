@@ -2,8 +2,12 @@
 
 The network is cut in two. The *trunk* (every layer before the cut, frozen) runs once per image and its
 output is cached (:class:`embedder.activations.ActivationCache`, keyed by image sha256, model id and cut).
-The *top* (the last ``unfreeze`` inverted-residual blocks plus the final 1x1 conv, pooling, and a new task
-head) trains for every epoch from that cache, so an epoch costs only the top's forward and backward pass.
+The *top* (the last ``unfreeze`` blocks plus the layers after them, pooling, and a new task head) trains for
+every epoch from that cache, so an epoch costs only the top's forward and backward pass. Where a network can be
+cut is a table (``CUT_POINTS``): the blocks of each architecture, e.g. mobilenet_v2's 17 inverted-residual
+blocks between its stem conv and its final 1x1 conv. The learning rate follows a cosine schedule with a short
+linear warm-up (``schedule``), and training stops early once the accuracy on a stratified hold-out of the
+labelled images has not improved for ``patience`` epochs; the best epoch's weights are kept.
 
 What this trades away: pixel-space augmentation (random crops, flips, colour jitter) needs the trunk to run
 again on every augmented image. Instead the top is regularised in feature space: dropout before the task
@@ -22,6 +26,7 @@ import datetime
 import hashlib
 import json
 import logging
+import math
 import shutil
 import threading
 import time
@@ -47,7 +52,6 @@ from .inputs import content_hash
 
 log = logging.getLogger(__name__)
 
-SUPPORTED = ("mobilenet_v2",)  # torchvision MobileNetV2: features[0..17] blocks, features[18] the final 1x1 conv
 TRUNK_BATCH = 32  # images decoded, cached and checked for cancel at a time
 
 
@@ -67,15 +71,43 @@ class FineTuneCancelled(JobCancelled):
     """The fine-tune was cancelled; nothing was saved or registered."""
 
 
+SCHEDULES = ("cosine", "constant")
+WARMUP_FRACTION = 0.05  # of all steps: a new, randomly initialised head must not shake the pretrained top early
+
+# Where each architecture can be cut: how many blocks may be unfrozen (counted from the end). The layers of a
+# network, in order, are a stem, these blocks and a tail (see _layers); `unfreeze` blocks + the tail train.
+CUT_POINTS = {"mobilenet_v2": 17, "efficientnet_lite0": 16, "efficientnet_lite2": 21}
+
+
+def check_unfreeze(model: BackboneSpec, unfreeze: int) -> None:
+    """``unfreeze`` blocks can be cut from ``model``: an original backbone of a supported architecture."""
+    if model.parent is not None or model.name not in CUT_POINTS:
+        raise FineTuneError(f"fine-tuning supports {', '.join(CUT_POINTS)}, not {model.name!r}; "
+                            "fine-tune the original backbone")
+    if not 1 <= unfreeze <= CUT_POINTS[model.name]:
+        raise FineTuneError(f"unfreeze must be 1..{CUT_POINTS[model.name]} blocks for {model.name}, got {unfreeze}")
+
+
+def _layers(net: nn.Module, arch: str) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module], str]:
+    """(stem, blocks, tail, the classifier's attribute path) of a network built for ``arch``; the modules
+    are the network's own, so training them trains the network."""
+    if arch == "mobilenet_v2":  # torchvision: features[0] stem conv, [1..17] blocks, [18] final 1x1 conv
+        f = list(net.features)
+        return f[:1], f[1:-1], f[-1:], "classifier.1"
+    # efficientnet-lite-pytorch: stem conv + BN + ReLU6, MBConv blocks, head 1x1 conv + BN + ReLU6
+    return [net._conv_stem, net._bn0, net._swish], list(net._blocks), [net._conv_head, net._bn1, net._swish], "_fc"
+
+
 @dataclass(frozen=True)
 class FineTuneConfig:
     """Settings of one fine-tune. Seeded: the same settings and images give the same split, batches and
     hold-out accuracies, and weights equal to ~1e-3 (CPU BLAS sums are not bit-identical from run to run,
     and Adam's per-weight scaling magnifies that last-bit noise in weights whose gradients are near zero)."""
 
-    unfreeze: int = 1  # inverted-residual blocks trained, counted from the end, plus the final 1x1 conv
+    unfreeze: int = 1  # blocks trained, counted from the end, plus the layers after them (CUT_POINTS)
     epochs: int = 10
-    lr: float = 1e-3  # the new task head's learning rate; the unfrozen pretrained layers get lr / 10
+    lr: float = 1e-3  # the new task head's peak learning rate; the unfrozen pretrained layers get lr / 10
+    schedule: str = "cosine"  # "cosine": warm-up then cosine decay to 0 over `epochs`; "constant"
     weight_decay: float = 1e-4
     batch_size: int = 64
     val_fraction: float = 0.2  # stratified hold-out for early stopping and the reported accuracy
@@ -104,8 +136,10 @@ class FineTuneConfig:
         return cls(**params)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.unfreeze <= 17:
-            raise FineTuneError(f"unfreeze must be 1..17 blocks for mobilenet_v2, got {self.unfreeze}")
+        if self.unfreeze < 1:
+            raise FineTuneError(f"unfreeze must be >= 1 block, got {self.unfreeze}")
+        if self.schedule not in SCHEDULES:
+            raise FineTuneError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule[:50]!r}")
         for name in ("epochs", "batch_size", "patience"):
             if getattr(self, name) < 1:
                 raise FineTuneError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -130,20 +164,28 @@ class FineTuneResult:
 
 
 class Split(nn.Module):
-    """A MobileNetV2 cut at ``features[cut]``: ``trunk`` (frozen) and ``top`` (trainable)."""
+    """A network cut before its last ``unfreeze`` blocks: ``trunk`` (frozen) and ``top`` (trainable), both
+    made of ``net``'s own modules, so ``net`` with a task head in its classifier slot is the tuned model."""
 
     def __init__(self, spec: BackboneSpec, unfreeze: int) -> None:
         super().__init__()
-        if spec.parent is not None or spec.name not in SUPPORTED:
-            raise FineTuneError(f"fine-tuning supports {', '.join(SUPPORTED)} for now, not {spec.name!r}; "
-                                "fine-tune the original backbone")
-        full = load_backbone(spec)  # verified weights, classifier removed
-        self.cut = len(full.features) - 1 - unfreeze
-        self.trunk = FrozenBackbone(full.features[:self.cut], spec.preprocessing).eval()
-        self.top = nn.Sequential(*copy.deepcopy(list(full.features[self.cut:])),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        check_unfreeze(spec, unfreeze)
+        self.arch = spec.name
+        self.net = load_backbone(spec)  # verified weights, classifier removed
+        stem, blocks, tail, self.head_slot = _layers(self.net, self.arch)
+        if len(blocks) != CUT_POINTS[self.arch]:
+            raise RuntimeError(f"{spec.name} has {len(blocks)} blocks, CUT_POINTS says {CUT_POINTS[self.arch]}")
+        self.cut = len(stem) + len(blocks) - unfreeze  # layers before the cut: the activation cache's key
+        self.trunk = FrozenBackbone(nn.Sequential(*stem, *blocks[:-unfreeze]), spec.preprocessing).eval()
+        self.top = nn.Sequential(*blocks[-unfreeze:], *tail, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         for p in self.top.parameters():
             p.requires_grad_(True)
+
+    def tuned(self, head: nn.Linear) -> nn.Module:
+        """The whole network with ``head`` in its classifier slot (on CPU, in eval mode)."""
+        parent_name, _, child = self.head_slot.rpartition(".")
+        setattr(self.net.get_submodule(parent_name) if parent_name else self.net, child, head)
+        return self.net.cpu().eval()
 
 
 def finetune(images: Sequence[bytes], labels: Sequence[str], *, data_dir: str | Path, suffix: str,
@@ -159,6 +201,7 @@ def finetune(images: Sequence[bytes], labels: Sequence[str], *, data_dir: str | 
     if len(images) != len(labels):
         raise FineTuneError(f"got {len(images)} images and {len(labels)} labels; pass one label per image")
     parent = get_backbone(model)
+    check_unfreeze(parent, config.unfreeze)
     name = check_suffix(suffix, parent, data_dir)
     root = Path(data_dir) / "backbones"
     check_labels(labels)
@@ -182,8 +225,8 @@ def finetune(images: Sequence[bytes], labels: Sequence[str], *, data_dir: str | 
     head, history, best_epoch, best_acc = _train(split.top, acts, y, len(classes), config, device, progress,
                                                  cancel, on_epoch)
     train_seconds = time.perf_counter() - started
-    path = save_version(root, name, parent, _tuned_model(parent, split, head, len(classes)),
-                        num_classes=len(classes), how=f"fine-tuned (last {config.unfreeze} block(s) + final conv)",
+    path = save_version(root, name, parent, split.tuned(head), num_classes=len(classes),
+                        how=f"fine-tuned (last {config.unfreeze} block(s) + the layers after them)",
                         classes=classes, cut=split.cut, config=asdict(config), history=history, val_accuracy=best_acc)
     spec = register_derived(path)
     log.info("fine-tuned %s -> %s (hold-out accuracy %.3f at epoch %d; %d trunk passes)", parent.model_id,
@@ -272,6 +315,9 @@ def _train(top: nn.Sequential, acts: np.ndarray, y: np.ndarray, k: int, config: 
     # BatchNorm keeps its pretrained statistics: batches of a few labelled images would only add noise.
     optimizer = torch.optim.AdamW([{"params": top.parameters(), "lr": config.lr / 10},
                                    {"params": head.parameters(), "lr": config.lr}], weight_decay=config.weight_decay)
+    steps_per_epoch = -(-len(tr) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(config.schedule,
+                                                                        config.epochs * steps_per_epoch))
     best = (-1.0, 0, None)
     history: list[dict[str, float]] = []
     bad_epochs = 0
@@ -298,11 +344,12 @@ def _train(top: nn.Sequential, acts: np.ndarray, y: np.ndarray, k: int, config: 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+            scheduler.step()
             total += float(loss.detach()) * len(b)
             seen += len(b)
         accuracy = _accuracy(model, x_all[va], y_all[va], device, config.batch_size)
         stats = {"epoch": epoch, "train_loss": total / max(seen, 1), "val_accuracy": accuracy,
-                 "seconds": time.perf_counter() - started}
+                 "lr": optimizer.param_groups[1]["lr"], "seconds": time.perf_counter() - started}
         history.append(stats)
         if on_epoch is not None:
             on_epoch(epoch, stats)
@@ -316,6 +363,20 @@ def _train(top: nn.Sequential, acts: np.ndarray, y: np.ndarray, k: int, config: 
                 break
     model.load_state_dict(best[2])
     return head.cpu(), history, best[1], best[0]
+
+
+def _lr_factor(schedule: str, total_steps: int) -> Callable[[int], float]:
+    """The multiplier of the peak learning rate after ``step`` optimiser steps."""
+    if schedule == "constant":
+        return lambda step: 1.0
+    warmup = max(1, int(WARMUP_FRACTION * total_steps))
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(step - warmup, total_steps - warmup) / max(1, total_steps - warmup)))
+
+    return cosine
 
 
 def _feature_dim(top: nn.Sequential, shape: tuple[int, ...]) -> int:
@@ -338,22 +399,6 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.
     return right / max(len(y), 1)
 
 
-def _tuned_model(parent: BackboneSpec, split: Split, head: nn.Linear, n_classes: int) -> nn.Module:
-    """The parent's frozen layers + the trained top and task head, as one torchvision MobileNetV2."""
-    import torchvision
-
-    model = torchvision.models.get_model("mobilenet_v2", weights=None, num_classes=n_classes)
-    full = load_backbone(parent)
-    state = {f"features.{k}": v for k, v in full.features.state_dict().items()}
-    for key, value in split.top.cpu().state_dict().items():
-        layer, _, rest = key.partition(".")
-        if int(layer) < len(full.features) - split.cut:  # the pooling and flatten layers hold no state
-            state[f"features.{split.cut + int(layer)}.{rest}"] = value
-    state["classifier.1.weight"], state["classifier.1.bias"] = head.weight.detach(), head.bias.detach()
-    model.load_state_dict(state)  # proves the state dict is complete before anything is written
-    return model
-
-
 def save_version(root: Path, name: str, parent: BackboneSpec, model: nn.Module, *, num_classes: int, how: str,
                  **details: object) -> Path:
     """Write a derived backbone (weights + ``backbone.json``) into a temp dir, fsync, then rename it into
@@ -367,7 +412,7 @@ def save_version(root: Path, name: str, parent: BackboneSpec, model: nn.Module, 
         weights = tmp / DERIVED_WEIGHTS
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
         fsync_file(weights)
-        meta = {"name": name, "arch": "mobilenet_v2", "parent_model_id": parent.model_id, "parent": parent.name,
+        meta = {"name": name, "arch": parent.name, "parent_model_id": parent.model_id, "parent": parent.name,
                 "how": how, "sha256": sha256_file(weights), "num_classes": num_classes, **details,
                 "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
         (tmp / DERIVED_META).write_text(json.dumps(meta, indent=2))
@@ -406,14 +451,17 @@ def adabn(images: Sequence[bytes], *, data_dir: str | Path, suffix: str, model: 
     registered as ``<parent>.<suffix>`` like a fine-tune; heads for it are trained on its own vectors.
     """
     parent = get_backbone(model)
-    if parent.parent is not None or parent.name not in SUPPORTED:
-        raise FineTuneError(f"AdaBN supports {', '.join(SUPPORTED)} for now, not {parent.name!r}")
+    if parent.parent is not None or parent.name not in CUT_POINTS:
+        raise FineTuneError(f"AdaBN supports {', '.join(CUT_POINTS)}, not {parent.name!r}; adapt the original "
+                            "backbone")
     name = check_suffix(suffix, parent, data_dir)
     if len(images) < ADABN_MIN_IMAGES:
         raise TooFewLabelsError(f"AdaBN needs at least {ADABN_MIN_IMAGES} target images to estimate statistics, "
                                 f"got {len(images)}; add more unlabelled images of the target domain")
     started = time.perf_counter()
     net = load_backbone(parent, with_head=True)  # keep the ImageNet classifier: the version stays a full network
+    stem, blocks, tail, _ = _layers(net, parent.name)
+    features = nn.Sequential(*stem, *blocks, *tail)  # every BatchNorm; the classifier has none
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.reset_running_stats()
@@ -435,7 +483,7 @@ def adabn(images: Sequence[bytes], *, data_dir: str | Path, suffix: str, model: 
                     failed[i] = str(e)
             if len(batch) > 1:  # BatchNorm in training mode needs two or more images per batch
                 x = (torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() - normalize.mean) * normalize.inv_scale
-                net.features(x)
+                features(x)
                 used += len(batch)
             bar.update(min(ADABN_BATCH, len(images) - start))
     if used < ADABN_MIN_IMAGES:

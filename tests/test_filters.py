@@ -282,6 +282,18 @@ def test_bad_filter_is_invalid_argument(store, where):
         store.search("flat", unit(1, D), k=3, where=where)
 
 
+@pytest.mark.parametrize("where", [
+    {"$or": [{"a": i} for i in range(2000)]},  # SQLite: "Expression tree is too large" (a 500) before the cap
+    {f"k{i}": i for i in range(20_000)},
+    {"$or": [{"a": {"in": list(range(1000))}} for _ in range(40)]},  # Milvus: minutes of CPU before the cap
+])
+def test_wide_filters_are_refused_before_any_engine_sees_them(store, where):
+    with pytest.raises(InvalidArgumentError, match="at most 256 and 1024"):
+        store.search("flat", unit(1, D), k=3, where=where)
+    within = {"$or": [{"a": {"in": list(range(4))}} for _ in range(256)]}  # the caps themselves pass
+    assert len(store.search("flat", unit(1, D), k=3, where=within)[0]) <= 3
+
+
 def test_hostile_filter_values_in_the_store(store, tmp_path):
     with Store(tmp_path) as s:
         s.add("c", [f"h{i}" for i in range(len(HOSTILE))], unit(len(HOSTILE), D), model_id=M,

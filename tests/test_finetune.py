@@ -1,4 +1,4 @@
-"""Fine-tuning the last block on cached trunk activations -> a new, registered backbone version."""
+"""Fine-tuning the last blocks on cached trunk activations -> a new, registered backbone version; AdaBN."""
 from __future__ import annotations
 
 import json
@@ -7,10 +7,16 @@ import threading
 import numpy as np
 import pytest
 
+import torch
+from conftest import small_jpegs
+
 from embedder import Embedder, backbones
 from embedder.activations import ActivationCache
+from embedder.config import Config
 from embedder.errors import UnknownModelError, WeightsHashError
-from embedder.finetune import FineTuneCancelled, FineTuneConfig, FineTuneError, finetune
+from embedder.finetune import (CUT_POINTS, FineTuneCancelled, FineTuneConfig, FineTuneError, Split, adabn,
+                               check_unfreeze, finetune)
+from embedder.preprocess import Preprocessor
 
 FAST = FineTuneConfig(epochs=3, patience=3)
 
@@ -125,14 +131,17 @@ def test_bad_fine_tune_requests_say_what_is_wrong(digit_images, tmp_path, restor
         finetune(images[:5], ["a"] * 5, data_dir=tmp_path, suffix="x")
     with pytest.raises(FineTuneError, match="at least 2"):
         finetune(images[:5], ["a", "a", "b", "b", "c"], data_dir=tmp_path, suffix="x")
-    with pytest.raises(FineTuneError, match="supports mobilenet_v2"):
-        finetune(images[:6], ["a", "b"] * 3, data_dir=tmp_path, suffix="x", model="efficientnet_lite0")
+    with pytest.raises(FineTuneError, match="1..16 blocks for efficientnet_lite0"):
+        finetune(images[:6], ["a", "b"] * 3, data_dir=tmp_path, suffix="x", model="efficientnet_lite0",
+                 config=FineTuneConfig(unfreeze=17))
     with pytest.raises(FineTuneError, match="one label per image"):
         finetune(images[:6], ["a"], data_dir=tmp_path, suffix="x")
     with pytest.raises(FineTuneError, match="suffix"):
         finetune(images[:6], ["a", "b"] * 3, data_dir=tmp_path, suffix="../x")
     with pytest.raises(FineTuneError, match="unfreeze"):
         FineTuneConfig(unfreeze=0)
+    with pytest.raises(FineTuneError, match="schedule must be one of cosine, constant"):
+        FineTuneConfig.from_params({"schedule": "linear"})
 
 
 def test_undecodable_images_are_reported_and_left_out(digit_images, cache, tmp_path, restore_registry):
@@ -153,3 +162,90 @@ def test_the_activation_cache_is_bounded_and_reads_torn_rows_as_misses(tmp_path)
         assert cache.get("m", 4, ["s9"]) == [None] and cache.nbytes == 32 * 6  # the cut is part of the key
         cache._db.execute("UPDATE activations SET data = x'00' WHERE sha256 = 's9'")
         assert cache.get("m", 3, ["s9"]) == [None]
+
+
+def _normalised(spec: backbones.BackboneSpec, images: list[bytes]) -> torch.Tensor:
+    """Images as the network's input: decoded, preprocessed, normalised (float32 NCHW)."""
+    pre = Preprocessor(spec.preprocessing, max_pixels=Config().max_pixels)
+    x = torch.from_numpy(np.stack([pre(b) for b in images])).permute(0, 3, 1, 2).float()
+    norm = backbones.FrozenBackbone(torch.nn.Identity(), spec.preprocessing)
+    return (x - norm.mean) * norm.inv_scale
+
+
+@pytest.mark.parametrize("arch", sorted(CUT_POINTS))
+def test_each_architecture_is_cut_before_its_last_blocks_and_fp16_activations_give_the_fp32_features(arch,
+                                                                                                    digit_images):
+    spec = backbones.get_backbone(arch)
+    full = backbones.load_backbone(spec)
+    x = _normalised(spec, digit_images[0][::30])
+    with torch.inference_mode():
+        expected = full(x)
+    n_params = sum(p.numel() for p in full.parameters())
+    cuts = []
+    for unfreeze in (1, 2, 3):
+        split = Split(spec, unfreeze)
+        cuts.append(split.cut)
+        trunk_params = sum(p.numel() for p in split.trunk.parameters())
+        top_params = [p for p in split.top.parameters()]
+        assert trunk_params + sum(p.numel() for p in top_params) == n_params  # nothing lost or doubled
+        assert all(p.requires_grad for p in top_params) and not any(p.requires_grad for p in split.trunk.parameters())
+        with torch.inference_mode():
+            cached = split.trunk.features(x).half()  # what the activation cache holds
+            got = split.top.eval()(cached.float())
+        cosine = torch.nn.functional.cosine_similarity(got, expected)
+        assert float(cosine.min()) > 0.9999 and float((got - expected).abs().max()) < 2e-2 * float(expected.abs().max())
+    assert cuts[0] - cuts[1] == cuts[1] - cuts[2] == 1  # one block per step, counted from the end
+    check_unfreeze(spec, CUT_POINTS[arch])
+    with pytest.raises(FineTuneError, match=f"1..{CUT_POINTS[arch]} blocks for {arch}"):
+        check_unfreeze(spec, CUT_POINTS[arch] + 1)
+
+
+def test_early_stopping_stops_when_the_hold_out_stops_improving_and_the_schedule_decays(digit_images, cache,
+                                                                                       tmp_path, restore_registry):
+    # a learning rate too small to change a prediction: the hold-out accuracy of epoch 1 is never beaten
+    still = finetune(*digit_images, data_dir=tmp_path, suffix="still", cache=cache,
+                     config=FineTuneConfig(epochs=10, patience=2, lr=1e-9))
+    assert len(still.history) == 3 and still.best_epoch == 1
+    lrs = [h["lr"] for h in still.history]
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] > lrs[-1]  # cosine: decays epoch by epoch
+    constant = finetune(*digit_images, data_dir=tmp_path, suffix="constant", cache=cache,
+                        config=FineTuneConfig(epochs=2, schedule="constant"))
+    assert [h["lr"] for h in constant.history] == [1e-3, 1e-3] and constant.trunk_passes == 0
+
+
+def test_efficientnet_lite_fine_tunes_into_a_backbone_that_loads_and_cannot_be_fine_tuned_again(digit_images,
+                                                                                               tmp_path,
+                                                                                               restore_registry):
+    images, labels = digit_images[0][::3], digit_images[1][::3]
+    result = finetune(images, labels, data_dir=tmp_path, suffix="lite", model="efficientnet_lite0",
+                      config=FineTuneConfig(unfreeze=2, epochs=1))
+    assert json.loads((result.path / backbones.DERIVED_META).read_text())["arch"] == "efficientnet_lite0"
+    with Embedder(model=result.spec.name, device="cpu", runtime="torch", data_dir=tmp_path) as tuned_model, \
+            Embedder(model="efficientnet_lite0", device="cpu", runtime="torch") as parent:
+        vectors, before = tuned_model.embed(images[:4]), parent.embed(images[:4])
+    assert vectors.shape == before.shape == (4, 1280) and float(np.mean(np.sum(vectors * before, axis=1))) < 0.999
+    with pytest.raises(FineTuneError, match="fine-tune the original backbone"):
+        finetune(images, labels, data_dir=tmp_path, suffix="again", model=result.spec.name)
+
+
+def test_adabn_re_estimates_every_batchnorm_on_the_target_images_and_keeps_the_weights(digit_images, tmp_path,
+                                                                                      restore_registry):
+    from PIL import Image
+    import io
+
+    inverted = [255 - np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in digit_images[0][:64]]
+    target = small_jpegs(inverted)  # 64 images: two full batches, so the running mean is the plain mean
+    result = adabn(target, data_dir=tmp_path, suffix="inverted")
+    parent_spec = backbones.get_backbone("mobilenet_v2")
+    parent = backbones.load_backbone(parent_spec, with_head=True)
+    adapted = backbones.load_backbone(result.spec, with_head=True)
+    weights = {k: v for k, v in parent.state_dict().items() if "running" not in k and "num_batches" not in k}
+    assert all(torch.equal(adapted.state_dict()[k], v) for k, v in weights.items())  # only statistics change
+    bns = [(a, p) for a, p in zip(adapted.modules(), parent.modules()) if isinstance(a, torch.nn.BatchNorm2d)]
+    assert len(bns) == 52 and not any(torch.equal(a.running_mean, p.running_mean) or
+                                      torch.equal(a.running_var, p.running_var) for a, p in bns)
+    with torch.inference_mode():  # the first BatchNorm holds exactly the target's per-channel statistics
+        conv = parent.features[0][0](_normalised(parent_spec, target))
+    bn = adapted.features[0][1]
+    torch.testing.assert_close(bn.running_mean, conv.mean(dim=(0, 2, 3)), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, conv.var(dim=(0, 2, 3)), rtol=0.1, atol=1e-4)

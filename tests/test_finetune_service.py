@@ -72,6 +72,8 @@ def test_bad_fine_tune_requests_fail_up_front(served, embedder):
         (dict(collection="digits", suffix="x", labels=["0"]), grpc.StatusCode.FAILED_PRECONDITION),
         (dict(collection="digits", suffix="x", params={"lr": "fast"}), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(collection="digits", suffix="x", params={"depth": 3}), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(collection="digits", suffix="x", params={"schedule": "linear"}), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(collection="digits", suffix="x", unfreeze=18), grpc.StatusCode.INVALID_ARGUMENT),  # mobilenet_v2: 17
     ]
     for kwargs, code in cases:
         with pytest.raises(ServiceError) as e:

@@ -21,13 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--collection", required=True)
     p.add_argument("--suffix", required=True, help="the new backbone is <parent>.<suffix>")
     p.add_argument("--unfreeze", type=positive_int, default=1,
-                   help="blocks trained, from the end (default %(default)s)")
+                   help="blocks trained, from the end, plus the layers after them (default %(default)s; "
+                        "at most 17 for mobilenet_v2, 16 for efficientnet_lite0, 21 for efficientnet_lite2)")
     p.add_argument("--epochs", type=positive_int, default=10,
                    help="at most this many epochs (default %(default)s; early stopping)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these labels (default: all)")
     p.add_argument("--param", type=param, action="append", default=[], metavar="NAME=VALUE",
-                   help="further settings: lr, weight_decay, batch_size, val_fraction, patience, dropout, noise, "
-                        "mixup, seed")
+                   help="further settings: lr, schedule (cosine or constant), weight_decay, batch_size, "
+                        "val_fraction, patience, dropout, noise, mixup, seed")
     p.add_argument("--adabn", action="store_true",
                    help="no labels: re-estimate BatchNorm statistics on the collection's images (a target domain)")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="print the job id and return")

@@ -25,7 +25,8 @@ from .options import add_model_options, config_from
 SERVICE_FIELDS = ("host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
                   "max_metadata_bytes", "max_concurrent_rpcs", "stream_idle_seconds", "max_models", "role",
                   "embed_target", "data_dir", "store", "store_token", "cache_max_items", "cache_max_age_seconds", "cache_shared",
-                  "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "http_port", "grace_seconds")
+                  "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "http_port", "allowed_hosts",
+                  "grace_seconds")
 
 
 def _mebi(n: int) -> str:
@@ -67,6 +68,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--max-models", type=int, help="backbones held at once: the default plus versions loaded on "
                                                   f"first use (default {Config.max_models})")
     g.add_argument("--data-dir", type=Path, help=f"store and classifier data (default ./{Config.data_dir})")
+    g.add_argument("--allowed-hosts", metavar="NAME,...",
+                   help="while no --token or key is set, the HTTP door answers requests addressed to it by IP "
+                        "address or localhost only (so another site's page cannot reach it through a DNS name it "
+                        "controls); list the host names it is served under here, or * for any. Also "
+                        "EMBEDDER_ALLOWED_HOSTS")
     g.add_argument("--store", metavar="URI",
                    help="where the collections live: empty for FAISS + SQLite in --data-dir (default); "
                         "milvus:///abs/path.db for milvus-lite in a local file; http(s)://host:port for a Milvus "

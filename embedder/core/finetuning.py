@@ -20,10 +20,11 @@ def start_finetune(store: Any, jobs: Any, data_dir: Path, collection: str, suffi
     from classifier import InsufficientDataError
 
     from ..backbones import get_backbone
-    from ..finetune import FineTuneConfig, check_labels, check_suffix, finetune
+    from ..finetune import FineTuneConfig, check_labels, check_suffix, check_unfreeze, finetune
 
     config = FineTuneConfig.from_params({**params, "unfreeze": unfreeze, "epochs": epochs})
     parent = get_backbone(store.collection(collection).model_id)
+    check_unfreeze(parent, config.unfreeze)
     check_suffix(suffix, parent, data_dir)
     found, _, found_labels = store.labelled(collection, labels=list(labels) or None, ids=list(ids) or None)
     images = store.images(collection, found)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import threading
 
 from PIL import Image
 
@@ -10,6 +11,9 @@ from ..preprocess import decode
 
 MAX_SIDE = 1024  # a preview; the image as added is there for anything larger
 MIN_SIDE = 16
+# full decodes at once: each holds the whole image (a 62-megapixel PNG of 200 KB takes ~190 MB while it is made),
+# and nothing else bounds them, since thumbnails bypass the batcher's pixel budget
+_DECODING = threading.BoundedSemaphore(2)
 
 
 def check_side(side: int) -> int:
@@ -21,8 +25,9 @@ def check_side(side: int) -> int:
 
 def thumbnail(data: bytes, side: int, *, max_pixels: int) -> bytes:
     """``data`` (an encoded image) upright and scaled down to fit ``side`` x ``side`` (never up), as JPEG."""
-    img = decode(data, max_pixels=max_pixels)  # the embedder's own decode: same formats, EXIF turn, size limit
-    img.thumbnail((side, side), Image.Resampling.BILINEAR)
+    with _DECODING:
+        img = decode(data, max_pixels=max_pixels)  # the embedder's own decode: same formats, EXIF turn, size limit
+        img.thumbnail((side, side), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85)
     return out.getvalue()

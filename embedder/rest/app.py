@@ -32,7 +32,8 @@ from ..errors import TABLE, Category, InvalidArgumentError, NotReadyError
 from ..jsonrule import parse_json_object
 from ..keys import Gate
 from . import convert, page, schema
-from .guards import PRINCIPAL, AnswerErrors, Authenticate, LimitBody, LimitConcurrency, Measure, SameOrigin
+from .guards import (PRINCIPAL, AnswerErrors, Authenticate, KnownHosts, LimitBody, LimitConcurrency, Measure,
+                     SameOrigin)
 
 # Threads for blocking core calls: a call holds one while its items are in the batcher, and 64 concurrent
 # callers must all be inside the batcher for it to form full batches (as the gRPC port's handler threads).
@@ -361,11 +362,13 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
 
     app.add_exception_handler(HTTPException, http_error)
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
-    # added innermost first: a request meets Measure, LimitConcurrency, SameOrigin, Authenticate, LimitBody,
-    # AnswerErrors, then its route
+    # added innermost first: a request meets Measure, LimitConcurrency, SameOrigin, KnownHosts, Authenticate,
+    # LimitBody, AnswerErrors, then its route
     app.add_middleware(AnswerErrors)
     app.add_middleware(LimitBody, limit=config.max_message_bytes, idle_seconds=config.stream_idle_seconds)
-    app.add_middleware(Authenticate, gate=Gate.from_config(config))  # open while no --token and no key
+    gate = Gate.from_config(config)
+    app.add_middleware(Authenticate, gate=gate)  # open while no --token and no key
+    app.add_middleware(KnownHosts, gate=gate, allowed=config.allowed_hosts)
     app.add_middleware(SameOrigin)
     app.add_middleware(LimitConcurrency, limit=config.max_concurrent_rpcs)
     if metrics is not None:

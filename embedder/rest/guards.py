@@ -2,6 +2,7 @@
 
 Outermost first: :class:`Measure` (Prometheus, by route and status), :class:`LimitConcurrency`
 (``max_concurrent_rpcs``, like the gRPC port's cap), :class:`SameOrigin` (no writes from another site's page),
+:class:`KnownHosts` (without auth, only requests addressed by IP or an allowed name: no DNS rebinding),
 :class:`Authenticate` (the bearer token, checked before a byte
 of the body is read), :class:`LimitBody` (``max_message_bytes``, like gRPC's receive limit, and
 ``stream_idle_seconds`` between body chunks), :class:`AnswerErrors` (whatever a route raises becomes the
@@ -10,6 +11,7 @@ table's status and JSON error).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -175,6 +177,39 @@ class SameOrigin:
                     f"server ({', '.join(sorted(hosts))[:200]!r}); use the page this server serves at / or a "
                     "client that is not a browser"))
         await self.app(scope, receive, send)
+
+
+class KnownHosts:
+    """While the service asks for no token (:attr:`Gate.required` is false), answer only requests addressed to it
+    by IP address, ``localhost`` or a name in ``allowed`` (``*``: any). Without auth, a page on any site could
+    otherwise reach it through DNS rebinding: a name the attacker controls, pointed at this server, makes
+    ``Host`` and ``Origin`` agree, so :class:`SameOrigin` alone cannot tell. Probes and the page's own files
+    (:func:`is_open`) hold no data and stay open."""
+
+    def __init__(self, app: ASGIApp, gate: Gate, allowed: str) -> None:
+        self.app, self._gate = app, gate
+        self._allowed = {h.strip().lower() for h in allowed.split(",") if h.strip()}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_open(scope["path"]) or "*" in self._allowed or self._gate.required:
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").strip().lower()
+        name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] if ":" in host else host
+        if not (_is_address(name) or name == "localhost" or name.endswith(".localhost") or name in self._allowed):
+            return await send_error(send, 403, item_error(
+                Category.PERMISSION_DENIED,
+                f"this server has no token, so it answers requests addressed to it by IP address or localhost, not "
+                f"{host[:100]!r} (another site could reach it through a DNS name: DNS rebinding); set --token or "
+                "add an API key, or list the name in --allowed-hosts / EMBEDDER_ALLOWED_HOSTS"))
+        await self.app(scope, receive, send)
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class Authenticate:

@@ -151,8 +151,9 @@ def missing_message(ids: list[str], collection: str) -> str:
 
 def check_page(offset: Any, limit: Any) -> tuple[int, int]:
     """A listing's ``offset`` (>= 0) and ``limit`` (1 to :data:`MAX_PAGE`)."""
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-        raise InvalidArgumentError(f"offset must be a whole number >= 0 (items to skip), got {shown(offset)}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < 2**53:
+        raise InvalidArgumentError(f"offset must be a whole number from 0 to 2**53 - 1 (items to skip), got "
+                                   f"{shown(offset)}")
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         raise InvalidArgumentError(f"limit must be a whole number from 1 to {MAX_PAGE} (items per page), got "
                                    f"{shown(limit)}; page through a large collection with offset")
