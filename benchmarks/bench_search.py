@@ -4,6 +4,8 @@ Usage::
 
     python benchmarks/bench_search.py            # 100k vectors, 1000 queries
     python benchmarks/bench_search.py --quick    # smoke test: 20k vectors, 200 queries
+    python benchmarks/bench_search.py --compressed             # compressed indexes: 100k, 1M, Fashion-MNIST
+    python benchmarks/bench_search.py --compressed 1000000 --no-fashion --specs hnsw   # one kind at one size
     python benchmarks/bench_search.py --filters  # metadata filters only (100k vectors; with --quick 20k)
 
 Measured, all through :class:`embedder.store.Store` (SQLite commits, FAISS, metadata fetch included):
@@ -25,6 +27,15 @@ because embedding 100k photos on a CPU takes too long for a benchmark. Uniform r
 neighbourhoods at all, which makes any graph index look bad; their HNSW recall is reported as a worst case.
 Results go to ``benchmarks/results/bench_search.json`` (``bench_search_quick.json`` with ``--quick``).
 
+``--compressed`` measures index kinds on their own (no SQLite; :class:`embedder.index.VectorIndex`): flat and
+HNSW with float32, fp16 and sq8 codes over 100k and 1M clustered vectors (generated in chunks into a memory-mapped
+file, added 10k at a time, never all in RAM) and over the real Fashion-MNIST mobilenet_v2 features: add
+throughput, p50/p99 of single queries at k=10, recall@10 against exact search, RAM (the index serialised, and the
+process's anonymous RSS growth while building it); sq8 HNSW also with ``rerank`` from the memory-mapped float32
+file, and at 100k through the Store with ``rerank`` from SQLite. Target: 1M vectors in <= 2 GB at recall@10 >=
+0.95 and p99 <= 2 ms. Results go to ``benchmarks/results/bench_search_compressed.json``, each section merged in
+as it finishes.
+
 ``--milvus`` runs only the Milvus comparison (:func:`bench_milvus`, -> ``results/bench_search_milvus.json``).
 
 ``--filters`` measures metadata filters instead (:func:`bench_filters`): filtered search at 1% and 10%
@@ -35,6 +46,9 @@ filtered search (numpy over the matching vectors), each filter new (the SQLite p
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
+import json
 import logging
 import multiprocessing
 import shutil
@@ -44,15 +58,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import faiss
 import numpy as np
 
 from embedder import Config, Embedder, filters
 from embedder.client import EmbedderClient
-from embedder.index import IndexSpec, VectorIndex
+from embedder.index import IndexSpec, VectorIndex, normalized
 from embedder.core import Service
 from embedder.inputs import content_hash
 from embedder.store import Store
-from images import real_jpegs, write_json
+from images import RESULTS_DIR, real_jpegs, write_json
 
 log = logging.getLogger("bench_search")
 
@@ -251,6 +266,196 @@ def bench_worst_case(n: int, n_queries: int) -> dict[str, Any]:
     return {"n": n, "vectors": "uniform random unit vectors", **{
         f"recall_at_10_ef_search={ef}": recall(hnsw.search(q, K, ef_search=ef)[1].tolist(), truth)
         for ef in (spec.ef_search, 256, 1024)}}
+
+
+# --- compressed indexes (--compressed): index-level, 100k and 1M synthetic vectors, Fashion-MNIST features ---
+
+COMPRESSED_SPECS = ("hnsw:codes=sq8", "hnsw:codes=fp16", "flat:codes=sq8", "flat:codes=fp16", "flat", "hnsw")
+# At 1M the fp16 graph is left out: its codes alone (2.56 GB) are over the RAM target, and each HNSW build
+# there takes tens of minutes on this shared 2-core machine (the float32 graph ran on its own, --specs hnsw).
+MILLION_SPECS = ("hnsw:codes=sq8", "flat:codes=sq8", "flat:codes=fp16", "flat")
+RERANK = 40  # candidates re-scored per query in the rerank rows (4k at k=10)
+# ef_search values tried on each graph (a per-search setting: one build serves them all); at 1M the default 64
+# fell to recall@10 0.82.
+EF_SWEEP = (64, 128, 256, 512)
+SLOW_QUERIES = 100  # queries timed on flat scans at 1M (each takes ~0.1-0.3 s)
+CHUNK = 100_000  # vectors generated, added and scanned per step: 1M x 1280 float32 is 5.1 GB, never all in RAM
+RAM_TARGET_GB, P99_TARGET_MS = 2.0, 2.0
+
+
+def clustered_file(path: Path, n: int) -> np.ndarray:
+    """``n`` clustered vectors (chunk ``i`` drawn with seed ``100 + i``) in a memory-mapped ``.npy`` file; one
+    already there (``--data``) is used as it is."""
+    if path.exists():
+        return np.load(path, mmap_mode="r")
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n, DIM))
+    for i, start in enumerate(range(0, n, CHUNK)):
+        out[start:start + CHUNK] = clustered(min(CHUNK, n - start), seed=100 + i)
+    out.flush()
+    return out
+
+
+def exact_top(x: np.ndarray, q: np.ndarray) -> list[list[int]]:
+    """Row numbers of each query's K nearest rows of ``x`` by inner product, scanned a chunk at a time."""
+    best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((len(q), 0), dtype=np.int64)
+    for start in range(0, len(x), CHUNK // 2):
+        s = q @ np.asarray(x[start:start + CHUNK // 2]).T
+        both_s = np.hstack([best_s, s])
+        both_i = np.hstack([best_i, np.broadcast_to(np.arange(start, start + s.shape[1]), s.shape)])
+        top = np.argpartition(-both_s, K - 1, axis=1)[:, :K]
+        best_s, best_i = np.take_along_axis(both_s, top, 1), np.take_along_axis(both_i, top, 1)
+    return np.take_along_axis(best_i, np.argsort(-best_s, axis=1), 1).tolist()
+
+
+def rss_anon() -> int:
+    """This process's anonymous resident memory in bytes (a memory-mapped file's pages are not counted)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap to the OS so the next delta starts clean
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+def serialised_bytes(index: VectorIndex) -> int:
+    """Size of the FAISS index as a snapshot holds it, counted without writing it anywhere."""
+    size = 0
+
+    def count(chunk: bytes) -> None:
+        nonlocal size
+        size += len(chunk)
+
+    faiss.write_index(index._index, faiss.PyCallbackIOWriter(count))
+    return size
+
+
+def bench_index(spec: str, x: np.ndarray, q: np.ndarray, truth: list[list[int]], *,
+                queries: int) -> dict[str, dict[str, Any]]:
+    """Build ``spec`` over ``x`` in chunks, then time single queries at k=10 and score recall@10 against ``truth``.
+
+    An sq8 graph is then searched again with ``rerank=RERANK``, re-scoring from ``x`` (a memory-mapped file).
+    """
+    before = rss_anon()
+    index = VectorIndex(DIM, IndexSpec.parse(spec))
+    log.info("building %s over %d vectors", spec, len(x))
+    start = time.perf_counter()
+    for s in range(0, len(x), CHUNK // 10):
+        index.add(np.arange(s, min(s + CHUNK // 10, len(x))), np.asarray(x[s:s + CHUNK // 10]))
+    add_s = time.perf_counter() - start
+    ram, size = rss_anon() - before, serialised_bytes(index)
+    built = {"add_per_s": round(len(x) / add_s, 1), "serialised_bytes_per_vector": round(size / len(x), 1),
+             "rss_delta_bytes_per_vector": round(ram / len(x), 1),
+             "ram_gb_per_million": round(max(ram, size) / len(x) * 1e6 / 1e9, 2)}
+    rows = {spec: {**time_queries(index, q[:queries], truth), **built}}
+    graph = index.spec.kind == "hnsw"
+    for ef in EF_SWEEP[1:] if graph else ():
+        rows[f"{spec},ef_search={ef}"] = time_queries(index, q[:queries], truth, ef_search=ef)
+    if graph and index.spec.codes == "sq8":
+        # The same graph re-ranking: rerank is a collection setting, so the spec is swapped rather than rebuilt.
+        index.spec = IndexSpec.parse(f"{spec},rerank={RERANK}")
+        for ef in EF_SWEEP:
+            name = f"{spec},rerank={RERANK}" + (f",ef_search={ef}" if ef != EF_SWEEP[0] else "")
+            rows[name] = {**time_queries(index, q[:queries], truth, vectors=lambda ids: x[ids], ef_search=ef),
+                          "rerank_from": "memory-mapped float32 file"}
+    for name, row in rows.items():
+        log.info("%s: %s", name, row)
+    return rows
+
+
+def time_queries(index: VectorIndex, q: np.ndarray, truth: list[list[int]],
+                 vectors: Callable[[np.ndarray], np.ndarray] | None = None,
+                 ef_search: int | None = None) -> dict[str, Any]:
+    """p50/p99 of single queries at k=10 and their recall@10."""
+    index.search(q[:5], K, vectors=vectors, ef_search=ef_search)  # warm-up
+    lat, found = [], []
+    for row in q:
+        t, (_, ids) = timed(lambda: index.search(row[None], K, vectors=vectors, ef_search=ef_search))
+        lat.append(t)
+        found.append(ids[0].tolist())
+    return {"p50_ms": ms(lat, 0.5), "p99_ms": ms(lat, 0.99), "queries": len(lat), "recall_at_10": recall(found, truth)}
+
+
+def bench_compressed_set(out: str, name: str, x: np.ndarray, q: np.ndarray, specs: tuple[str, ...]) -> dict[str, Any]:
+    """Every spec in ``specs`` over the same vectors (``x`` memory-mapped), plus rerank on sq8 HNSW; each result
+    is written to the JSON file ``out`` as soon as it is measured."""
+    truth = exact_top(x, q)
+    results: dict[str, Any] = {}
+    section = {"n": len(x), "dim": DIM, "queries": len(q), "k": K, "search": results}
+    for spec in specs:
+        slow = spec.startswith("flat") and len(x) > CHUNK
+        results.update(bench_index(spec, x, q, truth[:SLOW_QUERIES] if slow else truth,
+                                   queries=SLOW_QUERIES if slow else len(q)))
+        save_compressed(out, name, section)
+    return section
+
+
+def bench_store_rerank(root: Path, x: np.ndarray, q: np.ndarray) -> dict[str, Any]:
+    """Through the Store (SQLite commits, metadata fetch): sq8 HNSW without and with rerank from SQLite rows."""
+    truth = [[f"v{i}" for i in row] for row in exact_top(x, q)]
+    labels = [f"l{i % 10}" for i in range(len(x))]
+    results: dict[str, Any] = {"n": len(x), "queries": len(q)}
+    with Store(root / "rerank") as store:
+        for spec in ("hnsw:codes=sq8", f"hnsw:codes=sq8,rerank={RERANK}"):
+            name = spec.replace(":", "-").replace(",", "-").replace("=", "")
+            store.create_collection(name, model_id=MODEL_ID, dim=DIM, index=spec)
+            log.info("adding %d vectors to %s through the store", len(x), spec)
+            add = bench_add(store, name, x, labels)
+            row, found = bench_queries(store, name, q)
+            results[spec] = {**row, "recall_at_10": recall(found, truth), "add_per_s": round(add, 1)}
+            log.info("%s: %s", spec, results[spec])
+    shutil.rmtree(root / "rerank", ignore_errors=True)
+    return results
+
+
+def save_compressed(out_name: str, name: str, section: dict[str, Any]) -> None:
+    """Merge one section into ``benchmarks/results/<out_name>.json`` (each run adds or replaces its sections)."""
+    path = RESULTS_DIR / f"{out_name}.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
+    out.pop("machine", None)
+    earlier = out.get(name, {}).get("search", {})  # rows of kinds measured by an earlier run (--specs) stay
+    out[name] = {**section, "search": {**{k: v for k, v in earlier.items() if k not in section["search"]},
+                                       **section["search"]}}
+    million = out.get("synthetic_1000000", {}).get("search", {}).get("hnsw:codes=sq8")
+    if million:
+        out["target"] = {"target": f"1M vectors in <= {RAM_TARGET_GB} GB, recall@10 >= {RECALL_TARGET}, p99 <= "
+                                   f"{P99_TARGET_MS} ms (hnsw:codes=sq8, defaults)",
+                         **{key: million[key] for key in ("ram_gb_per_million", "recall_at_10", "p99_ms")},
+                         "passed": million["ram_gb_per_million"] <= RAM_TARGET_GB and million[
+                             "recall_at_10"] >= RECALL_TARGET and million["p99_ms"] <= P99_TARGET_MS}
+    write_json(out_name, out)
+
+
+def bench_compressed(out: str, root: Path, sizes: list[int], n_queries: int, fashion: bool,
+                     specs: tuple[str, ...] | None, data: Path | None) -> None:
+    """The --compressed sections: synthetic sizes, then (``fashion``) the real Fashion-MNIST features.
+
+    ``specs``: the index kinds to measure (default: COMPRESSED_SPECS, MILLION_SPECS at 1M). ``data``: a folder
+    where the synthetic vectors are kept between runs (default: generated in ``root`` and removed).
+    """
+    q = clustered(n_queries, seed=1)
+    for n in sizes:
+        x = clustered_file((data or root) / f"x{n}.npy", n)
+        section = bench_compressed_set(out, f"synthetic_{n}", x, q,
+                                       specs or (MILLION_SPECS if n >= 1_000_000 else COMPRESSED_SPECS))
+        if n <= CHUNK and specs is None:
+            section["store_rerank"] = bench_store_rerank(root, np.asarray(x), q)
+        section["vectors"] = "synthetic clustered (see clustered), L2-normalised, generated in chunks of 100k"
+        save_compressed(out, f"synthetic_{n}", section)
+        del x
+        (root / f"x{n}.npy").unlink(missing_ok=True)
+    if fashion:
+        from bench_train import fashion_features
+
+        feats = fashion_features()
+        both = normalized(np.vstack([feats["train"][0], feats["test"][0]]))
+        held_out = len(both) - n_queries  # the last test images are the queries, the rest are stored
+        np.save(root / "fashion.npy", both[:held_out])
+        section = bench_compressed_set(out, "fashion_mnist", np.load(root / "fashion.npy", mmap_mode="r"),
+                                       both[held_out:], specs or COMPRESSED_SPECS)
+        section["vectors"] = (f"Fashion-MNIST mobilenet_v2 features: all 70k (60k train + 10k test) that exist, "
+                              f"{held_out} stored, the last {n_queries} test images as queries")
+        save_compressed(out, "fashion_mnist", section)
 
 
 # --- Milvus (--milvus): milvus-lite beside FAISS, and our layer beside raw pymilvus, in one run ---
@@ -452,6 +657,14 @@ def main() -> None:
                         help=f"only the Milvus comparison (default {MILVUS_N} vectors, {MILVUS_QUERIES} queries)")
     parser.add_argument("--queries", type=int, help="queries (default 1000, 200 with --quick or --filters)")
     parser.add_argument("--filters", action="store_true", help="metadata filters only (bench_filters)")
+    parser.add_argument("--compressed", type=int, nargs="*", metavar="N",
+                        help="only the compressed-index section, over N synthetic vectors (default: 100000 1000000; "
+                             "20000 with --quick), then the Fashion-MNIST features; into bench_search_compressed.json")
+    parser.add_argument("--no-fashion", action="store_true", help="with --compressed: skip Fashion-MNIST")
+    parser.add_argument("--data", type=Path, help="with --compressed: keep the synthetic vectors in this folder "
+                                                  "and reuse them in later runs (5.1 GB at 1M)")
+    parser.add_argument("--specs", help="with --compressed: only these index specs, separated by ';' "
+                                        "(rows measured before for other specs stay in the JSON)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("faiss").setLevel(logging.WARNING)
@@ -463,6 +676,16 @@ def main() -> None:
     n = args.n or (20_000 if args.quick else 100_000)
     n_queries = args.queries or (200 if args.quick or args.filters else 1000)
     root = Path(tempfile.mkdtemp(prefix="bench_search-"))
+    if args.compressed is not None:
+        out = "bench_search_compressed_quick" if args.quick else "bench_search_compressed"
+        try:
+            specs = tuple(args.specs.split(";")) if args.specs else None
+            bench_compressed(out, root, args.compressed or ([20_000] if args.quick else [CHUNK, 1_000_000]),
+                             n_queries, not args.no_fashion, specs, args.data)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+        print(f"wrote {RESULTS_DIR / out}.json")
+        return
     if args.filters:
         try:
             out = {"quick": args.quick, **bench_filters(root, n, n_queries)}

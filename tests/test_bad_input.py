@@ -853,7 +853,7 @@ def test_unstorable_metadata_fails_only_its_own_item(stub, good, text):
 
 
 @pytest.mark.parametrize("spec", ["hnsw:m=3000000000", "hnsw:ef_search=99999999999",
-                                  "hnsw:ef_construction=99999999999", "hnsw:m=1073741824"])
+                                  "hnsw:ef_construction=99999999999", "hnsw:m=1073741824", "hnsw:codes=pq8"])
 def test_hnsw_settings_faiss_cannot_hold_are_refused_up_front(embedder, spec):
     with running_server(embedder, max_message_bytes=MAX_MESSAGE, max_items=MAX_ITEMS) as own, \
             grpc.insecure_channel(own.address) as ch:

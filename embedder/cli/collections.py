@@ -50,7 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "mobilenet_v2.pets (see `embedder job`); applies when the collection is created (default: "
                         "the server's default model); an existing collection always embeds with its own model")
     p.add_argument("--index", metavar="INDEX", help="index of a new collection: flat (exact, the default) or "
-                                                    "hnsw[:m=..,ef_construction=..,ef_search=..]")
+                                                    "hnsw[:m=..,ef_construction=..,ef_search=..], either with "
+                                                    ",codes=fp16|sq8 (compressed) and ,rerank=R; e.g. "
+                                                    "hnsw:codes=sq8")
     p.add_argument("--id-from", choices=("relative", "name", "path"), default="relative",
                    help="item ids: the path relative to the folder given, or the file name for a file given "
                         "(relative, default); the file name (name); the path as found (path)")

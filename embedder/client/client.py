@@ -62,7 +62,7 @@ class EmbedderClient(BaseClient):
         """Embed ``images`` (through the server's cache) and upsert them into ``collection`` under ``ids``.
 
         Inputs as for :meth:`embed`, plus :class:`Cached` (a sha256 the server knows). ``labels`` and
-        ``metadata`` (JSON-able dicts) are optional, one per item. ``index`` ("flat" or "hnsw[:...]") and
+        ``metadata`` (JSON-able dicts) are optional, one per item. ``index`` ("flat", "hnsw[:...]", e.g. "hnsw:codes=sq8") and
         ``model`` (a backbone name or model id, e.g. a fine-tuned version; default: the server's) apply when the
         collection is created; an existing collection embeds with its own model. Items that fail are reported (``errors="return"``) or raised as
         :class:`RemoteBatchError` after the good ones were stored.

@@ -67,7 +67,8 @@ class EmbedRequest(Request):
 class AddRequest(Request):
     items: list[AddItemIn] = []
     model: str = Field("", description="for a new collection: the model it is bound to; empty: the default")
-    index: str = Field("", description="for a new collection: flat (default) or hnsw[:m=..,ef_construction=..]")
+    index: str = Field("", description="for a new collection: flat (default) or "
+                                        "hnsw[:m=..,ef_construction=..], e.g. hnsw:codes=sq8,rerank=40")
 
 
 class AddForm(Request):

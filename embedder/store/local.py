@@ -364,7 +364,8 @@ class LocalCollections:
                 allowed = labelled if allowed is None else np.intersect1d(allowed, labelled, assume_unique=True)
             if allowed is not None and not len(allowed):
                 continue
-            scores, fids = c.index.search(q, k, allowed=allowed, ef_search=ef_search)
+            scores, fids = c.index.search(q, k, allowed=allowed, ef_search=ef_search,
+                                          vectors=lambda found, c=c: self._vectors(c, found))
             parts.append((scores, fids, c))
         if not parts:
             return [[] for _ in range(len(q))]
@@ -382,6 +383,15 @@ class LocalCollections:
         return [[Hit(rows[int(fids[r, j])][0], float(scores[r, j]), owners[j].name, rows[int(fids[r, j])][2],
                      _metadata(rows[int(fids[r, j])][3], rows[int(fids[r, j])][0])) for j in row]
                 for r, row in enumerate(best)]
+
+    def _vectors(self, c: Collection, fids: np.ndarray) -> np.ndarray:
+        """The stored float32 vectors of ``fids`` (in ``c``), in their order, for re-ranking: only those rows are read."""
+        with self._db_lock:
+            rows = chunked_query(self._conn(), f"SELECT {ITEM_COLUMNS}, fid FROM items WHERE fid IN ({{}})", [],
+                                 fids.tolist())
+        self._check_items(c, rows)
+        stored = {r[6]: r[4] for r in rows}
+        return matrix([stored[int(f)] for f in fids], c.dim)
 
     def _selected(self, c: Collection, condition: tuple[str, list]) -> np.ndarray:
         """The ids of ``c``'s items that pass ``condition``; the caller holds ``c``'s lock (its generation holds)."""
