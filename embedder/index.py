@@ -87,8 +87,8 @@ class IndexSpec:
     ``m`` links per node, ``ef_construction`` candidates while inserting, ``ef_search`` candidates per query
     (raised to ``k`` when smaller). The defaults reach recall@10 >= 0.95 against exact search on 100k
     clustered 1280-d vectors (benchmarks/bench_search.py), but only 0.81 at 1M (ef_search=512: 0.93), where a
-    graph needs a larger ``ef_construction`` (100 with ef_search=128: 0.945; with rerank=40: 0.963). ``codes``: how vectors are kept in RAM, ``float32``
-    (default), ``fp16`` or ``sq8`` (:data:`CODES`). ``rerank``: re-score this many candidates per query from the
+    graph needs a larger ``ef_construction`` (100 with ef_search=128: 0.945; with rerank=40: 0.963). ``codes``:
+    how vectors are kept in RAM, ``float32`` (default), ``fp16`` or ``sq8`` (:data:`CODES`). ``rerank``: re-score this many candidates per query from the
     float32 vectors (compressed codes only; 0, the default: off).
     """
 

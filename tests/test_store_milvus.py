@@ -108,6 +108,13 @@ def test_collection_of_another_model_is_refused(store):
         store.add("c", ["b"], unit(1, 4), model_id="other@1")
 
 
+def test_faiss_index_options_are_refused_not_ignored(store):
+    for spec in ("flat:codes=sq8", "hnsw:codes=fp16", "hnsw:codes=sq8,rerank=40"):
+        with pytest.raises(InvalidArgumentError, match="options of the FAISS backend"):
+            store.create_collection("c", model_id="m", dim=4, index=spec)
+    store.create_collection("c", model_id="m", dim=4, index="hnsw")
+
+
 def test_store_setting_errors_say_what_to_do(tmp_path):
     for uri, message in [("milvus://relative.db", "absolute path ending in .db"),
                          ("milvus:///tmp/no-such-folder-here/x.db", "does not exist"),

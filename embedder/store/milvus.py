@@ -391,6 +391,9 @@ class MilvusCollections:
         except NotFoundError:
             pass
         spec.check_caps()
+        if spec.codes != "float32" or spec.rerank:  # Milvus keeps and indexes the vectors its own way
+            raise InvalidArgumentError(f"index {str(spec)!r}: codes= and rerank= are options of the FAISS backend; "
+                                       "with Milvus, leave them out (flat or hnsw with its m/ef options)")
         created = time.time()
         milvus_name = _milvus_name(name)
         schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
