@@ -206,25 +206,25 @@ def test_http_door_caps_concurrent_requests_and_ends_idle_uploads(embedder):
         http = HttpServer(create_app(s.service, s.config), s.config, port=0)
         http.start()
         try:
-            head = (f"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            head = (f"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     "Content-Length: 1000\r\n\r\n{").encode()
             slow = [socket.create_connection(("127.0.0.1", http.port), timeout=10) for _ in range(2)]
             for sock in slow:
                 sock.sendall(head)  # then nothing: a slow upload holding a slot
             time.sleep(0.3)
             with socket.create_connection(("127.0.0.1", http.port), timeout=10) as third:
-                third.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                third.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
                 answer = third.recv(65536).decode()
             assert answer.startswith("HTTP/1.1 429") and "--max-concurrent-rpcs" in answer, answer[:300]
             with socket.create_connection(("127.0.0.1", http.port), timeout=10) as probe:
-                probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
                 assert probe.recv(65536).startswith(b"HTTP/1.1 200")
             for sock in slow:  # ended after 1 s without a byte
                 answer = sock.recv(65536).decode()
                 assert answer.startswith("HTTP/1.1 408") and "--stream-idle-seconds" in answer, answer[:300]
                 sock.close()
             with socket.create_connection(("127.0.0.1", http.port), timeout=10) as again:
-                again.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                again.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
                 assert again.recv(65536).startswith(b"HTTP/1.1 200")
         finally:
             http.stop(grace=1)

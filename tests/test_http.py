@@ -456,7 +456,7 @@ def test_a_client_that_disconnects_has_its_queued_images_dropped(embedder, photo
         try:
             batcher = server.service.default.batcher
             with socket.create_connection(("127.0.0.1", http.port)) as sock:
-                sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                              b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
                 deadline = time.monotonic() + 60
                 while batcher.queue_depth == 0:  # the call is in the batcher: now leave

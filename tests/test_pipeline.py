@@ -184,7 +184,7 @@ def test_info_and_identity(embedder):
     info = embedder.info()
     assert info == {"name": "mobilenet_v2", "model_id": get_backbone("mobilenet_v2").model_id, "dim": 1280,
                      "device": "cpu", "runtime": embedder.runtime.name, "precision": "fp32", "input_size": 224,
-                     "normalize": True}
+                     "normalize": True, "text": False}
     assert embedder.dim == 1280 and embedder.model_id == info["model_id"]
 
 
