@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import io
+import os
+import queue
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -186,3 +191,33 @@ def digit_images() -> tuple[list[bytes], list[str]]:
     picked = [i for c in (0, 1, 7) for i in np.flatnonzero(d.target == c)[:30]]
     arrays = [(np.kron(d.images[i], np.ones((8, 8))) * 255 / 16).astype(np.uint8) for i in picked]
     return small_jpegs(arrays), [str(d.target[i]) for i in picked]
+
+
+def acked_until_killed(argv: list[str], kill_after: int) -> list[int]:
+    """Run ``python -c argv...``, a child that prints one integer per acknowledged write; SIGKILL it once
+    ``kill_after`` are printed. Returns every integer printed before the kill landed."""
+    proc = subprocess.Popen([sys.executable, "-c", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str | None] = queue.Queue()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    acked: list[int] = []
+    try:
+        while len(acked) < kill_after:
+            line = lines.get(timeout=120)
+            if line is None:
+                raise AssertionError(f"the child exited early:\n{proc.stderr.read()}")
+            acked.append(int(line))
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    reader.join(timeout=10)
+    while (line := lines.get_nowait()) is not None:  # acknowledged before the kill landed
+        acked.append(int(line))
+    assert proc.returncode == -signal.SIGKILL
+    return acked

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
 import sqlite3
 import subprocess
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from conftest import acked_until_killed
 
 from embedder.store import Store
 
@@ -46,32 +46,7 @@ def expected(i: int) -> np.ndarray:
 
 def add_until_killed(data_dir: Path, start: int, kill_after: int) -> list[int]:
     """Run the child from item ``start``; SIGKILL it once ``kill_after`` adds are acknowledged."""
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data_dir), str(start)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    acked: list[int] = []
-    try:
-        while len(acked) < kill_after:
-            line = lines.get(timeout=120)
-            if line is None:
-                raise AssertionError(f"the child exited early:\n{proc.stderr.read()}")
-            acked.append(int(line))
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    reader.join(timeout=10)
-    while (line := lines.get_nowait()) is not None:  # acknowledged before the kill landed
-        acked.append(int(line))
-    assert proc.returncode == -signal.SIGKILL
-    return acked
+    return acked_until_killed([CHILD, str(data_dir), str(start)], kill_after)
 
 
 def test_acknowledged_adds_survive_kill_9(tmp_path, caplog):

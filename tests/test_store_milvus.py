@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 import pytest
+from conftest import acked_until_killed
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from test_filters import HOSTILE, TREES
@@ -152,32 +151,7 @@ for i in range(start, start + 1_000_000):
 
 
 def _add_until_killed(data_dir, uri: str, start: int, kill_after: int) -> list[int]:
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(data_dir), uri, str(start)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lines: queue.Queue[str | None] = queue.Queue()
-
-    def read() -> None:
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    acked: list[int] = []
-    try:
-        while len(acked) < kill_after:
-            line = lines.get(timeout=120)
-            if line is None:
-                raise AssertionError(f"the child exited early:\n{proc.stderr.read()}")
-            acked.append(int(line))
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    reader.join(timeout=10)
-    while (line := lines.get_nowait()) is not None:  # acknowledged before the kill landed
-        acked.append(int(line))
-    assert proc.returncode == -signal.SIGKILL
-    return acked
+    return acked_until_killed([CHILD, str(data_dir), uri, str(start)], kill_after)
 
 
 def test_kill_9_mid_adds_loses_nothing_acknowledged_and_a_restart_answers_the_same(tmp_path):

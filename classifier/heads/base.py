@@ -184,6 +184,20 @@ def _check_param(head: Head, name: str, value: Any) -> None:
         fail("'scale' or a positive number")
 
 
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits ``z`` (shifted by each row's max, so large logits cannot overflow)."""
+    z = z - z.max(axis=1, keepdims=True)
+    p = np.exp(z)
+    return p / p.sum(axis=1, keepdims=True)
+
+
+def check_linear(head: Head) -> None:
+    """A linear head's ``coef_`` (classes x features) and ``intercept_`` (classes) match its features and classes."""
+    d, k = head.n_features_in_, len(head.classes_)
+    if head.coef_.shape != (k, d) or head.intercept_.shape != (k,):
+        raise HeadError(f"{head.kind} arrays do not match {d}-d features and {k} classes")
+
+
 def standardization(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """StandardScaler's ``mean_`` and ``scale_`` of float32 ``X``, as float32; constant features get scale 1.
 

@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Head
+from .base import Head, check_linear, softmax
 from .linear_solver import _balanced_weights, fit_linear
-from .validation import HeadError
 
 
 class LogRegHead(Head):
@@ -36,13 +35,8 @@ class LogRegHead(Head):
             device=self.device)
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
-        z = (X @ self.coef_.T + self.intercept_).astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax((X @ self.coef_.T + self.intercept_).astype(np.float64))
 
     def _check_shapes(self) -> None:
         super()._check_shapes()
-        d, k = self.n_features_in_, len(self.classes_)
-        if self.coef_.shape != (k, d) or self.intercept_.shape != (k,):
-            raise HeadError(f"logreg arrays do not match {d}-d features and {k} classes")
+        check_linear(self)

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .base import Head
+from .base import Head, check_linear, softmax
 from .validation import HeadError
 
 
@@ -34,16 +34,11 @@ class _CosineHead(Head):
     _model_arrays = ("coef", "intercept")
 
     def _proba(self, X: np.ndarray) -> np.ndarray:
-        z = self.logit_scale * (_unit(X) @ _unit(self.coef_).T) + self.intercept_
-        z -= z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self.logit_scale * (_unit(X) @ _unit(self.coef_).T) + self.intercept_)
 
     def _check_shapes(self) -> None:
         super()._check_shapes()
-        d, k = self.n_features_in_, len(self.classes_)
-        if self.coef_.shape != (k, d) or self.intercept_.shape != (k,):
-            raise HeadError(f"{self.kind} arrays do not match {d}-d features and {k} classes")
+        check_linear(self)
 
 
 class ZeroShotHead(_CosineHead):
