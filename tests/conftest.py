@@ -122,6 +122,20 @@ def restore_registry():
 
 
 @contextmanager
+def http_door(server, config=None):
+    """The HTTP/JSON door over a running server's service (``config``: its own, else the server's), on a free port."""
+    from embedder.rest import HttpServer, create_app
+
+    config = config or server.config
+    door = HttpServer(create_app(server.service, config), config, port=0)
+    door.start()
+    try:
+        yield door
+    finally:
+        door.stop(grace=1)
+
+
+@contextmanager
 def running_server(model, *, load: bool = True, grace: float = 1.0, **settings):
     """An in-process gRPC server on an ephemeral loopback port around ``model``; stopped on exit.
 

@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from conftest import jpeg_bytes, running_server
+from conftest import http_door, jpeg_bytes, running_server
 
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
@@ -27,7 +27,6 @@ from embedder.cli import main as cli_main
 from embedder.client import EmbedderClient
 from embedder.errors import UnauthenticatedError
 from embedder.keys import Gate, KeyStore
-from embedder.rest import HttpServer, create_app
 from embedder.store import Store
 
 TOKEN = "keys-test-admin-token"
@@ -82,10 +81,8 @@ def server(embedder, data_dir):
 
 @pytest.fixture(scope="module")
 def http(server):
-    door = HttpServer(create_app(server.service, server.config), server.config, port=0)
-    door.start()
-    yield door
-    door.stop(grace=1)
+    with http_door(server) as door:
+        yield door
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
-from conftest import running_server
+from conftest import http_door, running_server
 from PIL import Image
 from test_http import Api, refused
 
@@ -21,7 +21,6 @@ from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
 from embedder.client import AsyncEmbedderClient, EmbedderClient
 from embedder.keys import KeyStore
-from embedder.rest import HttpServer, create_app
 
 TOKEN = "page-api-token"
 
@@ -39,10 +38,8 @@ def server(embedder, data_dir):
 
 @pytest.fixture(scope="module")
 def http(server):
-    door = HttpServer(create_app(server.service, server.config), server.config, port=0)
-    door.start()
-    yield door
-    door.stop(grace=1)
+    with http_door(server) as door:
+        yield door
 
 
 @pytest.fixture(scope="module")
@@ -236,10 +233,7 @@ def test_without_auth_only_requests_addressed_by_ip_or_an_allowed_name_are_answe
     Origin and Host agree; so without auth the door answers only IP addresses, localhost and allowed names."""
     with running_server(embedder, data_dir=tmp_path / "open") as server:
         for allowed, name_passes in (("", False), ("embedder.lan", True), ("*", True)):
-            config = replace(server.config, allowed_hosts=allowed)
-            door = HttpServer(create_app(server.service, config), config, port=0)
-            door.start()
-            try:
+            with http_door(server, replace(server.config, allowed_hosts=allowed)) as door:
                 port = door.url.rsplit(":", 1)[1]
                 for host, passes in ((f"evil.example:{port}", allowed == "*"), (f"embedder.lan:{port}", name_passes),
                                      (f"127.0.0.1:{port}", True), (f"localhost:{port}", True), (f"[::1]:{port}", True)):
@@ -250,18 +244,12 @@ def test_without_auth_only_requests_addressed_by_ip_or_an_allowed_name_are_answe
                         if not passes:
                             assert r.status_code == 403 and "DNS rebinding" in r.json()["error"]["message"]
                 assert requests.get(door.url + "/healthz", headers={"Host": "evil.example"}, timeout=60).ok  # probes
-            finally:
-                door.stop(grace=1)
         keys = KeyStore(server.config.data_dir)
         key = keys.add("rebind", "read")[1]  # auth on: the key decides, whatever the name
-        door = HttpServer(create_app(server.service, server.config), server.config, port=0)
-        door.start()
-        try:
+        with http_door(server) as door:
             r = requests.get(door.url + "/v1/stats", timeout=60,
                              headers={"Host": "evil.example", "Authorization": f"Bearer {key}"})
-            assert r.status_code == 200
-        finally:
-            door.stop(grace=1)
+        assert r.status_code == 200
 
 
 def test_thumbnails_decode_two_images_at_once_at_most(monkeypatch):
