@@ -1,0 +1,68 @@
+"""Who may make a call: one place for every door.
+
+A call's :class:`~embedder.keys.Principal` (its API key) needs the call's role (:data:`READ`/:data:`WRITE`/
+:data:`ADMIN`, see :mod:`embedder.keys`) and may name only the collections on its allow-list; a head or a job
+belongs to the collection it was trained or run on. No principal (the library, a server without keys): all.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from ..errors import EmbedderError, PermissionDeniedError
+from .embedding import Call
+
+READ, WRITE, ADMIN = "read", "write", "admin"
+
+
+class AccessChecks:
+    """The permission checks of :class:`~embedder.core.service.Service` (it has ``heads`` and ``jobs``)."""
+
+    heads: Any
+    jobs: Any
+
+    @staticmethod
+    def _permit(call: Call, role: str, *collections: str | None) -> None:
+        """Refuse a caller whose key lacks ``role`` or may not name one of ``collections`` (None/"": none named).
+        Checked before the collection is looked up, so a refusal does not tell whether it exists."""
+        p = call.principal
+        if p is None:
+            return
+        if not p.has(role):
+            raise PermissionDeniedError(f"API key {p.key_id} has role {p.role!r}; this call needs {role!r}: use a key "
+                                        f"with that role (`embedder keys add --role {role}`, by an operator)")
+        denied = next((c for c in collections if c and not p.may_see(c)), None)
+        if denied is not None:
+            raise PermissionDeniedError(f"API key {p.key_id} may not use collection {denied!r} (not on its "
+                                        "allow-list); use a key allowed that collection")
+
+    def _permit_head(self, call: Call, role: str, head_id: str) -> None:
+        """:meth:`_permit` for a saved head: a key with an allow-list may use only heads trained on its
+        collections (a head it may not see is refused like an unknown one would be: without saying which)."""
+        self._permit(call, role)
+        if self._allowed(call) is not None:
+            try:
+                source = self.heads.info(head_id).source
+            except EmbedderError:
+                return  # no such head (or a bad id): the call itself says so
+            self._permit(call, role, source_collection(source) or f"(head {head_id!r})")
+
+    def _permit_job(self, call: Call, role: str, job_id: str) -> None:
+        """:meth:`_permit` for a job: a key with an allow-list may see jobs on its collections only."""
+        self._permit(call, role)
+        if self._allowed(call) is not None:
+            try:
+                collection = self.jobs.get(job_id).params.get("collection")
+            except EmbedderError:
+                return
+            self._permit(call, role, collection or f"(job {job_id!r})")
+
+    @staticmethod
+    def _allowed(call: Call) -> frozenset[str] | None:
+        """The collections the caller may see; None: every one."""
+        return None if call.principal is None else call.principal.collections
+
+
+
+def source_collection(source: Mapping[str, Any] | None) -> str:
+    """The collection a head was trained on ("" when it was not trained from one)."""
+    return str((source or {}).get("collection") or "")
