@@ -186,6 +186,7 @@ def _http_and_cli_take_text(server, config, by_text: list[str], text_vectors, ca
         assert trained.status_code == 200 and trained.json()["head"]["kind"] == "zero_shot"
         refused = requests.post(f"{http.url}/v1/embed", json={"items": [{"text": "  "}]}, timeout=30)
         assert "text is empty" in refused.json()["results"][0]["error"]["message"]
+        _openai_takes_text(http.url, text_vectors)
     finally:
         http.stop(grace=1)
     cli = [sys.executable, "-m", "embedder.cli"]
@@ -207,6 +208,32 @@ def _http_and_cli_take_text(server, config, by_text: list[str], text_vectors, ca
                     "tiny-clip", "--device", "cpu", "--runtime", "torch", "--cache-dir", str(config.cache_dir)],
                    capture_output=True, text=True, check=True)
     assert cosine(np.load(local), text_vectors[2:3]).min() >= 0.9999
+
+
+def _openai_takes_text(url: str, text_vectors) -> None:
+    """OpenAI's client embeds texts with a text-image model: plain strings are texts, data: URIs images, and
+    `modality` (extra_body) says what every input is."""
+    import base64
+
+    import openai
+    import requests
+
+    oai = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    got = oai.embeddings.create(input=TEXTS[:2], model="tiny-clip", encoding_format="float")
+    assert cosine(np.array([d.embedding for d in got.data]), text_vectors[:2]).min() >= 0.9999
+    photo = requests.get(f"{url}/v1/collections/photos/image", params={"id": "p0"}, timeout=30).content
+    uri = "data:image/jpeg;base64," + base64.b64encode(photo).decode()
+    mixed = oai.embeddings.create(input=[uri, TEXTS[0]], model="tiny-clip", encoding_format="float").data
+    stored = requests.post(f"{url}/v1/collections/photos/get", json={"ids": ["p0"], "encoding_format": "float"},
+                           timeout=30).json()["items"][0]["vector"]
+    assert cosine(np.array([mixed[0].embedding]), np.array([stored]))[0] >= 0.9999
+    assert cosine(np.array([mixed[1].embedding]), text_vectors[:1])[0] >= 0.9999
+    forced = oai.embeddings.create(input=["a photo"], model="tiny-clip", encoding_format="float",
+                                   extra_body={"modality": "text"}).data[0].embedding
+    assert len(forced) == text_vectors.shape[1]
+    with pytest.raises(openai.BadRequestError) as e:  # told it is an image: a text is not base64
+        oai.embeddings.create(input=[TEXTS[0]], model="tiny-clip", extra_body={"modality": "image"})
+    assert "input[0]: image is not valid base64" in e.value.message
 
 
 def test_zero_shot_head_predicts_the_reference_argmax(card, reference, photos, tmp_path, cache_dir,

@@ -162,6 +162,13 @@ class Service(HeadCalls):
         self._permit(call, READ)
         return [m.info for m in self.models.models]
 
+    def takes_text(self, model: str = "", call: Call = Call()) -> bool:
+        """Whether ``model`` (default: the served one) embeds text too, in its images' space; loads it on first use."""
+        self._check_ready()
+        self._permit(call, READ)
+        with self.models.lease(model) as bound:
+            return bool(bound.info.get("text"))
+
     def limits(self) -> dict[str, int]:
         self._check_ready()
         return {"max_message_bytes": self.config.max_message_bytes, "max_items": self.config.max_items,

@@ -102,16 +102,18 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
 
     @route("POST", "/embeddings", schema.EmbeddingsResponse, schema.EmbeddingsRequest)
     async def create_embeddings(request: Request) -> Response:
-        """OpenAI-compatible: each `input` string is one image (data: URI or base64). All or nothing: one bad
-        image fails the call, naming its index."""
+        """OpenAI-compatible: each `input` string is one image (data: URI or base64) or, for a text-image model,
+        a text (see `modality`). All or nothing: one bad input fails the call, naming its index."""
         body, _ = await read(request, schema.EmbeddingsRequest)
         inputs = [body.input] if isinstance(body.input, str) else body.input
         if not inputs:
             raise InvalidArgumentError("`input` is empty; send at least one image (a data: URI or base64 string)")
         if any(not isinstance(x, str) for x in inputs):
-            raise InvalidArgumentError("`input` holds token ids; this server embeds images: send each image as a "
-                                       "data: URI or base64 string")
-        items = [convert.image_item(str(i), text) for i, text in enumerate(inputs)]
+            raise InvalidArgumentError("`input` holds token ids; send images as data: URIs or base64 strings, and "
+                                       "texts (for a text-image model) as strings")
+        takes_text = body.modality is None and await run(service.takes_text, body.model, who(request))
+        items = [convert.input_item(str(i), text, modality=body.modality, takes_text=takes_text)
+                 for i, text in enumerate(inputs)]
         _all_or_nothing([it.error for it in items])  # before any embedding: the call fails anyway
         async with caller(request) as call:
             result = await run(service.embed, items, model=body.model, call=call)

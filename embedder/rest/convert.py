@@ -81,6 +81,20 @@ def image_item(item_id: str, text: str) -> Item:
         return Item(item_id, error=e)
 
 
+def input_item(item_id: str, text: str, *, modality: str | None, takes_text: bool) -> Item:
+    """One ``/v1/embeddings`` input as the core's item: an image, or a text where the caller or the model says so
+    (see ``EmbeddingsRequest.modality``)."""
+    if modality == "text":
+        return Item(item_id, text=text)
+    if modality == "image" or not takes_text or text.startswith("data:") or _URL.match(text):
+        return image_item(item_id, text)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return Item(item_id, text=text)
+    return Item(item_id, image=data) if any(data.startswith(m) for m, _ in _IMAGE_MAGIC) else Item(item_id, text=text)
+
+
 def item(x: schema.ItemIn) -> Item:
     """One JSON item as the core's item; one that cannot be read carries its error and fails alone."""
     try:

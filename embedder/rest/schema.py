@@ -200,7 +200,8 @@ class FineTuneRequest(Request):
 
 
 class EmbeddingsRequest(BaseModel):
-    """OpenAI's embeddings request; each ``input`` string is one image (a data: URI or base64)."""
+    """OpenAI's embeddings request; each ``input`` string is one image (a data: URI or base64) or, for a
+    text-image model, a text."""
 
     model_config = ConfigDict(extra="allow")  # OpenAI clients may send fields we have no use for
 
@@ -209,6 +210,10 @@ class EmbeddingsRequest(BaseModel):
     encoding_format: Encoding = "float"
     dimensions: int | None = None
     user: str | None = None
+    modality: Literal["image", "text"] | None = Field(
+        None, description="what every input is (an extension; OpenAI clients send it with extra_body). Left out: "
+        "an image, except that for a text-image model a string that is neither a data: URI nor base64 of an "
+        "image is a text")
 
 
 # --------------------------------------------------------------------------------------------- responses
