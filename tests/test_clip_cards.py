@@ -111,6 +111,62 @@ def test_clip_card_image_and_text_vectors_equal_the_library(card, reference, pho
     assert cosine(texts, _reference_texts(reference, TEXTS)).min() >= 0.9999
 
 
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+    """A 2-layer SigLIP (32-px images, 32-d space) with a unigram tokenizer that, like SigLIP's own, returns input
+    ids only (no attention mask: SigLIP reads texts padded to a fixed length), saved with save_pretrained."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, SiglipConfig, SiglipImageProcessor, SiglipModel
+
+    path = tmp_path_factory.mktemp("siglip")
+    words = sorted({w for t in TEXTS for w in t.split()})
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0) for w in words]
+             + [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz\u2581"])
+    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tokenizer.pre_tokenizer, tokenizer.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                            model_max_length=16, model_input_names=["input_ids"]).save_pretrained(path)
+    layers = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = SiglipConfig(text_config=dict(layers, vocab_size=len(vocab), max_position_embeddings=16, pad_token_id=0,
+                                           eos_token_id=1),
+                          vision_config=dict(layers, image_size=SIZE, patch_size=8))
+    torch.manual_seed(0)
+    SiglipModel(config).eval().save_pretrained(path)
+    SiglipImageProcessor(size={"height": SIZE, "width": SIZE}).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_siglip_card_vectors_equal_the_library(siglip_dir, photos, cache_dir, restore_registry, tmp_path, runtime):
+    """A SigLIP folder: images through the card (resize to 32 x 32, mean/std 0.5) and texts padded to the fixed
+    length, as SigLIP was trained, equal SiglipModel's own features; text-to-image ranking follows."""
+    import torch
+    from transformers import AutoTokenizer, SiglipImageProcessor, SiglipModel
+
+    from embedder import Embedder
+
+    card = tmp_path / "siglip.json"
+    card.write_text(json.dumps({"name": "tiny-siglip", "format": "transformers", "path": str(siglip_dir)}))
+    model = SiglipModel.from_pretrained(siglip_dir, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(siglip_dir, local_files_only=True)
+    processor = SiglipImageProcessor.from_pretrained(siglip_dir, local_files_only=True)
+    with Embedder(model="tiny-siglip", device="cpu", runtime=runtime, cache_dir=cache_dir, model_cards=str(card)) as emb:
+        assert emb.info()["text"] and emb.dim == 32
+        images = emb.embed(photos)
+        crops = np.stack([emb.prepare(p) for p in photos])
+        texts = emb.embed_texts(TEXTS)
+    ids = tokenizer(TEXTS, padding="max_length", max_length=16, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        want_images = _unit(_features(model.get_image_features(pixel_values=_pixels(crops, processor))).numpy())
+        want_texts = _unit(_features(model.get_text_features(input_ids=ids)).numpy())
+    assert cosine(images, want_images).min() >= 0.9999
+    assert cosine(texts, want_texts).min() >= 0.9999
+    for i in range(3):
+        assert list(np.argsort(-(images @ texts[i]), kind="stable")) == list(
+            np.argsort(-(want_images @ want_texts[i]), kind="stable"))
+
+
 def test_our_preprocessing_matches_the_folders_processor(card, reference, photo_arrays, cache_dir, restore_registry):
     """The recipe read from preprocessor_config.json (shorter side, center crop, bicubic, CLIP mean/std) gives
     the vectors the library's processor does, within resampling differences."""
