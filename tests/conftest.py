@@ -122,12 +122,13 @@ def restore_registry():
 
 
 @contextmanager
-def http_door(server, config=None):
-    """The HTTP/JSON door over a running server's service (``config``: its own, else the server's), on a free port."""
+def http_door(server, config=None, *, metrics=None):
+    """The HTTP/JSON door over a running server's service (``config``: its own, else the server's), on a free port;
+    ``metrics``: a registry to count its calls in."""
     from embedder.rest import HttpServer, create_app
 
     config = config or server.config
-    door = HttpServer(create_app(server.service, config), config, port=0)
+    door = HttpServer(create_app(server.service, config, metrics=metrics), config, port=0)
     door.start()
     try:
         yield door

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from classifier import InsufficientDataError, active
-from conftest import CountingModel, running_server
+from conftest import CountingModel, http_door, running_server
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
 from embedder.cli import main
@@ -22,7 +22,6 @@ from embedder.config import Config
 from embedder.core import AddItem, Call, Item, Service
 from embedder.errors import Category, InvalidArgumentError, NotFoundError, PermissionDeniedError, category_of
 from embedder.keys import Principal
-from embedder.rest import HttpServer, create_app
 
 LABELLED_PER_CLASS = 8
 FLIPPED = (3, 14, 25, 36, 47, 58, 69, 80, 88)  # 9 of 90: 10% noise
@@ -285,9 +284,7 @@ def test_suggest_and_label_issues_over_grpc(counting, digit_images, capsys):
 
 def _over_http(server) -> None:
     """The same calls through the HTTP door over the server's service."""
-    http = HttpServer(create_app(server.service, server.config, metrics=server.metrics), server.config, port=0)
-    http.start()
-    try:
+    with http_door(server, metrics=server.metrics) as http:
         url = http.url + "/v1/collections/digits"
         answer = requests.post(url + "/suggest", json={"n": 4, "strategy": "diversity"}, timeout=60)
         assert answer.status_code == 200 and len(answer.json()["suggestions"]) == 4, answer.text
@@ -297,5 +294,3 @@ def _over_http(server) -> None:
         assert refused.status_code == 400 and "n must be" in refused.json()["error"]["message"]
         missing = requests.post(http.url + "/v1/collections/ghost/label-issues", json={}, timeout=60)
         assert missing.status_code == 404
-    finally:
-        http.stop(grace=1)

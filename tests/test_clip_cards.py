@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import cosine
+from conftest import cosine, http_door
 
 SIZE = 32
 TEXTS = ["a photo of a cat", "a photo of a dog", "a rocket", "coffee", "an astronaut", "a red flower"]
@@ -229,11 +229,7 @@ def _http_and_cli_take_text(server, config, by_text: list[str], text_vectors, ca
 
     import requests
 
-    from embedder.rest import HttpServer, create_app
-
-    http = HttpServer(create_app(server.service, config), config, port=0)
-    http.start()
-    try:
+    with http_door(server, config) as http:
         found = requests.post(f"{http.url}/v1/search", json={"collection": "photos", "item": {"text": TEXTS[1]},
                                                              "k": 3}, timeout=30)
         assert found.status_code == 200 and [h["id"] for h in found.json()["hits"]] == by_text
@@ -243,8 +239,6 @@ def _http_and_cli_take_text(server, config, by_text: list[str], text_vectors, ca
         refused = requests.post(f"{http.url}/v1/embed", json={"items": [{"text": "  "}]}, timeout=30)
         assert "text is empty" in refused.json()["results"][0]["error"]["message"]
         _openai_takes_text(http.url, text_vectors)
-    finally:
-        http.stop(grace=1)
     cli = [sys.executable, "-m", "embedder.cli"]
     server_flag = ["--server", f"127.0.0.1:{server.port}"]
     out = subprocess.run([*cli, "search", "--text", TEXTS[1], "--collection", "photos", "-k", "3", "--json",

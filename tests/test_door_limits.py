@@ -16,12 +16,11 @@ from typing import Iterator
 
 import grpc
 import pytest
-from conftest import running_server
+from conftest import http_door, running_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
-from embedder.rest import HttpServer, create_app
 from embedder.server import REFLECTION_STREAMS
 
 TOKEN = "s3cret"
@@ -203,10 +202,8 @@ def test_unauthenticated_large_messages_are_refused_unread(cache_dir, tmp_path):
 
 def test_http_door_caps_concurrent_requests_and_ends_idle_uploads(embedder):
     with running_server(embedder, max_concurrent_rpcs=2, stream_idle_seconds=1.0) as s:
-        http = HttpServer(create_app(s.service, s.config), s.config, port=0)
-        http.start()
-        try:
-            head = (f"POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        with http_door(s) as http:
+            head = ("POST /v1/embed HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     "Content-Length: 1000\r\n\r\n{").encode()
             slow = [socket.create_connection(("127.0.0.1", http.port), timeout=10) for _ in range(2)]
             for sock in slow:
@@ -226,5 +223,3 @@ def test_http_door_caps_concurrent_requests_and_ends_idle_uploads(embedder):
             with socket.create_connection(("127.0.0.1", http.port), timeout=10) as again:
                 again.sendall(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
                 assert again.recv(65536).startswith(b"HTTP/1.1 200")
-        finally:
-            http.stop(grace=1)

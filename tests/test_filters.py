@@ -320,21 +320,16 @@ def passing(where) -> set[str]:
 @pytest.fixture(scope="module")
 def doors(embedder, photos):
     """A gRPC server and the HTTP door over its service, with six photos stored under PHOTO_META."""
-    from conftest import running_server
+    from conftest import http_door, running_server
 
     from embedder.client import EmbedderClient
-    from embedder.rest import HttpServer, create_app
 
     with running_server(embedder) as server:
-        http = HttpServer(create_app(server.service, server.config), server.config, port=0)
-        http.start()
-        try:
+        with http_door(server) as http:
             with EmbedderClient(server.address, timeout=120) as client:
                 client.add("photos", photos + photos, PHOTO_IDS, labels=PHOTO_LABELS, metadata=PHOTO_META)
                 query = client.get("photos", ["p0"])[0].vector
             yield server, http, query
-        finally:
-            http.stop(grace=1)
 
 
 def test_grpc_client_round_trip(doors):

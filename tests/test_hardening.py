@@ -22,7 +22,6 @@ from conftest import jpeg_bytes, running_server
 
 from classifier import HeadRegistry, list_heads
 from embedder._proto import embedder_pb2 as pb
-from embedder._proto import embedder_pb2_grpc as pb_grpc
 from embedder.client import EmbedderClient, ServiceError
 from embedder.server import SERVICE_NAME
 from embedder.store import Store

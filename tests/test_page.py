@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import running_server
+from conftest import http_door, running_server
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
@@ -22,7 +22,6 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from embedder.rest import HttpServer, create_app
 
 TOKEN = "page-test-token"
 WAIT = 60  # seconds for one step (training and its learning curve are the slowest, a few seconds)
@@ -31,10 +30,8 @@ WAIT = 60  # seconds for one step (training and its learning curve are the slowe
 @pytest.fixture(scope="module")
 def http(embedder, tmp_path_factory):
     with running_server(embedder, token=TOKEN, data_dir=tmp_path_factory.mktemp("page-data")) as server:
-        door = HttpServer(create_app(server.service, server.config), server.config, port=0)
-        door.start()
-        yield door
-        door.stop(grace=1)
+        with http_door(server) as door:
+            yield door
 
 
 @pytest.fixture(scope="module")
