@@ -12,6 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import asdict
+from functools import partial
 from typing import Any, Iterator
 
 import grpc
@@ -122,10 +123,15 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
             failed = e
         context.abort(*status_of(failed))  # outside the try: abort raises, and must not be caught above
 
+    def _items(self, items: Any, convert: Any = None, extra: int = 0) -> list:
+        """``items`` converted, after the count check: a 4 MB message of empty items would be 2M objects."""
+        self.service.check_count(len(items) + extra)
+        return [(convert or _item)(i) for i in items]
+
     # ------------------------------------------------------------------ embedding
 
     def Embed(self, request: pb.EmbedRequest, context: grpc.ServicerContext) -> pb.EmbedResponse:
-        items = [_item(i) for i in request.items]
+        items = self._run(context, self._items, request.items)
         result = self._run(context, self.service.embed, items, model=request.model, call=self._call(context))
         return self._embed_response(result)
 
@@ -170,7 +176,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
     # ------------------------------------------------------------------ store
 
     def Add(self, request: pb.AddRequest, context: grpc.ServicerContext) -> pb.AddResponse:
-        items = [_add_item(a, self.service.config.max_metadata_bytes) for a in request.items]
+        items = self._run(context, self._items, request.items,
+                          partial(_add_item, max_bytes=self.service.config.max_metadata_bytes))
         out = self._run(context, self.service.add, request.collection, items, model=request.model,
                         index=request.index, call=self._call(context))
         return pb.AddResponse(results=[_result(o, out.model, with_vector=False) for o in out.outcomes],
@@ -250,7 +257,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
 
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         result = self._run(context, self.service.predict, list(request.head_ids) or [request.head_id],
-                           items=[_item(i) for i in request.items], ids=list(request.ids),
+                           items=self._run(context, self._items, request.items, extra=len(request.ids)),
+                           ids=list(request.ids),
                            collection=request.collection, top_k=request.top_k or 1, call=self._call(context))
         predictions = []
         for row in result.rows:
@@ -334,11 +342,11 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         try:
             for request in request_iterator:
                 waiting[0] = None
-                items = [_item(i) for i in request.items]
                 # Streams wait for queue room instead of failing: a bulk job should slow down, not die.
                 pending: Pending | BaseException
                 try:
-                    pending = self.service.start_embed(items, model=request.model, call=call, block=True)
+                    pending = self.service.start_embed(self._items(request.items), model=request.model, call=call,
+                                                       block=True)
                 except Exception as e:
                     if category_of(e) is Category.DEADLINE:
                         return  # the caller went away while we waited for room

@@ -600,6 +600,24 @@ def test_more_than_max_items_is_refused_naming_the_limit(stub, stored):
         assert "--max-items" in error.details()
 
 
+def test_too_many_items_are_refused_before_any_is_read(stub, stored, monkeypatch):
+    """The count comes first: a 4 MB message of 2M empty items was made into 2M items (~100x its size in
+    memory, held after) only to be refused; now no item of an over-long request is converted."""
+    from embedder import servicer
+
+    read, convert = [], servicer._item
+    monkeypatch.setattr(servicer, "_item", lambda i: read.append(i) or convert(i))
+    items = [pb.Item(id=f"i{k}") for k in range(MAX_ITEMS + 1)]
+    for method, request in [(stub.Embed, pb.EmbedRequest(items=items)),
+                            (stub.Add, pb.AddRequest(collection=COLLECTION, items=[pb.AddItem(item=i) for i in items])),
+                            (stub.Predict, pb.PredictRequest(head_id=HEAD, items=items[:2], ids=["x"] * MAX_ITEMS))]:
+        _, error = call(method, request)
+        assert code_of(error) == SC.INVALID_ARGUMENT and "--max-items" in error.details()
+    assert read == []
+    _, error = call(stub.Embed, pb.EmbedRequest(items=items[:1]))  # the spy sees what is read
+    assert error is None and len(read) == 1
+
+
 def test_oversized_messages_are_resource_exhausted_and_the_server_goes_on(stub, good):
     blob = b"\x00" * (MAX_MESSAGE + 1024)
     for method, request in [

@@ -117,7 +117,7 @@ class HeadCalls(AccessChecks):
                 f"a {kind} head needs a text-image model, but model {bound.name!r} embeds images only; serve a CLIP "
                 "or SigLIP folder with a transformers model card (--model-card) and use a collection of that model")
         flat = [(label, text) for label, texts in prompts.items() for text in texts]
-        self._check_count(len(flat))
+        self.check_count(len(flat))
         outcomes = self.finish(self._start([Item(text=text) for _, text in flat], bound, call)).outcomes
         failed = next((o.error for o in outcomes if o.error is not None), None)
         if failed is not None:
@@ -133,7 +133,7 @@ class HeadCalls(AccessChecks):
         one embedding or cache hit per item, every head applied to it."""
         store = self._stateful()
         self._permit(call, READ, collection)
-        self._check_count(len(items) + len(ids))
+        self.check_count(len(items) + len(ids))
         head_ids = list(head_ids)
         if not head_ids or not all(head_ids):
             raise InvalidArgumentError("name the head(s) to apply: a head id in `head_id`, or `head_ids` with no "
@@ -209,7 +209,7 @@ class HeadCalls(AccessChecks):
 
         store = self._stateful()
         self._permit(call, WRITE, collection)  # may train a head (not saved), which costs like training
-        self._check_count(len(ids))
+        self.check_count(len(ids))
         info = store.collection(collection)  # NotFoundError before any work
         labelled_ids, X_labelled, y_labelled = store.labelled(collection)
         candidates, X = self._unlabelled(store, collection, ids, set(labelled_ids), where)

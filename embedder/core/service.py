@@ -142,7 +142,7 @@ class Service(HeadCalls):
         waits for queue room instead of raising QueueFullError."""
         self._check_ready()
         self._permit(call, READ)
-        self._check_count(len(items))
+        self.check_count(len(items))
         items = [Item.of(x) for x in items]
         leased = self.models.acquire(model)
         try:
@@ -182,7 +182,7 @@ class Service(HeadCalls):
         binding and ``index``; items that fail are left out and say why."""
         store = self._stateful()
         self._permit(call, WRITE, collection)
-        self._check_count(len(items))
+        self.check_count(len(items))
         if not collection:
             raise InvalidArgumentError("`collection` is empty; name the collection to add to")
         ids = [a.item.id for a in items]
@@ -240,7 +240,7 @@ class Service(HeadCalls):
         in one message (``vectors=False``: the caller leaves the vectors out)."""
         store = self._stateful()
         self._permit(call, READ, collection)
-        self._check_count(len(ids))
+        self.check_count(len(ids))
         found = store.get(collection, list(ids))
         self._check_answer([s for s in found if s is not None], vectors=vectors, what="Get", fix="fewer ids")
         return found
@@ -334,7 +334,7 @@ class Service(HeadCalls):
         Collection items keep their vectors: delete the items for that."""
         store = self._stateful()
         self._permit(call, WRITE)
-        self._check_count(len(sha256s))
+        self.check_count(len(sha256s))
         p = call.principal
         return store.forget(sha256s, owner=None if p is None or p.has(ADMIN) else p.cache_owner)
 
@@ -429,7 +429,7 @@ class Service(HeadCalls):
                 f"(max_message_bytes); ask for {fix}" + (", leave the vectors out" if vectors else "")
                 + ", or raise --max-message-bytes / EMBEDDER_MAX_MESSAGE_BYTES on both server and client")
 
-    def _check_count(self, n: int) -> None:
+    def check_count(self, n: int) -> None:
         limit = self.config.max_items
         if n > limit:
             raise InvalidArgumentError(

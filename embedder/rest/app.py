@@ -62,9 +62,13 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
     async def read(request: Request, model: type[M], form: type[BaseModel] | None = None
                    ) -> tuple[M | Any, list[Item]]:
         """The body as ``model`` (JSON), or for a route taking images as ``form`` (multipart) with its
-        uploaded ``image`` files as items."""
+        uploaded ``image`` files as items. Parsed off the event loop (a large body must not stall the other
+        calls, probes included), and a body with more items than ``max_items`` is refused before anything is made
+        of them."""
         if form is None or not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            return model.model_validate_json(await request.body()), []
+            body = await anyio.to_thread.run_sync(model.model_validate_json, await request.body())
+            service.check_count(_item_count(body))
+            return body, []
         fields: dict[str, Any] = {}
         uploads: list[Item] = []
         lists = {name for name, f in form.model_fields.items() if getattr(f.annotation, "__origin__", None) is list}
@@ -112,8 +116,9 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
             raise InvalidArgumentError("`input` holds token ids; send images as data: URIs or base64 strings, and "
                                        "texts (for a text-image model) as strings")
         takes_text = body.modality is None and await run(service.takes_text, body.model, who(request))
-        items = [convert.input_item(str(i), text, modality=body.modality, takes_text=takes_text)
-                 for i, text in enumerate(inputs)]
+        items = await anyio.to_thread.run_sync(lambda: [
+            convert.input_item(str(i), text, modality=body.modality, takes_text=takes_text)
+            for i, text in enumerate(inputs)])
         _all_or_nothing([it.error for it in items])  # before any embedding: the call fails anyway
         async with caller(request) as call:
             result = await run(service.embed, items, model=body.model, call=call)
@@ -138,7 +143,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
     async def embed(request: Request) -> Response:
         """Per-item results: an item that fails says why in its `error`, the others get vectors."""
         body, uploads = await read(request, schema.EmbedRequest, schema.EmbedRequest)
-        items = [convert.item(x) for x in body.items] + uploads
+        items = await anyio.to_thread.run_sync(convert.items, body.items) + uploads
         async with caller(request) as call:
             result = await run(service.embed, items, model=body.model, call=call)
         return json_response(schema.EmbedResponse(
@@ -156,7 +161,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
                                          max_bytes=config.max_metadata_bytes, raise_with=METADATA_FLAG) or None
             items = [AddItem(u, label=body.label, metadata=metadata) for u in uploads]
         else:
-            items = [convert.add_item(x) for x in body.items]
+            items = await anyio.to_thread.run_sync(convert.add_items, body.items)
         async with caller(request) as call:
             out = await run(service.add, collection, items, model=body.model, index=body.index, call=call)
         return json_response(schema.AddResponse(results=[convert.result(o, None) for o in out.outcomes],
@@ -295,7 +300,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
     async def predict(request: Request) -> Response:
         """Apply heads to images (`items` or uploaded `image` files) and stored items (`ids` of `collection`)."""
         body, uploads = await read(request, schema.PredictRequest, schema.PredictRequest)
-        items = [convert.item(x) for x in body.items] + uploads
+        items = await anyio.to_thread.run_sync(convert.items, body.items) + uploads
         async with caller(request) as call:
             result = await run(service.predict, body.head_ids, items=items, ids=body.ids,
                                collection=body.collection, top_k=body.top_k, call=call)
@@ -399,6 +404,11 @@ async def caller(request: Request) -> AsyncIterator[Call]:
 def who(request: Request) -> Call:
     """The core's view of a caller whose call is quick (no cancellation to watch): its API key."""
     return Call(principal=request.scope.get(PRINCIPAL))
+
+
+def _item_count(body: BaseModel) -> int:
+    """How many items, inputs and ids a parsed body carries (what ``max_items`` bounds)."""
+    return sum(len(v) for v in (getattr(body, name, None) for name in ("items", "input", "ids")) if isinstance(v, list))
 
 
 def _all_or_nothing(errors: list[BaseException | None]) -> None:

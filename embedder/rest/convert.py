@@ -95,6 +95,10 @@ def input_item(item_id: str, text: str, *, modality: str | None, takes_text: boo
     return Item(item_id, image=data) if any(data.startswith(m) for m, _ in _IMAGE_MAGIC) else Item(item_id, text=text)
 
 
+def items(xs: list[schema.ItemIn]) -> list[Item]:
+    return [item(x) for x in xs]
+
+
 def item(x: schema.ItemIn) -> Item:
     """One JSON item as the core's item; one that cannot be read carries its error and fails alone."""
     try:
@@ -116,6 +120,10 @@ def item(x: schema.ItemIn) -> Item:
     except Exception as e:  # whatever a malformed item does, it fails alone
         return Item(x.id, error=ItemError(f"malformed item ({type(e).__name__}: {e})"))
     return Item(x.id)  # none: the core says what to set
+
+
+def add_items(xs: list[schema.AddItemIn]) -> list[AddItem]:
+    return [add_item(x) for x in xs]
 
 
 def add_item(x: schema.AddItemIn) -> AddItem:
