@@ -8,8 +8,9 @@ predict, jobs' state) < ``write`` (add, delete, labels, train, fine-tune, cancel
 ``token``.
 
 :class:`KeyStore` re-reads the file when it changes, so ``embedder keys add|revoke`` on the data dir takes
-effect on a running server with its next call. With neither ``--token`` nor any key, nothing is checked
-(``Principal`` None: a trusted caller, as the in-process library is).
+effect on a running server with its next call. With neither ``--token`` nor any key ever added, nothing is checked
+(``Principal`` None: a trusted caller, as the in-process library is). Once a key is added, auth stays on even when
+every key is revoked: revoking a leaked key must never open the server.
 """
 from __future__ import annotations
 
@@ -94,9 +95,13 @@ class KeyStore:
         allowed = record.get("collections")
         return Principal(key_id, record["role"], None if allowed is None else frozenset(allowed))
 
-    def active(self) -> bool:
-        """Whether any key is live (then every call needs one)."""
-        return any(r.get("revoked") is None for r in self._load().values())
+    def in_use(self) -> bool:
+        """Whether any key was ever added, revoked ones included (then every call needs a live one)."""
+        return bool(self._load())
+
+    def live(self) -> int:
+        """How many keys are not revoked."""
+        return sum(r.get("revoked") is None for r in self._load().values())
 
     def add(self, name: str, role: str, collections: Sequence[str] | None = None) -> tuple[KeyInfo, str]:
         """Create a key; returns its info and the key itself, which is shown once and never stored."""
@@ -200,7 +205,7 @@ class Gate:
 
     @property
     def required(self) -> bool:
-        return bool(self._token) or (self.keys is not None and self.keys.active())
+        return bool(self._token) or (self.keys is not None and self.keys.in_use())
 
     def principal(self, authorization: str | bytes | None) -> Principal | None:
         """The caller named by an ``authorization`` value; None when no auth is configured.

@@ -134,6 +134,20 @@ def test_a_read_key_reads_but_cannot_write_and_a_revoked_key_is_refused(server, 
     assert Rpc(server.address, None).code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_revoking_the_last_key_of_a_server_without_a_token_keeps_auth_on(embedder, tmp_path, capsys):
+    """A server without --token needs a key once one was added, and still after every key is revoked (revoking a
+    leaked key used to open the server to anyone, the revoked key included)."""
+    with running_server(embedder, data_dir=tmp_path) as server:
+        assert Rpc(server.address, None).code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.OK  # no keys: open
+        key = new_key(KeyStore(tmp_path), "write")
+        assert Rpc(server.address, None).code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.UNAUTHENTICATED
+        assert cli_main(["keys", "revoke", key.split("_")[1], "--data-dir", str(tmp_path)]) == 0
+        assert "no live key is left" in capsys.readouterr().err
+        for who in (None, key):
+            assert Rpc(server.address, who).code("ListModels", pb.ListModelsRequest()) == \
+                grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_an_allow_listed_key_sees_only_its_collections(server, keys):
     rpc = Rpc(server.address, new_key(keys, "write", ["pets"]))
     denied = grpc.StatusCode.PERMISSION_DENIED

@@ -14,6 +14,7 @@ operator. Each key is printed once by ``keys add``; only its SHA-256 is stored.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -67,8 +68,12 @@ def list_keys(args: argparse.Namespace) -> int:
 
 
 def revoke(args: argparse.Namespace) -> int:
-    info = _store(args).revoke(args.key_id)
+    store = _store(args)
+    info = store.revoke(args.key_id)
     print(f"key {info.key_id} ({printable(info.name)}) revoked; a running server refuses it from its next call")
+    if store.live() == 0:
+        print("note: no live key is left, so a server on this data dir refuses every call (but --token's); add "
+              "one with `embedder keys add NAME --role ROLE`", file=sys.stderr)
     return 0
 
 
