@@ -98,6 +98,11 @@ def _layers(net: nn.Module, arch: str) -> tuple[list[nn.Module], list[nn.Module]
     return [net._conv_stem, net._bn0, net._swish], list(net._blocks), [net._conv_head, net._bn1, net._swish], "_fc"
 
 
+# What one job may ask for: a fine-tune holds a core for its whole run, and an epoch of 10k kept images takes
+# minutes on a CPU, so 500 epochs is already days; early stopping ends most runs within tens.
+CAPS = {"epochs": 500, "batch_size": 4096, "patience": 500}
+
+
 @dataclass(frozen=True)
 class FineTuneConfig:
     """Settings of one fine-tune. Seeded: the same settings and images give the same split, batches and
@@ -141,8 +146,8 @@ class FineTuneConfig:
         if self.schedule not in SCHEDULES:
             raise FineTuneError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule[:50]!r}")
         for name in ("epochs", "batch_size", "patience"):
-            if getattr(self, name) < 1:
-                raise FineTuneError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= CAPS[name]:
+                raise FineTuneError(f"{name} must be between 1 and {CAPS[name]}, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             raise FineTuneError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
         if self.lr <= 0 or self.weight_decay < 0 or self.noise < 0 or self.mixup < 0 or not 0 <= self.dropout < 1:
@@ -250,7 +255,7 @@ def check_labels(labels: Sequence[str]) -> None:
     values, counts = np.unique(np.asarray(list(labels), dtype=object).astype(str), return_counts=True)
     if len(values) < 2:
         raise TooFewLabelsError("need labelled images of at least two classes to fine-tune")
-    few = [f"{v!r} has {n}" for v, n in zip(values, counts) if n < 2]
+    few = [f"{str(v)!r} has {n}" for v, n in zip(values, counts) if n < 2]
     if few:
         raise TooFewLabelsError(f"every class needs at least 2 labelled images (one for the hold-out): "
                             f"{', '.join(few[:10])}; label more or leave those classes out")

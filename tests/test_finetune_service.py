@@ -26,8 +26,9 @@ def served(embedder, digit_images, tmp_path, restore_registry):
 def test_a_fine_tune_job_registers_a_new_backbone(served, digit_images):
     server, client, data_dir = served
     seen: list[dict] = []
-    job = client.finetune("digits", "ft", epochs=3)
+    job = client.finetune("digits", "ft", params={"epochs": 3})  # a setting in params counts (it was dropped)
     assert job["state"] in ("queued", "running") and job["params"]["images"] == 45
+    assert job["params"]["config"]["epochs"] == 3
     done = client.wait_job(job["job_id"], poll=0.2, timeout=300, on_progress=seen.append)
     assert done["state"] == "finished", done["error"]
     result = done["result"]
@@ -74,6 +75,9 @@ def test_bad_fine_tune_requests_fail_up_front(served, embedder):
         (dict(collection="digits", suffix="x", params={"depth": 3}), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(collection="digits", suffix="x", params={"schedule": "linear"}), grpc.StatusCode.INVALID_ARGUMENT),
         (dict(collection="digits", suffix="x", unfreeze=18), grpc.StatusCode.INVALID_ARGUMENT),  # mobilenet_v2: 17
+        (dict(collection="digits", suffix="x", epochs=10**9), grpc.StatusCode.INVALID_ARGUMENT),  # bounded work
+        (dict(collection="digits", suffix="x", params={"patience": 10**9}), grpc.StatusCode.INVALID_ARGUMENT),
+        (dict(collection="digits", suffix="x", epochs=3, params={"epochs": 2}), grpc.StatusCode.INVALID_ARGUMENT),
     ]
     for kwargs, code in cases:
         with pytest.raises(ServiceError) as e:

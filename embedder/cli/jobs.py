@@ -20,11 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune the last block(s) on a labelled collection -> a new backbone")
     p.add_argument("--collection", required=True)
     p.add_argument("--suffix", required=True, help="the new backbone is <parent>.<suffix>")
-    p.add_argument("--unfreeze", type=positive_int, default=1,
-                   help="blocks trained, from the end, plus the layers after them (default %(default)s; "
+    p.add_argument("--unfreeze", type=positive_int, default=0,
+                   help="blocks trained, from the end, plus the layers after them (default: the server's, 1; "
                         "at most 17 for mobilenet_v2, 16 for efficientnet_lite0, 21 for efficientnet_lite2)")
-    p.add_argument("--epochs", type=positive_int, default=10,
-                   help="at most this many epochs (default %(default)s; early stopping)")
+    p.add_argument("--epochs", type=positive_int, default=0,
+                   help="at most this many epochs (default: the server's, 10; at most 500; early stopping)")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these labels (default: all)")
     p.add_argument("--param", type=param, action="append", default=[], metavar="NAME=VALUE",
                    help="further settings: lr, schedule (cosine or constant), weight_decay, batch_size, "

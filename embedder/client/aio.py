@@ -151,7 +151,7 @@ class AsyncEmbedderClient(BaseClient):
 
     # ------------------------------------------------------------------ jobs
 
-    async def finetune(self, collection: str, suffix: str, *, unfreeze: int = 1, epochs: int = 10,
+    async def finetune(self, collection: str, suffix: str, *, unfreeze: int = 0, epochs: int = 0,
                        labels: Sequence[str] | None = None, ids: Sequence[str] | None = None,
                        params: Mapping[str, Any] | None = None, method: str = "finetune") -> dict[str, Any]:
         return await self._run(self._finetune(collection, suffix, unfreeze, epochs, labels, ids, params, method))

@@ -187,14 +187,15 @@ class EmbedderClient(BaseClient):
 
     # ------------------------------------------------------------------ jobs
 
-    def finetune(self, collection: str, suffix: str, *, unfreeze: int = 1, epochs: int = 10,
+    def finetune(self, collection: str, suffix: str, *, unfreeze: int = 0, epochs: int = 0,
                  labels: Sequence[str] | None = None, ids: Sequence[str] | None = None,
                  params: Mapping[str, Any] | None = None, method: str = "finetune") -> dict[str, Any]:
         """Start fine-tuning the collection's backbone on its labelled (kept) images; returns the job.
 
         ``method="adabn"`` instead re-estimates the BatchNorm statistics on the collection's (unlabelled)
         images, adapting the backbone to their domain. The new backbone is ``<parent>.<suffix>``. Follow the
-        job with :meth:`wait_job` or :meth:`get_job`.
+        job with :meth:`wait_job` or :meth:`get_job`. ``unfreeze``/``epochs`` 0: the server's defaults; give each
+        setting once (here or in ``params``).
         """
         return self._run(self._finetune(collection, suffix, unfreeze, epochs, labels, ids, params, method))
 

@@ -9,6 +9,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ..errors import InvalidArgumentError
+
 
 def _use(name: str) -> str:
     return f"model={name!r} in Embed/Add/Search (loaded on first use)"
@@ -22,7 +24,7 @@ def start_finetune(store: Any, jobs: Any, data_dir: Path, collection: str, suffi
     from ..backbones import get_backbone
     from ..finetune import FineTuneConfig, check_labels, check_suffix, check_unfreeze, finetune
 
-    config = FineTuneConfig.from_params({**params, "unfreeze": unfreeze, "epochs": epochs})
+    config = FineTuneConfig.from_params(_merged(params, unfreeze=unfreeze, epochs=epochs))
     parent = get_backbone(store.collection(collection).model_id)
     check_unfreeze(parent, config.unfreeze)
     check_suffix(suffix, parent, data_dir)
@@ -47,6 +49,20 @@ def start_finetune(store: Any, jobs: Any, data_dir: Path, collection: str, suffi
 
     return jobs.submit("finetune", {"collection": collection, "suffix": suffix, "parent": parent.model_id,
                                             "images": len(found), "config": asdict(config)}, work)
+
+
+def _merged(params: Mapping[str, Any], **fields: int) -> dict[str, Any]:
+    """``params`` with the request's own fields (0: not given) added; the same setting given both ways is refused
+    unless the two agree (one silently winning was a surprise)."""
+    merged = dict(params)
+    for name, value in fields.items():
+        if not value:
+            continue
+        if name in merged and merged[name] != value:
+            raise InvalidArgumentError(f"{name} is given twice, {value} and params.{name}={merged[name]!r}; "
+                                       "give it once")
+        merged[name] = value
+    return merged
 
 
 def start_adabn(store: Any, jobs: Any, data_dir: Path, collection: str, suffix: str) -> Any:

@@ -352,8 +352,8 @@ class Service(HeadCalls):
             return start_adabn(store, self.jobs, self.config.data_dir, collection, suffix)
         if method not in ("", "finetune"):
             raise InvalidArgumentError(f"method must be 'finetune' or 'adabn', got {method[:50]!r}")
-        return start_finetune(store, self.jobs, self.config.data_dir, collection, suffix, unfreeze=unfreeze or 1,
-                              epochs=epochs or 10, params=params or {}, labels=labels, ids=ids)
+        return start_finetune(store, self.jobs, self.config.data_dir, collection, suffix, unfreeze=unfreeze,
+                              epochs=epochs, params=params or {}, labels=labels, ids=ids)
 
     def get_job(self, job_id: str, *, call: Call = Call()) -> Any:
         self._stateful()
