@@ -197,8 +197,7 @@ class HeadRegistry:
         """The directory of an existing head. Errors name the id only: callers may be remote, paths are ours."""
         path = self.root / check_head_id(head_id)
         if not (path / META_FILE).is_file():
-            raise HeadNotFoundError(f"no head {head_id!r}; list the heads there are with ListHeads "
-                                    "(`embedder heads`)")
+            raise unknown_head(head_id)
         return path
 
     def turn(self, should_stop: Callable[[], bool] | None, what: str) -> AbstractContextManager[None]:
@@ -234,6 +233,11 @@ class _Stopper:
         if self.should_stop is not None and self.should_stop():
             raise DeadlineError(f"the {self.what} stopped after {after}: its call's deadline passed, it was "
                                 "cancelled, or the server is stopping; allow a longer deadline")
+
+
+def unknown_head(head_id: str) -> HeadNotFoundError:
+    """The answer for a head that is not there (or that the caller may not see: the same words)."""
+    return HeadNotFoundError(f"no head {head_id!r}; list the heads there are with ListHeads (`embedder heads`)")
 
 
 def _capped(params: Mapping[str, Any] | None) -> dict[str, Any]:

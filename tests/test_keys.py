@@ -61,6 +61,17 @@ class Rpc:
             return e.code()
         return grpc.StatusCode.OK
 
+    def details(self, method: str, request, head_id: str) -> str:
+        """The error message of ``request`` sent for ``head_id`` instead."""
+        other = type(request)()
+        other.CopyFrom(request)
+        other.head_id = head_id
+        try:
+            self(method, other)
+        except grpc.RpcError as e:
+            return e.details().replace(repr(head_id), repr(request.head_id))
+        raise AssertionError(f"{method} answered for {head_id}")
+
     def embed(self, *items: pb.Item) -> list[pb.Result]:
         return list(self("Embed", pb.EmbedRequest(items=list(items))).results)
 
@@ -174,12 +185,23 @@ def test_an_allow_listed_key_cannot_see_or_replace_another_collections_heads(ser
         admin.add("digits-b", images[:20] + images[30:50], [f"b{i}" for i in range(40)],
                   labels=labels[:20] + labels[30:50])
         admin.train("digits-b", head_id="b-head")
+        admin.train("digits-a", head_id="a-to-b", adapt_to="digits-b")  # made from a collection it may not see
     rpc = Rpc(server.address, new_key(keys, "write", ["digits-a"]))
-    denied = grpc.StatusCode.PERMISSION_DENIED
-    assert "b-head" not in {h.head_id for h in rpc("ListHeads", pb.ListHeadsRequest()).heads}
-    assert rpc.code("Train", pb.TrainRequest(collection="digits-a", head_id="b-head")) == denied  # no overwrite
-    assert rpc.code("DeleteHead", pb.DeleteHeadRequest(head_id="b-head")) == denied
-    assert rpc.code("Predict", pb.PredictRequest(head_id="b-head", items=[pb.Item(image=images[0])])) == denied
+    denied, unknown = grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND
+    assert {"b-head", "a-to-b"}.isdisjoint(h.head_id for h in rpc("ListHeads", pb.ListHeadsRequest()).heads)
+    try:  # no overwrite, and the refusal names no collection
+        rpc("Train", pb.TrainRequest(collection="digits-a", head_id="b-head"))
+        raise AssertionError("replaced another collection's head")
+    except grpc.RpcError as e:
+        assert e.code() == denied and "digits-b" not in e.details()
+    for head in ("b-head", "a-to-b"):  # answered as an unknown head is: the key cannot tell that it exists
+        for method, request in [("DeleteHead", pb.DeleteHeadRequest(head_id=head)),
+                                ("Predict", pb.PredictRequest(head_id=head, items=[pb.Item(image=images[0])]))]:
+            try:
+                rpc(method, request)
+                raise AssertionError(f"{method} used head {head}")
+            except grpc.RpcError as e:
+                assert e.code() == unknown and e.details() == rpc.details(method, request, "no-such-head")
     assert rpc.code("Predict", pb.PredictRequest(items=[pb.Item(image=images[0])])) == grpc.StatusCode.INVALID_ARGUMENT
     assert rpc("Train", pb.TrainRequest(collection="digits-a", head_id="a-head")).head.head_id == "a-head"
     assert {h.head_id for h in rpc("ListHeads", pb.ListHeadsRequest()).heads} == {"a-head"}

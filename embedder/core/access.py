@@ -35,16 +35,24 @@ class AccessChecks:
             raise PermissionDeniedError(f"API key {p.key_id} may not use collection {denied!r} (not on its "
                                         "allow-list); use a key allowed that collection")
 
-    def _permit_head(self, call: Call, role: str, head_id: str) -> None:
-        """:meth:`_permit` for a saved head: a key with an allow-list may use only heads trained on its
-        collections (a head it may not see is refused like an unknown one would be: without saying which)."""
+    def _permit_head(self, call: Call, role: str, head_id: str, *, replacing: bool = False) -> None:
+        """:meth:`_permit` for a saved head: a key with an allow-list may use only heads of its collections
+        (:func:`head_in_scope`). One it may not use is answered as an unknown head would be, so the key learns
+        neither the collections behind it nor, except when asking to replace it, that it exists."""
         self._permit(call, role)
-        if self._allowed(call) is not None:
+        allowed = self._allowed(call)
+        if allowed is not None:
             try:
                 source = self.heads.info(head_id).source
             except EmbedderError:
                 return  # no such head (or a bad id): the call itself says so
-            self._permit(call, role, source_collection(source) or f"(head {head_id!r})")
+            if not head_in_scope(source, allowed):
+                if replacing:
+                    raise PermissionDeniedError(f"head id {head_id!r} is taken by a head this key may not use; "
+                                                "choose another id")
+                from classifier.registry import unknown_head
+
+                raise unknown_head(head_id)
 
     def _permit_job(self, call: Call, role: str, job_id: str) -> None:
         """:meth:`_permit` for a job: a key with an allow-list may see jobs on its collections only."""
@@ -63,6 +71,8 @@ class AccessChecks:
 
 
 
-def source_collection(source: Mapping[str, Any] | None) -> str:
-    """The collection a head was trained on ("" when it was not trained from one)."""
-    return str((source or {}).get("collection") or "")
+def head_in_scope(source: Mapping[str, Any] | None, allowed: frozenset[str]) -> bool:
+    """Whether every collection a head was made from (trained on, adapted to) is in ``allowed``."""
+    source = source or {}
+    made_from = [str(source.get("collection") or ""), str(source.get("adapt_to") or "")]
+    return bool(made_from[0]) and all(c in allowed for c in made_from if c)

@@ -11,7 +11,7 @@ from .. import filters
 from ..errors import (InvalidArgumentError, ItemNotFoundError, ModelMismatchError, NotFoundError,
                       NotSupportedByModelError)
 from ..results import CurvePoint
-from .access import READ, WRITE, AccessChecks, source_collection
+from .access import READ, WRITE, AccessChecks, head_in_scope
 from .embedding import Call, Item, Outcome
 from .models import LoadedModel
 
@@ -60,7 +60,7 @@ class HeadCalls(AccessChecks):
         store = self._stateful()
         self._permit(call, WRITE, collection, adapt_to)
         if head_id:  # replacing a head trained on another collection is that collection's business
-            self._permit_head(call, WRITE, head_id)
+            self._permit_head(call, WRITE, head_id, replacing=True)
         found_ids, X, y = store.labelled(collection, labels=list(labels) or None, ids=list(ids) or None, where=where)
         f = filters.parse(where)
         if not found_ids:
@@ -101,7 +101,7 @@ class HeadCalls(AccessChecks):
         self._stateful()
         self._permit(call, WRITE, collection)
         if head_id:
-            self._permit_head(call, WRITE, head_id)
+            self._permit_head(call, WRITE, head_id, replacing=True)
         with (self._collection_model(collection, model) if collection else self.models.lease(model)) as bound:
             vectors = self._prompt_vectors(class_prompts, bound, "zero_shot", call)
         head = ZeroShotHead.from_text(vectors, model_id=bound.model_id, **params)
@@ -245,7 +245,7 @@ class HeadCalls(AccessChecks):
         self._stateful()
         self._permit(call, READ)
         allowed = self._allowed(call)
-        return [h for h in self.heads.list() if allowed is None or source_collection(h.source) in allowed]
+        return [h for h in self.heads.list() if allowed is None or head_in_scope(h.source, allowed)]
 
     def delete_head(self, head_id: str, *, call: Call = Call()) -> None:
         self._stateful()
