@@ -125,6 +125,11 @@ class NotSupportedByModelError(EmbedderError):
     an ONNX file on the torch runtime, fine-tuning a model card."""
     category = Category.FAILED_PRECONDITION
 
+    @classmethod
+    def no_text(cls, model: str) -> NotSupportedByModelError:
+        return cls(f"model {model!r} embeds images only: it has no text tower; send text to a text-image model "
+                   "(a CLIP or SigLIP folder served with a transformers model card, see `embedder models`)")
+
 
 class ExportError(EmbedderError, RuntimeError):
     """Exporting a backbone to ONNX failed; we never fall back to a different model silently."""

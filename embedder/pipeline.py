@@ -106,9 +106,7 @@ class Embedder:
         """
         self._check_open()
         if not self.spec.has_text:
-            raise NotSupportedByModelError(
-                f"model {self.spec.name!r} embeds images only: it has no text tower; send text to a text-image model "
-                "(a CLIP or SigLIP folder served with a transformers model card, see `embedder models`)")
+            raise NotSupportedByModelError.no_text(self.spec.name)
         texts = list(texts)
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()), None)
         if bad is not None:

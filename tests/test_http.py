@@ -151,9 +151,11 @@ def test_openai_errors_are_all_or_nothing_and_in_openais_shape(oai, http, photos
             oai.embeddings.create(input=inputs, model="mobilenet_v2")
         assert text in e.value.message, (inputs, e.value.message)
         assert e.value.response.json()["error"]["code"] == "INVALID_ARGUMENT"
-    with pytest.raises(openai.APIStatusError) as e:  # texts need a text-image model
-        oai.embeddings.create(input=["a photo of a cat"], model="mobilenet_v2", extra_body={"modality": "text"})
-    assert e.value.status_code == 412 and "input[0]: " in e.value.message and "images only" in e.value.message
+    for inputs, modality in [(["a photo of a cat"], "text"), ([b64(photos[0])], "text"), (["a photo of a cat"], None)]:
+        with pytest.raises(openai.APIStatusError) as e:  # texts need a text-image model
+            oai.embeddings.create(input=inputs, model="mobilenet_v2", extra_body={"modality": modality})
+        assert "input[0]: " in e.value.message and "images only" in e.value.message, e.value.message
+        assert e.value.status_code == (412 if modality else 400)
     with pytest.raises(openai.BadRequestError) as e:
         oai.embeddings.create(input=[good], model="mobilenet_v2", dimensions=256)
     assert "dimensions=256" in e.value.message and "1280" in e.value.message

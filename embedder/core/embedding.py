@@ -135,6 +135,8 @@ def submit(items: Sequence[Item], model: Any, call: Call, *, store: Any, block: 
                 out.sha256 = content_hash(item.image)
                 encoded.setdefault(out.sha256, item.image)
             elif item.text is not None:
+                if not model.info.get("text"):  # before the text's own checks: no text would do
+                    raise NotSupportedByModelError.no_text(model.name)
                 out.sha256 = text_hash(_check_text(item.text))
                 texts.setdefault(out.sha256, item.text)
             elif item.sha256 is not None:

@@ -86,8 +86,14 @@ def input_item(item_id: str, text: str, *, modality: str | None, takes_text: boo
     (see ``EmbeddingsRequest.modality``)."""
     if modality == "text":
         return Item(item_id, text=text)
-    if modality == "image" or not takes_text or text.startswith("data:") or _URL.match(text):
+    if modality == "image" or text.startswith("data:") or _URL.match(text):
         return image_item(item_id, text)
+    if not takes_text:
+        found = image_item(item_id, text)
+        if found.error is not None:  # perhaps meant as a text: say why that is no way out either
+            found.error.args = (f"{found.error}; (and not a text either: this model embeds images only, texts need "
+                                "a text-image model)",)
+        return found
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
