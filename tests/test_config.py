@@ -133,3 +133,14 @@ def test_listeners_need_ports_of_their_own():
     with pytest.raises(ValueError, match="must differ"):
         Config(port=0, metrics_port=9100, http_port=9100)
     assert Config(port=0, http_port=8080).http_port == 8080  # port 0 picks a free one: no clash
+
+
+def test_the_readme_lists_every_config_field():
+    """The README's configuration table names every Config field, and nothing else."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("## Configuration"):readme.index("## Benchmarks")]
+    documented = {name for row in table.splitlines() if row.startswith("| `")
+                  for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    assert documented == {f.name for f in dataclasses.fields(Config)}
