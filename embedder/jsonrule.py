@@ -16,12 +16,13 @@ UNREADABLE = "_unreadable"  # the one key of what is returned in place of a stor
 
 
 def parse_json_object(text: str, what: str, *, max_bytes: int | None = MAX_JSON_BYTES,
-                      raise_with: str = "") -> dict[str, Any]:
+                      raise_with: str = "", stored: bool = False) -> dict[str, Any]:
     """A JSON object from a ``*_json`` field; empty means ``{}``. ValueError says what is wrong.
 
     Refused: more than ``max_bytes`` of UTF-8 as sent or as stored and returned (None: no size cap; ``raise_with``
-    names the setting that raises it), nesting deeper than :data:`MAX_JSON_DEPTH`, and anything that could not be
-    stored as JSON.
+    names the setting that raises it), nesting deeper than :data:`MAX_JSON_DEPTH`, integers outside 64 bits, and
+    anything that could not be stored as JSON. ``stored``: a value read back from the store, held to the rule as
+    it was when stored (no integer range).
     """
     if not text:
         return {}
@@ -33,16 +34,20 @@ def parse_json_object(text: str, what: str, *, max_bytes: int | None = MAX_JSON_
         raise _too_deep(what) from None
     except ValueError as e:  # JSONDecodeError is a ValueError
         raise _not_storable(what, e) from None
-    return check_json_object(value, what, max_bytes=max_bytes, raise_with=raise_with)
+    return check_json_object(value, what, max_bytes=max_bytes, raise_with=raise_with, stored=stored)
 
 
 def check_json_object(value: Any, what: str, *, max_bytes: int | None = MAX_JSON_BYTES,
-                      raise_with: str = "") -> dict[str, Any]:
+                      raise_with: str = "", stored: bool = False) -> dict[str, Any]:
     """``value`` (already parsed, e.g. from an HTTP body) if it is a JSON object within the rule; ValueError if not."""
     if _deeper_than(value, MAX_JSON_DEPTH):
         raise _too_deep(what)
     if not isinstance(value, dict):
         raise ValueError(f"{what} must be a JSON object ({{...}}), got {type(value).__name__}")
+    big = None if stored else _big_int(value)
+    if big is not None:  # SQLite and Milvus keep 64 bits: a filter would compare a rounded copy
+        raise ValueError(f"{what} holds the integer {big}, outside the 64-bit range the store keeps exactly; store "
+                         "it as a string, or as a float if rounding is fine")
     try:  # what cannot be stored must fail here, per item: infinities (1e999) and lone surrogates
         stored = dump_json(value, allow_nan=False).encode("utf-8")
     except (ValueError, TypeError) as e:  # UnicodeEncodeError is a ValueError; TypeError: not a JSON type
@@ -56,7 +61,7 @@ def load_stored_object(text: str, what: str) -> dict[str, Any]:
     """A stored JSON object read back (no size cap; it was capped when stored). Never raises: a value that does
     not parse within the rule (stored before the depth cap existed) comes back as ``{UNREADABLE: why}``."""
     try:
-        return parse_json_object(text, what, max_bytes=None)
+        return parse_json_object(text, what, max_bytes=None, stored=True)
     except ValueError as e:
         return {UNREADABLE: str(e)}
 
@@ -86,6 +91,20 @@ def _deeper_than(value: Any, limit: int) -> bool:
             return True
         stack.extend((child, depth + 1) for child in children)
     return False
+
+
+def _big_int(value: Any) -> int | None:
+    """The first integer in ``value`` outside the signed 64-bit range, if any (iterative, like the depth check)."""
+    stack = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, int) and not isinstance(node, bool) and not -2**63 <= node < 2**63:
+            return node
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return None
 
 
 def _check_size(size: int, max_bytes: int, what: str, raise_with: str) -> None:

@@ -68,6 +68,12 @@ def test_the_json_rule_caps_depth_and_size():
     assert UNREADABLE in json.loads(dump_stored(deep, "metadata")) and dump_stored({"a": 1}, "m") == '{"a": 1}'
     assert UNREADABLE in load_stored_object(nested(982), "metadata")
     assert load_stored_object(json.dumps({"x": "y" * 70_000}), "m")["x"]  # stored before a lower cap: returned
+    # integers the store keeps exactly only (a filter on 2**64 + 1 compared a rounded copy)
+    assert parse_json_object(json.dumps({"p": [2**63 - 1, -2**63]}), "m")["p"][0] == 2**63 - 1
+    for big in (2**63, -2**63 - 1, 2**64 + 1):
+        with pytest.raises(ValueError, match=f"integer {big}, outside the 64-bit range"):
+            parse_json_object(json.dumps({"a": {"b": [1, big]}}), "m")
+    assert load_stored_object(json.dumps({"p": 2**64}), "m") == {"p": 2**64}  # stored before the rule: returned
     expands = "{\"x\": [" + ",".join(["1e15"] * 10_000) + "]}"  # 50 KB as sent, 190 KB as stored and returned
     with pytest.raises(ValueError, match="above the limit of 65,536"):
         parse_json_object(expands, "m")
