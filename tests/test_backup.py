@@ -178,6 +178,19 @@ def test_backup_refuses_a_folder_without_a_store(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_backup_and_restore_take_a_relative_path_that_climbs_above_the_root(tmp_path, monkeypatch, capsys):
+    """'../../..' from a folder two levels down climbs past '/' (the OS stops there; SQLite refused the path)."""
+    data = tmp_path / "data"
+    with Store(data) as store:
+        store.add("c", ["a"], np.ones((1, 4), np.float32), model_id="m")
+    monkeypatch.chdir(data)
+    climbing = "/".join([".."] * (len(data.parts) + 2)) + str(tmp_path / "b")
+    assert main(["backup", climbing, "--data-dir", "."]) == 0
+    assert main(["restore", climbing, "--data-dir", str(tmp_path / "again")]) == 0
+    with Store(tmp_path / "again") as store:
+        assert [s.id for s in store.get("c", ["a"]) if s] == ["a"]
+
+
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
     monkeypatch.delenv("EMBEDDER_DATA_DIR", raising=False)

@@ -74,7 +74,8 @@ class BackupSummary:
 def backup(data_dir: str | os.PathLike, dest: str | os.PathLike) -> BackupSummary:
     """Copy ``data_dir`` to the new folder ``dest`` consistently, while a server may be serving it."""
     started = time.perf_counter()
-    data_dir, dest = Path(data_dir), Path(dest)
+    # absolute and normalised: SQLite refuses a relative path that climbs above / ("../../../tmp/b" from /tmp/x)
+    data_dir, dest = Path(data_dir).resolve(), Path(dest).resolve()
     if not (data_dir / DATABASE).is_file():
         raise InvalidArgumentError(f"{data_dir} holds no store ({DATABASE} is missing); give the data dir a server "
                                    "runs with (--data-dir, or EMBEDDER_DATA_DIR)")
@@ -116,7 +117,7 @@ def backup(data_dir: str | os.PathLike, dest: str | os.PathLike) -> BackupSummar
 def restore(src: str | os.PathLike, data_dir: str | os.PathLike, *, force: bool = False) -> BackupSummary:
     """Put the backup ``src`` into ``data_dir``, which no process may hold; ``force`` to replace a store there."""
     started = time.perf_counter()
-    src, data_dir = Path(src), Path(data_dir)
+    src, data_dir = Path(src).resolve(), Path(data_dir).resolve()
     files = verify(src)
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = os.open(data_dir / "store.lock", os.O_RDWR | os.O_CREAT, 0o644)
