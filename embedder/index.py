@@ -139,6 +139,8 @@ class IndexSpec:
         fields: dict[str, Any] = {}
         for option in filter(None, options.split(",")):
             key, eq, setting = (part.strip() for part in option.partition("="))
+            if key in fields:
+                raise InvalidArgumentError(f"index option {key!r} is given twice in {value!r}; give it once")
             if eq and key == "codes" and setting:
                 fields[key] = setting.lower()
             elif eq and key in ("m", "ef_construction", "ef_search", "rerank") and setting.isdigit():

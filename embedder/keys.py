@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
 
@@ -224,6 +224,15 @@ class Gate:
         why = ("missing `authorization`" if not given else
                "wrong token, or an unknown or revoked key, in `authorization`")
         raise UnauthenticatedError(f"{why}; {_HOW}")
+
+
+def authorization(pairs: Iterable[tuple[Any, Any]] | None) -> str | bytes | None:
+    """The one ``authorization`` value among a call's headers or metadata; two are refused (which of a proxy's
+    and the caller's would count must not depend on their order)."""
+    found = [v for k, v in pairs or () if k in ("authorization", b"authorization")]
+    if len(found) > 1:
+        raise UnauthenticatedError(f"{len(found)} `authorization` values in one call; send one")
+    return found[0] if found else None
 
 
 def _key_id(key: str) -> str | None:

@@ -40,7 +40,7 @@ from ._proto import embedder_pb2_grpc as pb_grpc
 from .config import Config
 from .core import Service, open_data_dir
 from .errors import SettingError, UnauthenticatedError
-from .keys import Gate
+from .keys import Gate, authorization
 from .metrics import Metrics
 from .servicer import EmbedderServicer
 
@@ -221,7 +221,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or not handler_call_details.method.startswith(_METHOD_PREFIX):
             return handler
         try:
-            self._gate.principal(dict(handler_call_details.invocation_metadata or ()).get("authorization"))
+            self._gate.principal(authorization(handler_call_details.invocation_metadata))
             return handler
         except UnauthenticatedError as e:
             # refused before the request is read: 64 unauthenticated 60 MB messages are never received

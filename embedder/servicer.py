@@ -24,7 +24,7 @@ from .core.embedding import Pending
 from .core.service import DEFAULT_K, METADATA_FLAG
 from .errors import TABLE, Category, EmbedderError, ItemError, category_of
 from .jsonrule import parse_json_object
-from .keys import Gate
+from .keys import Gate, authorization
 from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb,
                        tensor_array, vector_bytes)
 
@@ -106,9 +106,8 @@ class EmbedderServicer(pb_grpc.EmbedderServicer):
         (the interceptor refused calls without one already; a key revoked since is refused here)."""
         if self._gate is None:  # the service, and so the config, is set after construction
             self._gate = Gate.from_config(self.service.config)
-        authorization = dict(context.invocation_metadata() or ()).get("authorization")
         try:
-            principal = self._gate.principal(authorization)
+            principal = self._gate.principal(authorization(context.invocation_metadata()))
         except EmbedderError as e:
             context.abort(*status_of(e))
         left = context.time_remaining()

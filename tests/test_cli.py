@@ -416,6 +416,8 @@ def test_train_predict_list_and_delete_a_head(remote, pets, tmp_path):
     root, query = pets
     add_pets(remote, pets, "train-pets")
     png = tmp_path / "confusion.png"
+    code, _, err = remote("train", "--collection", "train-pets", "--param", "C=1.0", "--param", "C=2")
+    assert code == 2 and "--param C is given twice" in err
     code, out, _ = remote("train", "--collection", "train-pets", "--head-id", "pets-cli", "--param", "C=1.0",
                           "--test-size", "0.25", "--plot", png)
     lines = [line for line in out.splitlines() if not line.startswith("confusion matrix -> ")]

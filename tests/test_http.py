@@ -533,5 +533,8 @@ def test_a_form_with_more_files_than_max_items_is_refused_naming_the_flag(grpc_s
         files = [("image", (f"{i}.jpg", photos[i])) for i in range(3)]
         message = refused(Api(http.url)("POST", "/v1/embed", files=files), 400, "invalid_argument", "Too many files")
         assert "--max-items" in message
+        twice = [("image", ("0.jpg", photos[0])), ("label", (None, "a")), ("label", (None, "b"))]
+        refused(Api(http.url)("POST", "/v1/collections/twice/add", files=twice), 400, "invalid_argument",
+                "form field 'label' is sent twice")
     finally:
         http.stop(grace=1)

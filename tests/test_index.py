@@ -66,6 +66,7 @@ def test_spec_strings_round_trip(text, canonical):
     ("hnsw:codes=sq8,rerank=-1", "bad index option 'rerank=-1'"),
     ("flat:codes=sq8,m=16", "'flat' takes only codes and rerank"),
     ("ivf:codes=sq8", "'flat'.*'hnsw'"),
+    ("flat:codes=fp16,codes=sq8", "'codes' is given twice"),  # the last one silently won
 ])
 def test_bad_specs_are_refused_naming_the_fix(tmp_path, index, message):
     with Store(tmp_path) as store:

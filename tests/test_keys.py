@@ -159,6 +159,27 @@ def test_revoking_the_last_key_of_a_server_without_a_token_keeps_auth_on(embedde
                 grpc.StatusCode.UNAUTHENTICATED
 
 
+def test_two_authorization_values_in_one_call_are_refused(server, http, keys):
+    """A read key beside the admin token: which one counted depended on their order (the last won); now neither."""
+    from http.client import HTTPConnection
+
+    read = new_key(keys, "read")
+    both = Rpc(server.address, read)
+    both._metadata = [("authorization", f"Bearer {read}"), ("authorization", f"Bearer {TOKEN}")]
+    try:
+        both("ListModels", pb.ListModelsRequest())
+        raise AssertionError("two authorization values were taken")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED and "send one" in e.details()
+    conn = HTTPConnection("127.0.0.1", http.port, timeout=60)
+    conn.putrequest("GET", "/v1/stats")
+    for value in (f"Bearer {read}", f"Bearer {TOKEN}"):
+        conn.putheader("Authorization", value)
+    conn.endheaders()
+    answer = conn.getresponse()
+    assert answer.status == 401 and "send one" in json.loads(answer.read())["error"]["message"]
+
+
 def test_an_allow_listed_key_sees_only_its_collections(server, keys):
     rpc = Rpc(server.address, new_key(keys, "write", ["pets"]))
     denied = grpc.StatusCode.PERMISSION_DENIED

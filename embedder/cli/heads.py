@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .options import (CHUNK, HEAD_KINDS, add_remote_options, add_where_option, client_from, collect_images,
-                      fraction, no_images, param, positive_int, printable, report)
+                      fraction, no_images, param, params, positive_int, printable, report)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -110,7 +110,7 @@ def train(args: argparse.Namespace) -> int:
     """Train on the server; print the hold-out metrics per class (or JSON), optionally plot the confusion."""
     plot_confusion = _plotting("plot_confusion") if args.plot is not None else None
     with client_from(args) as client:
-        r = client.train(args.collection, args.head, labels=args.labels, params=dict(args.param),
+        r = client.train(args.collection, args.head, labels=args.labels, params=params(args.param),
                          test_size=args.test_size, seed=args.seed, head_id=args.head_id, adapt_to=args.adapt_to,
                          adapt_method=args.adapt_method, where=args.where, class_prompts=_prompts(args.prompt))
     metrics = r["metrics"] or {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 
-from .options import add_remote_options, client_from, param, positive_int, printable
+from .options import add_remote_options, client_from, param, params, positive_int, printable
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def finetune(args: argparse.Namespace) -> int:
     """Start the job; unless --no-wait, print each epoch as it ends and the new backbone when done."""
     with client_from(args) as client:
         started = client.finetune(args.collection, args.suffix, unfreeze=args.unfreeze, epochs=args.epochs,
-                                  labels=args.labels, params=dict(args.param),
+                                  labels=args.labels, params=params(args.param),
                                   method="adabn" if args.adabn else "finetune")
         parent = started["params"]["parent"].split(":")[0]
         print(f"job {printable(started['job_id'])}: fine-tuning collection {printable(args.collection)} -> "

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from ..config import JPEG_DECODERS, Config
+from ..errors import InvalidArgumentError
 from ..inputs import image_files
 from ..runtimes import RUNTIMES  # light: torch is imported only to run a model
 
@@ -153,6 +154,16 @@ def param(text: str) -> tuple[str, Any]:
         return name, json.loads(value)
     except json.JSONDecodeError:
         return name, value
+
+
+def params(pairs: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """The ``--param`` pairs as a dict; a name given twice is refused (the last silently winning surprised)."""
+    out: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in out:
+            raise InvalidArgumentError(f"--param {name} is given twice; give each setting once")
+        out[name] = value
+    return out
 
 
 def collect_images(paths: Sequence[Path]) -> tuple[list[Path], list[dict[str, str]]]:

@@ -82,6 +82,8 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
                         uploads.append(Item(value.filename or "", image=await value.read()))
                     elif key in lists:
                         fields.setdefault(key, []).append(value)
+                    elif key in fields:
+                        raise InvalidArgumentError(f"form field {key!r} is sent twice; send it once")
                     else:
                         fields[key] = value
         except HTTPException as e:  # Starlette's refusal of the form ("Too many files ...") names no flag

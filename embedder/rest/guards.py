@@ -20,7 +20,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import Category, UnauthenticatedError
-from ..keys import Gate
+from ..keys import Gate, authorization
 from .convert import error_body, item_error
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class Authenticate:
         if scope["type"] != "http" or is_open(scope["path"]):
             return await self.app(scope, receive, send)
         try:
-            scope[PRINCIPAL] = self._gate.principal(dict(scope["headers"]).get(b"authorization"))
+            scope[PRINCIPAL] = self._gate.principal(authorization(scope["headers"]))
         except UnauthenticatedError as e:
             return await send_error(send, 401, item_error(
                 Category.UNAUTHENTICATED, f"{e} (OpenAI clients: api_key=<key>)"), {"www-authenticate": "Bearer"})
