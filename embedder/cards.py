@@ -206,6 +206,9 @@ def register_card(card: ModelCard, *, overwrite: bool = False) -> BackboneSpec:
         raise WeightsHashError(f"model card {card.name!r}: {card.path} has sha256 {digest}, but the card pins "
                                f"{card.sha256}; restore the expected files, or update `sha256` in the card if the "
                                "new files are intended (vectors of the old ones will not mix with the new)")
+    if not overwrite and _taken(card.name):  # before building: the builder may read a large file
+        raise ModelCardError(f"model card {card.name!r}: a model of that name is registered already (a built-in, "
+                             "or another card); give this card another `name`")
     weights = WeightsFile(sha256=digest, path=card.path, filename=card.path.name)
     spec = register_backbone(_SPECS[card.format](card, weights), overwrite=overwrite)
     log.info("registered model card %s (%s, %d-d): %s", card.name, card.format, spec.dim, spec.model_id)
@@ -223,6 +226,14 @@ def register_local(name: str, path: str | Path, *, arch: str | None = None,
                      arch=arch or "", input_size=pp.crop, resize=pp.resize, mean=pp.mean, std=pp.std,
                      interpolation=pp.interpolation)
     return register_card(card, overwrite=overwrite)
+
+
+def _taken(name: str) -> bool:
+    try:
+        get_backbone(name)
+    except UnknownModelError:
+        return False
+    return True
 
 
 def _registered(spec: BackboneSpec) -> bool:

@@ -107,8 +107,11 @@ class KeyStore:
         """Create a key; returns its info and the key itself, which is shown once and never stored."""
         if role not in ROLES:
             raise InvalidArgumentError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        if collections is not None and not all(isinstance(c, str) and c for c in collections):
-            raise InvalidArgumentError("the collection allow-list names collections (non-empty strings)")
+        if collections is not None:
+            from .store.validation import check_name  # here: the store's modules load faiss
+
+            for c in collections:  # a name no collection can have would make a key that can never be used
+                check_name(c)
         key_id = secrets.token_hex(6)
         key = f"{_PREFIX}{key_id}_{secrets.token_urlsafe(24)}"
         record = {"name": name, "role": role, "collections": None if collections is None else sorted(set(collections)),

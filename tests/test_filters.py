@@ -409,3 +409,31 @@ def test_cli_round_trip(doors, capsys, monkeypatch):
     code = main(["search", "--id", "p1", "--collection", "photos", "--where", "camera == ", "--server",
                  server.address])
     assert code == 2 and "where: camera ==: expected a value" in capsys.readouterr().err
+
+
+def test_cli_add_stores_metadata_and_searches_every_collection(doors, photos, tmp_path, capsys, monkeypatch):
+    """`add --metadata` gives every file added the object (so the CLI can --where on what it stored); `search`
+    without --collection searches every collection, naming each hit's."""
+    from embedder.cli import main
+
+    server, _, query = doors
+    for key in [k for k in os.environ if k.startswith("EMBEDDER_")]:
+        monkeypatch.delenv(key)
+    folder = tmp_path / "shots"
+    folder.mkdir()
+    for i, photo in enumerate(photos[:2]):
+        (folder / f"s{i}.jpg").write_bytes(photo)
+    assert main(["add", str(folder), "--collection", "cli-meta", "--metadata", '{"camera": "z", "year": 1990}',
+                 "--server", server.address, "-q"]) == 0
+    capsys.readouterr()
+    image = folder / "s0.jpg"
+    assert main(["search", str(image), "--where", 'camera == "z"', "--json", "--server", server.address]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert {(h["collection"], h["id"]) for h in hits} == {("cli-meta", "s0.jpg"), ("cli-meta", "s1.jpg")}
+    assert hits[0]["metadata"] == {"camera": "z", "year": 1990}
+    assert main(["search", str(image), "-k", "3", "--server", server.address]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "collection/id" in table[0] and len(table) == 4
+    assert main(["add", str(folder), "--collection", "cli-meta", "--metadata", "[1]", "--server",
+                 server.address]) == 2
+    assert "--metadata must be a JSON object" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from ..config import Config
 from ..inputs import folder_label
+from ..jsonrule import parse_json_object
 from . import bulk
 from .options import (CHUNK, add_remote_options, add_where_option, client_from, collect_images, no_images,
                       positive_int, printable, progress_bar, report)
@@ -53,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                     "hnsw[:m=..,ef_construction=..,ef_search=..], either with "
                                                     ",codes=fp16|sq8 (compressed) and ,rerank=R; e.g. "
                                                     "hnsw:codes=sq8")
+    p.add_argument("--metadata", metavar="JSON",
+                   help="a JSON object stored with every file added, e.g. '{\"camera\": \"a\", \"year\": 2021}' "
+                        "(then search, train or suggest with --where on it)")
     p.add_argument("--id-from", choices=("relative", "name", "path"), default="relative",
                    help="item ids: the path relative to the folder given, or the file name for a file given "
                         "(relative, default); the file name (name); the path as found (path)")
@@ -70,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("image", nargs="?", type=Path, help="query image file")
     q.add_argument("--id", metavar="ITEM_ID", help="query by this stored item of --collection instead")
     q.add_argument("--text", help="query by this text (a text-image model's collection: text-to-image search)")
-    p.add_argument("--collection", required=True, help="collection to search")
+    p.add_argument("--collection", help="collection to search (default: every collection; --id needs one)")
     p.add_argument("-k", type=positive_int, default=10, help="number of hits (default %(default)s)")
     p.add_argument("--label", help="only items with this label")
     add_where_option(p, "items")
@@ -121,6 +125,7 @@ def add(args: argparse.Namespace) -> int:
                          "--label LABEL")
     if not args.paths:
         raise ValueError("nothing to add: give image files or folders, or --from-parquet DIR (bulk-embed output)")
+    metadata = parse_json_object(args.metadata or "", "--metadata", max_bytes=Config().max_metadata_bytes) or None
     entries, failed = _files_to_add(args)
     if not entries:
         raise no_images(args.paths, failed)
@@ -132,7 +137,8 @@ def add(args: argparse.Namespace) -> int:
                 chunk = entries[start:start + CHUNK]
                 # paths, not bytes: the client reads each chunk's files when it sends them
                 summary = client.add(args.collection, [f for f, _, _ in chunk], [i for _, i, _ in chunk],
-                                     labels=[label for _, _, label in chunk], index=args.index, errors="return")
+                                     labels=[label for _, _, label in chunk], metadata=[metadata] * len(chunk),
+                                     index=args.index, errors="return")
                 added, replaced, cached = added + summary.added, replaced + summary.replaced, cached + summary.cached
                 failed += [{"path": str(chunk[i][0]), "error": e} for i, e in summary.failed.items()]
                 bar.update(len(chunk))
@@ -223,11 +229,11 @@ def search(args: argparse.Namespace) -> int:
         print(json.dumps([dataclasses.asdict(h) for h in hits], indent=2))
         return 0
     if not hits:
-        print(f"no matching items in collection {printable(args.collection)}")
+        print("no matching items" + (f" in collection {printable(args.collection)}" if args.collection else ""))
         return 0
-    ids = [printable(h.id) for h in hits]
+    ids = [printable(h.id if args.collection else f"{h.collection}/{h.id}") for h in hits]
     width = max(2, *map(len, ids))
-    print(f"{'rank':>4} {'score':>7}  {'id':<{width}}  label")
+    print(f"{'rank':>4} {'score':>7}  {'id' if args.collection else 'collection/id':<{width}}  label")
     for rank, (h, item_id) in enumerate(zip(hits, ids), 1):
         print(f"{rank:>4} {h.score:>7.4f}  {item_id:<{width}}  {printable(h.label) if h.label is not None else '-'}")
     return 0

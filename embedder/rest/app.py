@@ -86,7 +86,10 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
                         raise InvalidArgumentError(f"form field {key!r} is sent twice; send it once")
                     else:
                         fields[key] = value
-        except HTTPException as e:  # Starlette's refusal of the form ("Too many files ...") names no flag
+        except HTTPException as e:  # Starlette's refusal of the form: too many parts (no flag named), or malformed
+            if not str(e.detail).startswith("Too many"):
+                raise InvalidArgumentError(f"{e.detail.rstrip('.')}: send a multipart/form-data body as curl -F "
+                                           "does, or JSON") from None
             raise InvalidArgumentError(f"{e.detail}; a form holds at most {config.max_items} files (max_items): "
                                        "send fewer per request or raise --max-items / EMBEDDER_MAX_ITEMS") from None
         return form.model_validate(fields), uploads
