@@ -1,4 +1,4 @@
-"""The dynamic batcher: batching rules, per-item failures, backpressure, dropping dead work, decode budget.
+"""The dynamic batcher: batching rules, per-item failures, backpressure, dropping dead work, decode budget, fairness.
 
 Most tests drive it with a small stand-in model whose behaviour they control (a gate to hold a batch in
 the model, values that fail); one runs it on the real model and compares with the in-process pipeline.
@@ -253,7 +253,7 @@ def wait_until(condition, timeout: float = 10) -> None:
         time.sleep(0.001)
 
 
-def test_a_small_request_behind_a_big_one_waits_for_a_few_items_not_all(model):
+def test_a_small_request_behind_a_big_one_waits_for_a_few_items_not_all():
     """With the defaults and a CPU-like model (micro-batch 4), a 1-image call sent right after another caller's
     64-image call reaches the decoder and the model within the first few items, and its future resolves with its
     own micro-batch: neither the decode pool's FIFO nor the crops decoded ahead nor one 64-item model call makes
@@ -268,7 +268,8 @@ def test_a_small_request_behind_a_big_one_waits_for_a_few_items_not_all(model):
             values([blocker, *big, *small])
             assert cpu.decode_order.index(7) <= 24  # behind the few decoding ahead (4 batches + 4 workers)
             assert max(len(batch) for batch in cpu.batches) <= 4
-            assert cpu.seen().index(7) <= 28
+            # The model may take a few more of the big call's crops while the small one decodes: not half of them.
+            assert cpu.seen().index(7) < 32
 
             # Crops already decoded are batched round-robin too: the small call's one goes in the next batch.
             cpu.batches.clear()
