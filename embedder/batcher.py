@@ -96,7 +96,7 @@ class _Request:
         return self.is_active is None or bool(self.is_active())
 
 
-def _take_turn(turns: deque[_Request], queue: Callable[[_Request], deque]) -> "_Work":
+def _take_turn(turns: deque[_Request], queue: Callable[[_Request], deque]) -> _Work:
     """The next item round-robin: the first request in turn gives one item from ``queue`` and goes to the back
     while it has more (a deficit round-robin with a quantum of one item, so callers share by items, not calls)."""
     request = turns.popleft()
