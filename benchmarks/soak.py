@@ -36,7 +36,8 @@ Warm-up is the first 10% of the request budget or of the time budget, whichever 
 is ``(RSS at end - RSS after warm-up) / RSS after warm-up``, each the median of 3 consecutive samples
 (after the warm-up ends; the last ones under load). Targets: growth < 5% and zero unexpected errors.
 The server is then stopped with SIGTERM; its exit code (0 expected) and the shutdown time are recorded,
-and its log is scanned for warnings and errors. Latency is the client's wall time per call.
+and its log is scanned for warnings and errors. Latency is the client's wall time per call. The machine's load
+average before and after the load phase goes in the results: on a shared machine compare runs at like load.
 Results go to ``benchmarks/results/soak.json`` (``soak_quick.json`` for --quick).
 
 ``--attack`` adds an attacker next to the normal mix, within the server's caps (:func:`attacker`): idle
