@@ -36,7 +36,8 @@ Warm-up is the first 10% of the request budget or of the time budget, whichever 
 is ``(RSS at end - RSS after warm-up) / RSS after warm-up``, each the median of 3 consecutive samples
 (after the warm-up ends; the last ones under load). Targets: growth < 5% and zero unexpected errors.
 The server is then stopped with SIGTERM; its exit code (0 expected) and the shutdown time are recorded,
-and its log is scanned for warnings and errors. Latency is the client's wall time per call.
+and its log is scanned for warnings and errors. Latency is the client's wall time per call. The machine's load
+average before and after the load phase goes in the results: on a shared machine compare runs at like load.
 Results go to ``benchmarks/results/soak.json`` (``soak_quick.json`` for --quick).
 
 ``--attack`` adds an attacker next to the normal mix, within the server's caps (:func:`attacker`): idle
@@ -784,6 +785,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         log.info("setup took %.1f s (RSS %.1f MB); %d clients for %.1f min or %d calls", info["setup_seconds"],
                  setup_rss, args.clients, minutes, max_requests)
 
+        load_before = os.getloadavg()  # a shared machine: the same load is the only fair comparison
         t0 = time.monotonic()
         run = Run(max_requests, t0 + 60 * minutes, t0)
         per_worker: list[list[Record]] = [[] for _ in range(args.clients)]
@@ -808,6 +810,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for t in threads:
             t.join()
         elapsed = time.monotonic() - t0
+        load_after = os.getloadavg()
         run.stop.set()
         for t in side:
             t.join(130)  # the attacker's calls end with the run (a hog call within its deadline)
@@ -845,7 +848,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     print(f"\nsoak: {info['model_id']} on {info['device']} via {info['runtime']}; {args.clients} clients, "
           f"{len(records)} calls in {elapsed:.1f} s ({len(records) / elapsed:.1f}/s); budget {minutes:g} min or "
-          f"{max_requests} calls; server cache {args.cache_max_items} items")
+          f"{max_requests} calls; server cache {args.cache_max_items} items; load average (1, 5, 15 min) "
+          f"{_loads(load_before)} before, {_loads(load_after)} after")
     _table(("call", "calls", "/s", "p50 ms", "p99 ms", "max ms", "expected err", "unexpected err"),
            [(name, str(r["calls"]), f"{r['per_s']:.1f}", _fmt(r["p50_ms"]), _fmt(r["p99_ms"]), _fmt(r["max_ms"]),
              _codes(r["expected_errors"]), _codes(r["unexpected_errors"])) for name, r in ops.items()]
@@ -897,6 +901,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                "cache_max_items": args.cache_max_items, "pool": POOL, "startup_seconds": round(startup, 2),
                "setup_seconds": info["setup_seconds"], "duration_s": round(elapsed, 2), "calls": len(records),
                "calls_per_s": round(len(records) / elapsed, 2), "mix": {o.name: o.weight for o in MIX},
+               "all": {"p50_ms": percentile([r[2] for r in records], 50),
+                       "p99_ms": percentile([r[2] for r in records], 99)},
+               "load_average": {"before": [round(x, 2) for x in load_before],
+                                "after": [round(x, 2) for x in load_after]},
                "ops": ops, "trains": trains, "errors": errors, "unexpected_samples": error_samples, "windows": windows,
                "window_s": window, "memory": memory,
                "rss_samples": [[round(s.t, 1), s.served, round(s.rss_mb, 1), s.threads, s.fds] for s in samples],
@@ -922,6 +930,10 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
 
 def _codes(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items()) or "-"
+
+
+def _loads(loads: Sequence[float]) -> str:
+    return " ".join(f"{x:.2f}" for x in loads)
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -7,15 +7,22 @@ Data flow (no gRPC in here; the server adapts it)::
       -> pending requests, served round-robin so one caller's 1000 images cannot starve another's one
       -> Embedder.submit(item, probe) (the decode pool), as the decode budget allows: dispatched by whichever
          thread made room (the submitter, a finished decode, the worker taking a batch), not by a thread of its own
-      -> decoded crop -> ready queue (a bad item fails only its own future, here)
+      -> decoded crop -> its request's ready queue (a bad item fails only its own future, here)
       -> worker thread: as soon as a full batch is ready (the model's micro-batch: ~4 on CPU, max_batch
          on CUDA), or what is ready max_delay_ms after the oldest became ready, or what is ready once no
          other item is queued or decoding (waiting for batch-mates nobody has sent only adds latency),
-         whichever comes first; at most max_batch items -> Embedder.embed_arrays -> each item's future
+         whichever comes first; at most one full batch, taken round-robin over the requests with ready crops
+         -> Embedder.embed_arrays -> each item's future
+
+Fairness: every stage a caller's item can wait in is round-robin over requests, one item per turn, and short.
+The decode pool and the ready crops are FIFO underneath, so the decode budget keeps only a few batches' worth
+ahead of the model (``max_ahead``); and the worker hands the model one full batch at a time (one micro-batch on
+CPU), so an item's future resolves after its own batch, not after the 64 items another caller sent with it.
+A one-image call that arrives behind a 64-image one therefore waits for a few items, not 64.
 
 Memory: decoding is where image size costs memory (a 64 MP JPEG is ~190 MB of RGB while it decodes); after
 the resize-crop every item is the same small ``(crop, crop, 3)`` array, so the model batch is already bounded
-by ``max_batch``. ``max_batch_pixels`` therefore caps the *source* pixels (the ``pixels`` of the model's probe:
+by the full batch. ``max_batch_pixels`` therefore caps the *source* pixels (the ``pixels`` of the model's probe:
 the image header's size, or a tensor's shape) of the items being decoded at once, and ``max_ahead`` caps how many
 crops wait for the model. A single image larger than the budget still runs, alone. So a burst of huge images
 slows down instead of blowing up memory, and a batch never holds more than ``max_batch_pixels`` source pixels'
@@ -35,7 +42,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
@@ -56,6 +63,7 @@ class SupportsBatching(Protocol):
     """What the batcher needs from :class:`embedder.pipeline.Embedder`."""
 
     micro_batch: int  # the model's efficient batch: a batch this full leaves without waiting
+    decode_workers: int  # threads of its decode pool: the decode budget keeps each one busy, and no more
 
     def probe(self, item: Any) -> Probed: ...  # reads the item once; raises an ItemError for one it refuses
 
@@ -75,16 +83,28 @@ def _item_error(error: BaseException) -> ItemError:
 
 @dataclass(eq=False)
 class _Request:
-    """One caller's submission; its items are dispatched round-robin with other requests."""
+    """One caller's submission; its items are dispatched, and then batched, round-robin with other requests."""
 
-    works: deque
+    works: deque  # not yet sent to decode
     deadline: float | None
     is_active: Callable[[], bool] | None
+    ready: deque = field(default_factory=deque)  # decoded, waiting for the model
 
     def alive(self, now: float) -> bool:
         if self.deadline is not None and now >= self.deadline:
             return False
         return self.is_active is None or bool(self.is_active())
+
+
+def _take_turn(turns: deque[_Request], queue: Callable[[_Request], deque]) -> _Work:
+    """The next item round-robin: the first request in turn gives one item from ``queue`` and goes to the back
+    while it has more (a deficit round-robin with a quantum of one item, so callers share by items, not calls)."""
+    request = turns.popleft()
+    items = queue(request)
+    work = items.popleft()
+    if items:
+        turns.append(request)
+    return work
 
 
 @dataclass(eq=False)
@@ -123,14 +143,16 @@ class Batcher:
             raise ValueError(f"Batcher max_delay_ms must be >= 0, got {max_delay_ms}")
         self._embedder = embedder
         self.max_batch = max_batch
-        # On CPU the model runs micro-batches of ~4 and gains nothing from waiting for 64 items; on CUDA
-        # micro_batch == max_batch, so the batcher waits for a full batch as usual.
+        # On CPU the model runs micro-batches of ~4 and gains nothing from waiting for 64 items, nor from being
+        # handed 64 at once (each item would wait for all of them); on CUDA micro_batch == max_batch, so the
+        # batcher waits for a full batch as usual.
         self.full_batch = min(max_batch, int(getattr(embedder, "micro_batch", max_batch)))
         self.max_delay = max_delay_ms / 1000.0
         self.max_batch_pixels = max_batch_pixels
         self.max_queue = max_queue
-        # Decoded crops waiting for the model: enough to fill the next few batches, bounded memory.
-        self.max_ahead = max_ahead or 4 * max_batch
+        # Items decoding or decoded and waiting for the model: enough to fill the next few batches and keep every
+        # decode worker busy, and no more: the decode pool is FIFO, so an item sent there waits for all before it.
+        self.max_ahead = max_ahead or 4 * self.full_batch + int(getattr(embedder, "decode_workers", 0))
         self._on_batch = on_batch
         self._on_drop = on_drop
         self._on_death = on_death
@@ -140,8 +162,9 @@ class Batcher:
         self._lock = threading.Lock()
         self._work_cv = threading.Condition(self._lock)  # the worker: items ready, or closing
         self._room_cv = threading.Condition(self._lock)  # blocking submitters: queue room
-        self._pending: deque[_Request] = deque()  # requests with items not yet sent to decode
-        self._ready: deque[_Work] = deque()  # decoded, waiting for the model
+        self._pending: deque[_Request] = deque()  # requests with items not yet sent to decode, in turn
+        self._ready: deque[_Request] = deque()  # requests with decoded items waiting for the model, in turn
+        self._n_ready = 0
         self._running: list[_Work] = []  # in the model right now
         self._queued = 0  # admitted and not yet finished: what max_queue bounds
         self._decoding = 0
@@ -226,9 +249,10 @@ class Batcher:
         return self._dead is None and not self._closing
 
     def stats(self) -> dict[str, float]:
-        """Counters since start: batches, embedded, failed and dropped items, mean batch size."""
+        """Counters since start (batches, embedded, failed and dropped items, mean batch size) and items now
+        decoding and ready for the model."""
         with self._lock:
-            s: dict[str, float] = dict(self._stats)
+            s: dict[str, float] = {**self._stats, "decoding": self._decoding, "ready": self._n_ready}
         s["mean_batch_size"] = s["embedded"] / s["batches"] if s["batches"] else 0.0
         return s
 
@@ -279,10 +303,8 @@ class Batcher:
                     if self._dead is not None or not self._can_dispatch():
                         self._dispatching = False
                         return
-                    request = self._pending.popleft()
-                    work = current = request.works.popleft()
-                    if request.works:
-                        self._pending.append(request)
+                    work = current = _take_turn(self._pending, lambda r: r.works)
+                    request = work.request
                     alive = request.alive(time.monotonic())
                     if alive:
                         self._decoding += 1
@@ -318,7 +340,7 @@ class Batcher:
     def _can_dispatch(self) -> bool:
         if not self._pending:
             return False
-        if self._decoding + len(self._ready) >= self.max_ahead:
+        if self._decoding + self._n_ready >= self.max_ahead:
             return False
         nxt = self._pending[0].works[0]
         return self._decoding == 0 or self._decoding_pixels + nxt.pixels <= self.max_batch_pixels
@@ -336,7 +358,10 @@ class Batcher:
             if error is None and self._dead is None:
                 work.array = array
                 work.ready_at = time.monotonic()
-                self._ready.append(work)
+                if not work.request.ready:
+                    self._ready.append(work.request)
+                work.request.ready.append(work)
+                self._n_ready += 1
             self._work_cv.notify()  # a crop is ready, or one fewer is on the way
         if error is not None:
             self._finish(work, error=error, stat="failed")
@@ -346,23 +371,24 @@ class Batcher:
 
     def _work(self) -> None:
         """Form batches (full_batch ready, max_delay after the oldest ready item, or nothing else on the way; at
-        most max_batch) and run."""
+        most full_batch, round-robin over requests) and run."""
         while True:
             with self._lock:
                 while self._dead is None and not self._ready and not self._done_when_closing():
                     self._work_cv.wait()
                 if self._dead is not None or (not self._ready and self._done_when_closing()):
                     return
-                oldest = self._ready[0].ready_at
-                while len(self._ready) < self.full_batch and not self._closing and self._dead is None:
+                oldest = min(r.ready[0].ready_at for r in self._ready)  # each request's crops are in ready order
+                while self._n_ready < self.full_batch and not self._closing and self._dead is None:
                     if not self._pending and not self._decoding:
                         break  # nothing else is on the way: waiting could only add latency
                     remaining = oldest + self.max_delay - time.monotonic()
                     if remaining <= 0:
                         break
                     self._work_cv.wait(remaining)
-                take = min(self.max_batch, len(self._ready))
-                batch = [self._ready.popleft() for _ in range(take)]
+                take = min(self.full_batch, self._n_ready)
+                batch = [_take_turn(self._ready, lambda r: r.ready) for _ in range(take)]
+                self._n_ready -= take
             self._dispatch()  # room ahead
             now = time.monotonic()
             alive = [w.request.alive(now) for w in batch]
@@ -450,7 +476,8 @@ class Batcher:
             if self._dead is not None:
                 return
             self._dead = reason
-            doomed = [w for r in self._pending for w in r.works] + list(self._ready) + list(self._running)
+            doomed = ([w for r in self._pending for w in r.works] + [w for r in self._ready for w in r.ready]
+                      + list(self._running))
             self._pending.clear()
             self._ready.clear()
             self._work_cv.notify_all()

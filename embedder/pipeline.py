@@ -73,14 +73,14 @@ class Embedder:
         # cores would be the limit there. On CPU the preprocessor's decode workers run the same decoder per item.
         self.device_decoder = (JpegDecoder(spec.preprocessing, self.device)
                                if not on_cpu and self.jpeg_decoder == "torchvision" else None)
-        self._workers = config.decode_workers or cores
-        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="embedder-decode",
+        self.decode_workers = config.decode_workers or cores
+        self._pool = ThreadPoolExecutor(self.decode_workers, thread_name_prefix="embedder-decode",
                                         initializer=one_torch_thread if self.jpeg_decoder == "torchvision" else None)
         self._text_tower: Any = None  # a text-image model's text tower, loaded on first use
         self._text_lock = threading.Lock()
         self._closed = False
         log.info("loaded %s on %s via %s (micro-batch %d, %d decode workers, JPEGs decoded by %s on %s)",
-                 self.model_id, self.device, self.runtime.name, self.micro_batch, self._workers,
+                 self.model_id, self.device, self.runtime.name, self.micro_batch, self.decode_workers,
                  self.jpeg_decoder, self.device if self.device_decoder else "cpu")
 
     @property
@@ -225,7 +225,7 @@ class Embedder:
         wide because decode times vary ~10x with image size: with a narrow one (8 items) the model waited on one
         large image at the head while the workers sat idle; 64 ran ~5-10% faster here.
         """
-        ahead = max(8 * self.micro_batch, 32 * self._workers)
+        ahead = max(8 * self.micro_batch, 32 * self.decode_workers)
         pending: deque[tuple[int, Future]] = deque()
         for i, (item, probe) in enumerate(items):
             pending.append((i, self.submit(item, probe)))

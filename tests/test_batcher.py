@@ -1,4 +1,4 @@
-"""The dynamic batcher: batching rules, per-item failures, backpressure, dropping dead work, decode budget.
+"""The dynamic batcher: batching rules, per-item failures, backpressure, dropping dead work, decode budget, fairness.
 
 Most tests drive it with a small stand-in model whose behaviour they control (a gate to hold a batch in
 the model, values that fail); one runs it on the real model and compares with the in-process pipeline.
@@ -39,7 +39,10 @@ class FakeModel:
     """Stands in for Embedder: the probe's cost is the item's pixels, "decoding" keeps the item's value, the
     "vector" is [value]."""
 
-    def __init__(self, decode_workers: int = 4) -> None:
+    def __init__(self, decode_workers: int = 4, micro_batch: int | None = None) -> None:
+        self.decode_workers = decode_workers
+        if micro_batch is not None:  # as the Embedder on CPU: the model runs this many at a time
+            self.micro_batch = micro_batch
         self._pool = ThreadPoolExecutor(decode_workers)
         self.gate = threading.Event()
         self.gate.set()
@@ -107,6 +110,7 @@ def values(futures) -> list[int]:
 def hold_model(batcher: Batcher, model: FakeModel) -> Future:
     """Put one item in the model and keep it there (gate closed); returns its future."""
     model.gate.clear()
+    model.entered.clear()
     (blocker,) = batcher.submit([item(1)])
     assert model.entered.wait(10)
     return blocker
@@ -239,6 +243,47 @@ def test_requests_are_served_round_robin(model):
         model.gate.set()
         values([blocker, *big, *small])
     assert model.decode_order.index(7) <= 4
+
+
+def wait_until(condition, timeout: float = 10) -> None:
+    """Poll a state change no event announces (not a timing assert: the limit only stops a hung test)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "the batcher never reached the expected state"
+        time.sleep(0.001)
+
+
+def test_a_small_request_behind_a_big_one_waits_for_a_few_items_not_all():
+    """With the defaults and a CPU-like model (micro-batch 4), a 1-image call sent right after another caller's
+    64-image call reaches the decoder and the model within the first few items, and its future resolves with its
+    own micro-batch: neither the decode pool's FIFO nor the crops decoded ahead nor one 64-item model call makes
+    it wait for all 64."""
+    cpu = FakeModel(micro_batch=4)
+    try:
+        with Batcher(cpu) as b:
+            blocker = hold_model(b, cpu)
+            big = b.submit([item(100 + i) for i in range(64)])
+            small = b.submit([item(7)])
+            cpu.gate.set()
+            values([blocker, *big, *small])
+            assert cpu.decode_order.index(7) <= 24  # behind the few decoding ahead (4 batches + 4 workers)
+            assert max(len(batch) for batch in cpu.batches) <= 4
+            # The model may take a few more of the big call's crops while the small one decodes: not half of them.
+            assert cpu.seen().index(7) < 32
+
+            # Crops already decoded are batched round-robin too: the small call's one goes in the next batch.
+            cpu.batches.clear()
+            blocker = hold_model(b, cpu)
+            big = b.submit([item(100 + i) for i in range(12)])
+            wait_until(lambda: b.stats()["ready"] == 12)
+            small = b.submit([item(7)])
+            wait_until(lambda: b.stats()["ready"] == 13)
+            cpu.gate.set()
+            values([blocker, *big, *small])
+        assert 7 in cpu.batches[1]  # the batch right after the blocker, not the last of four
+    finally:
+        cpu.gate.set()
+        cpu._pool.shutdown()
 
 
 def test_worker_death_fails_queued_work_and_reports(model):
