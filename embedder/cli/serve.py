@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
 from ..config import Config
@@ -115,6 +116,9 @@ def serve_config(args: argparse.Namespace) -> Config:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT; the server's own exit status."""
+    # Nothing the server forks uses gRPC, so gRPC's fork handlers only ever logged "skipping fork() handlers"
+    # (read when gRPC starts, so set before it does; an operator's own setting wins).
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     from ..server import serve  # the whole stack
 
     config = serve_config(args)
