@@ -291,3 +291,55 @@ def test_replicas_share_one_milvus_with_no_store_node(tmp_path, milvus_server):
         with pytest.raises(NotFoundError):
             b.search("shared", x[:1], k=1)
         assert b.search(None, x[:1], k=1) == [[]]
+
+
+def test_heads_follow_the_store_across_replicas(tmp_path, milvus_server, embedder, digit_images):
+    """Two servers (`--role all`, each its own data dir) on one Milvus: a head trained on one is listed, used,
+    replaced and deleted through the other; a damaged head in Milvus is DATA_LOSS on either (persist's checks)."""
+    import base64
+
+    from pymilvus import MilvusClient
+
+    from conftest import running_server
+
+    from classifier import HeadFormatError, HeadRegistry
+    from embedder.client import EmbedderClient
+    from embedder.client.errors import ServiceError
+
+    images, labels = digit_images
+    ids = [f"d{i}" for i in range(len(images))]
+    with running_server(embedder, store=milvus_server, data_dir=tmp_path / "a") as a, \
+            running_server(embedder, store=milvus_server, data_dir=tmp_path / "b") as b, \
+            EmbedderClient(a.address, timeout=120) as on_a, EmbedderClient(b.address, timeout=120) as on_b:
+        on_a.add("digits", images, ids, labels=labels)
+        trained = on_a.train("digits", "logreg", head_id="digits")
+        assert [h["head_id"] for h in on_b.list_heads()] == ["digits"]
+        assert on_b.predict("digits", images[:3])[0].labels == on_a.predict("digits", images[:3])[0].labels
+        assert [p.label for p in on_b.predict("digits", ids=ids[::10], collection="digits")] == labels[::10]
+        assert on_b.stats()["heads"] == 1
+
+        on_b.train("digits", "logreg", head_id="digits", labels=["0", "1"])  # replaced through b, cached on a
+        assert trained["classes"] != ["0", "1"]
+        assert {p.label for p in on_a.predict("digits", images)} == {"0", "1"}
+        assert sorted(on_a.list_heads()[0]["classes"]) == ["0", "1"]
+
+        milvus = MilvusClient(uri=milvus_server)
+        try:
+            row = milvus.query("embedder_heads", filter='file == "head.safetensors" and chunk == 0',
+                               output_fields=["*"], limit=1)[0]
+            data = bytearray(base64.b64decode(row["data"]))
+            data[-1] ^= 1  # one bit of the arrays
+            milvus.upsert("embedder_heads", [{**row, "data": base64.b64encode(bytes(data)).decode()}])
+        finally:
+            milvus.close()
+        with Store(tmp_path / "c", backend=milvus_server) as store:  # a third replica, which loads it now
+            with pytest.raises(HeadFormatError, match="saved head 'digits': head.safetensors does not match"):
+                HeadRegistry(store.shared_files("heads")).get("digits")
+
+        on_a.delete_head("digits")  # loaded on both: b must notice without a restart
+        for client in (on_a, on_b):
+            assert client.list_heads() == []
+            with pytest.raises(ServiceError) as e:
+                client.predict("digits", images[:1])
+            assert e.value.code.name == "NOT_FOUND"
+    assert not list((tmp_path / "a" / "heads").glob("*")) and not list((tmp_path / "b" / "heads").glob("*"))

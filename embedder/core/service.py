@@ -434,7 +434,9 @@ class Service(HeadCalls):
 def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
     """The store, head registry and job runner under ``config.data_dir`` (None x 3 with ``role="embed"``).
 
-    Fine-tuned versions saved there are registered, so collections, heads and jobs can name them.
+    Heads follow the store: in Milvus when the collections are there (every replica on it sees the same heads),
+    else in ``<data_dir>/heads``. Fine-tuned versions saved in the data dir are registered, so collections, heads
+    and jobs can name them.
     """
     if config.role == "embed":
         return None, None, None
@@ -446,7 +448,7 @@ def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
 
     store = Store.from_config(config)
     try:
-        heads = HeadRegistry(config.data_dir / "heads")
+        heads = HeadRegistry(store.shared_files("heads") or config.data_dir / "heads")
         jobs = JobRunner(config.data_dir / "jobs")
         load_derived(config.data_dir / "backbones")
     except BaseException:

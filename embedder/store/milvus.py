@@ -299,6 +299,16 @@ class MilvusCollections:
                         found.setdefault(r["sha256"], _vector(r["vector"]))
         return found
 
+    def shared_files(self, folder: str) -> Any:
+        """Files every replica on this Milvus reads alike (:class:`~.milvus_files.MilvusFiles` in the collection
+        ``embedder_<folder>``): the service keeps its heads there."""
+        from .milvus_files import MilvusFiles
+
+        try:
+            return MilvusFiles(self._client, folder, uri=self.uri, check_open=self._check_open)
+        except MilvusException as e:
+            raise _unavailable(self.uri, e) from None
+
     def disk_bytes(self) -> int:
         """The milvus-lite folder's size; 0 for a server (Milvus reports its own storage)."""
         if self._lite_path is None:

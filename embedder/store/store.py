@@ -295,6 +295,11 @@ class Store:
                           cache_max_items=self.cache_max_items,
                           disk_bytes=sum(p.stat().st_size for p in files if p.exists()) + self._backend.disk_bytes())
 
+    def shared_files(self, folder: str) -> Any:
+        """With Milvus, the place (in Milvus) for files every replica must read alike, e.g. ``"heads"``; None with
+        the default backend, whose files stay in the data dir."""
+        return self._backend.shared_files(folder)
+
     # --- persistence ---
 
     def save(self) -> None:
