@@ -343,3 +343,48 @@ def test_heads_follow_the_store_across_replicas(tmp_path, milvus_server, embedde
                 client.predict("digits", images[:1])
             assert e.value.code.name == "NOT_FOUND"
     assert not list((tmp_path / "a" / "heads").glob("*")) and not list((tmp_path / "b" / "heads").glob("*"))
+
+
+
+def test_replicas_read_one_keys_file_and_are_warned_about_their_own(tmp_path, milvus_server, embedder, capsys,
+                                                                      caplog):
+    """--keys-file: one file (a mounted Secret) for every replica, so a key added or revoked reaches all; a replica
+    on a Milvus server reading its data dir's own keys file, or holding fine-tuned versions alone, says so."""
+    import grpc
+    from conftest import running_server
+
+    from embedder._proto import embedder_pb2 as pb
+    from embedder._proto import embedder_pb2_grpc as pb_grpc
+    from embedder.cli import main as cli_main
+    from embedder.core.service import open_data_dir
+
+    shared = tmp_path / "secret" / "keys.json"
+    shared.parent.mkdir()
+
+    def code(server, key: str) -> grpc.StatusCode:
+        with grpc.insecure_channel(server.address) as channel:
+            try:
+                pb_grpc.EmbedderStub(channel).ListModels(pb.ListModelsRequest(), timeout=30,
+                                                         metadata=[("authorization", f"Bearer {key}")])
+            except grpc.RpcError as e:
+                return e.code()
+        return grpc.StatusCode.OK
+
+    assert cli_main(["keys", "add", "bot", "--role", "read", "--keys-file", str(shared)]) == 0
+    key = capsys.readouterr().out.split()[-1]
+    assert cli_main(["keys", "add", "other", "--keys-file", str(shared)]) == 0  # keys stay on after the revoke
+    with running_server(embedder, store=milvus_server, data_dir=tmp_path / "a", keys_file=str(shared)) as a, \
+            running_server(embedder, store=milvus_server, data_dir=tmp_path / "b", keys_file=str(shared)) as b:
+        assert [code(a, key), code(b, key), code(b, "emb_made_up")] == [grpc.StatusCode.OK, grpc.StatusCode.OK,
+                                                                        grpc.StatusCode.UNAUTHENTICATED]
+        assert cli_main(["keys", "revoke", key.split("_")[1], "--keys-file", str(shared)]) == 0
+        assert [code(a, key), code(b, key)] == [grpc.StatusCode.UNAUTHENTICATED] * 2  # both, from the next call
+    assert not (tmp_path / "a" / "keys.json").exists() and "this replica's own file" not in caplog.text
+
+    own = tmp_path / "c"
+    assert cli_main(["keys", "add", "local", "--data-dir", str(own)]) == 0
+    (own / "backbones" / "mobilenet_v2-ft-x").mkdir(parents=True)  # a fine-tuned version made on this replica
+    store, _, _ = open_data_dir(Config(data_dir=own, store=milvus_server))
+    store.close()
+    assert "keys.json, this replica's own file" in caplog.text and "--keys-file" in caplog.text
+    assert "versions mobilenet_v2-ft-x are in this replica's data dir only" in caplog.text

@@ -130,7 +130,9 @@ class ModelPool:
             model = self.acquire(model_id)
         except (UnknownModelError, WeightsNotFoundError) as e:
             raise CollectionMismatchError(f"{what} holds vectors of model {model_id}, which this server cannot "
-                                          f"load ({e})") from None
+                                          f"load ({e}); a fine-tuned version lives in the data dir of the server "
+                                          "that made it: copy its folder under backbones/ there into this "
+                                          "server's data dir") from None
         try:
             yield model
         finally:

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .. import filters
-from ..config import Config
+from ..config import Config, parse_store_uri
 from ..errors import (InvalidArgumentError, ItemError, ItemNotFoundError, NotFoundError, NotReadyError, ReplicaOnlyError,
                       ResponseTooLargeError)
 from ..jsonrule import check_json_object, dump_stored
@@ -455,4 +455,23 @@ def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
         store.close()
         raise
     log.info("data dir %s: %s", config.data_dir, store)
+    _warn_replica_state(config)
     return store, heads, jobs
+
+
+def _warn_replica_state(config: Config) -> None:
+    """With a Milvus server every replica may share the collections and heads; say where state that stays in this
+    replica's data dir would silently differ between replicas."""
+    if parse_store_uri(config.store)[0] != "milvus":
+        return
+    if not config.keys_file and config.keys_path.is_file():
+        log.warning("API keys are read from %s, this replica's own file: replicas sharing %s do not see a key added "
+                    "or revoked here. Give every replica one keys file (--keys-file / EMBEDDER_KEYS_FILE, e.g. "
+                    "mounted from a Kubernetes Secret)", config.keys_path, config.store)
+    backbones = config.data_dir / "backbones"
+    versions = sorted(p.name for p in backbones.iterdir() if p.is_dir() and not p.name.startswith(".")) \
+        if backbones.is_dir() else []
+    if versions:
+        log.warning("fine-tuned backbone versions %s are in this replica's data dir only: their collections are "
+                    "searched on every replica, but embedding with them works only where their folder is; copy "
+                    "%s/<version> into every replica's data dir", ", ".join(versions), backbones)
