@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -248,30 +246,6 @@ def test_hostile_values_match_literally_in_milvus(filtered, text):
         f = parse(where)
         assert filtered.vectors("h", where=where)[0] == [f"h{i}" for i, m in enumerate(rows) if matches(f, m)]
     assert filtered.vectors("h", where={"a": text})[0] == ["h0"] and filtered.collection("h").count == 4
-
-
-@pytest.fixture
-def milvus_server(tmp_path):
-    """A Milvus server on a loopback port (milvus-lite's gRPC server, in its own process): what `--store
-    http://host:port` replicas share."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "milvus"),
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the Milvus server did not start"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_replicas_share_one_milvus_with_no_store_node(tmp_path, milvus_server):

@@ -142,8 +142,8 @@ class MilvusCollections:
         self._flush_lock = RWLock()
         self._seq = 0
         self._closed = False
+        self._client = connect(lite_path or uri, token)
         try:
-            self._client = MilvusClient(uri=lite_path or uri, token=token, timeout=30)
             self._ensure_images()
         except MilvusException as e:
             raise _unavailable(uri, e) from None
@@ -568,6 +568,15 @@ class MilvusCollections:
         for sha in shas:
             with self._flush_lock.read():
                 self._client.delete(_IMAGES, filter=f"sha256 == {quote(sha)}")
+
+
+def connect(uri: str, token: str = "") -> MilvusClient:
+    """A pymilvus client of a Milvus server (``http(s)://host:port``) or a milvus-lite ``.db`` path;
+    StoreUnavailableError saying what to check when it cannot be reached."""
+    try:
+        return MilvusClient(uri=uri, token=token, timeout=30)
+    except MilvusException as e:
+        raise _unavailable(uri, e) from None
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from ..inputs import content_hash
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .backend import Collections
 from .cache import EmbeddingCache
+from .milvus_backup import record_store
 from .sqlite import connect, transaction, vector
 from .validation import (check_column, check_ef, check_ids, check_k, check_label, check_list, check_model_id,
                          check_name, check_page, check_sha256, check_vectors, metadata_json, missing_message,
@@ -71,6 +72,7 @@ class Store:
                                        "pip install 'embedder[milvus]' (make install does)") from None
                 self._backend = MilvusCollections(target, token=backend_token,
                                                   lite_path=target if kind == "milvus-lite" else None)
+            record_store(self.data_dir, backend)  # so `embedder backup` knows where the collections are
         except BaseException:
             self._release()
             raise
