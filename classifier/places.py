@@ -162,6 +162,22 @@ class HeadFolder:
         return actions
 
 
+def copy_heads(source: HeadPlace, target: HeadPlace, names: Sequence[str]) -> list[str]:
+    """Copy every head of ``source`` that ``target`` lacks (files ``names``); one line per head, copied or not
+    (an id ``target`` already holds keeps ``target``'s head)."""
+    done = []
+    for head_id in source.ids():
+        found = source.read(head_id, names)
+        if found is None:
+            continue
+        if target.version(head_id) is not None:
+            done.append(f"{head_id}: not copied, {target.where(head_id)} already holds a head of that id")
+            continue
+        target.write(head_id, found[0], overwrite=False)
+        done.append(f"{head_id}: copied to {target.where(head_id)}")
+    return done
+
+
 def _tag(st: os.stat_result) -> str:
     """A folder's version: a replaced head is a new folder (a new inode, made at another time)."""
     return f"{st.st_ino}-{st.st_mtime_ns}"

@@ -362,3 +362,30 @@ def test_replicas_read_one_keys_file_and_are_warned_about_their_own(tmp_path, mi
     store.close()
     assert "keys.json, this replica's own file" in caplog.text and "--keys-file" in caplog.text
     assert "versions mobilenet_v2-ft-x are in this replica's data dir only" in caplog.text
+
+
+def test_heads_saved_in_the_data_dir_before_move_into_milvus_once(tmp_path, caplog):
+    """A data dir from before heads followed the store: its heads are copied into Milvus on open (an id Milvus
+    holds keeps Milvus's head) and the folder is renamed, so a head deleted later does not come back."""
+    from classifier import HeadRegistry, make_head, save_head
+
+    from embedder.core.service import open_data_dir
+
+    x = unit(20, 8)
+    for head_id, labels in (("old", ["a", "b"]), ("taken", ["c", "d"])):
+        save_head(make_head("logreg").fit(x, labels * 10, model_id=M), tmp_path / "data" / "heads", head_id=head_id)
+    config = Config(data_dir=tmp_path / "data", store=f"milvus://{tmp_path}/m.db")
+    with Store(tmp_path / "other", backend=config.store) as store:  # Milvus already holds a head "taken"
+        HeadRegistry(store.shared_files("heads")).train(x, ["e", "f"] * 10, model_id=M, head_id="taken")
+    store, heads, _ = open_data_dir(config)
+    try:
+        assert {h.head_id: h.classes for h in heads.list()} == {"old": ["a", "b"], "taken": ["e", "f"]}
+        assert not (tmp_path / "data" / "heads").exists() and "taken: not copied" in caplog.text
+        heads.delete("old")
+    finally:
+        store.close()
+    store, heads, _ = open_data_dir(config)
+    try:
+        assert [h.head_id for h in heads.list()] == ["taken"]
+    finally:
+        store.close()

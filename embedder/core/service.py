@@ -19,7 +19,9 @@ batcher, fresh vectors into the cache. Models come from the :class:`~embedder.co
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -448,7 +450,10 @@ def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
 
     store = Store.from_config(config)
     try:
-        heads = HeadRegistry(store.shared_files("heads") or config.data_dir / "heads")
+        shared = store.shared_files("heads")
+        if shared is not None:
+            _move_local_heads(config.data_dir / "heads", shared)
+        heads = HeadRegistry(shared or config.data_dir / "heads")
         jobs = JobRunner(config.data_dir / "jobs")
         load_derived(config.data_dir / "backbones")
     except BaseException:
@@ -457,6 +462,23 @@ def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
     log.info("data dir %s: %s", config.data_dir, store)
     _warn_replica_state(config)
     return store, heads, jobs
+
+
+def _move_local_heads(folder: Path, shared: Any) -> None:
+    """Heads saved in the data dir before heads followed a Milvus store: copied into Milvus once (the folder is
+    then renamed, so a head deleted in Milvus later does not come back), so no replica silently loses them."""
+    from classifier import HeadFolder
+    from classifier.persist import ARRAYS_FILE
+    from classifier.places import META_FILE, copy_heads
+
+    local = HeadFolder(folder)
+    if not local.ids():
+        return
+    for line in copy_heads(local, shared, [META_FILE, ARRAYS_FILE]):
+        log.warning("heads in %s now live in Milvus: %s", folder, line)
+    moved = folder.with_name(f"heads.moved-to-milvus-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    folder.rename(moved)
+    log.warning("heads: the data dir's heads folder is renamed to %s (kept as it was; remove it when done)", moved)
 
 
 def _warn_replica_state(config: Config) -> None:
