@@ -210,10 +210,13 @@ def _head_in(store: Store, seed: int):
     return x
 
 
-def test_a_milvus_lite_store_is_backed_up_with_its_server_stopped_and_restored_elsewhere(tmp_path, capsys):
+@pytest.mark.parametrize("inside", [False, True], ids=["beside", "inside-the-data-dir"])
+def test_a_milvus_lite_store_is_backed_up_with_its_server_stopped_and_restored_elsewhere(tmp_path, capsys, inside):
     from classifier import HeadRegistry
 
-    data, lite = tmp_path / "data", f"milvus://{tmp_path}/lite.db"
+    data = tmp_path / "data"
+    data.mkdir()
+    lite = f"milvus://{data if inside else tmp_path}/lite.db"
     x = np.random.default_rng(0).standard_normal((30, DIM)).astype(np.float32)
     store = Store(data, backend=lite)
     try:
@@ -229,6 +232,7 @@ def test_a_milvus_lite_store_is_backed_up_with_its_server_stopped_and_restored_e
     assert main(["backup", str(tmp_path / "b"), "--data-dir", str(data)]) == 0
     assert "milvus-lite store" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "b").iterdir()} >= {"milvus-lite", "store.json", "store.sqlite3"}
+    assert not (tmp_path / "b" / "lite.db").exists()  # once, as the milvus-lite part
 
     moved = f"milvus://{tmp_path}/moved.db"
     assert main(["restore", str(tmp_path / "b"), "--data-dir", str(tmp_path / "r")]) == 2  # where would it go?
@@ -244,6 +248,11 @@ def test_a_milvus_lite_store_is_backed_up_with_its_server_stopped_and_restored_e
     assert main(["restore", str(tmp_path / "b"), "--data-dir", str(tmp_path / "r"), "--store", moved, "--force"]) == 0
     with Store(tmp_path / "r", backend=moved) as restored:
         assert restored.collection("c").count == 30
+    with Store(data, backend=lite) as store:
+        store.delete_collection("c")
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(data), "--force"]) == 0  # in place, as it was
+    with Store(data, backend=lite) as store:
+        assert store.collection("c").count == 30 and [c.name for c in store.list_collections()] == ["c"]
 
 
 def test_with_a_milvus_server_the_heads_are_backed_up_and_the_collections_left_to_milvus_backup(
