@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import threading
 from pathlib import Path
 from typing import Mapping, Protocol, Sequence
 
@@ -54,11 +55,12 @@ class HeadPlace(Protocol):
 
 class HeadFolder:
     """Heads as folders ``<root>/<head_id>/``, each written to a hidden temp folder, fsynced and renamed into
-    place; a replaced head is renamed aside first (readers in this process wait on the registry's lock for both
-    renames) and a crash in between is undone by :meth:`recover`."""
+    place; a replaced head is renamed aside first (readers through this object wait for both renames, so a head
+    being replaced never looks missing) and a crash in between is undone by :meth:`recover`. Thread-safe."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._renames = threading.Lock()  # held across a replace's two renames, and by every reader
 
     def __repr__(self) -> str:
         return f"HeadFolder({str(self.root)!r})"
@@ -75,13 +77,14 @@ class HeadFolder:
             for name, data in files.items():
                 write_synced(tmp / name, data)
             fsync_dir(tmp)
-            if final.exists():
-                old = self.root / f".old-{head_id}-{secrets.token_hex(4)}"
-                final.rename(old)
-                tmp.rename(final)
-                shutil.rmtree(old)
-            else:
-                tmp.rename(final)
+            with self._renames:
+                if final.exists():
+                    old = self.root / f".old-{head_id}-{secrets.token_hex(4)}"
+                    final.rename(old)
+                    tmp.rename(final)
+                    shutil.rmtree(old)
+                else:
+                    tmp.rename(final)
             fsync_dir(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -90,7 +93,8 @@ class HeadFolder:
 
     def read(self, head_id: str, names: Sequence[str]) -> tuple[dict[str, bytes], str] | None:
         try:  # through one folder handle: every file from the version whose tag is returned
-            fd = os.open(self.root / head_id, os.O_RDONLY | os.O_DIRECTORY)
+            with self._renames:
+                fd = os.open(self.root / head_id, os.O_RDONLY | os.O_DIRECTORY)
         except (FileNotFoundError, NotADirectoryError):
             return None
         try:
@@ -109,24 +113,26 @@ class HeadFolder:
 
     def version(self, head_id: str) -> str | None:
         try:
-            if not (self.root / head_id / META_FILE).is_file():
-                return None
-            return _tag((self.root / head_id).stat())
+            with self._renames:
+                if not (self.root / head_id / META_FILE).is_file():
+                    return None
+                return _tag((self.root / head_id).stat())
         except FileNotFoundError:
             return None
 
     def ids(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        # hidden: temp, replaced and deleted folders of writes in progress or interrupted
-        return sorted(e.name for e in self.root.iterdir() if not e.name.startswith(".") and e.is_dir())
+        with self._renames:  # hidden: temp, replaced and deleted folders of writes in progress or interrupted
+            return sorted(e.name for e in self.root.iterdir() if not e.name.startswith(".") and e.is_dir())
 
     def remove(self, head_id: str) -> bool:
         path = self.root / head_id
         if not (path / META_FILE).is_file():
             return False
         doomed = self.root / f".del-{head_id}-{secrets.token_hex(4)}"  # renamed first: never seen half-deleted
-        path.rename(doomed)
+        with self._renames:
+            path.rename(doomed)
         fsync_dir(self.root)
         shutil.rmtree(doomed)
         return True

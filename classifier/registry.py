@@ -8,7 +8,8 @@
 Plain arrays in and out: no gRPC and no store here (the service reads the vectors from its store, and hands in
 the place its heads live: a folder, or Milvus when replicas share one). Loaded heads stay in memory, each with
 its version tag; every ``get`` asks the place for the current tag (one stat, or one primary-key query in
-Milvus), so a head replaced or deleted by another replica is reloaded or gone on the next call. Thread-safe. Trainings run one at a time, since each already uses every core; predictions run alongside.
+Milvus), so a head replaced or deleted by another replica is reloaded or gone on the next call.
+Thread-safe. Trainings run one at a time, since each already uses every core; predictions run alongside.
 A ``should_stop`` callable (the caller's deadline or cancellation, the server stopping) is asked while a
 training waits for its turn and between its steps; when it says yes the work ends with DeadlineError.
 """
@@ -76,9 +77,6 @@ class HeadRegistry:
         self._loaded: OrderedDict[str, tuple[str, Head]] = OrderedDict()  # head id -> (version tag, head)
         self._lock = threading.Lock()  # the loaded heads
         self._train_lock = threading.Lock()
-        # Replacing a head in a folder renames it aside and the new one in: readers of the place wait for both
-        # renames, so a head being replaced never looks missing.
-        self._disk_lock = threading.Lock()
 
     def train(self, X: np.ndarray, y: Sequence[Any], *, model_id: str, kind: str = "logreg",
               params: Mapping[str, Any] | None = None, test_size: float = 0.2, seed: int = 0,
@@ -154,18 +152,16 @@ class HeadRegistry:
     def get(self, head_id: str) -> Head:
         """The head ``head_id``, loaded again when its place holds another version than the one in memory (it was
         replaced, here or by another replica); :class:`HeadNotFoundError` if there is none."""
-        check_head_id(head_id)
-        with self._disk_lock:  # not the loaded-heads lock: predictions of loaded heads go on meanwhile
-            version = self.place.version(head_id)
+        version = self.place.version(check_head_id(head_id))  # outside the lock: other predictions go on
         with self._lock:
             loaded = self._loaded.get(head_id)
             if version is None:
                 self._loaded.pop(head_id, None)  # deleted, here or elsewhere
-            elif loaded is not None and loaded[0] == version:
+                raise _not_found(head_id)
+            if loaded is not None and loaded[0] == version:
                 self._loaded.move_to_end(head_id)
                 return loaded[1]
-        with self._disk_lock:
-            found = self.place.read(head_id, [META_FILE, ARRAYS_FILE])
+        found = self.place.read(head_id, [META_FILE, ARRAYS_FILE])
         if found is None:
             raise _not_found(head_id)
         files, version = found
@@ -175,8 +171,7 @@ class HeadRegistry:
         return head
 
     def info(self, head_id: str) -> HeadInfo:
-        with self._disk_lock:
-            found = self.place.read(check_head_id(head_id), [META_FILE])
+        found = self.place.read(check_head_id(head_id), [META_FILE])
         if found is None:
             raise _not_found(head_id)
         return self._info(head_id, found[0][META_FILE])
@@ -195,22 +190,20 @@ class HeadRegistry:
     def list(self) -> list[HeadInfo]:
         """Every valid saved head, sorted by id; unreadable ones are logged and skipped."""
         infos = []
-        with self._disk_lock:
-            for head_id in self.place.ids():
-                found = self.place.read(head_id, [META_FILE])
-                try:
-                    if found is None:
-                        raise _not_found(head_id)  # deleted since it was listed, or never whole
-                    infos.append(self._info(head_id, found[0][META_FILE]))
-                except HeadError as e:
-                    log.warning("skipping head %s: %s", self.place.where(head_id), e)
+        for head_id in self.place.ids():
+            found = self.place.read(head_id, [META_FILE])
+            if found is None:
+                continue  # deleted since it was listed
+            try:
+                infos.append(self._info(head_id, found[0][META_FILE]))
+            except HeadError as e:
+                log.warning("skipping head %s: %s", self.place.where(head_id), e)
         return infos
 
     def delete(self, head_id: str) -> None:
         """Delete a saved head; :class:`HeadNotFoundError` if there is none."""
-        with self._disk_lock:
-            if not self.place.remove(check_head_id(head_id)):
-                raise _not_found(head_id)
+        if not self.place.remove(check_head_id(head_id)):
+            raise _not_found(head_id)
         with self._lock:
             self._loaded.pop(head_id, None)
 
@@ -219,8 +212,7 @@ class HeadRegistry:
         """Write ``head`` to the place (replacing an existing ``head_id``; a fresh id when None), keep it loaded."""
         files = encode_head(head, head_id=head_id, metrics=metrics, source=source)
         info = self._info(json.loads(files[META_FILE])["head_id"], files[META_FILE])
-        with self._disk_lock:
-            version = self.place.write(info.head_id, files, overwrite=head_id is not None)
+        version = self.place.write(info.head_id, files, overwrite=head_id is not None)
         with self._lock:
             self._remember(info.head_id, version, head)
         return info
