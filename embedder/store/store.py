@@ -60,6 +60,7 @@ class Store:
         try:
             self._db = connect(self._database)
             self._cache = EmbeddingCache(self._db, self._database)
+            record_store(self.data_dir, backend)  # so `embedder backup` knows where the collections are
             self._backend: Collections
             if kind == "local":
                 from .local import LocalCollections
@@ -72,7 +73,6 @@ class Store:
                                        "pip install 'embedder[milvus]' (make install does)") from None
                 self._backend = MilvusCollections(target, token=backend_token,
                                                   lite_path=target if kind == "milvus-lite" else None)
-            record_store(self.data_dir, backend)  # so `embedder backup` knows where the collections are
         except BaseException:
             self._release()
             raise
