@@ -323,7 +323,7 @@ def test_heads_follow_the_store_across_replicas(tmp_path, milvus_server, embedde
 def test_replicas_read_one_keys_file_and_are_warned_about_their_own(tmp_path, milvus_server, embedder, capsys,
                                                                       caplog):
     """--keys-file: one file (a mounted Secret) for every replica, so a key added or revoked reaches all; a replica
-    on a Milvus server reading its data dir's own keys file, or holding fine-tuned versions alone, says so."""
+    on a Milvus server reading its data dir's own keys file says so."""
     import grpc
     from conftest import running_server
 
@@ -357,11 +357,9 @@ def test_replicas_read_one_keys_file_and_are_warned_about_their_own(tmp_path, mi
 
     own = tmp_path / "c"
     assert cli_main(["keys", "add", "local", "--data-dir", str(own)]) == 0
-    (own / "backbones" / "mobilenet_v2-ft-x").mkdir(parents=True)  # a fine-tuned version made on this replica
     store, _, _ = open_data_dir(Config(data_dir=own, store=milvus_server))
     store.close()
     assert "keys.json, this replica's own file" in caplog.text and "--keys-file" in caplog.text
-    assert "versions mobilenet_v2-ft-x are in this replica's data dir only" in caplog.text
 
 
 def test_heads_saved_in_the_data_dir_before_move_into_milvus_once(tmp_path, caplog):
@@ -389,3 +387,40 @@ def test_heads_saved_in_the_data_dir_before_move_into_milvus_once(tmp_path, capl
         assert [h.head_id for h in heads.list()] == ["taken"]
     finally:
         store.close()
+
+
+
+def test_a_backbone_version_made_on_one_replica_embeds_on_another(tmp_path, milvus_server, embedder, digit_images,
+                                                                   cache_dir, restore_registry):
+    """AdaBN on replica a publishes the version to Milvus; replica b (its own process: the backbone registry is
+    per process), started before the version existed, fetches it when a call names it and embeds as a does."""
+    from conftest import running_server
+
+    from embedder.client import EmbedderClient
+
+    images = digit_images[0][:12]
+    ids = [f"d{i}" for i in range(len(images))]
+    env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir), "EMBEDDER_DATA_DIR": str(tmp_path / "b")}
+    proc = subprocess.Popen([sys.executable, "-m", "embedder.cli", "serve", "--port", "0", "--host", "127.0.0.1",
+                             "--store", milvus_server], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        with running_server(embedder, store=milvus_server, data_dir=tmp_path / "a") as a, \
+                EmbedderClient(a.address, timeout=300) as on_a, \
+                EmbedderClient(line.split()[-1], timeout=300, retries=20) as on_b:
+            on_a.add("digits", images, ids)
+            job = on_a.wait_job(on_a.finetune("digits", "shared", method="adabn")["job_id"], timeout=600)
+            name = job["result"]["name"]
+            assert job["state"] == "finished" and not (tmp_path / "b" / "backbones" / name).exists()
+            on_a.add("on-a", images, ids, model=name)
+            on_b.add("on-b", images, ids, model=name)  # b fetches the version from Milvus on first use
+            assert (tmp_path / "b" / "backbones" / name / "weights.safetensors").is_file()
+            mine, theirs = on_a.get("on-a", ids), on_b.get("on-b", ids)
+            np.testing.assert_allclose(np.stack([s.vector for s in theirs]), np.stack([s.vector for s in mine]),
+                                       atol=1e-5)
+            assert on_b.stats()["collections"][-1].model_id == job["result"]["model_id"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

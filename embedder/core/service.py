@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -36,6 +37,7 @@ from .access import ADMIN, READ, WRITE
 from .embedding import Call, Item, Outcome, Pending, finish, submit
 from .heads import HeadCalls
 from .models import LoadedModel, ModelPool
+from . import versions
 from .thumbnails import check_side, thumbnail
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,12 @@ class Service(HeadCalls):
         self._closing = False
         if metrics is not None:
             metrics.track_queue(lambda: self.models.queue_depth)
+        # with Milvus, fine-tuned versions are shared like the collections: fetched now and when a call names one
+        # made on another replica since, published when made here
+        self._versions = store.shared_files("backbones") if store is not None else None
+        if self._versions is not None:
+            self.models.on_unknown = self._sync_versions
+            self._sync_versions()
 
     @classmethod
     def open(cls, config: Config, *, embedder: Any = None, metrics: Any = None) -> Service:
@@ -343,12 +351,18 @@ class Service(HeadCalls):
 
         store = self._stateful()
         self._permit(call, WRITE, collection)
+        if self._versions is not None:
+            self._sync_versions()  # so a name taken on another replica is refused here too
+        publish = None if self._versions is None else partial(versions.publish, self._versions)
         if method == "adabn":
-            return start_adabn(store, self.jobs, self.config.data_dir, collection, suffix)
+            return start_adabn(store, self.jobs, self.config.data_dir, collection, suffix, publish=publish)
         if method not in ("", "finetune"):
             raise InvalidArgumentError(f"method must be 'finetune' or 'adabn', got {method[:50]!r}")
         return start_finetune(store, self.jobs, self.config.data_dir, collection, suffix, unfreeze=unfreeze or 1,
-                              epochs=epochs or 10, params=params or {}, labels=labels, ids=ids)
+                              epochs=epochs or 10, params=params or {}, labels=labels, ids=ids, publish=publish)
+
+    def _sync_versions(self) -> None:
+        versions.sync(self._versions, self.config.data_dir / "backbones")
 
     def get_job(self, job_id: str, *, call: Call = Call()) -> Any:
         self._stateful()
@@ -482,18 +496,12 @@ def _move_local_heads(folder: Path, shared: Any) -> None:
 
 
 def _warn_replica_state(config: Config) -> None:
-    """With a Milvus server every replica may share the collections and heads; say where state that stays in this
-    replica's data dir would silently differ between replicas."""
+    """With a Milvus server every replica may share the collections, heads and backbone versions; say where state
+    that stays in this replica's data dir would silently differ between replicas."""
     if parse_store_uri(config.store)[0] != "milvus":
         return
     if not config.keys_file and config.keys_path.is_file():
         log.warning("API keys are read from %s, this replica's own file: replicas sharing %s do not see a key added "
                     "or revoked here. Give every replica one keys file (--keys-file / EMBEDDER_KEYS_FILE, e.g. "
                     "mounted from a Kubernetes Secret)", config.keys_path, config.store)
-    backbones = config.data_dir / "backbones"
-    versions = sorted(p.name for p in backbones.iterdir() if p.is_dir() and not p.name.startswith(".")) \
-        if backbones.is_dir() else []
-    if versions:
-        log.warning("fine-tuned backbone versions %s are in this replica's data dir only: their collections are "
-                    "searched on every replica, but embedding with them works only where their folder is; copy "
-                    "%s/<version> into every replica's data dir", ", ".join(versions), backbones)
+
