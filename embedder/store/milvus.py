@@ -14,7 +14,7 @@ Durability: an add returns once Milvus acknowledged its upserts; milvus-lite wri
 the OS per write, so kill -9 loses nothing acknowledged), a cluster to its log broker. An add is sent in
 batches of about 4 MB: a crash mid-add may keep a part of it (re-adding is idempotent), unlike the SQLite
 backend's all-or-nothing add. Kept images are stored in Milvus too (``emb_images``: base64 chunks by sha256),
-so every replica serves them, and so are the service's heads (:mod:`.milvus_files`, ``embedder_heads``). Row
+so every replica serves them, and so are the service's heads and backbone versions (:mod:`.milvus_files`). Row
 checksums are Milvus's business here (the SQLite backend's ``crc`` column has no counterpart).
 
 The content cache stays local to each node (SQLite in ``--data-dir``): it is recomputable, read on every

@@ -1,7 +1,8 @@
 """Small sets of files by name in Milvus, versioned, so every replica on one Milvus reads the same ones: the
-service keeps its classifier heads here (collection ``embedder_heads``) when its collections live in Milvus.
-It implements :class:`classifier.places.HeadPlace` and knows nothing of heads: their checks are
-:mod:`classifier.persist`'s, on the bytes read back.
+service keeps its classifier heads here (collection ``embedder_heads``) and its fine-tuned backbone versions
+(``embedder_backbones``, :mod:`embedder.core.versions`) when its collections live in Milvus. It implements
+:class:`classifier.places.HeadPlace` and knows nothing of what it holds: the checks are the readers' (a head's
+are :mod:`classifier.persist`'s, a version's weights are checked against their sha256 when loaded).
 
 Each write is a new version: its files go in chunks of base64 text (one row per chunk, key
 ``<name>/<version>/<file>/<n>``), then one pointer row (key ``<name>``) is upserted naming the version and its
