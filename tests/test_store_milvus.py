@@ -306,9 +306,9 @@ def test_heads_follow_the_store_across_replicas(tmp_path, milvus_server, embedde
             milvus.upsert("embedder_heads", [{**row, "data": base64.b64encode(bytes(data)).decode()}])
         finally:
             milvus.close()
-        with Store(tmp_path / "c", backend=milvus_server) as store:  # a third replica, which loads it now
-            with pytest.raises(HeadFormatError, match="saved head 'digits': head.safetensors does not match"):
-                HeadRegistry(store.shared_files("heads")).get("digits")
+        with Store(tmp_path / "c", backend=milvus_server) as store, \
+                pytest.raises(HeadFormatError, match="saved head 'digits': head.safetensors does not match"):
+            HeadRegistry(store.shared_files("heads")).get("digits")  # a third replica, which loads it now
 
         on_a.delete_head("digits")  # loaded on both: b must notice without a restart
         for client in (on_a, on_b):

@@ -53,7 +53,7 @@ from ..config import parse_store_uri
 from ..durable import fsync_dir, fsync_file, temp_path, write_atomic
 from ..errors import DataLossError, InvalidArgumentError, StoreLockedError
 from ..index import SnapshotError, VectorIndex
-from .milvus_backup import (HEADS_FOLDER, LITE_FOLDER, STORE_FILE, MilvusPart, export_heads, holding_lite,
+from .milvus_backup import (HEADS_FOLDER, LITE_FOLDER, MilvusPart, export_heads, holding_lite,
                             import_heads, lite_folder, record_store, recorded_store, swap_lite)
 
 log = logging.getLogger(__name__)

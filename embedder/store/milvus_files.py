@@ -57,7 +57,7 @@ class MilvusFiles:
                           base64.b64encode(data[at:at + _CHUNK]).decode(), now)
                 for file, data in files.items() for n, at in enumerate(range(0, max(len(data), 1), _CHUNK))]
         for start in range(0, len(rows), _ROWS_PER_CALL):
-            self._call(lambda: self._client.upsert(self.collection, rows[start:start + _ROWS_PER_CALL]))
+            self._call(lambda start=start: self._client.upsert(self.collection, rows[start:start + _ROWS_PER_CALL]))
         counts = {file: -(-len(data) // _CHUNK) or 1 for file, data in files.items()}
         self._call(lambda: self._client.upsert(self.collection, [
             self._row(name, name, version, "", len(counts), json.dumps(counts), now)]))
@@ -130,7 +130,7 @@ class MilvusFiles:
         expr = f"name == {_quote(name)} and version == {_quote(version)} and file == {_quote(file)}"
         parts: dict[int, str] = {}
         for start in range(0, count, _ROWS_PER_CALL):  # a large file is more rows than one answer should carry
-            parts.update((r["chunk"], r["data"]) for r in self._call(lambda: self._client.query(
+            parts.update((r["chunk"], r["data"]) for r in self._call(lambda start=start: self._client.query(
                 self.collection, filter=f"{expr} and chunk >= {start} and chunk < {start + _ROWS_PER_CALL}",
                 output_fields=["chunk", "data"], limit=_ROWS_PER_CALL)))
         return parts
