@@ -20,12 +20,13 @@ from .heads import (HEADS, LABEL_HEADS, Head, HeadError, InsufficientDataError, 
 from .persist import (FORMAT_VERSION, HeadFormatError, HeadInfo, HeadNotFoundError, check_head_id, delete_head,
                       list_heads, load_head, new_head_id, read_head_info, recover_interrupted, save_head)
 from .multitask import MultiTaskHead
+from .places import HeadFolder, HeadPlace
 from .registry import HeadRegistry, TopK, TrainResult
 
 __all__ = [
     "AdaptationError", "CurvePoint", "DomainAdapter", "MultiTaskHead", "FORMAT_VERSION", "learning_curve",
     "plot_learning_curve", "HEADS", "LABEL_HEADS", "ClassReport", "Evaluation", "Head", "HeadError", "HeadFormatError", "HeadInfo",
-    "HeadNotFoundError", "HeadRegistry", "InsufficientDataError", "TopK", "TrainResult", "LinearSVMHead", "LogRegHead", "SVMHead", "check_features",
+    "HeadFolder", "HeadNotFoundError", "HeadPlace", "HeadRegistry", "InsufficientDataError", "TopK", "TrainResult", "LinearSVMHead", "LogRegHead", "SVMHead", "check_features",
     "check_head_id", "delete_head", "evaluate", "evaluation_from_predictions", "head_params", "list_heads",
     "load_head", "make_head", "new_head_id", "plot_confusion", "read_head_info", "recover_interrupted", "save_head",
 ]

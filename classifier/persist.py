@@ -1,13 +1,16 @@
 """Saving and loading heads without pickle: arrays in safetensors, everything else in JSON.
 
-A saved head is a directory ``<root>/<head_id>/`` holding::
+A saved head is two files under its id::
 
     head.safetensors   the arrays prediction needs (Head.to_arrays()), read by a parser that never runs code
     head.json          kind, classes, backbone model id, dim, params, metrics, created, versions, the arrays' sha256,
                        and ``manifest_sha256``: one checksum over all of the rest of head.json
 
-Writes are atomic: both files go to a hidden temporary directory next to the target, are fsynced, and
-the directory is renamed into place, so a reader sees a whole head or none. Loading checks the format
+:func:`encode_head` makes their bytes and :func:`decode_info` / :func:`decode_head` check and read them, wherever
+they were kept (a :class:`~classifier.places.HeadPlace`: a local folder ``<root>/<head_id>/``, or Milvus for a
+service whose replicas share one). ``save_head`` / ``load_head`` / ``list_heads`` / ``delete_head`` are the
+folder form: both files go to a hidden temporary directory next to the target, are fsynced, and the directory
+is renamed into place, so a reader sees a whole head or none. Loading checks the format
 version, the manifest checksum (an edited class list or kind cannot load), the arrays' checksum, their
 names and shapes against the JSON, and (when given) the backbone model id, and refuses anything that does
 not fit together with :class:`HeadFormatError`, whose message names the head, never a server path (the
@@ -22,7 +25,6 @@ import logging
 import os
 import re
 import secrets
-import shutil
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,19 +35,17 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import save as save_safetensors
 
-from embedder.durable import fsync_dir, write_synced
-
-from .adapt import DomainAdapter
 from embedder.errors import Category, ModelMismatchError
 
+from .adapt import DomainAdapter
 from .heads import HEADS, Head, HeadError
+from .places import META_FILE, HeadFolder
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: head.json carries manifest_sha256
 _READABLE_VERSIONS = (1, FORMAT_VERSION)
 ARRAYS_FILE = "head.safetensors"
-META_FILE = "head.json"
 ADAPTER_PREFIX = "adapter."  # arrays of a head's DomainAdapter, beside the head's own
 MAX_META_BYTES = 16 * 1024 * 1024  # a head.json larger than this is not one of ours
 _ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -78,16 +78,17 @@ class HeadInfo:
     created: str
     library_version: str
     format_version: int
-    path: Path
+    path: Path | None  # its folder on this machine; None when kept elsewhere (Milvus)
     source: dict[str, Any] | None = None  # what it was trained on, e.g. {"collection": ..., "samples": ...}
     adaptation: dict[str, Any] | None = None  # how it was adapted to a target domain (DomainAdapter.describe())
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (``path`` as a string)."""
+        """JSON-ready form (``path`` as a string or None)."""
         return {"head_id": self.head_id, "kind": self.kind, "model_id": self.model_id, "dim": self.dim,
                 "classes": self.classes, "class_counts": self.class_counts, "params": self.params,
                 "metrics": self.metrics, "created": self.created, "library_version": self.library_version,
-                "format_version": self.format_version, "path": str(self.path), "source": self.source,
+                "format_version": self.format_version,
+                "path": None if self.path is None else str(self.path), "source": self.source,
                 "adaptation": self.adaptation}
 
 
@@ -105,16 +106,14 @@ def new_head_id(kind: str) -> str:
     return f"{kind}-{stamp}-{secrets.token_hex(3)}"
 
 
-def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None,
-              metrics: Mapping[str, Any] | None = None, source: Mapping[str, Any] | None = None,
-              overwrite: bool = False) -> Path:
-    """Write a fitted head to ``root/<head_id>/`` atomically; returns that directory.
+def encode_head(head: Head, *, head_id: str | None = None, metrics: Mapping[str, Any] | None = None,
+                source: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+    """A fitted head as the bytes of its two files, ``{META_FILE: ..., ARRAYS_FILE: ...}``, for any
+    :class:`~classifier.places.HeadPlace`; ``head_id`` None: a fresh one (:func:`new_head_id`).
 
     The head must have been fitted with ``model_id=``: a saved head is only ever used with features of
     the backbone it was trained on. ``metrics`` (e.g. ``Evaluation.to_dict()``) and ``source`` (what the
     head was trained on) must be JSON-serialisable.
-    With ``overwrite``, an existing head of that id is replaced (readers see the old or the new one; a
-    crash in between leaves the new one in place and the old one in a hidden ``.old-*`` directory).
     """
     if not hasattr(head, "classes_"):
         raise HeadError("cannot save an unfitted head; call fit(X, y, model_id=...) first")
@@ -122,13 +121,6 @@ def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None
         raise HeadError("this head does not know which backbone its features came from; fit it with "
                         "fit(X, y, model_id=embedder.model_id) so it can never be used with another model's vectors")
     head_id = check_head_id(new_head_id(head.kind) if head_id is None else head_id)
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / head_id
-    if final.exists() and not overwrite:
-        raise FileExistsError(f"a head with id {head_id!r} already exists in {root}; "
-                              "pass overwrite=True or delete it first")
-
     arrays = head.to_arrays()
     adapter = head.adapter_
     if adapter is not None:
@@ -157,66 +149,45 @@ def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None
     except (TypeError, ValueError) as e:
         raise HeadError(f"metrics and params must be JSON-serialisable (finite numbers, strings, lists, dicts): {e}") \
             from None
-
-    tmp = root / f".tmp-{head_id}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
-        write_synced(tmp / ARRAYS_FILE, blob)
-        write_synced(tmp / META_FILE, meta_text.encode())
-        fsync_dir(tmp)
-        if final.exists():
-            old = root / f".old-{head_id}-{secrets.token_hex(4)}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-        fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log.info("saved %s head %s (%d classes, model %s) to %s", head.kind, head_id, len(head.classes_),
-             head.model_id_, final)
-    return final
+    return {META_FILE: meta_text.encode(), ARRAYS_FILE: blob}
 
 
-def read_head_info(path: str | os.PathLike) -> HeadInfo:
-    """Read and validate ``head.json`` of the head directory ``path`` (the arrays are not read)."""
-    return _info_from_meta(_read_meta(Path(path)), Path(path))
+def decode_info(meta_bytes: bytes, head_id: str, *, where: str, path: Path | None = None) -> HeadInfo:
+    """The checked :class:`HeadInfo` of head ``head_id`` from its ``head.json`` bytes (the arrays are not read);
+    ``where`` names the place for the log, ``path`` becomes ``HeadInfo.path``."""
+    return _info_from_meta(_parse_meta(meta_bytes, head_id, where), head_id, where, path)
 
 
-def load_head(path: str | os.PathLike, *, expected_model_id: str | None = None) -> Head:
-    """Load the head saved in directory ``path``; no code from the files is ever executed.
-
-    With ``expected_model_id``, a head trained on another backbone's features is refused with a
-    :class:`ModelMismatchError` naming both ids.
-    """
-    path = Path(path)
-    meta = _read_meta(path)
-    info = _info_from_meta(meta, path)
+def decode_head(files: Mapping[str, bytes], head_id: str, *, where: str,
+                expected_model_id: str | None = None) -> Head:
+    """The head ``head_id`` from its files' bytes (:func:`encode_head`'s output, however kept); no code from them
+    is ever executed. Every check of a saved head is here: format version, manifest checksum, arrays checksum,
+    their names and shapes against the JSON, and (with ``expected_model_id``) the backbone, which refuses a head
+    of another model with a :class:`ModelMismatchError` naming both ids."""
+    meta = _parse_meta(files[META_FILE], head_id, where)
+    info = _info_from_meta(meta, head_id, where, None)
     if info.format_version == 1:  # here, not on every listing: a registry loads a head once
         log.warning("saved head at %s predates manifest checksums (format 1): edits to its %s go unnoticed; "
-                    "train it again to protect it", path, META_FILE)
+                    "train it again to protect it", where, META_FILE)
     if expected_model_id is not None and info.model_id != expected_model_id:
         raise ModelMismatchError(
             f"head {info.head_id!r} was trained on features of model {info.model_id!r}, but model "
             f"{expected_model_id!r} was expected; use a head trained for {expected_model_id!r} or train one",
             expected_model_id=info.model_id, other_model_id=expected_model_id)
-    try:
-        blob = (path / ARRAYS_FILE).read_bytes()
-    except FileNotFoundError:
-        raise _corrupt(path, f"{ARRAYS_FILE} is missing; the head is incomplete, save or train it again") from None
+    blob = files.get(ARRAYS_FILE)
+    if blob is None:
+        raise _corrupt(head_id, where, f"{ARRAYS_FILE} is missing; the head is incomplete, save or train it again")
     if hashlib.sha256(blob).hexdigest() != meta["arrays"]["sha256"]:
-        raise _corrupt(path, f"{ARRAYS_FILE} does not match the checksum in {META_FILE}: the head is corrupt or "
-                             "was modified; save or train it again")
+        raise _corrupt(head_id, where, f"{ARRAYS_FILE} does not match the checksum in {META_FILE}: the head is "
+                                       "corrupt or was modified; save or train it again")
     try:
         arrays = load_safetensors(blob)  # a plain header + raw buffers parser: never unpickles
     except (SafetensorError, ValueError) as e:
-        raise _corrupt(path, f"{ARRAYS_FILE} is not a valid safetensors file ({e}); save or train the head "
-                             "again") from None
+        raise _corrupt(head_id, where, f"{ARRAYS_FILE} is not a valid safetensors file ({e}); save or train the "
+                                       "head again") from None
     if sorted(arrays) != meta["arrays"]["names"]:
-        raise _corrupt(path, f"{ARRAYS_FILE} holds arrays {sorted(arrays)}, {META_FILE} lists "
-                             f"{meta['arrays']['names']}")
+        raise _corrupt(head_id, where, f"{ARRAYS_FILE} holds arrays {sorted(arrays)}, {META_FILE} lists "
+                                       f"{meta['arrays']['names']}")
     adapter_arrays = {k[len(ADAPTER_PREFIX):]: v for k, v in arrays.items() if k.startswith(ADAPTER_PREFIX)}
     arrays = {k: v for k, v in arrays.items() if not k.startswith(ADAPTER_PREFIX)}
     try:
@@ -227,69 +198,75 @@ def load_head(path: str | os.PathLike, *, expected_model_id: str | None = None) 
         elif adapter_arrays:
             raise HeadError("it holds adapter arrays but head.json records no adaptation")
     except HeadError as e:
-        raise _corrupt(path, f"its files do not fit together: {e}") from None
+        raise _corrupt(head_id, where, f"its files do not fit together: {e}") from None
     if head.n_features_in_ != info.dim or head.class_counts_.tolist() != info.class_counts:
-        raise _corrupt(path, f"{META_FILE} says dim {info.dim} and class counts {info.class_counts}, the arrays say "
-                             f"{head.n_features_in_} and {head.class_counts_.tolist()}")
+        raise _corrupt(head_id, where, f"{META_FILE} says dim {info.dim} and class counts {info.class_counts}, the "
+                                       f"arrays say {head.n_features_in_} and {head.class_counts_.tolist()}")
     return head
+
+
+# --- heads as folders (a library user's directory, a server's <data_dir>/heads): see classifier.places ---
+
+
+def save_head(head: Head, root: str | os.PathLike, *, head_id: str | None = None,
+              metrics: Mapping[str, Any] | None = None, source: Mapping[str, Any] | None = None,
+              overwrite: bool = False) -> Path:
+    """Write a fitted head to ``root/<head_id>/`` atomically (see :func:`encode_head`); returns that directory.
+
+    With ``overwrite``, an existing head of that id is replaced (readers see the old or the new one; a
+    crash in between leaves the new one in place and the old one in a hidden ``.old-*`` directory).
+    """
+    files = encode_head(head, head_id=head_id, metrics=metrics, source=source)
+    head_id = json.loads(files[META_FILE])["head_id"]
+    folder = HeadFolder(root)
+    folder.write(head_id, files, overwrite=overwrite)
+    log.info("saved %s head %s (%d classes, model %s) to %s", head.kind, head_id, len(head.classes_),
+             head.model_id_, folder.where(head_id))
+    return Path(root) / head_id
+
+
+def read_head_info(path: str | os.PathLike) -> HeadInfo:
+    """Read and validate ``head.json`` of the head directory ``path`` (the arrays are not read)."""
+    path = Path(path)
+    files = _read_folder(path, [META_FILE])
+    return decode_info(files[META_FILE], path.name, where=str(path), path=path)
+
+
+def load_head(path: str | os.PathLike, *, expected_model_id: str | None = None) -> Head:
+    """Load the head saved in directory ``path`` (see :func:`decode_head`)."""
+    path = Path(path)
+    return decode_head(_read_folder(path, [META_FILE, ARRAYS_FILE]), path.name, where=str(path),
+                       expected_model_id=expected_model_id)
 
 
 def list_heads(root: str | os.PathLike) -> list[HeadInfo]:
     """Every valid saved head under ``root``, sorted by id; unreadable ones are logged and skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
     infos = []
-    for entry in sorted(root.iterdir()):
-        if entry.name.startswith(".") or not entry.is_dir():
-            continue  # temporary and replaced directories of interrupted writes
+    for head_id in HeadFolder(root).ids():
         try:
-            infos.append(read_head_info(entry))
+            infos.append(read_head_info(Path(root) / head_id))
         except HeadError as e:
-            log.warning("skipping %s: %s", entry, e)
+            log.warning("skipping %s: %s", Path(root) / head_id, e)
     return infos
 
 
 def delete_head(root: str | os.PathLike, head_id: str) -> None:
     """Delete the saved head ``head_id`` under ``root``; :class:`HeadNotFoundError` if there is none."""
-    path = Path(root) / check_head_id(head_id)
-    if not (path / META_FILE).is_file():
+    if not HeadFolder(root).remove(check_head_id(head_id)):
         raise HeadNotFoundError(f"no head with id {head_id!r}")
-    # rename first, so a concurrent reader never sees a half-deleted head
-    doomed = Path(root) / f".del-{head_id}-{secrets.token_hex(4)}"
-    path.rename(doomed)
-    fsync_dir(Path(root))
-    shutil.rmtree(doomed)
 
 
 def recover_interrupted(root: str | os.PathLike) -> list[str]:
-    """Clean up what writes interrupted by a crash left under ``root``; returns one line per action.
+    """Clean up what writes interrupted by a crash left under ``root`` (:meth:`HeadFolder.recover`); returns one
+    line per action. Call it only while no other process writes to ``root``."""
+    return HeadFolder(root).recover()
 
-    A crash can leave ``.tmp-*`` (a head being written: never published, removed), ``.del-*`` (a head being
-    deleted: removed) and ``.old-<id>-*`` (a head being replaced). For the last: if the new ``<id>`` landed
-    the old copy is removed, else the old head is put back, since the replacing save never returned.
-    Call it only while no other process writes to ``root``.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    actions = []
-    for entry in sorted(root.iterdir()):
-        name = entry.name
-        if name.startswith(".old-"):
-            final = root / name[len(".old-"):].rsplit("-", 1)[0]
-            if (final / META_FILE).is_file():
-                shutil.rmtree(entry)
-                actions.append(f"removed {name} (replaced by {final.name})")
-            else:
-                entry.rename(final)
-                actions.append(f"restored {final.name} from {name} (its replacement was interrupted)")
-        elif name.startswith((".tmp-", ".del-")) and entry.is_dir():
-            shutil.rmtree(entry)
-            actions.append(f"removed {name} (an interrupted {'save' if name.startswith('.tmp-') else 'delete'})")
-    if actions:
-        fsync_dir(root)
-    return actions
+
+def _read_folder(path: Path, names: list[str]) -> dict[str, bytes]:
+    found = HeadFolder(path.parent).read(path.name, names)
+    if found is None:
+        raise HeadNotFoundError(f"no saved head {path.name!r} ({META_FILE} is missing)")
+    return found[0]
 
 
 # --- internals -----------------------------------------------------------------------------------
@@ -316,31 +293,32 @@ def _manifest_or_none(meta: Mapping[str, Any]) -> str | None:
         return None
 
 
-def _corrupt(path: Path, problem: str) -> HeadFormatError:
-    """The error for a saved head that is not whole: callers may be remote, so the path goes to the log only."""
-    log.error("saved head at %s: %s", path, problem)
-    return HeadFormatError(f"saved head {path.name!r}: {problem}")
+def _corrupt(head_id: str, where: str, problem: str) -> HeadFormatError:
+    """The error for a saved head that is not whole: callers may be remote, so where it is kept goes to the log
+    only."""
+    log.error("saved head at %s: %s", where, problem)
+    return HeadFormatError(f"saved head {head_id!r}: {problem}")
 
 
-def _read_meta(path: Path) -> dict[str, Any]:
-    meta_path = path / META_FILE
-    if not meta_path.is_file():
-        raise HeadNotFoundError(f"no saved head {path.name!r} ({META_FILE} is missing)")
-    if meta_path.stat().st_size > MAX_META_BYTES:
-        raise _corrupt(path, f"{META_FILE} is larger than {MAX_META_BYTES} bytes; it is not a head file")
+def _parse_meta(text: bytes, head_id: str, where: str) -> dict[str, Any]:
+    if len(text) > MAX_META_BYTES:
+        raise _corrupt(head_id, where, f"{META_FILE} is larger than {MAX_META_BYTES} bytes; it is not a head file")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = json.loads(text.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise _corrupt(path, f"{META_FILE} is not valid JSON ({e}); the head is corrupt, save it again") from None
+        raise _corrupt(head_id, where, f"{META_FILE} is not valid JSON ({e}); the head is corrupt, save it "
+                                       "again") from None
     if not isinstance(meta, dict):
-        raise _corrupt(path, f"{META_FILE} must hold a JSON object")
+        raise _corrupt(head_id, where, f"{META_FILE} must hold a JSON object")
     version = meta.get("format_version")
     if version not in _READABLE_VERSIONS:
-        raise _corrupt(path, f"{META_FILE} has format_version {version!r}; this library reads versions "
-                             f"{', '.join(map(str, _READABLE_VERSIONS))}. Upgrade the library or train the head again")
+        raise _corrupt(head_id, where, f"{META_FILE} has format_version {version!r}; this library reads versions "
+                                       f"{', '.join(map(str, _READABLE_VERSIONS))}. Upgrade the library or train "
+                                       "the head again")
     if version != 1 and meta.get("manifest_sha256") != _manifest_or_none(meta):
-        raise _corrupt(path, f"{META_FILE} does not match its manifest_sha256: it was edited or is corrupt (its "
-                             "class list, kind or parameters cannot be trusted); train the head again")
+        raise _corrupt(head_id, where, f"{META_FILE} does not match its manifest_sha256: it was edited or is "
+                                       "corrupt (its class list, kind or parameters cannot be trusted); train the "
+                                       "head again")
     return meta
 
 
@@ -350,9 +328,9 @@ _FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _info_from_meta(meta: dict[str, Any], path: Path) -> HeadInfo:
+def _info_from_meta(meta: dict[str, Any], head_id: str, where: str, path: Path | None) -> HeadInfo:
     def bad(problem: str) -> HeadFormatError:
-        return _corrupt(path, f"{META_FILE}: {problem}")
+        return _corrupt(head_id, where, f"{META_FILE}: {problem}")
 
     for name, types in _FIELDS.items():
         if not isinstance(meta.get(name), types) or isinstance(meta.get(name), bool):
@@ -374,8 +352,8 @@ def _info_from_meta(meta: dict[str, Any], path: Path) -> HeadInfo:
     for name in ("source", "adaptation"):
         if not isinstance(meta.get(name), (dict, type(None))):
             raise bad(f"field {name!r} must be an object or null")
-    if meta["head_id"] != path.name:
-        raise bad(f"head_id {meta['head_id']!r} does not match its directory {path.name!r}")
+    if meta["head_id"] != head_id:
+        raise bad(f"head_id {meta['head_id']!r} does not match its directory {head_id!r}")
     return HeadInfo(head_id=meta["head_id"], kind=meta["kind"], model_id=meta["model_id"], dim=meta["dim"],
                     classes=classes, class_counts=counts, params=meta["params"], metrics=meta["metrics"],
                     created=meta["created"], library_version=meta["library_version"],

@@ -1,17 +1,21 @@
-"""The heads of one directory, as a service uses them: train + evaluate + save, cached loading, top-k predict.
+"""The heads of one place, as a service uses them: train + evaluate + save, cached loading, top-k predict.
 
-    registry = HeadRegistry("embedder-data/heads")
+    registry = HeadRegistry("embedder-data/heads")      # a folder; or any classifier.places.HeadPlace
     result = registry.train(vectors, labels, model_id=embedder.model_id, kind="logreg",
                             source={"collection": "shoes"})
     top = registry.predict(result.info.head_id, new_vectors, model_id=embedder.model_id, top_k=3)
 
-Plain arrays in and out: no gRPC and no store here (the service reads the vectors from its store).
+Plain arrays in and out: no gRPC and no store here (the service reads the vectors from its store, and hands in
+the place its heads live: a folder, or Milvus when replicas share one). Loaded heads stay in memory, each with
+its version tag; every ``get`` asks the place for the current tag (one stat, or one primary-key query in
+Milvus), so a head replaced or deleted by another replica is reloaded or gone on the next call.
 Thread-safe. Trainings run one at a time, since each already uses every core; predictions run alongside.
 A ``should_stop`` callable (the caller's deadline or cancellation, the server stopping) is asked while a
 training waits for its turn and between its steps; when it says yes the work ends with DeadlineError.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -31,8 +35,9 @@ from .adapt import DomainAdapter
 from .evaluate import evaluate, learning_curve
 from .heads import Head, HeadError, InsufficientDataError, head_params, make_head
 from .heads.validation import _plain
-from .persist import (META_FILE, HeadInfo, HeadNotFoundError, check_head_id, delete_head, list_heads, load_head, read_head_info,
-                      recover_interrupted, save_head)
+from .persist import (ARRAYS_FILE, HeadInfo, HeadNotFoundError, check_head_id, decode_head, decode_info,
+                      encode_head)
+from .places import META_FILE, HeadFolder, HeadPlace
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +63,20 @@ class TopK:
 
 
 class HeadRegistry:
-    """Saved heads under ``root``; up to ``max_loaded`` of them stay loaded in memory (least recently used out)."""
+    """Saved heads in ``place`` (a folder path, or a :class:`~classifier.places.HeadPlace`); up to ``max_loaded``
+    of them stay loaded in memory (least recently used out)."""
 
-    def __init__(self, root: str | Path, *, max_loaded: int = 16) -> None:
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-        for action in recover_interrupted(self.root):
-            log.warning("heads in %s: %s", self.root, action)
+    def __init__(self, place: str | Path | HeadPlace, *, max_loaded: int = 16) -> None:
+        if isinstance(place, (str, Path)):
+            Path(place).mkdir(parents=True, exist_ok=True)
+            place = HeadFolder(place)
+        self.place: HeadPlace = place
+        for action in place.recover():
+            log.warning("heads in %s: %s", place, action)
         self.max_loaded = max_loaded
-        self._loaded: OrderedDict[str, Head] = OrderedDict()
+        self._loaded: OrderedDict[str, tuple[str, Head]] = OrderedDict()  # head id -> (version tag, head)
         self._lock = threading.Lock()  # the loaded heads
         self._train_lock = threading.Lock()
-        # Replacing a head renames it aside and the new one in: readers of the directory wait for both renames,
-        # so a head being replaced never looks missing.
-        self._disk_lock = threading.Lock()
 
     def train(self, X: np.ndarray, y: Sequence[Any], *, model_id: str, kind: str = "logreg",
               params: Mapping[str, Any] | None = None, test_size: float = 0.2, seed: int = 0,
@@ -118,16 +123,12 @@ class HeadRegistry:
             head.adapter_ = adapter
             train_seconds = time.perf_counter() - fit_start
             stop.check("the final fit")
-            with self._disk_lock:
-                path = save_head(head, self.root, head_id=head_id, metrics=metrics, source=source,
-                                 overwrite=head_id is not None)
+            info = self._save(head, head_id, metrics, source)
             total = time.perf_counter() - started
-        with self._lock:
-            self._remember(path.name, head)
         samples = int(head.class_counts_.sum())
-        log.info("trained %s head %s on %d vectors in %.2f s (hold-out accuracy %s)", kind, path.name, samples,
+        log.info("trained %s head %s on %d vectors in %.2f s (hold-out accuracy %s)", kind, info.head_id, samples,
                  total, metrics.get("accuracy", "n/a"))
-        return TrainResult(read_head_info(path), samples, train_seconds, total)
+        return TrainResult(info, samples, train_seconds, total)
 
     def add(self, head: Head, *, head_id: str | None = None, source: Mapping[str, Any] | None = None,
             metrics: Mapping[str, Any] | None = None) -> TrainResult:
@@ -136,13 +137,9 @@ class HeadRegistry:
         if head_id is not None:
             check_head_id(head_id)
         started = time.perf_counter()
-        with self._disk_lock:
-            path = save_head(head, self.root, head_id=head_id, metrics=metrics, source=source,
-                             overwrite=head_id is not None)
-        with self._lock:
-            self._remember(path.name, head)
-        log.info("saved %s head %s (%d classes)", head.kind, path.name, len(head.classes_))
-        return TrainResult(read_head_info(path), 0, 0.0, time.perf_counter() - started)
+        info = self._save(head, head_id, metrics, source)
+        log.info("saved %s head %s (%d classes)", head.kind, info.head_id, len(head.classes_))
+        return TrainResult(info, 0, 0.0, time.perf_counter() - started)
 
     def learning_curve(self, X: np.ndarray, y: Sequence[Any], *, kind: str = "logreg",
                        params: Mapping[str, Any] | None = None, should_stop: Callable[[], bool] | None = None,
@@ -153,22 +150,31 @@ class HeadRegistry:
             return learning_curve(head, X, y, should_stop=should_stop, **options)
 
     def get(self, head_id: str) -> Head:
-        """The loaded head ``head_id``; :class:`HeadNotFoundError` if there is none."""
+        """The head ``head_id``, loaded again when its place holds another version than the one in memory (it was
+        replaced, here or by another replica); :class:`HeadNotFoundError` if there is none."""
+        version = self.place.version(check_head_id(head_id))  # outside the lock: other predictions go on
         with self._lock:
-            head = self._loaded.get(head_id)
-            if head is not None:
+            loaded = self._loaded.get(head_id)
+            if version is None:
+                self._loaded.pop(head_id, None)  # deleted, here or elsewhere
+                raise unknown_head(head_id)
+            if loaded is not None and loaded[0] == version:
                 self._loaded.move_to_end(head_id)
-                return head
-        with self._disk_lock:  # not the loaded-heads lock: predictions of loaded heads go on meanwhile
-            head = load_head(self._path(head_id))
+                return loaded[1]
+        found = self.place.read(head_id, [META_FILE, ARRAYS_FILE])
+        if found is None:
+            raise unknown_head(head_id)
+        files, version = found
+        head = decode_head(files, head_id, where=self.place.where(head_id))
         with self._lock:
-            if (self.root / head_id).is_dir():  # not deleted meanwhile
-                self._remember(head_id, head)
+            self._remember(head_id, version, head)
         return head
 
     def info(self, head_id: str) -> HeadInfo:
-        with self._disk_lock:
-            return read_head_info(self._path(head_id))
+        found = self.place.read(check_head_id(head_id), [META_FILE])
+        if found is None:
+            raise unknown_head(head_id)
+        return self._info(head_id, found[0][META_FILE])
 
     def predict(self, head_id: str, X: np.ndarray, *, model_id: str, top_k: int = 1) -> TopK:
         """The ``top_k`` most probable labels of each row of ``X`` (features of ``model_id``)."""
@@ -182,23 +188,37 @@ class HeadRegistry:
         return TopK(labels, np.take_along_axis(proba, order, axis=1))
 
     def list(self) -> list[HeadInfo]:
-        with self._disk_lock:
-            return list_heads(self.root)
+        """Every valid saved head, sorted by id; unreadable ones are logged and skipped."""
+        infos = []
+        for head_id in self.place.ids():
+            found = self.place.read(head_id, [META_FILE])
+            if found is None:
+                continue  # deleted since it was listed
+            try:
+                infos.append(self._info(head_id, found[0][META_FILE]))
+            except HeadError as e:
+                log.warning("skipping head %s: %s", self.place.where(head_id), e)
+        return infos
 
     def delete(self, head_id: str) -> None:
         """Delete a saved head; :class:`HeadNotFoundError` if there is none."""
-        with self._disk_lock:
-            self._path(head_id)
-            delete_head(self.root, head_id)
+        if not self.place.remove(check_head_id(head_id)):
+            raise unknown_head(head_id)
         with self._lock:
             self._loaded.pop(head_id, None)
 
-    def _path(self, head_id: str) -> Path:
-        """The directory of an existing head. Errors name the id only: callers may be remote, paths are ours."""
-        path = self.root / check_head_id(head_id)
-        if not (path / META_FILE).is_file():
-            raise unknown_head(head_id)
-        return path
+    def _save(self, head: Head, head_id: str | None, metrics: Mapping[str, Any] | None,
+              source: Mapping[str, Any] | None) -> HeadInfo:
+        """Write ``head`` to the place (replacing an existing ``head_id``; a fresh id when None), keep it loaded."""
+        files = encode_head(head, head_id=head_id, metrics=metrics, source=source)
+        info = self._info(json.loads(files[META_FILE])["head_id"], files[META_FILE])
+        version = self.place.write(info.head_id, files, overwrite=head_id is not None)
+        with self._lock:
+            self._remember(info.head_id, version, head)
+        return info
+
+    def _info(self, head_id: str, meta: bytes) -> HeadInfo:
+        return decode_info(meta, head_id, where=self.place.where(head_id), path=self.place.path(head_id))
 
     def turn(self, should_stop: Callable[[], bool] | None, what: str) -> AbstractContextManager[None]:
         """Run ``what`` (other work that trains, e.g. out-of-fold heads for label issues) in turn with trainings,
@@ -216,8 +236,8 @@ class HeadRegistry:
         finally:
             self._train_lock.release()
 
-    def _remember(self, head_id: str, head: Head) -> None:
-        self._loaded[head_id] = head
+    def _remember(self, head_id: str, version: str, head: Head) -> None:
+        self._loaded[head_id] = (version, head)
         self._loaded.move_to_end(head_id)
         while len(self._loaded) > self.max_loaded:
             self._loaded.popitem(last=False)

@@ -88,6 +88,8 @@ class Config:
     data_dir: Path = Path("embedder-data")  # SQLite metadata, FAISS snapshots, heads
     store: str = ""  # collections: "" FAISS + SQLite in data_dir, milvus:///abs/path.db, or http(s)://host:port
     store_token: str = ""  # a Milvus server's token ("user:password" or an API key)
+    # the API keys file; "" = <data_dir>/keys.json. Replicas sharing one Milvus need one file for all (a Secret)
+    keys_file: str = ""
     cache_max_items: int = 1_000_000  # cached vectors outside any collection, LRU-evicted beyond this
     cache_max_age_seconds: float = 0.0  # cached vectors older than this are misses and deleted; 0 = kept until evicted
     cache_shared: bool = False  # one cache for every API key (then a key can tell what others embedded)
@@ -130,6 +132,11 @@ class Config:
             raise ValueError("--store-token goes with a Milvus server (--store http(s)://host:port)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"Config.precision must be 'fp32' or 'bf16', got {self.precision!r}")
+
+    @property
+    def keys_path(self) -> Path:
+        """The API keys file: ``keys_file``, else ``<data_dir>/keys.json``."""
+        return Path(self.keys_file).expanduser() if self.keys_file else self.data_dir / "keys.json"
 
     @property
     def card_paths(self) -> list[Path]:

@@ -81,7 +81,8 @@ class JobRunner:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
-                raise NotFoundError(f"no job {job_id[:100]!r}; job ids come from FineTune")
+                raise NotFoundError(f"no job {job_id[:100]!r}; job ids come from FineTune, and a job is kept by the "
+                                    "server that runs it (with several replicas, ask the one that started it)")
             return Job(**asdict(job))  # a copy: the worker keeps updating the original
 
     def cancel(self, job_id: str) -> Job:

@@ -78,8 +78,9 @@ class KeyInfo:
 class KeyStore:
     """The hashed keys of one data dir; thread-safe, re-read when the file changes."""
 
-    def __init__(self, data_dir: str | Path) -> None:
-        self.path = Path(data_dir).expanduser() / KEYS_FILE
+    def __init__(self, data_dir: str | Path, *, path: str | Path | None = None) -> None:
+        """The keys of ``data_dir`` (its ``keys.json``), or of the file ``path`` when given (``--keys-file``)."""
+        self.path = Path(path).expanduser() if path else Path(data_dir).expanduser() / KEYS_FILE
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._keys: dict[str, dict[str, Any]] = {}
@@ -204,7 +205,7 @@ class Gate:
 
     @classmethod
     def from_config(cls, config: Any) -> Gate:
-        return cls(config.token, KeyStore(config.data_dir))
+        return cls(config.token, KeyStore(config.data_dir, path=config.keys_path))
 
     @property
     def required(self) -> bool:

@@ -6,10 +6,12 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -206,6 +208,30 @@ def digit_images() -> tuple[list[bytes], list[str]]:
     picked = [i for c in (0, 1, 7) for i in np.flatnonzero(d.target == c)[:30]]
     arrays = [(np.kron(d.images[i], np.ones((8, 8))) * 255 / 16).astype(np.uint8) for i in picked]
     return small_jpegs(arrays), [str(d.target[i]) for i in picked]
+
+
+@pytest.fixture
+def milvus_server(tmp_path):
+    """A Milvus server on a loopback port (milvus-lite's gRPC server, in its own process): what `--store
+    http://host:port` replicas share."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "milvus"),
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "the Milvus server did not start"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def acked_until_killed(argv: list[str], kill_after: int) -> list[int]:

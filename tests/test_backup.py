@@ -133,7 +133,8 @@ def test_backup_while_writing_then_restore(tmp_path, caplog, capsys):
         stop.set()
         writer.kill()
 
-    assert sorted(p.name for p in backup.iterdir()) == ["backup.json", "heads", "snapshots", "store.sqlite3"]
+    assert sorted(p.name for p in backup.iterdir()) == ["backup.json", "heads", "snapshots", "store.json",
+                                                        "store.sqlite3"]
     assert main(["restore", str(backup), "--data-dir", str(restored)]) == 0
     n = check_restored(restored, caplog)
     assert 60 <= n <= during + 1  # as of one commit during the backup
@@ -211,3 +212,78 @@ def test_a_restore_keeps_the_keys_in_place_so_a_revoked_key_stays_revoked(tmp_pa
     before = (data / "keys.json").read_bytes()
     assert main(["restore", str(tmp_path / "b"), "--data-dir", str(data), "--force"]) == 0
     assert (data / "keys.json").read_bytes() == before and oct((data / "keys.json").stat().st_mode & 0o777) == "0o600"
+
+
+def _head_in(store: Store, seed: int):
+    """A head trained on random vectors and saved where the store keeps heads (Milvus); returns it."""
+    from classifier import HeadRegistry
+
+    x = np.random.default_rng(seed).standard_normal((40, DIM)).astype(np.float32)
+    HeadRegistry(store.shared_files("heads")).train(x, ["a", "b"] * 20, model_id="m", head_id="h")
+    return x
+
+
+@pytest.mark.parametrize("inside", [False, True], ids=["beside", "inside-the-data-dir"])
+def test_a_milvus_lite_store_is_backed_up_with_its_server_stopped_and_restored_elsewhere(tmp_path, capsys, inside):
+    from classifier import HeadRegistry
+
+    data = tmp_path / "data"
+    data.mkdir()
+    lite = f"milvus://{data if inside else tmp_path}/lite.db"
+    x = np.random.default_rng(0).standard_normal((30, DIM)).astype(np.float32)
+    store = Store(data, backend=lite)
+    try:
+        store.add("c", [f"id{i}" for i in range(30)], x, model_id="m", labels=["a", "b"] * 15)
+        probe = _head_in(store, 1)
+        assert main(["backup", str(tmp_path / "b"), "--data-dir", str(data)]) == 2  # serving: refused, nothing made
+        err = capsys.readouterr().err
+        assert "is open in a running server" in err and "Stop the server, run this again" in err
+        assert not (tmp_path / "b").exists()
+        expected = HeadRegistry(store.shared_files("heads")).get("h").predict_proba(probe)
+    finally:
+        store.close()
+    assert main(["backup", str(tmp_path / "b"), "--data-dir", str(data)]) == 0
+    assert "milvus-lite store" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "b").iterdir()} >= {"milvus-lite", "store.json", "store.sqlite3"}
+    assert not (tmp_path / "b" / "lite.db").exists()  # once, as the milvus-lite part
+
+    moved = f"milvus://{tmp_path}/moved.db"
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(tmp_path / "r")]) == 2  # where would it go?
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(tmp_path / "r"), "--store", moved]) == 0
+    with Store(tmp_path / "r", backend=moved) as restored:
+        assert restored.collection("c").labels == {"a": 15, "b": 15}
+        np.testing.assert_array_equal(restored.get("c", ["id7"])[0].vector, x[7])
+        np.testing.assert_array_equal(HeadRegistry(restored.shared_files("heads")).get("h").predict_proba(probe),
+                                      expected)
+        restored.delete_collection("c")
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(tmp_path / "r"), "--store", moved]) == 2
+    assert "already holds a store" in capsys.readouterr().err
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(tmp_path / "r"), "--store", moved, "--force"]) == 0
+    with Store(tmp_path / "r", backend=moved) as restored:
+        assert restored.collection("c").count == 30
+    with Store(data, backend=lite) as store:
+        store.delete_collection("c")
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(data), "--force"]) == 0  # in place, as it was
+    with Store(data, backend=lite) as store:
+        assert store.collection("c").count == 30 and [c.name for c in store.list_collections()] == ["c"]
+
+
+def test_with_a_milvus_server_the_heads_are_backed_up_and_the_collections_left_to_milvus_backup(
+        tmp_path, capsys, milvus_server):
+    from classifier import HeadRegistry
+
+    data = tmp_path / "data"
+    with Store(data, backend=milvus_server) as store:  # open: a Milvus server's replica is backed up while it serves
+        store.add("c", ["a"], np.eye(1, DIM, dtype=np.float32), model_id="m")
+        probe = _head_in(store, 2)
+        expected = HeadRegistry(store.shared_files("heads")).get("h").predict_proba(probe)
+        assert main(["backup", str(tmp_path / "b"), "--data-dir", str(data)]) == 0
+        out = capsys.readouterr().out
+        assert "1 head(s) from Milvus" in out and "milvus-backup" in out
+        assert sorted(p.name for p in (tmp_path / "b" / "milvus-heads" / "h").iterdir()) == ["head.json",
+                                                                                            "head.safetensors"]
+        HeadRegistry(store.shared_files("heads")).delete("h")
+    assert main(["restore", str(tmp_path / "b"), "--data-dir", str(tmp_path / "r")]) == 0  # into the same server
+    assert "1 head(s) written back into Milvus" in capsys.readouterr().out
+    with Store(tmp_path / "r", backend=milvus_server) as store:
+        np.testing.assert_array_equal(HeadRegistry(store.shared_files("heads")).get("h").predict_proba(probe), expected)

@@ -174,7 +174,7 @@ def test_kill_9_while_training_leaves_every_saved_head_and_no_half_written_one(e
         heads = {h.head_id for h in list_heads(data_dir / "heads")}
         assert {f"saved-{i}" for i in range(attempt + 1)} <= heads and saved in heads
     registry = HeadRegistry(data_dir / "heads")  # what a restarted server does first
-    assert not [p for p in registry.root.iterdir() if p.name.startswith(".")]  # nothing half-written left
+    assert not [p for p in (data_dir / "heads").iterdir() if p.name.startswith(".")]  # nothing half-written left
     for info in registry.list():  # every head there loads and predicts, including a doomed one that made it
         assert registry.predict(info.head_id, x[:5], model_id=embedder.model_id).labels
     with sqlite3.connect(data_dir / "store.sqlite3") as db:

@@ -10,10 +10,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -250,30 +248,6 @@ def test_hostile_values_match_literally_in_milvus(filtered, text):
     assert filtered.vectors("h", where={"a": text})[0] == ["h0"] and filtered.collection("h").count == 4
 
 
-@pytest.fixture
-def milvus_server(tmp_path):
-    """A Milvus server on a loopback port (milvus-lite's gRPC server, in its own process): what `--store
-    http://host:port` replicas share."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(tmp_path / "milvus"),
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "the Milvus server did not start"
-                time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
 def test_replicas_share_one_milvus_with_no_store_node(tmp_path, milvus_server):
     """Two replicas (each its own data dir: cache, heads, keys) on one Milvus server see one set of collections."""
     x = unit(40, 8)
@@ -291,3 +265,162 @@ def test_replicas_share_one_milvus_with_no_store_node(tmp_path, milvus_server):
         with pytest.raises(NotFoundError):
             b.search("shared", x[:1], k=1)
         assert b.search(None, x[:1], k=1) == [[]]
+
+
+def test_heads_follow_the_store_across_replicas(tmp_path, milvus_server, embedder, digit_images):
+    """Two servers (`--role all`, each its own data dir) on one Milvus: a head trained on one is listed, used,
+    replaced and deleted through the other; a damaged head in Milvus is DATA_LOSS on either (persist's checks)."""
+    import base64
+
+    from pymilvus import MilvusClient
+
+    from conftest import running_server
+
+    from classifier import HeadFormatError, HeadRegistry
+    from embedder.client import EmbedderClient
+    from embedder.client.errors import ServiceError
+
+    images, labels = digit_images
+    ids = [f"d{i}" for i in range(len(images))]
+    with running_server(embedder, store=milvus_server, data_dir=tmp_path / "a") as a, \
+            running_server(embedder, store=milvus_server, data_dir=tmp_path / "b") as b, \
+            EmbedderClient(a.address, timeout=120) as on_a, EmbedderClient(b.address, timeout=120) as on_b:
+        on_a.add("digits", images, ids, labels=labels)
+        trained = on_a.train("digits", "logreg", head_id="digits")
+        assert [h["head_id"] for h in on_b.list_heads()] == ["digits"]
+        assert on_b.predict("digits", images[:3])[0].labels == on_a.predict("digits", images[:3])[0].labels
+        assert [p.label for p in on_b.predict("digits", ids=ids[::10], collection="digits")] == labels[::10]
+        assert on_b.stats()["heads"] == 1
+
+        on_b.train("digits", "logreg", head_id="digits", labels=["0", "1"])  # replaced through b, cached on a
+        assert trained["classes"] != ["0", "1"]
+        assert {p.label for p in on_a.predict("digits", images)} == {"0", "1"}
+        assert sorted(on_a.list_heads()[0]["classes"]) == ["0", "1"]
+
+        milvus = MilvusClient(uri=milvus_server)
+        try:
+            row = milvus.query("embedder_heads", filter='file == "head.safetensors" and chunk == 0',
+                               output_fields=["*"], limit=1)[0]
+            data = bytearray(base64.b64decode(row["data"]))
+            data[-1] ^= 1  # one bit of the arrays
+            milvus.upsert("embedder_heads", [{**row, "data": base64.b64encode(bytes(data)).decode()}])
+        finally:
+            milvus.close()
+        with Store(tmp_path / "c", backend=milvus_server) as store, \
+                pytest.raises(HeadFormatError, match="saved head 'digits': head.safetensors does not match"):
+            HeadRegistry(store.shared_files("heads")).get("digits")  # a third replica, which loads it now
+
+        on_a.delete_head("digits")  # loaded on both: b must notice without a restart
+        for client in (on_a, on_b):
+            assert client.list_heads() == []
+            with pytest.raises(ServiceError) as e:
+                client.predict("digits", images[:1])
+            assert e.value.code.name == "NOT_FOUND"
+    assert not list((tmp_path / "a" / "heads").glob("*")) and not list((tmp_path / "b" / "heads").glob("*"))
+
+
+
+def test_replicas_read_one_keys_file_and_are_warned_about_their_own(tmp_path, milvus_server, embedder, capsys,
+                                                                      caplog):
+    """--keys-file: one file (a mounted Secret) for every replica, so a key added or revoked reaches all; a replica
+    on a Milvus server reading its data dir's own keys file says so."""
+    import grpc
+    from conftest import running_server
+
+    from embedder._proto import embedder_pb2 as pb
+    from embedder._proto import embedder_pb2_grpc as pb_grpc
+    from embedder.cli import main as cli_main
+    from embedder.core.service import open_data_dir
+
+    shared = tmp_path / "secret" / "keys.json"
+    shared.parent.mkdir()
+
+    def code(server, key: str) -> grpc.StatusCode:
+        with grpc.insecure_channel(server.address) as channel:
+            try:
+                pb_grpc.EmbedderStub(channel).ListModels(pb.ListModelsRequest(), timeout=30,
+                                                         metadata=[("authorization", f"Bearer {key}")])
+            except grpc.RpcError as e:
+                return e.code()
+        return grpc.StatusCode.OK
+
+    assert cli_main(["keys", "add", "bot", "--role", "read", "--keys-file", str(shared)]) == 0
+    key = capsys.readouterr().out.split()[-1]
+    assert cli_main(["keys", "add", "other", "--keys-file", str(shared)]) == 0  # keys stay on after the revoke
+    with running_server(embedder, store=milvus_server, data_dir=tmp_path / "a", keys_file=str(shared)) as a, \
+            running_server(embedder, store=milvus_server, data_dir=tmp_path / "b", keys_file=str(shared)) as b:
+        assert [code(a, key), code(b, key), code(b, "emb_made_up")] == [grpc.StatusCode.OK, grpc.StatusCode.OK,
+                                                                        grpc.StatusCode.UNAUTHENTICATED]
+        assert cli_main(["keys", "revoke", key.split("_")[1], "--keys-file", str(shared)]) == 0
+        assert [code(a, key), code(b, key)] == [grpc.StatusCode.UNAUTHENTICATED] * 2  # both, from the next call
+    assert not (tmp_path / "a" / "keys.json").exists() and "this replica's own file" not in caplog.text
+
+    own = tmp_path / "c"
+    assert cli_main(["keys", "add", "local", "--data-dir", str(own)]) == 0
+    store, _, _ = open_data_dir(Config(data_dir=own, store=milvus_server))
+    store.close()
+    assert "keys.json, this replica's own file" in caplog.text and "--keys-file" in caplog.text
+
+
+def test_heads_saved_in_the_data_dir_before_move_into_milvus_once(tmp_path, caplog):
+    """A data dir from before heads followed the store: its heads are copied into Milvus on open (an id Milvus
+    holds keeps Milvus's head) and the folder is renamed, so a head deleted later does not come back."""
+    from classifier import HeadRegistry, make_head, save_head
+
+    from embedder.core.service import open_data_dir
+
+    x = unit(20, 8)
+    for head_id, labels in (("old", ["a", "b"]), ("taken", ["c", "d"])):
+        save_head(make_head("logreg").fit(x, labels * 10, model_id=M), tmp_path / "data" / "heads", head_id=head_id)
+    config = Config(data_dir=tmp_path / "data", store=f"milvus://{tmp_path}/m.db")
+    with Store(tmp_path / "other", backend=config.store) as store:  # Milvus already holds a head "taken"
+        HeadRegistry(store.shared_files("heads")).train(x, ["e", "f"] * 10, model_id=M, head_id="taken")
+    store, heads, _ = open_data_dir(config)
+    try:
+        assert {h.head_id: h.classes for h in heads.list()} == {"old": ["a", "b"], "taken": ["e", "f"]}
+        assert not (tmp_path / "data" / "heads").exists() and "taken: not copied" in caplog.text
+        heads.delete("old")
+    finally:
+        store.close()
+    store, heads, _ = open_data_dir(config)
+    try:
+        assert [h.head_id for h in heads.list()] == ["taken"]
+    finally:
+        store.close()
+
+
+
+def test_a_backbone_version_made_on_one_replica_embeds_on_another(tmp_path, milvus_server, embedder, digit_images,
+                                                                   cache_dir, restore_registry):
+    """AdaBN on replica a publishes the version to Milvus; replica b (its own process: the backbone registry is
+    per process), started before the version existed, fetches it when a call names it and embeds as a does."""
+    from conftest import running_server
+
+    from embedder.client import EmbedderClient
+
+    images = digit_images[0][:12]
+    ids = [f"d{i}" for i in range(len(images))]
+    env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir), "EMBEDDER_DATA_DIR": str(tmp_path / "b")}
+    proc = subprocess.Popen([sys.executable, "-m", "embedder.cli", "serve", "--port", "0", "--host", "127.0.0.1",
+                             "--store", milvus_server], env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("listening on "), line
+        with running_server(embedder, store=milvus_server, data_dir=tmp_path / "a") as a, \
+                EmbedderClient(a.address, timeout=300) as on_a, \
+                EmbedderClient(line.split()[-1], timeout=300, retries=20) as on_b:
+            on_a.add("digits", images, ids)
+            job = on_a.wait_job(on_a.finetune("digits", "shared", method="adabn")["job_id"], timeout=600)
+            name = job["result"]["name"]
+            assert job["state"] == "finished" and not (tmp_path / "b" / "backbones" / name).exists()
+            on_a.add("on-a", images, ids, model=name)
+            on_b.add("on-b", images, ids, model=name)  # b fetches the version from Milvus on first use
+            assert (tmp_path / "b" / "backbones" / name / "weights.safetensors").is_file()
+            mine, theirs = on_a.get("on-a", ids), on_b.get("on-b", ids)
+            np.testing.assert_allclose(np.stack([s.vector for s in theirs]), np.stack([s.vector for s in mine]),
+                                       atol=1e-5)
+            assert on_b.stats()["collections"][-1].model_id == job["result"]["model_id"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)

@@ -5,7 +5,9 @@ Examples::
     embedder backup /backups/embedder-2026-12-06 --data-dir /srv/embedder     # while the server serves
     embedder restore /backups/embedder-2026-12-06 --data-dir /srv/embedder --force   # with the server stopped
 
-See :mod:`embedder.store.backup` for what is copied and how.
+See :mod:`embedder.store.backup` for what is copied and how. With the collections in Milvus (the data dir
+records its ``--store``), a milvus-lite store is copied too (with its server stopped: it cannot be copied
+alongside), and from a Milvus server the heads (with EMBEDDER_STORE_TOKEN); the output says where the rest is.
 """
 from __future__ import annotations
 
@@ -27,23 +29,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", type=Path, help=f"the data dir to restore into (default: EMBEDDER_DATA_DIR, else "
                                                  f"./{Config.data_dir}); stop the server that uses it first")
     p.add_argument("--force", action="store_true", help="replace the store the data dir holds (everything in it)")
+    p.add_argument("--store", metavar="URI", help="where a backed-up Milvus part goes: the milvus-lite "
+                                                  "milvus:///abs/path.db, or the Milvus server that gets the heads "
+                                                  "back (default: where the backup came from)")
     p.set_defaults(handler=run_restore)
 
 
 def run_backup(args: argparse.Namespace) -> int:
     from ..store.backup import backup
 
-    data_dir = Config.from_env(data_dir=args.data_dir).data_dir
-    s = backup(data_dir, args.dest)
-    print(f"backed up {data_dir} to {s.path}: {s.files} files, {s.bytes / 1e6:.1f} MB in {s.seconds:.1f} s")
+    config = Config.from_env(data_dir=args.data_dir)
+    s = backup(config.data_dir, args.dest, store_token=config.store_token)
+    print(f"backed up {config.data_dir} to {s.path}: {s.files} files, {s.bytes / 1e6:.1f} MB in {s.seconds:.1f} s")
+    for note in s.notes:
+        print(note)
     return 0
 
 
 def run_restore(args: argparse.Namespace) -> int:
     from ..store.backup import restore
 
-    data_dir = Config.from_env(data_dir=args.data_dir).data_dir
-    s = restore(args.src, data_dir, force=args.force)
+    config = Config.from_env(data_dir=args.data_dir)
+    s = restore(args.src, config.data_dir, force=args.force, store=args.store or "", store_token=config.store_token)
     print(f"restored {args.src} into {s.path}: {s.files} files, {s.bytes / 1e6:.1f} MB in {s.seconds:.1f} s; "
           "start the server on it")
+    for note in s.notes:
+        print(note)
     return 0

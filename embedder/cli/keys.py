@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for parser in (a, ls, r):
         parser.add_argument("--data-dir", type=Path, help=f"the server's data dir (default: EMBEDDER_DATA_DIR, else "
                                                           f"./{Config.data_dir})")
+        parser.add_argument("--keys-file", help="the keys file the servers read with --keys-file (default: "
+                                                "EMBEDDER_KEYS_FILE, else keys.json in the data dir)")
 
     p = sub.add_parser("forget", help="delete the server's cached vectors of images (your key's; admin: everyone's)")
     p.add_argument("sha256s", nargs="+", metavar="SHA256", help="hex sha256 of each image's bytes")
@@ -48,7 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _store(args: argparse.Namespace) -> KeyStore:
-    return KeyStore(Config.from_env(data_dir=args.data_dir).data_dir)
+    config = Config.from_env(data_dir=args.data_dir, keys_file=args.keys_file)
+    return KeyStore(config.data_dir, path=config.keys_path)
 
 
 def add(args: argparse.Namespace) -> int:

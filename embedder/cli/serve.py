@@ -26,7 +26,7 @@ from .options import add_model_options, config_from
 SERVICE_FIELDS = ("host", "port", "max_delay_ms", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
                   "max_metadata_bytes", "max_concurrent_rpcs", "stream_idle_seconds", "max_models", "role",
                   "embed_target", "data_dir", "store", "store_token", "cache_max_items", "cache_max_age_seconds", "cache_shared",
-                  "keep_images", "token", "tls_cert", "tls_key", "metrics_port", "http_port", "allowed_hosts",
+                  "keep_images", "token", "keys_file", "tls_cert", "tls_key", "metrics_port", "http_port", "allowed_hosts",
                   "grace_seconds")
 
 
@@ -95,6 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="do not keep added images' bytes (then collections cannot be fine-tuned on)")
     g.add_argument("--token", help="require `authorization: Bearer TOKEN`, an admin key beside `embedder keys` (prefer "
                                    "EMBEDDER_TOKEN: flags show in ps)")
+    g.add_argument("--keys-file", help="the API keys file (`embedder keys ... --keys-file`; default keys.json in "
+                                       "--data-dir). Replicas sharing one Milvus each read their own unless this is "
+                                       "one file for all, e.g. mounted from a Kubernetes Secret; also "
+                                       "EMBEDDER_KEYS_FILE")
     g.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key the port speaks TLS only")
     g.add_argument("--tls-key", help="PEM private key for --tls-cert")
     g.add_argument("--metrics-port", type=int,

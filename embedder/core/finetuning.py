@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from ..errors import InvalidArgumentError
 
@@ -17,8 +17,10 @@ def _use(name: str) -> str:
 
 
 def start_finetune(store: Any, jobs: Any, data_dir: Path, collection: str, suffix: str, *, unfreeze: int,
-                   epochs: int, params: Mapping[str, Any], labels: Sequence[str], ids: Sequence[str]) -> Any:
-    """Check a fine-tune of ``collection``'s labelled, kept images and queue it in ``jobs``; the job."""
+                   epochs: int, params: Mapping[str, Any], labels: Sequence[str], ids: Sequence[str],
+                   publish: Callable[[Path], None] | None = None) -> Any:
+    """Check a fine-tune of ``collection``'s labelled, kept images and queue it in ``jobs``; the job. ``publish``
+    gets the new version's folder (to share it with other replicas)."""
     from classifier import InsufficientDataError
 
     from ..backbones import get_backbone
@@ -42,6 +44,8 @@ def start_finetune(store: Any, jobs: Any, data_dir: Path, collection: str, suffi
         result = finetune(images, found_labels, data_dir=data_dir, suffix=suffix, model=parent.model_id,
                           config=config, cancel=cancel,
                           on_epoch=lambda epoch, stats: report({**stats, "epochs": config.epochs}))
+        if publish is not None:
+            publish(result.path)
         return {"name": result.spec.name, "model_id": result.spec.model_id, "parent": parent.model_id,
                 "classes": result.classes, "val_accuracy": result.val_accuracy, "best_epoch": result.best_epoch,
                 "trunk_passes": result.trunk_passes, "trunk_seconds": result.trunk_seconds,
@@ -65,8 +69,10 @@ def _merged(params: Mapping[str, Any], **fields: int) -> dict[str, Any]:
     return merged
 
 
-def start_adabn(store: Any, jobs: Any, data_dir: Path, collection: str, suffix: str) -> Any:
-    """Check an AdaBN pass over ``collection``'s kept images and queue it in ``jobs``; the job."""
+def start_adabn(store: Any, jobs: Any, data_dir: Path, collection: str, suffix: str,
+                publish: Callable[[Path], None] | None = None) -> Any:
+    """Check an AdaBN pass over ``collection``'s kept images and queue it in ``jobs``; the job (``publish`` as
+    for :func:`start_finetune`)."""
     from ..backbones import get_backbone
     from ..finetune import ADABN_MIN_IMAGES, TooFewLabelsError, adabn, check_suffix
 
@@ -80,6 +86,8 @@ def start_adabn(store: Any, jobs: Any, data_dir: Path, collection: str, suffix: 
 
     def work(job: Any, cancel: threading.Event, report: Any) -> dict[str, Any]:
         result = adabn(images, data_dir=data_dir, suffix=suffix, model=parent.model_id, cancel=cancel)
+        if publish is not None:
+            publish(result.path)
         return {"name": result.spec.name, "model_id": result.spec.model_id, "parent": parent.model_id,
                 "images": result.images, "seconds": result.seconds, "use": _use(result.spec.name)}
 

@@ -71,6 +71,8 @@ class ModelPool:
         self._on_load = on_load
         self._on_death = on_death
         self._batch_hooks = batch_hooks or {}
+        # asked once when a name is unknown, before giving up: e.g. fetch versions made on other replicas
+        self.on_unknown: Callable[[], Any] | None = None
         self._models: list[LoadedModel] = []  # the default first
         self._lock = threading.Lock()  # guards _models and leases
         self._load_lock = threading.Lock()  # one load at a time; a second caller of the same model waits
@@ -130,7 +132,9 @@ class ModelPool:
             model = self.acquire(model_id)
         except (UnknownModelError, WeightsNotFoundError) as e:
             raise CollectionMismatchError(f"{what} holds vectors of model {model_id}, which this server cannot "
-                                          f"load ({e})") from None
+                                          f"load ({e}); a fine-tuned version lives in the data dir of the server "
+                                          "that made it (and, with a Milvus store, in Milvus): copy its folder "
+                                          "under backbones/ there into this server's data dir") from None
         try:
             yield model
         finally:
@@ -207,7 +211,14 @@ class ModelPool:
     def _load(self, name: str) -> LoadedModel:
         from ..pipeline import Embedder  # the ML stack loads with the first local model, not with the pool
 
-        embedder = Embedder(config=dataclasses.replace(self.config, model=name))
+        config = dataclasses.replace(self.config, model=name)
+        try:
+            embedder = Embedder(config=config)
+        except UnknownModelError:
+            if self.on_unknown is None:
+                raise
+            self.on_unknown()
+            embedder = Embedder(config=config)
         try:
             return self._warm(embedder, owned=True)
         except BaseException:

@@ -19,13 +19,16 @@ batcher, fresh vectors into the cache. Models come from the :class:`~embedder.co
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from .. import filters
-from ..config import Config
+from ..config import Config, parse_store_uri
 from ..errors import (InvalidArgumentError, ItemError, ItemNotFoundError, NotFoundError, NotReadyError, ReplicaOnlyError,
                       ResponseTooLargeError)
 from ..jsonrule import check_json_object, dump_stored
@@ -34,6 +37,7 @@ from .access import ADMIN, READ, WRITE
 from .embedding import Call, Item, Outcome, Pending, finish, submit
 from .heads import HeadCalls
 from .models import LoadedModel, ModelPool
+from . import versions
 from .thumbnails import check_side, thumbnail
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,12 @@ class Service(HeadCalls):
         self._closing = False
         if metrics is not None:
             metrics.track_queue(lambda: self.models.queue_depth)
+        # with Milvus, fine-tuned versions are shared like the collections: fetched now and when a call names one
+        # made on another replica since, published when made here
+        self._versions = store.shared_files("backbones") if store is not None else None
+        if self._versions is not None:
+            self.models.on_unknown = self._sync_versions
+            self._sync_versions()
 
     @classmethod
     def open(cls, config: Config, *, embedder: Any = None, metrics: Any = None) -> Service:
@@ -348,12 +358,18 @@ class Service(HeadCalls):
 
         store = self._stateful()
         self._permit(call, WRITE, collection)
+        if self._versions is not None:
+            self._sync_versions()  # so a name taken on another replica is refused here too
+        publish = None if self._versions is None else partial(versions.publish, self._versions)
         if method == "adabn":
-            return start_adabn(store, self.jobs, self.config.data_dir, collection, suffix)
+            return start_adabn(store, self.jobs, self.config.data_dir, collection, suffix, publish=publish)
         if method not in ("", "finetune"):
             raise InvalidArgumentError(f"method must be 'finetune' or 'adabn', got {method[:50]!r}")
         return start_finetune(store, self.jobs, self.config.data_dir, collection, suffix, unfreeze=unfreeze,
-                              epochs=epochs, params=params or {}, labels=labels, ids=ids)
+                              epochs=epochs, params=params or {}, labels=labels, ids=ids, publish=publish)
+
+    def _sync_versions(self) -> None:
+        versions.sync(self._versions, self.config.data_dir / "backbones")
 
     def get_job(self, job_id: str, *, call: Call = Call()) -> Any:
         self._stateful()
@@ -441,7 +457,9 @@ class Service(HeadCalls):
 def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
     """The store, head registry and job runner under ``config.data_dir`` (None x 3 with ``role="embed"``).
 
-    Fine-tuned versions saved there are registered, so collections, heads and jobs can name them.
+    Heads follow the store: in Milvus when the collections are there (every replica on it sees the same heads),
+    else in ``<data_dir>/heads``. Fine-tuned versions saved in the data dir are registered, so collections, heads
+    and jobs can name them.
     """
     if config.role == "embed":
         return None, None, None
@@ -453,11 +471,44 @@ def open_data_dir(config: Config) -> tuple[Any, Any, Any]:
 
     store = Store.from_config(config)
     try:
-        heads = HeadRegistry(config.data_dir / "heads")
+        shared = store.shared_files("heads")
+        if shared is not None:
+            _move_local_heads(config.data_dir / "heads", shared)
+        heads = HeadRegistry(shared or config.data_dir / "heads")
         jobs = JobRunner(config.data_dir / "jobs")
         load_derived(config.data_dir / "backbones")
     except BaseException:
         store.close()
         raise
     log.info("data dir %s: %s", config.data_dir, store)
+    _warn_replica_state(config)
     return store, heads, jobs
+
+
+def _move_local_heads(folder: Path, shared: Any) -> None:
+    """Heads saved in the data dir before heads followed a Milvus store: copied into Milvus once (the folder is
+    then renamed, so a head deleted in Milvus later does not come back), so no replica silently loses them."""
+    from classifier import HeadFolder
+    from classifier.persist import ARRAYS_FILE
+    from classifier.places import META_FILE, copy_heads
+
+    local = HeadFolder(folder)
+    if not local.ids():
+        return
+    for line in copy_heads(local, shared, [META_FILE, ARRAYS_FILE]):
+        log.warning("heads in %s now live in Milvus: %s", folder, line)
+    moved = folder.with_name(f"heads.moved-to-milvus-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+    folder.rename(moved)
+    log.warning("heads: the data dir's heads folder is renamed to %s (kept as it was; remove it when done)", moved)
+
+
+def _warn_replica_state(config: Config) -> None:
+    """With a Milvus server every replica may share the collections, heads and backbone versions; say where state
+    that stays in this replica's data dir would silently differ between replicas."""
+    if parse_store_uri(config.store)[0] != "milvus":
+        return
+    if not config.keys_file and config.keys_path.is_file():
+        log.warning("API keys are read from %s, this replica's own file: replicas sharing %s do not see a key added "
+                    "or revoked here. Give every replica one keys file (--keys-file / EMBEDDER_KEYS_FILE, e.g. "
+                    "mounted from a Kubernetes Secret)", config.keys_path, config.store)
+

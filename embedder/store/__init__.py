@@ -12,11 +12,12 @@ with ``Store(data_dir, backend="milvus:///abs/path.db" | "http(s)://host:port")`
 Milvus (``milvus.py``) and only the cache stays in ``data_dir``. What follows describes the default backend.
 One :class:`Store` object is the facade (``store.py``: argument checks, the cache) over modules of one job each:
 ``backend.py`` (what a collections backend provides), ``local.py`` (the default one: FAISS + SQLite),
-``milvus.py`` (Milvus through pymilvus), ``cache.py`` (the
-embedding cache), ``indexes.py`` (collections' FAISS indexes and their snapshots), ``sqlite.py`` (schema,
-upgrades, transactions), ``integrity.py`` (row checksums), ``rwlock.py`` (the readers-writer lock),
+``milvus.py`` (Milvus through pymilvus; ``milvus_files.py``: heads kept in Milvus, so every replica sees them),
+``cache.py`` (the embedding cache), ``indexes.py`` (collections' FAISS indexes and their snapshots),
+``sqlite.py`` (schema, upgrades, transactions), ``integrity.py`` (row checksums), ``rwlock.py`` (the readers-writer lock),
 ``validation.py`` (argument checks, which raise :class:`~embedder.errors.InvalidArgumentError`, a
-``ValueError``), ``backup.py`` (``embedder backup`` / ``restore``: consistent copies while serving).
+``ValueError``), ``backup.py`` (``embedder backup`` / ``restore``: consistent copies while serving;
+``milvus_backup.py``: the Milvus part of one).
 
 **SQLite is the source of truth** (metadata *and* every vector as a float32 blob). Tables:
 

@@ -14,7 +14,7 @@ ids and labels of the allowed lengths, ``(N, dim)`` finite float32 vectors, meta
 """
 from __future__ import annotations
 
-from typing import AbstractSet, Protocol, Sequence
+from typing import AbstractSet, Any, Protocol, Sequence
 
 import numpy as np
 
@@ -68,6 +68,10 @@ class Collections(Protocol):
         holds: the cache's second place to look."""
 
     def disk_bytes(self) -> int: ...
+
+    def shared_files(self, folder: str) -> Any:
+        """Where files every replica must read alike are kept (a :class:`classifier.places.HeadPlace`), None when
+        this backend is one node's (then they stay in its data dir)."""
 
     def save(self) -> None: ...
 

@@ -17,6 +17,11 @@ What a running server may change during the copy, and how each is read consisten
   by renaming (a head saved again) is read through one directory handle, so its files are from the same
   version, and copied again if it goes away while being read.
 
+With the collections in Milvus (the data dir's ``store.json`` says so), :mod:`.milvus_backup` adds what is ours
+there: a milvus-lite ``.db`` folder whole (refused while a server holds it: milvus-lite cannot be copied
+consistently alongside its process), or, from a Milvus server, the heads (its collections are for milvus-backup;
+the summary's notes say so).
+
 Not copied: ``keys.json`` (this deployment's credentials: a restore keeps the keys in place, so revoked keys
 stay revoked), ``store.lock``, SQLite's ``-wal`` / ``-shm`` / ``-journal`` files (inside the online copy),
 hidden temp files and folders of writes in progress, and recomputable caches (:data:`RECOMPUTABLE`).
@@ -39,14 +44,17 @@ import shutil
 import sqlite3
 import stat
 import time
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..config import parse_store_uri
 from ..durable import fsync_dir, fsync_file, temp_path, write_atomic
 from ..errors import DataLossError, InvalidArgumentError, StoreLockedError
 from ..index import SnapshotError, VectorIndex
+from .milvus_backup import (HEADS_FOLDER, LITE_FOLDER, MilvusPart, export_heads, holding_lite,
+                            import_heads, lite_folder, record_store, recorded_store, swap_lite)
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +63,7 @@ FORMAT = 1
 DATABASE = "store.sqlite3"
 RECOMPUTABLE = ("activations.sqlite3",)  # fine-tuning's activation cache: large, and recomputed when missing
 # keys.json holds this deployment's credentials: a restore must not bring revoked keys back (nor drop new ones)
-_NEVER = ("store.lock", MANIFEST, "keys.json", "keys.lock")
+_NEVER = ("store.lock", MANIFEST, "keys.json", "keys.lock", "LOCK")  # LOCK: milvus-lite's
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _COPY_CHUNK = 1 << 20
 _ATTEMPTS = 5  # copies of a folder that keeps being replaced under us
@@ -69,10 +77,12 @@ class BackupSummary:
     files: int
     bytes: int
     seconds: float
+    notes: tuple[str, ...] = ()  # what the caller should know: where the rest of the data is, what was done there
 
 
-def backup(data_dir: str | os.PathLike, dest: str | os.PathLike) -> BackupSummary:
-    """Copy ``data_dir`` to the new folder ``dest`` consistently, while a server may be serving it."""
+def backup(data_dir: str | os.PathLike, dest: str | os.PathLike, *, store_token: str = "") -> BackupSummary:
+    """Copy ``data_dir`` to the new folder ``dest`` consistently, while a server may be serving it (with a
+    milvus-lite store: only while none is); ``store_token``: a Milvus server's, to read the heads kept there."""
     started = time.perf_counter()
     # absolute and normalised: SQLite refuses a relative path that climbs above / ("../../../tmp/b" from /tmp/x)
     data_dir, dest = Path(data_dir).resolve(), Path(dest).resolve()
@@ -83,11 +93,29 @@ def backup(data_dir: str | os.PathLike, dest: str | os.PathLike) -> BackupSummar
         raise InvalidArgumentError(f"{dest} exists and is not an empty folder; back up into a new folder")
     if data_dir.resolve() in dest.resolve().parents:
         raise InvalidArgumentError(f"{dest} is inside the data dir {data_dir}; back up to a folder outside it")
+    store = recorded_store(data_dir)
+    lite = lite_folder(store)
+    with holding_lite(lite, "copied") if lite is not None else nullcontext():
+        return _backup(data_dir, dest, store, store_token, lite, started)
+
+
+def _backup(data_dir: Path, dest: Path, store: str, store_token: str, lite: Path | None,
+            started: float) -> BackupSummary:
     staging = temp_path(dest)
     staging.mkdir(parents=True)
     try:
         files: dict[str, dict[str, int | str]] = {}
+        milvus = MilvusPart()
+        if lite is not None:  # its lock is ours: no server writes it meanwhile
+            milvus.files = {f"{LITE_FOLDER}/{name}": f for name, f in
+                            _copy_unit(lite.parent, Path(lite.name), staging / LITE_FOLDER).items()}
+            milvus.notes.append(f"the milvus-lite store {lite} (collections, kept images, heads) is in {LITE_FOLDER}/")
+        elif parse_store_uri(store)[0] == "milvus":
+            milvus = export_heads(store, store_token, staging)
+        files.update(milvus.files)
         for entry in sorted(_entries(data_dir)):
+            if lite is not None and entry.resolve() == lite.resolve():
+                continue  # the milvus-lite folder inside the data dir: copied above
             if entry.name == "snapshots" or entry.name == DATABASE:
                 continue  # copied together, last
             if entry.suffix == ".sqlite3":
@@ -108,17 +136,33 @@ def backup(data_dir: str | os.PathLike, dest: str | os.PathLike) -> BackupSummar
         shutil.rmtree(staging, ignore_errors=True)
         raise
     summary = BackupSummary(dest, len(files), sum(int(f["size"]) for f in files.values()),
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, tuple(milvus.notes))
     log.info("backed up %s to %s: %d files, %.1f MB in %.2f s", data_dir, dest, summary.files, summary.bytes / 1e6,
              summary.seconds)
     return summary
 
 
-def restore(src: str | os.PathLike, data_dir: str | os.PathLike, *, force: bool = False) -> BackupSummary:
-    """Put the backup ``src`` into ``data_dir``, which no process may hold; ``force`` to replace a store there."""
+def restore(src: str | os.PathLike, data_dir: str | os.PathLike, *, force: bool = False, store: str = "",
+            store_token: str = "") -> BackupSummary:
+    """Put the backup ``src`` into ``data_dir``, which no process may hold; ``force`` to replace a store there.
+
+    A milvus-lite store in the backup goes back to ``store`` (default: where it was), whose lock is taken the same
+    way; heads a Milvus server held go back into the server at ``store`` (default: the same), with
+    ``store_token``."""
     started = time.perf_counter()
     src, data_dir = Path(src).resolve(), Path(data_dir).resolve()
     files = verify(src)
+    store = store or recorded_store(src)
+    lite_names = sorted(n for n in files if Path(n).parts[0] == LITE_FOLDER)
+    head_names = sorted(n for n in files if Path(n).parts[0] == HEADS_FOLDER)
+    lite = lite_folder(store)
+    if lite_names and lite is None:
+        raise InvalidArgumentError(f"backup {src} holds a milvus-lite store; say where it goes with --store "
+                                   "milvus:///absolute/path.db")
+    if head_names and parse_store_uri(store)[0] != "milvus":
+        raise InvalidArgumentError(f"backup {src} holds heads of a Milvus server; say which server they go back into "
+                                   "with --store http(s)://host:port (and EMBEDDER_STORE_TOKEN)")
+    own = {n: f for n, f in files.items() if n not in lite_names and n not in head_names}
     data_dir.mkdir(parents=True, exist_ok=True)
     lock = os.open(data_dir / "store.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -127,30 +171,56 @@ def restore(src: str | os.PathLike, data_dir: str | os.PathLike, *, force: bool 
         except BlockingIOError:
             raise StoreLockedError(f"{data_dir} is in use by a running server (or another process); stop it, then "
                                    "restore") from None
-        if (data_dir / DATABASE).exists() and not force:
-            raise InvalidArgumentError(f"{data_dir} already holds a store; restoring replaces everything in it. Pass "
-                                       "--force to do so (back it up first with `embedder backup` if it may be "
-                                       "needed), or restore into a new data dir")
-        for leftover in data_dir.glob(".restore-*"):  # of a restore that was interrupted
-            _remove(leftover)
-        staging = data_dir / f".restore-{secrets.token_hex(4)}"
-        staging.mkdir()
-        try:
-            for name, expected in files.items():
-                if _copy_file(src / name, staging / name) != expected:  # the backup changed since it was verified
-                    raise DataLossError(f"backup {src} changed while it was restored ({name}); restore again")
-            _sync(staging, files)
-        except BaseException:
-            _remove(staging)
-            raise
-        _swap_in(staging, data_dir, sorted({Path(name).parts[0] for name in files}))
+        with holding_lite(lite, "replaced") if lite_names and lite is not None else nullcontext():
+            held = (data_dir / DATABASE).exists() or (bool(lite_names) and lite is not None and any(
+                e.name != "LOCK" for e in lite.iterdir()))
+            if held and not force:
+                raise InvalidArgumentError(f"{data_dir} (or the milvus-lite store) already holds a store; restoring "
+                                           "replaces everything in it. Pass --force to do so (back it up first with "
+                                           "`embedder backup` if it may be needed), or restore into a new data dir")
+            for leftover in data_dir.glob(".restore-*"):  # of a restore that was interrupted
+                _remove(leftover)
+            staging = _stage(src, own, data_dir / f".restore-{secrets.token_hex(4)}")
+            lite_staging = None
+            if lite_names and lite is not None:
+                lite_staging = _stage(src, {n: files[n] for n in lite_names},
+                                      lite.parent / f".{lite.name}.restore-{secrets.token_hex(4)}",
+                                      strip=2)  # milvus-lite/<name>.db/...
+            _swap_in(staging, data_dir, sorted({Path(name).parts[0] for name in own}), keep=lite)
+            if lite_staging is not None and lite is not None:
+                swap_lite(lite_staging, lite)
+            if store != recorded_store(data_dir):
+                record_store(data_dir, store)
     finally:
         os.close(lock)
+    notes = ()
+    if lite_names:
+        notes = (f"the milvus-lite store is back in {lite}",)
+    elif head_names:
+        notes = tuple(import_heads(src, head_names, store, store_token).notes)
     summary = BackupSummary(data_dir, len(files), sum(int(f["size"]) for f in files.values()),
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, notes)
     log.info("restored %s into %s: %d files, %.1f MB in %.2f s", src, data_dir, summary.files, summary.bytes / 1e6,
              summary.seconds)
     return summary
+
+
+def _stage(src: Path, files: dict[str, dict[str, int | str]], staging: Path, strip: int = 0) -> Path:
+    """Copy ``files`` of the backup ``src`` into the new folder ``staging`` (their first ``strip`` parts left
+    off), each checked again against the manifest, and fsync them."""
+    staging.mkdir()
+    placed = {}
+    try:
+        for name, expected in files.items():
+            relative = Path(*Path(name).parts[strip:]).as_posix()
+            if _copy_file(src / name, staging / relative) != expected:  # the backup changed since it was verified
+                raise DataLossError(f"backup {src} changed while it was restored ({name}); restore again")
+            placed[relative] = expected
+        _sync(staging, placed)
+    except BaseException:
+        _remove(staging)
+        raise
+    return staging
 
 
 def verify(src: Path) -> dict[str, dict[str, int | str]]:
@@ -341,11 +411,13 @@ def _sync(root: Path, names: Iterable[str]) -> None:
             fsync_dir(folder)
 
 
-def _swap_in(staging: Path, data_dir: Path, names: list[str]) -> None:
-    """Rename the staged entries into ``data_dir``; what the backup does not hold goes."""
+def _swap_in(staging: Path, data_dir: Path, names: list[str], keep: Path | None = None) -> None:
+    """Rename the staged entries into ``data_dir``; what the backup does not hold goes, except ``keep`` (a
+    milvus-lite folder inside the data dir: restored on its own)."""
     old = data_dir / f".restore-old-{secrets.token_hex(4)}"
     old.mkdir()
-    present = [e for e in data_dir.iterdir() if not _skipped(e.name) and e.name not in RECOMPUTABLE]
+    present = [e for e in data_dir.iterdir() if not _skipped(e.name) and e.name not in RECOMPUTABLE
+               and (keep is None or e.resolve() != keep.resolve())]
     for entry in present:
         if entry.name not in names:
             entry.rename(old / entry.name)

@@ -258,6 +258,9 @@ class LocalCollections:
         """The snapshots' size (the facade counts the SQLite files)."""
         return sum(p.stat().st_size for p in self._snapshots.files() if p.exists())
 
+    def shared_files(self, folder: str) -> None:
+        return None  # one node's store: its files stay in its data dir
+
     # --- persistence ---
 
     def save(self) -> None:

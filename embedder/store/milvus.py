@@ -14,8 +14,8 @@ Durability: an add returns once Milvus acknowledged its upserts; milvus-lite wri
 the OS per write, so kill -9 loses nothing acknowledged), a cluster to its log broker. An add is sent in
 batches of about 4 MB: a crash mid-add may keep a part of it (re-adding is idempotent), unlike the SQLite
 backend's all-or-nothing add. Kept images are stored in Milvus too (``emb_images``: base64 chunks by sha256),
-so every replica serves them. Row checksums are Milvus's business here (the SQLite backend's ``crc`` column has
-no counterpart).
+so every replica serves them, and so are the service's heads and backbone versions (:mod:`.milvus_files`). Row
+checksums are Milvus's business here (the SQLite backend's ``crc`` column has no counterpart).
 
 The content cache stays local to each node (SQLite in ``--data-dir``): it is recomputable, read on every
 embed call (a local lookup, not a network round trip), and private per API key; a lookup also finds vectors of
@@ -142,8 +142,8 @@ class MilvusCollections:
         self._flush_lock = RWLock()
         self._seq = 0
         self._closed = False
+        self._client = connect(lite_path or uri, token)
         try:
-            self._client = MilvusClient(uri=lite_path or uri, token=token, timeout=30)
             self._ensure_images()
         except MilvusException as e:
             raise _unavailable(uri, e) from None
@@ -298,6 +298,16 @@ class MilvusCollections:
                             output_fields=["sha256", "vector"], limit=len(chunk) * 16)):  # items may share one
                         found.setdefault(r["sha256"], _vector(r["vector"]))
         return found
+
+    def shared_files(self, folder: str) -> Any:
+        """Files every replica on this Milvus reads alike (:class:`~.milvus_files.MilvusFiles` in the collection
+        ``embedder_<folder>``): the service keeps its heads there."""
+        from .milvus_files import MilvusFiles
+
+        try:
+            return MilvusFiles(self._client, folder, uri=self.uri, check_open=self._check_open)
+        except MilvusException as e:
+            raise _unavailable(self.uri, e) from None
 
     def disk_bytes(self) -> int:
         """The milvus-lite folder's size; 0 for a server (Milvus reports its own storage)."""
@@ -558,6 +568,15 @@ class MilvusCollections:
         for sha in shas:
             with self._flush_lock.read():
                 self._client.delete(_IMAGES, filter=f"sha256 == {quote(sha)}")
+
+
+def connect(uri: str, token: str = "") -> MilvusClient:
+    """A pymilvus client of a Milvus server (``http(s)://host:port``) or a milvus-lite ``.db`` path;
+    StoreUnavailableError saying what to check when it cannot be reached."""
+    try:
+        return MilvusClient(uri=uri, token=token, timeout=30)
+    except MilvusException as e:
+        raise _unavailable(uri, e) from None
 
 
 @contextmanager

@@ -27,6 +27,7 @@ from ..inputs import content_hash
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .backend import Collections
 from .cache import EmbeddingCache
+from .milvus_backup import record_store
 from .sqlite import connect, transaction, vector
 from .validation import (check_column, check_ef, check_ids, check_k, check_label, check_list, check_model_id,
                          check_name, check_page, check_sha256, check_vectors, metadata_json, missing_message,
@@ -59,6 +60,7 @@ class Store:
         try:
             self._db = connect(self._database)
             self._cache = EmbeddingCache(self._db, self._database)
+            record_store(self.data_dir, backend)  # so `embedder backup` knows where the collections are
             self._backend: Collections
             if kind == "local":
                 from .local import LocalCollections
@@ -294,6 +296,11 @@ class Store:
         return StoreStats(collections, items=sum(c.count for c in collections), cache_items=self._cache.count,
                           cache_max_items=self.cache_max_items,
                           disk_bytes=sum(p.stat().st_size for p in files if p.exists()) + self._backend.disk_bytes())
+
+    def shared_files(self, folder: str) -> Any:
+        """With Milvus, the place (in Milvus) for files every replica must read alike, e.g. ``"heads"``; None with
+        the default backend, whose files stay in the data dir."""
+        return self._backend.shared_files(folder)
 
     # --- persistence ---
 
