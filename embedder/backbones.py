@@ -197,7 +197,8 @@ def register_backbone(spec: BackboneSpec, *, overwrite: bool = False) -> Backbon
     """Add ``spec`` to the registry; refuses to replace an existing name unless ``overwrite``."""
     with _registry_lock:
         if spec.name in _REGISTRY and not overwrite:
-            raise ValueError(f"a backbone named {spec.name!r} is already registered; pass overwrite=True to replace it")
+            raise ValueError(f"a backbone named {spec.name!r} is already registered; choose another name (code that "
+                             "means to replace it passes overwrite=True)")
         _REGISTRY[spec.name] = spec
     return spec
 

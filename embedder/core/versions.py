@@ -24,9 +24,15 @@ FILES = (DERIVED_META, DERIVED_WEIGHTS)
 
 
 def publish(place: Any, folder: Path) -> None:
-    """Put the version in ``folder`` where every replica finds it (FileExistsError when one of that name is there:
-    a version's name stands for its weights)."""
-    place.write(folder.name, {name: (folder / name).read_bytes() for name in FILES}, overwrite=False)
+    """Put the version in ``folder`` where every replica finds it; refused when one of that name is there (a
+    version's name stands for its weights)."""
+    try:
+        place.write(folder.name, {name: (folder / name).read_bytes() for name in FILES}, overwrite=False)
+    except FileExistsError:  # another replica's job of the same name finished first
+        from ..finetune import FineTuneError
+
+        raise FineTuneError(f"a backbone named {folder.name!r} was published by another replica meanwhile; run the "
+                            "job again with another suffix") from None
     log.info("published backbone version %s to %s", folder.name, place)
 
 
