@@ -207,7 +207,7 @@ def register_card(card: ModelCard, *, overwrite: bool = False) -> BackboneSpec:
                                f"{card.sha256}; restore the expected files, or update `sha256` in the card if the "
                                "new files are intended (vectors of the old ones will not mix with the new)")
     if not overwrite and _taken(card.name):  # before building: the builder may read a large file
-        raise ModelCardError(f"model card {card.name!r}: a model of that name is registered already (a built-in, "
+        raise ModelCardError(f"model card {card.name!r}: a model of that name is already registered (a built-in, "
                              "or another card); give this card another `name`")
     weights = WeightsFile(sha256=digest, path=card.path, filename=card.path.name)
     spec = register_backbone(_SPECS[card.format](card, weights), overwrite=overwrite)

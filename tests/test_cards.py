@@ -153,7 +153,7 @@ def test_card_model_id_covers_files_recipe_and_output(onnx_file, tmp_path, resto
     ({"pool": "none"}, "ModelCardError", ["outputs 4-d tensors", "set the card's `pool`"]),
     ({"colour": "red"}, "ModelCardError", ["unknown key(s) colour"]),
     ({"name": "../evil"}, "ModelCardError", ["not usable"]),
-    ({"name": "mobilenet_v2"}, "ModelCardError", ["registered already", "another `name`"]),
+    ({"name": "mobilenet_v2"}, "ModelCardError", ["already registered", "another `name`"]),
 ])
 def test_card_refusals_name_the_fix(onnx_file, tmp_path, cache_dir, restore_registry, change, error, words):
     import embedder.errors as errors
