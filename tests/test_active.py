@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from classifier import InsufficientDataError, active
+from classifier.persist import HeadNotFoundError
 from conftest import CountingModel, http_door, running_server
 from embedder._proto import embedder_pb2 as pb
 from embedder._proto import embedder_pb2_grpc as pb_grpc
@@ -220,8 +221,8 @@ def test_refusals_say_what_to_do(service):
     ]
     service.train("noisy", head_id="noisy-head")
     digits_only = Call(principal=Principal("k2", "write", frozenset({"digits"})))
-    refusals.append((lambda: service.suggest("digits", head_id="noisy-head", call=digits_only), PermissionDeniedError,
-                     "allow-list"))
+    refusals.append((lambda: service.suggest("digits", head_id="noisy-head", call=digits_only), HeadNotFoundError,
+                     "no head 'noisy-head'"))  # another collection's head: answered as an unknown one
     assert service.suggest("digits", n=3, head_id="noisy-head").strategy == "hybrid"  # no key: any head
     for call, error, fix in refusals:
         with pytest.raises(error, match=fix):
