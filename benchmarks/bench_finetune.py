@@ -68,7 +68,7 @@ log = logging.getLogger("bench_finetune")
 class Trunk:
     """The frozen trunk of ``finetune`` for ``unfreeze`` blocks and the shared activation cache it fills."""
 
-    def __init__(self, unfreeze: int) -> None:
+    def __init__(self, unfreeze: int, cache_path: Path = CACHE_DIR / "activations.sqlite3") -> None:
         from embedder import get_backbone
         from embedder.activations import ActivationCache
         from embedder.config import Config
@@ -78,7 +78,7 @@ class Trunk:
         self.spec = get_backbone(MODEL)
         self.split = Split(self.spec, unfreeze)
         self.pre = Preprocessor(self.spec.preprocessing, max_pixels=Config().max_pixels)
-        self.cache = ActivationCache(CACHE_DIR / "activations.sqlite3", max_bytes=4 * 1024**3)
+        self.cache = ActivationCache(cache_path, max_bytes=4 * 1024**3)
         self.computed, self.seconds = 0, 0.0
 
     def decode(self, pngs: Sequence[bytes]) -> torch.Tensor:
@@ -138,7 +138,6 @@ def mcnemar(first: np.ndarray, second: np.ndarray) -> dict[str, Any]:
 def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
     from embedder.datasets import fashion_mnist
     from embedder.finetune import FineTuneConfig, finetune
-    from scipy.stats import ttest_rel
 
     x_train, y_train = fashion_mnist("train")
     x_test, y_test = fashion_mnist("test")
@@ -147,7 +146,7 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
     features = fashion_features(MODEL)
     F_train, F_test = features["train"][0], features["test"][0][test_idx]
     make_head("logreg").fit(F_train[:200], y_train[:200])  # warm-up: thread pools, BLAS
-    trunk = Trunk(args.unfreeze)
+    trunk = Trunk(args.unfreeze, args.cache)
     runs: list[dict[str, Any]] = []
     try:
         test_pngs = [png(im) for im in x_test]
@@ -161,7 +160,7 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                 frozen_right = frozen.predict(F_test) == y_test
                 pngs = [png(x_train[i]) for i in idx]
                 trunk.fill(pngs)
-                data_dir = CACHE_DIR / f"ft-{n}-{seed}"
+                data_dir = args.cache.parent / f"ft-{n}-{seed}"
                 shutil.rmtree(data_dir, ignore_errors=True)
                 try:
                     config = FineTuneConfig(**{**FT_CONFIG, "epochs": args.epochs}, unfreeze=args.unfreeze,
@@ -184,15 +183,27 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                        "val_accuracy": result.val_accuracy, "epochs_s": result.train_seconds, "head_fit_s": head_s,
                        "history": result.history}
                 runs.append(run)
+                # Each finished run is written at once, marked partial: hours-long runs may be cut short.
+                write_json(result_name(args), {**accuracy_result(args, runs, trunk), "partial": True,
+                                               "model": MODEL, "torch_threads": args.threads, "argv": sys.argv[1:]})
                 log.info("n=%d seed=%d: frozen %.4f, fine-tuned %.4f (task head %.4f), %d epochs (best %d), "
                          "%.0f s; McNemar p=%.2g", n, seed, run["frozen"], run["finetuned"],
                          run["finetuned_task_head"], run["epochs_run"], run["best_epoch"], result.train_seconds,
                          run["vs_frozen"]["mcnemar_p"])
     finally:
         trunk.close()
+    return accuracy_result(args, runs, trunk)
+
+
+def accuracy_result(args: argparse.Namespace, runs: list[dict[str, Any]], trunk: Trunk) -> dict[str, Any]:
+    """The JSON payload of the runs done so far: per-n means, pooled McNemar and the paired t-test."""
+    from scipy.stats import ttest_rel
+
     summary = []
     for n in args.ns:
         rs = [r for r in runs if r["n"] == n]
+        if not rs:
+            continue
         row: dict[str, Any] = {"n": n, "seeds": [r["seed"] for r in rs]}
         for method in ("frozen", "finetuned", "finetuned_task_head"):
             values = [r[method] for r in rs]
@@ -208,8 +219,8 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
         row["gain_points"] = 100 * (row["finetuned"]["mean"] - row["frozen"]["mean"])
         summary.append(row)
     return {"unfreeze": args.unfreeze, "test_images": args.test, "finetune_config": {**FT_CONFIG, "epochs": args.epochs},
-            "summary": summary,
-            "runs": runs, "trunk_img_s": trunk.computed / trunk.seconds if trunk.computed else None}
+            "summary": summary, "runs": runs,
+            "trunk_img_s": trunk.computed / trunk.seconds if trunk.computed else None}
 
 
 # --- epoch speed ---------------------------------------------------------------------------------------------
@@ -328,6 +339,11 @@ def markdown_speed(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def result_name(args: argparse.Namespace) -> str:
+    """The JSON's name under benchmarks/results."""
+    return args.name or f"bench_finetune_{args.part}"
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("classifier").setLevel(logging.WARNING)
@@ -343,6 +359,8 @@ def main() -> None:
     ap.add_argument("--epoch-images", type=int, default=600, help="labelled images per timed epoch")
     ap.add_argument("--epoch-rounds", type=int, default=3, help="interleaved rounds of timed epochs")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--cache", type=Path, default=CACHE_DIR / "activations.sqlite3",
+                    help="the activation cache file; runs at the same time each need their own (SQLite, one writer)")
     ap.add_argument("--name", help="the JSON's name under benchmarks/results (default bench_finetune_<part>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -355,7 +373,7 @@ def main() -> None:
         md = markdown_speed(res)
     res.update({"model": MODEL, "torch_threads": args.threads, "total_s": time.perf_counter() - started,
                 "argv": sys.argv[1:]})
-    path = write_json(args.name or f"bench_finetune_{args.part}", res)
+    path = write_json(result_name(args), {**res, "partial": False})
     print("\n--- markdown for the README ---\n" + md)
     print(f"wrote {path}")
 
