@@ -4,6 +4,9 @@ Usage::
 
     python benchmarks/bench_finetune.py --part accuracy            # unfreeze 3, 100 and 600 labels/class, 3 seeds
     python benchmarks/bench_finetune.py --part accuracy --ns 100 --test 2000   # a subset, for a busy CPU
+    python benchmarks/bench_finetune.py --part accuracy --ns 600 --seeds 1 --cache benchmarks/.cache/s1/a.sqlite3 --name s1
+    python benchmarks/bench_finetune.py --part accuracy --merge benchmarks/results/s0.json benchmarks/results/s1.json \
+        --name merged                                             # runs split over processes, then one JSON
     python benchmarks/bench_finetune.py --part speed               # cached vs full epochs, unfreeze 1-3
 
 Data: Fashion-MNIST train/test splits (Debian ``dataset-fashion-mnist``). For ``n`` labels per class and seed
@@ -34,9 +37,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -119,6 +122,10 @@ class Trunk:
             raise RuntimeError(f"{missing} activations are not cached; call fill() first")
         return np.stack(acts)
 
+    def img_s(self) -> float | None:
+        """Images per second of the trunk passes this run computed (None if all came from the cache)."""
+        return self.computed / self.seconds if self.computed else None
+
     def close(self) -> None:
         self.cache.close()
 
@@ -184,7 +191,7 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                        "history": result.history}
                 runs.append(run)
                 # Each finished run is written at once, marked partial: hours-long runs may be cut short.
-                write_json(result_name(args), {**accuracy_result(args, runs, trunk), "partial": True,
+                write_json(result_name(args), {**accuracy_result(args, runs, trunk.img_s()), "partial": True,
                                                "model": MODEL, "torch_threads": args.threads, "argv": sys.argv[1:]})
                 log.info("n=%d seed=%d: frozen %.4f, fine-tuned %.4f (task head %.4f), %d epochs (best %d), "
                          "%.0f s; McNemar p=%.2g", n, seed, run["frozen"], run["finetuned"],
@@ -192,10 +199,11 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                          run["vs_frozen"]["mcnemar_p"])
     finally:
         trunk.close()
-    return accuracy_result(args, runs, trunk)
+    return accuracy_result(args, runs, trunk.img_s())
 
 
-def accuracy_result(args: argparse.Namespace, runs: list[dict[str, Any]], trunk: Trunk) -> dict[str, Any]:
+def accuracy_result(args: argparse.Namespace, runs: list[dict[str, Any]], trunk_img_s: float | None
+                    ) -> dict[str, Any]:
     """The JSON payload of the runs done so far: per-n means, pooled McNemar and the paired t-test."""
     from scipy.stats import ttest_rel
 
@@ -220,7 +228,23 @@ def accuracy_result(args: argparse.Namespace, runs: list[dict[str, Any]], trunk:
         summary.append(row)
     return {"unfreeze": args.unfreeze, "test_images": args.test, "finetune_config": {**FT_CONFIG, "epochs": args.epochs},
             "summary": summary, "runs": runs,
-            "trunk_img_s": trunk.computed / trunk.seconds if trunk.computed else None}
+            "trunk_img_s": trunk_img_s}
+
+
+def merge_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    """One accuracy result from the runs of several accuracy JSONs (e.g. one seed per concurrent process)."""
+    parts = [json.loads(p.read_text()) for p in args.merge]
+    for key in ("unfreeze", "test_images", "finetune_config"):
+        if any(part[key] != parts[0][key] for part in parts):
+            raise SystemExit(f"cannot merge runs with different {key}: {[part[key] for part in parts]}")
+    runs = sorted((r for part in parts for r in part["runs"]), key=lambda r: (r["n"], r["seed"]))
+    args.ns = sorted({r["n"] for r in runs})
+    args.unfreeze, args.test = parts[0]["unfreeze"], parts[0]["test_images"]
+    args.epochs, args.threads = parts[0]["finetune_config"]["epochs"], parts[0]["torch_threads"]
+    res = accuracy_result(args, runs, None)
+    res["merged_from"] = [{"file": p.name, "argv": part["argv"], "partial": part.get("partial", False),
+                           "total_s": part.get("total_s")} for p, part in zip(args.merge, parts)]
+    return res
 
 
 # --- epoch speed ---------------------------------------------------------------------------------------------
@@ -311,15 +335,17 @@ def speed_part(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown_accuracy(res: dict[str, Any]) -> str:
     lines = [f"| labels/class | frozen + logreg | fine-tuned (unfreeze {res['unfreeze']}) + logreg | its own task head "
-             "| gain | per-seed McNemar p | pooled p | epochs (best) |", "| ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
+             "| gain | per-seed McNemar p | pooled p | paired t p | epochs (best) |",
+             "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     for row in res["summary"]:
         rs = [r for r in res["runs"] if r["n"] == row["n"]]
         cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}"
                  for m in ("frozen", "finetuned", "finetuned_task_head")]
         p_seed = ", ".join(f"{r['vs_frozen']['mcnemar_p']:.2g}" for r in rs)
         epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in rs)
+        t_p = "-" if row["paired_t_p"] is None else f"{row['paired_t_p']:.2g}"
         lines.append(f"| {row['n']} | {' | '.join(cells)} | {row['gain_points']:+.1f} | {p_seed} | "
-                     f"{row['pooled_mcnemar']['mcnemar_p']:.2g} | {epochs} |")
+                     f"{row['pooled_mcnemar']['mcnemar_p']:.2g} | {t_p} | {epochs} |")
     return "\n".join(lines)
 
 
@@ -361,12 +387,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     ap.add_argument("--cache", type=Path, default=CACHE_DIR / "activations.sqlite3",
                     help="the activation cache file; runs at the same time each need their own (SQLite, one writer)")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="with --part accuracy: combine the runs of these result files into one (no training)")
     ap.add_argument("--name", help="the JSON's name under benchmarks/results (default bench_finetune_<part>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if args.part == "accuracy":
-        res = accuracy_part(args)
+        res = merge_accuracy(args) if args.merge else accuracy_part(args)
         md = markdown_accuracy(res)
     else:
         res = speed_part(args)
