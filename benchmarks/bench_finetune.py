@@ -4,9 +4,10 @@ Usage::
 
     python benchmarks/bench_finetune.py --part accuracy            # unfreeze 3, 100 and 600 labels/class, 3 seeds
     python benchmarks/bench_finetune.py --part accuracy --ns 100 --test 2000   # a subset, for a busy CPU
-    python benchmarks/bench_finetune.py --part accuracy --ns 600 --seeds 1 --cache benchmarks/.cache/s1/a.sqlite3 --name s1
+    python benchmarks/bench_finetune.py --part accuracy --ns 600 --seeds 1 --name s1 \
+        --cache benchmarks/.cache/s1/activations.sqlite3             # one seed; a cache per concurrent process
     python benchmarks/bench_finetune.py --part accuracy --merge benchmarks/results/s0.json benchmarks/results/s1.json \
-        --name merged                                             # runs split over processes, then one JSON
+        --name merged                                                # runs split over processes, one JSON
     python benchmarks/bench_finetune.py --part speed               # cached vs full epochs, unfreeze 1-3
 
 Data: Fashion-MNIST train/test splits (Debian ``dataset-fashion-mnist``). For ``n`` labels per class and seed
@@ -226,8 +227,8 @@ def accuracy_result(args: argparse.Namespace, runs: list[dict[str, Any]], trunk_
                              if len(rs) > 1 else None)
         row["gain_points"] = 100 * (row["finetuned"]["mean"] - row["frozen"]["mean"])
         summary.append(row)
-    return {"unfreeze": args.unfreeze, "test_images": args.test, "finetune_config": {**FT_CONFIG, "epochs": args.epochs},
-            "summary": summary, "runs": runs,
+    return {"unfreeze": args.unfreeze, "test_images": args.test,
+            "finetune_config": {**FT_CONFIG, "epochs": args.epochs}, "summary": summary, "runs": runs,
             "trunk_img_s": trunk_img_s}
 
 
