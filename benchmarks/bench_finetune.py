@@ -4,6 +4,10 @@ Usage::
 
     python benchmarks/bench_finetune.py --part accuracy            # unfreeze 3, 100 and 600 labels/class, 3 seeds
     python benchmarks/bench_finetune.py --part accuracy --ns 100 --test 2000   # a subset, for a busy CPU
+    python benchmarks/bench_finetune.py --part accuracy --ns 600 --seeds 1 --name s1 \
+        --cache benchmarks/.cache/s1/activations.sqlite3             # one seed; a cache per concurrent process
+    python benchmarks/bench_finetune.py --part accuracy --merge benchmarks/results/s0.json benchmarks/results/s1.json \
+        --name merged                                                # runs split over processes, one JSON
     python benchmarks/bench_finetune.py --part speed               # cached vs full epochs, unfreeze 1-3
 
 Data: Fashion-MNIST train/test splits (Debian ``dataset-fashion-mnist``). For ``n`` labels per class and seed
@@ -34,9 +38,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,7 +72,7 @@ log = logging.getLogger("bench_finetune")
 class Trunk:
     """The frozen trunk of ``finetune`` for ``unfreeze`` blocks and the shared activation cache it fills."""
 
-    def __init__(self, unfreeze: int) -> None:
+    def __init__(self, unfreeze: int, cache_path: Path = CACHE_DIR / "activations.sqlite3") -> None:
         from embedder import get_backbone
         from embedder.activations import ActivationCache
         from embedder.config import Config
@@ -78,7 +82,7 @@ class Trunk:
         self.spec = get_backbone(MODEL)
         self.split = Split(self.spec, unfreeze)
         self.pre = Preprocessor(self.spec.preprocessing, max_pixels=Config().max_pixels)
-        self.cache = ActivationCache(CACHE_DIR / "activations.sqlite3", max_bytes=4 * 1024**3)
+        self.cache = ActivationCache(cache_path, max_bytes=4 * 1024**3)
         self.computed, self.seconds = 0, 0.0
 
     def decode(self, pngs: Sequence[bytes]) -> torch.Tensor:
@@ -119,6 +123,10 @@ class Trunk:
             raise RuntimeError(f"{missing} activations are not cached; call fill() first")
         return np.stack(acts)
 
+    def img_s(self) -> float | None:
+        """Images per second of the trunk passes this run computed (None if all came from the cache)."""
+        return self.computed / self.seconds if self.computed else None
+
     def close(self) -> None:
         self.cache.close()
 
@@ -138,7 +146,6 @@ def mcnemar(first: np.ndarray, second: np.ndarray) -> dict[str, Any]:
 def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
     from embedder.datasets import fashion_mnist
     from embedder.finetune import FineTuneConfig, finetune
-    from scipy.stats import ttest_rel
 
     x_train, y_train = fashion_mnist("train")
     x_test, y_test = fashion_mnist("test")
@@ -147,7 +154,7 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
     features = fashion_features(MODEL)
     F_train, F_test = features["train"][0], features["test"][0][test_idx]
     make_head("logreg").fit(F_train[:200], y_train[:200])  # warm-up: thread pools, BLAS
-    trunk = Trunk(args.unfreeze)
+    trunk = Trunk(args.unfreeze, args.cache)
     runs: list[dict[str, Any]] = []
     try:
         test_pngs = [png(im) for im in x_test]
@@ -161,7 +168,7 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                 frozen_right = frozen.predict(F_test) == y_test
                 pngs = [png(x_train[i]) for i in idx]
                 trunk.fill(pngs)
-                data_dir = CACHE_DIR / f"ft-{n}-{seed}"
+                data_dir = args.cache.parent / f"ft-{n}-{seed}"
                 shutil.rmtree(data_dir, ignore_errors=True)
                 try:
                     config = FineTuneConfig(**{**FT_CONFIG, "epochs": args.epochs}, unfreeze=args.unfreeze,
@@ -184,15 +191,28 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                        "val_accuracy": result.val_accuracy, "epochs_s": result.train_seconds, "head_fit_s": head_s,
                        "history": result.history}
                 runs.append(run)
+                # Each finished run is written at once, marked partial: hours-long runs may be cut short.
+                write_json(result_name(args), {**accuracy_result(args, runs, trunk.img_s()), "partial": True,
+                                               "model": MODEL, "torch_threads": args.threads, "argv": sys.argv[1:]})
                 log.info("n=%d seed=%d: frozen %.4f, fine-tuned %.4f (task head %.4f), %d epochs (best %d), "
                          "%.0f s; McNemar p=%.2g", n, seed, run["frozen"], run["finetuned"],
                          run["finetuned_task_head"], run["epochs_run"], run["best_epoch"], result.train_seconds,
                          run["vs_frozen"]["mcnemar_p"])
     finally:
         trunk.close()
+    return accuracy_result(args, runs, trunk.img_s())
+
+
+def accuracy_result(args: argparse.Namespace, runs: list[dict[str, Any]], trunk_img_s: float | None
+                    ) -> dict[str, Any]:
+    """The JSON payload of the runs done so far: per-n means, pooled McNemar and the paired t-test."""
+    from scipy.stats import ttest_rel
+
     summary = []
     for n in args.ns:
         rs = [r for r in runs if r["n"] == n]
+        if not rs:
+            continue
         row: dict[str, Any] = {"n": n, "seeds": [r["seed"] for r in rs]}
         for method in ("frozen", "finetuned", "finetuned_task_head"):
             values = [r[method] for r in rs]
@@ -207,9 +227,25 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                              if len(rs) > 1 else None)
         row["gain_points"] = 100 * (row["finetuned"]["mean"] - row["frozen"]["mean"])
         summary.append(row)
-    return {"unfreeze": args.unfreeze, "test_images": args.test, "finetune_config": {**FT_CONFIG, "epochs": args.epochs},
-            "summary": summary,
-            "runs": runs, "trunk_img_s": trunk.computed / trunk.seconds if trunk.computed else None}
+    return {"unfreeze": args.unfreeze, "test_images": args.test,
+            "finetune_config": {**FT_CONFIG, "epochs": args.epochs}, "summary": summary, "runs": runs,
+            "trunk_img_s": trunk_img_s}
+
+
+def merge_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    """One accuracy result from the runs of several accuracy JSONs (e.g. one seed per concurrent process)."""
+    parts = [json.loads(p.read_text()) for p in args.merge]
+    for key in ("unfreeze", "test_images", "finetune_config"):
+        if any(part[key] != parts[0][key] for part in parts):
+            raise SystemExit(f"cannot merge runs with different {key}: {[part[key] for part in parts]}")
+    runs = sorted((r for part in parts for r in part["runs"]), key=lambda r: (r["n"], r["seed"]))
+    args.ns = sorted({r["n"] for r in runs})
+    args.unfreeze, args.test = parts[0]["unfreeze"], parts[0]["test_images"]
+    args.epochs, args.threads = parts[0]["finetune_config"]["epochs"], parts[0]["torch_threads"]
+    res = accuracy_result(args, runs, None)
+    res["merged_from"] = [{"file": p.name, "argv": part["argv"], "partial": part.get("partial", False),
+                           "total_s": part.get("total_s")} for p, part in zip(args.merge, parts)]
+    return res
 
 
 # --- epoch speed ---------------------------------------------------------------------------------------------
@@ -300,15 +336,17 @@ def speed_part(args: argparse.Namespace) -> dict[str, Any]:
 
 def markdown_accuracy(res: dict[str, Any]) -> str:
     lines = [f"| labels/class | frozen + logreg | fine-tuned (unfreeze {res['unfreeze']}) + logreg | its own task head "
-             "| gain | per-seed McNemar p | pooled p | epochs (best) |", "| ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
+             "| gain | per-seed McNemar p | pooled p | paired t p | epochs (best) |",
+             "| ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |"]
     for row in res["summary"]:
         rs = [r for r in res["runs"] if r["n"] == row["n"]]
         cells = [f"{100 * row[m]['mean']:.1f} ± {100 * row[m]['std']:.1f}"
                  for m in ("frozen", "finetuned", "finetuned_task_head")]
         p_seed = ", ".join(f"{r['vs_frozen']['mcnemar_p']:.2g}" for r in rs)
         epochs = ", ".join(f"{r['epochs_run']} ({r['best_epoch']})" for r in rs)
+        t_p = "-" if row["paired_t_p"] is None else f"{row['paired_t_p']:.2g}"
         lines.append(f"| {row['n']} | {' | '.join(cells)} | {row['gain_points']:+.1f} | {p_seed} | "
-                     f"{row['pooled_mcnemar']['mcnemar_p']:.2g} | {epochs} |")
+                     f"{row['pooled_mcnemar']['mcnemar_p']:.2g} | {t_p} | {epochs} |")
     return "\n".join(lines)
 
 
@@ -328,6 +366,11 @@ def markdown_speed(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def result_name(args: argparse.Namespace) -> str:
+    """The JSON's name under benchmarks/results."""
+    return args.name or f"bench_finetune_{args.part}"
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("classifier").setLevel(logging.WARNING)
@@ -343,19 +386,23 @@ def main() -> None:
     ap.add_argument("--epoch-images", type=int, default=600, help="labelled images per timed epoch")
     ap.add_argument("--epoch-rounds", type=int, default=3, help="interleaved rounds of timed epochs")
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    ap.add_argument("--cache", type=Path, default=CACHE_DIR / "activations.sqlite3",
+                    help="the activation cache file; runs at the same time each need their own (SQLite, one writer)")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                    help="with --part accuracy: combine the runs of these result files into one (no training)")
     ap.add_argument("--name", help="the JSON's name under benchmarks/results (default bench_finetune_<part>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     if args.part == "accuracy":
-        res = accuracy_part(args)
+        res = merge_accuracy(args) if args.merge else accuracy_part(args)
         md = markdown_accuracy(res)
     else:
         res = speed_part(args)
         md = markdown_speed(res)
     res.update({"model": MODEL, "torch_threads": args.threads, "total_s": time.perf_counter() - started,
                 "argv": sys.argv[1:]})
-    path = write_json(args.name or f"bench_finetune_{args.part}", res)
+    path = write_json(result_name(args), {**res, "partial": False})
     print("\n--- markdown for the README ---\n" + md)
     print(f"wrote {path}")
 
