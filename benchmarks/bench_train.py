@@ -55,28 +55,34 @@ TARGET_10K_S, TARGET_60K_S, TARGET_GAP_POINTS = 2.0, 10.0, 0.5
 log = logging.getLogger("bench_train")
 
 
-def fashion_features(model: str = "mobilenet_v2") -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def fashion_features(model: str = "mobilenet_v2", *, train: int = 60000,
+                     mirror: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """``{"train"|"test": (features float32 (N, dim), labels int64 (N,), images uint8 (N, 28, 28))}``.
 
-    Embeds what is not cached yet, chunk by chunk, with a progress bar.
+    ``train``: how many training images, the first in the dataset's order (a multiple of ``CHUNK``);
+    ``mirror``: embed the horizontally mirrored images instead (cached apart). Embeds what is not cached
+    yet, chunk by chunk (the test split first), with a progress bar.
     """
     from embedder import Embedder, get_backbone
 
     model_id = get_backbone(model).model_id
-    folder = CACHE_DIR / f"fashion-mnist-{model_id.replace(':', '_')}"
+    folder = CACHE_DIR / (f"fashion-mnist-{model_id.replace(':', '_')}" + ("-mirrored" if mirror else ""))
     folder.mkdir(parents=True, exist_ok=True)
     out = {}
     emb = None
     try:
-        for split in ("train", "test"):
+        for split, count in (("test", None), ("train", train)):
             images, labels = load(split)
+            images, labels = images[:count], labels[:count]
+            if mirror:
+                images = np.ascontiguousarray(images[:, :, ::-1])
             chunks = []
             for start in range(0, len(images), CHUNK):
                 path = folder / f"{split}-{start:05d}.npy"
                 if not path.exists():
                     if emb is None:
                         emb = Embedder(model=model, device="cpu")
-                    log.info("embedding %s images %d-%d of %d", split, start, start + CHUNK, len(images))
+                    log.info("embedding %s %s images %d-%d of %d", model, split, start, start + CHUNK, len(images))
                     feats = emb.embed(list(images[start:start + CHUNK]), progress=True)
                     tmp = path.with_suffix(".tmp.npy")
                     np.save(tmp, feats)
