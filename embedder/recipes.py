@@ -85,17 +85,37 @@ def is_composite(name: str) -> bool:
     return "@" in name or "+" in name
 
 
-def compose(name: str) -> BackboneSpec:
-    """The spec of the recipe or ensemble ``name`` (see the module docstring for the grammar).
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed model name: its members, in order (a plain backbone is one member without options)."""
+
+    members: tuple[Member, ...]
+
+    @property
+    def name(self) -> str:
+        return "+".join(m.name for m in self.members)
+
+    @property
+    def lead(self) -> Member:
+        """The member whose preprocessing decodes the images: the largest crop, the first on a tie."""
+        return max(self.members, key=lambda m: m.spec.preprocessing.crop)  # max() keeps the first on a tie
+
+
+def parse(name: str) -> Recipe:
+    """Parse ``name`` (see the module docstring for the grammar).
 
     Raises :class:`InvalidArgumentError` naming the valid forms for a malformed name or an option a member
     does not support, and :class:`UnknownModelError` for an unknown backbone.
     """
+    return Recipe(tuple(_member(part, name) for part in name.split("+")))
+
+
+def compose(name: str) -> BackboneSpec:
+    """The spec of the recipe or ensemble ``name``; errors as :func:`parse`."""
     from .backbones import BackboneSpec
 
-    members = [_member(part, name) for part in name.split("+")]
-    canonical = "+".join(m.name for m in members)
-    lead = max(members, key=lambda m: m.spec.preprocessing.crop)  # max() keeps the first on a tie
+    recipe = parse(name)
+    members, canonical, lead = list(recipe.members), recipe.name, recipe.lead
     fingerprint = hashlib.sha256(" ".join(f"{m.name}={m.spec.model_id}" for m in members).encode()).hexdigest()
     kind = "ensemble of " + ", ".join(m.name for m in members) if len(members) > 1 else "recipe"
     return BackboneSpec(
