@@ -56,11 +56,11 @@ class MemberNet(nn.Module):
     def __init__(self, body: nn.Module, lead: Preprocessing, own: Preprocessing, flip: bool) -> None:
         super().__init__()
         self.body, self.flip = body, flip
-        # lead-normalised -> own-normalised: x_own = x * (std_lead / std_own) + (mean_lead - mean_own) / std_own
-        s_lead, s_own = torch.tensor(lead.std), torch.tensor(own.std)
-        self.register_buffer("gain", (s_lead / s_own).view(1, 3, 1, 1))
-        self.register_buffer("shift", ((torch.tensor(lead.mean) - torch.tensor(own.mean)) / s_own).view(1, 3, 1, 1))
         self.renormalise = lead.mean != own.mean or lead.std != own.std
+        if self.renormalise:  # lead-normalised -> own: x * (std_lead / std_own) + (mean_lead - mean_own) / std_own
+            s_lead, s_own = torch.tensor(lead.std), torch.tensor(own.std)
+            self.register_buffer("gain", (s_lead / s_own).view(1, 3, 1, 1))
+            self.register_buffer("shift", ((torch.tensor(lead.mean) - torch.tensor(own.mean)) / s_own).view(1, 3, 1, 1))
         self.resize = own.crop != lead.crop
         if self.resize:
             self.register_buffer("rows", resize_matrix(lead.crop, own.crop, own.interpolation))

@@ -39,7 +39,7 @@ from .errors import InvalidArgumentError
 if TYPE_CHECKING:
     from torch import nn
 
-    from .backbones import BackboneSpec
+    from .backbones import BackboneSpec, Builder
 
 # The MBConv stages of each architecture: (index of the stage's last block, counted from 1; its channels).
 STAGES: dict[str, tuple[tuple[int, int], ...]] = {
@@ -171,8 +171,8 @@ def _describe(members: list[Member]) -> str:
     return "; ".join(parts) + ", each L2-normalised, concatenated"
 
 
-def _builder(members: list[Member], lead: Member):  # noqa: ANN202 (a Builder; the path is the lead's weights)
-    def build(_: Path) -> nn.Module:
+def _builder(members: list[Member], lead: Member) -> Builder:
+    def build(_: Path) -> nn.Module:  # the lead's weights path, checked by load_backbone; each member loads its own
         from .recipe_nets import build_recipe
 
         return build_recipe(members, lead.spec.preprocessing)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from itertools import pairwise
 
 import numpy as np
 import pytest
-
 from conftest import cosine
 
 STAGES_5_7 = (13, 16, 17)  # mobilenet_v2's features[i] ending MBConv stages 5, 6 and 7 (96, 160, 320 channels)
@@ -122,8 +122,7 @@ def test_recipe_vectors_equal_a_reference_torch_computation(photos, cache_dir):
 
 
 def _slices(vectors: np.ndarray, dims: list[int]) -> list[np.ndarray]:
-    bounds = np.cumsum([0, *dims])
-    return [vectors[:, a:b] for a, b in zip(bounds, bounds[1:])]
+    return [vectors[:, a:b] for a, b in pairwise(np.cumsum([0, *dims]))]
 
 
 def test_ensemble_slices_equal_each_member_alone(photos, cache_dir):
@@ -141,7 +140,7 @@ def test_ensemble_slices_equal_each_member_alone(photos, cache_dir):
     assert cosine(mb, alone["mobilenet_v2"]).min() >= 0.9999
     assert cosine(lite0, alone["efficientnet_lite0"]).min() >= 0.98  # bilinear, not its own bicubic, decode
     # efficientnet_lite2's 260 crop decodes; mobilenet_v2 gets it resized to 224 inside the graph
-    mb, lite2_stage7, lite2_final = _slices(embed("mobilenet_v2+efficientnet_lite2@stages=7"), [1280, 352, 1280])
+    mb, _stage7, lite2_final = _slices(embed("mobilenet_v2+efficientnet_lite2@stages=7"), [1280, 352, 1280])
     assert cosine(lite2_final, alone["efficientnet_lite2"]).min() >= 0.9999
     assert cosine(mb, alone["mobilenet_v2"]).min() >= 0.9
     assert np.allclose(np.linalg.norm(mb, axis=1), 0.5 ** 0.5, atol=1e-4)  # each member weighs the same
@@ -175,9 +174,9 @@ def test_onnx_cards_cannot_be_members(tmp_path, restore_registry):
     import torch
     from torch import nn
 
+    from embedder import get_backbone
     from embedder.cards import register_cards
     from embedder.errors import InvalidArgumentError
-    from embedder import get_backbone
 
     path = tmp_path / "tiny.onnx"
     torch.onnx.export(nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval(),
