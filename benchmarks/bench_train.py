@@ -30,6 +30,7 @@ Writes ``benchmarks/results/bench_train.json`` (``bench_train_quick.json`` with 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import statistics
@@ -46,7 +47,7 @@ from sklearn.svm import LinearSVC
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from embedder.datasets import fashion_mnist as load  # noqa: E402
-from images import write_json  # noqa: E402
+from images import RESULTS_DIR, write_json  # noqa: E402
 
 from classifier import make_head  # noqa: E402
 from classifier.heads import standardization  # noqa: E402
@@ -144,9 +145,11 @@ def main() -> None:
     ap.add_argument("--recipes", action="store_true", help="feature recipes and ensembles instead of the heads")
     ap.add_argument("--sample", type=int, default=500, help="--recipes: images timed and checked per recipe")
     ap.add_argument("--cached-only", action="store_true", help="--recipes: embed nothing, use the cached chunks")
+    ap.add_argument("--rows", nargs="+", choices=RECIPE_ROWS, default=RECIPE_ROWS, metavar="MODEL",
+                    help="--recipes: measure these rows only; the others keep their results from the last run")
     args = ap.parse_args()
     if args.recipes:
-        recipes(args.sample, args.cached_only)
+        recipes(args.rows, args.sample, args.cached_only)
         return
 
     data = fashion_features()
@@ -273,7 +276,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 # Each row is a model the product serves; its features are composed from one SOURCES extraction (below).
 RECIPE_ROWS = ("mobilenet_v2", "mobilenet_v2@stages=6-7", "mobilenet_v2@stages=5-7", "mobilenet_v2@stages=3-7",
-               "mobilenet_v2@flip", "mobilenet_v2@stages=5-7,flip", "efficientnet_lite2", "efficientnet_lite2@stages=5-7",
+               "mobilenet_v2@flip", "mobilenet_v2@stages=5-7,flip",
+               "efficientnet_lite2", "efficientnet_lite2@stages=5-7",
                "mobilenet_v2+efficientnet_lite2", "mobilenet_v2@stages=5-7+efficientnet_lite2@stages=5-7",
                "mobilenet_v2@stages=5-7,flip+efficientnet_lite2@stages=5-7,flip")
 # The richest variant per input recipe, embedded once as it is and once mirrored: every row above is a subset
@@ -313,12 +317,13 @@ def _member_vector(member: Any, parts: dict[str, list[np.ndarray]]) -> np.ndarra
     return np.concatenate([*chosen, own[-1]], 1) / np.sqrt(len(chosen) + 1)
 
 
-def recipes(sample: int, cached_only: bool) -> None:
-    """Every RECIPE_ROWS model: dim, img/s (wall and per CPU second) through ``Embedder(model=..., device="cpu")``
-    on the first ``sample`` test images (their vectors also check the offline composition), and logreg / linear SVM head accuracy on the
-    whole test split at 1k / 10k labels (the first of a fixed shuffle of the first 10k training images) and at
-    60k labels (every training image) where the source was embedded for them. ``cached_only``: embed nothing,
-    use what an interrupted extraction cached (whole chunks, the test split first)."""
+def recipes(names: tuple[str, ...], sample: int, cached_only: bool) -> None:
+    """Each of ``names`` (RECIPE_ROWS): dim, img/s (wall and per CPU second) through
+    ``Embedder(model=..., device="cpu")`` on the first ``sample`` test images (whose vectors also check the offline
+    composition), and logreg / linear SVM head accuracy on the whole test split at 1k / 10k labels (the first of a
+    fixed shuffle of the first 10k training images) and at 60k (every training image) where the source has them.
+    ``cached_only``: embed nothing, use what an interrupted extraction cached (whole chunks, the test split
+    first). Rows not measured keep their results from the last run's JSON."""
     from embedder import Embedder, get_backbone
     from embedder.recipes import parse
 
@@ -329,14 +334,15 @@ def recipes(sample: int, cached_only: bool) -> None:
                          for n, m in zip(counts, (False, True)))
         sources[name] = (parse(name), plain, mirror)
     order = np.random.default_rng(0).permutation(10000)
-    rows = []
-    for name in RECIPE_ROWS:
+    path = RESULTS_DIR / "bench_train_recipes.json"
+    kept = {r["model"]: r for r in json.loads(path.read_text())["results"]} if path.exists() else {}
+    for name in names:
         row, spec = parse(name), get_backbone(name)
         source, plain, mirror = next(v for v in sources.values() if v[0].lead.spec.preprocessing == spec.preprocessing)
         flip = any(m.flip for m in row.members)
         if plain is None or (flip and mirror is None):
             log.info("%s: skipped, its source's %simages are not embedded yet", name, "mirrored " if flip else "")
-            rows.append({"model": spec.name, "skipped": "source not embedded yet"})
+            kept[spec.name] = {"model": spec.name, "skipped": "source not embedded yet"}
             continue
         feats = {split: compose_offline(row, _parts(source, plain[split][0]),
                                         _parts(source, mirror[split][0]) if flip else None)
@@ -353,7 +359,7 @@ def recipes(sample: int, cached_only: bool) -> None:
         if agree < COSINE_FLOOR:
             raise SystemExit(f"{name}: composed features differ from the product's (min cosine {agree:.6f})")
         result: dict[str, Any] = {"model": spec.name, "model_id": spec.model_id, "dim": spec.dim,
-                                  "img_s": round(img_s, 1), "img_per_cpu_s": round(img_cpu_s, 1),
+                                  "sample": sample, "img_s": round(img_s, 1), "img_per_cpu_s": round(img_cpu_s, 1),
                                   "load_avg_1min": round(load, 2),
                                   "composed_vs_product_min_cosine": round(agree, 6), "accuracy": {}}
         for n in RECIPE_SIZES:
@@ -364,9 +370,10 @@ def recipes(sample: int, cached_only: bool) -> None:
                 head = make_head(kind).fit(feats["train"][idx], y_train[idx])
                 result["accuracy"][f"{kind}@{n}"] = round(float((head.predict(feats["test"]) == y_test).mean()), 4)
         log.info("%s", result)
-        rows.append(result)
+        kept[spec.name] = result
+    rows = [kept[get_backbone(name).name] for name in RECIPE_ROWS if get_backbone(name).name in kept]
     path = write_json("bench_train_recipes", {
-        "dataset": "Fashion-MNIST (train 60k, test 10k)", "sample": sample, "torch_threads": torch.get_num_threads(),
+        "dataset": "Fashion-MNIST (train 60k, test 10k)", "torch_threads": torch.get_num_threads(),
         "sources": {name: train for name, train in SOURCES}, "cached_only": cached_only, "results": rows})
     print(f"wrote {path}")
 
