@@ -376,6 +376,21 @@ def recipes(names: tuple[str, ...], sample: int, cached_only: bool) -> None:
         "dataset": "Fashion-MNIST (train 60k, test 10k)", "torch_threads": torch.get_num_threads(),
         "sources": {name: train for name, train in SOURCES}, "cached_only": cached_only, "results": rows})
     print(f"wrote {path}")
+    _print_recipes_table(rows)
+
+
+def _print_recipes_table(rows: list[dict[str, Any]]) -> None:
+    """The README's table: one markdown row per model, accuracy in % (logreg; linear SVM in brackets)."""
+    print("| model | dim | img/s (per CPU s) | 1k | 10k | 60k |\n| --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| `{r['model']}` | | | not measured: {r['skipped']} | | |")
+            continue
+        acc = r["accuracy"]
+        cells = [f"{100 * acc[f'logreg@{n}']:.1f}" + (f" ({100 * acc[f'linear_svm@{n}']:.1f})"
+                                                        if f"linear_svm@{n}" in acc else "")
+                 if f"logreg@{n}" in acc else "-" for n in RECIPE_SIZES]
+        print(f"| `{r['model']}` | {r['dim']} | {r['img_s']:g} ({r['img_per_cpu_s']:g}) | " + " | ".join(cells) + " |")
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

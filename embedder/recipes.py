@@ -117,7 +117,7 @@ def compose(name: str) -> BackboneSpec:
     recipe = parse(name)
     members, canonical, lead = list(recipe.members), recipe.name, recipe.lead
     fingerprint = hashlib.sha256(" ".join(f"{m.name}={m.spec.model_id}" for m in members).encode()).hexdigest()
-    kind = "ensemble of " + ", ".join(m.name for m in members) if len(members) > 1 else "recipe"
+    kind = "ensemble" if len(members) > 1 else "recipe"
     return BackboneSpec(
         name=canonical,
         dim=sum(m.dim for m in members),
