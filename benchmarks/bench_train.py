@@ -344,9 +344,10 @@ def recipes(names: tuple[str, ...], sample: int, cached_only: bool) -> None:
             log.info("%s: skipped, its source's %simages are not embedded yet", name, "mirrored " if flip else "")
             kept[spec.name] = {"model": spec.name, "skipped": "source not embedded yet"}
             continue
-        feats = {split: compose_offline(row, _parts(source, plain[split][0]),
-                                        _parts(source, mirror[split][0]) if flip else None)
-                 for split in ("train", "test")}
+        n_train = min(len(plain["train"][0]), len(mirror["train"][0])) if flip else len(plain["train"][0])
+        feats = {split: compose_offline(row, _parts(source, plain[split][0][:n]),
+                                        _parts(source, mirror[split][0][:n]) if flip else None)
+                 for split, n in (("train", n_train), ("test", None))}
         y_train, y_test = plain["train"][1][:len(feats["train"])], plain["test"][1]
         with Embedder(model=name, device="cpu") as emb:
             emb.warm_up()
