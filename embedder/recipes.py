@@ -52,7 +52,7 @@ FORMS = ("NAME@stages=A-B (MBConv stages A..B, 1-7, pooled beside the final vect
          "mobilenet_v2+efficientnet_lite2@stages=6-7,flip")
 # What `embedder models` shows (measured in the README's bench_train recipes table).
 EXAMPLES = ("mobilenet_v2@stages=5-7", "mobilenet_v2@stages=5-7,flip", "mobilenet_v2+efficientnet_lite2",
-            "mobilenet_v2@stages=5-7+efficientnet_lite2@stages=5-7,flip")
+            "mobilenet_v2@stages=5-7+efficientnet_lite2@stages=5-7")
 _STAGES_OPTION = re.compile(r"stages=(\d{1,2})(?:-(\d{1,2}))?")
 
 
