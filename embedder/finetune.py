@@ -75,7 +75,7 @@ SCHEDULES = ("cosine", "constant")
 WARMUP_FRACTION = 0.05  # of all steps: a new, randomly initialised head must not shake the pretrained top early
 
 # Where each architecture can be cut: how many blocks may be unfrozen (counted from the end). The layers of a
-# network, in order, are a stem, these blocks and a tail (see backbones.split_layers); `unfreeze` blocks + the tail train.
+# network, in order, are a stem, these blocks and a tail (backbones.split_layers); `unfreeze` blocks + the tail train.
 CUT_POINTS = {"mobilenet_v2": 17, "efficientnet_lite0": 16, "efficientnet_lite2": 21}
 
 
