@@ -194,7 +194,12 @@ _registry_lock = threading.Lock()
 
 
 def register_backbone(spec: BackboneSpec, *, overwrite: bool = False) -> BackboneSpec:
-    """Add ``spec`` to the registry; refuses to replace an existing name unless ``overwrite``."""
+    """Add ``spec`` to the registry; refuses to replace an existing name unless ``overwrite``, and names holding
+    ``@ + , = :`` (the grammar of recipes and ensembles, and model ids)."""
+    reserved = sorted(set(spec.name) & set("@+,=:"))
+    if reserved:
+        raise ValueError(f"backbone name {spec.name!r} holds {' '.join(reserved)}, reserved for recipes, ensembles "
+                         "and model ids (embedder.recipes); rename it")
     with _registry_lock:
         if spec.name in _REGISTRY and not overwrite:
             raise ValueError(f"a backbone named {spec.name!r} is already registered; choose another name (code that "
@@ -204,12 +209,21 @@ def register_backbone(spec: BackboneSpec, *, overwrite: bool = False) -> Backbon
 
 
 def get_backbone(name: str) -> BackboneSpec:
-    """Look a backbone up by name (or by its full model id)."""
+    """Look a backbone up by name (or by its full model id); a recipe or ensemble name (``@``, ``+``: see
+    :mod:`embedder.recipes`) is composed from its registered members."""
+    from .recipes import FORMS, compose, is_composite
+
     spec = _REGISTRY.get(name) or next((s for s in _REGISTRY.values() if s.model_id == name), None)
+    base = name.partition(":")[0]
+    if spec is None and is_composite(base):
+        spec = compose(base)
+        if ":" in name and spec.model_id != name:
+            spec = None  # a model id of another version of this recipe or of its members
     if spec is None:
         raise UnknownModelError(
-            f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}. "
-            "Serve your own model with a model card (--model-card, see embedder.cards) or embedder.register_local()."
+            f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}, and recipes or "
+            f"ensembles of them: {FORMS}. Serve your own model with a model card (--model-card, see "
+            "embedder.cards) or embedder.register_local()."
         )
     return spec
 
@@ -232,6 +246,16 @@ def _strip_head(model: nn.Module) -> nn.Module:
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, nn.Identity())
     return model
+
+
+def split_layers(net: nn.Module, arch: str) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """(stem, blocks, tail) of a network built for ``arch`` (mobilenet_v2 or an efficientnet_lite): the
+    network's own modules, in order; pooling the tail's output gives the backbone's vector."""
+    if arch == "mobilenet_v2":  # torchvision: features[0] stem conv, [1..17] blocks, [18] final 1x1 conv
+        f = list(net.features)
+        return f[:1], f[1:-1], f[-1:]
+    # efficientnet-lite-pytorch: stem conv + BN + ReLU6, MBConv blocks, head 1x1 conv + BN + ReLU6
+    return [net._conv_stem, net._bn0, net._swish], list(net._blocks), [net._conv_head, net._bn1, net._swish]
 
 
 def load_backbone(spec: BackboneSpec, *, with_head: bool = False) -> nn.Module:

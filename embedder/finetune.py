@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .activations import ActivationCache
 from .backbones import (DERIVED_META, DERIVED_WEIGHTS, BackboneSpec, FrozenBackbone, get_backbone, load_backbone,
-                        register_derived, sha256_file)
+                        register_derived, sha256_file, split_layers)
 from .config import Config
 from .durable import fsync_dir, fsync_file
 from .errors import Category, EmbedderError
@@ -75,7 +75,7 @@ SCHEDULES = ("cosine", "constant")
 WARMUP_FRACTION = 0.05  # of all steps: a new, randomly initialised head must not shake the pretrained top early
 
 # Where each architecture can be cut: how many blocks may be unfrozen (counted from the end). The layers of a
-# network, in order, are a stem, these blocks and a tail (see _layers); `unfreeze` blocks + the tail train.
+# network, in order, are a stem, these blocks and a tail (backbones.split_layers); `unfreeze` blocks + the tail train.
 CUT_POINTS = {"mobilenet_v2": 17, "efficientnet_lite0": 16, "efficientnet_lite2": 21}
 
 
@@ -88,14 +88,8 @@ def check_unfreeze(model: BackboneSpec, unfreeze: int) -> None:
         raise FineTuneError(f"unfreeze must be 1..{CUT_POINTS[model.name]} blocks for {model.name}, got {unfreeze}")
 
 
-def _layers(net: nn.Module, arch: str) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module], str]:
-    """(stem, blocks, tail, the classifier's attribute path) of a network built for ``arch``; the modules
-    are the network's own, so training them trains the network."""
-    if arch == "mobilenet_v2":  # torchvision: features[0] stem conv, [1..17] blocks, [18] final 1x1 conv
-        f = list(net.features)
-        return f[:1], f[1:-1], f[-1:], "classifier.1"
-    # efficientnet-lite-pytorch: stem conv + BN + ReLU6, MBConv blocks, head 1x1 conv + BN + ReLU6
-    return [net._conv_stem, net._bn0, net._swish], list(net._blocks), [net._conv_head, net._bn1, net._swish], "_fc"
+# The attribute path of each architecture's classifier: where the task head goes.
+HEAD_SLOTS = {"mobilenet_v2": "classifier.1", "efficientnet_lite0": "_fc", "efficientnet_lite2": "_fc"}
 
 
 # What one job may ask for: a fine-tune holds a core for its whole run, and an epoch of 10k kept images takes
@@ -177,7 +171,8 @@ class Split(nn.Module):
         check_unfreeze(spec, unfreeze)
         self.arch = spec.name
         self.net = load_backbone(spec)  # verified weights, classifier removed
-        stem, blocks, tail, self.head_slot = _layers(self.net, self.arch)
+        stem, blocks, tail = split_layers(self.net, self.arch)
+        self.head_slot = HEAD_SLOTS[self.arch]
         if len(blocks) != CUT_POINTS[self.arch]:
             raise RuntimeError(f"{spec.name} has {len(blocks)} blocks, CUT_POINTS says {CUT_POINTS[self.arch]}")
         self.cut = len(stem) + len(blocks) - unfreeze  # layers before the cut: the activation cache's key
@@ -465,7 +460,7 @@ def adabn(images: Sequence[bytes], *, data_dir: str | Path, suffix: str, model: 
                                 f"got {len(images)}; add more unlabelled images of the target domain")
     started = time.perf_counter()
     net = load_backbone(parent, with_head=True)  # keep the ImageNet classifier: the version stays a full network
-    stem, blocks, tail, _ = _layers(net, parent.name)
+    stem, blocks, tail = split_layers(net, parent.name)
     features = nn.Sequential(*stem, *blocks, *tail)  # every BatchNorm; the classifier has none
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
