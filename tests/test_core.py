@@ -108,6 +108,14 @@ def test_model_pool_evicts_the_least_recently_used_idle_model_and_never_one_in_u
         assert other.model.name == "efficientnet_lite2" and other.outcomes[0].vector.shape == (other.model.dim,)
 
 
+def test_one_recipe_in_two_spellings_is_one_model_in_the_pool(tmp_path, embedder, photos, cache_dir):
+    with _service(tmp_path, embedder, cache_dir=cache_dir, runtime="torch") as service:
+        first = service.embed(photos[:1], model="mobilenet_v2@stages=6-7,flip").model
+        again = service.embed(photos[:1], model="mobilenet_v2@flip,stages=6-7").model
+        assert again is first and first.name == "mobilenet_v2@stages=6-7,flip"
+        assert [m.name for m in service.models.models] == ["mobilenet_v2", first.name]
+
+
 def test_replica_and_lifecycle_errors(tmp_path, counting, photos):
     config = Config.from_env(environ={}, role="embed", data_dir=tmp_path / "unused")
     service = Service(config)

@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from ..config import Config
-from ..errors import CollectionMismatchError, TooManyModelsError, UnknownModelError, WeightsNotFoundError
+from ..errors import (CollectionMismatchError, EmbedderError, TooManyModelsError, UnknownModelError,
+                      WeightsNotFoundError)
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,7 @@ class ModelPool:
     # ------------------------------------------------------------------ internals
 
     def _find(self, name: str) -> LoadedModel | None:
+        name = _canonical(name)
         with self._lock:
             found = self._models[0] if not name and self._models else next(
                 (m for m in self._models if m.matches(name)), None)
@@ -245,3 +247,16 @@ class ModelPool:
             batcher.close(timeout=0)
             raise
         return LoadedModel(embedder, batcher, info, owned=owned)
+
+
+def _canonical(name: str) -> str:
+    """A recipe or ensemble name as the registry spells it (``@flip,stages=5-7`` is ``@stages=5-7,flip``), so one
+    model asked for in two spellings is loaded once; other names, and malformed ones (the load says why), as given."""
+    from ..recipes import is_composite, parse
+
+    if not is_composite(name) or ":" in name:  # a model id has ':'; the registry resolves those itself
+        return name
+    try:
+        return parse(name).name
+    except EmbedderError:
+        return name
