@@ -25,7 +25,7 @@ from embedder.config import Config
 from embedder.errors import InvalidArgumentError, ModelMismatchError, NotFoundError, StoreUnavailableError
 from embedder.filters import Compare, Exists, Not, describe, matches, parse
 from embedder.store import Store
-from embedder.store.milvus import quote, to_milvus_expression
+from embedder.store.milvus_where import quote, to_milvus_expression
 
 M = "test-model@1"
 

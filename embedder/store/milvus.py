@@ -7,7 +7,7 @@ identifiers). Its property ``embedder.binding`` holds the binding as JSON (``nam
 ``created``), so every replica reads the same catalog from Milvus itself. Fields: ``id`` (the primary key),
 ``vector`` (cosine metric: FLAT for ``flat``, HNSW for ``hnsw``), ``seq`` (insertion order, for ties and
 listings), ``sha256``, ``label``, ``metadata`` (JSON), ``kinds`` (JSON: the kind of every value a filter can
-name, see :func:`to_milvus_expression`), ``created``, ``updated``. Collections use Strong consistency, so a read
+name, see :func:`.milvus_where.to_milvus_expression`), ``created``, ``updated``. Collections use Strong consistency, so a read
 sees every acknowledged write.
 
 Durability: an add returns once Milvus acknowledged its upserts; milvus-lite writes each to its WAL (flushed to
@@ -39,10 +39,11 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
 from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreUnavailableError
-from ..filters import And, Exists, Filter, In, Not, Or, kind
+from ..filters import Filter
 from ..index import IndexSpec
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem
 from .backend import check_binding, pick_model
+from .milvus_where import kinds_of, quote, to_milvus_expression
 from .rwlock import RWLock
 from .validation import missing_message, shown
 
@@ -58,61 +59,6 @@ _RESULT_WINDOW = 16384  # rows one query may return (Milvus's default maxQueryRe
 _BINDING = "embedder.binding"  # the collection property holding the binding as JSON
 _NOT_FOUND = 100  # Milvus's code for "collection does not exist"
 _FIELDS = ["id", "seq", "sha256", "label", "metadata", "created", "updated"]
-
-
-def quote(text: str) -> str:
-    """``text`` as a Milvus string literal: backslash, quote and line breaks escaped (milvus-lite knows no ``\\u``
-    escapes, so nothing else is), so no caller text can end the literal."""
-    return '"' + (text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
-                  .replace("\t", "\\t")) + '"'
-
-
-def to_milvus_expression(f: Filter) -> str:
-    """The Milvus boolean expression of a filter tree, with :func:`embedder.filters.matches`'s meaning.
-
-    Milvus alone differs from ``matches`` in three ways, each guarded: ``1 == true`` is true in Milvus (every
-    comparison first checks the value's kind, recorded per item in the ``kinds`` JSON field); ``exists`` is false
-    for a null value (``exists`` asks ``kinds``, which lists nulls); a comparison on a missing field is null, not
-    false, so ``not`` of it dropped the item (the kind guard makes every comparison two-valued). ``in`` becomes
-    an ``or`` of ``==`` (Milvus's ``in`` takes no JSON path). Field names are checked by the parser; values are
-    quoted by :func:`quote`.
-    """
-    if isinstance(f, (And, Or)):
-        return "(" + (" and " if isinstance(f, And) else " or ").join(to_milvus_expression(p) for p in f.parts) + ")"
-    if isinstance(f, Not):
-        return f"not {to_milvus_expression(f.part)}"
-    if isinstance(f, Exists):
-        return f"(exists kinds[{quote('.'.join(f.field))}])"
-    if isinstance(f, In):
-        return "(" + " or ".join(_compare(f.field, "==", v) for v in f.values) + ")"
-    return _compare(f.field, f.op, f.value)
-
-
-def _compare(field: tuple, op: str, value: Any) -> str:
-    want = kind(value)
-    if want == "bool" and op not in ("==", "!="):
-        return "false"  # matches: booleans have no order
-    path = quote(".".join(field))
-    literal = ("true" if value else "false") if want == "bool" else quote(value) if want == "string" else repr(value)
-    access = "metadata" + "".join(f"[{quote(part)}]" for part in field)
-    return f"(exists kinds[{path}] and kinds[{path}] == {quote(want)} and {access} {op} {literal})"
-
-
-def kinds_of(metadata: dict[str, Any]) -> dict[str, str]:
-    """``{"exif.iso": "number", ...}``: the kind of every value a filter can name (nested objects by dotted path;
-    keys holding a dot are left out: a filter's dots are nesting), nulls included."""
-    found: dict[str, str] = {}
-    stack: list[tuple[str, Any]] = [("", metadata)]
-    while stack:
-        prefix, obj = stack.pop()
-        for key, value in obj.items():
-            if "." in key:
-                continue
-            path = prefix + key
-            found[path] = kind(value)
-            if isinstance(value, dict):
-                stack.append((path + ".", value))
-    return found
 
 
 @dataclass(frozen=True)

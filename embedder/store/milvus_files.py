@@ -25,7 +25,7 @@ from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 
 from ..errors import StoreUnavailableError
-from .milvus import quote as _quote
+from .milvus_where import quote as _quote
 
 log = logging.getLogger(__name__)
 
