@@ -70,7 +70,6 @@ class AccessChecks:
         return None if call.principal is None else call.principal.collections
 
 
-
 def head_in_scope(source: Mapping[str, Any] | None, allowed: frozenset[str]) -> bool:
     """Whether every collection a head was made from (trained on, adapted to) is in ``allowed``."""
     source = source or {}

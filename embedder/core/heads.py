@@ -90,7 +90,7 @@ class HeadCalls(AccessChecks):
         return self.heads.train(X, y, model_id=info.model_id, kind=head or "logreg", params=params or {},
                                 test_size=test_size or 0.2, seed=seed, head_id=head_id or None, source=source,
                                 adapt_to=target, adapt_method=adapt_method or "coral",
-                                should_stop=lambda: self._closing or call.is_cancelled() or call.time_left() == 0)
+                                should_stop=self._should_stop(call))
 
     def _zero_shot(self, collection: str, class_prompts: Mapping[str, Sequence[str]] | None, *, model: str,
                    params: Mapping[str, Any], head_id: str, call: Call) -> Any:
@@ -195,8 +195,7 @@ class HeadCalls(AccessChecks):
         return self.heads.learning_curve(X, y, kind=head or "logreg", params=params or {},
                                          per_class=list(per_class) or None, repeats=repeats or 5,
                                          test_size=test_size or 0.2, seed=seed,
-                                         should_stop=lambda: self._closing or call.is_cancelled() or
-                                         call.time_left() == 0)
+                                         should_stop=self._should_stop(call))
 
     def suggest(self, collection: str, *, n: int = 0, strategy: str = "", head_id: str = "",
                 ids: Sequence[str] = (), seed: int = 0, where: filters.Where = None,
