@@ -191,7 +191,8 @@ def exactness(variants: dict[str, Callable], jpegs: list[bytes],
     """Each variant's crops vs the reference's, plus ``extra`` crops made elsewhere (for the first photos)."""
     import torch
 
-    from embedder.backbones import FrozenBackbone, get_backbone, load_backbone
+    from embedder.backbones import FrozenBackbone, load_backbone
+    from embedder.catalog import get_backbone
 
     ref_all = np.stack([variants["ref_torchvision_transforms"](j) for j in jpegs])
     spec = get_backbone("mobilenet_v2")

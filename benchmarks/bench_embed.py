@@ -49,7 +49,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from embedder import Embedder
-from embedder.backbones import BackboneSpec, get_backbone, load_backbone
+from embedder.backbones import BackboneSpec, load_backbone
+from embedder.catalog import get_backbone
 from embedder.config import Config, resolve_jpeg_decoder
 from embedder.jpeg import one_torch_thread
 from embedder.preprocess import Preprocessor

@@ -351,7 +351,7 @@ def markdown_accuracy(res: dict[str, Any]) -> str:
 
 
 def markdown_speed(res: dict[str, Any]) -> str:
-    lines = [f"| unfreeze | cut activation (fp16) | cached epoch | full re-run epoch | ratio | ratio, channels_last "
+    lines = ["| unfreeze | cut activation (fp16) | cached epoch | full re-run epoch | ratio | ratio, channels_last "
              "| full epoch: decode / trunk / top fwd+bwd+step | cached epoch: load / top fwd / bwd / step |",
              "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
     for u, r in res["by_unfreeze"].items():

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "BackboneSpec": "backbones", "Preprocessing": "backbones", "get_backbone": "backbones",
+    "BackboneSpec": "backbones", "Preprocessing": "backbones", "get_backbone": "catalog",
     "list_backbones": "backbones", "register_local": "cards",
     "Config": "config",
     "BatchError": "errors", "EmbedderError": "errors", "ImageDecodeError": "errors", "WeightsNotFoundError": "errors",
@@ -23,8 +23,9 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # static tools see the eager imports
-    from .backbones import BackboneSpec, Preprocessing, get_backbone, list_backbones
+    from .backbones import BackboneSpec, Preprocessing, list_backbones
     from .cards import register_local
+    from .catalog import get_backbone
     from .config import Config
     from .errors import BatchError, EmbedderError, ImageDecodeError, WeightsNotFoundError
     from .pipeline import Embedder

@@ -208,24 +208,10 @@ def register_backbone(spec: BackboneSpec, *, overwrite: bool = False) -> Backbon
     return spec
 
 
-def get_backbone(name: str) -> BackboneSpec:
-    """Look a backbone up by name (or by its full model id); a recipe or ensemble name (``@``, ``+``: see
-    :mod:`embedder.recipes`) is composed from its registered members."""
-    from .recipes import FORMS, compose, is_composite
-
-    spec = _REGISTRY.get(name) or next((s for s in _REGISTRY.values() if s.model_id == name), None)
-    base = name.partition(":")[0]
-    if spec is None and is_composite(base):
-        spec = compose(base)
-        if ":" in name and spec.model_id != name:
-            spec = None  # a model id of another version of this recipe or of its members
-    if spec is None:
-        raise UnknownModelError(
-            f"unknown model {name!r}; registered models: {', '.join(sorted(_REGISTRY))}, and recipes or "
-            f"ensembles of them: {FORMS}. Serve your own model with a model card (--model-card, see "
-            "embedder.cards) or embedder.register_local()."
-        )
-    return spec
+def registered_backbone(name: str) -> BackboneSpec | None:
+    """The registered backbone named ``name`` or with model id ``name``, else None. Recipes and ensembles of
+    registered backbones are composed by :func:`embedder.catalog.get_backbone`, the lookup for callers."""
+    return _REGISTRY.get(name) or next((s for s in list(_REGISTRY.values()) if s.model_id == name), None)
 
 
 def list_backbones() -> list[BackboneSpec]:
@@ -429,7 +415,10 @@ def register_derived(directory: str | Path, *, overwrite: bool = False) -> Backb
         num_classes = int(meta["num_classes"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WeightsNotFoundError(f"{directory} does not hold a derived backbone ({type(e).__name__}: {e})") from None
-    parent_spec = get_backbone(parent)  # UnknownModelError names the missing parent
+    parent_spec = registered_backbone(parent)
+    if parent_spec is None:
+        raise UnknownModelError(f"{directory}: its parent {parent!r} is not registered; register its model card "
+                                "first or remove the folder")
     if arch not in ("mobilenet_v2", "efficientnet_lite0", "efficientnet_lite2"):
         raise ValueError(f"{directory}: derived backbones of architecture {arch!r} are not supported")
     spec = BackboneSpec(
@@ -442,15 +431,6 @@ def register_derived(directory: str | Path, *, overwrite: bool = False) -> Backb
     if existing is not None and existing.model_id == spec.model_id:
         return existing  # already registered: loading a data dir twice is a no-op
     return register_backbone(spec, overwrite=overwrite)
-
-
-def find_backbone(name: str, data_dir: str | Path) -> BackboneSpec:
-    """``get_backbone(name)``, registering the fine-tuned or adapted versions saved in ``data_dir`` on first use."""
-    try:
-        return get_backbone(name)
-    except UnknownModelError:
-        load_derived(Path(data_dir) / "backbones")
-        return get_backbone(name)
 
 
 def load_derived(root: str | Path) -> list[BackboneSpec]:

@@ -48,9 +48,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable
 import numpy as np
 
 from .backbones import (IMAGENET_224, IMAGENET_MEAN, IMAGENET_STD, BackboneSpec, Preprocessing, WeightsFile,
-                        _stat_key, _strip_head, get_backbone, load_backbone, register_backbone, sha256_path)
-from .errors import (ModelCardError, NotSupportedByModelError, UnknownModelError, WeightsHashError,
-                     WeightsNotFoundError)
+                        _stat_key, _strip_head, load_backbone, register_backbone, registered_backbone, sha256_path)
+from .errors import ModelCardError, NotSupportedByModelError, WeightsHashError, WeightsNotFoundError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -200,13 +199,13 @@ def register_card(card: ModelCard, *, overwrite: bool = False) -> BackboneSpec:
     digest = _digest(card.path)
     with _lock:
         known = _specs.get((card, digest))
-    if known is not None and _registered(known):
+    if known is not None and registered_backbone(known.name) is known:
         return known  # the same card and files again (another Embedder, the pool): nothing to read or measure
     if card.sha256 and digest != card.sha256:
         raise WeightsHashError(f"model card {card.name!r}: {card.path} has sha256 {digest}, but the card pins "
                                f"{card.sha256}; restore the expected files, or update `sha256` in the card if the "
                                "new files are intended (vectors of the old ones will not mix with the new)")
-    if not overwrite and _taken(card.name):  # before building: the builder may read a large file
+    if not overwrite and registered_backbone(card.name) is not None:  # before building: the builder may read a large file
         raise ModelCardError(f"model card {card.name!r}: a model of that name is already registered (a built-in, "
                              "or another card); give this card another `name`")
     weights = WeightsFile(sha256=digest, path=card.path, filename=card.path.name)
@@ -226,21 +225,6 @@ def register_local(name: str, path: str | Path, *, arch: str | None = None,
                      arch=arch or "", input_size=pp.crop, resize=pp.resize, mean=pp.mean, std=pp.std,
                      interpolation=pp.interpolation)
     return register_card(card, overwrite=overwrite)
-
-
-def _taken(name: str) -> bool:
-    try:
-        get_backbone(name)
-    except UnknownModelError:
-        return False
-    return True
-
-
-def _registered(spec: BackboneSpec) -> bool:
-    try:
-        return get_backbone(spec.name) is spec
-    except UnknownModelError:
-        return False
 
 
 def _digest(path: Path) -> str:

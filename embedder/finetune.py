@@ -40,8 +40,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activations import ActivationCache
-from .backbones import (DERIVED_META, DERIVED_WEIGHTS, BackboneSpec, FrozenBackbone, get_backbone, load_backbone,
-                        register_derived, sha256_file, split_layers)
+from .backbones import (DERIVED_META, DERIVED_WEIGHTS, BackboneSpec, FrozenBackbone, load_backbone, register_derived,
+                        sha256_file, split_layers)
+from .catalog import get_backbone
 from .config import Config
 from .durable import fsync_dir, fsync_file
 from .errors import Category, EmbedderError

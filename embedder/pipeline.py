@@ -20,8 +20,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from . import backbones
-from .backbones import BackboneSpec, find_backbone
+from .backbones import BackboneSpec
 from .cards import register_cards
+from .catalog import find_backbone
 from .config import Config, resolve_jpeg_decoder
 from .errors import BatchError, EmbedderError, ImageDecodeError, NotSupportedByModelError
 from .jpeg import JpegDecoder, one_torch_thread

@@ -2,8 +2,8 @@
 
 A recipe or an ensemble is part of a model's definition: its canonical name and a fingerprint of its members'
 model ids and options are in its model id, so its vectors never mix with a plain backbone's in a cache, a
-collection or a head. :func:`embedder.backbones.get_backbone` hands every name holding ``@`` or ``+`` to
-:func:`compose`, the one parser of this grammar::
+collection or a head. :func:`embedder.catalog.get_backbone` hands every name holding ``@`` or ``+`` to
+:func:`parse`, the one parser of this grammar, and builds the model with :meth:`Recipe.spec`::
 
     model   := member ("+" member)*                 an ensemble: the members' vectors concatenated
     member  := backbone ["@" option ("," option)*]
@@ -18,7 +18,8 @@ each L2-normalised (so a 16-channel stage weighs as much as the 1280-d final vec
 standardises them), concatenated and divided by sqrt(parts) (unit norm); with ``flip``, the mean of that
 vector for the image and for its mirror. An ensemble concatenates its members' vectors divided by
 sqrt(members). Everything runs inside one torch module (``embedder.recipe_nets``), exported to ONNX and run
-by the default runtime like any backbone.
+by the default runtime like any backbone. This module knows the grammar and the registry below it, never
+torch: naming a recipe costs no import.
 
 An ensemble decodes each image once, with the preprocessing of its member with the largest crop (the first
 on a tie); each other member gets that crop resized to its own input size inside the graph (antialiased,
@@ -31,15 +32,9 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from .errors import InvalidArgumentError
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from .backbones import BackboneSpec, Builder
+from .backbones import BackboneSpec, Builder, list_backbones, registered_backbone
+from .errors import InvalidArgumentError, UnknownModelError
 
 # The MBConv stages of each architecture: (index of the stage's last block, counted from 1; its channels).
 STAGES: dict[str, tuple[tuple[int, int], ...]] = {
@@ -100,6 +95,24 @@ class Recipe:
         """The member whose preprocessing decodes the images: the largest crop, the first on a tie."""
         return max(self.members, key=lambda m: m.spec.preprocessing.crop)  # max() keeps the first on a tie
 
+    def spec(self, build: Builder) -> BackboneSpec:
+        """This recipe's model: its own name, dim and model id, the lead's preprocessing; ``build`` makes its
+        torch module (:func:`embedder.recipe_nets.build_recipe`, bound by :mod:`embedder.catalog`)."""
+        members = self.members
+        fingerprint = hashlib.sha256(" ".join(f"{m.name}={m.spec.model_id}" for m in members).encode()).hexdigest()
+        kind = "ensemble" if len(members) > 1 else "recipe"
+        return BackboneSpec(
+            name=self.name,
+            dim=sum(m.dim for m in members),
+            preprocessing=self.lead.spec.preprocessing,
+            # load_backbone checks this file before building; build loads (and checks) every member's own
+            weights=self.lead.spec.weights,
+            build=build,
+            description=f"{kind}: {_describe(members)}",
+            features_only=True,
+            recipe=f"r{fingerprint[:10]}",
+        )
+
 
 def parse(name: str) -> Recipe:
     """Parse ``name`` (see the module docstring for the grammar).
@@ -110,34 +123,14 @@ def parse(name: str) -> Recipe:
     return Recipe(tuple(_member(part, name) for part in name.split("+")))
 
 
-def compose(name: str) -> BackboneSpec:
-    """The spec of the recipe or ensemble ``name``; errors as :func:`parse`."""
-    from .backbones import BackboneSpec
-
-    recipe = parse(name)
-    members, canonical, lead = list(recipe.members), recipe.name, recipe.lead
-    fingerprint = hashlib.sha256(" ".join(f"{m.name}={m.spec.model_id}" for m in members).encode()).hexdigest()
-    kind = "ensemble" if len(members) > 1 else "recipe"
-    return BackboneSpec(
-        name=canonical,
-        dim=sum(m.dim for m in members),
-        preprocessing=lead.spec.preprocessing,
-        # load_backbone checks this file before building; _builder loads (and checks) every member's own
-        weights=lead.spec.weights,
-        build=_builder(members, lead),
-        description=f"{kind}: {_describe(members)}",
-        features_only=True,
-        recipe=f"r{fingerprint[:10]}",
-    )
-
-
 def _member(text: str, full: str) -> Member:
-    from .backbones import get_backbone
-
     backbone, _, options = text.partition("@")
     if not backbone:
         raise InvalidArgumentError(f"model {full!r} has an empty member; valid forms: {FORMS}")
-    spec = get_backbone(backbone)  # UnknownModelError lists the registered backbones
+    spec = registered_backbone(backbone)
+    if spec is None:
+        raise UnknownModelError(f"unknown model {backbone!r} in {full!r}; registered models: "
+                                f"{', '.join(s.name for s in list_backbones())}; valid forms: {FORMS}")
     if spec.exporter is not None or spec.torchscript or spec.has_text:
         raise InvalidArgumentError(
             f"{spec.name!r} cannot be part of a recipe or ensemble: those are built from torch image backbones "
@@ -162,19 +155,10 @@ def _member(text: str, full: str) -> Member:
     return Member(spec, stages, flip)
 
 
-def _describe(members: list[Member]) -> str:
+def _describe(members: tuple[Member, ...]) -> str:
     parts = []
     for m in members:
         pooled = (f"stages {m.stages[0]}-{m.stages[1]} ({'+'.join(str(c) for _, c in m.stage_ends)}) + "
                   if m.stages else "")
         parts.append(f"{m.spec.name}: {pooled}final {m.spec.dim}" + (", mirror-averaged" if m.flip else ""))
     return "; ".join(parts) + ", each L2-normalised, concatenated"
-
-
-def _builder(members: list[Member], lead: Member) -> Builder:
-    def build(_: Path) -> nn.Module:  # the lead's weights path, checked by load_backbone; each member loads its own
-        from .recipe_nets import build_recipe
-
-        return build_recipe(members, lead.spec.preprocessing)
-
-    return build

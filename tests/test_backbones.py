@@ -14,10 +14,11 @@ from torchvision import transforms as T
 
 from embedder import Embedder
 from embedder.backbones import (
-    IMAGENET_224, BackboneSpec, FrozenBackbone, Preprocessing, WeightsFile, get_backbone, list_backbones,
-    load_backbone, register_backbone, sha256_file,
+    IMAGENET_224, BackboneSpec, FrozenBackbone, Preprocessing, WeightsFile, list_backbones, load_backbone,
+    register_backbone, sha256_file,
 )
 from embedder.cards import register_local
+from embedder.catalog import get_backbone
 from embedder.errors import UnknownModelError, WeightsHashError, WeightsNotFoundError
 
 from conftest import cosine

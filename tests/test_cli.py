@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from embedder import Embedder
-from embedder.backbones import WeightsFile, get_backbone, register_backbone
+from embedder.backbones import WeightsFile, register_backbone
+from embedder.catalog import get_backbone
 from embedder.cli import main
 from embedder.errors import TABLE, DeadlineError, QueueFullError, StoreClosedError, WeightsHashError, category_of
 from embedder.inputs import folder_label

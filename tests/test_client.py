@@ -278,7 +278,7 @@ def test_clients_split_to_the_lower_limits_of_the_server(embedder, photos, expec
 def test_cli_embed_with_server_records_the_model_that_embedded(server, photos, tmp_path, capsys):
     """`embed --server --model X` asks the server to embed with X (loaded on first use) and records X, not the
     server's default, in the .json."""
-    from embedder.backbones import get_backbone
+    from embedder.catalog import get_backbone
 
     folder = tmp_path / "imgs"
     folder.mkdir()

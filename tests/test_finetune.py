@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import small_jpegs
 
-from embedder import Embedder, backbones
+from embedder import Embedder, backbones, get_backbone
 from embedder.activations import ActivationCache
 from embedder.config import Config
 from embedder.errors import UnknownModelError, WeightsHashError
@@ -50,8 +50,8 @@ def registered(tuned, restore_registry):
 
 def test_a_fine_tune_registers_a_new_backbone_that_records_its_parent(registered, tuned, digit_images, embedder):
     result, data_dir = registered
-    parent = backbones.get_backbone("mobilenet_v2")
-    spec = backbones.get_backbone(result.spec.model_id)
+    parent = get_backbone("mobilenet_v2")
+    spec = get_backbone(result.spec.model_id)
     assert spec.name == "mobilenet_v2.digits" and spec.parent == parent.model_id
     assert spec.model_id != parent.model_id and spec.model_id.startswith("mobilenet_v2.digits:")
     meta = json.loads((result.path / backbones.DERIVED_META).read_text())
@@ -103,7 +103,7 @@ def test_a_cancelled_fine_tune_leaves_nothing_registered(digit_images, cache, tm
                  suffix="cancelled", cancel=cancel, cache=cache)
     assert not (tmp_path / "backbones").exists() or not list((tmp_path / "backbones").iterdir())
     with pytest.raises(UnknownModelError):
-        backbones.get_backbone("mobilenet_v2.cancelled")
+        get_backbone("mobilenet_v2.cancelled")
 
 
 def test_tampered_weights_are_refused_and_a_missing_parent_is_named(tuned, tmp_path, restore_registry):
@@ -175,7 +175,7 @@ def _normalised(spec: backbones.BackboneSpec, images: list[bytes]) -> torch.Tens
 @pytest.mark.parametrize("arch", sorted(CUT_POINTS))
 def test_each_architecture_is_cut_before_its_last_blocks_and_fp16_activations_give_the_fp32_features(arch,
                                                                                                     digit_images):
-    spec = backbones.get_backbone(arch)
+    spec = get_backbone(arch)
     full = backbones.load_backbone(spec)
     x = _normalised(spec, digit_images[0][::30])
     with torch.inference_mode():
@@ -236,7 +236,7 @@ def test_adabn_re_estimates_every_batchnorm_on_the_target_images_and_keeps_the_w
     inverted = [255 - np.asarray(Image.open(io.BytesIO(b)).convert("L")) for b in digit_images[0][:64]]
     target = small_jpegs(inverted)  # 64 images: two full batches, so the running mean is the plain mean
     result = adabn(target, data_dir=tmp_path, suffix="inverted")
-    parent_spec = backbones.get_backbone("mobilenet_v2")
+    parent_spec = get_backbone("mobilenet_v2")
     parent = backbones.load_backbone(parent_spec, with_head=True)
     adapted = backbones.load_backbone(result.spec, with_head=True)
     weights = {k: v for k, v in parent.state_dict().items() if "running" not in k and "num_batches" not in k}

@@ -10,7 +10,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from embedder import BatchError, BatchResult, Config, Embedder
-from embedder.backbones import get_backbone, load_backbone
+from embedder.backbones import load_backbone
+from embedder.catalog import get_backbone
 from embedder.errors import EmbedderError, ImageDecodeError, UnknownModelError
 
 from conftest import cosine

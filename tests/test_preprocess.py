@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 from torchvision import transforms as T
 
-from embedder.backbones import Preprocessing, get_backbone
+from embedder.backbones import Preprocessing
+from embedder.catalog import get_backbone
 from embedder.errors import ImageDecodeError
 from embedder.preprocess import Preprocessor, Probe, decode, probe
 

@@ -52,7 +52,8 @@ def test_a_bad_recipe_name_says_the_valid_forms(name, words):
 
 
 def test_an_unknown_member_is_an_unknown_model_and_names_clash_with_nothing(restore_registry):
-    from embedder.backbones import get_backbone, register_backbone
+    from embedder.backbones import register_backbone
+    from embedder.catalog import get_backbone
     from embedder.errors import UnknownModelError
 
     with pytest.raises(UnknownModelError, match="'resnet9'.*NAME@stages=A-B"):
@@ -67,7 +68,8 @@ def test_an_unknown_member_is_an_unknown_model_and_names_clash_with_nothing(rest
 
 def test_stage_table_matches_the_networks():
     """STAGES is what the networks are: each stage ends where the block output channels change."""
-    from embedder.backbones import get_backbone, load_backbone, split_layers
+    from embedder.backbones import load_backbone, split_layers
+    from embedder.catalog import get_backbone
     from embedder.recipes import STAGES
 
     for arch, stages in STAGES.items():
@@ -83,7 +85,8 @@ def _reference(crops: np.ndarray, taps: tuple[int, ...], flip: bool) -> np.ndarr
     import torch
     import torch.nn.functional as F
 
-    from embedder.backbones import IMAGENET_MEAN, IMAGENET_STD, get_backbone, load_backbone
+    from embedder.backbones import IMAGENET_MEAN, IMAGENET_STD, load_backbone
+    from embedder.catalog import get_backbone
 
     net = load_backbone(get_backbone("mobilenet_v2"))
     pooled = {}

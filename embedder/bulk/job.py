@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..backbones import BackboneSpec, find_backbone
+from ..backbones import BackboneSpec
+from ..catalog import find_backbone
 from ..config import Config
 from .listing import read_inputs
 from .ray_pipeline import _ray, _run_ray

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from ..backbones import BackboneSpec, find_backbone
+from ..backbones import BackboneSpec
+from ..catalog import find_backbone
 from ..config import Config, resolve_jpeg_decoder
 from ..errors import Category, EmbedderError, ImageDecodeError
 from ..inputs import content_hash

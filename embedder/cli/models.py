@@ -13,8 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..backbones import get_backbone, list_backbones
+from ..backbones import list_backbones
 from ..cards import register_cards
+from ..catalog import get_backbone
 from ..config import Config
 from ..recipes import EXAMPLES, FORMS
 from ..runtimes import RUNTIMES, installed, resolve_runtime

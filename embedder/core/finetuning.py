@@ -23,7 +23,7 @@ def start_finetune(store: Any, jobs: Any, data_dir: Path, collection: str, suffi
     gets the new version's folder (to share it with other replicas)."""
     from classifier import InsufficientDataError
 
-    from ..backbones import get_backbone
+    from ..catalog import get_backbone
     from ..finetune import FineTuneConfig, check_labels, check_suffix, check_unfreeze, finetune
 
     config = FineTuneConfig.from_params(_merged(params, unfreeze=unfreeze, epochs=epochs))
@@ -73,7 +73,7 @@ def start_adabn(store: Any, jobs: Any, data_dir: Path, collection: str, suffix: 
                 publish: Callable[[Path], None] | None = None) -> Any:
     """Check an AdaBN pass over ``collection``'s kept images and queue it in ``jobs``; the job (``publish`` as
     for :func:`start_finetune`)."""
-    from ..backbones import get_backbone
+    from ..catalog import get_backbone
     from ..finetune import ADABN_MIN_IMAGES, TooFewLabelsError, adabn, check_suffix
 
     parent = get_backbone(store.collection(collection).model_id)
