@@ -9,6 +9,8 @@ Usage::
     python benchmarks/bench_finetune.py --part accuracy --merge benchmarks/results/s0.json benchmarks/results/s1.json \
         --name merged                                                # runs split over processes, one JSON
     python benchmarks/bench_finetune.py --part speed               # cached vs full epochs, unfreeze 1-3
+    python benchmarks/bench_finetune.py --part accuracy --ns 100 --seeds 0 --precision bf16 --name bf16
+                                                                   # the same fine-tune trained under bf16
 
 Data: Fashion-MNIST train/test splits (Debian ``dataset-fashion-mnist``). For ``n`` labels per class and seed
 ``s`` the labelled set is the first ``n`` images of each class in a seeded shuffle of the train split (the same
@@ -29,7 +31,9 @@ Epoch speed (``--epoch-images`` labelled images, batch 64): one epoch of ``finet
 cached fp16 activations vs one that re-runs decode + preprocessing + the frozen trunk (micro-batches of 4, the
 fastest on CPU) before the same step, for unfreeze 1, 2 and 3, interleaved rounds, fastest epoch of each kind;
 each epoch is split into its parts (data, trunk, top forward, backward, optimiser step) to show what limits
-the ratio. A third kind runs the cached epoch with the top and its input in channels_last memory format.
+the ratio. A third kind runs the cached epoch with the top and its input in channels_last memory format; two
+more run the cached and the full epoch under bfloat16 autocast (``FineTuneConfig(precision="bf16")``; the full
+one's trunk too), for CPUs with AVX512-BF16 or AMX.
 
 ``--part accuracy`` writes ``benchmarks/results/bench_finetune_accuracy.json``, ``--part speed``
 ``bench_finetune_speed.json``; each prints a markdown block for the README.
@@ -64,7 +68,9 @@ MODEL = "mobilenet_v2"
 FT_CONFIG = dict(epochs=12, patience=4, schedule="cosine")  # the rest: FineTuneConfig's defaults
 TRUNK_MICRO_BATCH = 4
 EPOCH_BATCH = 64
-KINDS = ("cached", "cached, channels_last", "full")  # full: decode + preprocess + trunk, then the same step
+# full: decode + preprocess + trunk, then the same step; bf16: the step (and a full epoch's trunk) under bfloat16
+# autocast, FineTuneConfig(precision="bf16")
+KINDS = ("cached", "cached, channels_last", "full", "cached, bf16", "full, bf16")
 
 log = logging.getLogger("bench_finetune")
 
@@ -89,10 +95,10 @@ class Trunk:
         """Decode + preprocess, as ``finetune`` does: uint8 NCHW."""
         return torch.from_numpy(np.stack([self.pre(b) for b in pngs])).permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor, micro_batch: int = TRUNK_MICRO_BATCH) -> torch.Tensor:
-        """Trunk outputs (float16) of preprocessed uint8 images, in micro-batches."""
+    def forward(self, x: torch.Tensor, micro_batch: int = TRUNK_MICRO_BATCH, bf16: bool = False) -> torch.Tensor:
+        """Trunk outputs (float16) of preprocessed uint8 images, in micro-batches (under bf16 autocast)."""
         t = self.split.trunk
-        with torch.inference_mode():
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             return torch.cat([t.features((x[s:s + micro_batch].float() - t.mean) * t.inv_scale).half()
                               for s in range(0, len(x), micro_batch)])
 
@@ -172,7 +178,7 @@ def accuracy_part(args: argparse.Namespace) -> dict[str, Any]:
                 shutil.rmtree(data_dir, ignore_errors=True)
                 try:
                     config = FineTuneConfig(**{**FT_CONFIG, "epochs": args.epochs}, unfreeze=args.unfreeze,
-                                            seed=seed, device="cpu")
+                                            seed=seed, device="cpu", precision=args.precision)
                     result = finetune(pngs, [FASHION_MNIST_CLASSES[c] for c in y], data_dir=data_dir,
                                       suffix=f"bf{n}s{seed}", config=config, cache=trunk.cache)
                     test_feats, task_pred = finetuned_features(result, test_acts)
@@ -228,7 +234,7 @@ def accuracy_result(args: argparse.Namespace, runs: list[dict[str, Any]], trunk_
         row["gain_points"] = 100 * (row["finetuned"]["mean"] - row["frozen"]["mean"])
         summary.append(row)
     return {"unfreeze": args.unfreeze, "test_images": args.test,
-            "finetune_config": {**FT_CONFIG, "epochs": args.epochs}, "summary": summary, "runs": runs,
+            "finetune_config": {**FT_CONFIG, "epochs": args.epochs, "precision": args.precision}, "summary": summary, "runs": runs,
             "trunk_img_s": trunk_img_s}
 
 
@@ -294,10 +300,12 @@ def speed_part(args: argparse.Namespace) -> dict[str, Any]:
                     raw = trunk.decode([pngs[i] for i in b.tolist()])
                     t1 = time.perf_counter()
                     parts["decode + preprocess"] += t1 - t0
-                    x = trunk.forward(raw).float()
+                    x = trunk.forward(raw, bf16="bf16" in kind).float()
                     parts["trunk forward"] += time.perf_counter() - t1
                 t0 = time.perf_counter()
-                loss = nn.functional.cross_entropy(model(x), y[b])
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled="bf16" in kind):
+                    logits = model(x)
+                loss = nn.functional.cross_entropy(logits.float(), y[b])
                 t1 = time.perf_counter()
                 opt.zero_grad()
                 loss.backward()
@@ -325,6 +333,8 @@ def speed_part(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": seconds, "parts": {k: {p: round(v, 3) for p, v in parts.items()} for k, parts in best.items()},
             "ratio": seconds["full"] / seconds["cached"],
             "ratio_channels_last": seconds["full"] / seconds["cached, channels_last"],
+            "ratio_bf16": seconds["full, bf16"] / seconds["cached, bf16"],  # both kinds under autocast
+            "ratio_bf16_vs_fp32_full": seconds["full"] / seconds["cached, bf16"],
             "ratio_per_round": [sum(f.values()) / sum(c.values()) for c, f in zip(rounds["cached"], rounds["full"])],
             "img_s": {k: len(y) / v for k, v in seconds.items()}}
         trunk.close()
@@ -352,14 +362,16 @@ def markdown_accuracy(res: dict[str, Any]) -> str:
 
 def markdown_speed(res: dict[str, Any]) -> str:
     lines = ["| unfreeze | cut activation (fp16) | cached epoch | full re-run epoch | ratio | ratio, channels_last "
+             "| cached epoch, bf16 | ratio, bf16 both | bf16 cached vs fp32 full "
              "| full epoch: decode / trunk / top fwd+bwd+step | cached epoch: load / top fwd / bwd / step |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | --- | --- |"]
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
     for u, r in res["by_unfreeze"].items():
         f, c = r["parts"]["full"], r["parts"]["cached"]
         top_f = f["top forward"] + f["backward"] + f["optimiser step"]
         lines.append(f"| {u} | {'x'.join(map(str, r['activation_shape']))} ({r['activation_kb_fp16']:.1f} KB) | "
                      f"{r['seconds']['cached']:.2f} s | {r['seconds']['full']:.2f} s | {r['ratio']:.2f}x | "
-                     f"{r['ratio_channels_last']:.2f}x | "
+                     f"{r['ratio_channels_last']:.2f}x | {r['seconds']['cached, bf16']:.2f} s | "
+                     f"{r['ratio_bf16']:.2f}x | {r['ratio_bf16_vs_fp32_full']:.2f}x | "
                      f"{f['decode + preprocess']:.2f} / {f['trunk forward']:.2f} / {top_f:.2f} s | "
                      f"{c['load batch']:.3f} / {c['top forward']:.2f} / {c['backward']:.2f} / "
                      f"{c['optimiser step']:.2f} s |")
@@ -382,6 +394,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of every n (default 0 1 2)")
     ap.add_argument("--epochs", type=int, default=FT_CONFIG["epochs"],
                     help=f"most epochs per fine-tune (default {FT_CONFIG['epochs']}; early stopping may end sooner)")
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                    help="the fine-tune's training precision in the accuracy part (default fp32)")
     ap.add_argument("--test", type=int, default=10000, help="test images: the first N of the test split")
     ap.add_argument("--epoch-images", type=int, default=600, help="labelled images per timed epoch")
     ap.add_argument("--epoch-rounds", type=int, default=3, help="interleaved rounds of timed epochs")

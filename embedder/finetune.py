@@ -73,6 +73,7 @@ class FineTuneCancelled(JobCancelled):
 
 
 SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("fp32", "bf16")
 WARMUP_FRACTION = 0.05  # of all steps: a new, randomly initialised head must not shake the pretrained top early
 
 # Where each architecture can be cut: how many blocks may be unfrozen (counted from the end). The layers of a
@@ -117,6 +118,9 @@ class FineTuneConfig:
     mixup: float = 0.0  # mixup alpha; 0 turns it off
     seed: int = 0
     device: str = "auto"
+    # "bf16": the training step runs under bfloat16 autocast, ~1.5x faster on CPUs with AVX512-BF16 or AMX
+    # (slower on others) and on recent GPUs; the weights, the hold-out check and the saved version stay fp32.
+    precision: str = "fp32"
 
     @classmethod
     def from_params(cls, params: dict) -> "FineTuneConfig":
@@ -140,6 +144,8 @@ class FineTuneConfig:
             raise FineTuneError(f"unfreeze must be >= 1 block, got {self.unfreeze}")
         if self.schedule not in SCHEDULES:
             raise FineTuneError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule[:50]!r}")
+        if self.precision not in PRECISIONS:
+            raise FineTuneError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision[:50]!r}")
         for name in ("epochs", "batch_size", "patience"):
             if not 1 <= getattr(self, name) <= CAPS[name]:
                 raise FineTuneError(f"{name} must be between 1 and {CAPS[name]}, got {getattr(self, name)}")
@@ -341,7 +347,9 @@ def _train(top: nn.Sequential, acts: np.ndarray, y: np.ndarray, k: int, config: 
                 lam = float(rng.beta(config.mixup, config.mixup))
                 perm = torch.randperm(len(b), generator=gen).to(device)
                 x, target = lam * x + (1 - lam) * x[perm], lam * target + (1 - lam) * target[perm]
-            loss = torch.sum(-target * torch.log_softmax(model(x), dim=1), dim=1).mean()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+                logits = model(x)
+            loss = torch.sum(-target * torch.log_softmax(logits.float(), dim=1), dim=1).mean()
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

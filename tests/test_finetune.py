@@ -92,6 +92,33 @@ def test_fine_tuning_is_reproducible(tuned, cache, digit_images, tmp_path, resto
     assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], atol=2e-3) for k in a)
 
 
+def test_a_bf16_fine_tune_trains_under_autocast_and_saves_fp32_weights(tuned, cache, digit_images, tmp_path,
+                                                                       restore_registry):
+    from safetensors.numpy import load_file
+
+    result, _, _ = tuned
+    seen: dict[bool, set] = {True: set(), False: set()}  # training? -> dtypes of the convolutions' outputs
+
+    def record(module, _inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            seen[module.training].add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        bf16 = finetune(*digit_images, data_dir=tmp_path, suffix="digits", cache=cache,
+                        config=FineTuneConfig(epochs=3, patience=3, precision="bf16"))
+    finally:
+        hook.remove()
+    assert seen == {True: {torch.bfloat16}, False: {torch.float32}}  # the step in bf16, the hold-out check in fp32
+    assert bf16.spec.name == "mobilenet_v2.digits" and bf16.val_accuracy >= result.val_accuracy - 0.1  # 18 images
+    assert [h["train_loss"] for h in bf16.history] == pytest.approx([h["train_loss"] for h in result.history],
+                                                                     rel=0.01)
+    a, b = (load_file(str(r.path / backbones.DERIVED_WEIGHTS)) for r in (result, bf16))
+    assert {k: v.dtype for k, v in b.items()} == {k: v.dtype for k, v in a.items()}  # saved as fp32, as always
+    with Embedder(model=bf16.spec.model_id, device="cpu", runtime="torch", data_dir=tmp_path) as tuned_model:
+        assert np.isfinite(tuned_model.embed(digit_images[0][:4])).all()
+
+
 def test_a_cancelled_fine_tune_leaves_nothing_registered(digit_images, cache, tmp_path, restore_registry):
     cancel = threading.Event()
     with pytest.raises(FineTuneCancelled, match="epoch 2"):  # set after epoch 1, noticed in epoch 2
@@ -142,6 +169,8 @@ def test_bad_fine_tune_requests_say_what_is_wrong(digit_images, tmp_path, restor
         FineTuneConfig(unfreeze=0)
     with pytest.raises(FineTuneError, match="schedule must be one of cosine, constant"):
         FineTuneConfig.from_params({"schedule": "linear"})
+    with pytest.raises(FineTuneError, match="precision must be one of fp32, bf16"):
+        FineTuneConfig.from_params({"precision": "fp16"})
 
 
 def test_undecodable_images_are_reported_and_left_out(digit_images, cache, tmp_path, restore_registry):
