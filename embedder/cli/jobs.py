@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="only these labels (default: all)")
     p.add_argument("--param", type=param, action="append", default=[], metavar="NAME=VALUE",
                    help="further settings: lr, schedule (cosine or constant), weight_decay, batch_size, "
-                        "val_fraction, patience, dropout, noise, mixup, seed")
+                        "val_fraction, patience, dropout, noise, mixup, seed, precision (fp32 or bf16)")
     p.add_argument("--adabn", action="store_true",
                    help="no labels: re-estimate BatchNorm statistics on the collection's images (a target domain)")
     p.add_argument("--no-wait", dest="wait", action="store_false", help="print the job id and return")
