@@ -10,8 +10,14 @@ INVALID_ARGUMENT; any other exception is a server fault (INTERNAL).
 from __future__ import annotations
 
 import enum
+import logging
 from dataclasses import dataclass
 from typing import ClassVar
+
+log = logging.getLogger(__name__)
+# Characters of a message a caller gets: gRPC trailers are limited (16 KiB by default), and a message that
+# quotes the request (e.g. a million labels) must not echo it back.
+MAX_MESSAGE = 2000
 
 
 class Category(enum.Enum):
@@ -60,6 +66,16 @@ def category_of(error: BaseException) -> Category:
     if isinstance(error, (ValueError, TypeError)):
         return Category.INVALID_ARGUMENT
     return Category.INTERNAL
+
+
+def message_of(error: BaseException, door: str) -> str:
+    """What a caller is told about ``error`` at ``door`` ("gRPC", "HTTP"): its message, shortened; a server
+    fault is logged with its trace and told only that it is one."""
+    if category_of(error) is Category.INTERNAL:
+        log.error("server fault answering a %s call", door, exc_info=error)
+        return f"server fault, not your input ({type(error).__name__}; the server's log has the details); retry"
+    message = str(error)
+    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 20] + " ... (shortened)"
 
 
 def category_for_grpc(code_name: str) -> Category:

@@ -7,7 +7,6 @@ or per item, is answered through the one table in :mod:`embedder.errors` (catego
 """
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -22,31 +21,22 @@ from ._proto import embedder_pb2_grpc as pb_grpc
 from .core import AddItem, Call, Item, Outcome, Service
 from .core.embedding import Pending
 from .core.service import DEFAULT_K, METADATA_FLAG
-from .errors import TABLE, Category, EmbedderError, ItemError, category_of
+from .errors import TABLE, Category, EmbedderError, ItemError, category_of, message_of
 from .jsonrule import parse_json_object
 from .keys import Gate, authorization
 from .messages import (bytes_vector, collection_to_pb, head_to_pb, hit_to_pb, job_to_pb, stats_to_pb, stored_to_pb,
                        tensor_array, vector_bytes)
 
-log = logging.getLogger(__name__)
 
 STREAM_WINDOW = 4  # requests of one stream in the batcher at once: pipelining without hogging the queue
 IDLE_POLL = 0.25  # seconds between a stream's idleness checks
-MAX_DETAILS = 2000  # characters of an error message: gRPC trailers are limited (16 KiB by default)
 _OK = grpc.StatusCode.OK.value[0]
 _END = object()
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     """The gRPC status code and message for any exception; server faults are logged and say so."""
-    category = category_of(error)
-    message = str(error)
-    if category is Category.INTERNAL:
-        log.error("server fault answering a call", exc_info=error)
-        message = f"server fault, not your input ({type(error).__name__}; the server's log has the details); retry"
-    if len(message) > MAX_DETAILS:
-        message = message[:MAX_DETAILS - 20] + " ... (shortened)"
-    return grpc.StatusCode[TABLE[category].grpc], message
+    return grpc.StatusCode[TABLE[category_of(error)].grpc], message_of(error, "gRPC")
 
 
 def _item(item: pb.Item) -> Item:

@@ -179,8 +179,10 @@ def test_make_head_rejects_unknown_kinds_and_options():
         make_head("mlp")
     with pytest.raises(HeadError, match="no option 'seed'; its options are C, class_weight, tol, max_iter, device"):
         make_head("logreg", seed=1)
-    with pytest.raises(HeadError, match="C must be a positive number"):
+    with pytest.raises(HeadError, match="C must be a number from 1e-12 to 1e"):
         make_head("linear_svm", C=0)
+    with pytest.raises(HeadError, match="C must be a number from"):  # its L2 weight 1 / (C n) overflowed float32
+        make_head("logreg", C=1e-45)
     with pytest.raises(HeadError, match="class_weight must be None or 'balanced'"):
         make_head("svm", class_weight="auto")
     assert head_params("svm") == {"C": 1.0, "gamma": "scale", "class_weight": None, "max_samples": 5000, "seed": 0}

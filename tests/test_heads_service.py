@@ -111,6 +111,7 @@ def test_a_bad_image_fails_alone_in_predict(stub, trained, digits):
      "at least 2 examples"),
     (pb.TrainRequest(collection="digits", head="forest"), grpc.StatusCode.INVALID_ARGUMENT, "unknown head"),
     (pb.TrainRequest(collection="digits", params_json='{"C": -1}'), grpc.StatusCode.INVALID_ARGUMENT, "C"),
+    (pb.TrainRequest(collection="digits", params_json='{"C": 1e-45}'), grpc.StatusCode.INVALID_ARGUMENT, "C must"),
     (pb.TrainRequest(collection="digits", params_json='{"depth": 3}'), grpc.StatusCode.INVALID_ARGUMENT, "depth"),
     (pb.TrainRequest(collection="digits", params_json="[1]"), grpc.StatusCode.INVALID_ARGUMENT, "JSON object"),
     (pb.TrainRequest(collection="digits", head_id="../escape"), grpc.StatusCode.INVALID_ARGUMENT, "head id"),

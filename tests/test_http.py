@@ -297,6 +297,12 @@ def test_heads_round_trip(api, digits, digit_images):
     refused(api("POST", "/v1/predict", json={"head_ids": ["digits-http"], "items": [{"image": b64(images[0])}]}),
             404, "not_found", "digits-http")
     refused(api("DELETE", "/v1/heads/digits-http"), 404, "not_found")
+    # a message that quotes the request is shortened, not a 10 MB echo of a million labels
+    message = refused(api("POST", "/v1/collections/digits/train", json={"labels": [f"l{i}" for i in range(5000)]}),
+                      412, "failed_precondition", "'l0', 'l1'")
+    assert len(message) <= 2000 and message.endswith("(shortened)")
+    refused(api("POST", "/v1/collections/digits/train", json={"params": {"C": 1e-45}}), 400, "invalid_argument",
+            "C must be a number from")  # was a server fault: the L2 weight overflowed float32
 
 
 def test_jobs_round_trip(api, digits):

@@ -11,6 +11,9 @@ from sklearn.exceptions import NotFittedError
 from .validation import HeadError, InsufficientDataError, _check_labels, _plain, check_features, check_same_model
 
 STATS_ROW_BLOCK = 8192  # rows per block when computing the standardisation statistics
+# C outside this range means no fit at all: 1 / (C * n), the float32 L2 weight, overflows near C = 1e-39 / n,
+# far beyond any useful value (the defaults are 0.01 and 0.001 on standardised features).
+C_RANGE = (1e-12, 1e12)
 
 
 class Head(ClassifierMixin, BaseEstimator):
@@ -174,7 +177,9 @@ def _check_param(head: Head, name: str, value: Any) -> None:
         fail("an integer >= 1")
     elif name == "seed" and not (is_number(value) and int(value) == value >= 0):
         fail("an integer >= 0")
-    elif name in ("C", "tol", "logit_scale") and not (is_number(value) and 0 < value < np.inf):
+    elif name == "C" and not (is_number(value) and C_RANGE[0] <= value <= C_RANGE[1]):
+        fail(f"a number from {C_RANGE[0]:g} to {C_RANGE[1]:g}")
+    elif name in ("tol", "logit_scale") and not (is_number(value) and 0 < value < np.inf):
         fail("a positive number")
     elif name == "prior_weight" and not (is_number(value) and 0 <= value < np.inf):
         fail("a number >= 0")

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import logging
 import re
 from dataclasses import asdict
 from typing import Any
@@ -17,12 +16,11 @@ from pydantic import ValidationError
 
 from .._proto import embedder_pb2 as pb
 from ..core import AddItem, Item, Outcome
-from ..errors import TABLE, Category, EmbedderError, ItemError, category_of
+from ..errors import TABLE, Category, EmbedderError, ItemError, category_of, message_of
 from ..jsonrule import dump_stored, load_stored_object
 from ..messages import bytes_vector, tensor_array, vector_bytes
 from . import schema
 
-log = logging.getLogger(__name__)
 
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _DTYPES = {"uint8": pb.DTYPE_UINT8, "float32": pb.DTYPE_FLOAT32}
@@ -38,11 +36,8 @@ def error_body(error: BaseException) -> tuple[int, schema.ErrorBody]:
     if isinstance(error, ValidationError):  # pydantic's own text is long and links to its docs
         message = "invalid request: " + "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in error.errors()[:10])
-    elif category is Category.INTERNAL:
-        log.error("server fault answering an HTTP call", exc_info=error)
-        message = f"server fault, not your input ({type(error).__name__}; the server's log has the details); retry"
     else:
-        message = str(error)
+        message = message_of(error, "HTTP")
     return TABLE[category].http, item_error(category, message)
 
 
