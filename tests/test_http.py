@@ -340,6 +340,9 @@ def test_refusals_get_their_status_and_json_error(api, http, photos):
     refused(api("POST", "/v1/embed", files=[("photo", ("a.jpg", photos[0]))]), 400, "invalid_argument", "`image`")
     refused(api("POST", "/v1/search", json={"collection": "ghost", "item_id": "x"}), 404, "not_found", "ghost")
     refused(api("POST", "/v1/search", json={"vector": "abc"}), 400, "invalid_argument", "base64")
+    # a query vector longer than any model's is refused by the schema, before the core sees the collection
+    refused(api("POST", "/v1/search", json={"collection": "ghost", "vector": [0.0] * 70000}), 400,
+            "invalid_argument", "at most 65536")
     refused(api("POST", "/v1/collections/ghost/train", json={}), 404, "not_found", "ghost")
     refused(api("GET", "/v1/nowhere"), 404, "not_found", "/v1/nowhere")
     refused(api("PUT", "/v1/stats"), 405, "invalid_argument", "PUT")

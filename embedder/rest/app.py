@@ -10,6 +10,7 @@ Images come as base64 or ``data:`` URIs in JSON, or as ``multipart/form-data`` f
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 from contextlib import asynccontextmanager
 from functools import partial
@@ -54,6 +55,9 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
     :class:`embedder.metrics.Metrics`) gets per-route counters, ``ready()`` answers ``/readyz`` (default: the
     service answers calls)."""
     limiter = anyio.CapacityLimiter(CALL_THREADS)
+    # Parsing a JSON body holds the GIL and several times the body's size in memory: one parse per core goes as
+    # fast as more, and bounds the memory of many large bodies at once to that many parses.
+    parsing = anyio.CapacityLimiter(os.cpu_count() or 1)
     is_ready = ready or partial(_service_ready, service)
 
     async def run(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
@@ -66,7 +70,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
         calls, probes included), and a body with more items than ``max_items`` is refused before anything is made
         of them."""
         if form is None or not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            body = await anyio.to_thread.run_sync(model.model_validate_json, await request.body())
+            body = await anyio.to_thread.run_sync(model.model_validate_json, await request.body(), limiter=parsing)
             service.check_count(_item_count(body))
             return body, []
         fields: dict[str, Any] = {}

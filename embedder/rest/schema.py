@@ -6,7 +6,7 @@ They are also what ``/openapi.json`` describes.
 """
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,6 +14,11 @@ from ..core.service import DEFAULT_K
 
 Encoding = Literal["float", "base64"]
 Vector = list[float] | str  # a JSON float array, or base64 of little-endian float32 values
+# A query vector has a model's dimension (1,280 to a few thousand): 65,536 floats is far beyond any, and a
+# longer array is refused before a Python list of it is built (a 20 MB body of zeros held ~1 GB).
+MAX_QUERY_DIM = 65536
+QueryVector = (Annotated[list[float], Field(max_length=MAX_QUERY_DIM)]
+               | Annotated[str, Field(max_length=(MAX_QUERY_DIM * 4 + 2) // 3 * 4)])
 
 Where = str | dict[str, Any] | None  # a metadata filter: text or a JSON object (embedder.filters)
 
@@ -129,7 +134,7 @@ class SearchRequest(Request):
     collection: str | None = Field(None, description="empty: every collection of the query's model")
     item: ItemIn | None = None
     item_id: str | None = None
-    vector: Vector | None = None
+    vector: QueryVector | None = None
     model: str = ""
     k: int = DEFAULT_K
     label: str | None = Field(None, description="only items with this label")
