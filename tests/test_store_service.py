@@ -214,6 +214,37 @@ def test_search_without_collection_covers_every_collection_of_the_model(stub, ph
     assert {h.collection for h in response.hits} >= {"photos", "upsert"}
 
 
+def test_a_request_naming_another_model_than_its_collections_is_refused(stub, photos, searchable):
+    """The request's model was silently replaced by the collection's; now the two must agree."""
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Add(pb.AddRequest(collection="photos", model="efficientnet_lite0", items=add_items([photos[0]], ["x"])),
+                 timeout=60)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "names model 'efficientnet_lite0'" in e.value.details() and "leave the model out" in e.value.details()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Search(pb.SearchRequest(collection="photos", model="efficientnet_lite0", item=pb.Item(image=photos[1])),
+                    timeout=60)
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_the_client_and_cli_search_the_collections_of_the_model_they_name(server, photos, searchable, tmp_path,
+                                                                          capsys):
+    from embedder.cli import main
+    from embedder.client import EmbedderClient
+
+    with EmbedderClient(server.address) as client:
+        client.add("lite", [photos[0]], ["l0"], model="efficientnet_lite0")
+        assert {h.collection for h in client.search(photos[0], k=50)} >= {"photos"}
+        assert "lite" not in {h.collection for h in client.search(photos[0], k=50)}
+        assert [(h.collection, h.id) for h in client.search(photos[0], model="efficientnet_lite0")] == [("lite", "l0")]
+    query = tmp_path / "q.jpg"
+    query.write_bytes(photos[0])
+    assert main(["search", str(query), "--model", "efficientnet_lite0", "--json", "--server", server.address]) == 0
+    assert [(h["collection"], h["id"]) for h in json.loads(capsys.readouterr().out)] == [("lite", "l0")]
+    with EmbedderClient(server.address, model="efficientnet_lite0") as client:  # the client's own model
+        assert [h.id for h in client.search(photos[0])] == ["l0"]
+
+
 @pytest.mark.parametrize("request_, code, fix", [
     (pb.SearchRequest(collection="photos"), grpc.StatusCode.INVALID_ARGUMENT, "query is empty"),
     (pb.SearchRequest(collection="photos", vector=b"\0\0\x80?" * 7), grpc.StatusCode.FAILED_PRECONDITION, "7-d"),

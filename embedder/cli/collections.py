@@ -74,7 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("image", nargs="?", type=Path, help="query image file")
     q.add_argument("--id", metavar="ITEM_ID", help="query by this stored item of --collection instead")
     q.add_argument("--text", help="query by this text (a text-image model's collection: text-to-image search)")
-    p.add_argument("--collection", help="collection to search (default: every collection; --id needs one)")
+    p.add_argument("--collection", help="collection to search (default: every collection of --model; --id needs "
+                                        "one)")
+    p.add_argument("--model", metavar="NAME", help="without --collection: search the collections of this model "
+                                                   "(default: the server's)")
     p.add_argument("-k", type=positive_int, default=10, help="number of hits (default %(default)s)")
     p.add_argument("--label", help="only items with this label")
     add_where_option(p, "items")
@@ -224,7 +227,7 @@ def search(args: argparse.Namespace) -> int:
     with client_from(args) as client:
         query = Text(args.text) if args.text is not None else args.image
         hits = client.search(query, collection=args.collection, item_id=args.id, k=args.k, label=args.label,
-                             where=args.where)
+                             where=args.where, model=args.model)
     if args.json:
         print(json.dumps([dataclasses.asdict(h) for h in hits], indent=2))
         return 0

@@ -93,8 +93,10 @@ class AsyncEmbedderClient(BaseClient):
 
     async def search(self, image: Any = None, *, collection: str | None = None, item_id: str | None = None,
                      vector: np.ndarray | None = None, k: int = 10, label: str | None = None,
-                     ef_search: int | None = None, where: str | Mapping[str, Any] | None = None) -> list[Hit]:
-        return await self._run(self._search(image, collection, item_id, vector, k, label, ef_search, where))
+                     ef_search: int | None = None, where: str | Mapping[str, Any] | None = None,
+                     model: str | None = None) -> list[Hit]:
+        return await self._run(self._search(image, collection, item_id, vector, k, label, ef_search, where,
+                                            model))
 
     async def stats(self) -> dict[str, Any]:
         return await self._run(self._stats())

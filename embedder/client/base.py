@@ -297,12 +297,12 @@ class BaseClient:
 
     def _search(self, image: Any, collection: str | None, item_id: str | None, vector: np.ndarray | None, k: int,
                 label: str | None, ef_search: int | None,
-                where: str | Mapping[str, Any] | None) -> Plan[list[Hit]]:
+                where: str | Mapping[str, Any] | None, model: str | None) -> Plan[list[Hit]]:
         given = [name for name, v in (("image", image), ("item_id", item_id), ("vector", vector)) if v is not None]
         if len(given) != 1:
             raise ValueError(f"pass exactly one query (image, item_id or vector), got {given or 'none'}")
         request = pb.SearchRequest(collection=collection or "", k=k, label=label, ef_search=ef_search or 0,
-                                   where=_where_text(where))
+                                   where=_where_text(where), model=model or self.model)
         if image is not None:
             request.item.CopyFrom(to_item(image, "query"))
         elif item_id is not None:

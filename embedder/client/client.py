@@ -103,13 +103,16 @@ class EmbedderClient(BaseClient):
 
     def search(self, image: Any = None, *, collection: str | None = None, item_id: str | None = None,
                vector: np.ndarray | None = None, k: int = 10, label: str | None = None,
-               ef_search: int | None = None, where: str | Mapping[str, Any] | None = None) -> list[Hit]:
+               ef_search: int | None = None, where: str | Mapping[str, Any] | None = None,
+               model: str | None = None) -> list[Hit]:
         """The ``k`` stored items most similar to one query: an ``image`` (as for :meth:`embed`, or
         :class:`Cached`), a stored ``item_id`` of ``collection``, or a raw ``vector``. Best first.
 
         ``label`` and ``where`` keep only items with that label and whose metadata passes the filter: text
-        (``'camera == "a" and year >= 2020'``) or a dict (``{"camera": "a", "year": {">=": 2020}}``)."""
-        return self._run(self._search(image, collection, item_id, vector, k, label, ef_search, where))
+        (``'camera == "a" and year >= 2020'``) or a dict (``{"camera": "a", "year": {">=": 2020}}``). Without
+        ``collection``, every collection of ``model`` is searched (default: the client's model, else the
+        server's)."""
+        return self._run(self._search(image, collection, item_id, vector, k, label, ef_search, where, model))
 
     def stats(self) -> dict[str, Any]:
         """Collections (count, labels, model, index), cache fill, disk use and number of heads."""

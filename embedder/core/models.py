@@ -177,7 +177,7 @@ class ModelPool:
     # ------------------------------------------------------------------ internals
 
     def _find(self, name: str) -> LoadedModel | None:
-        name = _canonical(name)
+        name = canonical(name)
         with self._lock:
             found = self._models[0] if not name and self._models else next(
                 (m for m in self._models if m.matches(name)), None)
@@ -249,7 +249,7 @@ class ModelPool:
         return LoadedModel(embedder, batcher, info, owned=owned)
 
 
-def _canonical(name: str) -> str:
+def canonical(name: str) -> str:
     """A recipe or ensemble name as the registry spells it (``@flip,stages=5-7`` is ``@stages=5-7,flip``), so one
     model asked for in two spellings is loaded once; other names, and malformed ones (the load says why), as given."""
     from ..recipes import is_composite, parse

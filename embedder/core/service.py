@@ -29,14 +29,14 @@ import numpy as np
 
 from .. import filters
 from ..config import Config, parse_store_uri
-from ..errors import (InvalidArgumentError, ItemError, ItemNotFoundError, NotFoundError, NotReadyError, ReplicaOnlyError,
-                      ResponseTooLargeError)
+from ..errors import (InvalidArgumentError, ItemError, ItemNotFoundError, ModelMismatchError, NotFoundError,
+                      NotReadyError, ReplicaOnlyError, ResponseTooLargeError)
 from ..jsonrule import check_json_object, dump_stored
 from ..results import CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .access import ADMIN, READ, WRITE
 from .embedding import Call, Item, Outcome, Pending, finish, submit
 from .heads import HeadCalls
-from .models import LoadedModel, ModelPool
+from .models import LoadedModel, ModelPool, canonical
 from . import versions
 from .thumbnails import check_side, thumbnail
 
@@ -388,11 +388,17 @@ class Service(HeadCalls):
         return submit(items, model, call, store=self.store, metrics=self.metrics)
 
     def _collection_model(self, collection: str, requested: str) -> Any:
-        """A lease on an existing collection's model; for a new one on the requested model (or the default)."""
+        """A lease on an existing collection's model; for a new one on the requested model (or the default).
+        A request naming another model than an existing collection's is refused, not served with the other."""
         try:
             model_id = self.store.collection(collection).model_id
         except NotFoundError:
             return self.models.lease(requested)
+        if requested and canonical(requested) not in (model_id, model_id.partition(":")[0]):
+            raise ModelMismatchError(
+                f"collection {collection!r} holds vectors of model {model_id}; this request names model "
+                f"{requested[:200]!r}: leave the model out to use the collection's, or use a collection of that "
+                "model", expected_model_id=model_id)
         return self.models.lease_bound(model_id, f"collection {collection!r}")
 
     def _should_stop(self, call: Call) -> Any:
