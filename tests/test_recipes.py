@@ -229,3 +229,16 @@ def test_names_beyond_the_limits_are_refused_at_every_door_before_a_graph_is_bui
                     call(request, timeout=60)
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
             assert time.monotonic() - started < 5  # refused by the parser, not after building the ensemble
+
+
+def test_serve_refuses_an_ensemble_beyond_the_limit_with_exit_code_2(tmp_path, cache_dir):
+    """`embedder serve --model` with a 21-member ensemble died on a raw OSError (file name too long)."""
+    import os
+
+    name = "+".join(["mobilenet_v2"] * 21)
+    env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir), "EMBEDDER_DATA_DIR": str(tmp_path / "data"),
+           "EMBEDDER_RUNTIME_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "embedder.cli", "serve", "--model", name, "--port", "0"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "21 members: an ensemble has at most 4" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
