@@ -43,18 +43,19 @@ STAGES: dict[str, tuple[tuple[int, int], ...]] = {
     "efficientnet_lite0": ((1, 16), (3, 24), (5, 40), (8, 80), (11, 112), (15, 192), (16, 320)),
     "efficientnet_lite2": ((1, 16), (4, 24), (7, 48), (11, 88), (15, 120), (20, 208), (21, 352)),
 }
+_STAGES_OPTION = re.compile(r"stages=(\d{1,2})(?:-(\d{1,2}))?", re.ASCII)  # ASCII digits only, not "５" or "٥"
+# Caps checked before anything is built: each member's graph costs seconds of CPU to build and export and
+# megabytes of ONNX cache, and a member named twice adds compute but no information. Every valid name fits in
+# 400: 4 members, each a name of at most 83 characters (a fine-tuned version: a backbone, ".", a 64-character
+# suffix) and at most 16 of options ("@stages=A-B,flip"), and 3 "+".
+MAX_MEMBERS = 4
+MAX_NAME_CHARS = 400
 FORMS = ("NAME@stages=A-B (MBConv stages A..B, 1-7, pooled beside the final vector), NAME@flip (mirror "
-         "averaging), NAME@stages=A-B,flip, and ensembles NAME+NAME[+...] of such members, e.g. "
-         "mobilenet_v2+efficientnet_lite2@stages=6-7,flip")
+         f"averaging), NAME@stages=A-B,flip, and ensembles NAME+NAME[+...] of up to {MAX_MEMBERS} different such "
+         "members, e.g. mobilenet_v2+efficientnet_lite2@stages=6-7,flip")
 # What `embedder models` shows (measured in the README's bench_train recipes table).
 EXAMPLES = ("mobilenet_v2@stages=5-7", "mobilenet_v2@stages=5-7,flip", "mobilenet_v2+efficientnet_lite2",
             "mobilenet_v2@stages=5-7+efficientnet_lite2@stages=5-7")
-_STAGES_OPTION = re.compile(r"stages=(\d{1,2})(?:-(\d{1,2}))?", re.ASCII)  # ASCII digits only, not "５" or "٥"
-# Caps checked before anything is built: each member's graph costs seconds of CPU to build and export and
-# megabytes of ONNX cache, and a member named twice adds compute but no information. The longest useful name:
-# 4 members of a fine-tuned name (83 characters: a backbone, ".", a 64-character suffix) with "@stages=A-B,flip".
-MAX_MEMBERS = 4
-MAX_NAME_CHARS = 400
 
 
 @dataclass(frozen=True)
