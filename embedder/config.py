@@ -56,6 +56,9 @@ class Config:
     precision: str = "fp32"  # fp32 | bf16 (OpenVINO only, opt-in) ; CUDA always autocasts to fp16
     compile: bool = False  # torch.compile the torch runtime's module
     cache_dir: Path = field(default_factory=_default_cache_dir)  # exported ONNX files live here
+    # the ONNX exports in cache_dir are kept under this many bytes (least recently used deleted first): every recipe
+    # name is a new 9-28 MB export, and callers choose the names
+    onnx_cache_bytes: int = 2 * 1024**3
     # model card files (JSON/TOML, see embedder.cards) registered as backbones, separated by os.pathsep (':' on
     # POSIX) like PATH; `--model-card` is repeatable
     model_cards: str = ""
@@ -99,7 +102,7 @@ class Config:
         self.cache_dir = Path(self.cache_dir).expanduser()
         self.data_dir = Path(self.data_dir).expanduser()
         for name in ("max_batch", "max_pixels", "max_batch_pixels", "max_queue", "max_message_bytes", "max_items",
-                     "max_models", "max_metadata_bytes", "max_concurrent_rpcs"):
+                     "max_models", "max_metadata_bytes", "max_concurrent_rpcs", "onnx_cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Config.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("micro_batch", "decode_workers", "runtime_threads"):

@@ -90,6 +90,14 @@ def check_unfreeze(model: BackboneSpec, unfreeze: int) -> None:
         raise FineTuneError(f"unfreeze must be 1..{CUT_POINTS[model.name]} blocks for {model.name}, got {unfreeze}")
 
 
+def check_adabn(model: BackboneSpec) -> None:
+    """AdaBN can adapt ``model``: an original backbone of a supported architecture (its BatchNorm layers are
+    where :func:`split_layers` finds them; a recipe, an ensemble or a derived version is refused)."""
+    if model.parent is not None or model.name not in CUT_POINTS:
+        raise FineTuneError(f"AdaBN supports {', '.join(CUT_POINTS)}, not {model.name!r}; adapt the original "
+                            "backbone")
+
+
 # The attribute path of each architecture's classifier: where the task head goes.
 HEAD_SLOTS = {"mobilenet_v2": "classifier.1", "efficientnet_lite0": "_fc", "efficientnet_lite2": "_fc"}
 
@@ -460,9 +468,7 @@ def adabn(images: Sequence[bytes], *, data_dir: str | Path, suffix: str, model: 
     registered as ``<parent>.<suffix>`` like a fine-tune; heads for it are trained on its own vectors.
     """
     parent = get_backbone(model)
-    if parent.parent is not None or parent.name not in CUT_POINTS:
-        raise FineTuneError(f"AdaBN supports {', '.join(CUT_POINTS)}, not {parent.name!r}; adapt the original "
-                            "backbone")
+    check_adabn(parent)
     name = check_suffix(suffix, parent, data_dir)
     if len(images) < ADABN_MIN_IMAGES:
         raise TooFewLabelsError(f"AdaBN needs at least {ADABN_MIN_IMAGES} target images to estimate statistics, "

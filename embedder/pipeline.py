@@ -63,9 +63,8 @@ class Embedder:
         spec = self.spec
         self.runtime = create_runtime(  # the torch module is built only when the runtime needs it (export, torch)
             runtime_name, spec, lambda: backbones.FrozenBackbone(backbones.load_backbone(spec), spec.preprocessing),
-            self.device,
-            cache_dir=config.cache_dir, threads=config.runtime_threads or cores, precision=config.precision,
-            compile=config.compile,
+            self.device, cache_dir=config.cache_dir, cache_bytes=config.onnx_cache_bytes,
+            threads=config.runtime_threads or cores, precision=config.precision, compile=config.compile,
         )
         self.jpeg_decoder = resolve_jpeg_decoder(config.jpeg_decoder, self.device)
         self.preprocessor = Preprocessor(self.spec.preprocessing, max_pixels=config.max_pixels,

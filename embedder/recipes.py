@@ -11,6 +11,7 @@ collection or a head. :func:`embedder.catalog.get_backbone` hands every name hol
              | "flip"                               average with the horizontally mirrored image
 
 e.g. ``mobilenet_v2@stages=5-7``, ``mobilenet_v2@flip``, ``mobilenet_v2+efficientnet_lite2@stages=6-7,flip``.
+At most :data:`MAX_MEMBERS` members, each named once, and :data:`MAX_NAME_CHARS` characters; digits are ASCII.
 None of ``@ + , =`` may appear in a backbone, card or fine-tuned name, nor ``:`` (model ids) in a recipe.
 
 A member's vector: the global-average-pooled output of each chosen stage and the backbone's own final vector,
@@ -42,13 +43,19 @@ STAGES: dict[str, tuple[tuple[int, int], ...]] = {
     "efficientnet_lite0": ((1, 16), (3, 24), (5, 40), (8, 80), (11, 112), (15, 192), (16, 320)),
     "efficientnet_lite2": ((1, 16), (4, 24), (7, 48), (11, 88), (15, 120), (20, 208), (21, 352)),
 }
+_STAGES_OPTION = re.compile(r"stages=(\d{1,2})(?:-(\d{1,2}))?", re.ASCII)  # ASCII digits only, not "５" or "٥"
+# Caps checked before anything is built: each member's graph costs seconds of CPU to build and export and
+# megabytes of ONNX cache, and a member named twice adds compute but no information. Every valid name fits in
+# 400: 4 members, each a name of at most 83 characters (a fine-tuned version: a backbone, ".", a 64-character
+# suffix) and at most 16 of options ("@stages=A-B,flip"), and 3 "+".
+MAX_MEMBERS = 4
+MAX_NAME_CHARS = 400
 FORMS = ("NAME@stages=A-B (MBConv stages A..B, 1-7, pooled beside the final vector), NAME@flip (mirror "
-         "averaging), NAME@stages=A-B,flip, and ensembles NAME+NAME[+...] of such members, e.g. "
-         "mobilenet_v2+efficientnet_lite2@stages=6-7,flip")
+         f"averaging), NAME@stages=A-B,flip, and ensembles NAME+NAME[+...] of up to {MAX_MEMBERS} different such "
+         "members, e.g. mobilenet_v2+efficientnet_lite2@stages=6-7,flip")
 # What `embedder models` shows (measured in the README's bench_train recipes table).
 EXAMPLES = ("mobilenet_v2@stages=5-7", "mobilenet_v2@stages=5-7,flip", "mobilenet_v2+efficientnet_lite2",
             "mobilenet_v2@stages=5-7+efficientnet_lite2@stages=5-7")
-_STAGES_OPTION = re.compile(r"stages=(\d{1,2})(?:-(\d{1,2}))?")
 
 
 @dataclass(frozen=True)
@@ -117,10 +124,24 @@ class Recipe:
 def parse(name: str) -> Recipe:
     """Parse ``name`` (see the module docstring for the grammar).
 
-    Raises :class:`InvalidArgumentError` naming the valid forms for a malformed name or an option a member
-    does not support, and :class:`UnknownModelError` for an unknown backbone.
+    Raises :class:`InvalidArgumentError` naming the valid forms for a malformed name, an option a member
+    does not support, a name beyond :data:`MAX_NAME_CHARS` or :data:`MAX_MEMBERS`, or a member named twice;
+    :class:`UnknownModelError` for an unknown backbone.
     """
-    return Recipe(tuple(_member(part, name) for part in name.split("+")))
+    if len(name) > MAX_NAME_CHARS:
+        raise InvalidArgumentError(f"model name of {len(name)} characters ({name[:40]!r}...): a recipe or ensemble "
+                                   f"name has at most {MAX_NAME_CHARS}; valid forms: {FORMS}")
+    parts = name.split("+")
+    if len(parts) > MAX_MEMBERS:
+        raise InvalidArgumentError(f"model {name[:80]!r} has {len(parts)} members: an ensemble has at most "
+                                   f"{MAX_MEMBERS}; valid forms: {FORMS}")
+    members = tuple(_member(part, name) for part in parts)
+    names = [m.name for m in members]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidArgumentError(f"model {name!r} names {', '.join(twice)} twice: a repeated member doubles the "
+                                   f"compute and adds nothing; name each member once (valid forms: {FORMS})")
+    return Recipe(members)
 
 
 def _member(text: str, full: str) -> Member:

@@ -1,7 +1,8 @@
 """Runtimes that execute a :class:`FrozenBackbone`: torch (CUDA, and the fallback), ONNX Runtime, OpenVINO.
 
 All three run the same module: the ONNX runtimes load it exported once into the cache directory,
-keyed by the backbone's model id and the exporter settings, and verified by sha256 on every load.
+keyed by the backbone's model id and the exporter settings, and verified by sha256 on every load; the cache is
+kept under a size (:mod:`embedder.onnx_cache`).
 Each runtime maps uint8 ``(N, H, W, 3)`` arrays to float32 ``(N, dim)`` features.
 
 torch is imported only where it is used: the torch runtime, an export, and ``device="auto"`` on a machine
@@ -24,6 +25,7 @@ import numpy as np
 from .backbones import BackboneSpec, sha256_file
 from .durable import fsync_file, replace_durably, temp_path, write_atomic
 from .errors import ExportError
+from .onnx_cache import evict, export_path, mark_used
 
 if TYPE_CHECKING:
     import torch
@@ -148,7 +150,8 @@ class OpenVinoRuntime:
 
     A dynamic-shape model pays for every change of batch size (mixed sizes 4, 3, 4, ... cost ~0.6-0.8 ms more
     per image than a steady 4 here), and a server's batches vary with its load. Each static model is compiled on
-    first use (~0.2 s); larger batches share the dynamic one.
+    first use (~0.2 s); larger batches share the dynamic one. The model is read from its file once: the ONNX
+    cache may delete the file meanwhile (:func:`embedder.onnx_cache.evict`).
     """
 
     name = "openvino"
@@ -158,11 +161,11 @@ class OpenVinoRuntime:
         import openvino as ov
 
         self._core = ov.Core()
-        self._path = str(onnx_path)
+        self._model = self._core.read_model(str(onnx_path))
         self._config = {"INFERENCE_PRECISION_HINT": "f32" if precision == "fp32" else "bf16"}
         if threads:
             self._config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = self._core.compile_model(self._path, "CPU", self._config)  # dynamic batch
+        self.compiled = self._core.compile_model(self._model, "CPU", self._config)  # dynamic batch
         self._static: dict[int, object] = {}
         self._lock = threading.Lock()
         self._local = threading.local()  # an infer request is not thread-safe; one per thread and shape
@@ -181,7 +184,7 @@ class OpenVinoRuntime:
     def _static_model(self, n: int, shape: tuple[int, ...]) -> object:
         with self._lock:  # compile each shape once, whichever thread asks first
             if n not in self._static:
-                model = self._core.read_model(self._path)
+                model = self._model.clone()
                 model.reshape({0: [n, *shape]})
                 self._static[n] = self._core.compile_model(model, "CPU", self._config)
             return self._static[n]
@@ -189,7 +192,7 @@ class OpenVinoRuntime:
 
 def create_runtime(
     name: str, spec: BackboneSpec, build: Callable[[], FrozenBackbone], device: str, *,
-    cache_dir: Path, threads: int = 0, precision: str = "fp32", compile: bool = False,
+    cache_dir: Path, cache_bytes: int, threads: int = 0, precision: str = "fp32", compile: bool = False,
 ) -> Runtime:
     """``build`` makes the torch module; the ONNX runtimes call it only to export, so a process whose export is
     cached never builds the network or imports torchvision (~1.6 s of every start on this CPU)."""
@@ -197,26 +200,27 @@ def create_runtime(
         raise ValueError(f"precision={precision!r} is only offered on the openvino runtime; use fp32")
     if name == "torch":
         return TorchRuntime(build(), device, threads=threads, compile=compile)
-    path = export_onnx(spec, build, cache_dir)
+    path = export_onnx(spec, build, cache_dir, cache_bytes)
     if name == "onnxruntime":
         return OnnxRuntime(path, threads=threads)
     return OpenVinoRuntime(path, threads=threads, precision=precision)
 
 
-def export_onnx(spec: BackboneSpec, build: Callable[[], FrozenBackbone], cache_dir: Path) -> Path:
+def export_onnx(spec: BackboneSpec, build: Callable[[], FrozenBackbone], cache_dir: Path, cache_bytes: int) -> Path:
     """Export the module ``build()`` makes to ONNX once per model id; reuse the cached file while its sha256
     matches (then ``build`` is not called: the file was exported from verified weights and is verified itself).
 
     The sidecar JSON records the file's sha256, the opset and the export recipe version; a missing,
-    corrupt or stale file is rebuilt (with a log line). The write is atomic: temp file, then rename.
+    corrupt or stale file is rebuilt (with a log line). The write is atomic: temp file, then rename. After an
+    export the least recently used others are deleted until the cache holds at most ``cache_bytes``.
     """
-    safe_id = spec.model_id.replace(":", "_")
-    path = Path(cache_dir) / "onnx" / f"{safe_id}.opset{OPSET}.v{EXPORT_VERSION}.onnx"
+    path = export_path(cache_dir, spec.model_id, f".opset{OPSET}.v{EXPORT_VERSION}.onnx")
     meta_path = path.with_suffix(".json")
     if path.exists() and meta_path.exists():
         try:
             meta = json.loads(meta_path.read_text())
             if meta.get("sha256") == sha256_file(path) and meta.get("model_id") == spec.model_id:
+                mark_used(meta_path)
                 return path
             log.warning("cached ONNX export %s does not match its recorded hash; rebuilding it", path)
         except (OSError, ValueError) as e:
@@ -232,6 +236,7 @@ def export_onnx(spec: BackboneSpec, build: Callable[[], FrozenBackbone], cache_d
             tmp.unlink(missing_ok=True)
         write_atomic(meta_path, json.dumps({"model_id": spec.model_id, "sha256": sha256_file(path), "opset": OPSET,
                                             "export_version": EXPORT_VERSION, "wrapped": True}, indent=2).encode())
+        evict(path.parent, cache_bytes, keep=path)
         return path
     import torch  # only to export: a cached file is used without it
 
@@ -259,4 +264,5 @@ def export_onnx(spec: BackboneSpec, build: Callable[[], FrozenBackbone], cache_d
     meta = {"model_id": spec.model_id, "sha256": sha256_file(path), "opset": OPSET,
             "export_version": EXPORT_VERSION, "torch": torch.__version__}
     write_atomic(meta_path, json.dumps(meta, indent=2).encode())
+    evict(path.parent, cache_bytes, keep=path)
     return path

@@ -568,6 +568,21 @@ def test_compile_cache_dir_and_cache_max_items_flags_beat_env(tmp_path, monkeypa
     assert config_from(parser.parse_args(["embed", "x.jpg", "--out", "x.npy"])).compile is True
 
 
+
+def test_onnx_cache_bytes_flag_beats_env_on_every_command_with_model_options(monkeypatch, env):
+    from embedder.cli import build_parser
+    from embedder.cli.options import config_from
+    from embedder.cli.serve import serve_config
+
+    monkeypatch.setenv("EMBEDDER_ONNX_CACHE_BYTES", "5000000")
+    parser = build_parser()
+    assert serve_config(parser.parse_args(["serve"])).onnx_cache_bytes == 5_000_000
+    assert serve_config(parser.parse_args(["serve", "--onnx-cache-bytes", "7000000"])).onnx_cache_bytes == 7_000_000
+    for argv in (["embed", "x.jpg", "--out", "x.npy"], ["demo"]):
+        assert config_from(parser.parse_args([*argv, "--onnx-cache-bytes", "8000000"])).onnx_cache_bytes == 8_000_000
+    with pytest.raises(ValueError, match="onnx_cache_bytes must be >= 1"):
+        serve_config(parser.parse_args(["serve", "--onnx-cache-bytes", "0"]))
+
 def test_bulk_embed_passes_its_model_flags_on(tmp_path, monkeypatch, env, capsys):
     """bulk-embed hands its model flags to bulk_embed itself (not through config_from): none may be dropped, and
     --decode-workers (Ray decodes there) is refused rather than ignored. Stopped at that call: no Ray needed."""

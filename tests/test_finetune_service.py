@@ -148,3 +148,22 @@ def test_adabn_adapts_the_backbone_to_a_collection_of_unlabelled_images(served, 
     with pytest.raises(ServiceError) as e:
         client.finetune("tiny", "x", method="adabn")
     assert e.value.code == grpc.StatusCode.FAILED_PRECONDITION and "at least 8" in str(e.value)
+
+
+def test_adabn_on_a_recipe_collection_is_refused_up_front_as_a_fine_tune_is(embedder, digit_images, tmp_path,
+                                                                            cache_dir):
+    """AdaBN on a recipe collection was accepted (202, a job) and failed later; now 400 at once, like a fine-tune."""
+    import requests
+    from conftest import http_door
+
+    images, labels = digit_images
+    with running_server(embedder, data_dir=tmp_path, cache_dir=cache_dir) as server, http_door(server) as http, \
+            EmbedderClient(server.address, timeout=300) as client:
+        client.add("flipped", images[:16:2], [f"d{i}" for i in range(8)], labels=labels[:16:2],
+                   model="mobilenet_v2@flip")
+        for method, words in (("adabn", "AdaBN supports"), ("finetune", "fine-tuning supports")):
+            answer = requests.post(f"{http.url}/v1/collections/flipped/finetune",
+                                   json={"suffix": "x", "method": method}, timeout=60)
+            assert answer.status_code == 400, answer.text  # no job (202) that fails later
+            assert f"{words} mobilenet_v2, efficientnet_lite0, efficientnet_lite2, not 'mobilenet_v2@flip'" in \
+                answer.text

@@ -9,7 +9,8 @@ from itertools import pairwise
 
 import numpy as np
 import pytest
-from conftest import cosine
+import requests
+from conftest import cosine, http_door, running_server
 
 STAGES_5_7 = (13, 16, 17)  # mobilenet_v2's features[i] ending MBConv stages 5, 6 and 7 (96, 160, 320 channels)
 
@@ -40,6 +41,14 @@ def test_names_are_canonical_and_each_recipe_has_its_own_model_id():
     ("mobilenet_v2@flip,flip", "unknown or repeated option 'flip'"),
     ("mobilenet_v2@mirror", "unknown or repeated option 'mirror'"),
     ("+mobilenet_v2", "empty member"),
+    ("+".join(["mobilenet_v2"] * 21), "21 members: an ensemble has at most 4"),
+    ("mobilenet_v2+efficientnet_lite2+efficientnet_lite0+mobilenet_v2@flip+efficientnet_lite2@flip",
+     "5 members: an ensemble has at most 4"),
+    ("mobilenet_v2+" + "a" * 400, "413 characters.*at most 400"),
+    ("mobilenet_v2+mobilenet_v2", "names mobilenet_v2 twice"),
+    ("mobilenet_v2@flip,stages=5-7+mobilenet_v2@stages=5-7,flip", "names mobilenet_v2@stages=5-7,flip twice"),
+    ("mobilenet_v2@stages=\uff15-\uff17", "unknown or repeated option"),  # fullwidth digits
+    ("mobilenet_v2@stages=\u0665", "unknown or repeated option"),  # an Arabic-Indic five
 ])
 def test_a_bad_recipe_name_says_the_valid_forms(name, words):
     from embedder import get_backbone
@@ -190,3 +199,46 @@ def test_onnx_cards_cannot_be_members(tmp_path, restore_registry):
     register_cards([card])
     with pytest.raises(InvalidArgumentError, match="'tiny-onnx' cannot be part of a recipe or ensemble"):
         get_backbone("mobilenet_v2+tiny-onnx")
+
+
+def test_names_beyond_the_limits_are_refused_at_every_door_before_a_graph_is_built(embedder, cache_dir):
+    """Over-long and repeated-member names were 500s (the ONNX file name was too long) after seconds of graph
+    building; every door now answers 400 / INVALID_ARGUMENT at once, naming the limit."""
+    import time
+
+    import grpc
+
+    from embedder._proto import embedder_pb2 as pb
+    from embedder._proto import embedder_pb2_grpc as pb_grpc
+
+    names = {"+".join(["mobilenet_v2"] * 21): "at most 4",  # 272 characters
+             "+".join(["mobilenet_v2"] * 15): "at most 4",  # 194: built the whole graph, then failed
+             "mobilenet_v2+mobilenet_v2": "twice"}
+    with running_server(embedder, cache_dir=cache_dir) as server, http_door(server) as http, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        stub = pb_grpc.EmbedderStub(channel)
+        for name, words in names.items():
+            started = time.monotonic()
+            answer = requests.post(f"{http.url}/v1/embeddings", json={"model": name, "input": "aGk="}, timeout=60)
+            assert answer.status_code == 400 and words in answer.text, answer.text
+            answer = requests.put(f"{http.url}/v1/collections/c", json={"model": name}, timeout=60)
+            assert answer.status_code == 400 and words in answer.text, answer.text
+            for call, request in ((stub.Embed, pb.EmbedRequest(model=name, items=[pb.Item(image=b"x")])),
+                                  (stub.CreateCollection, pb.CreateCollectionRequest(collection="c", model=name))):
+                with pytest.raises(grpc.RpcError) as err:
+                    call(request, timeout=60)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
+            assert time.monotonic() - started < 5  # refused by the parser, not after building the ensemble
+
+
+def test_serve_refuses_an_ensemble_beyond_the_limit_with_exit_code_2(tmp_path, cache_dir):
+    """`embedder serve --model` with a 21-member ensemble died on a raw OSError (file name too long)."""
+    import os
+
+    name = "+".join(["mobilenet_v2"] * 21)
+    env = {**os.environ, "EMBEDDER_CACHE_DIR": str(cache_dir), "EMBEDDER_DATA_DIR": str(tmp_path / "data"),
+           "EMBEDDER_RUNTIME_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "embedder.cli", "serve", "--model", name, "--port", "0"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "21 members: an ensemble has at most 4" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr

@@ -16,6 +16,7 @@ from torch import nn
 from embedder import Config, Embedder
 from embedder.backbones import IMAGENET_224, BackboneSpec, WeightsFile, register_backbone, sha256_file
 from embedder.errors import ExportError
+from embedder.onnx_cache import export_path
 from embedder.runtimes import CPU_PREFERENCE, RUNTIMES, STATIC_MAX_BATCH, installed, resolve_device, resolve_runtime
 
 from conftest import cosine
@@ -83,7 +84,7 @@ def test_a_cached_export_starts_without_building_the_network(embedder, cache_dir
 def test_damaged_cache_is_detected_and_rebuilt(damage, photos, tmp_path, caplog, ort_embedder, cache_dir):
     """A cached export that no longer matches its sidecar is rebuilt with a WARNING; results stay right."""
     (tmp_path / "onnx").mkdir()
-    for f in (cache_dir / "onnx").glob(ort_embedder.model_id.replace(":", "_") + ".*"):
+    for f in (cache_dir / "onnx").glob(export_path(cache_dir, ort_embedder.model_id, ".*").name):
         shutil.copy2(f, tmp_path / "onnx")  # the session's good export, as a stale cache to damage
     (onnx,) = onnx_files(tmp_path)
     meta_path = onnx.with_suffix(".json")

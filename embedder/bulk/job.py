@@ -22,7 +22,7 @@ DEFAULT_SHARD_SIZE = 1000
 _VECTOR_SETTINGS = ("normalize", "precision")
 # Embedder settings bulk_embed accepts (Config fields that make sense for a batch job).
 _SETTINGS = ("device", "runtime", "max_batch", "micro_batch", "runtime_threads", "max_pixels", "precision",
-             "normalize", "compile", "cache_dir", "data_dir", "jpeg_decoder")
+             "normalize", "compile", "cache_dir", "onnx_cache_bytes", "data_dir", "jpeg_decoder")
 
 
 def _fingerprint(spec: BackboneSpec, config: Config) -> dict[str, Any]:

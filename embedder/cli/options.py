@@ -31,7 +31,7 @@ CHUNK = 64  # files per Add / Predict call: only this many are read into memory 
 HEAD_KINDS = ("logreg", "linear_svm", "svm")
 # The Config fields the model options set, by flag destination.
 MODEL_FIELDS = ("model", "device", "runtime", "max_batch", "micro_batch", "decode_workers", "runtime_threads",
-                "max_pixels", "precision", "normalize", "jpeg_decoder", "compile", "cache_dir")
+                "max_pixels", "precision", "normalize", "jpeg_decoder", "compile", "cache_dir", "onnx_cache_bytes")
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -60,6 +60,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cache-dir", type=Path,
                    help="where exported ONNX models are kept (default: EMBEDDER_CACHE_DIR, else "
                         "$XDG_CACHE_HOME/embedder, else ~/.cache/embedder)")
+    g.add_argument("--onnx-cache-bytes", type=int,
+                   help="keep the ONNX exports in the cache dir under this size, deleting the least recently used "
+                        f"(default {Config.onnx_cache_bytes:,})")
 
 
 def add_model_card_option(g: Any) -> None:

@@ -74,9 +74,10 @@ def start_adabn(store: Any, jobs: Any, data_dir: Path, collection: str, suffix: 
     """Check an AdaBN pass over ``collection``'s kept images and queue it in ``jobs``; the job (``publish`` as
     for :func:`start_finetune`)."""
     from ..catalog import get_backbone
-    from ..finetune import ADABN_MIN_IMAGES, TooFewLabelsError, adabn, check_suffix
+    from ..finetune import ADABN_MIN_IMAGES, TooFewLabelsError, adabn, check_adabn, check_suffix
 
     parent = get_backbone(store.collection(collection).model_id)
+    check_adabn(parent)  # up front, as a fine-tune's check_unfreeze: a job would only fail later
     check_suffix(suffix, parent, data_dir)
     found, _ = store.vectors(collection)
     images = [img for img in store.images(collection, found) if img is not None]
