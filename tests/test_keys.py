@@ -451,3 +451,32 @@ def test_a_keys_file_named_at_start_must_exist_and_hold_keys(embedder, tmp_path,
         key = KeyStore(tmp_path, path=secret).add("bot", "read")[1]
         assert Rpc(server.address, key).code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.OK
 
+
+def test_a_job_outside_a_keys_collections_is_answered_as_an_unknown_job(server, http, keys):
+    """A key allowed only `pets` asking for a job on `toys` got PERMISSION_DENIED naming `toys`: it learnt that the
+    job exists and its collection. Now it reads exactly what an unknown job id reads, through both doors."""
+    jobs = server.service.jobs
+    theirs = jobs.submit("finetune", {"collection": "toys"}, lambda job, cancel, progress: {})
+    mine = jobs.submit("finetune", {"collection": "pets"}, lambda job, cancel, progress: {})
+    key = new_key(keys, "write", ["pets"])
+    rpc = Rpc(server.address, key)
+    for method in ("GetJob", "CancelJob"):
+        answers = []
+        for job_id in (theirs.job_id, "finetune-no-such-job"):
+            try:
+                rpc(method, pb.GetJobRequest(job_id=job_id))
+                raise AssertionError(f"{method} answered for {job_id}")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e
+                answers.append(e.details().replace(job_id, "ID"))
+        assert answers[0] == answers[1] and "toys" not in answers[0]
+    assert rpc("GetJob", pb.GetJobRequest(job_id=mine.job_id)).job_id == mine.job_id
+    headers = {"Authorization": f"Bearer {key}"}
+    for method, path in (("GET", "/v1/jobs/{}"), ("POST", "/v1/jobs/{}/cancel")):
+        answers = []
+        for job_id in (theirs.job_id, "finetune-no-such-job"):
+            r = requests.request(method, http.url + path.format(job_id), headers=headers, timeout=60)
+            assert r.status_code == 404 and r.json()["error"]["type"] == "not_found", r.text
+            answers.append(r.json()["error"]["message"].replace(job_id, "ID"))
+        assert answers[0] == answers[1] and "toys" not in answers[0]
+    assert requests.get(f"{http.url}/v1/jobs/{mine.job_id}", headers=headers, timeout=60).status_code == 200
