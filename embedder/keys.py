@@ -252,7 +252,7 @@ class Gate:
                                f"with `embedder keys add NAME --role ROLE --keys-file {path}`, or, where replicas "
                                "share one file mounted from a Secret, check that the Secret is mounted there")
         keys = KeyStore(config.data_dir, path=path, required=bool(config.keys_file))
-        keys.in_use()
+        keys.in_use()  # now, not at the first call: a file moved away before it must not open the server
         return cls(config.token, keys)
 
     @property
