@@ -81,8 +81,7 @@ class JobRunner:
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
-                raise NotFoundError(f"no job {job_id[:100]!r}; job ids come from FineTune, and a job is kept by the "
-                                    "server that runs it (with several replicas, ask the one that started it)")
+                raise unknown_job(job_id)
             return Job(**asdict(job))  # a copy: the worker keeps updating the original
 
     def cancel(self, job_id: str) -> Job:
@@ -139,3 +138,9 @@ class JobRunner:
 
     def _write(self, job: Job) -> None:
         write_atomic(self.root / f"{job.job_id}.json", json.dumps(asdict(job), indent=2).encode())
+
+
+def unknown_job(job_id: str) -> NotFoundError:
+    """The answer about a job there is none of (also to a key that may not see the job: it learns nothing)."""
+    return NotFoundError(f"no job {job_id[:100]!r}; job ids come from FineTune, and a job is kept by the server that "
+                         "runs it (with several replicas, ask the one that started it)")

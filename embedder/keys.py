@@ -9,8 +9,10 @@ predict, jobs' state) < ``write`` (add, delete, labels, train, fine-tune, cancel
 
 :class:`KeyStore` re-reads the file when it changes, so ``embedder keys add|revoke`` on the data dir takes
 effect on a running server with its next call. With neither ``--token`` nor any key ever added, nothing is checked
-(``Principal`` None: a trusted caller, as the in-process library is). Once a key is added, auth stays on even when
-every key is revoked: revoking a leaked key must never open the server.
+(``Principal`` None: a trusted caller, as the in-process library is). Once a server has seen a key (or was given
+``--keys-file``), auth stays on for as long as it runs: every key revoked, the file gone, emptied, unreadable or of
+an unknown version, every call without ``--token`` is refused. Neither revoking a leaked key nor losing the file
+may open the server.
 """
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .errors import InvalidArgumentError, NotFoundError, UnauthenticatedError
+from .errors import InvalidArgumentError, NotFoundError, SettingError, UnauthenticatedError
 
 log = logging.getLogger(__name__)
 
 ROLES = ("read", "write", "admin")  # in order: each includes the ones before it
 KEYS_FILE = "keys.json"
+VERSION = 1  # of the file's format
 TOKEN_KEY_ID = "token"
 _PREFIX = "emb_"
 _HOW = ("send `authorization: Bearer <key>` (EmbedderClient(token=...), --token or EMBEDDER_TOKEN); keys come "
@@ -78,12 +81,14 @@ class KeyInfo:
 class KeyStore:
     """The hashed keys of one data dir; thread-safe, re-read when the file changes."""
 
-    def __init__(self, data_dir: str | Path, *, path: str | Path | None = None) -> None:
-        """The keys of ``data_dir`` (its ``keys.json``), or of the file ``path`` when given (``--keys-file``)."""
+    def __init__(self, data_dir: str | Path, *, path: str | Path | None = None, required: bool = False) -> None:
+        """The keys of ``data_dir`` (its ``keys.json``), or of the file ``path`` when given (``--keys-file``);
+        ``required``: the file must hold keys from the start (it was named explicitly), else once it has held one."""
         self.path = Path(path).expanduser() if path else Path(data_dir).expanduser() / KEYS_FILE
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._keys: dict[str, dict[str, Any]] = {}
+        self._required = required
 
     def authenticate(self, key: str) -> Principal | None:
         """The principal of a live key, or None when ``key`` is not one."""
@@ -96,9 +101,17 @@ class KeyStore:
         allowed = record.get("collections")
         return Principal(key_id, record["role"], None if allowed is None else frozenset(allowed))
 
-    def in_use(self) -> bool:
-        """Whether any key was ever added, revoked ones included (then every call needs a live one)."""
+    def enforced(self) -> bool:
+        """Whether every call needs a live key: one was ever added (revoked ones count). While the file is not
+        usable (damaged; gone or empty after it held keys), :class:`UnauthenticatedError` saying what is wrong."""
         return bool(self._load())
+
+    def in_use(self) -> bool:
+        """:meth:`enforced`, never raising: a file that is not usable means auth on (failing closed)."""
+        try:
+            return self.enforced()
+        except UnauthenticatedError:
+            return True
 
     def live(self) -> int:
         """How many keys are not revoked."""
@@ -139,28 +152,46 @@ class KeyStore:
         return _info(key_id, keys[key_id])
 
     def _load(self) -> dict[str, dict[str, Any]]:
-        """The keys, re-read only when the file's mtime or size changed (one stat per call)."""
+        """The keys, re-read only when the file's mtime or size changed (one stat per call).
+
+        Once the file has held a key (or was required), a file that is gone or holds none raises
+        :class:`UnauthenticatedError`: losing the file must not open the server."""
         try:
             st = self.path.stat()
         except FileNotFoundError:
+            if self._required:
+                raise _refused("is missing", self.path) from None
             return {}
         stamp = (st.st_mtime_ns, st.st_size)
         with self._lock:
             if stamp != self._stamp:
                 self._keys, self._stamp = self._read(), stamp
+            if self._keys:
+                self._required = True
+            elif self._required:
+                raise _refused("holds no keys", self.path)
             return self._keys
 
     def _read(self) -> dict[str, dict[str, Any]]:
         try:
-            return _checked(json.loads(self.path.read_text())["keys"])
+            content = json.loads(self.path.read_text())
         except FileNotFoundError:
             return {}
+        except (OSError, ValueError) as e:
+            raise self._damaged(type(e).__name__, e) from e
+        if not isinstance(content, dict):
+            raise self._damaged(f"a JSON {type(content).__name__}, not an object")
+        if content.get("version") != VERSION:  # a newer format may mean something this code would misread
+            raise self._damaged(f"version {str(content.get('version'))[:20]}; this server reads version {VERSION}")
+        try:
+            return _checked(content["keys"])
         except (ValueError, KeyError, TypeError) as e:
-            # failing closed: a damaged key file must not open the server
-            log.error("key file %s is unreadable: %s", self.path, e)  # the path to the log, not to callers
-            raise UnauthenticatedError(f"the server's key file is unreadable ({type(e).__name__}); every call is "
-                                       "refused until an operator restores it from a backup, or moves it away and "
-                                       "adds keys again with `embedder keys add`") from e
+            raise self._damaged(type(e).__name__, e) from e
+
+    def _damaged(self, why: str, cause: BaseException | None = None) -> UnauthenticatedError:
+        """Fail closed, also once the damaged file is moved away: it may have held keys."""
+        self._required = True
+        return _refused(f"is unreadable ({why})", self.path, cause)
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
@@ -180,6 +211,14 @@ class KeyStore:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
+
+
+def _refused(problem: str, path: Path, cause: BaseException | None = None) -> UnauthenticatedError:
+    """The refusal of every call while the key file is not usable; the path goes to the log, not to callers."""
+    log.error("key file %s %s%s; refusing every call but --token's", path, problem, f": {cause}" if cause else "")
+    return UnauthenticatedError(f"the server's key file {problem}; every call but the server token's is refused until "
+                                "an operator puts back a good copy of it, or writes a new one with `embedder keys "
+                                "add` (a damaged one moved away first); calls stay refused meanwhile")
 
 
 def _checked(keys: Any) -> dict[str, dict[str, Any]]:
@@ -205,26 +244,42 @@ class Gate:
 
     @classmethod
     def from_config(cls, config: Any) -> Gate:
-        return cls(config.token, KeyStore(config.data_dir, path=config.keys_path))
+        """The gate of a server run with ``config``, its key file read once now (keys there keep auth on should the
+        file go later). A ``--keys-file`` given must exist: :class:`SettingError` otherwise."""
+        path = config.keys_path
+        if config.keys_file and not path.exists():
+            raise SettingError(f"the keys file {path} (--keys-file / EMBEDDER_KEYS_FILE) does not exist; create it "
+                               f"with `embedder keys add NAME --role ROLE --keys-file {path}`, or, where replicas "
+                               "share one file mounted from a Secret, check that the Secret is mounted there")
+        keys = KeyStore(config.data_dir, path=path, required=bool(config.keys_file))
+        keys.in_use()  # now, not at the first call: a file moved away before it must not open the server
+        return cls(config.token, keys)
 
     @property
     def required(self) -> bool:
+        """Whether calls need a token or key (true also while the key file is damaged or gone: failing closed)."""
         return bool(self._token) or (self.keys is not None and self.keys.in_use())
 
     def principal(self, authorization: str | bytes | None) -> Principal | None:
         """The caller named by an ``authorization`` value; None when no auth is configured.
 
         Raises :class:`UnauthenticatedError` saying what was wrong otherwise."""
-        if not self.required:
+        try:
+            keyed, unusable = self.keys is not None and self.keys.enforced(), None
+        except UnauthenticatedError as e:  # the key file is damaged, or gone after it held keys: only --token passes
+            keyed, unusable = True, e
+        if not (self._token or keyed):
             return None
         given = authorization.encode() if isinstance(authorization, str) else (authorization or b"")
         scheme, _, credentials = given.partition(b" ")
-        if scheme.lower() == b"bearer" and credentials:  # the scheme is case-insensitive (RFC 7235)
-            if self._token and hmac.compare_digest(credentials, self._token):  # constant time
-                return TOKEN_PRINCIPAL
-            found = self.keys.authenticate(credentials.decode("utf-8", "replace")) if self.keys else None
-            if found is not None:
-                return found
+        bearer = credentials if scheme.lower() == b"bearer" else b""  # the scheme is case-insensitive (RFC 7235)
+        if self._token and bearer and hmac.compare_digest(bearer, self._token):  # constant time
+            return TOKEN_PRINCIPAL
+        if unusable is not None:  # said whatever was sent: the operator's problem, not the caller's key
+            raise unusable
+        found = self.keys.authenticate(bearer.decode("utf-8", "replace")) if self.keys and bearer else None
+        if found is not None:
+            return found
         why = ("missing `authorization`" if not given else
                "wrong token, or an unknown or revoked key, in `authorization`")
         raise UnauthenticatedError(f"{why}; {_HOW}")

@@ -318,7 +318,9 @@ class EmbedderServer:
         # metrics outermost (refusals are counted), then the caps (unauthenticated calls count against them too)
         interceptors: list[grpc.ServerInterceptor] = [
             MetricsInterceptor(self.metrics), LimitInterceptor(config.max_concurrent_rpcs, config.stream_idle_seconds)]
-        interceptors.append(AuthInterceptor(Gate.from_config(config)))  # inside metrics: refusals are counted
+        # one gate for both doors and the servicer: a key any of them saw keeps auth on for all
+        self.gate = Gate.from_config(config)
+        interceptors.append(AuthInterceptor(self.gate))  # inside metrics: refusals are counted
         limit = config.max_message_bytes
         self._server = grpc.server(
             futures.ThreadPoolExecutor(config.max_concurrent_rpcs + RESERVED_THREADS,
@@ -327,7 +329,7 @@ class EmbedderServer:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)],  # a second server on the same port must fail, not share it
         )
-        self._servicer = EmbedderServicer(None)  # its service is set by start()
+        self._servicer = EmbedderServicer(None, self.gate)  # its service is set by start()
         pb_grpc.add_EmbedderServicer_to_server(self._servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -375,7 +377,7 @@ class EmbedderServer:
         """The HTTP/JSON front door over the same service, token, TLS, limits and metrics."""
         from .rest import HttpServer, create_app  # FastAPI and uvicorn load only when HTTP is on
 
-        app = create_app(self.service, self.config, metrics=self.metrics, ready=lambda: self._serving)
+        app = create_app(self.service, self.config, metrics=self.metrics, ready=lambda: self._serving, gate=self.gate)
         return HttpServer(app, self.config, self.config.http_port)
 
     def _bind(self) -> int:

@@ -87,15 +87,13 @@ def _result(o: Outcome, model: Any, *, with_vector: bool = True) -> pb.Result:
 class EmbedderServicer(pb_grpc.EmbedderServicer):
     """Handlers for ``embedder.v1.Embedder`` over one :class:`embedder.core.Service`."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, gate: Gate) -> None:
         self.service = service
-        self._gate: Gate | None = None
+        self._gate = gate
 
     def _call(self, context: grpc.ServicerContext) -> Call:
         """The caller's deadline (grpc reports "no deadline" as ~forever), whether it is still there, and its key
         (the interceptor refused calls without one already; a key revoked since is refused here)."""
-        if self._gate is None:  # the service, and so the config, is set after construction
-            self._gate = Gate.from_config(self.service.config)
         try:
             principal = self._gate.principal(authorization(context.invocation_metadata()))
         except EmbedderError as e:

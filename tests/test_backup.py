@@ -214,6 +214,45 @@ def test_a_restore_keeps_the_keys_in_place_so_a_revoked_key_stays_revoked(tmp_pa
     assert (data / "keys.json").read_bytes() == before and oct((data / "keys.json").stat().st_mode & 0o777) == "0o600"
 
 
+
+def test_a_restore_never_installs_keys_from_a_backup_and_warns_when_a_keyed_server_would_be_open(tmp_path, caplog):
+    """A backup.json listing keys.json (as backups did before keys were left out, or as an edited one may) had
+    restore replace the live keys with the backup's: revoked keys came back, and planted ones let their holder
+    in. Now restore skips it with a warning; and restoring a keyed server's backup where there are no keys warns
+    that a server started there would answer every call without a key."""
+    import hashlib
+
+    from embedder.keys import KeyStore
+
+    data = tmp_path / "data"
+    with Store(data) as store:
+        store.add("c", ["a"], np.eye(1, DIM, dtype=np.float32), model_id="m")
+    KeyStore(data).add("live", "admin", None)
+    assert main(["backup", str(tmp_path / "clean"), "--data-dir", str(data)]) == 0
+    assert json.loads((tmp_path / "clean" / "backup.json").read_text())["api_keys"] is True
+    planted = shutil.copytree(tmp_path / "clean", tmp_path / "planted")
+    planted_key = KeyStore(tmp_path / "elsewhere").add("planted", "admin", None)[1]
+    shutil.copy(tmp_path / "elsewhere" / "keys.json", planted / "keys.json")
+    manifest = json.loads((planted / "backup.json").read_text())
+    raw = (planted / "keys.json").read_bytes()
+    manifest["files"]["keys.json"] = {"size": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (planted / "backup.json").write_text(json.dumps(manifest))
+    before = (data / "keys.json").read_bytes()
+
+    with caplog.at_level(logging.WARNING, logger="embedder.store.backup"):
+        assert main(["restore", str(planted), "--data-dir", str(data), "--force"]) == 0
+    assert (data / "keys.json").read_bytes() == before and KeyStore(data).authenticate(planted_key) is None
+    assert "not restoring keys.json" in caplog.text and "without a key" not in caplog.text
+    with Store(data) as store:
+        assert [s.id for s in store.get("c", ["a"]) if s] == ["a"]
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="embedder.store.backup"):
+        assert main(["restore", str(tmp_path / "clean"), "--data-dir", str(tmp_path / "fresh")]) == 0
+    assert not (tmp_path / "fresh" / "keys.json").exists()
+    assert "required API keys" in caplog.text and "answers every call without a key" in caplog.text
+
+
 def _head_in(store: Store, seed: int):
     """A head trained on random vectors and saved where the store keeps heads (Milvus); returns it."""
     from classifier import HeadRegistry

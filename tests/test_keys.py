@@ -10,8 +10,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import socket
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 from contextlib import closing
 
@@ -104,6 +107,26 @@ def keys(data_dir) -> KeyStore:
 
 def new_key(keys: KeyStore, role: str, collections: list[str] | None = None) -> str:
     return keys.add(f"test-{role}", role, collections)[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def refusal(address: str, http_url: str, key: str | None) -> tuple[str, str]:
+    """The UNAUTHENTICATED message of a call through gRPC, and the 401 one through HTTP (both must be refusals)."""
+    try:
+        Rpc(address, key)("ListModels", pb.ListModelsRequest())
+        raise AssertionError("gRPC answered")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.UNAUTHENTICATED, e
+        over_grpc = e.details()
+    r = requests.get(f"{http_url}/v1/stats", headers={} if key is None else {"Authorization": f"Bearer {key}"},
+                     timeout=60)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "unauthenticated", (r.status_code, r.text)
+    return over_grpc, r.json()["error"]["message"]
 
 
 def test_the_key_file_holds_hashes_only_and_the_cli_manages_it(data_dir, capsys):
@@ -354,10 +377,106 @@ def test_a_damaged_key_file_refuses_every_caller(tmp_path):
     good = (tmp_path / "keys.json").read_text()
     record = json.loads(good)["keys"]
     key_id = next(iter(record))
-    for damaged in ("{not json", '{"keys": []}', json.dumps({"keys": {key_id: {**record[key_id], "role": "root"}}}),
-                    json.dumps({"keys": {key_id: {**record[key_id], "collections": "pets"}}}),
-                    json.dumps({"keys": {key_id: {"role": "admin"}}})):  # hand edits fail closed, never open
-        (tmp_path / "keys.json").write_text(damaged)
+    for damaged in ("{not json", "[]", {"version": 1, "keys": []}, {"version": 2, "keys": record},
+                    {"version": 1, "keys": {key_id: {**record[key_id], "role": "root"}}},
+                    {"version": 1, "keys": {key_id: {**record[key_id], "collections": "pets"}}},
+                    {"version": 1, "keys": {key_id: {"role": "admin"}}}):  # hand edits fail closed, never open
+        (tmp_path / "keys.json").write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
         with pytest.raises(UnauthenticatedError, match="unreadable"):
             gate.principal(f"Bearer {key}")
+        assert Gate("", KeyStore(tmp_path)).required  # a server started on it asks for keys too
     assert Gate("", KeyStore(tmp_path / "none")).principal(None) is None  # no token, no keys: nothing checked
+
+
+@pytest.mark.parametrize("loss, problem", [("moved away", "is missing"), ("emptied", "holds no keys"),
+                                          ("version 2", "is unreadable (version 2; this server reads version 1)")])
+def test_a_server_that_had_keys_keeps_auth_on_when_the_key_file_goes(embedder, tmp_path, loss, problem):
+    """Moving keys.json away, or replacing it with no keys or with a version the server does not read, made every
+    call succeed without a key. Now both doors refuse every call, saying what is wrong with the file, until keys
+    are added again. The HTTP door is the server's own (--http-port): it shares the gRPC port's gate, so a key
+    only gRPC calls saw keeps HTTP closed too."""
+    with running_server(embedder, data_dir=tmp_path, http_port=free_port()) as server:
+        http_url = f"http://127.0.0.1:{server.http_port}"
+        assert Rpc(server.address, None).code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.OK  # no keys
+        key = new_key(KeyStore(tmp_path), "read")
+        assert Rpc(server.address, key).code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.OK
+        path = tmp_path / "keys.json"
+        if loss == "moved away":
+            path.rename(tmp_path / "keys.json.away")
+        else:
+            path.write_text(json.dumps({"version": 1 if loss == "emptied" else 2, "keys": {}}))
+        for who in (None, key, "emb_made_up_key"):
+            for message in refusal(server.address, http_url, who):
+                assert f"key file {problem}" in message and "refused" in message, message
+        path.unlink(missing_ok=True)  # what the message says: write a new file with `embedder keys add`
+        again = new_key(KeyStore(tmp_path), "read")
+        assert Rpc(server.address, again).code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.OK
+        assert requests.get(f"{http_url}/v1/stats", headers={"Authorization": f"Bearer {again}"},
+                            timeout=60).status_code == 200
+        assert "missing `authorization`" in refusal(server.address, http_url, None)[1]
+
+
+def test_a_damaged_key_file_is_a_401_json_error_over_http_and_stays_so_when_moved_away(embedder, tmp_path):
+    """HTTP answered a damaged key file with a plain-text 500 (the DNS-rebinding guard asked the gate outside the
+    error mapping) while gRPC said UNAUTHENTICATED; and moving the file away, as the message advised, opened the
+    server until keys were added again."""
+    (tmp_path / "keys.json").write_text('{"keys": [')
+    with running_server(embedder, data_dir=tmp_path) as server, http_door(server) as door:
+        for who in (None, "emb_made_up_key"):
+            for message in refusal(server.address, door.url, who):
+                assert "key file is unreadable (JSONDecodeError)" in message and "moved away first" in message
+        (tmp_path / "keys.json").rename(tmp_path / "keys.json.damaged")
+        for message in refusal(server.address, door.url, None):
+            assert "key file is missing" in message
+
+
+def test_a_keys_file_named_at_start_must_exist_and_hold_keys(embedder, tmp_path, capsys):
+    """`serve --keys-file` naming no file started a server without auth, and `keys list` on it printed nothing
+    with exit 0. Now the server refuses to start and `keys list` says there is no file (exit 2, NOT_FOUND); a
+    named file that holds no keys (an empty Secret) refuses every call instead of opening the server."""
+    secret = tmp_path / "secret" / "keys.json"
+    started = subprocess.run([sys.executable, "-m", "embedder.cli", "serve", "--keys-file", str(secret), "--port", "0",
+                              "--data-dir", str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert started.returncode == 2, started.stderr
+    assert "does not exist" in started.stderr and f"embedder keys add NAME --role ROLE --keys-file {secret}" in \
+        started.stderr and "listening" not in started.stdout
+    assert cli_main(["keys", "list", "--keys-file", str(secret)]) == 2
+    assert "no keys file at" in capsys.readouterr().err
+    secret.parent.mkdir()
+    secret.write_text(json.dumps({"version": 1, "keys": {}}))
+    with running_server(embedder, data_dir=tmp_path / "data", keys_file=str(secret)) as server, \
+            http_door(server) as door:
+        for message in refusal(server.address, door.url, None):
+            assert "key file holds no keys" in message
+        key = KeyStore(tmp_path, path=secret).add("bot", "read")[1]
+        assert Rpc(server.address, key).code("ListModels", pb.ListModelsRequest()) == grpc.StatusCode.OK
+
+
+def test_a_job_outside_a_keys_collections_is_answered_as_an_unknown_job(server, http, keys):
+    """A key allowed only `pets` asking for a job on `toys` got PERMISSION_DENIED naming `toys`: it learnt that the
+    job exists and its collection. Now it reads exactly what an unknown job id reads, through both doors."""
+    jobs = server.service.jobs
+    theirs = jobs.submit("finetune", {"collection": "toys"}, lambda job, cancel, progress: {})
+    mine = jobs.submit("finetune", {"collection": "pets"}, lambda job, cancel, progress: {})
+    key = new_key(keys, "write", ["pets"])
+    rpc = Rpc(server.address, key)
+    for method in ("GetJob", "CancelJob"):
+        answers = []
+        for job_id in (theirs.job_id, "finetune-no-such-job"):
+            try:
+                rpc(method, pb.GetJobRequest(job_id=job_id))
+                raise AssertionError(f"{method} answered for {job_id}")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e
+                answers.append(e.details().replace(job_id, "ID"))
+        assert answers[0] == answers[1] and "toys" not in answers[0]
+    assert rpc("GetJob", pb.GetJobRequest(job_id=mine.job_id)).job_id == mine.job_id
+    headers = {"Authorization": f"Bearer {key}"}
+    for method, path in (("GET", "/v1/jobs/{}"), ("POST", "/v1/jobs/{}/cancel")):
+        answers = []
+        for job_id in (theirs.job_id, "finetune-no-such-job"):
+            r = requests.request(method, http.url + path.format(job_id), headers=headers, timeout=60)
+            assert r.status_code == 404 and r.json()["error"]["type"] == "not_found", r.text
+            answers.append(r.json()["error"]["message"].replace(job_id, "ID"))
+        assert answers[0] == answers[1] and "toys" not in answers[0]
+    assert requests.get(f"{http.url}/v1/jobs/{mine.job_id}", headers=headers, timeout=60).status_code == 200

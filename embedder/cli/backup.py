@@ -39,7 +39,7 @@ def run_backup(args: argparse.Namespace) -> int:
     from ..store.backup import backup
 
     config = Config.from_env(data_dir=args.data_dir)
-    s = backup(config.data_dir, args.dest, store_token=config.store_token)
+    s = backup(config.data_dir, args.dest, store_token=config.store_token, keys_path=config.keys_path)
     print(f"backed up {config.data_dir} to {s.path}: {s.files} files, {s.bytes / 1e6:.1f} MB in {s.seconds:.1f} s")
     for note in s.notes:
         print(note)
@@ -50,7 +50,8 @@ def run_restore(args: argparse.Namespace) -> int:
     from ..store.backup import restore
 
     config = Config.from_env(data_dir=args.data_dir)
-    s = restore(args.src, config.data_dir, force=args.force, store=args.store or "", store_token=config.store_token)
+    s = restore(args.src, config.data_dir, force=args.force, store=args.store or "", store_token=config.store_token,
+                keys_path=config.keys_path)
     print(f"restored {args.src} into {s.path}: {s.files} files, {s.bytes / 1e6:.1f} MB in {s.seconds:.1f} s; "
           "start the server on it")
     for note in s.notes:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from ..config import Config
+from ..errors import NotFoundError
 from ..keys import ROLES, KeyInfo, KeyStore
 from .options import add_remote_options, client_from, printable
 
@@ -63,7 +64,11 @@ def add(args: argparse.Namespace) -> int:
 
 
 def list_keys(args: argparse.Namespace) -> int:
-    for info in _store(args).list():
+    store = _store(args)
+    if not store.path.exists():  # a mistyped --keys-file or --data-dir must not read as "no keys"
+        raise NotFoundError(f"no keys file at {store.path}: check --keys-file / --data-dir (or EMBEDDER_KEYS_FILE / "
+                            "EMBEDDER_DATA_DIR); `embedder keys add` creates it with the first key")
+    for info in store.list():
         state = f"revoked {_when(info.revoked)}" if info.revoked else "live"
         print(f"{info.key_id}  {printable(info.name)}  {info.role}  {_collections(info)}  created "
               f"{_when(info.created)}  {state}")

@@ -97,8 +97,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "EMBEDDER_TOKEN: flags show in ps)")
     g.add_argument("--keys-file", help="the API keys file (`embedder keys ... --keys-file`; default keys.json in "
                                        "--data-dir). Replicas sharing one Milvus each read their own unless this is "
-                                       "one file for all, e.g. mounted from a Kubernetes Secret; also "
-                                       "EMBEDDER_KEYS_FILE")
+                                       "one file for all, e.g. mounted from a Kubernetes Secret; it must exist at "
+                                       "start, and auth is on with it; also EMBEDDER_KEYS_FILE")
     g.add_argument("--tls-cert", help="PEM certificate chain; with --tls-key the port speaks TLS only")
     g.add_argument("--tls-key", help="PEM private key for --tls-cert")
     g.add_argument("--metrics-port", type=int,

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..errors import EmbedderError, PermissionDeniedError
+from ..jobs import unknown_job
 from .embedding import Call
 
 READ, WRITE, ADMIN = "read", "write", "admin"
@@ -55,14 +56,17 @@ class AccessChecks:
                 raise unknown_head(head_id)
 
     def _permit_job(self, call: Call, role: str, job_id: str) -> None:
-        """:meth:`_permit` for a job: a key with an allow-list may see jobs on its collections only."""
+        """:meth:`_permit` for a job: a key with an allow-list may see jobs on its collections only. Another is
+        answered as an unknown job would be, so the key learns neither that it exists nor its collection."""
         self._permit(call, role)
-        if self._allowed(call) is not None:
+        allowed = self._allowed(call)
+        if allowed is not None:
             try:
                 collection = self.jobs.get(job_id).params.get("collection")
             except EmbedderError:
-                return
-            self._permit(call, role, collection or f"(job {job_id!r})")
+                return  # no such job: the call itself says so
+            if collection not in allowed:
+                raise unknown_job(job_id)
 
     @staticmethod
     def _allowed(call: Call) -> frozenset[str] | None:

@@ -50,10 +50,11 @@ def json_response(body: BaseModel, status: int = 200) -> Response:
 
 
 def create_app(service: Service, config: Config, *, metrics: Any = None,
-               ready: Callable[[], bool] | None = None) -> FastAPI:
+               ready: Callable[[], bool] | None = None, gate: Gate | None = None) -> FastAPI:
     """The ASGI app over ``service``: ``config`` gives the token and the body limit, ``metrics`` (an
     :class:`embedder.metrics.Metrics`) gets per-route counters, ``ready()`` answers ``/readyz`` (default: the
-    service answers calls)."""
+    service answers calls), ``gate`` checks callers (default: one from ``config``; a server passes the gate its
+    gRPC port uses, so a key either door saw keeps auth on for both)."""
     limiter = anyio.CapacityLimiter(CALL_THREADS)
     # Parsing a JSON body holds the GIL and several times the body's size in memory: one parse per core goes as
     # fast as more, and bounds the memory of many large bodies at once to that many parses.
@@ -382,7 +383,7 @@ def create_app(service: Service, config: Config, *, metrics: Any = None,
     # LimitBody, AnswerErrors, then its route
     app.add_middleware(AnswerErrors)
     app.add_middleware(LimitBody, limit=config.max_message_bytes, idle_seconds=config.stream_idle_seconds)
-    gate = Gate.from_config(config)
+    gate = gate or Gate.from_config(config)
     app.add_middleware(Authenticate, gate=gate)  # open while no --token and no key
     app.add_middleware(KnownHosts, gate=gate, allowed=config.allowed_hosts)
     app.add_middleware(SameOrigin)

@@ -23,13 +23,17 @@ consistently alongside its process), or, from a Milvus server, the heads (its co
 the summary's notes say so).
 
 Not copied: ``keys.json`` (this deployment's credentials: a restore keeps the keys in place, so revoked keys
-stay revoked), ``store.lock``, SQLite's ``-wal`` / ``-shm`` / ``-journal`` files (inside the online copy),
-hidden temp files and folders of writes in progress, and recomputable caches (:data:`RECOMPUTABLE`).
+stay revoked; ``backup.json`` records only whether the server had keys), ``store.lock``, SQLite's ``-wal`` /
+``-shm`` / ``-journal`` files (inside the online copy), hidden temp files and folders of writes in progress, and
+recomputable caches (:data:`RECOMPUTABLE`).
 
 A restore checks every file of the backup against ``backup.json`` before it touches the data dir, takes
 the data dir's lock (so it refuses while a server holds it, and no server starts meanwhile), stages the
 files inside the data dir, then renames them into place, snapshots first and ``store.sqlite3`` last.
-Everything the backup does not hold goes, except what a backup never holds.
+Everything the backup does not hold goes, except what a backup never holds. What a backup never holds is never
+installed either, whatever ``backup.json`` lists: a ``keys.json`` there (backups before keys were left out held
+one) is skipped with a warning, as are lock files. Restoring the backup of a server that had keys where the keys
+file holds none warns that a server started there would answer every call without a key.
 """
 from __future__ import annotations
 
@@ -47,12 +51,13 @@ import time
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from ..config import parse_store_uri
 from ..durable import fsync_dir, fsync_file, temp_path, write_atomic
 from ..errors import DataLossError, InvalidArgumentError, StoreLockedError
 from ..index import SnapshotError, VectorIndex
+from ..keys import KEYS_FILE, KeyStore
 from .milvus_backup import (HEADS_FOLDER, LITE_FOLDER, MilvusPart, export_heads, holding_lite,
                             import_heads, lite_folder, record_store, recorded_store, swap_lite)
 
@@ -63,7 +68,7 @@ FORMAT = 1
 DATABASE = "store.sqlite3"
 RECOMPUTABLE = ("activations.sqlite3",)  # fine-tuning's activation cache: large, and recomputed when missing
 # keys.json holds this deployment's credentials: a restore must not bring revoked keys back (nor drop new ones)
-_NEVER = ("store.lock", MANIFEST, "keys.json", "keys.lock", "LOCK")  # LOCK: milvus-lite's
+_NEVER = ("store.lock", MANIFEST, KEYS_FILE, "keys.lock", "LOCK")  # LOCK: milvus-lite's
 _SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
 _COPY_CHUNK = 1 << 20
 _ATTEMPTS = 5  # copies of a folder that keeps being replaced under us
@@ -80,9 +85,11 @@ class BackupSummary:
     notes: tuple[str, ...] = ()  # what the caller should know: where the rest of the data is, what was done there
 
 
-def backup(data_dir: str | os.PathLike, dest: str | os.PathLike, *, store_token: str = "") -> BackupSummary:
+def backup(data_dir: str | os.PathLike, dest: str | os.PathLike, *, store_token: str = "",
+           keys_path: str | os.PathLike | None = None) -> BackupSummary:
     """Copy ``data_dir`` to the new folder ``dest`` consistently, while a server may be serving it (with a
-    milvus-lite store: only while none is); ``store_token``: a Milvus server's, to read the heads kept there."""
+    milvus-lite store: only while none is); ``store_token``: a Milvus server's, to read the heads kept there;
+    ``keys_path``: the server's keys file (default its ``keys.json``), whether it holds keys is recorded."""
     started = time.perf_counter()
     # absolute and normalised: SQLite refuses a relative path that climbs above / ("../../../tmp/b" from /tmp/x)
     data_dir, dest = Path(data_dir).resolve(), Path(dest).resolve()
@@ -95,11 +102,12 @@ def backup(data_dir: str | os.PathLike, dest: str | os.PathLike, *, store_token:
         raise InvalidArgumentError(f"{dest} is inside the data dir {data_dir}; back up to a folder outside it")
     store = recorded_store(data_dir)
     lite = lite_folder(store)
+    keyed = _has_keys(Path(keys_path) if keys_path else data_dir / KEYS_FILE)
     with holding_lite(lite, "copied") if lite is not None else nullcontext():
-        return _backup(data_dir, dest, store, store_token, lite, started)
+        return _backup(data_dir, dest, store, store_token, lite, keyed, started)
 
 
-def _backup(data_dir: Path, dest: Path, store: str, store_token: str, lite: Path | None,
+def _backup(data_dir: Path, dest: Path, store: str, store_token: str, lite: Path | None, keyed: bool,
             started: float) -> BackupSummary:
     staging = temp_path(dest)
     staging.mkdir(parents=True)
@@ -128,7 +136,7 @@ def _backup(data_dir: Path, dest: Path, store: str, store_token: str, lite: Path
         _sync(staging, files)
         write_atomic(staging / MANIFEST, json.dumps(
             {"format": FORMAT, "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             "source": str(data_dir.resolve()), "files": files}, indent=1, sort_keys=True).encode())
+             "source": str(data_dir.resolve()), "api_keys": keyed, "files": files}, indent=1, sort_keys=True).encode())
         fsync_dir(staging)
         os.rename(staging, dest)  # onto nothing or an empty folder
         fsync_dir(dest.parent)
@@ -143,15 +151,22 @@ def _backup(data_dir: Path, dest: Path, store: str, store_token: str, lite: Path
 
 
 def restore(src: str | os.PathLike, data_dir: str | os.PathLike, *, force: bool = False, store: str = "",
-            store_token: str = "") -> BackupSummary:
+            store_token: str = "", keys_path: str | os.PathLike | None = None) -> BackupSummary:
     """Put the backup ``src`` into ``data_dir``, which no process may hold; ``force`` to replace a store there.
 
     A milvus-lite store in the backup goes back to ``store`` (default: where it was), whose lock is taken the same
     way; heads a Milvus server held go back into the server at ``store`` (default: the same), with
-    ``store_token``."""
+    ``store_token``. ``keys_path``: the keys file a server on ``data_dir`` reads (default its ``keys.json``),
+    never written here."""
     started = time.perf_counter()
     src, data_dir = Path(src).resolve(), Path(data_dir).resolve()
-    files = verify(src)
+    manifest = verify(src)
+    files = manifest["files"]
+    never = sorted(n for n in files if _skipped(Path(n).parts[0]))
+    if never:  # a backup never holds these; an older one held keys.json, which must not replace the live keys
+        log.warning("not restoring %s from backup %s: a restore never installs what a backup leaves out (API keys, "
+                    "lock and temp files), so the data dir's own keys stay as they are", ", ".join(never)[:300], src)
+        files = {n: f for n, f in files.items() if n not in never}
     store = store or recorded_store(src)
     lite_names = sorted(n for n in files if Path(n).parts[0] == LITE_FOLDER)
     head_names = sorted(n for n in files if Path(n).parts[0] == HEADS_FOLDER)
@@ -198,6 +213,11 @@ def restore(src: str | os.PathLike, data_dir: str | os.PathLike, *, force: bool 
         notes = (f"the milvus-lite store is back in {lite}",)
     elif head_names:
         notes = tuple(import_heads(src, head_names, store, store_token).notes)
+    keys = Path(keys_path) if keys_path else data_dir / KEYS_FILE
+    if (manifest.get("api_keys") or KEYS_FILE in never) and not _has_keys(keys):
+        log.warning("backup %s is of a server that required API keys, but %s holds none: a server started on %s "
+                    "answers every call without a key until you add one (`embedder keys add NAME --role ROLE`) or "
+                    "start it with --token, or with --keys-file naming a file with keys", src, keys, data_dir)
     summary = BackupSummary(data_dir, len(files), sum(int(f["size"]) for f in files.values()),
                             time.perf_counter() - started, notes)
     log.info("restored %s into %s: %d files, %.1f MB in %.2f s", src, data_dir, summary.files, summary.bytes / 1e6,
@@ -223,8 +243,9 @@ def _stage(src: Path, files: dict[str, dict[str, int | str]], staging: Path, str
     return staging
 
 
-def verify(src: Path) -> dict[str, dict[str, int | str]]:
-    """The files of the backup ``src``, each checked against its size and sha256 in ``backup.json``."""
+def verify(src: Path) -> dict[str, Any]:
+    """The manifest (``backup.json``) of the backup ``src``, each of its files checked against its size and
+    sha256 there."""
     try:
         manifest = json.loads((src / MANIFEST).read_text())
     except FileNotFoundError:
@@ -249,7 +270,7 @@ def verify(src: Path) -> dict[str, dict[str, int | str]]:
         if (size, digest) != (expected.get("size"), expected.get("sha256")):
             raise DataLossError(f"backup {src} is damaged: {name} does not match its size and sha256 in {MANIFEST}; "
                                 "use another backup")
-    return files
+    return manifest
 
 
 def _entries(data_dir: Path) -> Iterator[Path]:
@@ -262,6 +283,11 @@ def _entries(data_dir: Path) -> Iterator[Path]:
             yield entry
         else:
             log.warning("not backing up %s: not a regular file or folder", entry)
+
+
+def _has_keys(path: Path) -> bool:
+    """Whether a server reading the keys file ``path`` asks callers for keys (a damaged file counts)."""
+    return KeyStore(path.parent, path=path).in_use()
 
 
 def _skipped(name: str) -> bool:
