@@ -4,7 +4,6 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import pytest
 import requests
 import torch
 from conftest import http_door, jpeg_bytes, running_server
