@@ -363,7 +363,11 @@ class EmbedderServer:
             raise
         self._server.start()
         if cfg.metrics_port > 0:
-            self.metrics_port = self.metrics.start_http(cfg.metrics_port, cfg.host)
+            try:
+                self.metrics_port = self.metrics.start_http(cfg.metrics_port, cfg.host)
+            except OSError as e:
+                raise SettingError(f"could not serve metrics on {cfg.host}:{cfg.metrics_port} ({e.strerror}); is the "
+                                   "port in use? choose another with --metrics-port / EMBEDDER_METRICS_PORT") from None
         log.info("listening on %s (%s), health NOT_SERVING until the model is warm",
                  self.address, "TLS" if cfg.tls_cert else "plaintext")
         return self.port

@@ -75,6 +75,18 @@ def test_models_lists_every_backbone(capsys, env):
     assert f"CPU runtime: {expected}" in out
 
 
+def test_a_reader_that_stops_early_is_not_an_error():
+    """`embedder models | head -1`: a closed stdout ends the command quietly (it printed a Broken pipe error)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write
+    try:
+        done = subprocess.run([sys.executable, "-m", "embedder.cli", "models"], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 0 and "Broken pipe" not in done.stderr, done.stderr
+
+
 def test_models_json(capsys, env):
     code, out, _ = run(["models", "--json"], capsys)
     assert code == 0

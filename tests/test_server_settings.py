@@ -22,6 +22,8 @@ def test_a_busy_port_exits_2_naming_the_flag(tmp_path):
         port = str(held.getsockname()[1])
         grpc_busy = serve(tmp_path, "--port", port)
         http_busy = serve(tmp_path, "--port", "0", "--http-port", port)
+        metrics_busy = serve(tmp_path, "--port", "0", "--metrics-port", port)
+    assert metrics_busy.returncode == 2 and "--metrics-port" in metrics_busy.stderr, metrics_busy.stderr
     assert grpc_busy.returncode == 2 and "is the port in use" in grpc_busy.stderr and "--port" in grpc_busy.stderr
     assert http_busy.returncode == 2 and "--http-port" in http_busy.stderr
     assert "0 picks a free one" not in http_busy.stderr  # 0 turns the HTTP door off

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from typing import Sequence
@@ -86,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)
+    except BrokenPipeError:  # `embedder get ... | head` closed our stdout: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 0
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in SERVER_EXTRA_MODULES:
             return _failed(e)
