@@ -1,4 +1,5 @@
-"""What callers hand in: the list check, image files, the content hashes (images, texts), the folder label. Standard library only.
+"""What callers hand in: the list check, image files, the content hashes (images, texts), the folder label, the
+collection name rule. Standard library only.
 
 The client, the CLI, bulk jobs and the service core share these, so a folder lists the same files and an image
 gets the same cache key everywhere.
@@ -9,7 +10,11 @@ import hashlib
 import os
 import sys
 from pathlib import Path, PurePath
+from typing import Any
 
+from .errors import InvalidArgumentError
+
+MAX_NAME = 256  # collection names and labels, in characters
 # File suffixes treated as images when a folder is walked: the formats the decoder reads.
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -49,3 +54,19 @@ def folder_label(path: PurePath) -> str | None:
     :class:`~pathlib.PurePosixPath` when the input had no file.
     """
     return path.parent.name or None
+
+
+def shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)``, shortened: messages travel in gRPC trailers, which have a size limit."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 15]}...' ({len(value) if isinstance(value, str) else '?'} chars)"
+
+
+def check_name(name: Any) -> str:
+    """``name`` if it can name a collection (the store's and the API keys' allow-lists' rule)."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        raise InvalidArgumentError(f"a collection name must be a string of 1 to {MAX_NAME} characters, "
+                                   f"got {shown(name)}")
+    return name

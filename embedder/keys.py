@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import InvalidArgumentError, NotFoundError, SettingError, UnauthenticatedError
+from .inputs import check_name
 
 log = logging.getLogger(__name__)
 
@@ -122,8 +123,6 @@ class KeyStore:
         if role not in ROLES:
             raise InvalidArgumentError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if collections is not None:
-            from .store.validation import check_name  # here: the store's modules load faiss
-
             for c in collections:  # a name no collection can have would make a key that can never be used
                 check_name(c)
         key_id = secrets.token_hex(6)

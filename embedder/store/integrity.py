@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import DataLossError
-from .validation import shown
+from ..inputs import shown
 
 log = logging.getLogger(__name__)
 

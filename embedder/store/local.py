@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError
 from ..filters import Filter
 from ..index import IndexSpec
-from ..inputs import content_hash
+from ..inputs import content_hash, shown
 from ..jsonrule import load_stored_object
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem
 from .backend import pick_model
@@ -34,7 +34,7 @@ from .cache import EmbeddingCache
 from .indexes import Collection, Snapshots, insert_collection
 from .integrity import ITEM_COLUMNS, corrupted, item_crc, item_ok
 from .sqlite import blob, chunked_execute, chunked_query, drop_orphan_images, matrix, transaction, vector
-from .validation import missing_message, shown
+from .validation import missing_message
 from .where import Selections, where_sql
 
 _CLOSED = "the store is closed (the server is shutting down); retry on a running instance"

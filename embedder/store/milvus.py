@@ -41,11 +41,12 @@ from pymilvus.exceptions import MilvusException, MilvusUnavailableException
 from ..errors import InvalidArgumentError, NotFoundError, StoreClosedError, StoreUnavailableError
 from ..filters import Filter
 from ..index import IndexSpec
+from ..inputs import shown
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem
 from .backend import check_binding, pick_model
 from .milvus_where import kinds_of, quote, to_milvus_expression
 from .rwlock import RWLock
-from .validation import missing_message, shown
+from .validation import missing_message
 
 log = logging.getLogger(__name__)
 

@@ -23,15 +23,14 @@ from .. import filters
 from ..config import Config, parse_store_uri
 from ..errors import InvalidArgumentError, NotFoundError, SettingError, StoreClosedError, StoreLockedError
 from ..index import IndexSpec
-from ..inputs import content_hash
+from ..inputs import check_name, content_hash, shown
 from ..results import AddResult, CollectionInfo, DeleteResult, Hit, ItemPage, StoredItem, StoreStats
 from .backend import Collections
 from .cache import EmbeddingCache
 from .milvus_backup import record_store
 from .sqlite import connect, transaction, vector
 from .validation import (check_column, check_ef, check_ids, check_k, check_label, check_list, check_model_id,
-                         check_name, check_page, check_sha256, check_vectors, metadata_json, missing_message,
-                         shown)
+                         check_page, check_sha256, check_vectors, metadata_json, missing_message)
 
 _CLOSED = "the store is closed (the server is shutting down); retry on a running instance"
 

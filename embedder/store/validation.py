@@ -11,30 +11,15 @@ from typing import Any, Callable, Mapping, Sequence, TypeVar
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from ..inputs import MAX_NAME, shown
 from ..index import HNSW_CAPS
 from ..jsonrule import check_json_object
 
 MAX_K = 10_000  # hits per query; a bound on what one request can make the server allocate
-MAX_NAME = 256  # collection names and labels, in characters
 MAX_ID = 1024  # item ids
 MAX_PAGE = 1000  # items per page of a listing: a page is a screenful, never the whole collection
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _T = TypeVar("_T")
-
-
-def shown(value: Any, limit: int = 200) -> str:
-    """``repr(value)``, shortened: messages travel in gRPC trailers, which have a size limit."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit - 15]}...' ({len(value) if isinstance(value, str) else '?'} chars)"
-
-
-def check_name(name: Any) -> str:
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
-        raise InvalidArgumentError(f"a collection name must be a string of 1 to {MAX_NAME} characters, "
-                                   f"got {shown(name)}")
-    return name
 
 
 def check_list(values: Any, what: str) -> list:
