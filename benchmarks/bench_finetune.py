@@ -98,9 +98,13 @@ class Trunk:
     def forward(self, x: torch.Tensor, micro_batch: int = TRUNK_MICRO_BATCH, bf16: bool = False) -> torch.Tensor:
         """Trunk outputs (float16) of preprocessed uint8 images, in micro-batches (under bf16 autocast)."""
         t = self.split.trunk
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return torch.cat([t.features((x[s:s + micro_batch].float() - t.mean) * t.inv_scale).half()
-                              for s in range(0, len(x), micro_batch)])
+        outs = []
+        with torch.inference_mode():
+            for s in range(0, len(x), micro_batch):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    out = t.features((x[s:s + micro_batch].float() - t.mean) * t.inv_scale)
+                outs.append(out.half())  # outside autocast, which has no rule for float16 on CPU
+        return torch.cat(outs)
 
     def fill(self, pngs: Sequence[bytes]) -> None:
         """Cache the activations of ``pngs`` not cached yet."""
