@@ -149,25 +149,27 @@ def _check_array(arr: np.ndarray) -> None:
         raise ImageDecodeError(f"unsupported array dtype {arr.dtype}; use uint8, uint16 or float in [0, 1]")
 
 
-def decode(item: ImageInput, *, max_pixels: int) -> Image.Image:
+def decode(item: ImageInput, *, max_pixels: int, draft: int = 0) -> Image.Image:
     """Turn encoded bytes, an array or a PIL image into an RGB PIL image (probed, then decoded).
 
     Bytes: JPEG, PNG (8 and 16 bit), WebP, BMP, GIF (first frame), TIFF and what else Pillow reads;
     EXIF orientation is applied. Arrays: ``(H, W)``, ``(H, W, 1|3|4)`` of uint8, uint16, or floats in [0, 1].
     Paths (``str`` or ``os.PathLike``, local callers only; the server never accepts them) are read in the worker.
+    ``draft``: a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, as long as both sides stay >= ``draft`` (previews;
+    the embedder's own path never asks, its recipe resizes from the full image).
     """
     data = _read_path(item)
-    return _decode(data, probe(data, max_pixels=max_pixels))
+    return _decode(data, probe(data, max_pixels=max_pixels), draft)
 
 
-def _decode(item: ImageInput, found: Probe) -> Image.Image:
+def _decode(item: ImageInput, found: Probe, draft: int = 0) -> Image.Image:
     """``item`` (a path already read) as RGB, as its probe found it: size and EXIF are not read again."""
     if isinstance(item, Image.Image):
         img = item
     elif isinstance(item, np.ndarray):
         img = _from_array(item)
     else:  # encoded bytes: the only other kind a probe admits
-        img = _load(item)
+        img = _load(item, draft)
     try:
         orientation = found.orientation if found.orientation is not None else img.getexif().get(_EXIF_ORIENTATION, 1)
         upright = _UPRIGHT.get(orientation)
@@ -188,9 +190,11 @@ def _read_path(item: ImageInput) -> ImageInput:
         raise ImageDecodeError(f"could not read file: {e}") from None
 
 
-def _load(data: bytes | bytearray | memoryview) -> Image.Image:
+def _load(data: bytes | bytearray | memoryview, draft: int = 0) -> Image.Image:
     img = _open(io.BytesIO(data), bytes(data[:8]))
     try:
+        if draft and img.format == "JPEG":  # libjpeg scales while it decodes: 64x fewer pixels at 1/8
+            img.draft("RGB", (draft, draft))
         img.seek(0)  # first frame of an animation
         img.load()
     except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:

@@ -285,3 +285,18 @@ def test_thumbnails_decode_two_images_at_once_at_most(monkeypatch):
     for t in threads:
         t.join()
     assert most == 2
+
+
+def test_a_jpeg_thumbnail_is_decoded_at_the_smallest_scale_that_still_fits(photo_arrays):
+    """libjpeg scales while it decodes: a 4800x3200 JPEG previewed at 256 is decoded at 1/8 (600x400), 64x fewer
+    pixels (a 6000x6000 one took ~0.2 s a thumbnail, ~0.07 s now), and the preview is the same size as before."""
+    from embedder.core.thumbnails import thumbnail
+    from embedder.preprocess import decode
+
+    big = io.BytesIO()
+    Image.fromarray(next(iter(photo_arrays.values()))).resize((4800, 3200)).save(big, "JPEG", quality=90)
+    assert decode(big.getvalue(), max_pixels=10**8).size == (4800, 3200)  # the embedder's path: full size
+    assert decode(big.getvalue(), max_pixels=10**8, draft=256).size == (600, 400)
+    assert decode(big.getvalue(), max_pixels=10**8, draft=500).size == (1200, 800)  # never below the side asked
+    with Image.open(io.BytesIO(thumbnail(big.getvalue(), 256, max_pixels=10**8))) as thumb:
+        assert thumb.size == (256, 171)

@@ -26,7 +26,8 @@ def check_side(side: int) -> int:
 def thumbnail(data: bytes, side: int, *, max_pixels: int) -> bytes:
     """``data`` (an encoded image) upright and scaled down to fit ``side`` x ``side`` (never up), as JPEG."""
     with _DECODING:
-        img = decode(data, max_pixels=max_pixels)  # the embedder's own decode: same formats, EXIF turn, size limit
+        # the embedder's own decode (same formats, EXIF turn, size limit); a JPEG at the smallest scale >= side
+        img = decode(data, max_pixels=max_pixels, draft=side)
         img.thumbnail((side, side), Image.Resampling.BILINEAR)
     out = io.BytesIO()
     img.save(out, "JPEG", quality=85)
