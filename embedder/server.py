@@ -37,6 +37,8 @@ from grpc_reflection.v1alpha import reflection
 
 from ._proto import embedder_pb2 as pb
 from ._proto import embedder_pb2_grpc as pb_grpc
+from .cards import register_cards
+from .catalog import find_backbone
 from .config import Config
 from .core import Service, open_data_dir
 from .errors import SettingError, UnauthenticatedError
@@ -353,6 +355,9 @@ class EmbedderServer:
                                    on_death=self._worker_died)
             self._servicer.service = self.service
         try:
+            if cfg.role != "store":  # a bad --model is named before anything says listening, not when it loads
+                register_cards(cfg.card_paths)
+                find_backbone(cfg.model, cfg.data_dir)  # after the Service: it fetched the versions in Milvus
             self.port = self._bind()
             if cfg.http_port > 0:
                 self._http = self._http_door()

@@ -30,6 +30,13 @@ def test_a_busy_port_exits_2_naming_the_flag(tmp_path):
     assert "listening on" not in grpc_busy.stdout
 
 
+def test_a_model_name_that_cannot_load_is_named_before_anything_says_listening(tmp_path):
+    for model, says in (("mobilenet_v2@stages=9", "stages=9"), ("mobilenet_v3", "unknown model 'mobilenet_v3'")):
+        done = serve(tmp_path, "--port", "0", "--model", model)
+        assert done.returncode == 2 and says in done.stderr, done.stderr
+        assert "listening on" not in done.stdout  # it was printed, then the load failed
+
+
 def test_a_certificate_and_key_that_do_not_pair_are_named_not_blamed_on_the_port(tmp_path):
     cert, key = self_signed(tmp_path)
     swapped = serve(tmp_path, "--port", "0", "--tls-cert", str(key), "--tls-key", str(cert))
