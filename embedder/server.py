@@ -362,17 +362,16 @@ class EmbedderServer:
             if cfg.http_port > 0:
                 self._http = self._http_door()
                 self.http_port = self._http.start()
+            if cfg.metrics_port > 0:
+                self.metrics_port = self._start_metrics()
         except BaseException:
+            if self._http is not None:
+                self._http.stop(0)
+                self._http = None
             self.service.close(grace=0)  # the data dir is free again for whoever tries next
             self.service = None
             raise
         self._server.start()
-        if cfg.metrics_port > 0:
-            try:
-                self.metrics_port = self.metrics.start_http(cfg.metrics_port, cfg.host)
-            except OSError as e:
-                raise SettingError(f"could not serve metrics on {cfg.host}:{cfg.metrics_port} ({e.strerror}); is the "
-                                   "port in use? choose another with --metrics-port / EMBEDDER_METRICS_PORT") from None
         log.info("listening on %s (%s), health NOT_SERVING until the model is warm",
                  self.address, "TLS" if cfg.tls_cert else "plaintext")
         return self.port
@@ -381,6 +380,14 @@ class EmbedderServer:
     def http_address(self) -> str | None:
         """``host:port`` of the HTTP/JSON door (after :meth:`start`; None when it is off)."""
         return None if self.http_port is None else _host_port(self.config.host, self.http_port)
+
+    def _start_metrics(self) -> int:
+        cfg = self.config
+        try:
+            return self.metrics.start_http(cfg.metrics_port, cfg.host)
+        except OSError as e:
+            raise SettingError(f"could not serve metrics on {cfg.host}:{cfg.metrics_port} ({e.strerror}); is the port "
+                               "in use? choose another with --metrics-port / EMBEDDER_METRICS_PORT") from None
 
     def _http_door(self) -> Any:
         """The HTTP/JSON front door over the same service, token, TLS, limits and metrics."""
