@@ -102,7 +102,7 @@ def backup(data_dir: str | os.PathLike, dest: str | os.PathLike, *, store_token:
         raise InvalidArgumentError(f"{dest} is inside the data dir {data_dir}; back up to a folder outside it")
     store = recorded_store(data_dir)
     lite = lite_folder(store)
-    keyed = _has_keys(Path(keys_path) if keys_path else data_dir / KEYS_FILE)
+    keyed = KeyStore(data_dir, path=keys_path).in_use()  # a damaged file counts as keys
     with holding_lite(lite, "copied") if lite is not None else nullcontext():
         return _backup(data_dir, dest, store, store_token, lite, keyed, started)
 
@@ -213,11 +213,11 @@ def restore(src: str | os.PathLike, data_dir: str | os.PathLike, *, force: bool 
         notes = (f"the milvus-lite store is back in {lite}",)
     elif head_names:
         notes = tuple(import_heads(src, head_names, store, store_token).notes)
-    keys = Path(keys_path) if keys_path else data_dir / KEYS_FILE
-    if (manifest.get("api_keys") or KEYS_FILE in never) and not _has_keys(keys):
+    keys = KeyStore(data_dir, path=keys_path)
+    if (manifest.get("api_keys") or KEYS_FILE in never) and not keys.in_use():
         log.warning("backup %s is of a server that required API keys, but %s holds none: a server started on %s "
                     "answers every call without a key until you add one (`embedder keys add NAME --role ROLE`) or "
-                    "start it with --token, or with --keys-file naming a file with keys", src, keys, data_dir)
+                    "start it with --token, or with --keys-file naming a file with keys", src, keys.path, data_dir)
     summary = BackupSummary(data_dir, len(files), sum(int(f["size"]) for f in files.values()),
                             time.perf_counter() - started, notes)
     log.info("restored %s into %s: %d files, %.1f MB in %.2f s", src, data_dir, summary.files, summary.bytes / 1e6,
@@ -283,11 +283,6 @@ def _entries(data_dir: Path) -> Iterator[Path]:
             yield entry
         else:
             log.warning("not backing up %s: not a regular file or folder", entry)
-
-
-def _has_keys(path: Path) -> bool:
-    """Whether a server reading the keys file ``path`` asks callers for keys (a damaged file counts)."""
-    return KeyStore(path.parent, path=path).in_use()
 
 
 def _skipped(name: str) -> bool:
